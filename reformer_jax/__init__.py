@@ -1,0 +1,12 @@
+"""reformer_jax: the Reformer (Kitaev, Kaiser, Levskaya, ICLR 2020) in JAX/Flax, with XLA memory analysis.
+
+    from reformer_jax import ModelConfig, ReformerLM
+    config = ModelConfig.preset("reformer", n_hashes=4)
+    logits = ReformerLM(config).apply({"params": params}, tokens, rngs={"lsh": key})
+"""
+
+from reformer_jax.config import ModelConfig
+from reformer_jax.model import ReformerLM, init_params
+
+__all__ = ["ModelConfig", "ReformerLM", "init_params"]
+__version__ = "0.1.0"

@@ -1,0 +1,289 @@
+"""Shared-QK attention, full and LSH, as pure JAX functions.
+
+Axes (used in every einsum here): b batch, h heads, l length, k d_head, r hash rounds, n chunks (over all rounds),
+c chunk length, s keys seen by one chunk ((n_chunks_before + 1) * c).
+
+Reference semantics (``../shared/reference/reformer-spec.md``, trax / Hugging Face):
+- keys are the shared query/key vectors normalised to unit length; scores are q . k with no 1/sqrt(k) factor;
+- a position attends to itself only as a last resort (its score is SELF_MASK_VALUE);
+- causal masking always compares ORIGINAL positions, also after sorting;
+- LSH: sort each round by (bucket, position), chunk the concatenation of all rounds, let each chunk attend to
+  itself and `n_chunks_before` previous chunks (wrapping around from the first chunk of all to the last), unsort,
+  and combine the rounds weighted by the softmax over rounds of each round's logsumexp.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from reformer_jax.config import total_buckets
+
+MASK_VALUE = -1e9  # score of a masked (future) key
+SELF_MASK_VALUE = -1e5  # score of a query's own position: used only when nothing else is visible
+KEY_NORM_EPS = 1e-6  # as trax / Hugging Face: k = q * rsqrt(mean(q^2) + eps) / sqrt(d_head)
+
+Buckets = Union[int, Tuple[int, ...]]
+
+
+def normalize_keys(qk: jax.Array) -> jax.Array:
+    """Unit-length keys from shared query/key vectors. [..., k] -> [..., k] float32."""
+    x = qk.astype(jnp.float32)
+    d_head = x.shape[-1]
+    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + KEY_NORM_EPS) / jnp.sqrt(float(d_head))
+
+
+def _mask_scores(dots: jax.Array, q_pos: jax.Array, k_pos: jax.Array, causal: bool) -> jax.Array:
+    """Causal mask (keys after the query) and self mask (the query's own position) on original positions."""
+    if causal:
+        dots = jnp.where(k_pos > q_pos, MASK_VALUE, dots)
+    return jnp.where(k_pos == q_pos, SELF_MASK_VALUE, dots)
+
+
+def _dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
+    if rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _check_qkv(qk: jax.Array, v: jax.Array, name: str) -> None:
+    if qk.ndim != 4 or v.ndim != 4 or qk.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{name}: qk and v must be [batch, heads, length, d_head] with matching batch, heads and "
+                         f"length; got qk {qk.shape} and v {v.shape}.")
+
+
+def shared_qk_attention(qk: jax.Array, v: jax.Array, *, causal: bool = True, dropout_rate: float = 0.0,
+                        dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Full shared-QK attention (the paper's baseline): [b, h, l, k] x [b, h, l, k] -> [b, h, l, k].
+
+    Memory is quadratic in length: the [b, h, l, l] score matrix is materialised.
+    """
+    _check_qkv(qk, v, "shared_qk_attention")
+    length = qk.shape[2]
+    with jax.named_scope("shared_qk_attention"):
+        keys = normalize_keys(qk)
+        dots = jnp.einsum("bhqk,bhsk->bhqs", qk.astype(jnp.float32), keys)
+        pos = jnp.arange(length)
+        dots = _mask_scores(dots, pos[:, None], pos[None, :], causal)
+        probs = _dropout(jax.nn.softmax(dots, axis=-1), dropout_rate, dropout_rng)
+        out = jnp.einsum("bhqs,bhsk->bhqk", probs, v.astype(jnp.float32))
+    return out.astype(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hashing
+
+
+def bucket_dtype(n_buckets: Buckets) -> jnp.dtype:
+    """Smallest integer type holding bucket ids in [0, n_buckets): these are what a reversible stack stores."""
+    n = total_buckets(n_buckets)
+    if n <= 2**8:
+        return jnp.dtype(jnp.uint8)
+    if n <= 2**16:
+        return jnp.dtype(jnp.uint16)
+    return jnp.dtype(jnp.int32)
+
+
+def _bucket_factors(n_buckets: Buckets) -> Tuple[int, ...]:
+    factors = tuple(n_buckets) if isinstance(n_buckets, tuple) else (int(n_buckets),)
+    if not factors or any(f < 2 or f % 2 for f in factors):
+        raise ValueError(f"n_buckets={n_buckets!r} is invalid: expected an even integer >= 2 or a tuple of even "
+                         "integers (factorised buckets).")
+    return factors
+
+
+def random_rotations(rng: jax.Array, *, n_heads: int, d_head: int, n_hashes: int, n_buckets: Buckets) -> jax.Array:
+    """N(0, 1) hash projections, one per head and round: [h, k, r, sum(f_i) / 2] float32 (Hugging Face layout)."""
+    columns = sum(f // 2 for f in _bucket_factors(n_buckets))
+    return jax.random.normal(rng, (n_heads, d_head, n_hashes, columns), jnp.float32)
+
+
+def lsh_buckets(qk: jax.Array, rng: Optional[jax.Array], *, n_hashes: int, n_buckets: Buckets,
+                rotations: Optional[jax.Array] = None) -> jax.Array:
+    """Angular LSH bucket ids: [b, h, l, k] -> [b, h, r, l] in the smallest integer type (`bucket_dtype`).
+
+    bucket = argmax([xR, -xR]) per round; factorised buckets (f1, f2) hash each factor on its own slice of the
+    projection and combine as b1 + f1 * b2. Ids are per round (no r * n_buckets offset). Not differentiated.
+    `rotations` ([h, k, r, sum(f_i) / 2]) replaces the random draw from `rng`.
+    """
+    if qk.ndim != 4:
+        raise ValueError(f"lsh_buckets: qk must be [batch, heads, length, d_head]; got shape {qk.shape}.")
+    factors = _bucket_factors(n_buckets)
+    _, n_heads, _, d_head = qk.shape
+    with jax.named_scope("lsh_hash"):
+        if rotations is None:
+            if rng is None:
+                raise ValueError("lsh_buckets: pass an rng (or explicit rotations) to draw the hash projections.")
+            rotations = random_rotations(rng, n_heads=n_heads, d_head=d_head, n_hashes=n_hashes,
+                                         n_buckets=n_buckets)
+        expected = (n_heads, d_head, n_hashes, sum(f // 2 for f in factors))
+        if rotations.shape != expected:
+            raise ValueError(f"lsh_buckets: rotations have shape {rotations.shape}; expected {expected} "
+                             "([heads, d_head, n_hashes, sum(n_buckets factors) / 2]).")
+        rotated = jnp.einsum("bhlk,hkrn->bhrln", lax.stop_gradient(qk).astype(jnp.float32), rotations)
+        buckets, offset, stride = None, 0, 1
+        for f in factors:
+            part = rotated[..., offset:offset + f // 2]
+            ids = jnp.argmax(jnp.concatenate([part, -part], axis=-1), axis=-1)
+            buckets = ids if buckets is None else buckets + stride * ids
+            offset, stride = offset + f // 2, stride * f
+    return buckets.astype(bucket_dtype(n_buckets))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sort-based LSH attention
+
+
+class _LSHSpec(NamedTuple):
+    """Static (hashable) settings of one LSH attention call."""
+
+    chunk_len: int
+    n_chunks_before: int
+    causal: bool
+    dropout_rate: float
+
+
+def _look_back(x: jax.Array, n_before: int) -> jax.Array:
+    """Keys a chunk sees: [b, h, n, c, ...] -> [b, h, n, (n_before + 1) * c, ...], previous chunks first.
+
+    Chunk j sees chunks j - n_before .. j of the concatenation of all rounds; the first chunks wrap around to
+    the last ones (trax, Hugging Face).
+    """
+    parts = [jnp.roll(x, shift, axis=2) for shift in range(n_before, 0, -1)] + [x]
+    return jnp.concatenate(parts, axis=3)
+
+
+def _sort_by_bucket(buckets: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Per round, positions ordered by (bucket, position), and the inverse permutation. [b, h, r, l] each.
+
+    A two-key sort never forms trax's single key r * n_buckets * l + bucket * l + i, so it cannot overflow int32.
+    """
+    positions = lax.broadcasted_iota(jnp.int32, buckets.shape, buckets.ndim - 1)
+    _, order = lax.sort((buckets, positions), dimension=-1, num_keys=2)
+    inverse = jnp.put_along_axis(jnp.zeros_like(order), order, positions, axis=-1, inplace=False)
+    return order, inverse
+
+
+def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
+                dropout_rng: jax.Array) -> jax.Array:
+    """LSH attention given bucket ids, by plain differentiable JAX ops. Returns [b, h, l, k] float32.
+
+    The custom_vjp below runs this in the forward pass and recomputes it (under jax.vjp) in the backward pass.
+    """
+    b, h, length, d_head = qk.shape
+    n_hashes = buckets.shape[2]
+    c = spec.chunk_len
+    n_chunks = n_hashes * length // c
+
+    order, inverse = _sort_by_bucket(buckets)  # [b, h, r, l]
+    flat_order = order.reshape(b, h, n_hashes * length)
+    with jax.named_scope("lsh_sort"):
+        sq = jnp.take_along_axis(qk.astype(jnp.float32), flat_order[..., None], axis=2)  # [b, h, r*l, k]
+        sv = jnp.take_along_axis(v.astype(jnp.float32), flat_order[..., None], axis=2)
+    sq = sq.reshape(b, h, n_chunks, c, d_head)
+    sv = sv.reshape(b, h, n_chunks, c, d_head)
+    q_pos = flat_order.reshape(b, h, n_chunks, c)
+
+    with jax.named_scope("lsh_chunk_attention"):
+        keys = _look_back(normalize_keys(sq), spec.n_chunks_before)  # [b, h, n, s, k]
+        values = _look_back(sv, spec.n_chunks_before)
+        k_pos = _look_back(q_pos, spec.n_chunks_before)  # [b, h, n, s]
+        dots = jnp.einsum("bhnqk,bhnsk->bhnqs", sq, keys)
+        dots = _mask_scores(dots, q_pos[..., :, None], k_pos[..., None, :], spec.causal)
+        # softmax from the row max, not exp(dots - lse): near SELF_MASK_VALUE (-1e5) float32 spacing is 0.008,
+        # so a rounded lse would leave a self-only row summing to 0.99 instead of 1.
+        row_max = lax.stop_gradient(jnp.max(dots, axis=-1, keepdims=True))
+        unnormalized = jnp.exp(dots - row_max)
+        row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+        lse = row_max + jnp.log(row_sum)  # [b, h, n, c, 1]: this chunk row's weight when combining rounds
+        probs = _dropout(unnormalized / row_sum, spec.dropout_rate, dropout_rng)
+        out = jnp.einsum("bhnqs,bhnsk->bhnqk", probs, values)
+
+    with jax.named_scope("lsh_unsort_combine"):
+        out = jnp.take_along_axis(out.reshape(b, h, n_hashes, length, d_head), inverse[..., None], axis=3)
+        lse = jnp.take_along_axis(lse.reshape(b, h, n_hashes, length), inverse, axis=3)
+        weights = jax.nn.softmax(lse, axis=2)  # over rounds: exp(lse_r - logsumexp_r(lse))
+        return jnp.einsum("bhrl,bhrlk->bhlk", weights, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lsh_attention_recomputed(spec, qk, v, buckets, dropout_rng):
+    return _lsh_attend(spec, qk, v, buckets, dropout_rng)
+
+
+def _lsh_forward(spec, qk, v, buckets, dropout_rng):
+    # Keep only the inputs (qk and v are alive anyway as the layer's projections) and the compact bucket ids;
+    # no [chunk, keys] score matrix survives the forward pass.
+    return _lsh_attend(spec, qk, v, buckets, dropout_rng), (qk, v, buckets, dropout_rng)
+
+
+def _lsh_backward(spec, residuals, g):
+    qk, v, buckets, dropout_rng = residuals
+    _, vjp = jax.vjp(lambda q, w: _lsh_attend(spec, q, w, buckets, dropout_rng), qk, v)
+    dqk, dv = vjp(g)
+    return dqk, dv, None, None
+
+
+_lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
+
+
+def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_hashes: int, n_buckets: Buckets,
+                  chunk_len: int, n_chunks_before: int = 1, causal: bool = True,
+                  buckets: Optional[jax.Array] = None, rotations: Optional[jax.Array] = None,
+                  dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Sort-based LSH attention: qk, v [b, h, l, k] -> [b, h, l, k] (v's dtype).
+
+    Args:
+      qk: shared query/key vectors (keys are their unit-normalised copies).
+      v: values.
+      rng: key for the random hash rotations (unused when `buckets` or `rotations` is given).
+      n_hashes: hash rounds n_r.
+      n_buckets: buckets per round (even int) or a tuple of even factors.
+      chunk_len: c; the length must be a multiple of it.
+      n_chunks_before: previous chunks each chunk attends to (across rounds, wrapping around).
+      causal: mask keys at later original positions.
+      buckets: precomputed bucket ids [b, h, r, l] (e.g. saved by a reversible stack); skips hashing.
+      rotations: explicit hash projections [h, k, r, sum(f_i) / 2] instead of drawing them from `rng`.
+      dropout_rate, dropout_rng: dropout on the attention weights (replayed exactly in the backward pass).
+
+    The gradient is a `jax.custom_vjp` that recomputes the chunked attention from (qk, v, buckets) instead of
+    storing score matrices: memory kept for the backward pass is O(b h l k) plus n_r * l small integers.
+    """
+    _check_qkv(qk, v, "lsh_attention")
+    b, h, length, _ = qk.shape
+    if chunk_len < 1 or length % chunk_len:
+        raise ValueError(f"lsh_attention: length {length} is not a multiple of chunk_len={chunk_len}; pad the "
+                         f"sequence or choose a chunk_len dividing it.")
+    if n_chunks_before < 0:
+        raise ValueError(f"lsh_attention: n_chunks_before={n_chunks_before} must be >= 0.")
+    if n_hashes < 1:
+        raise ValueError(f"lsh_attention: n_hashes={n_hashes} must be >= 1.")
+    if buckets is None:
+        buckets = lsh_buckets(qk, rng, n_hashes=n_hashes, n_buckets=n_buckets, rotations=rotations)
+    elif buckets.shape != (b, h, n_hashes, length):
+        raise ValueError(f"lsh_attention: buckets have shape {buckets.shape}; expected {(b, h, n_hashes, length)} "
+                         "([batch, heads, n_hashes, length]).")
+    if dropout_rate and dropout_rng is None:
+        raise ValueError("lsh_attention: dropout_rate > 0 needs a dropout_rng.")
+    if dropout_rng is None:
+        dropout_rng = jax.random.key(0)  # unused placeholder: custom_vjp arguments must be arrays
+    spec = _LSHSpec(chunk_len=chunk_len, n_chunks_before=n_chunks_before, causal=causal,
+                    dropout_rate=float(dropout_rate))
+    with jax.named_scope("lsh_attention"):
+        out = _lsh_attention_recomputed(spec, qk, v, lax.stop_gradient(buckets), dropout_rng)
+    return out.astype(v.dtype)
+
+
+def lsh_attention_reference(qk: jax.Array, v: jax.Array, buckets: jax.Array, *, chunk_len: int,
+                            n_chunks_before: int = 1, causal: bool = True) -> jax.Array:
+    """The same computation as `lsh_attention` with given buckets, differentiated by plain autodiff.
+
+    For tests and for reading: it is what the custom_vjp must agree with.
+    """
+    spec = _LSHSpec(chunk_len=chunk_len, n_chunks_before=n_chunks_before, causal=causal, dropout_rate=0.0)
+    return _lsh_attend(spec, qk, v, buckets, jax.random.key(0)).astype(v.dtype)

@@ -1,0 +1,294 @@
+"""ModelConfig: every model knob in one frozen, hashable dataclass.
+
+The four variants of the seed's memory experiments are presets of this one config, so benchmarks sweep configs,
+not code paths:
+
+| preset        | attention | residual   | feed-forward |
+| ------------- | --------- | ---------- | ------------ |
+| "transformer" | full      | ordinary   | whole        |
+| "lsh"         | lsh       | ordinary   | whole        |
+| "reversible"  | full      | reversible | whole        |
+| "reformer"    | lsh       | reversible | chunked      |
+
+Defaults are the seed's setup: byte vocabulary (256 bytes + pad/eos/bos = 259), d_model 512, 8 heads of 64,
+d_ff 2048, 6 layers, length 4096, chunk 64, 8 hash rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Tuple, Union
+
+import jax.numpy as jnp
+
+ATTENTION_TYPES = ("full", "lsh")
+POS_EMBEDDINGS = ("absolute", "axial")
+OUTPUT_HEADS = ("mean", "concat")
+FF_ACTIVATIONS = ("relu", "gelu")
+DTYPES = ("float32", "bfloat16", "float16")
+PRESETS = ("transformer", "lsh", "reversible", "reformer")
+
+# Above this many buckets per round the default bucket count is factorised into two factors (trax, Hugging Face),
+# so the hash projection has f1/2 + f2/2 columns instead of n_buckets/2.
+FACTORISE_BUCKETS_ABOVE = 128
+
+
+def _fail(field: str, value: Any, valid: str) -> None:
+    raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {valid}.")
+
+
+def _factor_pair(n: int) -> Optional[Tuple[int, int]]:
+    """The two even factors (f1 >= f2) of n closest to sqrt(n), or None if n has no such split."""
+    for f2 in range(int(math.isqrt(n)), 1, -1):
+        if n % f2 == 0 and f2 % 2 == 0 and (n // f2) % 2 == 0:
+            return (n // f2, f2)
+    return None
+
+
+def default_n_buckets(seq_len: int, chunk_len: int) -> Union[int, Tuple[int, int]]:
+    """trax's default bucket count 2 * max(1, seq_len // chunk_len), factorised above 128 buckets.
+
+    >>> default_n_buckets(4096, 64), default_n_buckets(16384, 64)
+    (128, (32, 16))
+    """
+    n = 2 * max(1, seq_len // chunk_len)
+    if n > FACTORISE_BUCKETS_ABOVE:
+        pair = _factor_pair(n)
+        if pair is not None:
+            return pair
+    return n
+
+
+def total_buckets(n_buckets: Union[int, Tuple[int, ...]]) -> int:
+    """Number of distinct bucket ids per round (the product of the factors for factorised buckets)."""
+    return math.prod(n_buckets) if isinstance(n_buckets, tuple) else int(n_buckets)
+
+
+def default_axial_shape(length: int) -> Tuple[int, int]:
+    """(l1, l2) with l1 * l2 = length, l1 the largest divisor not above sqrt(length): 4096 -> (64, 64)."""
+    for l1 in range(int(math.isqrt(length)), 0, -1):
+        if length % l1 == 0:
+            return (l1, length // l1)
+    raise AssertionError("unreachable: 1 divides every length")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """All model hyper-parameters. Frozen and hashable, so it can be a static argument of `jax.jit`.
+
+    Attributes:
+      vocab_size: V, number of token ids (259 = 256 bytes + pad 0, eos 1, bos 2).
+      d_model: d, width of each residual stream.
+      n_heads: h, attention heads.
+      d_head: k, width of one head; None means d_model // n_heads.
+      d_ff: f, hidden width of the feed-forward block.
+      n_layers: number of (attention, feed-forward) layer pairs.
+      max_len: longest sequence the model accepts (size of the positional embedding).
+      attention: "full" (shared-QK full attention) or "lsh" (LSH attention).
+      reversible: True for RevNet residual streams (y1 = x1 + F(x2), y2 = x2 + G(y1)).
+      n_hashes: n_r, hash rounds of LSH attention.
+      chunk_len: c, chunk length of LSH attention (the "bucket size").
+      n_buckets: buckets per round: an even int, a tuple (f1, f2) of even ints for factorised buckets
+        (f1 * f2 buckets), or None for trax's default 2 * max(1, seq_len // chunk_len), factorised above 128.
+      n_chunks_before: chunks each LSH chunk looks back to (0 allowed).
+      causal: causal (language-model) masking.
+      ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once).
+      dropout: residual and embedding dropout rate.
+      attention_dropout: dropout rate on attention weights.
+      pos_embedding: "absolute" ([max_len, d] table) or "axial" (two small tables, see `axial_shape`).
+      axial_shape: (l1, l2) with l1 * l2 = max_len; None derives it from max_len.
+      axial_dims: (d1, d2) with d1 + d2 = d_model; None means (d_model // 2, d_model - d_model // 2).
+      output_head: "mean" of the two reversible streams (tied to the embedding when tie_embeddings) or "concat"
+        [y1, y2] into an untied [2d, V] projection (trax / Hugging Face).
+      tie_embeddings: share the token embedding with the output projection ("mean" head only).
+      ff_activation: "relu" (trax, Hugging Face default) or "gelu".
+      layer_norm_eps: epsilon of every LayerNorm (trax: 1e-6; Hugging Face checkpoints: 1e-12).
+      scan_layers: run a non-reversible stack as one `lax.scan` (compiles once per model); False unrolls it
+        into a Python loop so XLA's schedule shows each layer's stored activations separately.
+      dtype: compute dtype of the blocks ("float32" | "bfloat16" | "float16"); residual streams stay float32.
+      param_dtype: dtype the parameters are stored in.
+    """
+
+    vocab_size: int = 259
+    d_model: int = 512
+    n_heads: int = 8
+    d_head: Optional[int] = None
+    d_ff: int = 2048
+    n_layers: int = 6
+    max_len: int = 4096
+    attention: str = "lsh"
+    reversible: bool = True
+    n_hashes: int = 8
+    chunk_len: int = 64
+    n_buckets: Union[int, Tuple[int, int], None] = None
+    n_chunks_before: int = 1
+    causal: bool = True
+    ff_chunk_len: int = 0
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    pos_embedding: str = "axial"
+    axial_shape: Optional[Tuple[int, int]] = None
+    axial_dims: Optional[Tuple[int, int]] = None
+    output_head: str = "mean"
+    tie_embeddings: bool = True
+    ff_activation: str = "relu"
+    layer_norm_eps: float = 1e-6
+    scan_layers: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        # Sequences become tuples so the config stays hashable.
+        for name in ("n_buckets", "axial_shape", "axial_dims"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                set_(name, tuple(value))
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "n_hashes", "chunk_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "expected a positive integer")
+        for name in ("n_chunks_before", "ff_chunk_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "expected an integer >= 0")
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                _fail("d_head", None, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                      "pass d_head explicitly or choose n_heads dividing d_model")
+            set_("d_head", self.d_model // self.n_heads)
+        elif isinstance(self.d_head, bool) or not isinstance(self.d_head, int) or self.d_head < 1:
+            _fail("d_head", self.d_head, "expected a positive integer or None (= d_model // n_heads)")
+        self._check_choice("attention", ATTENTION_TYPES)
+        self._check_choice("pos_embedding", POS_EMBEDDINGS)
+        self._check_choice("output_head", OUTPUT_HEADS)
+        self._check_choice("ff_activation", FF_ACTIVATIONS)
+        self._check_choice("dtype", DTYPES)
+        self._check_choice("param_dtype", DTYPES)
+        for name in ("reversible", "causal", "tie_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "expected True or False")
+        for name in ("dropout", "attention_dropout"):
+            rate = getattr(self, name)
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+                _fail(name, rate, "expected a rate in [0, 1)")
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
+                or not self.layer_norm_eps > 0:
+            _fail("layer_norm_eps", self.layer_norm_eps, "expected a positive float such as 1e-6")
+        self._check_buckets()
+        self._check_lengths()
+        self._check_positions()
+        if self.output_head == "concat":
+            if not self.reversible:
+                _fail("output_head", "concat", "'concat' joins the two reversible streams; use 'mean' when "
+                      "reversible=False")
+            if self.tie_embeddings:
+                _fail("tie_embeddings", True, "the 'concat' head has width 2 * d_model and cannot be tied to "
+                      "the embedding; set tie_embeddings=False or output_head='mean'")
+
+    def _check_choice(self, name: str, choices: Tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            _fail(name, getattr(self, name), f"expected one of {', '.join(map(repr, choices))}")
+
+    def _check_buckets(self) -> None:
+        nb = self.n_buckets
+        if nb is None:
+            return
+        if isinstance(nb, tuple):
+            if len(nb) != 2 or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 2 and f % 2 == 0
+                                       for f in nb):
+                _fail("n_buckets", nb, "a factorised bucket count is a tuple of two even integers >= 2, "
+                      "e.g. (32, 16)")
+        elif isinstance(nb, bool) or not isinstance(nb, int) or nb < 2 or nb % 2:
+            _fail("n_buckets", nb, "expected an even integer >= 2 (angular LSH hashes into [xR, -xR]), "
+                  "a tuple of two even integers, or None for the default")
+
+    def _check_lengths(self) -> None:
+        if self.attention == "lsh" and self.max_len % self.chunk_len:
+            _fail("max_len", self.max_len, f"LSH attention needs a multiple of chunk_len={self.chunk_len}, "
+                  f"e.g. {self.chunk_len * max(1, self.max_len // self.chunk_len)}")
+        if self.ff_chunk_len and self.max_len % min(self.ff_chunk_len, self.max_len):
+            _fail("ff_chunk_len", self.ff_chunk_len, f"it must divide max_len={self.max_len} (or be 0 = off)")
+
+    def _check_positions(self) -> None:
+        if self.pos_embedding != "axial":
+            return
+        if self.axial_shape is None:
+            object.__setattr__(self, "axial_shape", default_axial_shape(self.max_len))
+        shape = self.axial_shape
+        if (not isinstance(shape, tuple) or len(shape) != 2
+                or not all(isinstance(s, int) and s >= 1 for s in shape) or math.prod(shape) != self.max_len):
+            _fail("axial_shape", shape, f"expected two positive integers whose product is max_len={self.max_len}, "
+                  f"e.g. {default_axial_shape(self.max_len)}")
+        if self.axial_dims is None:
+            object.__setattr__(self, "axial_dims", (self.d_model // 2, self.d_model - self.d_model // 2))
+        dims = self.axial_dims
+        if (not isinstance(dims, tuple) or len(dims) != 2 or not all(isinstance(s, int) and s >= 1 for s in dims)
+                or sum(dims) != self.d_model):
+            _fail("axial_dims", dims, f"expected two positive integers summing to d_model={self.d_model}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """One of the seed's four variants, with any field overridden.
+
+        >>> ModelConfig.preset("reformer", n_hashes=4, n_layers=2).n_hashes
+        4
+        """
+        variants = {
+            "transformer": dict(attention="full", reversible=False, ff_chunk_len=0),
+            "lsh": dict(attention="lsh", reversible=False, ff_chunk_len=0),
+            "reversible": dict(attention="full", reversible=True, ff_chunk_len=0),
+            "reformer": dict(attention="lsh", reversible=True, ff_chunk_len=256),
+        }
+        if name not in variants:
+            raise ValueError(f"ModelConfig.preset: unknown preset {name!r}; expected one of "
+                             f"{', '.join(map(repr, PRESETS))}.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"ModelConfig.preset: unknown field(s) {', '.join(unknown)}; valid fields are "
+                             f"{', '.join(sorted(fields))}.")
+        kwargs = {**variants[name], **overrides}
+        # The reformer's feed-forward chunk must divide the length: shrink the default for short models.
+        if name == "reformer" and "ff_chunk_len" not in overrides:
+            kwargs["ff_chunk_len"] = math.gcd(256, kwargs.get("max_len", cls.max_len))
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def resolved_n_buckets(self, seq_len: int) -> Union[int, Tuple[int, int]]:
+        """Buckets per round at this sequence length (the config value, or trax's default)."""
+        if self.n_buckets is not None:
+            return self.n_buckets
+        return default_n_buckets(seq_len, self.chunk_len)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Raise a ValueError naming the length if the model cannot run on sequences of this length."""
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len={seq_len!r} is invalid: expected a positive integer.")
+        if seq_len > self.max_len:
+            raise ValueError(f"seq_len={seq_len} is longer than ModelConfig.max_len={self.max_len}; raise max_len "
+                             "or shorten the sequences.")
+        if self.attention == "lsh" and seq_len % self.chunk_len:
+            raise ValueError(f"seq_len={seq_len} is not a multiple of ModelConfig.chunk_len={self.chunk_len}, "
+                             f"which LSH attention needs; e.g. seq_len={max(1, seq_len // self.chunk_len) * self.chunk_len}.")
+        ff = self.ff_chunk_len
+        if ff and seq_len % min(ff, seq_len):
+            raise ValueError(f"seq_len={seq_len} is not a multiple of ModelConfig.ff_chunk_len={ff}; choose a "
+                             "length it divides or ff_chunk_len=0.")

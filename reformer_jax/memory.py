@@ -1,0 +1,122 @@
+"""Compile-time memory analysis of the real training step, from abstract shapes only.
+
+`analyze_train_step` lowers and compiles the step main.py trains with (or, with optimizer=None, the loss and
+gradients alone) for `jax.ShapeDtypeStruct` inputs, so nothing is allocated: a 1M-token configuration can be
+measured on a laptop. It reads XLA's `compiled.memory_analysis()`:
+
+  peak_bytes       = argument + output - alias + temp           (MaxText's headline figure)
+  activation_bytes = peak - parameters - their gradients - optimizer state - batch
+
+On CPU, XLA's YNNPACK library fusions hide their scratch from the accounting, so they are switched off for the
+measurement (see ../shared/reference/jax-memory-notes.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from reformer_jax.config import ModelConfig
+from reformer_jax.model import init_params
+from reformer_jax import train
+
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(backend: Optional[str] = None) -> Dict[str, str]:
+    """XLA options for faithful memory accounting on this backend (YNNPACK fusions off on CPU)."""
+    return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the arrays (or ShapeDtypeStructs) in a pytree."""
+    return int(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStats:
+    """XLA's memory analysis of one compiled step, in bytes, split into what it is for."""
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    peak_bytes: int
+    param_bytes: int
+    optimizer_state_bytes: int
+    batch_bytes: int
+    activation_bytes: int
+    jax_version: str
+    jaxlib_version: str
+    backend: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+        return (f"peak {mib(self.peak_bytes)} = parameters {mib(self.param_bytes)} + gradients "
+                f"{mib(self.param_bytes)} + optimizer state {mib(self.optimizer_state_bytes)} + batch "
+                f"{mib(self.batch_bytes)} + activations and temporaries {mib(self.activation_bytes)} "
+                f"[XLA: argument {mib(self.argument_bytes)}, output {mib(self.output_bytes)}, alias "
+                f"{mib(self.alias_bytes)}, temp {mib(self.temp_bytes)}; jax {self.jax_version}, {self.backend}]")
+
+
+def _abstract_key() -> jax.ShapeDtypeStruct:
+    return jax.eval_shape(lambda: jax.random.key(0))
+
+
+def lower_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
+                     optimizer: Optional[str] = "adafactor"):
+    """Lower the training step (or loss and gradients, optimizer=None) for abstract inputs.
+
+    Returns (lowered, abstract_params, abstract_optimizer_state_or_None, abstract_batch).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer.")
+    config.check_seq_len(seq_len)
+    batch = train.batch_spec(batch_size, seq_len)
+    key = _abstract_key()
+    if optimizer is None:
+        params = jax.eval_shape(functools.partial(init_params, config), key)
+        step = jax.ShapeDtypeStruct((), jnp.int32)
+        fn = jax.jit(functools.partial(train.loss_and_grads, config=config))
+        return fn.lower(params, batch, key, step), params, None, batch
+    tx = train.make_optimizer(optimizer)
+    state = jax.eval_shape(lambda k: train.create_train_state(k, config, tx), key)
+    lowered = train.jit_train_step(config).lower(state, batch, key)
+    return lowered, state.params, state.opt_state, batch
+
+
+def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
+                       optimizer: Optional[str] = "adafactor") -> MemoryStats:
+    """Compile the real training step from abstract shapes and return XLA's memory figures.
+
+    Args:
+      config: the model.
+      batch_size, seq_len: the batch shape [batch_size, seq_len].
+      optimizer: "adafactor" | "adamw" for the full step (loss, gradients, update, donated state), or None for
+        loss and gradients only (activation memory without the optimizer's temporaries).
+    """
+    lowered, params, opt_state, batch = lower_train_step(config, batch_size=batch_size, seq_len=seq_len,
+                                                         optimizer=optimizer)
+    backend = jax.default_backend()
+    analysis = lowered.compile(compiler_options(backend)).memory_analysis()
+    argument = int(analysis.argument_size_in_bytes)
+    output = int(analysis.output_size_in_bytes)
+    alias = int(analysis.alias_size_in_bytes)
+    temp = int(analysis.temp_size_in_bytes)
+    peak = argument + output - alias + temp
+    param_bytes = tree_bytes(params)
+    opt_bytes = tree_bytes(opt_state) if opt_state is not None else 0
+    batch_bytes = tree_bytes(batch)
+    return MemoryStats(
+        argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp, peak_bytes=peak,
+        param_bytes=param_bytes, optimizer_state_bytes=opt_bytes, batch_bytes=batch_bytes,
+        activation_bytes=peak - 2 * param_bytes - opt_bytes - batch_bytes,
+        jax_version=jax.__version__, jaxlib_version=jaxlib.__version__, backend=backend)

@@ -1,0 +1,108 @@
+"""Residual stacks over stacked layer parameters: the reversible one (RevNet) and the ordinary one.
+
+A layer is a pair of blocks
+  F(params, x, key, buckets) -> (y, buckets)   attention; returns its LSH bucket ids (or None)
+  G(params, x, key)          -> y              feed-forward
+where `key` is the layer's [2] key array (0: hashing, 1: dropout) and every block is a pure function of its
+arguments, so a recompute with the same key replays the same hash rotations and dropout masks.
+
+Reversible stack (one `jax.custom_vjp` around one `lax.scan` of all layers):
+  forward   y1 = x1 + F(x2),  y2 = x2 + G(y1)
+  backward  x2 = y2 - G(y1),  x1 = y1 - F(x2)      (recomputed layer by layer, last layer first)
+It keeps for the backward pass only the stack's outputs (y1, y2), the parameters and keys (inputs anyway) and,
+per LSH layer, the compact bucket ids: activation memory is flat in depth. A custom_vjp per block would instead
+store every block's output (see ../shared/reference/jax-memory-notes.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+from jax import lax
+
+AttentionFn = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], Tuple[jax.Array, Optional[jax.Array]]]
+FeedForwardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, params: Any, x1: jax.Array,
+                     x2: jax.Array, keys: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Run all layers reversibly: (x1, x2) [b, l, d] each -> (y1, y2) [b, l, d] each.
+
+    Args:
+      attention_fn, feed_forward_fn: the blocks F and G (see module docstring).
+      params: {"attention": ..., "feed_forward": ...}, every leaf stacked on a leading layer axis n.
+      x1, x2: the two residual streams (float32).
+      keys: [n, 2] PRNG keys, one pair per layer.
+    """
+
+    def layer_forward(carry, layer):
+        x1, x2 = carry
+        p, key = layer
+        with jax.named_scope("reversible_layer"):
+            f, buckets = attention_fn(p["attention"], x2, key, None)
+            y1 = x1 + f
+            y2 = x2 + feed_forward_fn(p["feed_forward"], y1, key)
+        return (y1, y2), buckets
+
+    def run_forward(params, x1, x2, keys):
+        (y1, y2), buckets = lax.scan(layer_forward, (x1, x2), (params, keys))
+        return (y1, y2), buckets
+
+    @jax.custom_vjp
+    def stack(params, x1, x2, keys):
+        return run_forward(params, x1, x2, keys)[0]
+
+    def stack_fwd(params, x1, x2, keys):
+        (y1, y2), buckets = run_forward(params, x1, x2, keys)
+        return (y1, y2), (params, keys, buckets, y1, y2)
+
+    def layer_backward(carry, layer):
+        y1, y2, dy1, dy2 = carry
+        p, key, buckets = layer
+        with jax.named_scope("reversible_layer_backward"):
+            # y2 = x2 + G(y1): recover x2, push dy2 through G.
+            g, g_vjp = jax.vjp(lambda pg, y: feed_forward_fn(pg, y, key), p["feed_forward"], y1)
+            x2 = y2 - g
+            d_ff_params, dy1_from_g = g_vjp(dy2)
+            dy1 = dy1 + dy1_from_g
+            # y1 = x1 + F(x2): recover x1 with the forward's buckets (no re-hashing), push dy1 through F.
+            f, f_vjp = jax.vjp(lambda pf, x: attention_fn(pf, x, key, buckets)[0], p["attention"], x2)
+            x1 = y1 - f
+            d_attn_params, dx2_from_f = f_vjp(dy1)
+            dx2 = dy2 + dx2_from_f
+        return (x1, x2, dy1, dx2), {"attention": d_attn_params, "feed_forward": d_ff_params}
+
+    def stack_bwd(residuals, cotangents):
+        params, keys, buckets, y1, y2 = residuals
+        dy1, dy2 = cotangents
+        (_, _, dx1, dx2), d_params = lax.scan(layer_backward, (y1, y2, dy1, dy2), (params, keys, buckets),
+                                              reverse=True)
+        return d_params, dx1, dx2, None
+
+    stack.defvjp(stack_fwd, stack_bwd)
+    with jax.named_scope("reversible_stack"):
+        return stack(params, x1, x2, keys)
+
+
+def residual_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, params: Any, x: jax.Array,
+                   keys: jax.Array, *, scan: bool = True) -> jax.Array:
+    """Ordinary pre-LayerNorm residual layers, differentiated by plain autodiff: [b, l, d] -> [b, l, d].
+
+    Autodiff stores each layer's activations for the backward pass (the seed's Transformer / LSH LM baselines).
+    `scan=False` unrolls the layers in Python so XLA's schedule shows each layer's stored activations.
+    """
+
+    def layer(x, layer_inputs):
+        p, key = layer_inputs
+        with jax.named_scope("residual_layer"):
+            x = x + attention_fn(p["attention"], x, key, None)[0]
+            x = x + feed_forward_fn(p["feed_forward"], x, key)
+        return x, None
+
+    with jax.named_scope("residual_stack"):
+        if scan:
+            return lax.scan(layer, x, (params, keys))[0]
+        for i in range(keys.shape[0]):
+            x, _ = layer(x, jax.tree.map(lambda leaf: leaf[i], (params, keys)))
+        return x

@@ -1,0 +1,115 @@
+"""The training step: loss, gradients and optimizer update as pure, jittable functions.
+
+This is the function main.py trains with and the one `reformer_jax.memory.analyze_train_step` compiles, so the
+memory figures describe the real step.
+
+A batch is a dict of [b, l] arrays:
+  inputs  int32   tokens fed to the model
+  targets int32   the next token at each position
+  weights float32 1 where the position counts in the loss (0 for padding, or for the unscored half of the
+                  synthetic copy task)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from reformer_jax.config import ModelConfig
+from reformer_jax.model import ReformerLM, init_params
+
+OPTIMIZERS = ("adafactor", "adamw")
+Batch = Dict[str, jax.Array]
+Metrics = Dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+    """flax's TrainState (step, params, opt_state, apply_fn, tx)."""
+
+
+def learning_rate_schedule(learning_rate: float, schedule_steps: int, warmup_steps: Optional[int] = None):
+    """Linear warm-up to `learning_rate`, then cosine decay to 10% of it at `schedule_steps`."""
+    if warmup_steps is None:
+        warmup_steps = max(1, min(1000, schedule_steps // 10))
+    warmup_steps = min(warmup_steps, max(1, schedule_steps - 1))
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(schedule_steps, warmup_steps + 1),
+                                              end_value=0.1 * learning_rate)
+
+
+def make_optimizer(name: str = "adafactor", learning_rate: float = 1e-3, *, schedule_steps: int = 10_000,
+                   warmup_steps: Optional[int] = None, clip_norm: float = 1.0,
+                   weight_decay: float = 0.01) -> optax.GradientTransformation:
+    """Adafactor (the seed's choice) or AdamW, on a warm-up + cosine schedule, after global-norm clipping."""
+    schedule = learning_rate_schedule(learning_rate, schedule_steps, warmup_steps)
+    if name == "adafactor":
+        optimizer = optax.adafactor(learning_rate=schedule, multiply_by_parameter_scale=False)
+    elif name == "adamw":
+        optimizer = optax.adamw(learning_rate=schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer={name!r} is unknown; expected one of {', '.join(map(repr, OPTIMIZERS))}.")
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+
+
+def create_train_state(rng: jax.Array, config: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+    """Fresh parameters and optimizer state."""
+    params = init_params(config, rng)
+    return TrainState.create(apply_fn=ReformerLM(config).apply, params=params, tx=tx)
+
+
+def _step_rngs(rng: jax.Array, step: jax.Array) -> Dict[str, jax.Array]:
+    """Per-step keys, a pure function of (seed key, step): a resumed run draws the same hashes and masks."""
+    lsh_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, step))
+    return {"lsh": lsh_rng, "dropout": dropout_rng}
+
+
+def cross_entropy(logits: jax.Array, batch: Batch) -> Tuple[jax.Array, Metrics]:
+    """Weighted mean next-token cross-entropy (nats) and accuracy. logits [b, l, V]."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["weights"].astype(jnp.float32)
+    total = jnp.maximum(jnp.sum(weights), 1.0)
+    loss = jnp.sum(losses * weights) / total
+    accuracy = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * weights) / total
+    return loss, {"loss": loss, "accuracy": accuracy, "tokens": jnp.sum(weights)}
+
+
+def loss_fn(params: Any, batch: Batch, rngs: Dict[str, jax.Array], *, config: ModelConfig,
+            deterministic: bool = False) -> Tuple[jax.Array, Metrics]:
+    logits = ReformerLM(config).apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
+    return cross_entropy(logits, batch)
+
+
+def loss_and_grads(params: Any, batch: Batch, rng: jax.Array, step: jax.Array, *,
+                   config: ModelConfig) -> Tuple[Tuple[jax.Array, Metrics], Any]:
+    """((loss, metrics), gradients) of one training batch: the step without the optimizer update."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, config=config), has_aux=True)
+    return grad_fn(params, batch, _step_rngs(rng, step))
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: ModelConfig) -> Tuple[TrainState, Metrics]:
+    """One optimizer update. Pure; jit it with `donate_argnums=0` (see `jit_train_step`)."""
+    (_, metrics), grads = loss_and_grads(state.params, batch, rng, state.step, config=config)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(params: Any, batch: Batch, rng: jax.Array, *, config: ModelConfig) -> Metrics:
+    """Loss and accuracy without dropout (LSH models still hash with `rng`)."""
+    _, metrics = loss_fn(params, batch, {"lsh": rng}, config=config, deterministic=True)
+    return metrics
+
+
+def jit_train_step(config: ModelConfig):
+    """The jitted training step with the state donated, as main.py and the memory analysis use it."""
+    return jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
+
+
+def batch_spec(batch_size: int, seq_len: int) -> Batch:
+    """Abstract batch of the given shape (for ahead-of-time compilation)."""
+    return {"inputs": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+            "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+            "weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
