@@ -30,9 +30,14 @@ KEY_NORM_EPS = 1e-6  # as trax / Hugging Face: k = q * rsqrt(mean(q^2) + eps) / 
 Buckets = Union[int, Tuple[int, ...]]
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    """Attention scores and softmax run in float32 (float64 stays float64, for gradient checks)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def normalize_keys(qk: jax.Array) -> jax.Array:
-    """Unit-length keys from shared query/key vectors. [..., k] -> [..., k] float32."""
-    x = qk.astype(jnp.float32)
+    """Unit-length keys from shared query/key vectors. [..., k] -> [..., k] (at least float32)."""
+    x = _at_least_f32(qk)
     d_head = x.shape[-1]
     return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + KEY_NORM_EPS) / jnp.sqrt(float(d_head))
 
@@ -67,11 +72,11 @@ def shared_qk_attention(qk: jax.Array, v: jax.Array, *, causal: bool = True, dro
     length = qk.shape[2]
     with jax.named_scope("shared_qk_attention"):
         keys = normalize_keys(qk)
-        dots = jnp.einsum("bhqk,bhsk->bhqs", qk.astype(jnp.float32), keys)
+        dots = jnp.einsum("bhqk,bhsk->bhqs", _at_least_f32(qk), keys)
         pos = jnp.arange(length)
         dots = _mask_scores(dots, pos[:, None], pos[None, :], causal)
         probs = _dropout(jax.nn.softmax(dots, axis=-1), dropout_rate, dropout_rng)
-        out = jnp.einsum("bhqs,bhsk->bhqk", probs, v.astype(jnp.float32))
+        out = jnp.einsum("bhqs,bhsk->bhqk", probs, _at_least_f32(v))
     return out.astype(v.dtype)
 
 
@@ -125,11 +130,13 @@ def lsh_buckets(qk: jax.Array, rng: Optional[jax.Array], *, n_hashes: int, n_buc
         if rotations.shape != expected:
             raise ValueError(f"lsh_buckets: rotations have shape {rotations.shape}; expected {expected} "
                              "([heads, d_head, n_hashes, sum(n_buckets factors) / 2]).")
-        rotated = jnp.einsum("bhlk,hkrn->bhrln", lax.stop_gradient(qk).astype(jnp.float32), rotations)
+        rotated = jnp.einsum("bhlk,hkrn->bhrln", _at_least_f32(lax.stop_gradient(qk)), rotations)
         buckets, offset, stride = None, 0, 1
         for f in factors:
             part = rotated[..., offset:offset + f // 2]
-            ids = jnp.argmax(jnp.concatenate([part, -part], axis=-1), axis=-1)
+            # argmax([part, -part]) without materialising the concatenation (ties go to the first half).
+            ids = jnp.where(jnp.max(part, axis=-1) >= -jnp.min(part, axis=-1), jnp.argmax(part, axis=-1),
+                            jnp.argmin(part, axis=-1) + f // 2)
             buckets = ids if buckets is None else buckets + stride * ids
             offset, stride = offset + f // 2, stride * f
     return buckets.astype(bucket_dtype(n_buckets))
@@ -171,11 +178,12 @@ def _sort_by_bucket(buckets: jax.Array) -> Tuple[jax.Array, jax.Array]:
 
 def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
                 dropout_rng: jax.Array) -> jax.Array:
-    """LSH attention given bucket ids, by plain differentiable JAX ops. Returns [b, h, l, k] float32.
+    """LSH attention given bucket ids, by plain differentiable JAX ops. Returns [b, h, l, k_v] (at least float32).
 
     The custom_vjp below runs this in the forward pass and recomputes it (under jax.vjp) in the backward pass.
     """
     b, h, length, d_head = qk.shape
+    d_value = v.shape[-1]
     n_hashes = buckets.shape[2]
     c = spec.chunk_len
     n_chunks = n_hashes * length // c
@@ -183,10 +191,10 @@ def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
     order, inverse = _sort_by_bucket(buckets)  # [b, h, r, l]
     flat_order = order.reshape(b, h, n_hashes * length)
     with jax.named_scope("lsh_sort"):
-        sq = jnp.take_along_axis(qk.astype(jnp.float32), flat_order[..., None], axis=2)  # [b, h, r*l, k]
-        sv = jnp.take_along_axis(v.astype(jnp.float32), flat_order[..., None], axis=2)
+        sq = jnp.take_along_axis(_at_least_f32(qk), flat_order[..., None], axis=2)  # [b, h, r*l, k]
+        sv = jnp.take_along_axis(_at_least_f32(v), flat_order[..., None], axis=2)
     sq = sq.reshape(b, h, n_chunks, c, d_head)
-    sv = sv.reshape(b, h, n_chunks, c, d_head)
+    sv = sv.reshape(b, h, n_chunks, c, d_value)
     q_pos = flat_order.reshape(b, h, n_chunks, c)
 
     with jax.named_scope("lsh_chunk_attention"):
@@ -205,7 +213,7 @@ def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
         out = jnp.einsum("bhnqs,bhnsk->bhnqk", probs, values)
 
     with jax.named_scope("lsh_unsort_combine"):
-        out = jnp.take_along_axis(out.reshape(b, h, n_hashes, length, d_head), inverse[..., None], axis=3)
+        out = jnp.take_along_axis(out.reshape(b, h, n_hashes, length, d_value), inverse[..., None], axis=3)
         lse = jnp.take_along_axis(lse.reshape(b, h, n_hashes, length), inverse, axis=3)
         weights = jax.nn.softmax(lse, axis=2)  # over rounds: exp(lse_r - logsumexp_r(lse))
         return jnp.einsum("bhrl,bhrlk->bhlk", weights, out)

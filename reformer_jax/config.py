@@ -93,7 +93,8 @@ class ModelConfig:
         (f1 * f2 buckets), or None for trax's default 2 * max(1, seq_len // chunk_len), factorised above 128.
       n_chunks_before: chunks each LSH chunk looks back to (0 allowed).
       causal: causal (language-model) masking.
-      ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once).
+      ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once; a
+        length it does not divide gets a zero-padded last chunk).
       dropout: residual and embedding dropout rate.
       attention_dropout: dropout rate on attention weights.
       pos_embedding: "absolute" ([max_len, d] table) or "axial" (two small tables, see `axial_shape`).
@@ -208,8 +209,6 @@ class ModelConfig:
         if self.attention == "lsh" and self.max_len % self.chunk_len:
             _fail("max_len", self.max_len, f"LSH attention needs a multiple of chunk_len={self.chunk_len}, "
                   f"e.g. {self.chunk_len * max(1, self.max_len // self.chunk_len)}")
-        if self.ff_chunk_len and self.max_len % min(self.ff_chunk_len, self.max_len):
-            _fail("ff_chunk_len", self.ff_chunk_len, f"it must divide max_len={self.max_len} (or be 0 = off)")
 
     def _check_positions(self) -> None:
         if self.pos_embedding != "axial":
@@ -250,11 +249,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"ModelConfig.preset: unknown field(s) {', '.join(unknown)}; valid fields are "
                              f"{', '.join(sorted(fields))}.")
-        kwargs = {**variants[name], **overrides}
-        # The reformer's feed-forward chunk must divide the length: shrink the default for short models.
-        if name == "reformer" and "ff_chunk_len" not in overrides:
-            kwargs["ff_chunk_len"] = math.gcd(256, kwargs.get("max_len", cls.max_len))
-        return cls(**kwargs)
+        return cls(**{**variants[name], **overrides})
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
@@ -288,7 +283,3 @@ class ModelConfig:
         if self.attention == "lsh" and seq_len % self.chunk_len:
             raise ValueError(f"seq_len={seq_len} is not a multiple of ModelConfig.chunk_len={self.chunk_len}, "
                              f"which LSH attention needs; e.g. seq_len={max(1, seq_len // self.chunk_len) * self.chunk_len}.")
-        ff = self.ff_chunk_len
-        if ff and seq_len % min(ff, seq_len):
-            raise ValueError(f"seq_len={seq_len} is not a multiple of ModelConfig.ff_chunk_len={ff}; choose a "
-                             "length it divides or ff_chunk_len=0.")

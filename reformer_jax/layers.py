@@ -102,7 +102,10 @@ def feed_forward_block(params: Params, x: jax.Array, *, config: ModelConfig, dro
     with jax.named_scope("feed_forward_block"):
         if chunk == length:
             return _feed_forward_positions(params, x, dropout_rng, config=config, deterministic=deterministic)
-        n_chunks = length // chunk
+        n_chunks = -(-length // chunk)
+        padded = n_chunks * chunk
+        if padded != length:  # a zero-padded last chunk; its outputs are dropped below
+            x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
 
         @jax.checkpoint
         def one_chunk(args):
@@ -112,7 +115,7 @@ def feed_forward_block(params: Params, x: jax.Array, *, config: ModelConfig, dro
 
         chunks = x.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)  # [n_chunks, b, chunk, d]
         y = lax.map(one_chunk, (chunks, jnp.arange(n_chunks)))
-        return y.swapaxes(0, 1).reshape(b, length, d)
+        return y.swapaxes(0, 1).reshape(b, padded, d)[:, :length]
 
 
 # ---------------------------------------------------------------------------------------------------------------
