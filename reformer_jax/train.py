@@ -93,7 +93,7 @@ def loss_and_grads(params: Any, batch: Batch, rng: jax.Array, step: jax.Array, *
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: ModelConfig) -> Tuple[TrainState, Metrics]:
     """One optimizer update. Pure; jit it with `donate_argnums=0` (see `jit_train_step`)."""
     (_, metrics), grads = loss_and_grads(state.params, batch, rng, state.step, config=config)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return state.apply_gradients(grads=grads), metrics
 
 

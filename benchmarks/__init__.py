@@ -1,0 +1,1 @@
+"""Benchmark drivers (run as modules: python -m benchmarks.NAME)."""
