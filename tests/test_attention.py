@@ -104,9 +104,10 @@ def test_lsh_custom_vjp_gradients_equal_plain_autodiff():
     def loss(f):
         return lambda q, w: jnp.sum(f(q, w) * probe)
 
-    custom = jax.grad(loss(lambda q, w: attn.lsh_attention(q, w, None, n_hashes=3, n_buckets=8, chunk_len=8,
-                                                            buckets=buckets)), (0, 1))(qk, v)
-    plain = jax.grad(loss(lambda q, w: attn.lsh_attention_reference(q, w, buckets, chunk_len=8)), (0, 1))(qk, v)
+    custom = jax.jit(jax.grad(loss(lambda q, w: attn.lsh_attention(q, w, None, n_hashes=3, n_buckets=8, chunk_len=8,
+                                                                    buckets=buckets)), (0, 1)))(qk, v)
+    plain = jax.jit(jax.grad(loss(lambda q, w: attn.lsh_attention_reference(q, w, buckets, chunk_len=8)),
+                             (0, 1)))(qk, v)
     for got, want in zip(custom, plain):
         assert _max_abs(got, want) / float(jnp.max(jnp.abs(want))) < 1e-5
     assert float(jnp.max(jnp.abs(custom[0]))) > 0  # a real gradient, not zeros
@@ -127,8 +128,8 @@ def test_lsh_dropout_is_replayed_in_the_backward_pass():
     kwargs = dict(n_hashes=2, n_buckets=8, chunk_len=8, buckets=buckets, dropout_rate=0.3,
                   dropout_rng=jax.random.key(16))
     spec = attn._LSHSpec(chunk_len=8, n_chunks_before=1, causal=True, dropout_rate=0.3)
-    custom = jax.grad(lambda q: jnp.sum(attn.lsh_attention(q, v, None, **kwargs) ** 2))(qk)
-    plain = jax.grad(lambda q: jnp.sum(attn._lsh_attend(spec, q, v, buckets, jax.random.key(16)) ** 2))(qk)
+    custom = jax.jit(jax.grad(lambda q: jnp.sum(attn.lsh_attention(q, v, None, **kwargs) ** 2)))(qk)
+    plain = jax.jit(jax.grad(lambda q: jnp.sum(attn._lsh_attend(spec, q, v, buckets, jax.random.key(16)) ** 2)))(qk)
     assert _max_abs(custom, plain) / float(jnp.max(jnp.abs(plain))) < 1e-5
 
 

@@ -69,12 +69,11 @@ def test_reversible_gradients_equal_plain_autodiff(attention):
 
 def test_reversible_forward_equals_plain_forward_and_dropout_is_active():
     _, params, keys, x, attention_fn, feed_forward_fn = _setup("lsh")
-    y = reversible_stack(attention_fn, feed_forward_fn, params, x, x, keys)
-    z = _plain_reversible(attention_fn, feed_forward_fn, params, x, x, keys)
+    run = jax.jit(lambda stack, k: stack(attention_fn, feed_forward_fn, params, x, x, k), static_argnums=0)
+    y, z = run(reversible_stack, keys), run(_plain_reversible, keys)
     for a, b in zip(y, z):
         assert _rel_err(a, b) < 1e-6
-    other_keys = jax.random.split(jax.random.key(6), keys.shape)
-    w = reversible_stack(attention_fn, feed_forward_fn, params, x, x, other_keys)
+    w = run(reversible_stack, jax.random.split(jax.random.key(6), keys.shape))
     assert _rel_err(w[0], y[0]) > 1e-3
 
 
@@ -108,6 +107,7 @@ def test_reversible_stack_saves_nothing_per_layer_but_bucket_ids(capsys):
 
 def test_residual_stack_scan_and_unrolled_agree():
     _, params, keys, x, attention_fn, feed_forward_fn = _setup("full")
-    a = residual_stack(attention_fn, feed_forward_fn, params, x, keys, scan=True)
-    b = residual_stack(attention_fn, feed_forward_fn, params, x, keys, scan=False)
+    run = jax.jit(lambda scan: residual_stack(attention_fn, feed_forward_fn, params, x, keys, scan=scan),
+                  static_argnums=0)
+    a, b = run(True), run(False)
     assert _rel_err(a, b) < 1e-6
