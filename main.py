@@ -1,27 +1,202 @@
-"""reformer_jax main job: build a variant and print where its training step's memory goes.
+"""reformer_jax main job: train one of the four variants, show progress, save and resume, report memory.
 
     python main.py --model=reformer --n_hashes=4
+    python main.py --model=transformer --dataset=synthetic --steps=500
+    python main.py --help
+
+Every ModelConfig field is a flag; a model flag left unset keeps the preset's value. The defaults are sized for a
+CPU (about 10 minutes on 2 cores); the seed's setup is --d_model=512 --n_heads=8 --d_ff=2048 --n_layers=6
+--seq_len=4096 --batch_size=1 --n_hashes=8. Rerunning the same command resumes from the latest checkpoint in
+--workdir; a larger --steps continues the run.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Dict
 
 from absl import app, flags
 
+from reformer_jax import data as data_lib
+from reformer_jax.config import (ATTENTION_TYPES, DTYPES, FF_ACTIVATIONS, OUTPUT_HEADS, POS_EMBEDDINGS, PRESETS,
+                                 ModelConfig)
+from reformer_jax.train import OPTIMIZERS
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "reformer", ["transformer", "lsh", "reversible", "reformer"], "Model variant (preset).")
-flags.DEFINE_integer("n_hashes", 8, "LSH hash rounds.")
-flags.DEFINE_integer("n_layers", 6, "Number of layers.")
-flags.DEFINE_integer("seq_len", 4096, "Sequence length.")
-flags.DEFINE_integer("batch_size", 1, "Batch size.")
+
+# --- the run ---------------------------------------------------------------------------------------------------
+flags.DEFINE_enum("model", "reformer", list(PRESETS), "Model variant: a ModelConfig preset. transformer = full "
+                  "attention + ordinary residual; lsh = LSH attention + ordinary residual; reversible = full "
+                  "attention + reversible layers; reformer = LSH + reversible + chunked feed-forward.")
+flags.DEFINE_integer("seq_len", 512, "Tokens per training sequence (a multiple of --chunk_len for LSH models).")
+flags.DEFINE_integer("batch_size", 8, "Sequences per step, over all devices (a multiple of the device count).")
+flags.DEFINE_integer("steps", 300, "Train until this many optimizer steps are done (a rerun with a larger value "
+                     "continues the same run).")
+flags.DEFINE_integer("schedule_steps", None, "Length of the warm-up + cosine learning-rate schedule (default: "
+                     "--steps, or the saved run's value when resuming).")
+flags.DEFINE_integer("warmup_steps", None, "Linear warm-up steps (default: 10% of the schedule, at most 1000).")
+flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
+flags.DEFINE_enum("optimizer", "adafactor", list(OPTIMIZERS), "adafactor (the seed's choice) or adamw.")
+flags.DEFINE_float("clip_norm", 1.0, "Clip gradients to this global norm.")
+flags.DEFINE_enum("dataset", "tiny_shakespeare", list(data_lib.DATASETS), "tiny_shakespeare (byte-level), "
+                  "synthetic (the paper's copy task 0 w 0 w, runs offline) or text (any file at --data_path).")
+flags.DEFINE_string("data_path", None, "Path of the text file (tiny_shakespeare: else $REFORMER_JAX_DATA_DIR, the "
+                    "user cache, else a one-time download checked by sha256).")
+flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics.jsonl and summary.json.")
+flags.DEFINE_integer("eval_every", 100, "Evaluate on the validation split every this many steps and at the end "
+                     "(0: never).")
+flags.DEFINE_integer("eval_batches", 4, "Validation batches per evaluation.")
+flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every this many steps (and always at the end).")
+flags.DEFINE_integer("seed", 0, "Seed of the parameters, data order, hashing and dropout.")
+flags.DEFINE_integer("sample_len", 200, "Characters of text generated at the end (0: none).")
+flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
+# --- several hosts ---------------------------------------------------------------------------------------------
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs "
+                    "(jax.distributed.initialize). Omit on one host; on Cloud TPU and SLURM it is auto-detected "
+                    "with --distributed.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU pods, "
+                  "SLURM) even without --coordinator_address.")
+
+# --- every ModelConfig field (None: the preset's value) --------------------------------------------------------
+flags.DEFINE_integer("vocab_size", None, "Vocabulary size (259 for bytes; the copy task draws symbols below it).")
+flags.DEFINE_integer("d_model", 256, "Width of each residual stream (ModelConfig default 512).")
+flags.DEFINE_integer("n_heads", 4, "Attention heads (ModelConfig default 8).")
+flags.DEFINE_integer("d_head", None, "Width of one head (default d_model // n_heads).")
+flags.DEFINE_integer("d_ff", 1024, "Feed-forward hidden width (ModelConfig default 2048).")
+flags.DEFINE_integer("n_layers", 3, "Number of layers (ModelConfig default 6).")
+flags.DEFINE_integer("max_len", None, "Longest sequence the model accepts (default --seq_len).")
+flags.DEFINE_enum("attention", None, list(ATTENTION_TYPES), "Override the preset's attention.")
+flags.DEFINE_bool("reversible", None, "Override the preset's residual wiring.")
+flags.DEFINE_integer("n_hashes", None, "LSH hash rounds (default 8).")
+flags.DEFINE_integer("chunk_len", None, "LSH chunk length (default 64).")
+flags.DEFINE_string("n_buckets", None, "Buckets per round: an even integer, two even factors 'f1,f2', or unset "
+                    "for 2 * seq_len / chunk_len (factorised above 128).")
+flags.DEFINE_integer("n_chunks_before", None, "Chunks each LSH chunk looks back to (default 1).")
+flags.DEFINE_bool("causal", None, "Causal masking (default true).")
+flags.DEFINE_integer("ff_chunk_len", None, "Feed-forward chunk length, 0 = off (reformer preset default 256).")
+flags.DEFINE_float("dropout", None, "Residual and embedding dropout (default 0.1).")
+flags.DEFINE_float("attention_dropout", None, "Dropout on attention weights (default 0).")
+flags.DEFINE_enum("pos_embedding", None, list(POS_EMBEDDINGS), "Positional embedding (default axial).")
+flags.DEFINE_list("axial_shape", None, "Axial shape l1,l2 with l1 * l2 = max_len (default derived).")
+flags.DEFINE_list("axial_dims", None, "Axial widths d1,d2 with d1 + d2 = d_model (default halves).")
+flags.DEFINE_enum("output_head", None, list(OUTPUT_HEADS), "mean of the two streams (tied) or concat (untied).")
+flags.DEFINE_bool("tie_embeddings", None, "Tie the output projection to the embedding (default true).")
+flags.DEFINE_enum("ff_activation", None, list(FF_ACTIVATIONS), "Feed-forward activation (default relu).")
+flags.DEFINE_float("layer_norm_eps", None, "LayerNorm epsilon (default 1e-6).")
+flags.DEFINE_bool("scan_layers", None, "Non-reversible stacks as one lax.scan (default true).")
+flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype; residual streams stay float32 (default float32).")
+flags.DEFINE_enum("param_dtype", None, list(DTYPES), "Parameter dtype (default float32).")
+
+MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def _int_tuple(flag: str, values) -> tuple:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{flag}={','.join(values)} is invalid: expected integers separated by commas.")
+
+
+def _parse_buckets(text: str):
+    parts = [p for p in text.split(",") if p.strip()]
+    numbers = _int_tuple("n_buckets", parts)
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+def model_config_from_flags() -> ModelConfig:
+    """The ModelConfig the flags describe; a bad value raises UsageError naming the flag."""
+    overrides: Dict[str, Any] = {}
+    for name in MODEL_FLAGS:
+        value = FLAGS[name].value
+        if value is None:
+            continue
+        if name == "n_buckets":
+            value = _parse_buckets(value)
+        elif name in ("axial_shape", "axial_dims"):
+            value = _int_tuple(name, value)
+        overrides[name] = value
+    overrides.setdefault("max_len", FLAGS.seq_len)
+    try:
+        config = ModelConfig.preset(FLAGS.model, **overrides)
+        config.check_seq_len(FLAGS.seq_len)
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("ModelConfig.", "--"))
+    return config
+
+
+def validate_run_flags() -> None:
+    """Range checks of the run's flags (the model's are ModelConfig's), before anything is compiled."""
+    positive = ("seq_len", "batch_size", "steps", "eval_batches")
+    non_negative = ("eval_every", "checkpoint_every", "sample_len", "seed")
+    for name in positive:
+        if FLAGS[name].value < 1:
+            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
+    for name in non_negative:
+        if FLAGS[name].value < 0:
+            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected an integer >= 0.")
+    for name in ("schedule_steps", "warmup_steps"):
+        if FLAGS[name].value is not None and FLAGS[name].value < 1:
+            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
+    for name in ("learning_rate", "clip_norm"):
+        if not FLAGS[name].value > 0:
+            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive number.")
+    if FLAGS.dataset == "synthetic" and FLAGS.seq_len % 2:
+        raise app.UsageError(f"--seq_len={FLAGS.seq_len} is invalid for --dataset=synthetic: the copy task needs "
+                             "an even length.")
+    if FLAGS.dataset == "text" and not FLAGS.data_path:
+        raise app.UsageError("--dataset=text needs --data_path=FILE.")
+    if (FLAGS.num_processes is None) != (FLAGS.process_id is None) or (
+            FLAGS.num_processes is not None and not FLAGS.coordinator_address):
+        raise app.UsageError("multi-host runs need --coordinator_address, --num_processes and --process_id together "
+                             "(or --distributed for auto-detection on Cloud TPU and SLURM).")
+
+
+def _initialize_distributed() -> None:
+    import jax
+
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
 
 
 def main(argv):
-    del argv
-    from reformer_jax import ModelConfig
-    from reformer_jax.memory import analyze_train_step
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
+    validate_run_flags()
+    config = model_config_from_flags()
+    _initialize_distributed()
 
-    config = ModelConfig.preset(FLAGS.model, n_hashes=FLAGS.n_hashes, n_layers=FLAGS.n_layers, max_len=FLAGS.seq_len)
-    stats = analyze_train_step(config, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len)
-    print(stats.summary())
+    from reformer_jax.checkpoint import CheckpointMismatch, saved_run_settings
+    from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate
+
+    schedule_steps = FLAGS.schedule_steps
+    saved = saved_run_settings(FLAGS.workdir)
+    if schedule_steps is None and saved:  # resuming with a larger --steps keeps the run's schedule
+        schedule_steps = saved.get("schedule_steps")
+    options = TrainOptions(
+        workdir=FLAGS.workdir, steps=FLAGS.steps, schedule_steps=schedule_steps, warmup_steps=FLAGS.warmup_steps,
+        learning_rate=FLAGS.learning_rate, optimizer=FLAGS.optimizer, clip_norm=FLAGS.clip_norm,
+        batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dataset=FLAGS.dataset, data_path=FLAGS.data_path,
+        seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
+        checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory)
+    try:
+        dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
+                                        vocab_size=config.vocab_size)
+        train_and_evaluate(config, options, dataset=dataset)
+    except (data_lib.DataError, CheckpointMismatch, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # e.g. a batch size the device count does not divide
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,166 @@
+"""train_and_evaluate: learns, resumes exactly, stops on NaN, runs data-parallel like on one device."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from corpus import corpus_path
+from reformer_jax import ModelConfig, data
+from reformer_jax.checkpoint import CheckpointMismatch
+from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=259, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=64, chunk_len=16, n_hashes=2)
+
+
+def tiny_config(name="reformer", **overrides):
+    return ModelConfig.preset(name, **{**TINY, **overrides})
+
+
+def options(workdir, **overrides):
+    base = dict(workdir=str(workdir), steps=6, batch_size=4, seq_len=64, dataset="text", eval_every=0,
+                eval_batches=2, checkpoint_every=3, sample_len=0, analyze_memory=False, learning_rate=3e-3,
+                warmup_steps=2)
+    return TrainOptions(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    path = corpus_path(tmp_path_factory.mktemp("corpus"))
+    return data.load_dataset("text", seq_len=64, data_path=str(path))
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_lowers_validation_loss(tmp_path, text_data):
+    summary = train_and_evaluate(tiny_config(), options(tmp_path, steps=40, eval_every=10, sample_len=20,
+                                                        analyze_memory=True), dataset=text_data)
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert all(isinstance(r["loss"], float) and {"bpc", "tokens_per_sec", "learning_rate"} <= set(r) for r in rows)
+    evals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(evals) == 4
+    assert evals[-1] < evals[0] - 0.3 and evals[-1] < 0.7 * np.log(259), evals
+    assert isinstance(summary["sample"], str) and len(summary["sample"]) > 0
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["steps"] == 40 and saved["val_loss"] == pytest.approx(evals[-1])
+
+
+class _CrashAt:
+    """A dataset that fails when asked for a given training step: a run killed after its last checkpoint."""
+
+    def __init__(self, inner, step):
+        self.inner, self.step, self.source = inner, step, inner.source
+
+    def batch(self, split, seed, step, batch_size, seq_len):
+        if split == "train" and step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+        return self.inner.batch(split, seed, step, batch_size, seq_len)
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, text_data):
+    cfg = tiny_config(dropout=0.1)
+    straight = train_and_evaluate(cfg, options(tmp_path / "straight"), dataset=text_data)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(cfg, options(tmp_path / "resumed"), dataset=_CrashAt(text_data, 4))  # after step 4
+    assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3, 4]
+    resumed = train_and_evaluate(cfg, options(tmp_path / "resumed"), dataset=text_data)  # from the step-3 checkpoint
+    assert int(resumed["state"].step) == 6
+    for a, b in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])):
+        np.testing.assert_array_equal(a, b)
+    assert [r["loss"] for r in _rows(tmp_path / "straight")] == [r["loss"] for r in _rows(tmp_path / "resumed")]
+
+
+def test_larger_steps_continue_the_run(tmp_path, text_data):
+    cfg = tiny_config()
+    straight = train_and_evaluate(cfg, options(tmp_path / "a", schedule_steps=6), dataset=text_data)
+    train_and_evaluate(cfg, options(tmp_path / "b", steps=3, schedule_steps=6), dataset=text_data)
+    continued = train_and_evaluate(cfg, options(tmp_path / "b", steps=6, schedule_steps=6), dataset=text_data)
+    for a, b in zip(jax.tree.leaves(straight["state"].params), jax.tree.leaves(continued["state"].params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, text_data):
+    train_and_evaluate(tiny_config(), options(tmp_path, steps=3, schedule_steps=6), dataset=text_data)
+    with pytest.raises(CheckpointMismatch, match=r"\(model.n_hashes: saved 2, now 4\)"):
+        train_and_evaluate(tiny_config(n_hashes=4), options(tmp_path, steps=6, schedule_steps=6), dataset=text_data)
+
+
+class _PoisonAt:
+    def __init__(self, inner, step):
+        self.inner, self.step, self.source = inner, step, inner.source
+
+    def batch(self, split, seed, step, batch_size, seq_len):
+        batch = self.inner.batch(split, seed, step, batch_size, seq_len)
+        if split == "train" and step == self.step:
+            batch["weights"] = batch["weights"] * np.nan
+        return batch
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path, text_data):
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 5.*checkpoint \\(step 3\\).*intact"):
+        train_and_evaluate(tiny_config(), options(tmp_path), dataset=_PoisonAt(text_data, 4))
+
+
+def test_copy_task_is_learned_well_above_chance(tmp_path):
+    cfg = tiny_config("transformer", vocab_size=8, d_model=64, n_heads=4, d_ff=128, max_len=32, dropout=0.0)
+    task = data.CopyTask(vocab_size=8)
+    summary = train_and_evaluate(cfg, options(tmp_path, steps=150, batch_size=16, seq_len=32, eval_every=150,
+                                              eval_batches=4, optimizer="adamw", learning_rate=3e-3,
+                                              warmup_steps=10, checkpoint_every=0), dataset=task)
+    assert summary["val_accuracy"] > 0.6  # chance is 1/7
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    import jax, numpy as np
+    from reformer_jax import ModelConfig, data
+    from reformer_jax.train import make_optimizer
+    from reformer_jax.trainer import data_parallel_shardings, global_batch, sharded_step_functions
+    assert jax.device_count() == 8, jax.devices()
+    cfg = ModelConfig.preset("reformer", **{tiny!r})
+    task = data.CopyTask(vocab_size=259)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        replicated, batch_sharding = data_parallel_shardings(devices)
+        init_fn, step_fn, _ = sharded_step_functions(cfg, make_optimizer("adafactor", 1e-2), replicated,
+                                                     batch_sharding)
+        state = init_fn(jax.random.key(0))
+        for step in range(2):
+            batch = global_batch(task.batch("train", 0, step, 8, 64), batch_sharding)
+            state, metrics = step_fn(state, batch, jax.random.key(1))
+        assert len(state.params["embed"].sharding.device_set) == len(devices)
+        results.append((float(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params))))
+    (loss1, p1), (loss8, p8) = results
+    assert abs(loss1 - loss8) <= 1e-5 * abs(loss1), (loss1, loss8)
+    worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(p1, p8))
+    assert worst < 1e-4, worst
+    from reformer_jax.trainer import TrainOptions, train_and_evaluate
+    import tempfile
+    try:
+        train_and_evaluate(cfg, TrainOptions(workdir=tempfile.mkdtemp(), batch_size=3, seq_len=64,
+                                             analyze_memory=False), dataset=task)
+        raise AssertionError("a batch of 3 on 8 devices was accepted")
+    except ValueError as error:
+        assert "--batch_size=3 is not divisible by the 8 devices" in str(error), error
+    print("OK", loss1, loss8, worst)
+""")
+
+
+def test_eight_device_step_equals_one_device_step():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    script = MULTI_DEVICE_SCRIPT.format(repo=str(REPO), tiny=TINY)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
