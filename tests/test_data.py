@@ -1,6 +1,7 @@
 """Byte tokens, corpus discovery and checksums, the 90/10 split, pure-by-step batches, the copy task."""
 
 import hashlib
+import io
 import urllib.error
 
 import numpy as np
@@ -54,21 +55,24 @@ def test_offline_failure_says_how_to_supply_the_file(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.txt")) and not list(tmp_path.rglob(".download-*"))
 
 
-def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def _serving(payload: bytes):
+    """A stand-in for urllib.request.urlopen that answers every request with `payload`."""
 
-    class Response:
+    class Response(io.BytesIO):
         def __enter__(self):
             return self
 
         def __exit__(self, *exc):
             return False
 
-        def read(self):
-            return b"tampered"
+    return lambda *args, **kwargs: Response(payload)
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Response())
+
+def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", _serving(b"tampered"))
     with pytest.raises(data.DataError, match="was discarded"):
         data.locate_tiny_shakespeare(None)
     assert not list(tmp_path.rglob("*.txt"))
@@ -80,17 +84,7 @@ def test_download_with_right_checksum_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(data, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
 
-    class Response:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def read(self):
-            return payload
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Response())
+    monkeypatch.setattr(data.urllib.request, "urlopen", _serving(payload))
     path = data.locate_tiny_shakespeare(None)
     assert path.read_bytes() == payload and path.parent == tmp_path / "reformer_jax"
 
