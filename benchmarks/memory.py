@@ -375,8 +375,8 @@ def run_hashes(settings: Settings) -> List[Row]:
         sx = sorted(seed.HASHES_MB) if any(r["seed_mb"] for r in rows) else []
         if sx:
             ax.plot(sx, [seed.HASHES_MB[n] for n in sx], "k^:", label="seed peak (PyTorch, fp16)")
-        ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(set(xs) | set(sx)), [str(x) for x in sorted(set(xs) | set(sx))])
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("hash rounds (n_hashes)")
         ax.set_ylabel("memory (MiB)")
         ax.set_title(f"Experiment 2: Reformer LM against hash rounds (length {settings.seq_len}, "
@@ -415,7 +415,8 @@ def run_layers(settings: Settings) -> List[Row]:
                         label=f"{seed.LABELS[model]} (seed, fp16)")
         ax.set_xlabel("layers (n_layers)")
         ax.set_ylabel("peak memory (MiB)")
-        ax.set_yscale("log")
+        ax.set_xticks(sorted(settings.layer_sweep))
+        ax.set_ylim(bottom=0)
         ax.set_title(f"Experiment 3: peak memory against depth (length {settings.seq_len}, "
                      f"{settings.n_hashes} hashes)", fontsize=10)
         ax.legend(fontsize=8)

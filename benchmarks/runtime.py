@@ -138,18 +138,28 @@ def run_worker(spec: Dict[str, Any], *,
                               "step_s": [round(s, 3) for s in step_times], "losses": losses,
                               "rss_base_bytes": rss_base, "rss_max_bytes": sampler.max_rss,
                               "ru_maxrss_before_bytes": ru_before, "ru_maxrss_after_bytes": ru_after}
+    result.update(runtime_fields(stats_source, compile_peak_bytes=stats.peak_bytes, rss_base=rss_base,
+                                 rss_max=sampler.max_rss, profile_path=spec.get("profile_path")))
+    return result
+
+
+def runtime_fields(stats_source: Callable[[], Optional[Dict[str, Any]]], *, compile_peak_bytes: int, rss_base: int,
+                   rss_max: int, profile_path: Optional[str]) -> Dict[str, Any]:
+    """The runtime figure after the steps: the device's peak (and a saved device memory profile) where the
+    backend reports one, else the sampled RSS above the baseline; with its ratio to the compile-time peak."""
     device_stats = stats_source()
     if device_stats is not None:
-        result.update(summarize_device_stats(device_stats))
-        profile_path = spec.get("profile_path")
+        fields = summarize_device_stats(device_stats)
         if profile_path:
+            import jax
+
             jax.profiler.save_device_memory_profile(profile_path)
-            result["device_memory_profile"] = profile_path
+            fields["device_memory_profile"] = profile_path
     else:
-        result.update({"runtime_source": "process RSS (sampled) above the pre-state baseline",
-                       "runtime_peak_bytes": sampler.max_rss - rss_base})
-    result["runtime_over_compile"] = result["runtime_peak_bytes"] / max(1, stats.peak_bytes)
-    return result
+        fields = {"runtime_source": "process RSS (sampled) above the pre-state baseline",
+                  "runtime_peak_bytes": rss_max - rss_base}
+    fields["runtime_over_compile"] = fields["runtime_peak_bytes"] / max(1, compile_peak_bytes)
+    return fields
 
 
 def parse_result(stdout: str) -> Dict[str, Any]:
