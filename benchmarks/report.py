@@ -172,11 +172,14 @@ def build(results: str, report_path: str) -> str:
                          [(lambda r: seed.LABELS[r["model"]], "model", "s"),
                           ("scanned", "lax.scan (experiment 1) MiB", "mib"),
                           ("unrolled", "unrolled Python loop MiB", "mib"), ("ratio", "unrolled / scanned", ".2f")]))
-        w("Unrolled, XLA sees the forward pass and the custom-gradient recomputation of LSH attention in one "
-          "straight-line program and common-subexpression-eliminates the recomputation with the forward pass: the "
-          "sorted, chunked score tensors of every layer are then kept for the backward pass, as PyTorch autograd "
-          "keeps them (see ../shared/reference/jax-memory-notes.md). Under `lax.scan` the recomputation stays "
-          "separate and nothing of it is stored.\n")
+        w("Unrolled, the LSH LM's forward-pass LSH tensors (`lsh_sort`, `lsh_chunk_attention` in "
+          "[`timeline.md`](" + rel + "/timeline.md)) are still live at the peak in the backward pass: in one "
+          "straight-line program XLA evidently shares (common-subexpression-eliminates) the custom gradient's "
+          "recomputation with the forward pass, so every layer's sorted, chunked tensors are kept, much as PyTorch "
+          "autograd keeps them (../shared/reference/jax-memory-notes.md warns of this). Under `lax.scan` the "
+          "recomputation stays separate and nothing of it is stored. The unrolled Transformer is lower than the "
+          "scanned one, probably because without the scan's stacked per-layer carries XLA can free each layer's "
+          "buffers as soon as its backward pass is done; we have not traced it further.\n")
     w("The Transformer and LSH LM are unrolled (`scan_layers=False`) for this figure so each layer's stored "
       "activations appear as a step of the staircase; the reversible stacks are one `lax.scan` whose body appears "
       "once in XLA's flattened schedule, so their curves are a picture and XLA's peak is the number. The peak "
@@ -228,8 +231,9 @@ def build(results: str, report_path: str) -> str:
       f"above the Reversible LM, as in the seed: see the timeline section).")
     w("- **fp16 against float32.** The seed trained with fp16 mixed precision, so its stored activations took half "
       "our bytes; ours are float32 (the `--dtype=bfloat16` view computes blocks in bfloat16 but keeps residual "
-      "streams, softmax and parameters in float32). That the float32 figures still land near the seed's is partly "
-      "XLA: fusion means many elementwise intermediates never exist, which PyTorch's eager autograd allocates.")
+      "streams, softmax and parameters in float32). That the float32 figures still land near the seed's is "
+      "probably XLA's doing: fused elementwise intermediates never exist as buffers, where PyTorch's eager "
+      "autograd allocates (and often saves) each of them.")
     w(f"- **Adafactor state** is small: factored second moments take {_mib(v['reformer']['optimizer_state_bytes'])} "
       f"MiB against {_mib(v['reformer']['param_bytes'])} MiB of parameters; the update's temporaries (about 0.9x the "
       f"stacked parameter bytes) fit inside memory freed by the backward pass here. The Reformer's peak rises per "

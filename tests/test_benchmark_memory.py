@@ -255,3 +255,15 @@ def test_report_is_generated_from_the_results(results, tmp_path):
         assert f"/{name}.png)" in text
     with pytest.raises(SystemExit, match="missing results"):
         report.build(str(tmp_path), str(tmp_path / "R.md"))
+
+
+@pytest.mark.slow
+def test_ordering_at_the_seed_setup(tmp_path):
+    """The seed's setup itself (about a minute of compiles): Transformer above every other variant, Reformer least,
+    memory rising with hash rounds."""
+    settings = dataclasses.replace(memory.Settings(), experiment="variants", out_dir=str(tmp_path), command="pytest")
+    peak = {r["model"]: r["peak_bytes"] for r in memory.run(settings)["variants"]}
+    assert all(peak["transformer"] > peak[m] for m in ("lsh", "reversible", "reformer")), peak
+    assert peak["reformer"] == min(peak.values()), peak
+    hashes = memory.run(dataclasses.replace(settings, experiment="hashes", hash_sweep=(2, 8)))["hashes"]
+    assert hashes[0]["peak_bytes"] < hashes[1]["peak_bytes"]
