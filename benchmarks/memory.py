@@ -66,6 +66,7 @@ class Settings:
     n_hashes: int = 8
     chunk_len: int = 64
     batch_size: int = 1
+    dropout: float = 0.1
     dtype: str = "float32"
     optimizer: str = "adafactor"
     models: Tuple[str, ...] = PRESETS
@@ -95,7 +96,7 @@ class Settings:
 
         fields = dict(vocab_size=self.vocab_size, d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff,
                       n_layers=self.n_layers, max_len=self.seq_len, n_hashes=self.n_hashes,
-                      chunk_len=self.chunk_len, dtype=self.dtype)
+                      chunk_len=self.chunk_len, dropout=self.dropout, dtype=self.dtype)
         fields.update(overrides)
         return ModelConfig.preset(model, **fields)
 
@@ -117,6 +118,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         ("n_hashes", "LSH hash rounds (experiments other than 'hashes')."),
                         ("chunk_len", "LSH chunk (bucket) length."), ("batch_size", "Batch size.")]:
         flags.DEFINE_integer(name, getattr(d, name), help_, flag_values=flag_values)
+    flags.DEFINE_float("dropout", d.dropout, "Dropout rate of the blocks (ModelConfig's default).",
+                       flag_values=flag_values)
     flags.DEFINE_string("dtype", d.dtype, "Compute dtype: float32, or bfloat16 for the seed's mixed-precision view.",
                         flag_values=flag_values)
     flags.DEFINE_string("optimizer", d.optimizer, "adafactor (the seed's), adamw, or none (loss and gradients only).",
@@ -195,7 +198,8 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
     s = Settings(
         experiment=fv.experiment, out_dir=fv.out_dir, vocab_size=fv.vocab_size, d_model=fv.d_model,
         n_heads=fv.n_heads, d_ff=fv.d_ff, n_layers=fv.n_layers, seq_len=fv.seq_len, n_hashes=fv.n_hashes,
-        chunk_len=fv.chunk_len, batch_size=fv.batch_size, dtype=fv.dtype, optimizer=fv.optimizer,
+        chunk_len=fv.chunk_len, batch_size=fv.batch_size, dropout=fv.dropout, dtype=fv.dtype,
+        optimizer=fv.optimizer,
         models=_models("models", fv.models), hash_sweep=_int_list("hash_sweep", fv.hash_sweep, "1,2,4,8,16"),
         layer_sweep=_int_list("layer_sweep", fv.layer_sweep, "2,4,6,8,10,12"),
         lengths=_int_list("lengths", fv.lengths, "1024,2048,4096"), seqlen_optimizer=fv.seqlen_optimizer,
@@ -259,7 +263,8 @@ def make_row(settings: Settings, experiment: str, model: str, config, seq_len: i
         "experiment": experiment, "model": model, "seq_len": seq_len, "n_layers": config.n_layers,
         "n_hashes": config.n_hashes if config.attention == "lsh" else None, "batch_size": settings.batch_size,
         "d_model": config.d_model, "n_heads": config.n_heads, "d_ff": config.d_ff, "chunk_len": config.chunk_len,
-        "vocab_size": config.vocab_size, "dtype": config.dtype, "optimizer": optimizer or "none",
+        "vocab_size": config.vocab_size, "dropout": config.dropout, "dtype": config.dtype,
+        "optimizer": optimizer or "none",
         "attention": config.attention, "reversible": config.reversible, "ff_chunk_len": config.ff_chunk_len,
         "scan_layers": config.scan_layers,
     }

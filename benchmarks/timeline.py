@@ -38,7 +38,8 @@ _MAX_RE = re.compile(r"HloLiveRange \(max (\d+)\)")
 _PEAK_STEP_RE = re.compile(r"Live ranges at (\d+) \(peak\):")
 _PEAK_VALUE_RE = re.compile(r"^\s+(?P<name>[^\s{]+)(?P<index>\{[\d,]*\}): (?P<size>\d+) bytes")
 _BREAKDOWN_HEAD_RE = re.compile(r"Stack trace breakdown for peak usage: ([\d ]+) bytes")
-_BREAKDOWN_ITEM_RE = re.compile(r"^(?P<indent>[\s│]*)[├└]── (?P<name>.+) \((?P<pct>[\d.]+)%, total: (?P<total>[\d ]+) bytes")
+_BREAKDOWN_ITEM_RE = re.compile(r"^(?P<indent>[\s│]*)[├└]── (?P<name>.+) "
+                                r"\((?P<pct>[\d.]+)%, total: (?P<total>[\d ]+) bytes")
 
 # Named scopes of this project (jax.named_scope in reformer_jax), most specific first: a path is attributed to the
 # first of these it contains.

@@ -20,7 +20,7 @@ from benchmarks.measure import floor_bytes, stats_from_analysis
 from reformer_jax.memory import MemoryStats
 
 TINY = memory.Settings(
-    vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, seq_len=256, n_hashes=2, chunk_len=16,
+    vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, seq_len=256, n_hashes=2, chunk_len=16, dropout=0.0,
     hash_sweep=(1, 2), layer_sweep=(1, 2), lengths=(128, 256), seqlen_optimizer="adafactor",
     runtime_models=("transformer",), floor_hashes=(1, 2), floor_layers=(1, 2), floor_lengths=(128,),
     floor_long_len=256, fast_compile=True, command="pytest")
@@ -226,6 +226,7 @@ def test_flag_defaults_are_the_seed_setup():
     (["--optimizer=sgd"], "--optimizer='sgd' is unknown"),
     (["--d_model=100"], "--d_model=100 is not divisible by --n_heads=8"),
     (["--batch_size=0"], "--batch_size=0 is invalid: expected a positive integer"),
+    (["--dropout=1.5"], "the size flags give an invalid model: ModelConfig.dropout=1.5 is invalid"),
     (["--floor_hashes=2,4,16"], "--floor_hashes=2,4,16: expected exactly two values"),
 ])
 def test_bad_flags_fail_before_compiling(monkeypatch, args, message):
