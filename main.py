@@ -5,7 +5,7 @@
     python main.py --help
 
 Every ModelConfig field is a flag; a model flag left unset keeps the preset's value. The defaults are sized for a
-CPU (about 10 minutes on 2 cores); the seed's setup is --d_model=512 --n_heads=8 --d_ff=2048 --n_layers=6
+CPU (under 10 minutes on 2 cores); the seed's setup is --d_model=512 --n_heads=8 --d_ff=2048 --n_layers=6
 --seq_len=4096 --batch_size=1 --n_hashes=8. Rerunning the same command resumes from the latest checkpoint in
 --workdir; a larger --steps continues the run.
 """
@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any, Dict
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from reformer_jax import data as data_lib
 from reformer_jax.config import (ATTENTION_TYPES, DTYPES, FF_ACTIVATIONS, OUTPUT_HEADS, POS_EMBEDDINGS, PRESETS,
@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "reformer", list(PRESETS), "Model variant: a ModelConfig preset. transformer = full "
                   "attention + ordinary residual; lsh = LSH attention + ordinary residual; reversible = full "
                   "attention + reversible layers; reformer = LSH + reversible + chunked feed-forward.")
-flags.DEFINE_integer("seq_len", 512, "Tokens per training sequence (a multiple of --chunk_len for LSH models).")
+flags.DEFINE_integer("seq_len", 256, "Tokens per training sequence (a multiple of --chunk_len for LSH models).")
 flags.DEFINE_integer("batch_size", 8, "Sequences per step, over all devices (a multiple of the device count).")
 flags.DEFINE_integer("steps", 300, "Train until this many optimizer steps are done (a rerun with a larger value "
                      "continues the same run).")
@@ -167,6 +167,7 @@ def _initialize_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO level
     validate_run_flags()
     config = model_config_from_flags()
     _initialize_distributed()

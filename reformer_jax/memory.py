@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -93,20 +93,8 @@ def lower_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
     return lowered, state.params, state.opt_state, batch
 
 
-def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
-                       optimizer: Optional[str] = "adafactor") -> MemoryStats:
-    """Compile the real training step from abstract shapes and return XLA's memory figures.
-
-    Args:
-      config: the model.
-      batch_size, seq_len: the batch shape [batch_size, seq_len].
-      optimizer: "adafactor" | "adamw" for the full step (loss, gradients, update, donated state), or None for
-        loss and gradients only (activation memory without the optimizer's temporaries).
-    """
-    lowered, params, opt_state, batch = lower_train_step(config, batch_size=batch_size, seq_len=seq_len,
-                                                         optimizer=optimizer)
-    backend = jax.default_backend()
-    analysis = lowered.compile(compiler_options(backend)).memory_analysis()
+def stats_from_analysis(analysis: Any, params: Any, opt_state: Any, batch: Any, backend: str) -> MemoryStats:
+    """`MemoryStats` from a compiled step's `memory_analysis()` and the (abstract) step inputs."""
     argument = int(analysis.argument_size_in_bytes)
     output = int(analysis.output_size_in_bytes)
     alias = int(analysis.alias_size_in_bytes)
@@ -120,3 +108,29 @@ def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
         param_bytes=param_bytes, optimizer_state_bytes=opt_bytes, batch_bytes=batch_bytes,
         activation_bytes=peak - 2 * param_bytes - opt_bytes - batch_bytes,
         jax_version=jax.__version__, jaxlib_version=jaxlib.__version__, backend=backend)
+
+
+def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, optimizer: Optional[str] = "adafactor",
+                       extra_options: Optional[Dict[str, Any]] = None) -> Tuple[Any, MemoryStats]:
+    """(compiled step, its MemoryStats): `analyze_train_step` that also returns the executable.
+
+    `extra_options` are added to the backend's measuring options (e.g. XLA dump flags for a live-range timeline).
+    """
+    lowered, params, opt_state, batch = lower_train_step(config, batch_size=batch_size, seq_len=seq_len,
+                                                         optimizer=optimizer)
+    backend = jax.default_backend()
+    compiled = lowered.compile({**compiler_options(backend), **(extra_options or {})})
+    return compiled, stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend)
+
+
+def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
+                       optimizer: Optional[str] = "adafactor") -> MemoryStats:
+    """Compile the real training step from abstract shapes and return XLA's memory figures.
+
+    Args:
+      config: the model.
+      batch_size, seq_len: the batch shape [batch_size, seq_len].
+      optimizer: "adafactor" | "adamw" for the full step (loss, gradients, update, donated state), or None for
+        loss and gradients only (activation memory without the optimizer's temporaries).
+    """
+    return compile_train_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer)[1]

@@ -53,7 +53,7 @@ def _usage_error(*args) -> str:
     (["--n_buckets=4,x"], "--n_buckets=4,x is invalid: expected integers"),
     (["--n_buckets=4,5"], "--n_buckets=(4, 5) is invalid: a factorised bucket count is a tuple of two even"),
     (["--axial_shape=3,5"], "--axial_shape=(3, 5) is invalid: expected two positive integers whose product is "
-                            "max_len=512"),
+                            "max_len=256"),
     (["--axial_dims=100,100"], "--axial_dims=(100, 100) is invalid"),
     (["--seq_len=100"], "--max_len=100 is invalid: LSH attention needs a multiple of chunk_len=64"),
     (["--seq_len=256", "--max_len=128"], "seq_len=256 is longer than --max_len=128"),
