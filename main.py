@@ -76,6 +76,8 @@ flags.DEFINE_integer("chunk_len", None, "LSH chunk length (default 64).")
 flags.DEFINE_string("n_buckets", None, "Buckets per round: an even integer, two even factors 'f1,f2', or unset "
                     "for 2 * seq_len / chunk_len (factorised above 128).")
 flags.DEFINE_integer("n_chunks_before", None, "Chunks each LSH chunk looks back to (default 1).")
+flags.DEFINE_bool("sequential_rounds", None, "LSH attention one hash round at a time: memory flat in "
+                  "--n_hashes (default false).")
 flags.DEFINE_bool("causal", None, "Causal masking (default true).")
 flags.DEFINE_integer("ff_chunk_len", None, "Feed-forward chunk length, 0 = off (reformer preset default 256).")
 flags.DEFINE_float("dropout", None, "Residual and embedding dropout (default 0.1).")

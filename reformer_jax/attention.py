@@ -176,6 +176,26 @@ def _sort_by_bucket(buckets: jax.Array) -> Tuple[jax.Array, jax.Array]:
     return order, inverse
 
 
+def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: jax.Array, seen_pos: jax.Array,
+                   spec: _LSHSpec, dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Shared-QK attention of each chunk to the keys it sees.
+
+    sq [b, h, n, c, k] queries at original positions q_pos [b, h, n, c]; seen_k / seen_v [b, h, n, s, k] the
+    unit-normalised keys and the values each chunk sees, at positions seen_pos [b, h, n, s].
+    Returns (out [b, h, n, c, k_v], lse [b, h, n, c, 1]).
+    """
+    dots = jnp.einsum("bhnqk,bhnsk->bhnqs", sq, seen_k)
+    dots = _mask_scores(dots, q_pos[..., :, None], seen_pos[..., None, :], spec.causal)
+    # softmax from the row max, not exp(dots - lse): near SELF_MASK_VALUE (-1e5) float32 spacing is 0.008,
+    # so a rounded lse would leave a self-only row summing to 0.99 instead of 1.
+    row_max = lax.stop_gradient(jnp.max(dots, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(dots - row_max)
+    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    lse = row_max + jnp.log(row_sum)  # this chunk row's weight when combining rounds
+    probs = _dropout(unnormalized / row_sum, spec.dropout_rate, dropout_rng)
+    return jnp.einsum("bhnqs,bhnsk->bhnqk", probs, seen_v), lse
+
+
 def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
                 dropout_rng: jax.Array) -> jax.Array:
     """LSH attention given bucket ids, by plain differentiable JAX ops. Returns [b, h, l, k_v] (at least float32).
@@ -198,19 +218,9 @@ def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
     q_pos = flat_order.reshape(b, h, n_chunks, c)
 
     with jax.named_scope("lsh_chunk_attention"):
-        keys = _look_back(normalize_keys(sq), spec.n_chunks_before)  # [b, h, n, s, k]
-        values = _look_back(sv, spec.n_chunks_before)
-        k_pos = _look_back(q_pos, spec.n_chunks_before)  # [b, h, n, s]
-        dots = jnp.einsum("bhnqk,bhnsk->bhnqs", sq, keys)
-        dots = _mask_scores(dots, q_pos[..., :, None], k_pos[..., None, :], spec.causal)
-        # softmax from the row max, not exp(dots - lse): near SELF_MASK_VALUE (-1e5) float32 spacing is 0.008,
-        # so a rounded lse would leave a self-only row summing to 0.99 instead of 1.
-        row_max = lax.stop_gradient(jnp.max(dots, axis=-1, keepdims=True))
-        unnormalized = jnp.exp(dots - row_max)
-        row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
-        lse = row_max + jnp.log(row_sum)  # [b, h, n, c, 1]: this chunk row's weight when combining rounds
-        probs = _dropout(unnormalized / row_sum, spec.dropout_rate, dropout_rng)
-        out = jnp.einsum("bhnqs,bhnsk->bhnqk", probs, values)
+        out, lse = _attend_chunks(sq, q_pos, _look_back(normalize_keys(sq), spec.n_chunks_before),
+                                  _look_back(sv, spec.n_chunks_before), _look_back(q_pos, spec.n_chunks_before),
+                                  spec, dropout_rng)
 
     with jax.named_scope("lsh_unsort_combine"):
         out = jnp.take_along_axis(out.reshape(b, h, n_hashes, length, d_value), inverse[..., None], axis=3)
@@ -240,10 +250,97 @@ def _lsh_backward(spec, residuals, g):
 _lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The same attention one hash round at a time (sequential_rounds=True)
+
+
+def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array, r: jax.Array,
+                  dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Round r of LSH attention alone: (out_r [b, h, l, k_v], lse_r [b, h, l]), unsorted.
+
+    The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1 (of the
+    last round for r = 0): exactly the look-back across the concatenated rounds of `_lsh_attend`. Only round r's
+    and round r - 1's sort orders (n_r * l small integers, recomputed) are needed, never all rounds' vectors.
+    """
+    b, h, length, d_head = qk.shape
+    n_hashes, c, n_before = buckets.shape[2], spec.chunk_len, spec.n_chunks_before
+    m = length // c  # chunks per round
+    take_round = lambda i: lax.dynamic_index_in_dim(buckets, i, axis=2, keepdims=False)  # noqa: E731
+    order, inverse = _sort_by_bucket(take_round(r))  # [b, h, l]
+    previous, _ = _sort_by_bucket(take_round((r + n_hashes - 1) % n_hashes))
+    # Positions in look-back order: the previous round's last n_before chunks, then this round's chunks.
+    positions = jnp.concatenate([previous[..., length - n_before * c:], order], axis=-1)  # [b, h, (n_before + m) c]
+    gather = lambda x: jnp.take_along_axis(_at_least_f32(x), positions[..., None], axis=2).reshape(  # noqa: E731
+        b, h, n_before + m, c, x.shape[-1])
+    ext_q, ext_v, ext_pos = gather(qk), gather(v), positions.reshape(b, h, n_before + m, c)
+    seen = lambda x: jnp.concatenate([x[:, :, i:i + m] for i in range(n_before + 1)], axis=3)  # noqa: E731
+    out, lse = _attend_chunks(ext_q[:, :, n_before:], ext_pos[:, :, n_before:], seen(normalize_keys(ext_q)),
+                              seen(ext_v), seen(ext_pos), spec, jax.random.fold_in(dropout_rng, r))
+    out = jnp.take_along_axis(out.reshape(b, h, length, -1), inverse[..., None], axis=2)
+    lse = jnp.take_along_axis(lse.reshape(b, h, length), inverse, axis=2)
+    return out, lse
+
+
+def _rounds_forward(spec, qk, v, buckets, dropout_rng):
+    """All rounds, one at a time, combined online by their logsumexp.
+
+    Returns (out [b, h, l, k_v], top [b, h, l], total [b, h, l]) with the rounds' weights w_r =
+    exp(lse_r - top) / total. Like `_attend_chunks`, the weights are formed from the running maximum, never as
+    exp(lse_r - logsumexp): near SELF_MASK_VALUE a rounded logsumexp would be off by up to 0.4%.
+    """
+    b, h, length, _ = qk.shape
+
+    def add_round(carry, r):
+        acc, top, total = carry
+        out_r, lse_r = _round_attend(spec, qk, v, buckets, r, dropout_rng)
+        new_top = jnp.maximum(top, lse_r)
+        scale, weight = jnp.exp(top - new_top), jnp.exp(lse_r - new_top)
+        return (acc * scale[..., None] + out_r * weight[..., None], new_top, total * scale + weight), None
+
+    f32 = jnp.promote_types(qk.dtype, jnp.float32)
+    init = (jnp.zeros((b, h, length, v.shape[-1]), jnp.promote_types(v.dtype, jnp.float32)),
+            jnp.full((b, h, length), -jnp.inf, f32), jnp.zeros((b, h, length), f32))
+    with jax.named_scope("lsh_rounds"):
+        acc, top, total = lax.scan(add_round, init, jnp.arange(buckets.shape[2]))[0]
+    return acc / total[..., None], top, total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lsh_attention_by_rounds(spec, qk, v, buckets, dropout_rng):
+    return _rounds_forward(spec, qk, v, buckets, dropout_rng)[0]
+
+
+def _by_rounds_fwd(spec, qk, v, buckets, dropout_rng):
+    out, top, total = _rounds_forward(spec, qk, v, buckets, dropout_rng)
+    return out, (qk, v, buckets, dropout_rng, out, top, total)
+
+
+def _by_rounds_bwd(spec, residuals, g):
+    """Recompute each round and push the cotangent through it; out = sum_r w_r out_r, w = softmax_r(lse_r), so
+    d out_r = w_r g and d lse_r = w_r (g . out_r - g . out)."""
+    qk, v, buckets, dropout_rng, out, top, total = residuals
+    g_dot_out = jnp.sum(g * out, axis=-1)
+
+    def round_grads(carry, r):
+        dqk, dv = carry
+        (out_r, lse_r), vjp = jax.vjp(lambda q, w: _round_attend(spec, q, w, buckets, r, dropout_rng), qk, v)
+        weight = jnp.exp(lse_r - top) / total
+        dq_r, dv_r = vjp((weight[..., None] * g, weight * (jnp.sum(g * out_r, axis=-1) - g_dot_out)))
+        return (dqk + dq_r, dv + dv_r), None
+
+    with jax.named_scope("lsh_rounds_backward"):
+        (dqk, dv), _ = lax.scan(round_grads, (jnp.zeros_like(qk), jnp.zeros_like(v)), jnp.arange(buckets.shape[2]))
+    return dqk, dv, None, None
+
+
+_lsh_attention_by_rounds.defvjp(_by_rounds_fwd, _by_rounds_bwd)
+
+
 def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_hashes: int, n_buckets: Buckets,
                   chunk_len: int, n_chunks_before: int = 1, causal: bool = True,
                   buckets: Optional[jax.Array] = None, rotations: Optional[jax.Array] = None,
-                  dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+                  dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+                  sequential_rounds: bool = False) -> jax.Array:
     """Sort-based LSH attention: qk, v [b, h, l, k] -> [b, h, l, k] (v's dtype).
 
     Args:
@@ -258,6 +355,9 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
       buckets: precomputed bucket ids [b, h, r, l] (e.g. saved by a reversible stack); skips hashing.
       rotations: explicit hash projections [h, k, r, sum(f_i) / 2] instead of drawing them from `rng`.
       dropout_rate, dropout_rng: dropout on the attention weights (replayed exactly in the backward pass).
+      sequential_rounds: process one hash round at a time, in the forward and the backward pass, combining rounds
+        with a running logsumexp: peak memory no longer grows with n_hashes. Same result up to float rounding
+        (dropout masks are drawn per round instead, so they differ). Needs n_chunks_before <= length / chunk_len.
 
     The gradient is a `jax.custom_vjp` that recomputes the chunked attention from (qk, v, buckets) instead of
     storing score matrices: memory kept for the backward pass is O(b h l k) plus n_r * l small integers.
@@ -282,8 +382,12 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
         dropout_rng = jax.random.key(0)  # unused placeholder: custom_vjp arguments must be arrays
     spec = _LSHSpec(chunk_len=chunk_len, n_chunks_before=n_chunks_before, causal=causal,
                     dropout_rate=float(dropout_rate))
+    if sequential_rounds and n_chunks_before > length // chunk_len:
+        raise ValueError(f"lsh_attention: sequential_rounds needs n_chunks_before={n_chunks_before} <= chunks per "
+                         f"round ({length // chunk_len}); use sequential_rounds=False.")
+    core = _lsh_attention_by_rounds if sequential_rounds else _lsh_attention_recomputed
     with jax.named_scope("lsh_attention"):
-        out = _lsh_attention_recomputed(spec, qk, v, lax.stop_gradient(buckets), dropout_rng)
+        out = core(spec, qk, v, lax.stop_gradient(buckets), dropout_rng)
     return out.astype(v.dtype)
 
 

@@ -92,6 +92,8 @@ class ModelConfig:
       n_buckets: buckets per round: an even int, a tuple (f1, f2) of even ints for factorised buckets
         (f1 * f2 buckets), or None for trax's default 2 * max(1, seq_len // chunk_len), factorised above 128.
       n_chunks_before: chunks each LSH chunk looks back to (0 allowed).
+      sequential_rounds: compute LSH attention one hash round at a time (forward and backward), so its memory
+        does not grow with n_hashes; the same result up to float rounding.
       causal: causal (language-model) masking.
       ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once; a
         length it does not divide gets a zero-padded last chunk).
@@ -124,6 +126,7 @@ class ModelConfig:
     chunk_len: int = 64
     n_buckets: Union[int, Tuple[int, int], None] = None
     n_chunks_before: int = 1
+    sequential_rounds: bool = False
     causal: bool = True
     ff_chunk_len: int = 0
     dropout: float = 0.1
@@ -167,7 +170,7 @@ class ModelConfig:
         self._check_choice("ff_activation", FF_ACTIVATIONS)
         self._check_choice("dtype", DTYPES)
         self._check_choice("param_dtype", DTYPES)
-        for name in ("reversible", "causal", "tie_embeddings", "scan_layers"):
+        for name in ("reversible", "causal", "tie_embeddings", "scan_layers", "sequential_rounds"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
         for name in ("dropout", "attention_dropout"):
@@ -206,6 +209,9 @@ class ModelConfig:
                   "a tuple of two even integers, or None for the default")
 
     def _check_lengths(self) -> None:
+        if self.sequential_rounds and self.n_chunks_before > self.max_len // self.chunk_len:
+            _fail("n_chunks_before", self.n_chunks_before, f"sequential_rounds needs at most max_len // chunk_len = "
+                  f"{self.max_len // self.chunk_len} chunks of look-back")
         if self.attention == "lsh" and self.max_len % self.chunk_len:
             _fail("max_len", self.max_len, f"LSH attention needs a multiple of chunk_len={self.chunk_len}, "
                   f"e.g. {self.chunk_len * max(1, self.max_len // self.chunk_len)}")

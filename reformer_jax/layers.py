@@ -66,7 +66,7 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
             o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
                                    chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
                                    causal=config.causal, buckets=buckets, dropout_rate=rate,
-                                   dropout_rng=weights_rng)
+                                   dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
         else:
             o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
         y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)

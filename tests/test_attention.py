@@ -190,3 +190,38 @@ def test_mismatched_qk_and_v_are_rejected():
     qk, v = _qkv(24)
     with pytest.raises(ValueError, match="matching batch, heads and length"):
         attn.shared_qk_attention(qk, v[:, :, :32])
+
+
+@pytest.mark.parametrize("n_hashes, n_buckets, chunk_len, n_chunks_before", [(3, 8, 8, 1), (4, (4, 4), 16, 2)])
+def test_sequential_rounds_equal_all_rounds_at_once(n_hashes, n_buckets, chunk_len, n_chunks_before):
+    """One round at a time, with the look-back into the previous round, gives the same outputs and gradients."""
+    qk, v = _qkv(25)
+    buckets = attn.lsh_buckets(qk, jax.random.key(26), n_hashes=n_hashes, n_buckets=n_buckets)
+    probe = jax.random.normal(jax.random.key(27), qk.shape)
+
+    def run(sequential):
+        f = lambda q, w: jnp.sum(probe * attn.lsh_attention(  # noqa: E731
+            q, w, None, n_hashes=n_hashes, n_buckets=n_buckets, chunk_len=chunk_len,
+            n_chunks_before=n_chunks_before, buckets=buckets, sequential_rounds=sequential))
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(qk, v)
+
+    (value, grads), (seq_value, seq_grads) = run(False), run(True)
+    assert abs(float(seq_value - value)) <= 1e-5 * abs(float(value))
+    plain = jax.grad(lambda q, w: jnp.sum(probe * attn.lsh_attention_reference(
+        q, w, buckets, chunk_len=chunk_len, n_chunks_before=n_chunks_before)), (0, 1))(qk, v)
+    for got, want in zip(seq_grads, plain):
+        assert _max_abs(got, want) / float(jnp.max(jnp.abs(want))) < 1e-5
+    for got, want in zip(seq_grads, grads):
+        assert _max_abs(got, want) / float(jnp.max(jnp.abs(want))) < 1e-5
+
+
+def test_sequential_rounds_keep_weights_causal_and_normalised():
+    qk = jax.random.normal(jax.random.key(28), (1, 2, 64, 8))
+    onehot = jnp.broadcast_to(jnp.eye(64), (1, 2, 64, 64))
+    weights = attn.lsh_attention(qk, onehot, jax.random.key(29), n_hashes=4, n_buckets=8, chunk_len=8,
+                                 sequential_rounds=True)
+    np.testing.assert_allclose(jnp.sum(weights, -1), 1.0, atol=1e-5)
+    assert float(jnp.max(jnp.triu(weights, k=1))) == 0.0
+    with pytest.raises(ValueError, match="sequential_rounds needs n_chunks_before=9"):
+        attn.lsh_attention(qk, onehot, jax.random.key(29), n_hashes=2, n_buckets=8, chunk_len=8, n_chunks_before=9,
+                           sequential_rounds=True)

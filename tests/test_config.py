@@ -76,6 +76,7 @@ def test_axial_shape_derived_from_length():
     (dict(output_head="concat"), "tie_embeddings", "cannot be tied"),
     (dict(reversible="yes"), "reversible", "True or False"),
     (dict(layer_norm_eps=0.0), "layer_norm_eps", "positive"),
+    (dict(sequential_rounds=True, max_len=128, n_chunks_before=3), "n_chunks_before", "at most max_len // chunk_len"),
 ])
 def test_invalid_fields_raise_naming_field_value_and_fix(overrides, field, hint):
     with pytest.raises(ValueError) as err:

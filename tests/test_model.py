@@ -121,3 +121,4 @@ def test_missing_dropout_stream_is_explained():
     params = init_params(cfg, jax.random.key(0))
     with pytest.raises(ValueError, match="needs a 'dropout' RNG stream"):
         ReformerLM(cfg).apply({"params": params}, jnp.ones((1, 8), jnp.int32), deterministic=False)
+
