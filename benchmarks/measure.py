@@ -1,7 +1,7 @@
 """Benchmark-side measurement helpers: the memory floor and the machine a figure was measured on.
 
 The compile-and-measure functions themselves live in the library (`reformer_jax.memory.compile_train_step`,
-`stats_from_analysis`) and are re-exported here for the drivers.
+`stats_from_analysis`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import jax
 import jaxlib
 
 from reformer_jax.memory import MemoryStats
-from reformer_jax.memory import compile_train_step as compile_step  # noqa: F401  (re-exported for the drivers)
-from reformer_jax.memory import stats_from_analysis  # noqa: F401
 
 FLOAT32_BYTES = 4
 # The memory-floor issue's activation allowance: four [b, l, d_model] float32 tensors (the two reversible streams

@@ -244,7 +244,7 @@ _CACHE: Dict[Tuple[Any, ...], Tuple[Any, float]] = {}
 
 def measure(settings: Settings, config, *, seq_len: int, optimizer: Optional[str]) -> Tuple[Any, float]:
     """(MemoryStats, compile seconds) of the step, memoised within this process (`all` shares compilations)."""
-    from benchmarks.measure import compile_step
+    from reformer_jax.memory import compile_train_step as compile_step
 
     key = (config, settings.batch_size, seq_len, optimizer, settings.fast_compile)
     if key not in _CACHE:
@@ -507,7 +507,7 @@ def run_seqlen(settings: Settings) -> List[Row]:
 
 def run_timeline(settings: Settings) -> List[Row]:
     from benchmarks import timeline
-    from benchmarks.measure import compile_step
+    from reformer_jax.memory import compile_train_step as compile_step
 
     rows = []
     root = settings.dump_dir or tempfile.mkdtemp(prefix="xla_dump_")
@@ -641,7 +641,6 @@ def run_runtime(settings: Settings) -> List[Row]:
 def run_floor(settings: Settings) -> List[Row]:
     from benchmarks.measure import floor_bytes
 
-    opt = settings.optimizer_arg()
     rows: List[Row] = []
 
     def target(number: str, criterion: str, measured: float, limit: float, subject: Row, detail: str,

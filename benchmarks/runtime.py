@@ -87,7 +87,7 @@ def run_worker(spec: Dict[str, Any], *,
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks.measure import stats_from_analysis
+    from reformer_jax.memory import stats_from_analysis
     from reformer_jax.config import ModelConfig
     from reformer_jax.memory import compiler_options
     from reformer_jax import train

@@ -16,7 +16,8 @@ import pytest
 from absl import flags
 
 from benchmarks import memory, output, runtime, timeline
-from benchmarks.measure import floor_bytes, stats_from_analysis
+from benchmarks.measure import floor_bytes
+from reformer_jax.memory import stats_from_analysis
 from reformer_jax.memory import MemoryStats
 
 TINY = memory.Settings(
