@@ -93,7 +93,10 @@ class ModelConfig:
         (f1 * f2 buckets), or None for trax's default 2 * max(1, seq_len // chunk_len), factorised above 128.
       n_chunks_before: chunks each LSH chunk looks back to (0 allowed).
       sequential_rounds: compute LSH attention one hash round at a time (forward and backward), so its memory
-        does not grow with n_hashes; the same result up to float rounding.
+        does not grow with n_hashes; the same result up to float rounding. False: all rounds at once.
+      sequential_heads: compute the attention block one head at a time under its own custom_vjp (projections,
+        attention and output projection per head, recomputed in the backward pass), so no [b, h, l, k] tensor is
+        ever alive; the same result up to float rounding (attention dropout draws its masks per head).
       causal: causal (language-model) masking.
       ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once; a
         length it does not divide gets a zero-padded last chunk).
@@ -126,7 +129,8 @@ class ModelConfig:
     chunk_len: int = 64
     n_buckets: Union[int, Tuple[int, int], None] = None
     n_chunks_before: int = 1
-    sequential_rounds: bool = False
+    sequential_rounds: bool = True
+    sequential_heads: bool = True
     causal: bool = True
     ff_chunk_len: int = 0
     dropout: float = 0.1
@@ -170,7 +174,8 @@ class ModelConfig:
         self._check_choice("ff_activation", FF_ACTIVATIONS)
         self._check_choice("dtype", DTYPES)
         self._check_choice("param_dtype", DTYPES)
-        for name in ("reversible", "causal", "tie_embeddings", "scan_layers", "sequential_rounds"):
+        for name in ("reversible", "causal", "tie_embeddings", "scan_layers", "sequential_rounds",
+                     "sequential_heads"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
         for name in ("dropout", "attention_dropout"):
@@ -242,9 +247,10 @@ class ModelConfig:
         4
         """
         variants = {
-            "transformer": dict(attention="full", reversible=False, ff_chunk_len=0),
-            "lsh": dict(attention="lsh", reversible=False, ff_chunk_len=0),
-            "reversible": dict(attention="full", reversible=True, ff_chunk_len=0),
+            # The seed's baselines store what ordinary autodiff stores: all heads at once.
+            "transformer": dict(attention="full", reversible=False, ff_chunk_len=0, sequential_heads=False),
+            "lsh": dict(attention="lsh", reversible=False, ff_chunk_len=0, sequential_heads=False),
+            "reversible": dict(attention="full", reversible=True, ff_chunk_len=0, sequential_heads=False),
             "reformer": dict(attention="lsh", reversible=True, ff_chunk_len=256),
         }
         if name not in variants:

@@ -18,6 +18,7 @@ from flax import linen as nn
 from jax import lax
 
 from reformer_jax import attention as attn
+from reformer_jax import per_head_attention as per_head
 from reformer_jax.config import ModelConfig
 
 Params = Dict[str, Any]
@@ -43,6 +44,16 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def head_spec(config: ModelConfig, seq_len: int, deterministic: bool) -> per_head.HeadSpec:
+    """The static settings of the one-head-at-a-time attention core for this config and length."""
+    return per_head.HeadSpec(
+        lsh=config.attention == "lsh", n_hashes=config.n_hashes, n_buckets=config.resolved_n_buckets(seq_len),
+        chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before, causal=config.causal,
+        sequential_rounds=config.sequential_rounds,
+        dropout_rate=0.0 if deterministic else float(config.attention_dropout),
+        layer_norm_eps=float(config.layer_norm_eps), dtype=config.compute_dtype)
+
+
 def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rng: jax.Array,
                     dropout_rng: jax.Array, deterministic: bool,
                     buckets: Optional[jax.Array] = None) -> Tuple[jax.Array, Optional[jax.Array]]:
@@ -50,27 +61,47 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
 
     For LSH attention the bucket ids [b, h, r, l] are returned so a reversible stack can keep them and pass them
     back in (`buckets=`) when it recomputes this block in the backward pass, instead of re-hashing.
+    With `config.sequential_heads` the core runs one head at a time (`reformer_jax.per_head_attention`).
     """
-    dtype = config.compute_dtype
+    weights_rng = jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS)
     with jax.named_scope("attention_block"):
-        h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
-        qk = jnp.einsum("bld,dhk->bhlk", h, params["qk"].astype(dtype))
-        v = jnp.einsum("bld,dhk->bhlk", h, params["v"].astype(dtype))
-        rate = 0.0 if deterministic else config.attention_dropout
-        weights_rng = jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS)
-        if config.attention == "lsh":
-            seq_len = x.shape[1]
-            n_buckets = config.resolved_n_buckets(seq_len)
-            if buckets is None:
-                buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets)
-            o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
-                                   chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
-                                   causal=config.causal, buckets=buckets, dropout_rate=rate,
-                                   dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
+        if config.sequential_heads:
+            y, buckets = _attention_by_heads(params, x, config=config, lsh_rng=lsh_rng, weights_rng=weights_rng,
+                                             deterministic=deterministic, buckets=buckets)
         else:
-            o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
-        y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
+            y, buckets = _attention_all_heads(params, x, config=config, lsh_rng=lsh_rng, weights_rng=weights_rng,
+                                              deterministic=deterministic, buckets=buckets)
         y = dropout(y, config.dropout, dropout_rng, _ATTN_OUT, deterministic)
+    return y, buckets
+
+
+def _attention_by_heads(params, x, *, config, lsh_rng, weights_rng, deterministic, buckets):
+    spec = head_spec(config, x.shape[1], deterministic)
+    if spec.lsh and buckets is None:
+        rotations = attn.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,
+                                          n_hashes=config.n_hashes, n_buckets=spec.n_buckets)
+        buckets = per_head.hash_by_heads(spec, params, x, rotations)
+    return per_head.attention_by_heads(spec, params, x, buckets, weights_rng), buckets
+
+
+def _attention_all_heads(params, x, *, config, lsh_rng, weights_rng, deterministic, buckets):
+    """All heads at once: [b, h, l, k] projections, attention under plain autodiff (LSH: its own custom_vjp)."""
+    dtype = config.compute_dtype
+    h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
+    qk = jnp.einsum("bld,dhk->bhlk", h, params["qk"].astype(dtype))
+    v = jnp.einsum("bld,dhk->bhlk", h, params["v"].astype(dtype))
+    rate = 0.0 if deterministic else config.attention_dropout
+    if config.attention == "lsh":
+        n_buckets = config.resolved_n_buckets(x.shape[1])
+        if buckets is None:
+            buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets)
+        o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
+                               chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
+                               causal=config.causal, buckets=buckets, dropout_rate=rate,
+                               dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
+    else:
+        o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
+    y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
     return y, buckets
 
 
@@ -90,13 +121,17 @@ def _feed_forward_positions(params: Params, x: jax.Array, rng: jax.Array, *, con
 
 
 def feed_forward_block(params: Params, x: jax.Array, *, config: ModelConfig, dropout_rng: jax.Array,
-                       deterministic: bool) -> jax.Array:
+                       deterministic: bool, chunk_index: Optional[jax.Array] = None) -> jax.Array:
     """G(x) = Dropout(W2 Dropout(act(W1 LayerNorm(x)))): [b, l, d] float32 -> [b, l, d] float32.
 
     With `ff_chunk_len` set, positions are processed `ff_chunk_len` at a time by `lax.map`, each chunk under
     `jax.checkpoint`, so only one chunk's [b, chunk, d_ff] hidden activation is alive, in the forward pass and
-    in the backward pass alike.
+    in the backward pass alike. A caller that chunks on its own (the reversible stack) passes one chunk x
+    [b, ff_chunk_len, d] with its `chunk_index`: the dropout masks are then those of that chunk here.
     """
+    if chunk_index is not None:
+        return _feed_forward_positions(params, x, jax.random.fold_in(dropout_rng, chunk_index), config=config,
+                                       deterministic=deterministic)
     b, length, d = x.shape
     chunk = min(config.ff_chunk_len, length) if config.ff_chunk_len else length
     with jax.named_scope("feed_forward_block"):

@@ -66,12 +66,14 @@ class LayerStack(nn.Module):
             return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
                                           deterministic=deterministic, buckets=buckets)
 
-        def feed_forward_fn(p, x, key):
-            return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=deterministic)
+        def feed_forward_fn(p, x, key, chunk_index):
+            return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=deterministic,
+                                             chunk_index=chunk_index)
 
         if cfg.reversible:
             x1, x2 = streams
-            return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, keys)
+            return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, keys,
+                                    ff_chunk_len=cfg.ff_chunk_len)
         return residual_stack(attention_fn, feed_forward_fn, params, streams, keys, scan=cfg.scan_layers)
 
 

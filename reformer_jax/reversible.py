@@ -1,10 +1,12 @@
 """Residual stacks over stacked layer parameters: the reversible one (RevNet) and the ordinary one.
 
 A layer is a pair of blocks
-  F(params, x, key, buckets) -> (y, buckets)   attention; returns its LSH bucket ids (or None)
-  G(params, x, key)          -> y              feed-forward
+  F(params, x, key, buckets)   -> (y, buckets)   attention; returns its LSH bucket ids (or None)
+  G(params, x, key, chunk)     -> y              feed-forward, position-wise
 where `key` is the layer's [2] key array (0: hashing, 1: dropout) and every block is a pure function of its
-arguments, so a recompute with the same key replays the same hash rotations and dropout masks.
+arguments, so a recompute with the same key replays the same hash rotations and dropout masks. G is called on
+the whole sequence with chunk=None, or on positions [i c, (i + 1) c) with chunk=i (its dropout masks then
+depend on i), which it must treat alike.
 
 Reversible stack (one `jax.custom_vjp` around one `lax.scan` of all layers):
   forward   y1 = x1 + F(x2),  y2 = x2 + G(y1)
@@ -12,6 +14,10 @@ Reversible stack (one `jax.custom_vjp` around one `lax.scan` of all layers):
 It keeps for the backward pass only the stack's outputs (y1, y2), the parameters and keys (inputs anyway) and,
 per LSH layer, the compact bucket ids: activation memory is flat in depth. A custom_vjp per block would instead
 store every block's output (see ../shared/reference/jax-memory-notes.md).
+
+With `ff_chunk_len`, G and its residual add run chunk by chunk, in place: y2[chunk] = x2[chunk] + G(y1[chunk])
+forward, x2[chunk] = y2[chunk] - G(y1[chunk]) and dy1[chunk] += dG backward, so no full-length G output (or its
+cotangent) is ever alive.
 """
 
 from __future__ import annotations
@@ -19,14 +25,65 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 AttentionFn = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], Tuple[jax.Array, Optional[jax.Array]]]
-FeedForwardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+FeedForwardFn = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+
+
+def _chunk_count(length: int, ff_chunk_len: int) -> int:
+    """Chunks G runs over inside the stack: 0 (G on the whole sequence) unless ff_chunk_len divides length."""
+    if ff_chunk_len and ff_chunk_len < length and length % ff_chunk_len == 0:
+        return length // ff_chunk_len
+    return 0
+
+
+def _positions(x: jax.Array, i: jax.Array, size: int) -> jax.Array:
+    return lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
+
+
+def _set_positions(x: jax.Array, i: jax.Array, value: jax.Array) -> jax.Array:
+    return lax.dynamic_update_slice_in_dim(x, value, i * value.shape[1], axis=1)
+
+
+def _residual_feed_forward(feed_forward_fn: FeedForwardFn, p: Any, x: jax.Array, base: jax.Array, key: jax.Array,
+                           n_chunks: int, sign: float) -> jax.Array:
+    """base + sign * G(x), [b, l, d], chunk by chunk into base's buffer when n_chunks > 0."""
+    if not n_chunks:
+        return base + sign * feed_forward_fn(p, x, key, None)
+    size = x.shape[1] // n_chunks
+
+    def chunk(out, i):
+        return _set_positions(out, i, _positions(out, i, size) + sign * feed_forward_fn(p, _positions(x, i, size),
+                                                                                         key, i)), None
+
+    return lax.scan(chunk, base, jnp.arange(n_chunks))[0]
+
+
+def _feed_forward_backward(feed_forward_fn: FeedForwardFn, p: Any, y1: jax.Array, y2: jax.Array, dy1: jax.Array,
+                           dy2: jax.Array, key: jax.Array, n_chunks: int) -> Tuple[jax.Array, jax.Array, Any]:
+    """Undo y2 = x2 + G(y1) and push dy2 through G: (x2, dy1 + dG/dy1 . dy2, dG/dparams . dy2)."""
+    if not n_chunks:
+        g, g_vjp = jax.vjp(lambda pg, y: feed_forward_fn(pg, y, key, None), p, y1)
+        d_params, dy1_from_g = g_vjp(dy2)
+        return y2 - g, dy1 + dy1_from_g, d_params
+    size = y1.shape[1] // n_chunks
+
+    def chunk(carry, i):
+        x2, dy1, d_params = carry
+        g, g_vjp = jax.vjp(lambda pg, y: feed_forward_fn(pg, y, key, i), p, _positions(y1, i, size))
+        d_params_i, dy1_i = g_vjp(_positions(dy2, i, size))
+        x2 = _set_positions(x2, i, _positions(x2, i, size) - g)
+        dy1 = _set_positions(dy1, i, _positions(dy1, i, size) + dy1_i)
+        return (x2, dy1, jax.tree.map(jnp.add, d_params, d_params_i)), None
+
+    # x2 overwrites y2's buffer chunk by chunk; dy1 is updated in place.
+    return lax.scan(chunk, (y2, dy1, jax.tree.map(jnp.zeros_like, p)), jnp.arange(n_chunks))[0]
 
 
 def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, params: Any, x1: jax.Array,
-                     x2: jax.Array, keys: jax.Array) -> Tuple[jax.Array, jax.Array]:
+                     x2: jax.Array, keys: jax.Array, *, ff_chunk_len: int = 0) -> Tuple[jax.Array, jax.Array]:
     """Run all layers reversibly: (x1, x2) [b, l, d] each -> (y1, y2) [b, l, d] each.
 
     Args:
@@ -34,7 +91,10 @@ def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, 
       params: {"attention": ..., "feed_forward": ...}, every leaf stacked on a leading layer axis n.
       x1, x2: the two residual streams (float32).
       keys: [n, 2] PRNG keys, one pair per layer.
+      ff_chunk_len: run G and its residual add over chunks of this many positions inside the stack (when it
+        divides the length; otherwise G gets the whole sequence and may chunk on its own).
     """
+    n_chunks = _chunk_count(x1.shape[1], ff_chunk_len)
 
     def layer_forward(carry, layer):
         x1, x2 = carry
@@ -42,7 +102,7 @@ def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, 
         with jax.named_scope("reversible_layer"):
             f, buckets = attention_fn(p["attention"], x2, key, None)
             y1 = x1 + f
-            y2 = x2 + feed_forward_fn(p["feed_forward"], y1, key)
+            y2 = _residual_feed_forward(feed_forward_fn, p["feed_forward"], y1, x2, key, n_chunks, 1.0)
         return (y1, y2), buckets
 
     def run_forward(params, x1, x2, keys):
@@ -62,10 +122,8 @@ def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, 
         p, key, buckets = layer
         with jax.named_scope("reversible_layer_backward"):
             # y2 = x2 + G(y1): recover x2, push dy2 through G.
-            g, g_vjp = jax.vjp(lambda pg, y: feed_forward_fn(pg, y, key), p["feed_forward"], y1)
-            x2 = y2 - g
-            d_ff_params, dy1_from_g = g_vjp(dy2)
-            dy1 = dy1 + dy1_from_g
+            x2, dy1, d_ff_params = _feed_forward_backward(feed_forward_fn, p["feed_forward"], y1, y2, dy1, dy2,
+                                                          key, n_chunks)
             # y1 = x1 + F(x2): recover x1 with the forward's buckets (no re-hashing), push dy1 through F.
             f, f_vjp = jax.vjp(lambda pf, x: attention_fn(pf, x, key, buckets)[0], p["attention"], x2)
             x1 = y1 - f
@@ -97,7 +155,7 @@ def residual_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, pa
         p, key = layer_inputs
         with jax.named_scope("residual_layer"):
             x = x + attention_fn(p["attention"], x, key, None)[0]
-            x = x + feed_forward_fn(p["feed_forward"], x, key)
+            x = x + feed_forward_fn(p["feed_forward"], x, key, None)
         return x, None
 
     with jax.named_scope("residual_stack"):
