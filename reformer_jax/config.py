@@ -100,6 +100,8 @@ class ModelConfig:
       causal: causal (language-model) masking.
       ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once; a
         length it does not divide gets a zero-padded last chunk).
+      output_chunk_len: compute the output projection and the loss over chunks of this many positions, so the
+        [b, l, V] logits are never alive whole (0, or a length it does not divide: all positions at once).
       dropout: residual and embedding dropout rate.
       attention_dropout: dropout rate on attention weights.
       pos_embedding: "absolute" ([max_len, d] table) or "axial" (two small tables, see `axial_shape`).
@@ -133,6 +135,7 @@ class ModelConfig:
     sequential_heads: bool = True
     causal: bool = True
     ff_chunk_len: int = 0
+    output_chunk_len: int = 0
     dropout: float = 0.1
     attention_dropout: float = 0.0
     pos_embedding: str = "axial"
@@ -157,7 +160,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "expected a positive integer")
-        for name in ("n_chunks_before", "ff_chunk_len"):
+        for name in ("n_chunks_before", "ff_chunk_len", "output_chunk_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "expected an integer >= 0")
@@ -251,7 +254,7 @@ class ModelConfig:
             "transformer": dict(attention="full", reversible=False, ff_chunk_len=0, sequential_heads=False),
             "lsh": dict(attention="lsh", reversible=False, ff_chunk_len=0, sequential_heads=False),
             "reversible": dict(attention="full", reversible=True, ff_chunk_len=0, sequential_heads=False),
-            "reformer": dict(attention="lsh", reversible=True, ff_chunk_len=256),
+            "reformer": dict(attention="lsh", reversible=True, ff_chunk_len=256, output_chunk_len=256),
         }
         if name not in variants:
             raise ValueError(f"ModelConfig.preset: unknown preset {name!r}; expected one of "

@@ -36,12 +36,16 @@ def layer_norm(x: jax.Array, norm: Params, eps: float) -> jax.Array:
     return y * norm["scale"].astype(jnp.float32) + norm["bias"].astype(jnp.float32)
 
 
+def dropout_mask(rate: float, rng: jax.Array, salt: int, shape: Tuple[int, ...]) -> jax.Array:
+    """The keep mask (bool) of `dropout`: a pure function of (rng, salt), replayable in a recompute."""
+    return jax.random.bernoulli(jax.random.fold_in(rng, salt), 1.0 - rate, shape)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic: bool) -> jax.Array:
     """Inverted dropout whose mask is a pure function of (rng, salt): replayable in a recompute."""
     if deterministic or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(jax.random.fold_in(rng, salt), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return jnp.where(dropout_mask(rate, rng, salt, x.shape), x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def head_spec(config: ModelConfig, seq_len: int, deterministic: bool) -> per_head.HeadSpec:
@@ -73,6 +77,22 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
                                               deterministic=deterministic, buckets=buckets)
         y = dropout(y, config.dropout, dropout_rng, _ATTN_OUT, deterministic)
     return y, buckets
+
+
+def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, *, config: ModelConfig,
+                            dropout_rng: jax.Array, deterministic: bool,
+                            buckets: Optional[jax.Array]) -> Tuple[jax.Array, Params, jax.Array]:
+    """A reversible layer's attention step backwards (config.sequential_heads): y = x_prev + F(x).
+
+    Returns (x_prev = y - F(x), dF/dparams . dy, dF/dx . dy), each head computed once, all [b, l, d] buffers
+    updated in place; `buckets` are the forward pass's ids. Equal to jax.vjp of `attention_block` up to rounding.
+    """
+    spec = head_spec(config, x.shape[1], deterministic)
+    rate = 0.0 if deterministic else float(config.dropout)
+    keep = dropout_mask(rate, dropout_rng, _ATTN_OUT, x.shape) if rate else None
+    with jax.named_scope("attention_block_reverse"):
+        return per_head.reverse_by_heads(spec, params, x, y, dy, buckets, jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS),
+                                         keep=keep, rate=rate)
 
 
 def _attention_by_heads(params, x, *, config, lsh_rng, weights_rng, deterministic, buckets):

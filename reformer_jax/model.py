@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from reformer_jax import layers
+from reformer_jax import layers, output_head
 from reformer_jax.config import ModelConfig
 from reformer_jax.reversible import residual_stack, reversible_stack
 
@@ -70,10 +70,15 @@ class LayerStack(nn.Module):
             return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=deterministic,
                                              chunk_index=chunk_index)
 
+        def attention_reverse_fn(p, x, y, dy, key, buckets):
+            return layers.attention_block_reverse(p, x, y, dy, config=cfg, dropout_rng=key[1],
+                                                  deterministic=deterministic, buckets=buckets)
+
         if cfg.reversible:
             x1, x2 = streams
             return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, keys,
-                                    ff_chunk_len=cfg.ff_chunk_len)
+                                    ff_chunk_len=cfg.ff_chunk_len,
+                                    attention_reverse_fn=attention_reverse_fn if cfg.sequential_heads else None)
         return residual_stack(attention_fn, feed_forward_fn, params, streams, keys, scan=cfg.scan_layers)
 
 
@@ -81,9 +86,25 @@ class ReformerLM(nn.Module):
     """Causal language model for all four presets of `ModelConfig`.
 
     __call__(tokens [b, l] int, *, deterministic=True) -> logits [b, l, vocab_size] float32.
+    loss_terms(tokens, targets, weights, *, deterministic=True) -> weighted sums of the next-token loss, computed
+      `config.output_chunk_len` positions at a time (what training uses: the logits are never alive whole).
     """
 
     config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed = self.param("embed", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+                                (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
+        self.positions = PositionalEmbedding(cfg)
+        self.layers = LayerStack(cfg)
+        width = 2 * cfg.d_model if cfg.output_head == "concat" else cfg.d_model
+        self.final_norm_scale = self.param("final_norm_scale", nn.initializers.ones, (width,), cfg.params_dtype)
+        self.final_norm_bias = self.param("final_norm_bias", nn.initializers.zeros, (width,), cfg.params_dtype)
+        if not cfg.tie_embeddings:
+            self.head_kernel = self.param("head_kernel", nn.initializers.xavier_uniform(), (width, cfg.vocab_size),
+                                          cfg.params_dtype)
+        self.head_bias = self.param("head_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
 
     def _stream_keys(self, deterministic: bool):
         """Per-layer [n_layers, 2] keys (hashing, dropout) and the embedding's dropout key."""
@@ -108,42 +129,37 @@ class ReformerLM(nn.Module):
         layer_keys = jnp.stack([jax.random.split(lsh_key, n), jax.random.split(dropout_key, n + 1)[:n]], axis=1)
         return layer_keys, jax.random.split(dropout_key, n + 1)[n]
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def streams(self, tokens: jax.Array, *, deterministic: bool = True):
+        """The layer stack's output: x [b, l, d], or the reversible (y1, y2)."""
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"ReformerLM expects integer tokens of shape [batch, length]; got {tokens.dtype} "
                              f"{tokens.shape}.")
         cfg.check_seq_len(tokens.shape[1])
         layer_keys, embed_dropout_key = self._stream_keys(deterministic)
-
-        embed = self.param("embed", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
-                           (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
         with jax.named_scope("embedding"):
-            x = jnp.take(embed, tokens, axis=0).astype(jnp.float32)
-            x = x + PositionalEmbedding(cfg, name="positions")(tokens.shape[1]).astype(jnp.float32)
+            x = jnp.take(self.embed, tokens, axis=0).astype(jnp.float32)
+            x = x + self.positions(tokens.shape[1]).astype(jnp.float32)
             x = layers.dropout(x, cfg.dropout, embed_dropout_key, 0, deterministic)
-
-        stack = LayerStack(cfg, name="layers")
         if cfg.reversible:
-            y1, y2 = stack((x, x), layer_keys, deterministic=deterministic)  # trax: both streams start as x
-            x = jnp.concatenate([y1, y2], axis=-1) if cfg.output_head == "concat" else (y1 + y2) / 2
-        else:
-            x = stack(x, layer_keys, deterministic=deterministic)
+            return tuple(self.layers((x, x), layer_keys, deterministic=deterministic))  # trax: both streams = x
+        return self.layers(x, layer_keys, deterministic=deterministic)
 
-        with jax.named_scope("output_head"):
-            width = x.shape[-1]
-            norm = {"scale": self.param("final_norm_scale", nn.initializers.ones, (width,), cfg.params_dtype),
-                    "bias": self.param("final_norm_bias", nn.initializers.zeros, (width,), cfg.params_dtype)}
-            h = layers.layer_norm(x, norm, cfg.layer_norm_eps).astype(cfg.compute_dtype)
-            if cfg.tie_embeddings:
-                kernel = embed.T
-            else:
-                kernel = self.param("head_kernel", nn.initializers.xavier_uniform(), (width, cfg.vocab_size),
-                                    cfg.params_dtype)
-            bias = self.param("head_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
-            logits = jnp.einsum("bld,dv->blv", h, kernel.astype(cfg.compute_dtype)) + bias.astype(cfg.compute_dtype)
-        return logits.astype(jnp.float32)
+    def head_params(self) -> output_head.HeadParams:
+        return {"norm": {"scale": self.final_norm_scale, "bias": self.final_norm_bias},
+                "kernel": self.embed.T if self.config.tie_embeddings else self.head_kernel, "bias": self.head_bias}
+
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        streams = self.streams(tokens, deterministic=deterministic)
+        return output_head.head_logits(self.head_params(), streams, self.config)
+
+    def loss_terms(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                   deterministic: bool = True):
+        """{"loss_sum", "correct_sum", "weight_sum"}: weighted next-token cross-entropy (nats), correct argmax
+        predictions and total weight over the batch; targets int [b, l], weights [b, l]."""
+        streams = self.streams(tokens, deterministic=deterministic)
+        return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, config=self.config,
+                                              chunk_len=self.config.output_chunk_len)
 
 
 def init_length(config: ModelConfig) -> int:

@@ -30,6 +30,9 @@ from jax import lax
 
 AttentionFn = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], Tuple[jax.Array, Optional[jax.Array]]]
 FeedForwardFn = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+# (params, x2, y1, dy1, key, buckets) -> (x1 = y1 - F(x2), dF/dparams . dy1, dF/dx2 . dy1)
+AttentionReverseFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array, Optional[jax.Array]],
+                              Tuple[jax.Array, Any, jax.Array]]
 
 
 def _chunk_count(length: int, ff_chunk_len: int) -> int:
@@ -83,7 +86,8 @@ def _feed_forward_backward(feed_forward_fn: FeedForwardFn, p: Any, y1: jax.Array
 
 
 def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, params: Any, x1: jax.Array,
-                     x2: jax.Array, keys: jax.Array, *, ff_chunk_len: int = 0) -> Tuple[jax.Array, jax.Array]:
+                     x2: jax.Array, keys: jax.Array, *, ff_chunk_len: int = 0,
+                     attention_reverse_fn: Optional[AttentionReverseFn] = None) -> Tuple[jax.Array, jax.Array]:
     """Run all layers reversibly: (x1, x2) [b, l, d] each -> (y1, y2) [b, l, d] each.
 
     Args:
@@ -93,6 +97,8 @@ def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, 
       keys: [n, 2] PRNG keys, one pair per layer.
       ff_chunk_len: run G and its residual add over chunks of this many positions inside the stack (when it
         divides the length; otherwise G gets the whole sequence and may chunk on its own).
+      attention_reverse_fn: F's backward step fused with recovering x1 (see `AttentionReverseFn`); without it
+        the stack computes F(x2) to recover x1 and then differentiates F by jax.vjp.
     """
     n_chunks = _chunk_count(x1.shape[1], ff_chunk_len)
 
@@ -125,9 +131,12 @@ def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, 
             x2, dy1, d_ff_params = _feed_forward_backward(feed_forward_fn, p["feed_forward"], y1, y2, dy1, dy2,
                                                           key, n_chunks)
             # y1 = x1 + F(x2): recover x1 with the forward's buckets (no re-hashing), push dy1 through F.
-            f, f_vjp = jax.vjp(lambda pf, x: attention_fn(pf, x, key, buckets)[0], p["attention"], x2)
-            x1 = y1 - f
-            d_attn_params, dx2_from_f = f_vjp(dy1)
+            if attention_reverse_fn is not None:
+                x1, d_attn_params, dx2_from_f = attention_reverse_fn(p["attention"], x2, y1, dy1, key, buckets)
+            else:
+                f, f_vjp = jax.vjp(lambda pf, x: attention_fn(pf, x, key, buckets)[0], p["attention"], x2)
+                x1 = y1 - f
+                d_attn_params, dx2_from_f = f_vjp(dy1)
             dx2 = dy2 + dx2_from_f
         return (x1, x2, dy1, dx2), {"attention": d_attn_params, "feed_forward": d_ff_params}
 
