@@ -37,8 +37,19 @@ def layer_norm(x: jax.Array, norm: Params, eps: float) -> jax.Array:
 
 
 def dropout_mask(rate: float, rng: jax.Array, salt: int, shape: Tuple[int, ...]) -> jax.Array:
-    """The keep mask (bool) of `dropout`: a pure function of (rng, salt), replayable in a recompute."""
-    return jax.random.bernoulli(jax.random.fold_in(rng, salt), 1.0 - rate, shape)
+    """The keep mask (bool) of `dropout`: a pure function of (rng, salt), replayable in a recompute.
+
+    A [b, l, d] mask is drawn one row block of positions at a time (`per_head.row_block_size`): drawn whole,
+    the random-bit generator's uint32 temporaries would be several times a residual stream's size.
+    """
+    key = jax.random.fold_in(rng, salt)
+    if len(shape) != 3 or per_head.row_block_size(shape[1]) == shape[1]:
+        return jax.random.bernoulli(key, 1.0 - rate, shape)
+    b, length, d = shape
+    rows = per_head.row_block_size(length)
+    blocks = lax.map(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, (b, rows, d)),
+                     jnp.arange(length // rows))  # [n, b, rows, d]
+    return jnp.moveaxis(blocks, 0, 1).reshape(shape)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic: bool) -> jax.Array:
@@ -79,20 +90,21 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
     return y, buckets
 
 
-def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, *, config: ModelConfig,
-                            dropout_rng: jax.Array, deterministic: bool,
+def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, dx: jax.Array, *,
+                            config: ModelConfig, dropout_rng: jax.Array, deterministic: bool,
                             buckets: Optional[jax.Array]) -> Tuple[jax.Array, Params, jax.Array]:
     """A reversible layer's attention step backwards (config.sequential_heads): y = x_prev + F(x).
 
-    Returns (x_prev = y - F(x), dF/dparams . dy, dF/dx . dy), each head computed once, all [b, l, d] buffers
-    updated in place; `buckets` are the forward pass's ids. Equal to jax.vjp of `attention_block` up to rounding.
+    Returns (x_prev = y - F(x), dF/dparams . dy, dx + dF/dx . dy): each head computed once, y's and dx's
+    buffers updated in place; `buckets` are the forward pass's ids. Equal to jax.vjp of `attention_block` up
+    to rounding.
     """
     spec = head_spec(config, x.shape[1], deterministic)
     rate = 0.0 if deterministic else float(config.dropout)
     keep = dropout_mask(rate, dropout_rng, _ATTN_OUT, x.shape) if rate else None
     with jax.named_scope("attention_block_reverse"):
-        return per_head.reverse_by_heads(spec, params, x, y, dy, buckets, jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS),
-                                         keep=keep, rate=rate)
+        return per_head.reverse_by_heads(spec, params, x, y, dy, dx, buckets,
+                                         jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS), keep=keep, rate=rate)
 
 
 def _attention_by_heads(params, x, *, config, lsh_rng, weights_rng, deterministic, buckets):

@@ -70,8 +70,8 @@ class LayerStack(nn.Module):
             return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=deterministic,
                                              chunk_index=chunk_index)
 
-        def attention_reverse_fn(p, x, y, dy, key, buckets):
-            return layers.attention_block_reverse(p, x, y, dy, config=cfg, dropout_rng=key[1],
+        def attention_reverse_fn(p, x, y, dy, dx, key, buckets):
+            return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=key[1],
                                                   deterministic=deterministic, buckets=buckets)
 
         if cfg.reversible:

@@ -30,8 +30,8 @@ from jax import lax
 
 AttentionFn = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], Tuple[jax.Array, Optional[jax.Array]]]
 FeedForwardFn = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
-# (params, x2, y1, dy1, key, buckets) -> (x1 = y1 - F(x2), dF/dparams . dy1, dF/dx2 . dy1)
-AttentionReverseFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array, Optional[jax.Array]],
+# (params, x2, y1, dy1, dy2, key, buckets) -> (x1 = y1 - F(x2), dF/dparams . dy1, dy2 + dF/dx2 . dy1)
+AttentionReverseFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, Optional[jax.Array]],
                               Tuple[jax.Array, Any, jax.Array]]
 
 
@@ -132,12 +132,12 @@ def reversible_stack(attention_fn: AttentionFn, feed_forward_fn: FeedForwardFn, 
                                                           key, n_chunks)
             # y1 = x1 + F(x2): recover x1 with the forward's buckets (no re-hashing), push dy1 through F.
             if attention_reverse_fn is not None:
-                x1, d_attn_params, dx2_from_f = attention_reverse_fn(p["attention"], x2, y1, dy1, key, buckets)
+                x1, d_attn_params, dx2 = attention_reverse_fn(p["attention"], x2, y1, dy1, dy2, key, buckets)
             else:
                 f, f_vjp = jax.vjp(lambda pf, x: attention_fn(pf, x, key, buckets)[0], p["attention"], x2)
                 x1 = y1 - f
                 d_attn_params, dx2_from_f = f_vjp(dy1)
-            dx2 = dy2 + dx2_from_f
+                dx2 = dy2 + dx2_from_f
         return (x1, x2, dy1, dx2), {"attention": d_attn_params, "feed_forward": d_ff_params}
 
     def stack_bwd(residuals, cotangents):
