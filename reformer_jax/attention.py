@@ -349,7 +349,7 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
                   chunk_len: int, n_chunks_before: int = 1, causal: bool = True,
                   buckets: Optional[jax.Array] = None, rotations: Optional[jax.Array] = None,
                   dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                  sequential_rounds: bool = False) -> jax.Array:
+                  sequential_rounds: bool = True) -> jax.Array:
     """Sort-based LSH attention: qk, v [b, h, l, k] -> [b, h, l, k] (v's dtype).
 
     Args:
@@ -365,7 +365,8 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
       rotations: explicit hash projections [h, k, r, sum(f_i) / 2] instead of drawing them from `rng`.
       dropout_rate, dropout_rng: dropout on the attention weights (replayed exactly in the backward pass).
       sequential_rounds: process one hash round at a time, in the forward and the backward pass, combining rounds
-        with a running logsumexp: peak memory no longer grows with n_hashes. Same result up to float rounding
+        with a running logsumexp: peak memory no longer grows with n_hashes (the default; False: all rounds at
+        once). Same result up to float rounding
         (dropout masks are drawn per round instead, so they differ). Needs n_chunks_before <= length / chunk_len.
 
     The gradient is a `jax.custom_vjp` that recomputes the chunked attention from (qk, v, buckets) instead of

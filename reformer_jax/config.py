@@ -3,12 +3,14 @@
 The four variants of the seed's memory experiments are presets of this one config, so benchmarks sweep configs,
 not code paths:
 
-| preset        | attention | residual   | feed-forward |
-| ------------- | --------- | ---------- | ------------ |
-| "transformer" | full      | ordinary   | whole        |
-| "lsh"         | lsh       | ordinary   | whole        |
-| "reversible"  | full      | reversible | whole        |
-| "reformer"    | lsh       | reversible | chunked      |
+| preset        | attention | residual   | feed-forward, output head | heads           |
+| ------------- | --------- | ---------- | ------------------------- | --------------- |
+| "transformer" | full      | ordinary   | whole                     | all at once     |
+| "lsh"         | lsh       | ordinary   | whole                     | all at once     |
+| "reversible"  | full      | reversible | whole                     | all at once     |
+| "reformer"    | lsh       | reversible | chunked (256 positions)   | one at a time   |
+
+LSH attention processes hash rounds one at a time by default (`sequential_rounds`) in every preset.
 
 Defaults are the seed's setup: byte vocabulary (256 bytes + pad/eos/bos = 259), d_model 512, 8 heads of 64,
 d_ff 2048, 6 layers, length 4096, chunk 64, 8 hash rounds.
