@@ -127,25 +127,28 @@ def measure_drift(config: ModelConfig, depths: Sequence[int], *, batch_size: int
 # ----------------------------------------------------------------------------------------------------------------
 # The command-line driver
 
-flags.DEFINE_list("depths", "2,4,8,12,16,24,32,48", "Numbers of layers inverted (the model has the largest).")
-flags.DEFINE_list("dtypes", ",".join(DTYPES), "Compute dtypes measured (float32, bfloat16).")
-flags.DEFINE_integer("d_model", 512, "Model width (the seed's).")
-flags.DEFINE_integer("n_heads", 8, "Attention heads.")
-flags.DEFINE_integer("d_ff", 2048, "Feed-forward width.")
-flags.DEFINE_integer("seq_len", 1024, "Sequence length (a multiple of --chunk_len).")
-flags.DEFINE_integer("chunk_len", 64, "LSH chunk length.")
-flags.DEFINE_integer("n_hashes", 4, "LSH hash rounds.")
-flags.DEFINE_integer("batch_size", 1, "Sequences.")
-flags.DEFINE_integer("seed", 0, "Seed of parameters, tokens and hashes.")
-flags.DEFINE_string("out_dir", "benchmarks/results", "Where reversible_drift.json / .md are written.")
 FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_list("depths", "2,4,8,12,16,24,32,48", "Numbers of layers inverted (the model has the largest).",
+                      flag_values=fv)
+    flags.DEFINE_list("dtypes", ",".join(DTYPES), "Compute dtypes measured (float32, bfloat16).", flag_values=fv)
+    for name, default, help_ in [("d_model", 512, "Model width (the seed's)."), ("n_heads", 8, "Attention heads."),
+                                 ("d_ff", 2048, "Feed-forward width."),
+                                 ("seq_len", 1024, "Sequence length (a multiple of --chunk_len)."),
+                                 ("chunk_len", 64, "LSH chunk length."), ("n_hashes", 4, "LSH hash rounds."),
+                                 ("batch_size", 1, "Sequences."), ("seed", 0, "Seed of parameters, tokens, hashes.")]:
+        flags.DEFINE_integer(name, default, help_, flag_values=fv)
+    flags.DEFINE_string("out_dir", "benchmarks/results", "Where reversible_drift.json / .md are written.",
+                        flag_values=fv)
 
 
 class FlagError(ValueError):
     """A bad flag value, found before anything is compiled."""
 
 
-def settings_from_flags(fv: flags.FlagValues = FLAGS) -> Dict[str, Any]:
+def settings_from_flags(fv: flags.FlagValues) -> Dict[str, Any]:
     """Validated settings: {depths, dtypes, sizes}; FlagError naming the flag and what would work."""
     depths = []
     for value in fv.depths:
@@ -197,7 +200,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
     try:
-        settings = settings_from_flags()
+        settings = settings_from_flags(FLAGS)
     except FlagError as error:
         raise app.UsageError(str(error)) from None
     rows = []
@@ -219,4 +222,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags(FLAGS)
     app.run(main)

@@ -144,7 +144,7 @@ def leaf_shapes(tree: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
 def shape_differences(saved: Dict[str, Tuple], expected: Dict[str, Tuple], limit: int = 4) -> List[str]:
     """What differs between two `leaf_shapes` results, first `limit` items, e.g. "params/embed: saved ..."."""
     out = []
-    for key in sorted(set(saved) | set(expected)):
+    for key in sorted(set(saved) | set(expected), key=lambda k: (not k.startswith("params"), k)):
         if key not in saved:
             out.append(f"{key}: not in the checkpoint")
         elif key not in expected:
@@ -214,6 +214,8 @@ class Checkpointer:
             saved = leaf_shapes(ocp.StandardCheckpointer().metadata(step_dir / "default").item_metadata)
         except Exception as error:
             raise self._damaged(step, error) from error
+        if not saved:
+            raise self._damaged(step, FileNotFoundError(f"no readable array metadata in {step_dir / 'default'}"))
         differences = shape_differences(saved, leaf_shapes(serialization.to_state_dict(target)))
         if differences:
             raise CheckpointError(f"the checkpoint {step_dir} is of another model or optimizer: "

@@ -93,7 +93,10 @@ def guarded_train_step(state, batch, rng, *, config: ModelConfig, skip_nonfinite
 def sharded_step_functions(config: ModelConfig, tx, replicated: NamedSharding, data_sharding: NamedSharding,
                            skip_nonfinite: bool = False):
     """Jitted (init, train_step, eval_step): state replicated and donated, batch split over "data"."""
-    init_fn = jax.jit(lambda key: train.create_train_state(key, config, tx), out_shardings=replicated)
+    # A strongly typed step counter, as a restored checkpoint has: a resumed run then calls the same compiled step
+    # (flax's TrainState.create(step=0) is weakly typed, and a different input type means another compilation).
+    init_fn = jax.jit(lambda key: train.create_train_state(key, config, tx).replace(step=jnp.zeros((), jnp.int32)),
+                      out_shardings=replicated)
     step_fn = jax.jit(functools.partial(guarded_train_step, config=config, skip_nonfinite=skip_nonfinite),
                       donate_argnums=0,
                       in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated))
@@ -194,12 +197,15 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     start_step = checkpointer.latest_step() or 0
     if not start_step:
         refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
-    state = init_fn(seed_key)
-    if start_step:
-        state = checkpointer.restore(start_step, state)
+    if start_step:  # restored into the abstract state: checked against the checkpoint before anything compiles
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                jax.eval_shape(init_fn, seed_key))
+        state = checkpointer.restore(start_step, abstract)
         _say(f"resumed from {checkpointer.directory / str(start_step)}")
-    elif _is_main_process():
-        write_json_atomic(workdir / "run_settings.json", settings)
+    else:
+        state = init_fn(seed_key)
+        if _is_main_process():
+            write_json_atomic(workdir / "run_settings.json", settings)
     if start_step >= options.steps:
         _say(f"the checkpoint is at step {start_step} >= --steps={options.steps}: nothing to train.")
 
@@ -272,7 +278,7 @@ def _diverged(metrics: Dict[str, float], step: int, checkpointer: Checkpointer) 
     checkpointer.wait_until_finished()  # a save in flight completes, so "intact" below is true
     last = checkpointer.latest_step()
     what = (f"the loss is {metrics['loss']}" if not math.isfinite(metrics["loss"]) else
-            f"the gradient norm is {metrics['grad_norm']} (loss {metrics['loss']:.4f})")
+            f"the gradient norm is {metrics['grad_norm']} (loss {metrics['loss']:.6g})")
     return TrainingDiverged(
         f"{what} at step {step}; stopping. The last checkpoint "
         + (f"(step {last}) in {checkpointer.directory} is intact." if last else "does not exist yet.")
