@@ -135,7 +135,10 @@ def model_config_from_flags() -> ModelConfig:
         config = ModelConfig.preset(FLAGS.model, **overrides)
         config.check_seq_len(FLAGS.seq_len)
     except ValueError as error:
-        raise app.UsageError(str(error).replace("ModelConfig.", "--"))
+        message = str(error).replace("ModelConfig.", "--")
+        if FLAGS.max_len is None:  # max_len is --seq_len's value: name the flag the user gave
+            message = message.replace("--max_len=", "--seq_len=")
+        raise app.UsageError(message)
     return config
 
 

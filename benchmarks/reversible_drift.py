@@ -165,6 +165,8 @@ def settings_from_flags(fv: flags.FlagValues) -> Dict[str, Any]:
     for name in ("d_model", "n_heads", "d_ff", "seq_len", "chunk_len", "n_hashes", "batch_size"):
         if fv[name].value < 1:
             raise FlagError(f"--{name}={fv[name].value} is invalid: expected a positive integer.")
+    if fv.d_model % fv.n_heads:
+        raise FlagError(f"--d_model={fv.d_model} is not divisible by --n_heads={fv.n_heads}.")
     if fv.seed < 0:
         raise FlagError(f"--seed={fv.seed} is invalid: expected an integer >= 0.")
     sizes = dict(d_model=fv.d_model, n_heads=fv.n_heads, d_ff=fv.d_ff, n_layers=max(depths), max_len=fv.seq_len,
