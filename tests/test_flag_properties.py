@@ -136,9 +136,9 @@ SMALL_CHOICES = {"model": ["transformer", "lsh", "reversible", "reformer"], "seq
 @given(_flag_args(SMALL_CHOICES))
 def test_a_few_accepted_combinations_train_a_real_step(args):
     workdir = tempfile.mkdtemp(prefix="flags-")
-    fixed = ["--dataset=synthetic", "--steps=1", "--d_model=16", "--n_heads=2", "--d_ff=32", "--n_layers=1", "--seq_len=16",
-             "--chunk_len=8", "--n_hashes=1",
-             "--eval_every=0", "--sample_len=0", "--noanalyze_memory", f"--workdir={workdir}"]
+    fixed = ["--dataset=synthetic", "--steps=1", "--d_model=16", "--n_heads=2", "--d_ff=32", "--n_layers=1",
+             "--seq_len=16", "--chunk_len=8", "--n_hashes=1", "--eval_every=0", "--sample_len=0",
+             "--noanalyze_memory", f"--workdir={workdir}"]
     try:
         _parse_main(fixed + args)
         main.validate_run_flags()
