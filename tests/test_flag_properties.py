@@ -131,7 +131,7 @@ SMALL_CHOICES = {"model": ["transformer", "lsh", "reversible", "reformer"], "seq
                  "n_buckets": ["2", "4", "2,2"]}
 
 
-@settings(max_examples=3, deadline=None, derandomize=True, database=None,
+@settings(max_examples=2, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(_flag_args(SMALL_CHOICES))
 def test_a_few_accepted_combinations_train_a_real_step(args):

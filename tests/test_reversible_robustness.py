@@ -46,22 +46,16 @@ def _setup():
     return params, x1, x2, jax.random.split(jax.random.key(1), (1, 2)), cotangent
 
 
-def _loss(forward, params, x1, x2, keys, cotangent):
-    y1, y2 = forward(params, x1, x2, keys)
-    return jnp.sum(y1 * cotangent[0]) + jnp.sum(y2 * cotangent[1])
-
-
-def _stack(params, x1, x2, keys):
+def _stack(params, x1, x2, keys, buckets):
+    """The reversible stack under test: it hashes in its forward pass (`buckets` unused) and recomputes x2 in its
+    backward pass."""
     return reversible_stack(_attention_fn, _feed_forward_fn, params, x1, x2, keys)
 
 
-def _plain(params, x1, x2, keys, buckets=None):
-    """The same layer differentiated by ordinary autodiff (it keeps x2; never recomputes, never re-hashes);
-    `buckets` replaces F's own hashing."""
+def _plain(params, x1, x2, keys, buckets):
+    """The same layer, with F attending by the given bucket ids, differentiated by ordinary autodiff (it keeps x2:
+    nothing is recomputed)."""
     p = jax.tree.map(lambda leaf: leaf[0], params)
-    if buckets is None:
-        y1, y2, _ = reversible_layer(_attention_fn, _feed_forward_fn, p, keys[0], x1, x2)
-        return y1, y2
     y1 = x1 + _attention_fn(p["attention"], x2, keys[0], buckets)[0]
     return y1, x2 + _feed_forward_fn(p["feed_forward"], y1, keys[0])
 
@@ -69,23 +63,31 @@ def _plain(params, x1, x2, keys, buckets=None):
 def test_backward_uses_the_forward_buckets_where_rehashing_would_flip_one():
     params, x1, x2, keys, cotangent = _setup()
     p = jax.tree.map(lambda leaf: leaf[0], params)
-    y1, y2, forward_buckets = reversible_layer(_attention_fn, _feed_forward_fn, p, keys[0], x1, x2)
-    _, x2_recomputed = invert_reversible_layer(_attention_fn, _feed_forward_fn, p, keys[0], forward_buckets, y1, y2)
+    y1, y2, forward_buckets = jax.jit(functools.partial(reversible_layer, _attention_fn, _feed_forward_fn))(
+        p, keys[0], x1, x2)
+    _, x2_recomputed = jax.jit(functools.partial(invert_reversible_layer, _attention_fn, _feed_forward_fn))(
+        p, keys[0], forward_buckets, y1, y2)
     rehashed = attn.lsh_buckets(x2_recomputed[:, None], None, n_hashes=1, n_buckets=2, rotations=ROTATIONS)
     flipped = np.flatnonzero(np.asarray(rehashed != forward_buckets))
     assert flipped.size > 0, "premise: re-hashing the recomputed x2 moves some position to another bucket"
     assert float(jnp.max(jnp.abs(x2_recomputed - x2))) < 1e-3  # ... although x2 is recovered to rounding error
 
-    reversible = jax.grad(functools.partial(_loss, _stack), argnums=(0, 1, 2))(params, x1, x2, keys, cotangent)
-    exact = jax.grad(functools.partial(_loss, _plain), argnums=(0, 1, 2))(params, x1, x2, keys, cotangent)
-    rehashing = jax.grad(functools.partial(_loss, functools.partial(_plain, buckets=rehashed)),
-                         argnums=(0, 1, 2))(params, x1, x2, keys, cotangent)
+    def gradients(forward):
+        def loss(params, x1, x2, buckets):
+            y1, y2 = forward(params, x1, x2, keys, buckets)
+            return jnp.sum(y1 * cotangent[0]) + jnp.sum(y2 * cotangent[1])
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    reversible = gradients(_stack)(params, x1, x2, forward_buckets)
+    exact = gradients(_plain)(params, x1, x2, forward_buckets)  # ordinary autodiff of the forward pass as it ran
+    rehashing = gradients(_plain)(params, x1, x2, rehashed)  # what a backward re-hashing x2 would compute
     worst = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                 for a, b in zip(jax.tree.leaves(reversible), jax.tree.leaves(exact)))
     assert worst < 1e-4, worst  # the gradients are exact up to the rounding of x2's recomputation
     moved = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                 for a, b in zip(jax.tree.leaves(rehashing), jax.tree.leaves(exact)))
     assert moved > 100 * worst, (moved, worst)  # what a re-hashing backward would have got instead
+    print(f"flipped {flipped.size} of {LENGTH}; reversible vs exact {worst:.1e}; re-hashed vs exact {moved:.1e}")
 
 
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, n_layers=48, max_len=64, chunk_len=16, n_hashes=2)
@@ -105,4 +107,4 @@ def test_float32_reconstruction_error_at_48_layers_is_below_the_target(float32_d
 
 def test_reconstruction_error_is_nonzero_and_grows_with_depth(float32_drift):
     assert [r["n_layers"] for r in float32_drift] == [2, 48]
-    assert 0 < float32_drift[0]["relative_error"] < float32_drift[1]["relative_error"] < 1e-2
+    assert 0 < float32_drift[0]["relative_error"] < float32_drift[1]["relative_error"]
