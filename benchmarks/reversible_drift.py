@@ -7,7 +7,9 @@ The backward pass of the reversible stack never stores a layer's inputs: it reco
 x2 = y2 - G(y1), x1 = y1 - F(x2), last layer first, with the forward pass's bucket ids. Each subtraction rounds,
 and the rounding error of x2 passes through F into x1, so the error can grow with depth. For each depth n this
 runs the first n layers of one (n_max)-layer Reformer forward on the embedded tokens, inverts them from their
-true outputs, and reports the relative error of the recovered stack inputs,
+true outputs with the stack's own backward steps (`reformer_jax.reversible`'s chunked feed-forward step and the
+model's fused per-head attention step, given zero cotangents), and reports the relative error of the recovered
+stack inputs,
 ||x_rec - x||_F / ||x||_F (the larger of the two streams), for each compute dtype. Residual streams are float32
 in both dtypes; "bfloat16" is the dtype of the blocks' matmuls (ModelConfig.dtype). Parameters are the model's
 initialisation (not trained weights), dropout off.
@@ -31,7 +33,7 @@ from benchmarks import output
 from benchmarks.measure import machine
 from reformer_jax import ModelConfig, layers
 from reformer_jax.model import ReformerLM, init_params
-from reformer_jax.reversible import invert_reversible_layer, reversible_layer
+from reformer_jax.reversible import _chunk_count, _feed_forward_backward, _residual_feed_forward
 
 DTYPES = ("float32", "bfloat16")
 NAME = "reversible_drift"
@@ -44,36 +46,60 @@ def drift_config(dtype: str = "float32", **sizes: Any) -> ModelConfig:
 
 
 def _blocks(config: ModelConfig):
-    """F and G of the model's layers, in the reversible stack's calling convention."""
+    """F, G and F's fused backward step as `reformer_jax.model.LayerStack` hands them to the reversible stack."""
 
     def attention_fn(p, x, key, buckets):
         return layers.attention_block(p, x, config=config, lsh_rng=key[0], dropout_rng=key[1], deterministic=True,
                                       buckets=buckets)
 
-    def feed_forward_fn(p, x, key):
-        return layers.feed_forward_block(p, x, config=config, dropout_rng=key[1], deterministic=True)
+    def feed_forward_fn(p, x, key, chunk_index):
+        return layers.feed_forward_block(p, x, config=config, dropout_rng=key[1], deterministic=True,
+                                         chunk_index=chunk_index)
 
-    return attention_fn, feed_forward_fn
+    def attention_reverse_fn(p, x, y, dy, dx, key, buckets):
+        return layers.attention_block_reverse(p, x, y, dy, dx, config=config, dropout_rng=key[1],
+                                              deterministic=True, buckets=buckets)
+
+    return attention_fn, feed_forward_fn, attention_reverse_fn
+
+
+def _layer_forward(config: ModelConfig, p, key, x1, x2):
+    """One reversible layer as the stack runs it: (y1, y2, bucket ids)."""
+    attention_fn, feed_forward_fn, _ = _blocks(config)
+    f, buckets = attention_fn(p["attention"], x2, key, None)
+    y1 = x1 + f
+    n_chunks = _chunk_count(x1.shape[1], config.ff_chunk_len)
+    return y1, _residual_feed_forward(feed_forward_fn, p["feed_forward"], y1, x2, key, n_chunks, 1.0), buckets
+
+
+def _layer_inverse(config: ModelConfig, p, key, buckets, y1, y2):
+    """The layer's inputs (x1, x2) recovered from its outputs by the stack's backward step (zero cotangents)."""
+    attention_fn, feed_forward_fn, attention_reverse_fn = _blocks(config)
+    zeros = jnp.zeros_like(y1)
+    n_chunks = _chunk_count(y1.shape[1], config.ff_chunk_len)
+    x2, _, _ = _feed_forward_backward(feed_forward_fn, p["feed_forward"], y1, y2, zeros, zeros, key, n_chunks)
+    if config.sequential_heads:
+        x1, _, _ = attention_reverse_fn(p["attention"], x2, y1, zeros, zeros, key, buckets)
+    else:
+        x1 = y1 - attention_fn(p["attention"], x2, key, buckets)[0]
+    return x1, x2
 
 
 def stack_inputs(config: ModelConfig, params: Any, tokens: jax.Array) -> jax.Array:
     """The embedded tokens the model feeds its layer stack: token embedding + positions. [b, l] -> [b, l, d]."""
-    _, state = ReformerLM(config).apply({"params": params}, tokens, rngs={"lsh": jax.random.key(0)},
-                                        capture_intermediates=lambda module, _: module.name == "positions",
-                                        mutable=["intermediates"])
-    positions = state["intermediates"]["positions"]["__call__"][0]
+    positions = ReformerLM(config).apply({"params": params}, tokens.shape[1],
+                                         method=lambda model, length: model.positions(length))
     return jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32) + positions.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(config: ModelConfig, params, keys, x):
     """All layers forward: (inputs of every layer and the final output [n + 1, 2, b, l, d], buckets [n, ...])."""
-    attention_fn, feed_forward_fn = _blocks(config)
 
     def layer(carry, inputs):
         x1, x2 = carry
         p, key = inputs
-        y1, y2, buckets = reversible_layer(attention_fn, feed_forward_fn, p, key, x1, x2)
+        y1, y2, buckets = _layer_forward(config, p, key, x1, x2)
         return (y1, y2), (jnp.stack([x1, x2]), buckets)
 
     (y1, y2), (inputs, buckets) = lax.scan(layer, (x, x), (params, keys))
@@ -83,13 +109,12 @@ def _forward(config: ModelConfig, params, keys, x):
 @functools.partial(jax.jit, static_argnums=0)
 def _invert(config: ModelConfig, params, keys, buckets, y, depth):
     """Layers depth-1 .. 0 inverted from their true output y [2, b, l, d]: the recovered stack inputs [2, b, l, d]."""
-    attention_fn, feed_forward_fn = _blocks(config)
 
     def body(i, ys):
         index = depth - 1 - i
         p, key, b = jax.tree.map(lambda leaf: lax.dynamic_index_in_dim(leaf, index, keepdims=False),
                                  (params, keys, buckets))
-        return jnp.stack(invert_reversible_layer(attention_fn, feed_forward_fn, p, key, b, ys[0], ys[1]))
+        return jnp.stack(_layer_inverse(config, p, key, b, ys[0], ys[1]))
 
     return lax.fori_loop(0, depth, body, y)
 
