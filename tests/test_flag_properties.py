@@ -229,3 +229,12 @@ def test_gaps_the_properties_found_are_refused(args, expected):
     finally:
         FLAGS.unparse_flags()
     assert expected in str(error.value)
+
+
+def test_full_attention_models_are_not_held_to_lsh_chunk_lengths():
+    _parse_main(["--model=transformer", "--seq_len=16", "--dataset=synthetic"])
+    try:
+        main.validate_run_flags()
+        assert main.model_config_from_flags().max_len == 16  # shorter than chunk_len=64: no LSH, no chunks
+    finally:
+        FLAGS.unparse_flags()
