@@ -104,7 +104,7 @@ def _kill_when(workdir, env, at_step, delay):
 def test_kill_9_at_random_moments_then_rerun_ends_with_the_uninterrupted_parameters(reference, cache_dir, tmp_path):
     workdir = tmp_path / "run"
     rng = random.Random(8)
-    slow = _env(cache_dir, FAULT_STEP_DELAY="0.05")
+    slow = _env(cache_dir, FAULT_STEP_DELAY="0.03")
     _kill_when(workdir, slow, at_step=5, delay=rng.uniform(0, 0.1))
     assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) in (2, 4, 6)
 

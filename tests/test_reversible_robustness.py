@@ -63,11 +63,16 @@ def _plain(params, x1, x2, keys, buckets):
 def test_backward_uses_the_forward_buckets_where_rehashing_would_flip_one():
     params, x1, x2, keys, cotangent = _setup()
     p = jax.tree.map(lambda leaf: leaf[0], params)
-    f, forward_buckets = _attention_fn(p["attention"], x2, keys[0], None)  # the layer's forward pass
-    y1 = x1 + f
-    y2 = x2 + _feed_forward_fn(p["feed_forward"], y1, keys[0])
-    x2_recomputed = y2 - _feed_forward_fn(p["feed_forward"], y1, keys[0])  # what the backward pass recovers
-    rehashed = attn.lsh_buckets(x2_recomputed[:, None], None, n_hashes=1, n_buckets=2, rotations=ROTATIONS)
+    @jax.jit
+    def forward_then_recompute(p, x1, x2):
+        f, buckets = _attention_fn(p["attention"], x2, keys[0], None)  # the layer's forward pass
+        y1 = x1 + f
+        y2 = x2 + _feed_forward_fn(p["feed_forward"], y1, keys[0])
+        recomputed = y2 - _feed_forward_fn(p["feed_forward"], y1, keys[0])  # what the backward pass recovers
+        return buckets, recomputed, attn.lsh_buckets(recomputed[:, None], None, n_hashes=1, n_buckets=2,
+                                                     rotations=ROTATIONS)
+
+    forward_buckets, x2_recomputed, rehashed = forward_then_recompute(p, x1, x2)
     flipped = np.flatnonzero(np.asarray(rehashed != forward_buckets))
     assert flipped.size > 0, "premise: re-hashing the recomputed x2 moves some position to another bucket"
     assert float(jnp.max(jnp.abs(x2_recomputed - x2))) < 1e-3  # ... although x2 is recovered to rounding error
