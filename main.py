@@ -52,6 +52,8 @@ flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every this many
 flags.DEFINE_integer("seed", 0, "Seed of the parameters, data order, hashing and dropout.")
 flags.DEFINE_integer("sample_len", 200, "Characters of text generated at the end (0: none).")
 flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
+flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
+                  "logged) instead of stopping the run.")
 # --- several hosts ---------------------------------------------------------------------------------------------
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs "
                     "(jax.distributed.initialize). Omit on one host; on Cloud TPU and SLURM it is auto-detected "
@@ -110,6 +112,9 @@ def _int_tuple(flag: str, values) -> tuple:
 def _parse_buckets(text: str):
     parts = [p for p in text.split(",") if p.strip()]
     numbers = _int_tuple("n_buckets", parts)
+    if not numbers:
+        raise app.UsageError(f"--n_buckets={text!r} is invalid: expected an even integer or two even factors "
+                             "'f1,f2' (or leave it unset for the default).")
     return numbers[0] if len(numbers) == 1 else numbers
 
 
@@ -130,7 +135,10 @@ def model_config_from_flags() -> ModelConfig:
         config = ModelConfig.preset(FLAGS.model, **overrides)
         config.check_seq_len(FLAGS.seq_len)
     except ValueError as error:
-        raise app.UsageError(str(error).replace("ModelConfig.", "--"))
+        message = str(error).replace("ModelConfig.", "--")
+        if FLAGS.max_len is None:  # max_len is --seq_len's value: name the flag the user gave
+            message = message.replace("--max_len=", "--seq_len=")
+        raise app.UsageError(message)
     return config
 
 
@@ -148,17 +156,27 @@ def validate_run_flags() -> None:
         if FLAGS[name].value is not None and FLAGS[name].value < 1:
             raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
     for name in ("learning_rate", "clip_norm"):
-        if not FLAGS[name].value > 0:
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive number.")
-    if FLAGS.dataset == "synthetic" and FLAGS.seq_len % 2:
+        if not 0 < FLAGS[name].value < float("inf"):
+            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive number (finite).")
+    if FLAGS.dataset == "synthetic" and (FLAGS.seq_len % 2 or FLAGS.seq_len < 4):
         raise app.UsageError(f"--seq_len={FLAGS.seq_len} is invalid for --dataset=synthetic: the copy task needs "
-                             "an even length.")
+                             "an even length >= 4.")
+    vocab = FLAGS.vocab_size
+    if vocab is not None and FLAGS.dataset == "synthetic" and vocab < 2:
+        raise app.UsageError(f"--vocab_size={vocab} is invalid for --dataset=synthetic: the copy task needs at least "
+                             "one symbol besides 0 (--vocab_size >= 2).")
+    if vocab is not None and FLAGS.dataset != "synthetic" and vocab < data_lib.BYTE_VOCAB_SIZE:
+        raise app.UsageError(f"--vocab_size={vocab} is too small for byte-level --dataset={FLAGS.dataset}; use "
+                             f"{data_lib.BYTE_VOCAB_SIZE} (or leave it unset).")
     if FLAGS.dataset == "text" and not FLAGS.data_path:
         raise app.UsageError("--dataset=text needs --data_path=FILE.")
     if (FLAGS.num_processes is None) != (FLAGS.process_id is None) or (
             FLAGS.num_processes is not None and not FLAGS.coordinator_address):
         raise app.UsageError("multi-host runs need --coordinator_address, --num_processes and --process_id together "
                              "(or --distributed for auto-detection on Cloud TPU and SLURM).")
+    if FLAGS.num_processes is not None and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+        raise app.UsageError(f"--process_id={FLAGS.process_id} is invalid: expected 0 <= process_id < "
+                             f"--num_processes={FLAGS.num_processes}.")
 
 
 def _initialize_distributed() -> None:
@@ -178,7 +196,7 @@ def main(argv):
     config = model_config_from_flags()
     _initialize_distributed()
 
-    from reformer_jax.checkpoint import CheckpointMismatch, saved_run_settings
+    from reformer_jax.checkpoint import CheckpointError, CheckpointMismatch, saved_run_settings
     from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate
 
     schedule_steps = FLAGS.schedule_steps
@@ -190,12 +208,13 @@ def main(argv):
         learning_rate=FLAGS.learning_rate, optimizer=FLAGS.optimizer, clip_norm=FLAGS.clip_norm,
         batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dataset=FLAGS.dataset, data_path=FLAGS.data_path,
         seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
-        checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory)
+        checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
+        skip_nonfinite=FLAGS.skip_nonfinite)
     try:
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)
         train_and_evaluate(config, options, dataset=dataset)
-    except (data_lib.DataError, CheckpointMismatch, TrainingDiverged) as error:
+    except (data_lib.DataError, CheckpointMismatch, CheckpointError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except ValueError as error:  # e.g. a batch size the device count does not divide

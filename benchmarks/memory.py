@@ -243,7 +243,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         for model in PRESETS:
             s.config(model)
     except ValueError as err:
-        raise FlagError(f"the size flags give an invalid model: {err}") from None
+        raise FlagError(f"the size flags give an invalid model: {str(err).replace('ModelConfig.', '--')}") from None
     return s
 
 

@@ -8,10 +8,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from flax import serialization
 
 RUN_SETTINGS_FILE = "run_settings.json"
 
@@ -78,28 +79,167 @@ def check_run_settings(workdir: Path, settings: Dict[str, Any]) -> Optional[Dict
     return saved
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored or saved; the message says which and what to do."""
+
+
+class WorkdirError(CheckpointError):
+    """The workdir cannot be written, or holds a run that a fresh start would overwrite."""
+
+
+def ensure_writable_workdir(workdir: Path) -> None:
+    """Create `workdir` and write a probe file in it, before anything is compiled; WorkdirError if that fails."""
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise WorkdirError(f"--workdir={workdir} cannot be written ({error.strerror or error}: "
+                           f"{error.filename or workdir}); pass a directory you can create and write to.") from error
+
+
+def refuse_to_overwrite_a_run(workdir: Path, checkpoint_every: int) -> None:
+    """Called when `workdir` has no checkpoint: raise WorkdirError if it still shows a run that got past one.
+
+    A run killed before its first save legitimately starts over; but a finished run (summary.json) or metrics
+    past step 2 * checkpoint_every (by then a save had completed: each save waits for the previous one) mean
+    the checkpoints were lost, and starting from scratch would overwrite that run's metrics.
+    """
+    workdir = Path(workdir)
+    steps = []
+    metrics = workdir / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    reached = max(steps, default=0)
+    if (workdir / "summary.json").exists() or (checkpoint_every and reached > 2 * checkpoint_every):
+        raise WorkdirError(f"--workdir={workdir} holds a run that reached step {reached} but no checkpoint is left in "
+                           f"{workdir / 'checkpoints'}; refusing to start over and overwrite it. Restore its "
+                           "checkpoints, or pass a new --workdir.")
+
+
+def _leaf_path(path) -> str:
+    """A pytree key path as "params/layers/attention/qk" (dict keys, attributes and list indices alike)."""
+    parts = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+    return "/".join(parts)
+
+
+def leaf_shapes(tree: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """{path: (shape, dtype)} of every array leaf of a state, a state dict or orbax's saved metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_leaf_path(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves
+            if hasattr(leaf, "shape") and hasattr(leaf, "dtype")}
+
+
+def shape_differences(saved: Dict[str, Tuple], expected: Dict[str, Tuple], limit: int = 4) -> List[str]:
+    """What differs between two `leaf_shapes` results, first `limit` items, e.g. "params/embed: saved ..."."""
+    out = []
+    for key in sorted(set(saved) | set(expected), key=lambda k: (not k.startswith("params"), k)):
+        if key not in saved:
+            out.append(f"{key}: not in the checkpoint")
+        elif key not in expected:
+            out.append(f"{key}: in the checkpoint, not in this model")
+        elif saved[key] != expected[key]:
+            (s_shape, s_dtype), (e_shape, e_dtype) = saved[key], expected[key]
+            out.append(f"{key}: saved {s_dtype}{list(s_shape)}, this model {e_dtype}{list(e_shape)}")
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+
+
 class Checkpointer:
-    """Latest-k orbax checkpoints of a TrainState under workdir/checkpoints."""
+    """Latest-k orbax checkpoints of a TrainState under workdir/checkpoints.
+
+    A save is written to a temporary directory and renamed when complete, so a run killed during a save leaves
+    the previous checkpoints intact; the half-written temporary directory is removed when the next run opens
+    the workdir.
+    """
 
     def __init__(self, workdir: Path, max_to_keep: int = 2):
         self.directory = Path(workdir).absolute() / "checkpoints"
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                                 cleanup_tmp_directories=True))
+        self._saving: Optional[int] = None  # the step of the asynchronous save in flight
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
 
+    def all_steps(self) -> List[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any) -> None:
-        """Start saving (asynchronously); the previous save is finished first."""
-        self._manager.wait_until_finished()
-        self._manager.save(step, args=ocp.args.StandardSave(state))
+        """Start saving (asynchronously); the previous save is finished first (its errors surface here)."""
+        self.wait_until_finished()
+        self._saving = step
+        try:
+            self._manager.save(step, args=ocp.args.StandardSave(state))
+        except Exception as error:  # orbax and tensorstore raise many types; the message says what failed
+            raise self._save_failed(step, error) from error
+
+    def wait_until_finished(self) -> None:
+        """Finish the save in flight; a failure raises CheckpointError naming the step and the intact one."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(self._saving, error) from error
+        self._saving = None
+
+    def _save_failed(self, step: Optional[int], error: Exception) -> "CheckpointError":
+        self._saving = None
+        complete = [s for s in self.all_steps() if step is None or s < step]
+        kept = (f"the last complete checkpoint (step {complete[-1]}) is intact" if complete
+                else "no complete checkpoint exists yet")
+        return CheckpointError(
+            f"saving a checkpoint{f' (step {step})' if step is not None else ''} in {self.directory} failed "
+            f"({type(error).__name__}: {error}); {kept}. Free disk space or fix the directory's permissions, then "
+            "rerun the same command to resume.")
 
     def restore(self, step: int, target: Any) -> Any:
-        """Restore into the structure, shapes and shardings of `target` (arrays or ShapeDtypeStructs)."""
+        """Restore into the structure, shapes and shardings of `target` (arrays or ShapeDtypeStructs).
+
+        Raises CheckpointError naming the leaves that differ (a checkpoint of another model) or the damaged
+        step directory (a truncated or corrupted checkpoint), never restarting from scratch.
+        """
+        step_dir = self.directory / str(step)
+        try:
+            saved = leaf_shapes(ocp.StandardCheckpointer().metadata(step_dir / "default").item_metadata)
+        except Exception as error:
+            raise self._damaged(step, error) from error
+        if not saved:
+            raise self._damaged(step, FileNotFoundError(f"no readable array metadata in {step_dir / 'default'}"))
+        differences = shape_differences(saved, leaf_shapes(serialization.to_state_dict(target)))
+        if differences:
+            raise CheckpointError(f"the checkpoint {step_dir} is of another model or optimizer: "
+                                  + "; ".join(differences) + ". Resume it with the settings it was trained with "
+                                  "(see run_settings.json), or pass a new --workdir.")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as error:
+            raise self._damaged(step, error) from error
+
+    def _damaged(self, step: int, error: Exception) -> "CheckpointError":
+        earlier = [s for s in self.all_steps() if s < step]
+        step_dir = self.directory / str(step)
+        fix = (f"To resume from the previous checkpoint (step {earlier[-1]}), move the damaged one aside: mv "
+               f"{step_dir} {step_dir}.damaged" if earlier else
+               "No earlier checkpoint exists: pass a new --workdir to start over")
+        reason = str(error).splitlines()[0][:300] if str(error) else ""
+        return CheckpointError(f"the checkpoint {step_dir} cannot be read: it is truncated or corrupted "
+                               f"({type(error).__name__}: {reason}). Nothing was overwritten. {fix}.")
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()

@@ -219,12 +219,13 @@ class ModelConfig:
                   "a tuple of two even integers, or None for the default")
 
     def _check_lengths(self) -> None:
-        if self.sequential_rounds and self.n_chunks_before > self.max_len // self.chunk_len:
-            _fail("n_chunks_before", self.n_chunks_before, f"sequential_rounds needs at most max_len // chunk_len = "
-                  f"{self.max_len // self.chunk_len} chunks of look-back")
         if self.attention == "lsh" and self.max_len % self.chunk_len:
             _fail("max_len", self.max_len, f"LSH attention needs a multiple of chunk_len={self.chunk_len}, "
                   f"e.g. {self.chunk_len * max(1, self.max_len // self.chunk_len)}")
+        if self.attention == "lsh" and self.sequential_rounds and self.n_chunks_before > self.max_len // self.chunk_len:
+            _fail("n_chunks_before", self.n_chunks_before, f"sequential_rounds needs at most max_len // chunk_len = "
+                  f"{self.max_len // self.chunk_len} chunks of look-back (max_len={self.max_len}, "
+                  f"chunk_len={self.chunk_len})")
 
     def _check_positions(self) -> None:
         if self.pos_embedding != "axial":

@@ -83,12 +83,12 @@ def _download(url: str, destination: Path, sha256: str, timeout: float = 30.0) -
             os.unlink(tmp)
 
 
-def locate_tiny_shakespeare(data_path: Optional[str] = None, *, download: bool = True,
-                            warn=print) -> Path:
+def locate_tiny_shakespeare(data_path: Optional[str] = None, *, download: bool = True) -> Path:
     """Find the tiny Shakespeare corpus: --data_path, $REFORMER_JAX_DATA_DIR, the user cache, else download once.
 
-    An explicit `data_path` that does not exist is an error, never a reason to look elsewhere. A local file with
-    the wrong checksum is used, with a warning saying so; a downloaded one is refused.
+    An explicit `data_path` that does not exist is an error, never a reason to look elsewhere. A file with the
+    wrong checksum is refused, local or downloaded: results on it would be reported as tiny Shakespeare's. The
+    explicit way to train on another (or an edited) file is --dataset=text --data_path=FILE.
     """
     if data_path:
         path = Path(data_path).expanduser()
@@ -105,8 +105,10 @@ def locate_tiny_shakespeare(data_path: Optional[str] = None, *, download: bool =
         if path.is_file():
             actual = sha256_of(path)
             if actual != TINY_SHAKESPEARE_SHA256:
-                warn(f"WARNING: {path} has sha256 {actual}, not tiny Shakespeare's {TINY_SHAKESPEARE_SHA256}; "
-                     "using it anyway as asked. Results will not be comparable with the published ones.")
+                raise DataError(f"{path} has sha256 {actual}, not tiny Shakespeare's {TINY_SHAKESPEARE_SHA256}: it is "
+                                "another file or a damaged copy. To train on it anyway, pass --dataset=text "
+                                f"--data_path={path}; to use tiny Shakespeare, replace it with the file from "
+                                f"{TINY_SHAKESPEARE_URL} (or delete it to download it again).")
             return path
         if path.exists():
             raise DataError(f"{path} is not a regular file (a directory?); pass the path of tinyshakespeare.txt.")
@@ -196,12 +198,12 @@ class CopyTask:
 
 
 def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vocab_size: int = BYTE_VOCAB_SIZE,
-                 download: bool = True, warn=print):
+                 download: bool = True):
     """The dataset behind --dataset: an object with .batch(split, seed, step, batch_size, seq_len) and .source."""
     if name == "synthetic":
         return CopyTask(vocab_size=vocab_size)
     if name == "tiny_shakespeare":
-        path = locate_tiny_shakespeare(data_path, download=download, warn=warn)
+        path = locate_tiny_shakespeare(data_path, download=download)
     elif name == "text":
         if not data_path:
             raise DataError("--dataset=text needs --data_path=FILE (any UTF-8 text).")

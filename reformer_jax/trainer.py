@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from reformer_jax import data as data_lib
 from reformer_jax import train
-from reformer_jax.checkpoint import Checkpointer, check_run_settings, write_json_atomic
+from reformer_jax.checkpoint import (Checkpointer, WorkdirError, check_run_settings, ensure_writable_workdir,
+                                     refuse_to_overwrite_a_run, write_json_atomic)
 from reformer_jax.config import ModelConfig
 from reformer_jax.memory import analyze_train_step
 from reformer_jax.run_log import MetricsLog, Progress, format_duration
@@ -29,7 +31,7 @@ from reformer_jax.sampling import sample, sampling_window
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradient norm became NaN or infinite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,7 @@ class TrainOptions:
     checkpoint_every: int = 100
     sample_len: int = 200
     analyze_memory: bool = True
+    skip_nonfinite: bool = False  # skip a batch whose loss or gradients are NaN/Inf instead of stopping
 
     @property
     def total_schedule_steps(self) -> int:
@@ -73,10 +76,29 @@ def data_parallel_shardings(devices) -> Tuple[NamedSharding, NamedSharding]:
     return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
-def sharded_step_functions(config: ModelConfig, tx, replicated: NamedSharding, data_sharding: NamedSharding):
+def guarded_train_step(state, batch, rng, *, config: ModelConfig, skip_nonfinite: bool = False):
+    """`train.train_step` plus metrics["finite"] (loss and gradient norm finite).
+
+    With `skip_nonfinite`, a non-finite step keeps the parameters and optimizer state and only counts the step,
+    so the data order and random keys of later steps stay those of (seed, step).
+    """
+    new_state, metrics = train.train_step(state, batch, rng, config=config)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    if skip_nonfinite:
+        kept = new_state.replace(params=state.params, opt_state=state.opt_state)
+        new_state = jax.tree.map(lambda updated, old: jnp.where(finite, updated, old), new_state, kept)
+    return new_state, {**metrics, "finite": finite}
+
+
+def sharded_step_functions(config: ModelConfig, tx, replicated: NamedSharding, data_sharding: NamedSharding,
+                           skip_nonfinite: bool = False):
     """Jitted (init, train_step, eval_step): state replicated and donated, batch split over "data"."""
-    init_fn = jax.jit(lambda key: train.create_train_state(key, config, tx), out_shardings=replicated)
-    step_fn = jax.jit(functools.partial(train.train_step, config=config), donate_argnums=0,
+    # A strongly typed step counter, as a restored checkpoint has: a resumed run then calls the same compiled step
+    # (flax's TrainState.create(step=0) is weakly typed, and a different input type means another compilation).
+    init_fn = jax.jit(lambda key: train.create_train_state(key, config, tx).replace(step=jnp.zeros((), jnp.int32)),
+                      out_shardings=replicated)
+    step_fn = jax.jit(functools.partial(guarded_train_step, config=config, skip_nonfinite=skip_nonfinite),
+                      donate_argnums=0,
                       in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated))
     eval_fn = jax.jit(functools.partial(train.eval_step, config=config),
                       in_shardings=(replicated, data_sharding, replicated), out_shardings=replicated)
@@ -85,12 +107,12 @@ def sharded_step_functions(config: ModelConfig, tx, replicated: NamedSharding, d
 
 @functools.lru_cache(maxsize=8)
 def _compiled_steps(config: ModelConfig, optimizer: str, learning_rate: float, schedule_steps: int,
-                    warmup_steps: Optional[int], clip_norm: float, devices: tuple):
+                    warmup_steps: Optional[int], clip_norm: float, devices: tuple, skip_nonfinite: bool):
     """Step functions per (model, optimizer, devices): a second run in the same process (a resume, a sweep)
     reuses the compiled executables instead of compiling again."""
     tx = train.make_optimizer(optimizer, learning_rate, schedule_steps=schedule_steps, warmup_steps=warmup_steps,
                               clip_norm=clip_norm)
-    return sharded_step_functions(config, tx, *data_parallel_shardings(list(devices)))
+    return sharded_step_functions(config, tx, *data_parallel_shardings(list(devices)), skip_nonfinite)
 
 
 def _is_main_process() -> bool:
@@ -140,6 +162,7 @@ def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSha
 def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=None) -> Dict[str, Any]:
     """Train `config` as `options` say; returns the summary (also written to workdir/summary.json)."""
     workdir = Path(options.workdir)
+    ensure_writable_workdir(workdir)
     settings = options.run_settings(config)
     check_run_settings(workdir, settings)
     if dataset is None:
@@ -168,16 +191,21 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     seed_key = jax.random.key(options.seed)
     init_fn, step_fn, eval_fn = _compiled_steps(config, options.optimizer, options.learning_rate,
                                                 options.total_schedule_steps, options.warmup_steps,
-                                                options.clip_norm, tuple(devices))
+                                                options.clip_norm, tuple(devices), options.skip_nonfinite)
 
     checkpointer = Checkpointer(workdir)
-    state = init_fn(seed_key)
     start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state = checkpointer.restore(start_step, state)
+    if not start_step:
+        refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
+    if start_step:  # restored into the abstract state: checked against the checkpoint before anything compiles
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                jax.eval_shape(init_fn, seed_key))
+        state = checkpointer.restore(start_step, abstract)
         _say(f"resumed from {checkpointer.directory / str(start_step)}")
-    elif _is_main_process():
-        write_json_atomic(workdir / "run_settings.json", settings)
+    else:
+        state = init_fn(seed_key)
+        if _is_main_process():
+            write_json_atomic(workdir / "run_settings.json", settings)
     if start_step >= options.steps:
         _say(f"the checkpoint is at step {start_step} >= --steps={options.steps}: nothing to train.")
 
@@ -186,7 +214,9 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     tokens_per_step = options.batch_size * options.seq_len
     val: Dict[str, float] = {}
     last_metrics: Dict[str, float] = {}
+    skipped = []
     started = time.perf_counter()
+    done = start_step
     try:
         for step in range(start_step, options.steps):
             batch = global_batch(dataset.batch("train", options.seed, step, options.batch_size, options.seq_len),
@@ -196,12 +226,12 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - step_started
             done = step + 1
-            if not math.isfinite(metrics["loss"]):
-                last = checkpointer.latest_step()
-                raise TrainingDiverged(
-                    f"the loss is {metrics['loss']} at step {done}; stopping. The last checkpoint "
-                    + (f"(step {last}) in {checkpointer.directory} is intact." if last else "does not exist yet.")
-                    + " Try a lower --learning_rate or --clip_norm.")
+            if not metrics.pop("finite"):
+                if not options.skip_nonfinite:
+                    raise _diverged(metrics, done, checkpointer)
+                skipped.append(done)
+                progress.message(f"step {done}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}: "
+                                 "batch skipped, parameters unchanged (--skip_nonfinite)")
             row = {"step": done, **metrics, "bpc": metrics["loss"] / math.log(2),
                    "learning_rate": float(schedule(step)), "step_seconds": seconds,
                    "tokens_per_sec": tokens_per_step / seconds, "elapsed": time.perf_counter() - started}
@@ -212,18 +242,27 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                 row.update(val)
                 progress.message(f"step {done}: validation loss {val['val_loss']:.4f}, bpc {val['val_bpc']:.3f}, "
                                  f"accuracy {val['val_accuracy']:.3f}")
+            if done in skipped:
+                row["skipped"] = True
             if log:
                 log.write(row)
             last_metrics = row
             progress.update(done, metrics["loss"], row["tokens_per_sec"])
             if (options.checkpoint_every and done % options.checkpoint_every == 0) or done == options.steps:
                 checkpointer.save(done, state)
+    except OSError as error:  # metrics.jsonl (checkpoint failures raise CheckpointError)
+        checkpointer.wait_until_finished()
+        last = checkpointer.latest_step()
+        raise WorkdirError(f"writing to --workdir={workdir} failed at step {done} ({error}); "
+                           + (f"the last complete checkpoint (step {last}) is intact" if last else
+                              "no checkpoint exists yet")
+                           + ". Free disk space or fix permissions, then rerun the same command to resume.") from error
     finally:
         checkpointer.close()
         if log:
             log.close()
 
-    summary = {"steps": int(state.step), "train_loss": last_metrics.get("loss"), **val,
+    summary = {"steps": int(state.step), "train_loss": last_metrics.get("loss"), **val, "skipped_steps": skipped,
                "wall_seconds": time.perf_counter() - started, "checkpoint": str(checkpointer.directory),
                "devices": len(devices), "backend": devices[0].platform, "jax_version": jax.__version__}
     if options.sample_len and _is_main_process():
@@ -233,6 +272,18 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
         _print_summary(summary)
     summary["state"] = state
     return summary
+
+
+def _diverged(metrics: Dict[str, float], step: int, checkpointer: Checkpointer) -> TrainingDiverged:
+    checkpointer.wait_until_finished()  # a save in flight completes, so "intact" below is true
+    last = checkpointer.latest_step()
+    what = (f"the loss is {metrics['loss']}" if not math.isfinite(metrics["loss"]) else
+            f"the gradient norm is {metrics['grad_norm']} (loss {metrics['loss']:.6g})")
+    return TrainingDiverged(
+        f"{what} at step {step}; stopping. The last checkpoint "
+        + (f"(step {last}) in {checkpointer.directory} is intact." if last else "does not exist yet.")
+        + " Rerun the same command with --skip_nonfinite to resume from it and skip such batches, or start a "
+        "new --workdir with a lower --learning_rate or --clip_norm.")
 
 
 def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) -> str:

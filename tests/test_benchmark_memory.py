@@ -236,7 +236,7 @@ def test_flag_defaults_are_the_seed_setup():
     (["--optimizer=sgd"], "--optimizer='sgd' is unknown"),
     (["--d_model=100"], "--d_model=100 is not divisible by --n_heads=8"),
     (["--batch_size=0"], "--batch_size=0 is invalid: expected a positive integer"),
-    (["--dropout=1.5"], "the size flags give an invalid model: ModelConfig.dropout=1.5 is invalid"),
+    (["--dropout=1.5"], "the size flags give an invalid model: --dropout=1.5 is invalid"),
     (["--floor_hashes=2,4,16"], "--floor_hashes=2,4,16: expected exactly two values"),
 ])
 def test_bad_flags_fail_before_compiling(monkeypatch, args, message):

@@ -25,19 +25,36 @@ def test_explicit_missing_path_is_an_error_not_a_fallback(tmp_path, monkeypatch)
         data.locate_tiny_shakespeare(str(tmp_path / "nope.txt"), download=False)
 
 
-def test_env_dir_then_cache_and_checksum_warning(tmp_path, monkeypatch):
+def test_env_dir_then_cache_and_a_wrong_checksum_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    payload = b"To be, or not to be\n" * 100
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
     cached = tmp_path / "cache" / "reformer_jax" / data.TINY_SHAKESPEARE_FILE
     cached.parent.mkdir(parents=True)
-    cached.write_text("not shakespeare")
-    warnings = []
-    assert data.locate_tiny_shakespeare(None, download=False, warn=warnings.append) == cached
-    assert "sha256" in warnings[0] and "using it anyway" in warnings[0]
+    cached.write_bytes(payload)
+    assert data.locate_tiny_shakespeare(None, download=False) == cached
     env_file = tmp_path / "env" / data.TINY_SHAKESPEARE_FILE
     env_file.parent.mkdir()
-    env_file.write_text("also not")
-    assert data.locate_tiny_shakespeare(None, download=False, warn=warnings.append) == env_file
+    env_file.write_bytes(payload[:-1] + b"?")  # one byte differs: a damaged copy, found first
+    with pytest.raises(data.DataError) as err:
+        data.locate_tiny_shakespeare(None, download=False)
+    message = str(err.value)
+    assert f"{env_file} has sha256 {hashlib.sha256(env_file.read_bytes()).hexdigest()}" in message
+    assert f"--dataset=text --data_path={env_file}" in message  # the explicit way to use it anyway
+    with pytest.raises(data.DataError, match="not tiny Shakespeare's"):  # also through --data_path
+        data.load_dataset("tiny_shakespeare", seq_len=8, data_path=str(env_file), download=False)
+    assert len(data.load_dataset("text", seq_len=8, data_path=str(env_file)).train) > 0
+
+
+def test_non_utf8_bytes_are_accepted_as_byte_tokens(tmp_path):
+    raw = bytes(range(256)) * 4  # every byte value, most sequences invalid UTF-8
+    path = tmp_path / "binary.bin"
+    path.write_bytes(raw)
+    text = data.load_dataset("text", seq_len=16, data_path=str(path))
+    np.testing.assert_array_equal(np.concatenate([text.train, text.validation]), np.frombuffer(raw, np.uint8).astype(np.int32) + 3)
+    batch = text.batch("train", seed=0, step=0, batch_size=2, seq_len=16)
+    assert batch["inputs"].max() < data.BYTE_VOCAB_SIZE
 
 
 def test_offline_failure_says_how_to_supply_the_file(tmp_path, monkeypatch):

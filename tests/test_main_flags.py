@@ -55,7 +55,8 @@ def _usage_error(*args) -> str:
     (["--axial_shape=3,5"], "--axial_shape=(3, 5) is invalid: expected two positive integers whose product is "
                             "max_len=256"),
     (["--axial_dims=100,100"], "--axial_dims=(100, 100) is invalid"),
-    (["--seq_len=100"], "--max_len=100 is invalid: LSH attention needs a multiple of chunk_len=64"),
+    (["--seq_len=100"], "--seq_len=100 is invalid: LSH attention needs a multiple of chunk_len=64"),
+    (["--seq_len=100", "--max_len=100"], "--max_len=100 is invalid: LSH attention needs a multiple of chunk_len=64"),
     (["--seq_len=256", "--max_len=128"], "seq_len=256 is longer than --max_len=128"),
     (["--chunk_len=0"], "--chunk_len=0 is invalid: expected a positive integer"),
     (["--d_model=100", "--n_heads=3"], "--d_head=None is invalid: d_model=100 is not divisible by n_heads=3"),

@@ -1,0 +1,114 @@
+"""The reversible stack's recomputation: the backward pass uses the forward's bucket ids (a recomputed input that
+re-hashes into another bucket changes nothing), and how far recomputed inputs drift over 48 layers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.reversible_drift import FLOAT32_TARGET, drift_config, measure_drift
+from reformer_jax import attention as attn
+from reformer_jax.reversible import reversible_stack
+
+LENGTH, CHUNK = 16, 4
+# One head of width 2 hashed into 2 buckets by the projection x0 - x1: bucket 0 when x0 >= x1, else 1.
+ROTATIONS = jnp.array([1.0, -1.0]).reshape(1, 2, 1, 1)
+
+
+def _attention_fn(p, x, key, buckets):
+    """F: shared-QK LSH attention with qk = x itself [b, l, 2], so a position with x0 == x1 sits on the hash
+    boundary; hashes only when `buckets` is None, as the model's attention block does."""
+    qk = x[:, None]
+    v = jnp.einsum("bld,de->ble", x, p["wv"])[:, None]
+    if buckets is None:
+        buckets = attn.lsh_buckets(qk, None, n_hashes=1, n_buckets=2, rotations=ROTATIONS)
+    o = attn.lsh_attention(qk, v, None, n_hashes=1, n_buckets=2, chunk_len=CHUNK, n_chunks_before=1,
+                           buckets=buckets)
+    return jnp.einsum("ble,ed->bld", o[:, 0], p["wo"]), buckets
+
+
+def _feed_forward_fn(p, y, key, chunk=None):
+    """G: outputs up to 1000 in the first coordinate, 10 in the second. y2 = x2 + G(y1) rounds x2's coordinates to
+    different grids, so x2 = y2 - G(y1) comes back with x0 - x1 slightly off zero at the boundary positions."""
+    return jnp.tanh(y @ p["wg"]) * jnp.array([1000.0, 10.0])
+
+
+def _setup():
+    k = jax.random.split(jax.random.key(0), 6)
+    params = {"attention": {"wv": jax.random.normal(k[0], (1, 2, 2)), "wo": jax.random.normal(k[1], (1, 2, 2))},
+              "feed_forward": {"wg": jax.random.normal(k[2], (1, 2, 2))}}
+    x1 = jax.random.normal(k[3], (1, LENGTH, 2))
+    x2 = jax.random.normal(k[4], (1, LENGTH, 2))
+    x2 = x2.at[:, ::2, 1].set(x2[:, ::2, 0])  # every even position exactly on the boundary (bucket 0)
+    cotangent = jax.random.normal(k[5], (2, 1, LENGTH, 2))
+    return params, x1, x2, jax.random.split(jax.random.key(1), (1, 2)), cotangent
+
+
+def _stack(params, x1, x2, keys, buckets):
+    """The reversible stack under test: it hashes in its forward pass (`buckets` unused) and recomputes x2 in its
+    backward pass."""
+    return reversible_stack(_attention_fn, _feed_forward_fn, params, x1, x2, keys)
+
+
+def _plain(params, x1, x2, keys, buckets):
+    """The same layer, with F attending by the given bucket ids, differentiated by ordinary autodiff (it keeps x2:
+    nothing is recomputed)."""
+    p = jax.tree.map(lambda leaf: leaf[0], params)
+    y1 = x1 + _attention_fn(p["attention"], x2, keys[0], buckets)[0]
+    return y1, x2 + _feed_forward_fn(p["feed_forward"], y1, keys[0])
+
+
+def test_backward_uses_the_forward_buckets_where_rehashing_would_flip_one():
+    params, x1, x2, keys, cotangent = _setup()
+    p = jax.tree.map(lambda leaf: leaf[0], params)
+    @jax.jit
+    def forward_then_recompute(p, x1, x2):
+        f, buckets = _attention_fn(p["attention"], x2, keys[0], None)  # the layer's forward pass
+        y1 = x1 + f
+        y2 = x2 + _feed_forward_fn(p["feed_forward"], y1, keys[0])
+        recomputed = y2 - _feed_forward_fn(p["feed_forward"], y1, keys[0])  # what the backward pass recovers
+        return buckets, recomputed, attn.lsh_buckets(recomputed[:, None], None, n_hashes=1, n_buckets=2,
+                                                     rotations=ROTATIONS)
+
+    forward_buckets, x2_recomputed, rehashed = forward_then_recompute(p, x1, x2)
+    flipped = np.flatnonzero(np.asarray(rehashed != forward_buckets))
+    assert flipped.size > 0, "premise: re-hashing the recomputed x2 moves some position to another bucket"
+    assert float(jnp.max(jnp.abs(x2_recomputed - x2))) < 1e-3  # ... although x2 is recovered to rounding error
+
+    def gradients(forward):
+        def loss(params, x1, x2, buckets):
+            y1, y2 = forward(params, x1, x2, keys, buckets)
+            return jnp.sum(y1 * cotangent[0]) + jnp.sum(y2 * cotangent[1])
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    reversible = gradients(_stack)(params, x1, x2, forward_buckets)
+    exact = gradients(_plain)(params, x1, x2, forward_buckets)  # ordinary autodiff of the forward pass as it ran
+    rehashing = gradients(_plain)(params, x1, x2, rehashed)  # what a backward re-hashing x2 would compute
+    worst = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                for a, b in zip(jax.tree.leaves(reversible), jax.tree.leaves(exact)))
+    assert worst < 1e-4, worst  # the gradients are exact up to the rounding of x2's recomputation
+    moved = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                for a, b in zip(jax.tree.leaves(rehashing), jax.tree.leaves(exact)))
+    assert moved > 100 * worst, (moved, worst)  # what a re-hashing backward would have got instead
+    print(f"flipped {flipped.size} of {LENGTH}; reversible vs exact {worst:.1e}; re-hashed vs exact {moved:.1e}")
+
+
+SMALL = dict(d_model=32, n_heads=2, d_ff=64, n_layers=48, max_len=64, chunk_len=16, n_hashes=2)
+
+
+@pytest.fixture(scope="module")
+def float32_drift():
+    return measure_drift(drift_config("float32", **SMALL), [2, 48], batch_size=1, seq_len=64)
+
+
+@pytest.mark.xfail(strict=True, reason="not met: the float32 relative error at 48 layers is 1.8e-4 here (d_model "
+                                       "32) and 3.3e-3 at d_model 512 (benchmarks/results/reversible_drift.md)")
+def test_float32_reconstruction_error_at_48_layers_is_below_the_target(float32_drift):
+    assert float32_drift[-1]["relative_error"] < FLOAT32_TARGET
+
+
+def test_reconstruction_error_is_nonzero_and_grows_with_depth(float32_drift):
+    assert [r["n_layers"] for r in float32_drift] == [2, 48]
+    assert 0 < float32_drift[0]["relative_error"] < float32_drift[1]["relative_error"]
