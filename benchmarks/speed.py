@@ -94,7 +94,14 @@ class Settings:
         return {"vocab_size": self.vocab_size, "d_model": self.d_model, "n_heads": self.n_heads,
                 "d_head": config.d_head, "d_ff": self.d_ff, "n_layers": self.n_layers, "seq_len": seq_len,
                 "batch_size": self.batch_size, "n_hashes": self.n_hashes, "chunk_len": self.chunk_len,
-                "n_buckets": config.resolved_n_buckets(seq_len), "ff_chunk_len": config.ff_chunk_len}
+                "n_buckets": config.resolved_n_buckets(seq_len), "ff_chunk_len": _ff_chunk(config.ff_chunk_len, seq_len)}
+
+
+def _ff_chunk(ff_chunk_len: int, seq_len: int) -> int:
+    """The feed-forward chunk a peer uses: ours (capped at the length, as layers.feed_forward_block does); 0 (off)
+    where it does not divide the length, since Hugging Face refuses a ragged last chunk."""
+    chunk = min(ff_chunk_len, seq_len)
+    return chunk if chunk and seq_len % chunk == 0 else 0
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -391,25 +398,32 @@ def _header(rows: List[Row], title: str) -> str:
 # Runs
 
 
+def available_peers() -> Tuple[List[str], List[str]]:
+    """(the peers installed here, a message for each one skipped)."""
+    available, notes = [], []
+    for peer in peers.PEERS:
+        missing = peers.missing_packages(peer)
+        if missing:
+            notes.append(f"{peers.PEER_LABELS[peer]} skipped: {', '.join(missing)} not installed "
+                         "(pip install -r benchmarks/requirements-peers.txt).")
+            log(notes[-1])
+        else:
+            available.append(peer)
+    return available, notes
+
+
 def run_speed(settings: Settings) -> List[Row]:
     """Our step (each --ours setting) and, with --compare=peers, the installed peers, alternating rounds."""
     experiment = "peers" if settings.compare == "peers" else "speed"
     entries: List[Tuple[str, str]] = []
-    notes = []
+    notes: List[str] = []
     for setting in settings.ours:
         name = "ours" if setting == "default" else f"ours_{setting}"
         label = f"reformer_jax ({settings.model}{'' if setting == 'default' else ', ' + setting})"
         entries.append((name, label))
     if settings.compare == "peers":
-        for peer in peers.PEERS:
-            missing = peers.missing_packages(peer)
-            if missing:
-                note = (f"{peers.PEER_LABELS[peer]} skipped: {', '.join(missing)} not installed "
-                        "(pip install -r benchmarks/requirements-peers.txt).")
-                log(note)
-                notes.append(note)
-                continue
-            entries.append((peer, peers.PEER_LABELS[peer]))
+        available, notes = available_peers()
+        entries.extend((peer, peers.PEER_LABELS[peer]) for peer in available)
     load_before = os.getloadavg()[0]
     workers = []
     for name, _ in entries:
