@@ -43,6 +43,21 @@ OURS_SETTINGS = {"default": {}, "sequential_rounds": {"sequential_rounds": True}
 POS_EMBEDDINGS = ("absolute", "axial")
 
 
+# Markdown columns of the two tables (benchmarks.report draws the same tables from the JSON).
+SPEED_COLUMNS = [
+    ("label", "implementation", "s"), ("median_step_s", "s / step", ".3f"), ("tokens_per_s", "tokens / s", ",.0f"),
+    ("hf_over_this_step", "speed-up over HF", ".2f"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
+    ("rss_over_hf", "RSS / HF", ".2f"), ("compile_s", "compile s", ".1f"),
+    (lambda r: r["warmup_s"][0] if r.get("warmup_s") else None, "first step s", ".2f"),
+    ("timed_steps", "timed steps", "")]
+LENGTH_COLUMNS = [
+    ("label", "variant", "s"), ("seq_len", "length", ""), ("median_step_s", "s / step", ".3f"),
+    (lambda r: r["s_per_token"] * 1e6 if r["s_per_token"] else None, "µs / token", ",.1f"),
+    ("s_per_token_over_shortest", "per-token cost / shortest", ".2f"),
+    ("compile_peak_bytes", "compile-time peak MiB", "mib"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
+    ("compile_s", "compile s", ".1f"), ("skipped", "skipped", "")]
+
+
 class FlagError(ValueError):
     """A bad flag value, found before anything is compiled."""
 
@@ -128,8 +143,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "run) or axial.", **fv)
     flags.DEFINE_list("models", lst(d.models), "Presets of --sweep=length.", **fv)
     flags.DEFINE_list("lengths", lst(d.lengths), "Lengths of --sweep=length.", **fv)
-    flags.DEFINE_float("memory_fraction", d.memory_fraction, "--sweep=length skips a step whose compile-time peak "
-                       "exceeds this fraction of the machine's RAM, shared by the workers alive together.", **fv)
+    flags.DEFINE_float("memory_fraction", d.memory_fraction, "--sweep=length skips a step (and the variant's "
+                       "longer ones) whose compile-time peak exceeds what the variants already running at that "
+                       "length leave of this fraction of the machine's RAM.", **fv)
     flags.DEFINE_string("compilation_cache_dir", d.compilation_cache_dir, "JAX persistent compilation cache "
                         "directory (empty: off). A later run with the same step loads it instead of compiling.", **fv)
     flags.DEFINE_boolean("xla_measuring_options", d.xla_measuring_options, "Compile with the memory benchmark's "
@@ -305,11 +321,17 @@ class Worker:
             self.proc.wait()
 
 
-def time_group(workers: List[Worker], settings: Settings, rounds: int) -> None:
-    """Start each worker in turn (compiles never overlap), then alternate timing rounds, then collect RSS."""
+def time_group(workers: List[Worker], settings: Settings, rounds: int,
+               memory_budget: Optional[int] = None) -> None:
+    """Start each worker in turn (compiles never overlap), then alternate timing rounds, then collect RSS.
+
+    With `memory_budget`, each worker may use what the compile-time peaks of the workers already alive leave of it.
+    """
     try:
         alive = []
         for worker in workers:
+            if memory_budget is not None:
+                worker.spec["memory_limit_bytes"] = memory_budget - sum(w.facts["compile_peak_bytes"] for w in alive)
             log(f"  {worker.name}: building and warming up ...")
             worker.wait_ready()
             if worker.skipped:
@@ -451,12 +473,7 @@ def run_speed(settings: Settings) -> List[Row]:
            f"{settings.d_ff}, {settings.n_layers} layers, length {settings.seq_len}, batch {settings.batch_size}, "
            f"{settings.n_hashes} hash rounds, chunk {settings.chunk_len}, dropout {settings.dropout}, float32 "
            f"parameters, Adafactor.\n\n")
-    md += output.markdown_table(rows, [
-        ("label", "implementation", "s"), ("median_step_s", "s / step", ".3f"), ("tokens_per_s", "tokens / s", ",.0f"),
-        ("hf_over_this_step", "speed-up over HF", ".2f"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
-        ("rss_over_hf", "RSS / HF", ".2f"), ("compile_s", "compile s", ".1f"),
-        (lambda r: r.get("warmup_s", [None])[0] if r.get("warmup_s") else None, "first step s", ".2f"),
-        ("timed_steps", "timed steps", "")])
+    md += output.markdown_table(rows, SPEED_COLUMNS)
     md += "".join(f"\n{n}\n" for n in notes)
 
     def plot(path):
@@ -487,21 +504,26 @@ def run_length_sweep(settings: Settings) -> List[Row]:
     stopped: Dict[str, str] = {}
     rows: List[Row] = []
     setting = settings.ours[0]
+    budget = int(ram * settings.memory_fraction)
+    last_peak: Dict[str, int] = {}
     for length in settings.lengths:
-        models = [m for m in settings.models if m not in stopped]
+        # The smallest step (at the previous length) starts first, so a large one cannot crowd the others out.
+        models = sorted((m for m in settings.models if m not in stopped), key=lambda m: last_peak.get(m, 0))
         if not models:
             break
-        limit = int(ram * settings.memory_fraction / len(models))
-        log(f"== length {length}: {', '.join(models)} (compile-time peak limit {limit / 2**30:.1f} GiB each) ==")
+        log(f"== length {length}: {', '.join(models)} (compile-time peaks together at most {budget / 2**30:.1f} "
+            "GiB) ==")
         load_before = os.getloadavg()[0]
-        workers = [Worker(m, ours_spec(settings, m, length, setting, limit)) for m in models]
-        time_group(workers, settings, settings.sweep_rounds)
+        workers = [Worker(m, ours_spec(settings, m, length, setting)) for m in models]
+        time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
         load = (load_before, os.getloadavg()[0])
         for model, worker in zip(models, workers):
+            last_peak[model] = worker.facts.get("compile_peak_bytes", 0)
             if worker.skipped:
                 stopped[model] = f"stopped at length {length}: {worker.skipped}"
             rows.append(make_row(settings, "length", worker, implementation="ours", label=seed.LABELS[model],
                                  model=model, seq_len=length, load=load))
+    rows.sort(key=lambda r: (r["seq_len"], settings.models.index(r["model"])))
     timed = [r for r in rows if r["median_step_s"]]
     for row in timed:  # per-token cost relative to the same preset at the shortest timed length
         base = min((r for r in timed if r["model"] == row["model"]), key=lambda r: r["seq_len"])
@@ -510,14 +532,9 @@ def run_length_sweep(settings: Settings) -> List[Row]:
     md += (f"Sizes: d_model {settings.d_model}, {settings.n_heads} heads, d_ff {settings.d_ff}, {settings.n_layers} "
            f"layers, batch {settings.batch_size}, {settings.n_hashes} hash rounds, chunk {settings.chunk_len}, "
            f"LSH setting {setting}. A length is skipped (and longer ones for that variant) when its compile-time "
-           f"peak exceeds {settings.memory_fraction:.0%} of the machine's RAM shared by the variants alive "
-           "together.\n\n")
-    md += output.markdown_table(rows, [
-        ("label", "variant", "s"), ("seq_len", "length", ""), ("median_step_s", "s / step", ".3f"),
-        (lambda r: r["s_per_token"] * 1e6 if r["s_per_token"] else None, "µs / token", ",.1f"),
-        ("s_per_token_over_shortest", "per-token cost / shortest", ".2f"),
-        ("compile_peak_bytes", "compile-time peak MiB", "mib"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
-        ("compile_s", "compile s", ".1f"), ("skipped", "skipped", "")])
+           f"peak exceeds what the variants already running at that length leave of {settings.memory_fraction:.0%} "
+           "of the machine's RAM (smallest step first).\n\n")
+    md += output.markdown_table(rows, LENGTH_COLUMNS)
 
     def plot(path):
         fig, ax = output.new_figure(7.5, 4.8)

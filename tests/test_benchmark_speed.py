@@ -19,7 +19,7 @@ from absl import flags
 
 from benchmarks import peers, speed, speed_worker
 
-TINY = speed.Settings(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, seq_len=64, n_hashes=2,
+TINY = speed.Settings(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=1, seq_len=32, n_hashes=2,
                       chunk_len=16, ours=("default",), warmup_steps=0, rounds=2, sweep_rounds=1, fast_compile=True,
                       command="pytest")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +111,7 @@ class FakeWorker:
 
     def wait_ready(self):
         self.facts.update(compile_s=0.5, compile_peak_bytes=self.spec["seq_len"] * 1000)
+        assert self.spec["memory_limit_bytes"] > 0
         if self.spec["seq_len"] > 64 and self.name == "transformer":
             self.skipped = "compile-time peak exceeds the limit"
 
