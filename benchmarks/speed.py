@@ -32,12 +32,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from absl import app, flags
 
 from benchmarks import output, peers, seed
+# The memory driver's flag checks (FlagError: a bad flag value, found before anything is compiled).
+from benchmarks.memory import PRESETS, FlagError, _int_list, _models
 from benchmarks.output import MIB, Row
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 COMPARE_CHOICES = ("none", "peers")
 SWEEP_CHOICES = ("none", "length")
-PRESETS = ("transformer", "lsh", "reversible", "reformer")
 # Settings of our step timed side by side: the config's default, and the knobs that trade speed for memory.
 OURS_SETTINGS = {"default": {}, "sequential_rounds": {"sequential_rounds": True}, "bfloat16": {"dtype": "bfloat16"}}
 POS_EMBEDDINGS = ("absolute", "axial")
@@ -56,10 +57,6 @@ LENGTH_COLUMNS = [
     ("s_per_token_over_shortest", "per-token cost / shortest", ".2f"),
     ("compile_peak_bytes", "compile-time peak MiB", "mib"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
     ("compile_s", "compile s", ".1f"), ("skipped", "skipped", "")]
-
-
-class FlagError(ValueError):
-    """A bad flag value, found before anything is compiled."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,25 +153,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "default).", **fv)
 
 
-def _positive_ints(flag: str, values: Sequence[str], example: str) -> Tuple[int, ...]:
-    out = []
-    for v in values:
-        try:
-            out.append(int(str(v).strip()))
-        except ValueError:
-            raise FlagError(f"--{flag}={','.join(map(str, values))}: {v!r} is not an integer; e.g. "
-                            f"--{flag}={example}.") from None
-    if not out or min(out) < 1:
-        raise FlagError(f"--{flag}={','.join(map(str, values))}: expected positive integers, e.g. --{flag}={example}.")
-    return tuple(out)
-
-
 def _choices(flag: str, values: Sequence[str], valid: Sequence[str]) -> Tuple[str, ...]:
     chosen = tuple(str(v).strip() for v in values)
-    bad = [v for v in chosen if v not in valid]
-    if bad or not chosen:
-        raise FlagError(f"--{flag}={','.join(values)}: unknown value(s) {', '.join(map(repr, bad)) or '(none)'}; "
-                        f"expected a comma-separated subset of {','.join(valid)}.")
+    if not chosen or any(v not in valid for v in chosen):
+        raise FlagError(f"--{flag}={','.join(values)}: expected a comma-separated subset of {','.join(valid)}.")
     return chosen
 
 
@@ -212,7 +194,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         ours=_choices("ours", fv.ours, tuple(OURS_SETTINGS)), vocab_size=fv.vocab_size, d_model=fv.d_model,
         n_heads=fv.n_heads, d_ff=fv.d_ff, n_layers=fv.n_layers, seq_len=fv.seq_len, batch_size=fv.batch_size,
         n_hashes=fv.n_hashes, chunk_len=fv.chunk_len, dropout=fv.dropout, pos_embedding=fv.pos_embedding,
-        models=_choices("models", fv.models, PRESETS), lengths=_positive_ints("lengths", fv.lengths, "1024,4096"),
+        models=_models("models", fv.models), lengths=_int_list("lengths", fv.lengths, "1024,4096"),
         warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
         sweep_rounds=fv.sweep_rounds, memory_fraction=fv.memory_fraction, compilation_cache_dir=cache_dir,
         xla_measuring_options=fv.xla_measuring_options, fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,

@@ -151,8 +151,8 @@ def flag_values():
 @pytest.mark.parametrize("args, expected", [
     (["--compare=torch"], "--compare='torch' is unknown; expected one of none, peers"),
     (["--sweep=width"], "--sweep='width' is unknown"),
-    (["--ours=default,fp8"], "unknown value(s) 'fp8'; expected a comma-separated subset of default,"),
-    (["--models=reformer,gpt"], "unknown value(s) 'gpt'"),
+    (["--ours=default,fp8"], "--ours=default,fp8: expected a comma-separated subset of default,"),
+    (["--models=reformer,gpt"], "unknown preset(s) 'gpt'"),
     (["--lengths=1024,x"], "'x' is not an integer"),
     (["--rounds=0"], "--rounds=0 is invalid: expected a positive integer"),
     (["--warmup_steps=-1"], "--warmup_steps=-1 is invalid"),
@@ -211,3 +211,19 @@ def test_a_second_process_loads_from_the_compilation_cache(tmp_path):
         hits.append(int(proc.stdout.split("HITS")[-1]))
     assert hits[0] == 0 and hits[1] >= 1, hits
     assert os.listdir(tmp_path / "cache")
+
+
+def test_main_refuses_a_cache_dir_that_is_a_file(tmp_path):
+    from absl import app
+
+    import main
+
+    a_file = tmp_path / "cache"
+    a_file.write_text("x")
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["main.py", f"--compilation_cache_dir={a_file}"])
+        with pytest.raises(app.UsageError, match="--compilation_cache_dir=.* is a file, not a directory"):
+            main.validate_run_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
