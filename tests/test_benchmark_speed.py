@@ -78,11 +78,17 @@ def test_missing_peers_are_skipped_with_a_message(monkeypatch):
                      "(pip install -r benchmarks/requirements-peers.txt)."]
 
 
-def test_side_by_side_run_writes_rows_and_files(tmp_path):
+# The default run times reformer_pytorch beside ours (Hugging Face's import alone takes ~5 s of CPU: slow run).
+@pytest.mark.parametrize("peer", [pytest.param("reformer_pytorch"), pytest.param("hf", marks=pytest.mark.slow)])
+def test_side_by_side_run_writes_rows_and_files(tmp_path, monkeypatch, peer):
+    if peers.missing_packages(peer):
+        pytest.skip(f"{peer} not installed")
+    real_missing = peers.missing_packages
+    monkeypatch.setattr(peers, "missing_packages", lambda p: real_missing(p) if p == peer else ["(left out)"])
     settings = dataclasses.replace(TINY, compare="peers", out_dir=str(tmp_path), rounds=1)
     rows = speed.run(settings)
     names = [r["implementation"] for r in rows]
-    assert names == ["ours"] + speed.available_peers()[0]
+    assert names == ["ours", peer]
     for row in rows:
         assert len(row["step_s"]) == settings.rounds * settings.steps_per_round
         assert row["median_step_s"] == float(np.median(row["step_s"])) > 0
@@ -98,7 +104,8 @@ def test_side_by_side_run_writes_rows_and_files(tmp_path):
         assert rows[names.index("reformer_pytorch")]["reformer_pytorch_version"]
     with open(tmp_path / "speed_peers.json") as f:
         assert json.load(f) == json.loads(json.dumps(rows))
-    assert "| reformer_jax (reformer) |" in (tmp_path / "speed_peers.md").read_text()
+    markdown = (tmp_path / "speed_peers.md").read_text()
+    assert "| reformer_jax (reformer) |" in markdown and "skipped: (left out) not installed" in markdown
     assert (tmp_path / "speed_peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "speed_peers.csv").exists()
 
