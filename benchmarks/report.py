@@ -264,10 +264,13 @@ def speed_section(results: str, rel: str) -> List[str]:
             continue
         first = rows[0]
         loads = [r[k] for r in rows for k in ("loadavg_before", "loadavg_after") if r.get(k) is not None]
-        out.append(f"## {title}\n")
+        peer_versions = "".join(f", {k[:-len('_version')]} {v}" for k, v in dict(
+            (k, r[k]) for r in rows for k in ("torch_version", "transformers_version", "reformer_pytorch_version")
+            if r.get(k)).items())
+        out.append(f"\n## {title}\n")
         out.append(f"Command: `{first['command']}` -> [`{name}.json`]({rel}/{name}.json). Machine: "
                    f"{first['platform']}, {first['cpu_count']} CPUs, backend {first['backend']}; jax "
-                   f"{first['jax_version']}, jaxlib {first['jaxlib_version']}. Median training step (compile and "
+                   f"{first['jax_version']}, jaxlib {first['jaxlib_version']}{peer_versions}. Median training step (compile and "
                    f"warm-up excluded, rounds alternating between implementations); peak RSS of each "
                    f"implementation's own process, compilation included. 1-minute load average during the run "
                    f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} on {first['cpu_count']} CPUs.\n")
