@@ -449,8 +449,8 @@ def run_speed(settings: Settings) -> List[Row]:
                                     if reference and row["median_step_s"] else None)
         row["rss_over_hf"] = (row["peak_rss_bytes"] / reference["peak_rss_bytes"]
                               if reference and row["peak_rss_bytes"] else None)
-    md = _header(rows, "Training speed: reformer_jax" + (" against the PyTorch Reformers" if notes or reference
-                                                           or experiment == "peers" else ""))
+    md = _header(rows, "Training speed: reformer_jax" + (" against the PyTorch Reformers" if experiment == "peers"
+                                                           else ""))
     md += (f"Sizes: vocab {settings.vocab_size}, d_model {settings.d_model}, {settings.n_heads} heads, d_ff "
            f"{settings.d_ff}, {settings.n_layers} layers, length {settings.seq_len}, batch {settings.batch_size}, "
            f"{settings.n_hashes} hash rounds, chunk {settings.chunk_len}, dropout {settings.dropout}, float32 "
