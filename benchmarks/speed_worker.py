@@ -75,7 +75,7 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
              "param_count": int(sum(x.size for x in jax.tree.leaves(state_spec.params))),
              "flops": _flops(compiled)}
     limit = spec.get("memory_limit_bytes")
-    if limit and stats.peak_bytes > limit:
+    if limit is not None and stats.peak_bytes > limit:
         return None, facts
     tokens = tokens_for(spec)
     batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
