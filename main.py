@@ -51,6 +51,8 @@ flags.DEFINE_integer("eval_batches", 4, "Validation batches per evaluation.")
 flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every this many steps (and always at the end).")
 flags.DEFINE_integer("seed", 0, "Seed of the parameters, data order, hashing and dropout.")
 flags.DEFINE_integer("sample_len", 200, "Characters of text generated at the end (0: none).")
+flags.DEFINE_string("compilation_cache_dir", None, "Keep compiled steps in this directory (JAX's persistent "
+                    "compilation cache): a rerun with the same model and shapes loads them instead of compiling.")
 flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
                   "logged) instead of stopping the run.")
@@ -168,6 +170,13 @@ def validate_run_flags() -> None:
     if vocab is not None and FLAGS.dataset != "synthetic" and vocab < data_lib.BYTE_VOCAB_SIZE:
         raise app.UsageError(f"--vocab_size={vocab} is too small for byte-level --dataset={FLAGS.dataset}; use "
                              f"{data_lib.BYTE_VOCAB_SIZE} (or leave it unset).")
+    if FLAGS.compilation_cache_dir is not None:
+        from reformer_jax.compilation_cache import check_cache_dir
+
+        try:
+            check_cache_dir(FLAGS.compilation_cache_dir)
+        except ValueError as error:
+            raise app.UsageError(str(error)) from None
     if FLAGS.dataset == "text" and not FLAGS.data_path:
         raise app.UsageError("--dataset=text needs --data_path=FILE.")
     if (FLAGS.num_processes is None) != (FLAGS.process_id is None) or (
@@ -195,6 +204,10 @@ def main(argv):
     validate_run_flags()
     config = model_config_from_flags()
     _initialize_distributed()
+    if FLAGS.compilation_cache_dir is not None:
+        from reformer_jax.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache(FLAGS.compilation_cache_dir)
 
     from reformer_jax.checkpoint import CheckpointError, CheckpointMismatch, saved_run_settings
     from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate

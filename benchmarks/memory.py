@@ -158,6 +158,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "0 skips the timing).", flag_values=flag_values)
     flags.DEFINE_integer("floor_real_len", d.floor_real_len, "Target 5: length of the one real training step run "
                          "on this machine (0 skips it).", flag_values=flag_values)
+    flags.DEFINE_string("compilation_cache_dir", "", "JAX persistent compilation cache directory (empty: off); a "
+                        "rerun loads compiled steps instead of compiling (compile_s then measures the load).",
+                        flag_values=flag_values)
     flags.DEFINE_boolean("fast_compile", False, "LLVM -O0 (same memory figures, faster compiles; for tests).",
                          flag_values=flag_values)
 
@@ -835,7 +838,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
     try:
         settings = settings_from_flags(flags.FLAGS, sys.argv)
-    except FlagError as err:
+        if flags.FLAGS.compilation_cache_dir:
+            from reformer_jax.compilation_cache import enable_compilation_cache
+
+            enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
+    except (FlagError, ValueError) as err:
         raise app.UsageError(str(err)) from None
     run(settings)
 

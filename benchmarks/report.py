@@ -254,9 +254,36 @@ def build(results: str, report_path: str) -> str:
       f"({_mib(v['transformer']['peak_bytes'])} MiB against {seed.VARIANTS_MB['transformer']} MB).")
     w("- **Compile-time against runtime:** the compile-time peak is what XLA plans; the CPU RSS column is a coarse "
       "check of it (see the runtime table). GPU runtime figures are still to come.")
+    out.extend(speed_section(results, rel))
     text = "\n".join(out) + "\n"
     atomic_write_text(report_path, text)
     return text
+
+
+def speed_section(results: str, rel: str) -> List[str]:
+    """Training speed (benchmarks.speed): the peer comparison and the length sweep, where their JSON exists."""
+    from benchmarks.speed import LENGTH_COLUMNS, SPEED_COLUMNS
+
+    out: List[str] = []
+    for name, title, columns in (("speed_peers", "Training speed against the PyTorch Reformers", SPEED_COLUMNS),
+                                 ("speed_length", "Training speed against length", LENGTH_COLUMNS)):
+        rows = _load(results, name)
+        if not rows:
+            continue
+        first = rows[0]
+        loads = [r[k] for r in rows for k in ("loadavg_before", "loadavg_after") if r.get(k) is not None]
+        peer_versions = "".join(f", {k[:-len('_version')]} {v}" for k, v in dict(
+            (k, r[k]) for r in rows for k in ("torch_version", "transformers_version", "reformer_pytorch_version")
+            if r.get(k)).items())
+        out.append(f"\n## {title}\n")
+        out.append(f"Command: `{first['command']}` -> [`{name}.json`]({rel}/{name}.json). Machine: "
+                   f"{first['platform']}, {first['cpu_count']} CPUs, backend {first['backend']}; jax "
+                   f"{first['jax_version']}, jaxlib {first['jaxlib_version']}{peer_versions}. Median training step (compile and "
+                   f"warm-up excluded, rounds alternating between implementations); peak RSS of each "
+                   f"implementation's own process, compilation included. 1-minute load average during the run "
+                   f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} on {first['cpu_count']} CPUs.\n")
+        out.append(markdown_table(rows, columns))
+    return out
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,560 @@
+"""Training-speed benchmark driver: our jitted step, the PyTorch Reformers beside it, and a length sweep.
+
+    python -m benchmarks.speed                                   # ours at configuration P, both LSH settings
+    python -m benchmarks.speed --compare=peers                   # + Hugging Face and reformer-pytorch, same run
+    python -m benchmarks.speed --sweep=length                    # four variants, lengths 1024 .. 65536
+    python -m benchmarks.speed --compilation_cache_dir=~/.cache/reformer_jax/xla   # reuse compiled steps
+
+Every implementation runs in its own worker process (`benchmarks.speed_worker`), so its peak RSS (ru_maxrss,
+compilation included) is its own. Workers are started one after the other (compilations never overlap), run
+`--warmup_steps` untimed steps, and then stay alive while the driver alternates timing rounds between them
+(each round a different one goes first), so drift of a shared machine hits all of them alike. A step is timed to
+completion (`block_until_ready` for JAX, a synchronous loss for torch); the figure is the median step.
+
+The default sizes are configuration P of the speed issue (vocab 259, d_model 256, 4 heads of 64, d_ff 1024,
+6 layers, length 4096, batch 1, 8 hash rounds, chunk 64), dropout 0 and absolute positions, as the peers run.
+Outputs in --out_dir: speed.*, speed_peers.* or speed_length.* (.json rows with machine and versions, .csv, .md,
+.png); a non-CPU backend adds its name (speed_length_gpu.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from absl import app, flags
+
+from benchmarks import output, peers, seed
+# The memory driver's flag checks (FlagError: a bad flag value, found before anything is compiled).
+from benchmarks.memory import PRESETS, FlagError, _int_list, _models
+from benchmarks.output import MIB, Row
+
+DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
+COMPARE_CHOICES = ("none", "peers")
+SWEEP_CHOICES = ("none", "length")
+# Settings of our step timed side by side: the config's default, and the knobs that trade speed for memory.
+OURS_SETTINGS = {"default": {}, "sequential_rounds": {"sequential_rounds": True}, "bfloat16": {"dtype": "bfloat16"}}
+POS_EMBEDDINGS = ("absolute", "axial")
+
+
+# Markdown columns of the two tables (benchmarks.report draws the same tables from the JSON).
+SPEED_COLUMNS = [
+    ("label", "implementation", "s"), ("median_step_s", "s / step", ".3f"), ("tokens_per_s", "tokens / s", ",.0f"),
+    ("hf_over_this_step", "speed-up over HF", ".2f"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
+    ("rss_over_hf", "RSS / HF", ".2f"), ("compile_s", "compile s", ".1f"),
+    (lambda r: r["warmup_s"][0] if r.get("warmup_s") else None, "first step s", ".2f"),
+    ("timed_steps", "timed steps", "")]
+LENGTH_COLUMNS = [
+    ("label", "variant", "s"), ("seq_len", "length", ""), ("median_step_s", "s / step", ".3f"),
+    (lambda r: r["s_per_token"] * 1e6 if r["s_per_token"] else None, "µs / token", ",.1f"),
+    ("s_per_token_over_shortest", "per-token cost / shortest", ".2f"),
+    ("compile_peak_bytes", "compile-time peak MiB", "mib"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
+    ("compile_s", "compile s", ".1f"), ("skipped", "skipped", "")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    out_dir: str = DEFAULT_OUT_DIR
+    compare: str = "none"
+    sweep: str = "none"
+    model: str = "reformer"
+    ours: Tuple[str, ...] = ("default", "sequential_rounds")
+    vocab_size: int = 259
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    n_layers: int = 6
+    seq_len: int = 4096
+    batch_size: int = 1
+    n_hashes: int = 8
+    chunk_len: int = 64
+    dropout: float = 0.0
+    pos_embedding: str = "absolute"
+    models: Tuple[str, ...] = PRESETS
+    lengths: Tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+    warmup_steps: int = 1
+    rounds: int = 5
+    steps_per_round: int = 1
+    sweep_rounds: int = 2
+    memory_fraction: float = 0.7
+    compilation_cache_dir: str = ""
+    xla_measuring_options: bool = False
+    fast_compile: bool = False
+    torch_threads: int = 0
+    command: str = "python -m benchmarks.speed"
+
+    def config(self, model: str, seq_len: int, setting: str = "default"):
+        """Our preset at these sizes (max_len = the row's length), with one of OURS_SETTINGS applied."""
+        from reformer_jax import ModelConfig
+
+        fields = dict(vocab_size=self.vocab_size, d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff,
+                      n_layers=self.n_layers, max_len=seq_len, n_hashes=self.n_hashes, chunk_len=self.chunk_len,
+                      dropout=self.dropout, pos_embedding=self.pos_embedding)
+        fields.update(OURS_SETTINGS[setting])
+        return ModelConfig.preset(model, **fields)
+
+    def peer_sizes(self, seq_len: int) -> Dict[str, Any]:
+        """The sizes a peer builds (benchmarks.peers), from our reformer preset at this length."""
+        config = self.config("reformer", seq_len)
+        return {"vocab_size": self.vocab_size, "d_model": self.d_model, "n_heads": self.n_heads,
+                "d_head": config.d_head, "d_ff": self.d_ff, "n_layers": self.n_layers, "seq_len": seq_len,
+                "batch_size": self.batch_size, "n_hashes": self.n_hashes, "chunk_len": self.chunk_len,
+                "n_buckets": config.resolved_n_buckets(seq_len), "ff_chunk_len": _ff_chunk(config.ff_chunk_len, seq_len)}
+
+
+def _ff_chunk(ff_chunk_len: int, seq_len: int) -> int:
+    """The feed-forward chunk a peer uses: ours (capped at the length, as layers.feed_forward_block does); 0 (off)
+    where it does not divide the length, since Hugging Face refuses a ragged last chunk."""
+    chunk = min(ff_chunk_len, seq_len)
+    return chunk if chunk and seq_len % chunk == 0 else 0
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    d = Settings()
+    lst = lambda xs: ",".join(str(x) for x in xs)  # noqa: E731
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string("out_dir", d.out_dir, "Where speed*.json/.csv/.md/.png are written.", **fv)
+    flags.DEFINE_string("compare", d.compare, "peers: also time Hugging Face's ReformerModelWithLMHead and "
+                        "reformer_pytorch.ReformerLM (each when installed) at the same sizes.", **fv)
+    flags.DEFINE_string("sweep", d.sweep, "length: the presets in --models at --lengths, seconds per token.", **fv)
+    flags.DEFINE_string("model", d.model, f"Our preset timed without --sweep: one of {', '.join(PRESETS)}.", **fv)
+    flags.DEFINE_list("ours", lst(d.ours), f"Settings of our step timed side by side: {', '.join(OURS_SETTINGS)}.",
+                      **fv)
+    for name, help_ in [("vocab_size", "Vocabulary."), ("d_model", "Model width."), ("n_heads", "Attention heads."),
+                        ("d_ff", "Feed-forward width."), ("n_layers", "Layers."), ("seq_len", "Sequence length."),
+                        ("batch_size", "Batch size."), ("n_hashes", "LSH hash rounds."),
+                        ("chunk_len", "LSH chunk length."), ("warmup_steps", "Untimed steps after compiling."),
+                        ("rounds", "Timing rounds (alternating between implementations)."),
+                        ("steps_per_round", "Timed steps per implementation per round."),
+                        ("sweep_rounds", "Timing rounds per length in --sweep=length.")]:
+        flags.DEFINE_integer(name, getattr(d, name), help_, **fv)
+    flags.DEFINE_float("dropout", d.dropout, "Dropout of our blocks (0, as the peers are run).", **fv)
+    flags.DEFINE_string("pos_embedding", d.pos_embedding, "Our positional embedding: absolute (as the peers are "
+                        "run) or axial.", **fv)
+    flags.DEFINE_list("models", lst(d.models), "Presets of --sweep=length.", **fv)
+    flags.DEFINE_list("lengths", lst(d.lengths), "Lengths of --sweep=length.", **fv)
+    flags.DEFINE_float("memory_fraction", d.memory_fraction, "--sweep=length skips a step (and the variant's "
+                       "longer ones) whose compile-time peak exceeds what the variants already running at that "
+                       "length leave of this fraction of the machine's RAM.", **fv)
+    flags.DEFINE_string("compilation_cache_dir", d.compilation_cache_dir, "JAX persistent compilation cache "
+                        "directory (empty: off). A later run with the same step loads it instead of compiling.", **fv)
+    flags.DEFINE_boolean("xla_measuring_options", d.xla_measuring_options, "Compile with the memory benchmark's "
+                         "XLA options (YNNPACK fusions off on CPU) instead of XLA's defaults.", **fv)
+    flags.DEFINE_boolean("fast_compile", d.fast_compile, "LLVM -O0: faster compiles, slower steps (for tests "
+                         "only, never for reported figures).", **fv)
+    flags.DEFINE_integer("torch_threads", d.torch_threads, "torch.set_num_threads for the peers (0: torch's "
+                         "default).", **fv)
+
+
+def _choices(flag: str, values: Sequence[str], valid: Sequence[str]) -> Tuple[str, ...]:
+    chosen = tuple(str(v).strip() for v in values)
+    if not chosen or any(v not in valid for v in chosen):
+        raise FlagError(f"--{flag}={','.join(values)}: expected a comma-separated subset of {','.join(valid)}.")
+    return chosen
+
+
+def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Sequence[str]] = None) -> Settings:
+    """Validated Settings; raises FlagError (naming the flag, the value and what would work) before compiling."""
+    for name, choices in (("compare", COMPARE_CHOICES), ("sweep", SWEEP_CHOICES), ("model", PRESETS),
+                          ("pos_embedding", POS_EMBEDDINGS)):
+        if getattr(fv, name) not in choices:
+            raise FlagError(f"--{name}={getattr(fv, name)!r} is unknown; expected one of {', '.join(choices)}.")
+    for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size", "n_hashes",
+                 "chunk_len", "rounds", "steps_per_round", "sweep_rounds"):
+        value = getattr(fv, name)
+        if value is None or value < 1:
+            raise FlagError(f"--{name}={value} is invalid: expected a positive integer (default "
+                            f"{getattr(Settings(), name)}).")
+    for name in ("warmup_steps", "torch_threads"):
+        if getattr(fv, name) is None or getattr(fv, name) < 0:
+            raise FlagError(f"--{name}={getattr(fv, name)} is invalid: expected an integer >= 0.")
+    if not 0 < fv.memory_fraction <= 1:
+        raise FlagError(f"--memory_fraction={fv.memory_fraction} is invalid: expected a fraction in (0, 1].")
+    if not 0 <= fv.dropout < 1:
+        raise FlagError(f"--dropout={fv.dropout} is invalid: expected a rate in [0, 1).")
+    if fv.compare != "none" and fv.sweep != "none":
+        raise FlagError(f"--compare={fv.compare} and --sweep={fv.sweep} are separate runs; give one of them.")
+    cache_dir = fv.compilation_cache_dir
+    if cache_dir:
+        from reformer_jax.compilation_cache import check_cache_dir
+
+        try:
+            cache_dir = check_cache_dir(cache_dir)
+        except ValueError as err:
+            raise FlagError(str(err)) from None
+    s = Settings(
+        out_dir=fv.out_dir, compare=fv.compare, sweep=fv.sweep, model=fv.model,
+        ours=_choices("ours", fv.ours, tuple(OURS_SETTINGS)), vocab_size=fv.vocab_size, d_model=fv.d_model,
+        n_heads=fv.n_heads, d_ff=fv.d_ff, n_layers=fv.n_layers, seq_len=fv.seq_len, batch_size=fv.batch_size,
+        n_hashes=fv.n_hashes, chunk_len=fv.chunk_len, dropout=fv.dropout, pos_embedding=fv.pos_embedding,
+        models=_models("models", fv.models), lengths=_int_list("lengths", fv.lengths, "1024,4096"),
+        warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
+        sweep_rounds=fv.sweep_rounds, memory_fraction=fv.memory_fraction, compilation_cache_dir=cache_dir,
+        xla_measuring_options=fv.xla_measuring_options, fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
+        command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
+    check_settings(s)
+    return s
+
+
+def check_settings(s: Settings) -> None:
+    """Every configuration the run will build, built now: a bad combination fails before the first compile."""
+    lengths = s.lengths if s.sweep == "length" else (s.seq_len,)
+    models = s.models if s.sweep == "length" else (s.model,)
+    for length in lengths:
+        if length % s.chunk_len:
+            raise FlagError(f"length {length} is not a multiple of --chunk_len={s.chunk_len}, which LSH attention "
+                            f"needs; e.g. {max(1, length // s.chunk_len) * s.chunk_len}.")
+        try:
+            for model in models:
+                for setting in s.ours:
+                    s.config(model, length, setting).check_seq_len(length)
+        except ValueError as err:
+            raise FlagError(f"the size flags give an invalid model: {err}") from None
+    if s.compare == "peers" and s.d_ff % s.d_model:
+        raise FlagError(f"--d_ff={s.d_ff} must be a multiple of --d_model={s.d_model} for reformer_pytorch "
+                        f"(its ff_mult); e.g. --d_ff={4 * s.d_model}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Worker:
+    """One implementation's worker process (benchmarks.speed_worker) and the step times it reported."""
+
+    def __init__(self, name: str, spec: Dict[str, Any]):
+        from benchmarks.speed_worker import parse_line
+
+        self.name, self.spec, self._parse = name, spec, parse_line
+        self.proc = None
+        self.step_s: List[float] = []
+        self.facts: Dict[str, Any] = {}
+        self.skipped: Optional[str] = None
+
+    def start(self) -> None:
+        """Launch the process (it compiles and warms up at once)."""
+        repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.speed_worker", json.dumps(self.spec)],
+                                     cwd=repo_root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True)
+
+    def read(self, *kinds: str) -> Tuple[str, Dict[str, Any]]:
+        """The next message of one of these kinds (other lines on stdout, e.g. library warnings, are skipped)."""
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                self._stderr.seek(0)
+                raise RuntimeError(f"speed worker {self.name} ended (exit {self.proc.returncode}) before sending "
+                                   f"{'/'.join(kinds)}; its stderr ended with:\n{self._stderr.read()[-3000:]}")
+            try:
+                kind, payload = self._parse(line)
+            except ValueError:
+                continue
+            if kind == "ERROR":
+                raise RuntimeError(f"speed worker {self.name}: {payload['message']}")
+            if kind in kinds:
+                return kind, payload
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def wait_ready(self) -> None:
+        self.start()
+        kind, payload = self.read("READY", "SKIP")
+        self.facts.update(payload)
+        if kind == "SKIP":
+            self.skipped = payload["reason"]
+            self.proc.wait()
+
+    def run_round(self, steps: int) -> None:
+        self.send(f"run {steps}")
+        _, payload = self.read("TIMES")
+        self.step_s.extend(payload["step_s"])
+        self.facts["last_loss"] = payload["loss"]
+
+    def finish(self) -> None:
+        if self.skipped is None:
+            self.send("quit")
+            _, payload = self.read("DONE")
+            self.facts.update(payload)
+            self.proc.wait()
+        self._stderr.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def time_group(workers: List[Worker], settings: Settings, rounds: int,
+               memory_budget: Optional[int] = None) -> None:
+    """Start each worker in turn (compiles never overlap), then alternate timing rounds, then collect RSS.
+
+    With `memory_budget`, each worker may use what the compile-time peaks of the workers already alive leave of it.
+    """
+    try:
+        alive = []
+        for worker in workers:
+            if memory_budget is not None:
+                worker.spec["memory_limit_bytes"] = memory_budget - sum(w.facts["compile_peak_bytes"] for w in alive)
+            log(f"  {worker.name}: building and warming up ...")
+            worker.wait_ready()
+            if worker.skipped:
+                log(f"  {worker.name}: skipped ({worker.skipped})")
+                continue
+            log(f"  {worker.name}: ready (compile {worker.facts.get('compile_s')} s, warm-up "
+                f"{worker.facts.get('warmup_s')} s)")
+            alive.append(worker)
+        for r in range(rounds):
+            order = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
+            for worker in order:
+                worker.run_round(settings.steps_per_round)
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{w.name} {w.step_s[-1]:.3f} s" for w in order))
+        for worker in workers:
+            worker.finish()
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
+def ours_spec(settings: Settings, model: str, seq_len: int, setting: str,
+              memory_limit: Optional[int] = None) -> Dict[str, Any]:
+    from reformer_jax.memory import compiler_options
+
+    import jax
+
+    return {"impl": "ours", "config": settings.config(model, seq_len, setting).to_dict(),
+            "sizes": {"vocab_size": settings.vocab_size}, "batch_size": settings.batch_size, "seq_len": seq_len,
+            "warmup_steps": settings.warmup_steps, "memory_limit_bytes": memory_limit,
+            "compilation_cache_dir": settings.compilation_cache_dir or None,
+            "compiler_options": {**(compiler_options(jax.default_backend()) if settings.xla_measuring_options else {}),
+                                 **({"xla_backend_optimization_level": 0} if settings.fast_compile else {})}}
+
+
+def peer_spec(settings: Settings, peer: str, seq_len: int) -> Dict[str, Any]:
+    return {"impl": peer, "sizes": settings.peer_sizes(seq_len), "batch_size": settings.batch_size,
+            "seq_len": seq_len, "warmup_steps": settings.warmup_steps, "torch_threads": settings.torch_threads}
+
+
+def make_row(settings: Settings, experiment: str, worker: Worker, *, implementation: str, label: str,
+             model: str, seq_len: int, load: Tuple[float, float]) -> Row:
+    from benchmarks.measure import machine
+
+    median = statistics.median(worker.step_s) if worker.step_s else None
+    tokens = settings.batch_size * seq_len
+    row: Row = {
+        "experiment": experiment, "implementation": implementation, "label": label, "model": model,
+        "seq_len": seq_len, "batch_size": settings.batch_size, "vocab_size": settings.vocab_size,
+        "d_model": settings.d_model, "n_heads": settings.n_heads, "d_ff": settings.d_ff,
+        "n_layers": settings.n_layers, "n_hashes": settings.n_hashes, "chunk_len": settings.chunk_len,
+        "config": worker.spec.get("config") or worker.spec.get("sizes"),
+        "median_step_s": median, "tokens_per_s": tokens / median if median else None,
+        "s_per_token": median / tokens if median else None, "step_s": worker.step_s,
+        "timed_steps": len(worker.step_s), "skipped": worker.skipped,
+        "peak_rss_bytes": worker.facts.get("ru_maxrss_bytes"),
+        "peak_rss_mib": round(worker.facts["ru_maxrss_bytes"] / MIB, 1) if worker.facts.get("ru_maxrss_bytes") else None,
+        "loadavg_before": load[0], "loadavg_after": load[1],
+    }
+    row.update({k: v for k, v in worker.facts.items() if k not in ("ru_maxrss_bytes", "pid")})
+    row.update({k: v for k, v in machine().items() if k not in row})
+    row["command"] = settings.command
+    return row
+
+
+def _out(name: str) -> str:
+    import jax
+
+    backend = jax.default_backend()
+    return name if backend == "cpu" else f"{name}_{backend}"
+
+
+def _header(rows: List[Row], title: str) -> str:
+    first = rows[0] if rows else {}
+    versions = ", ".join(f"{k.replace('_version', '')} {first.get(k) or next((r[k] for r in rows if r.get(k)), '')}"
+                         for k in ("jax_version", "jaxlib_version", "torch_version", "transformers_version",
+                                   "reformer_pytorch_version") if any(r.get(k) for r in rows))
+    loads = [r[k] for r in rows for k in ("loadavg_before", "loadavg_after") if r.get(k) is not None]
+    return (f"# {title}\n\nCommand: `{first.get('command', '')}`. Machine: {first.get('platform', '')}, "
+            f"{first.get('cpu_count', '')} CPUs, backend {first.get('backend', '')}; {versions}. 1-minute load "
+            f"average during the run {min(loads, default=0):.1f} to {max(loads, default=0):.1f} (a loaded shared "
+            f"machine makes the figures noisy). Median of the timed steps, compile and warm-up excluded; peak RSS "
+            f"is each implementation's own process (ru_maxrss, compilation included).\n\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def available_peers() -> Tuple[List[str], List[str]]:
+    """(the peers installed here, a message for each one skipped)."""
+    available, notes = [], []
+    for peer in peers.PEERS:
+        missing = peers.missing_packages(peer)
+        if missing:
+            notes.append(f"{peers.PEER_LABELS[peer]} skipped: {', '.join(missing)} not installed "
+                         "(pip install -r benchmarks/requirements-peers.txt).")
+            log(notes[-1])
+        else:
+            available.append(peer)
+    return available, notes
+
+
+def run_speed(settings: Settings) -> List[Row]:
+    """Our step (each --ours setting) and, with --compare=peers, the installed peers, alternating rounds."""
+    experiment = "peers" if settings.compare == "peers" else "speed"
+    entries: List[Tuple[str, str]] = []
+    notes: List[str] = []
+    for setting in settings.ours:
+        name = "ours" if setting == "default" else f"ours_{setting}"
+        label = f"reformer_jax ({settings.model}{'' if setting == 'default' else ', ' + setting})"
+        entries.append((name, label))
+    if settings.compare == "peers":
+        available, notes = available_peers()
+        entries.extend((peer, peers.PEER_LABELS[peer]) for peer in available)
+    load_before = os.getloadavg()[0]
+    workers = []
+    for name, _ in entries:
+        if name.startswith("ours"):
+            setting = "default" if name == "ours" else name[len("ours_"):]
+            spec = ours_spec(settings, settings.model, settings.seq_len, setting)
+        else:
+            spec = peer_spec(settings, name, settings.seq_len)
+        workers.append(Worker(name, spec))
+    log(f"== {experiment}: {', '.join(n for n, _ in entries)} at length {settings.seq_len}, {settings.rounds} "
+        f"rounds ==")
+    time_group(workers, settings, settings.rounds)
+    load = (load_before, os.getloadavg()[0])
+    rows = [make_row(settings, experiment, w, implementation=name, label=label, model=settings.model,
+                     seq_len=settings.seq_len, load=load) for (name, label), w in zip(entries, workers)]
+    reference = next((r for r in rows if r["implementation"] == "hf" and r["median_step_s"]), None)
+    for row in rows:
+        row["hf_over_this_step"] = (reference["median_step_s"] / row["median_step_s"]
+                                    if reference and row["median_step_s"] else None)
+        row["rss_over_hf"] = (row["peak_rss_bytes"] / reference["peak_rss_bytes"]
+                              if reference and row["peak_rss_bytes"] else None)
+    md = _header(rows, "Training speed: reformer_jax" + (" against the PyTorch Reformers" if experiment == "peers"
+                                                           else ""))
+    md += (f"Sizes: vocab {settings.vocab_size}, d_model {settings.d_model}, {settings.n_heads} heads, d_ff "
+           f"{settings.d_ff}, {settings.n_layers} layers, length {settings.seq_len}, batch {settings.batch_size}, "
+           f"{settings.n_hashes} hash rounds, chunk {settings.chunk_len}, dropout {settings.dropout}, float32 "
+           f"parameters, Adafactor.\n\n")
+    md += output.markdown_table(rows, SPEED_COLUMNS)
+    md += "".join(f"\n{n}\n" for n in notes)
+
+    def plot(path):
+        fig, (ax1, ax2) = output.new_figure(11, 4.2, ncols=2)
+        names = [r["label"].replace(" (", "\n(") for r in rows]
+        ax1.barh(names, [r["median_step_s"] or 0 for r in rows], color="tab:blue")
+        ax1.set_xlabel("seconds per training step (median)")
+        ax2.barh(names, [(r["peak_rss_bytes"] or 0) / MIB for r in rows], color="tab:orange")
+        ax2.set_xlabel("peak process RSS (MiB, compilation included)")
+        ax2.set_yticks([])
+        for ax in (ax1, ax2):
+            ax.grid(axis="x", alpha=0.3)
+            ax.invert_yaxis()
+        fig.suptitle(f"Training step at length {settings.seq_len} ({rows[0]['backend'] if rows else ''})",
+                     fontsize=10)
+        output.save_figure(path, fig)
+
+    name = "speed_peers" if experiment == "peers" else "speed"
+    output.write_outputs(settings.out_dir, _out(name), rows, md, plot)
+    return rows
+
+
+def run_length_sweep(settings: Settings) -> List[Row]:
+    """The presets in --models at each length (alternating rounds), until a preset no longer fits in memory."""
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    stopped: Dict[str, str] = {}
+    rows: List[Row] = []
+    setting = settings.ours[0]
+    budget = int(ram * settings.memory_fraction)
+    last_peak: Dict[str, int] = {}
+    for length in settings.lengths:
+        # The smallest step (at the previous length) starts first, so a large one cannot crowd the others out.
+        models = sorted((m for m in settings.models if m not in stopped), key=lambda m: last_peak.get(m, 0))
+        if not models:
+            break
+        log(f"== length {length}: {', '.join(models)} (compile-time peaks together at most {budget / 2**30:.1f} "
+            "GiB) ==")
+        load_before = os.getloadavg()[0]
+        workers = [Worker(m, ours_spec(settings, m, length, setting)) for m in models]
+        time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
+        load = (load_before, os.getloadavg()[0])
+        for model, worker in zip(models, workers):
+            last_peak[model] = worker.facts.get("compile_peak_bytes", 0)
+            if worker.skipped:
+                stopped[model] = f"stopped at length {length}: {worker.skipped}"
+            rows.append(make_row(settings, "length", worker, implementation="ours", label=seed.LABELS[model],
+                                 model=model, seq_len=length, load=load))
+    rows.sort(key=lambda r: (r["seq_len"], settings.models.index(r["model"])))
+    timed = [r for r in rows if r["median_step_s"]]
+    for row in timed:  # per-token cost relative to the same preset at the shortest timed length
+        base = min((r for r in timed if r["model"] == row["model"]), key=lambda r: r["seq_len"])
+        row["s_per_token_over_shortest"] = row["s_per_token"] / base["s_per_token"]
+    md = _header(rows, "Training speed against length: the four variants")
+    md += (f"Sizes: d_model {settings.d_model}, {settings.n_heads} heads, d_ff {settings.d_ff}, {settings.n_layers} "
+           f"layers, batch {settings.batch_size}, {settings.n_hashes} hash rounds, chunk {settings.chunk_len}, "
+           f"LSH setting {setting}. A length is skipped (and longer ones for that variant) when its compile-time "
+           f"peak exceeds what the variants already running at that length leave of {settings.memory_fraction:.0%} "
+           "of the machine's RAM (smallest step first).\n\n")
+    md += output.markdown_table(rows, LENGTH_COLUMNS)
+
+    def plot(path):
+        fig, ax = output.new_figure(7.5, 4.8)
+        for model in settings.models:
+            points = [(r["seq_len"], r["s_per_token"] * 1e6) for r in timed if r["model"] == model]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=seed.LABELS[model])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("µs per token (training step)")
+        ax.set_title(f"Seconds per token against length ({rows[0]['backend'] if rows else ''})", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        output.save_figure(path, fig)
+
+    output.write_outputs(settings.out_dir, _out("speed_length"), rows, md, plot)
+    return rows
+
+
+def run(settings: Settings) -> List[Row]:
+    os.makedirs(settings.out_dir, exist_ok=True)
+    t = time.perf_counter()
+    rows = run_length_sweep(settings) if settings.sweep == "length" else run_speed(settings)
+    log(f"== {len(rows)} rows in {time.perf_counter() - t:.0f} s, written to {settings.out_dir} ==")
+    return rows
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
+    try:
+        settings = settings_from_flags(flags.FLAGS, sys.argv)
+    except FlagError as err:
+        raise app.UsageError(str(err)) from None
+    run(settings)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,163 @@
+"""One implementation's training step in its own process, timed on command (the speed driver's worker).
+
+    python -m benchmarks.speed_worker '{"impl": "ours" | "hf" | "reformer_pytorch", ...}'
+
+The worker builds the step (ours: lowers and compiles `reformer_jax.train.jit_train_step`; peers: builds the
+torch model and optimizer), runs the warm-up steps and prints `SPEED_READY {json}`. It then reads commands from
+stdin, one a line:
+  run N   run N steps, each timed to completion (block_until_ready), and print `SPEED_TIMES {json}`
+  quit    print `SPEED_DONE {json}` with the process's peak RSS (ru_maxrss: compilation included) and exit
+so the driver can alternate rounds between implementations that stay alive. A step whose compile-time peak
+exceeds `memory_limit_bytes` is not run: the worker prints `SPEED_SKIP {json}` and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Tuple
+
+PREFIX = "SPEED_"
+
+
+def emit(kind: str, payload: Dict[str, Any]) -> None:
+    print(f"{PREFIX}{kind} {json.dumps(payload)}", flush=True)
+
+
+def parse_line(line: str) -> Tuple[str, Dict[str, Any]]:
+    """(kind, payload) of a worker line `SPEED_KIND {json}`; ValueError for any other line."""
+    if not line.startswith(PREFIX) or " " not in line:
+        raise ValueError(f"not a worker message: {line[:200]!r}")
+    kind, payload = line[len(PREFIX):].split(" ", 1)
+    return kind, json.loads(payload)
+
+
+def tokens_for(spec: Dict[str, Any]):
+    """The same pseudo-random batch for every implementation: int32 [b, l + 1] in [3, vocab)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.integers(3, spec["sizes"]["vocab_size"], size=(spec["batch_size"], spec["seq_len"] + 1),
+                        dtype=np.int32)
+
+
+def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any]]:
+    """Compile reformer_jax's training step; (step function, facts: compile_s, compile-time peak, cache hits)."""
+    import jax
+    import jax.numpy as jnp
+
+    from reformer_jax import train
+    from reformer_jax.compilation_cache import CacheHits, enable_compilation_cache
+    from reformer_jax.config import ModelConfig
+    from reformer_jax.memory import stats_from_analysis
+
+    if spec.get("compilation_cache_dir"):
+        enable_compilation_cache(spec["compilation_cache_dir"])
+    config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    batch_size, seq_len = spec["batch_size"], spec["seq_len"]
+    config.check_seq_len(seq_len)
+    with CacheHits() as hits:
+        t = time.perf_counter()
+        tx = train.make_optimizer("adafactor")
+        init_fn = jax.jit(lambda k: train.create_train_state(k, config, tx))
+        key_spec = jax.eval_shape(lambda: jax.random.key(0))
+        state_spec = jax.eval_shape(init_fn, key_spec)
+        batch_spec = train.batch_spec(batch_size, seq_len)
+        compiled = train.jit_train_step(config).lower(state_spec, batch_spec, key_spec).compile(
+            spec.get("compiler_options") or None)
+        compile_s = time.perf_counter() - t
+        init = init_fn.lower(key_spec).compile()
+    stats = stats_from_analysis(compiled.memory_analysis(), state_spec.params, state_spec.opt_state, batch_spec,
+                                jax.default_backend())
+    facts = {"compile_s": round(compile_s, 3), "compile_peak_bytes": stats.peak_bytes, "cache_hits": hits.count,
+             "param_count": int(sum(x.size for x in jax.tree.leaves(state_spec.params))),
+             "flops": _flops(compiled)}
+    limit = spec.get("memory_limit_bytes")
+    if limit is not None and stats.peak_bytes > limit:
+        return None, facts
+    tokens = tokens_for(spec)
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+             "weights": jnp.ones((batch_size, seq_len), jnp.float32)}
+    box = {"state": init(jax.random.key(0))}
+    key = jax.random.key(1)
+
+    def step() -> float:
+        box["state"], metrics = compiled(box["state"], batch, key)
+        jax.block_until_ready((box["state"], metrics))
+        return float(metrics["loss"])
+
+    return step, facts
+
+
+def _flops(compiled) -> Any:
+    """XLA's flop estimate of the step (cost_analysis), or None where the backend gives none."""
+    try:
+        analysis = compiled.cost_analysis()
+        if isinstance(analysis, (list, tuple)):
+            analysis = analysis[0] if analysis else {}
+        return float(analysis.get("flops")) if analysis and "flops" in analysis else None
+    except Exception:  # noqa: BLE001 - an estimate only; some backends do not implement it
+        return None
+
+
+def build_peer(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any]]:
+    from benchmarks import peers
+
+    t = time.perf_counter()
+    step = peers.build(spec["impl"], spec["sizes"], tokens_for(spec), threads=spec.get("torch_threads"))
+    import torch
+
+    facts = {"compile_s": None, "setup_s": round(time.perf_counter() - t, 3), "param_count": step.parameter_count(),
+             "torch_threads": torch.get_num_threads(), **peers.peer_versions(spec["impl"])}
+    return step, facts
+
+
+def ru_maxrss_bytes() -> int:
+    import resource
+
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(value if sys.platform == "darwin" else value * 1024)
+
+
+def serve(spec: Dict[str, Any], commands=sys.stdin) -> int:
+    t0 = time.perf_counter()
+    step, facts = (build_ours if spec["impl"] == "ours" else build_peer)(spec)
+    if step is None:
+        emit("SKIP", {**facts, "reason": f"compile-time peak {facts['compile_peak_bytes'] / 2**30:.2f} GiB exceeds "
+                      f"the limit {spec['memory_limit_bytes'] / 2**30:.2f} GiB", "ru_maxrss_bytes": ru_maxrss_bytes()})
+        return 0
+    warmup = []
+    for _ in range(spec.get("warmup_steps", 1)):
+        t = time.perf_counter()
+        step()
+        warmup.append(round(time.perf_counter() - t, 4))
+    emit("READY", {**facts, "warmup_s": warmup, "ready_s": round(time.perf_counter() - t0, 3), "pid": os.getpid()})
+    for line in commands:
+        words = line.split()
+        if words[:1] == ["run"] and len(words) == 2:
+            times, loss = [], None
+            for _ in range(int(words[1])):
+                t = time.perf_counter()
+                loss = step()
+                times.append(time.perf_counter() - t)
+            emit("TIMES", {"step_s": times, "loss": loss})
+        elif words == ["quit"]:
+            break
+        else:
+            emit("ERROR", {"message": f"unknown command {line.strip()!r}; expected 'run N' or 'quit'"})
+            return 2
+    emit("DONE", {"ru_maxrss_bytes": ru_maxrss_bytes()})
+    return 0
+
+
+def main(argv) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return serve(json.loads(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

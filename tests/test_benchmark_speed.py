@@ -1,0 +1,236 @@
+"""The speed driver at tiny sizes: its worker protocol, the peers' training steps, the side-by-side run and its
+files, the length sweep's stopping rule, flag checks, and the persistent compilation cache across processes.
+
+No timing is asserted: only that steps were timed, losses are finite and the figures are put together correctly.
+"""
+
+import dataclasses
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from absl import flags
+
+from benchmarks import peers, speed, speed_worker
+
+TINY = speed.Settings(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=1, seq_len=32, n_hashes=2,
+                      chunk_len=16, ours=("default",), warmup_steps=0, rounds=2, sweep_rounds=1, fast_compile=True,
+                      command="pytest")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _messages(text):
+    return [speed_worker.parse_line(line) for line in text.splitlines() if line.startswith(speed_worker.PREFIX)]
+
+
+def test_worker_protocol_times_on_command_and_refuses_unknown_ones(capsys, monkeypatch):
+    losses = iter([3.0, 2.5, 2.0])
+    monkeypatch.setattr(speed_worker, "build_ours", lambda spec: (lambda: next(losses), {"compile_s": 1.5}))
+    spec = {"impl": "ours", "warmup_steps": 1}
+    assert speed_worker.serve(spec, commands=io.StringIO("run 2\nquit\n")) == 0
+    messages = _messages(capsys.readouterr().out)
+    assert [k for k, _ in messages] == ["READY", "TIMES", "DONE"]
+    assert messages[0][1]["compile_s"] == 1.5 and len(messages[0][1]["warmup_s"]) == 1
+    assert len(messages[1][1]["step_s"]) == 2 and messages[1][1]["loss"] == 2.0
+    assert messages[2][1]["ru_maxrss_bytes"] > 0
+    losses = iter([1.0])
+    assert speed_worker.serve(spec, commands=io.StringIO("walk 3\n")) == 2
+    kind, payload = _messages(capsys.readouterr().out)[-1]
+    assert kind == "ERROR" and "expected 'run N' or 'quit'" in payload["message"]
+
+
+def test_worker_compiles_our_step_and_skips_it_when_it_does_not_fit(capsys):
+    spec = speed.ours_spec(TINY, "transformer", TINY.seq_len, "default", memory_limit=1)
+    assert speed_worker.serve(spec, commands=io.StringIO("run 1\n")) == 0
+    (kind, payload), = _messages(capsys.readouterr().out)
+    assert kind == "SKIP" and "exceeds the limit" in payload["reason"]
+    assert payload["compile_peak_bytes"] > 1 and payload["compile_s"] > 0 and payload["param_count"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer", peers.PEERS)
+def test_peer_step_trains_the_same_batch(peer):
+    if peers.missing_packages(peer):
+        pytest.skip(f"{peer} not installed")
+    import torch
+
+    spec = speed.peer_spec(TINY, peer, TINY.seq_len)
+    step = peers.build(peer, spec["sizes"], speed_worker.tokens_for(spec))
+    before = [p.detach().clone() for p in step.model.parameters()]
+    losses = [step() for _ in range(3)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.model.parameters()))
+    # Near log(vocab) at initialisation: the loss is a next-token cross-entropy over the tiny vocabulary.
+    assert abs(losses[0] - math.log(TINY.vocab_size)) < 1.0, losses
+
+
+def test_missing_peers_are_skipped_with_a_message(monkeypatch):
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None if name == "transformers" else object())
+    available, notes = speed.available_peers()
+    assert available == ["reformer_pytorch"]
+    assert notes == ["Hugging Face ReformerModelWithLMHead skipped: transformers not installed "
+                     "(pip install -r benchmarks/requirements-peers.txt)."]
+
+
+# The default run times reformer_pytorch beside ours (Hugging Face's import alone takes ~5 s of CPU: slow run).
+@pytest.mark.parametrize("peer", [pytest.param("reformer_pytorch"), pytest.param("hf", marks=pytest.mark.slow)])
+def test_side_by_side_run_writes_rows_and_files(tmp_path, monkeypatch, peer):
+    if peers.missing_packages(peer):
+        pytest.skip(f"{peer} not installed")
+    real_missing = peers.missing_packages
+    monkeypatch.setattr(peers, "missing_packages", lambda p: real_missing(p) if p == peer else ["(left out)"])
+    settings = dataclasses.replace(TINY, compare="peers", out_dir=str(tmp_path), rounds=1)
+    rows = speed.run(settings)
+    names = [r["implementation"] for r in rows]
+    assert names == ["ours", peer]
+    for row in rows:
+        assert len(row["step_s"]) == settings.rounds * settings.steps_per_round
+        assert row["median_step_s"] == float(np.median(row["step_s"])) > 0
+        assert row["tokens_per_s"] == pytest.approx(settings.batch_size * settings.seq_len / row["median_step_s"])
+        assert row["peak_rss_bytes"] > 0 and math.isfinite(row["last_loss"]) and row["param_count"] > 0
+        assert row["backend"] == "cpu" and row["jax_version"] and row["command"] == "pytest"
+    assert rows[0]["compile_s"] > 0 and rows[0]["compile_peak_bytes"] > 0 and rows[0]["config"]["dropout"] == 0
+    if "hf" in names:
+        hf = rows[names.index("hf")]
+        assert hf["hf_over_this_step"] == 1.0 and hf["rss_over_hf"] == 1.0 and hf["transformers_version"]
+        assert rows[0]["hf_over_this_step"] == pytest.approx(hf["median_step_s"] / rows[0]["median_step_s"])
+    if "reformer_pytorch" in names:
+        assert rows[names.index("reformer_pytorch")]["reformer_pytorch_version"]
+    with open(tmp_path / "speed_peers.json") as f:
+        assert json.load(f) == json.loads(json.dumps(rows))
+    markdown = (tmp_path / "speed_peers.md").read_text()
+    assert "| reformer_jax (reformer) |" in markdown and "skipped: (left out) not installed" in markdown
+    assert (tmp_path / "speed_peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "speed_peers.csv").exists()
+
+
+class FakeWorker:
+    """Stands in for a worker process: lengths above 64 do not fit; a step costs 1 ms per 64 tokens."""
+
+    def __init__(self, name, spec):
+        self.name, self.spec, self.facts, self.step_s, self.skipped = name, spec, {}, [], None
+
+    def wait_ready(self):
+        self.facts.update(compile_s=0.5, compile_peak_bytes=self.spec["seq_len"] * 1000)
+        assert self.spec["memory_limit_bytes"] > 0
+        if self.spec["seq_len"] > 64 and self.name == "transformer":
+            self.skipped = "compile-time peak exceeds the limit"
+
+    def run_round(self, steps):
+        self.step_s.extend([self.spec["seq_len"] / 64 * 1e-3] * steps)
+
+    def finish(self):
+        self.facts.setdefault("ru_maxrss_bytes", 123 * 2**20)
+
+    def kill(self):
+        pass
+
+
+def test_length_sweep_stops_a_variant_once_it_no_longer_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "Worker", FakeWorker)
+    settings = dataclasses.replace(TINY, sweep="length", models=("transformer", "reformer"), lengths=(32, 64, 128, 256),
+                                   out_dir=str(tmp_path))
+    rows = speed.run(settings)
+    seen = [(r["model"], r["seq_len"], r["skipped"] is not None) for r in rows]
+    assert seen == [("transformer", 32, False), ("reformer", 32, False), ("transformer", 64, False),
+                    ("reformer", 64, False), ("transformer", 128, True), ("reformer", 128, False),
+                    ("reformer", 256, False)]
+    timed = [r for r in rows if not r["skipped"]]
+    assert all(r["s_per_token"] == pytest.approx(1e-3 / 64 / settings.batch_size) for r in timed)
+    assert all(r["s_per_token_over_shortest"] == pytest.approx(1.0) for r in timed)
+    assert (tmp_path / "speed_length.md").read_text().count("\n| ") == len(rows) + 2  # + header and rule
+    assert (tmp_path / "speed_length.png").exists()
+
+
+@pytest.fixture
+def flag_values():
+    fv = flags.FlagValues()
+    speed.define_flags(fv)
+    return fv
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--compare=torch"], "--compare='torch' is unknown; expected one of none, peers"),
+    (["--sweep=width"], "--sweep='width' is unknown"),
+    (["--ours=default,fp8"], "--ours=default,fp8: expected a comma-separated subset of default,"),
+    (["--models=reformer,gpt"], "unknown preset(s) 'gpt'"),
+    (["--lengths=1024,x"], "'x' is not an integer"),
+    (["--rounds=0"], "--rounds=0 is invalid: expected a positive integer"),
+    (["--warmup_steps=-1"], "--warmup_steps=-1 is invalid"),
+    (["--memory_fraction=1.5"], "--memory_fraction=1.5 is invalid"),
+    (["--seq_len=1000"], "length 1000 is not a multiple of --chunk_len=64"),
+    (["--sweep=length", "--lengths=1024,1000"], "length 1000 is not a multiple"),
+    (["--compare=peers", "--sweep=length"], "separate runs"),
+    (["--compare=peers", "--d_ff=1000"], "--d_ff=1000 must be a multiple of --d_model=256"),
+    (["--d_model=102"], "d_model=102 is not divisible by n_heads=4"),
+])
+def test_bad_flags_are_refused_before_compiling(flag_values, args, expected):
+    flag_values(["speed", *args])
+    with pytest.raises(speed.FlagError) as err:
+        speed.settings_from_flags(flag_values, ["speed", *args])
+    assert expected in str(err.value)
+
+
+def test_defaults_are_configuration_p(flag_values):
+    flag_values(["speed"])
+    s = speed.settings_from_flags(flag_values, ["speed"])
+    config = s.config("reformer", s.seq_len)
+    assert (config.vocab_size, config.d_model, config.n_heads, config.d_head, config.d_ff, config.n_layers,
+            s.seq_len, s.batch_size, config.n_hashes, config.chunk_len) == (259, 256, 4, 64, 1024, 6, 4096, 1, 8, 64)
+    assert config.dropout == 0 and s.peer_sizes(s.seq_len)["n_buckets"] == config.resolved_n_buckets(4096) == 128
+
+
+def test_bad_cache_dir_is_refused(tmp_path, flag_values):
+    from reformer_jax.compilation_cache import check_cache_dir
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        check_cache_dir(str(a_file))
+    flag_values(["speed", f"--compilation_cache_dir={a_file}"])
+    with pytest.raises(speed.FlagError, match="--compilation_cache_dir=.* is a file"):
+        speed.settings_from_flags(flag_values)
+    assert check_cache_dir(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
+
+
+def test_a_second_process_loads_from_the_compilation_cache(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        import jax, jax.numpy as jnp
+        from reformer_jax.compilation_cache import CacheHits, enable_compilation_cache
+        enable_compilation_cache(sys.argv[1], min_compile_time_s=0)
+        with CacheHits() as hits:
+            jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((4, 4))))
+        print("HITS", hits.count)
+    """)
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    hits = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        hits.append(int(proc.stdout.split("HITS")[-1]))
+    assert hits[0] == 0 and hits[1] >= 1, hits
+    assert os.listdir(tmp_path / "cache")
+
+
+def test_main_refuses_a_cache_dir_that_is_a_file(tmp_path):
+    from absl import app
+
+    import main
+
+    a_file = tmp_path / "cache"
+    a_file.write_text("x")
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["main.py", f"--compilation_cache_dir={a_file}"])
+        with pytest.raises(app.UsageError, match="--compilation_cache_dir=.* is a file, not a directory"):
+            main.validate_run_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
