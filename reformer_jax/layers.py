@@ -18,7 +18,9 @@ from flax import linen as nn
 from jax import lax
 
 from reformer_jax import attention as attn
+from reformer_jax import padding
 from reformer_jax.config import ModelConfig
+from reformer_jax.local_attention import local_attention
 
 Params = Dict[str, Any]
 
@@ -44,31 +46,54 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic:
 
 
 def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rng: jax.Array,
-                    dropout_rng: jax.Array, deterministic: bool,
-                    buckets: Optional[jax.Array] = None) -> Tuple[jax.Array, Optional[jax.Array]]:
+                    dropout_rng: jax.Array, deterministic: bool, buckets: Optional[jax.Array] = None,
+                    attention_type: Optional[str] = None, rotations: Optional[jax.Array] = None,
+                    attention_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, Optional[jax.Array]]:
     """F(x) = Dropout(Attention(LayerNorm(x))): [b, l, d] float32 -> ([b, l, d] float32, buckets or None).
 
     For LSH attention the bucket ids [b, h, r, l] are returned so a reversible stack can keep them and pass them
     back in (`buckets=`) when it recomputes this block in the backward pass, instead of re-hashing.
+    `attention_type` ("full", "lsh", "local"; default config.attention) picks the attention, `rotations`
+    [h, k, r, sum(f_i) / 2] replaces the random hash projections, and `attention_mask` [b, l] bool (False =
+    padding) masks padded keys (see `reformer_jax.padding`; padded LSH positions get an extra bucket).
     """
     dtype = config.compute_dtype
+    kind = attention_type or config.attention
     with jax.named_scope("attention_block"):
         h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
-        qk = jnp.einsum("bld,dhk->bhlk", h, params["qk"].astype(dtype))
-        v = jnp.einsum("bld,dhk->bhlk", h, params["v"].astype(dtype))
+        project = lambda name: jnp.einsum("bld,dhk->bhlk", h, params[name].astype(dtype))  # noqa: E731
         rate = 0.0 if deterministic else config.attention_dropout
         weights_rng = jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS)
-        if config.attention == "lsh":
-            seq_len = x.shape[1]
-            n_buckets = config.resolved_n_buckets(seq_len)
-            if buckets is None:
-                buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets)
-            o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
-                                   chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
-                                   causal=config.causal, buckets=buckets, dropout_rate=rate,
-                                   dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
+        if kind == "local":
+            o = local_attention(project("q"), project("k"), project("v"), chunk_len=config.local_chunk_len,
+                                n_chunks_before=config.local_n_chunks_before, causal=config.causal,
+                                key_mask=attention_mask, dropout_rng=weights_rng,
+                                dropout_rate=0.0 if deterministic else config.local_attention_dropout)
         else:
-            o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
+            if attention_mask is not None:
+                if not config.causal:
+                    raise ValueError(f"an attention_mask with {kind} attention needs causal=True (padded keys are "
+                                     "masked by moving them after every real position).")
+                order, inverse = padding.real_first_order(attention_mask)
+                h = padding.take_positions(h, order, axis=1)
+                attention_mask = padding.take_positions(attention_mask, order, axis=1)
+            qk, v = project("qk"), project("v")
+            if kind == "lsh":
+                n_buckets = config.resolved_n_buckets(x.shape[1])
+                if buckets is None:
+                    buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets,
+                                               rotations=rotations)
+                    if attention_mask is not None:
+                        buckets = padding.with_pad_bucket(buckets, attention_mask, n_buckets)
+                o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
+                                       chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
+                                       causal=config.causal, buckets=buckets, dropout_rate=rate,
+                                       dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
+            else:
+                o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate,
+                                             dropout_rng=weights_rng)
+            if attention_mask is not None:
+                o = padding.take_positions(o, inverse, axis=2)
         y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
         y = dropout(y, config.dropout, dropout_rng, _ATTN_OUT, deterministic)
     return y, buckets
@@ -126,19 +151,20 @@ def _norm_params(n_layers: int, width: int, dtype) -> Params:
     return {"scale": jnp.ones((n_layers, width), dtype), "bias": jnp.zeros((n_layers, width), dtype)}
 
 
-def init_attention_params(rng: jax.Array, config: ModelConfig) -> Params:
-    """Stacked attention parameters for all layers (Glorot-uniform projections, as trax's Dense)."""
-    n, d, h, k = config.n_layers, config.d_model, config.n_heads, config.d_head
+def init_attention_params(rng: jax.Array, config: ModelConfig, attention_type: Optional[str] = None,
+                          n_layers: Optional[int] = None) -> Params:
+    """Stacked attention parameters of `n_layers` (default all) layers of one type (Glorot-uniform, as trax's
+    Dense): shared-QK layers ("full", "lsh") have qk and v, local layers separate q, k and v."""
+    n = config.n_layers if n_layers is None else n_layers
+    d, h, k = config.d_model, config.n_heads, config.d_head
     dtype = config.params_dtype
     in_proj = nn.initializers.xavier_uniform(in_axis=1, out_axis=(2, 3), batch_axis=(0,))
     out_proj = nn.initializers.xavier_uniform(in_axis=(1, 2), out_axis=3, batch_axis=(0,))
-    r_qk, r_v, r_out = jax.random.split(rng, 3)
-    return {
-        "norm": _norm_params(n, d, dtype),
-        "qk": in_proj(r_qk, (n, d, h, k), dtype),
-        "v": in_proj(r_v, (n, d, h, k), dtype),
-        "out": out_proj(r_out, (n, h, k, d), dtype),
-    }
+    names = ("q", "k", "v") if (attention_type or config.attention) == "local" else ("qk", "v")
+    rngs = jax.random.split(rng, len(names) + 1)
+    params = {"norm": _norm_params(n, d, dtype), "out": out_proj(rngs[-1], (n, h, k, d), dtype)}
+    params.update({name: in_proj(r, (n, d, h, k), dtype) for name, r in zip(names, rngs)})
+    return params
 
 
 def init_feed_forward_params(rng: jax.Array, config: ModelConfig) -> Params:

@@ -46,33 +46,75 @@ class PositionalEmbedding(nn.Module):
         return table.reshape(l1 * l2, d1 + d2)[:length]
 
 
+def layer_period(layer_types) -> int:
+    """Length of the shortest group of layer types that repeats through the stack: ("local", "lsh") * 6 -> 2."""
+    n = len(layer_types)
+    return next(p for p in range(1, n + 1) if n % p == 0 and tuple(layer_types) == tuple(layer_types[:p]) * (n // p))
+
+
+def _init_mixed_attention(rng: jax.Array, config: ModelConfig):
+    """Attention parameters of a mixed stack: {type: that type's layers stacked in order}."""
+    types = sorted(set(config.layer_types))
+    return {t: layers.init_attention_params(r, config, t, n_layers=config.layer_types.count(t))
+            for t, r in zip(types, jax.random.split(rng, len(types)))}
+
+
 class LayerStack(nn.Module):
     """All n_layers (attention, feed-forward) layers with stacked parameters.
 
     Reversible: (x1, x2) -> (y1, y2) through `reversible_stack`; otherwise x -> y through `residual_stack`.
+    One attention type: "attention" holds every layer's parameters stacked. Mixed types (`attn_layers`):
+    "attention" is {type: the layers of that type, stacked in order}, and the stacks scan over the repeating
+    group of layer types (`layer_period`), so local and LSH layers each keep their own parameters.
+    `layer_inputs` is the [n, 2] key array, or {"rng": keys, "rotations": [n, h, k, r, f / 2]} with explicit
+    hash rotations.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, streams, keys: jax.Array, *, deterministic: bool):
+    def __call__(self, streams, layer_inputs, *, deterministic: bool, attention_mask=None):
         cfg = self.config
-        params = {
-            "attention": self.param("attention", layers.init_attention_params, cfg),
-            "feed_forward": self.param("feed_forward", layers.init_feed_forward_params, cfg),
-        }
+        types = cfg.layer_types
+        period = layer_period(types)
 
-        def attention_fn(p, x, key, buckets):
-            return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
-                                          deterministic=deterministic, buckets=buckets)
+        def attention_fn_for(kind):
+            def attention_fn(p, x, inputs, buckets):
+                key, rotations = (inputs["rng"], inputs["rotations"]) if isinstance(inputs, dict) else (inputs, None)
+                return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
+                                              deterministic=deterministic, buckets=buckets, attention_type=kind,
+                                              rotations=rotations if kind == "lsh" else None,
+                                              attention_mask=attention_mask)
+            return attention_fn
 
-        def feed_forward_fn(p, x, key):
+        def feed_forward_fn(p, x, inputs):
+            key = inputs["rng"] if isinstance(inputs, dict) else inputs
             return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=deterministic)
 
+        feed_forward = self.param("feed_forward", layers.init_feed_forward_params, cfg)
+        if period == 1:
+            attention = self.param("attention", layers.init_attention_params, cfg, types[0])
+            attention_fn = attention_fn_for(types[0])
+        else:
+            by_type = self.param("attention", _init_mixed_attention, cfg)
+            groups = cfg.n_layers // period
+            group = lambda tree: jax.tree.map(  # noqa: E731  [n, ...] -> [G, period, ...]
+                lambda leaf: leaf.reshape((groups, period) + leaf.shape[1:]), tree)
+            # Pattern position j is the m-th layer of its type within a group: that type's stack, viewed as
+            # [G, layers of the type per group, ...], sliced at m.
+            attention, attention_fn = [], []
+            for j, kind in enumerate(types[:period]):
+                per_group, m = types[:period].count(kind), types[:j].count(kind)
+                attention.append(jax.tree.map(
+                    lambda leaf: leaf.reshape((groups, per_group) + leaf.shape[1:])[:, m], by_type[kind]))
+                attention_fn.append(attention_fn_for(kind))
+            attention, attention_fn = tuple(attention), tuple(attention_fn)
+            feed_forward, layer_inputs = group(feed_forward), group(layer_inputs)
+        params = {"attention": attention, "feed_forward": feed_forward}
         if cfg.reversible:
             x1, x2 = streams
-            return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, keys)
-        return residual_stack(attention_fn, feed_forward_fn, params, streams, keys, scan=cfg.scan_layers)
+            return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, layer_inputs)
+        return residual_stack(attention_fn, feed_forward_fn, params, streams, layer_inputs, scan=cfg.scan_layers)
 
 
 class ReformerLM(nn.Module):
@@ -83,11 +125,11 @@ class ReformerLM(nn.Module):
 
     config: ModelConfig
 
-    def _stream_keys(self, deterministic: bool):
+    def _stream_keys(self, deterministic: bool, draws_rotations: bool):
         """Per-layer [n_layers, 2] keys (hashing, dropout) and the embedding's dropout key."""
         cfg = self.config
         placeholder = jax.random.key(0)  # stands in for a stream the configuration never draws from
-        if cfg.attention == "lsh":
+        if draws_rotations:
             if not self.has_rng("lsh"):
                 raise ValueError("ReformerLM with attention='lsh' needs an 'lsh' RNG stream for the hash rotations: "
                                  "pass rngs={'lsh': jax.random.key(seed)} to init/apply.")
@@ -106,14 +148,47 @@ class ReformerLM(nn.Module):
         layer_keys = jnp.stack([jax.random.split(lsh_key, n), jax.random.split(dropout_key, n + 1)[:n]], axis=1)
         return layer_keys, jax.random.split(dropout_key, n + 1)[n]
 
+    def _layer_inputs(self, layer_keys: jax.Array, lsh_rotations):
+        """The stack's per-layer inputs: the keys, with explicit rotations [n_lsh, h, k, r, f / 2] spread to
+        [n_layers, ...] (zeros at non-LSH layers, which never read them)."""
+        if lsh_rotations is None:
+            return layer_keys
+        cfg = self.config
+        lsh_layers = [i for i, t in enumerate(cfg.layer_types) if t == "lsh"]
+        columns = sum(f // 2 for f in (cfg.n_buckets if isinstance(cfg.n_buckets, tuple) else (cfg.n_buckets,)))
+        expected = (len(lsh_layers), cfg.n_heads, cfg.d_head, cfg.n_hashes, columns)
+        if tuple(lsh_rotations.shape) != expected:
+            raise ValueError(f"ReformerLM: lsh_rotations have shape {tuple(lsh_rotations.shape)}; expected "
+                             f"{expected} ([LSH layers, heads, d_head, n_hashes, sum(n_buckets factors) / 2]).")
+        spread = jnp.zeros((cfg.n_layers,) + expected[1:], jnp.float32).at[jnp.array(lsh_layers)].set(lsh_rotations)
+        return {"rng": layer_keys, "rotations": spread}
+
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
+                 lsh_rotations=None) -> jax.Array:
+        """tokens [b, l] -> logits [b, l, V].
+
+        attention_mask: optional [b, l] (1 / True = real token, 0 / False = padding): padded keys are masked in
+          every layer and padded positions get their own bucket in LSH layers (Hugging Face's semantics), so the
+          real tokens' logits do not depend on the padding's content.
+        lsh_rotations: optional explicit hash projections [LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2]
+          instead of random ones (needs an explicit `n_buckets`); then no 'lsh' RNG stream is needed.
+        """
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"ReformerLM expects integer tokens of shape [batch, length]; got {tokens.dtype} "
                              f"{tokens.shape}.")
         cfg.check_seq_len(tokens.shape[1])
-        layer_keys, embed_dropout_key = self._stream_keys(deterministic)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(tokens.shape):
+                raise ValueError(f"ReformerLM: attention_mask has shape {tuple(attention_mask.shape)}; expected the "
+                                 f"tokens' shape {tuple(tokens.shape)} (1 = real token, 0 = padding).")
+            attention_mask = attention_mask.astype(bool)
+        if lsh_rotations is not None and cfg.n_buckets is None:
+            raise ValueError("ReformerLM: lsh_rotations need an explicit ModelConfig.n_buckets (their width is "
+                             "sum(n_buckets factors) / 2).")
+        layer_keys, embed_dropout_key = self._stream_keys(deterministic, cfg.uses("lsh") and lsh_rotations is None)
+        layer_inputs = self._layer_inputs(layer_keys, lsh_rotations)
 
         embed = self.param("embed", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
                            (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
@@ -124,10 +199,11 @@ class ReformerLM(nn.Module):
 
         stack = LayerStack(cfg, name="layers")
         if cfg.reversible:
-            y1, y2 = stack((x, x), layer_keys, deterministic=deterministic)  # trax: both streams start as x
+            y1, y2 = stack((x, x), layer_inputs, deterministic=deterministic,  # trax: both streams start as x
+                           attention_mask=attention_mask)
             x = jnp.concatenate([y1, y2], axis=-1) if cfg.output_head == "concat" else (y1 + y2) / 2
         else:
-            x = stack(x, layer_keys, deterministic=deterministic)
+            x = stack(x, layer_inputs, deterministic=deterministic, attention_mask=attention_mask)
 
         with jax.named_scope("output_head"):
             width = x.shape[-1]
@@ -146,7 +222,7 @@ class ReformerLM(nn.Module):
 
 def init_length(config: ModelConfig) -> int:
     """The shortest sequence length the model accepts: enough to create parameters (they do not depend on it)."""
-    return config.chunk_len if config.attention == "lsh" else 1
+    return config.chunk_len if config.uses("lsh") else 1
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
