@@ -260,9 +260,10 @@ def load_converted_params(directory: Path, target: Any) -> Any:
 
 
 def main(argv) -> int:
-    from absl import flags
+    from absl import flags, logging
 
     FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO level
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.hf_dir or not FLAGS.out:
