@@ -84,9 +84,14 @@ flags.DEFINE_string("n_buckets", None, "Buckets per round: an even integer, two 
                     "for 2 * seq_len / chunk_len (factorised above 128).")
 flags.DEFINE_integer("n_chunks_before", None, "Chunks each LSH chunk looks back to (default 1).")
 flags.DEFINE_bool("sequential_rounds", None, "LSH attention one hash round at a time: memory flat in "
-                  "--n_hashes (default false).")
+                  "--n_hashes (default true; false: all rounds at once).")
+flags.DEFINE_bool("sequential_heads", None, "Full and LSH attention one head at a time under its own custom_vjp "
+                  "(default true for the reformer preset, false for the seed's baselines; local layers always run "
+                  "all heads at once).")
 flags.DEFINE_bool("causal", None, "Causal masking (default true).")
 flags.DEFINE_integer("ff_chunk_len", None, "Feed-forward chunk length, 0 = off (reformer preset default 256).")
+flags.DEFINE_integer("output_chunk_len", None, "Output projection and loss over chunks of this many positions, "
+                     "0 = all at once (reformer preset default 256).")
 flags.DEFINE_float("dropout", None, "Residual and embedding dropout (default 0.1).")
 flags.DEFINE_float("attention_dropout", None, "Dropout on attention weights (default 0).")
 flags.DEFINE_enum("pos_embedding", None, list(POS_EMBEDDINGS), "Positional embedding (default axial).")

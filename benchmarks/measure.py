@@ -1,7 +1,6 @@
-"""Benchmark-side measurement helpers: the memory floor and the machine a figure was measured on.
+"""Benchmark-side measurement helpers: the machine a figure was measured on.
 
-The compile-and-measure functions themselves live in the library (`reformer_jax.memory.compile_train_step`,
-`stats_from_analysis`).
+The compile-and-measure functions and the memory floor live in the library (`reformer_jax.memory`).
 """
 
 from __future__ import annotations
@@ -13,20 +12,6 @@ from typing import Any, Dict
 
 import jax
 import jaxlib
-
-from reformer_jax.memory import MemoryStats
-
-FLOAT32_BYTES = 4
-# The memory-floor issue's activation allowance: four [b, l, d_model] float32 tensors (the two reversible streams
-# and their two cotangents).
-FLOOR_STREAMS = 4
-
-
-def floor_bytes(stats: MemoryStats, *, batch_size: int, seq_len: int, d_model: int) -> int:
-    """The memory floor of the memory-floor issue: parameters + gradients + optimizer state + batch
-    + 4 x batch x length x d_model x 4 bytes."""
-    return (2 * stats.param_bytes + stats.optimizer_state_bytes + stats.batch_bytes
-            + FLOOR_STREAMS * batch_size * seq_len * d_model * FLOAT32_BYTES)
 
 
 def machine() -> Dict[str, Any]:

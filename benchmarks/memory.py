@@ -83,6 +83,9 @@ class Settings:
     floor_layers: Tuple[int, ...] = (2, 12)
     floor_lengths: Tuple[int, ...] = (4096, 65536)
     floor_long_len: int = 2**20
+    floor_speed_layers: int = 2
+    floor_speed_steps: int = 3
+    floor_real_len: int = 2**17
     fast_compile: bool = False
     command: str = "python -m benchmarks.memory"
 
@@ -148,6 +151,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=flag_values)
     flags.DEFINE_integer("floor_long_len", d.floor_long_len, "Target 5: the long length (peak <= 16 GiB).",
                          flag_values=flag_values)
+    flags.DEFINE_integer("floor_speed_layers", d.floor_speed_layers, "Target 1: layers of the model timed for the "
+                         "speed cost of sequential rounds and heads (the seed's width and length).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("floor_speed_steps", d.floor_speed_steps, "Target 1: timed steps per setting (median; "
+                         "0 skips the timing).", flag_values=flag_values)
+    flags.DEFINE_integer("floor_real_len", d.floor_real_len, "Target 5: length of the one real training step run "
+                         "on this machine (0 skips it).", flag_values=flag_values)
     flags.DEFINE_boolean("fast_compile", False, "LLVM -O0 (same memory figures, faster compiles; for tests).",
                          flag_values=flag_values)
 
@@ -183,7 +193,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
     if fv.experiment not in EXPERIMENT_CHOICES:
         raise FlagError(f"--experiment={fv.experiment!r} is unknown; expected one of {', '.join(EXPERIMENT_CHOICES)}.")
     for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "n_hashes", "chunk_len",
-                 "batch_size", "runtime_steps", "runtime_timeout_s", "floor_long_len"):
+                 "batch_size", "runtime_steps", "runtime_timeout_s", "floor_long_len", "floor_speed_layers"):
         value = getattr(fv, name)
         if value is None or value < 1:
             raise FlagError(f"--{name}={value} is invalid: expected a positive integer (default "
@@ -192,6 +202,10 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
                           ("seqlen_optimizer", OPTIMIZER_CHOICES)):
         if getattr(fv, name) not in choices:
             raise FlagError(f"--{name}={getattr(fv, name)!r} is unknown; expected one of {', '.join(choices)}.")
+    for name in ("floor_speed_steps", "floor_real_len"):
+        if getattr(fv, name) is None or getattr(fv, name) < 0:
+            raise FlagError(f"--{name}={getattr(fv, name)} is invalid: expected an integer >= 0 (0 skips it; "
+                            f"default {getattr(Settings(), name)}).")
     if fv.d_model % fv.n_heads:
         raise FlagError(f"--d_model={fv.d_model} is not divisible by --n_heads={fv.n_heads}; e.g. --n_heads="
                         f"{math.gcd(fv.d_model, 8)}.")
@@ -209,14 +223,16 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         floor_hashes=_int_list("floor_hashes", fv.floor_hashes, "2,16"),
         floor_layers=_int_list("floor_layers", fv.floor_layers, "2,12"),
         floor_lengths=_int_list("floor_lengths", fv.floor_lengths, "4096,65536"), floor_long_len=fv.floor_long_len,
-        fast_compile=fv.fast_compile,
+        floor_speed_layers=fv.floor_speed_layers, floor_speed_steps=fv.floor_speed_steps,
+        floor_real_len=fv.floor_real_len, fast_compile=fv.fast_compile,
         command=" ".join(["python -m benchmarks.memory"] + [a for a in (argv or [])[1:]]))
     for flag, pair in (("floor_hashes", s.floor_hashes), ("floor_layers", s.floor_layers)):
         if len(pair) != 2:
             raise FlagError(f"--{flag}={','.join(map(str, pair))}: expected exactly two values (small, large), "
                             f"e.g. --{flag}={','.join(map(str, getattr(Settings(), flag)))}.")
     for flag, lengths in (("seq_len", (s.seq_len,)), ("lengths", s.lengths), ("floor_lengths", s.floor_lengths),
-                          ("floor_long_len", (s.floor_long_len,))):
+                          ("floor_long_len", (s.floor_long_len,)),
+                          ("floor_real_len", (s.floor_real_len,) if s.floor_real_len else ())):
         for length in lengths:
             if length % s.chunk_len:
                 fixed = max(1, length // s.chunk_len) * s.chunk_len
@@ -266,11 +282,13 @@ def make_row(settings: Settings, experiment: str, model: str, config, seq_len: i
         "vocab_size": config.vocab_size, "dropout": config.dropout, "dtype": config.dtype,
         "optimizer": optimizer or "none",
         "attention": config.attention, "reversible": config.reversible, "ff_chunk_len": config.ff_chunk_len,
-        "scan_layers": config.scan_layers,
+        "output_chunk_len": config.output_chunk_len, "sequential_rounds": config.sequential_rounds,
+        "sequential_heads": config.sequential_heads, "scan_layers": config.scan_layers,
     }
     row.update(stats.to_dict())
     row.update({"peak_mib": round(stats.peak_bytes / MIB, 3), "activation_mib": round(stats.activation_bytes / MIB, 3),
-                "compile_s": round(compile_s, 2)})
+                "floor_mib": round(stats.floor_bytes / MIB, 3),
+                "peak_over_floor": round(stats.peak_bytes / stats.floor_bytes, 4), "compile_s": round(compile_s, 2)})
     row.update(extra)
     row.update({k: v for k, v in machine().items() if k not in row})
     row["command"] = settings.command
@@ -638,71 +656,144 @@ def run_runtime(settings: Settings) -> List[Row]:
     return rows
 
 
-def run_floor(settings: Settings) -> List[Row]:
-    from benchmarks.measure import floor_bytes
+def time_train_steps(config, *, batch_size: int, seq_len: int, steps: int) -> float:
+    """Median seconds of `steps` real training steps (after one warm-up step; compilation excluded)."""
+    import jax
+    import jax.numpy as jnp
 
+    from reformer_jax import train
+
+    tx = train.make_optimizer("adafactor")
+    state = jax.jit(lambda k: train.create_train_state(k, config, tx))(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (batch_size, seq_len + 1), 3, config.vocab_size)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((batch_size, seq_len))}
+    step = train.jit_train_step(config)
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        state, metrics = step(state, batch, jax.random.key(2))
+        jax.block_until_ready(metrics)
+        if i:  # the first call compiles
+            times.append(time.perf_counter() - t)
+    return float(sorted(times)[len(times) // 2])
+
+
+def _real_step(settings: Settings, seq_len: int) -> Dict[str, Any]:
+    """One real training step of the Reformer at seq_len in a fresh process (benchmarks.runtime)."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    spec = {"config": settings.config("reformer", max_len=seq_len).to_dict(), "batch_size": settings.batch_size,
+            "seq_len": seq_len, "optimizer": settings.optimizer_arg() or "adafactor", "steps": 1,
+            "extra_options": settings.extra_options(), "profile_path": None}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.runtime", json.dumps(spec)], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=settings.runtime_timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the real step at length {seq_len} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    from benchmarks.runtime import parse_result
+
+    return parse_result(proc.stdout)
+
+
+def run_floor(settings: Settings) -> List[Row]:
     rows: List[Row] = []
 
-    def target(number: str, criterion: str, measured: float, limit: float, subject: Row, detail: str,
+    def target(number: str, criterion: str, measured: float, limit: Optional[float], subject: Row, detail: str,
                **more: Any) -> None:
-        status = "pass" if measured <= limit else "short"
+        status = ("pass" if measured <= limit else "short") if limit is not None else "measured"
         row = dict(subject)
         row.update({"experiment": "floor", "target": number, "criterion": criterion, "measured": measured,
                     "limit": limit, "status": status, "detail": detail, **more})
         rows.append(row)
-        log(f"[floor {number}] {criterion}: measured {measured:,.3f} (limit {limit:g}) -> {status}")
+        log(f"[floor {number}] {criterion}: measured {measured:,.3f} (limit {limit}) -> {status}")
+
+    def mib(row: Row) -> str:
+        return f"{row['peak_mib']:,.1f} MiB"
 
     lo, hi = settings.floor_hashes
     a = measure_row(settings, "floor", "reformer", progress="1", n_hashes=lo)
     b = measure_row(settings, "floor", "reformer", progress="1", n_hashes=hi)
+    a_all = measure_row(settings, "floor", "reformer", progress="1", n_hashes=lo, sequential_rounds=False)
+    b_all = measure_row(settings, "floor", "reformer", progress="1", n_hashes=hi, sequential_rounds=False)
     target("1", f"Reformer peak at {hi} rounds <= 1.15 x peak at {lo} rounds", b["peak_bytes"] / a["peak_bytes"], 1.15,
-           b, f"{b['peak_mib']:,.1f} / {a['peak_mib']:,.1f} MiB")
+           b, f"{mib(b)} / {mib(a)} (all rounds at once: {mib(b_all)} / {mib(a_all)} = "
+              f"{b_all['peak_bytes'] / a_all['peak_bytes']:.2f})")
+    if settings.floor_speed_steps:
+        # The speed cost of processing rounds (and heads) one at a time, timed side by side in this process.
+        timed = {}
+        for rounds, heads in ((True, True), (False, True), (True, False), (False, False)):
+            config = settings.config("reformer", n_layers=settings.floor_speed_layers, sequential_rounds=rounds,
+                                     sequential_heads=heads)
+            timed[rounds, heads] = time_train_steps(config, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                                                    steps=settings.floor_speed_steps)
+            log(f"[floor 1s] sequential_rounds={rounds} sequential_heads={heads}: {timed[rounds, heads]:.2f} s/step")
+        speed_row = dict(b, n_layers=settings.floor_speed_layers, n_hashes=settings.n_hashes,
+                         **{f"step_s_rounds_{r}_heads_{h}": t for (r, h), t in timed.items()})
+        default, baseline = timed[True, True], timed[False, False]
+        target("1s", f"Step time, rounds and heads one at a time (the default) <= 1.3 x all at once "
+                     f"({settings.floor_speed_layers} layers, {settings.n_hashes} rounds, length {settings.seq_len})",
+               default / baseline, 1.3, speed_row,
+               f"{default:.2f} / {baseline:.2f} s/step; rounds only {timed[True, False]:.2f}, heads only "
+               f"{timed[False, True]:.2f} s/step")
 
     lo, hi = settings.floor_layers
     a = measure_row(settings, "floor", "reformer", progress="2", n_layers=lo, optimizer=None,
                     use_settings_optimizer=False)
     b = measure_row(settings, "floor", "reformer", progress="2", n_layers=hi, optimizer=None,
                     use_settings_optimizer=False)
+    a_full = measure_row(settings, "floor", "reformer", progress="2", n_layers=lo)
+    b_full = measure_row(settings, "floor", "reformer", progress="2", n_layers=hi)
     target("2", f"Reformer activations (optimizer=None) at {hi} layers <= 1.05 x at {lo} layers",
            b["activation_bytes"] / a["activation_bytes"], 1.05, b,
-           f"{b['activation_mib']:,.1f} / {a['activation_mib']:,.1f} MiB")
+           f"{b['activation_mib']:,.1f} / {a['activation_mib']:,.1f} MiB (full step with the optimizer: peak "
+           f"{mib(b_full)} / {mib(a_full)}, activations and temporaries {b_full['activation_mib']:,.1f} / "
+           f"{a_full['activation_mib']:,.1f} MiB)")
 
     r = measure_row(settings, "floor", "reformer", progress="3")
     t = measure_row(settings, "floor", "transformer", progress="3")
     target("3", "Reformer peak <= 0.05 x Transformer peak", r["peak_bytes"] / t["peak_bytes"], 0.05, r,
-           f"{r['peak_mib']:,.1f} / {t['peak_mib']:,.1f} MiB")
-
-    from reformer_jax.memory import MemoryStats
-
-    def floor_of(row: Row) -> int:
-        stats = MemoryStats(**{f.name: row[f.name] for f in dataclasses.fields(MemoryStats)})
-        return floor_bytes(stats, batch_size=settings.batch_size, seq_len=row["seq_len"], d_model=row["d_model"])
+           f"{mib(r)} / {mib(t)}")
 
     for i, length in enumerate(settings.floor_lengths):
         row = measure_row(settings, "floor", "reformer", progress="4", seq_len=length)
-        fl = floor_of(row)
-        target(f"4{'abcdefgh'[i]}", f"Reformer peak <= 2 x floor at length {length}", row["peak_bytes"] / fl, 2.0, row,
-               f"peak {row['peak_mib']:,.1f} MiB, floor {fl / MIB:,.1f} MiB", floor_bytes=fl)
+        target(f"4{'abcdefgh'[i]}", f"Reformer peak <= 2 x floor at length {length}", row["peak_over_floor"], 2.0,
+               row, f"peak {mib(row)}, floor {row['floor_mib']:,.1f} MiB")
 
     row = measure_row(settings, "floor", "reformer", progress="5", seq_len=settings.floor_long_len)
     target("5", f"Reformer compile-time peak at length {settings.floor_long_len} <= 16 GiB",
            row["peak_bytes"] / 2**30, FLOOR_PEAK_LIMIT_BYTES / 2**30, row,
-           f"peak {row['peak_bytes'] / 2**30:,.2f} GiB", floor_bytes=floor_of(row))
+           f"peak {row['peak_bytes'] / 2**30:,.2f} GiB = {row['peak_over_floor']:.2f} x the floor "
+           f"{row['floor_bytes'] / 2**30:,.2f} GiB")
+
+    if settings.floor_real_len:
+        length = settings.floor_real_len
+        log(f"[floor 5r] one real training step at length {length} in a fresh process ...")
+        result = _real_step(settings, length)
+        real = measure_row(settings, "floor", "reformer", progress="5r", seq_len=length)
+        step_s = max(result["step_s"])
+        target("5r", f"One real training step at length {length} on this machine: seconds (runtime memory beside "
+                     "the prediction)", step_s, None, real,
+               f"{step_s:,.1f} s; {result['runtime_source']} {result['runtime_peak_bytes'] / MIB:,.1f} MiB against "
+               f"the compile-time peak {mib(real)}", runtime_peak_bytes=result["runtime_peak_bytes"],
+               runtime_source=result["runtime_source"], step_s=result["step_s"])
 
     md = ["# Memory-floor targets (issue 5), measured\n",
           "floor = parameters + gradients + optimizer state + batch + 4 x batch x length x d_model x 4 bytes. "
-          "'short' means the target is not met yet.\n",
+          "'short' means the target is not met. Defaults: hash rounds and heads one at a time "
+          "(sequential_rounds, sequential_heads).\n",
           output.markdown_table(rows, [("target", "target", "s"), ("criterion", "criterion", "s"),
                                        ("measured", "measured", ".3f"), ("limit", "limit", "g"),
                                        ("detail", "values", "s"), ("status", "status", "s")])]
+    limited = [r for r in rows if r["limit"] is not None]
 
     def plot(path):
         fig, ax = output.new_figure(8, 4.2)
-        xs = list(range(len(rows)))
-        ratios = [r["measured"] / r["limit"] for r in rows]
-        colors = ["#55a868" if r["status"] == "pass" else "#c44e52" for r in rows]
+        xs = list(range(len(limited)))
+        ratios = [r["measured"] / r["limit"] for r in limited]
+        colors = ["#55a868" if r["status"] == "pass" else "#c44e52" for r in limited]
         ax.bar(xs, ratios, color=colors)
-        ax.set_xticks(xs, [f"target {r['target']}" for r in rows])
+        ax.set_xticks(xs, [f"target {r['target']}" for r in limited])
         ax.axhline(1.0, color="black", lw=1)
         ax.set_yscale("log")
         ax.set_xlabel("target (green: pass, red: short)")
@@ -716,6 +807,7 @@ def run_floor(settings: Settings) -> List[Row]:
                                        ("measured", "measured", ".3f"), ("limit", "limit", "g"),
                                        ("status", "pass/short", "s")]), flush=True)
     return rows
+
 
 
 RUNNERS: Dict[str, Callable[[Settings], List[Row]]] = {

@@ -110,7 +110,7 @@ def run_worker(spec: Dict[str, Any], *,
     compiled = train.jit_train_step(config).lower(state_spec, batch_spec, key_spec).compile(
         {**compiler_options(backend), **spec.get("extra_options", {})})
     stats = stats_from_analysis(compiled.memory_analysis(), state_spec.params, state_spec.opt_state, batch_spec,
-                                backend)
+                                backend, d_model=config.d_model)
     init = init_fn.lower(key_spec).compile()
     compile_s = time.perf_counter() - t0
 

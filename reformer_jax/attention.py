@@ -130,15 +130,24 @@ def lsh_buckets(qk: jax.Array, rng: Optional[jax.Array], *, n_hashes: int, n_buc
         if rotations.shape != expected:
             raise ValueError(f"lsh_buckets: rotations have shape {rotations.shape}; expected {expected} "
                              "([heads, d_head, n_hashes, sum(n_buckets factors) / 2]).")
-        rotated = jnp.einsum("bhlk,hkrn->bhrln", _at_least_f32(lax.stop_gradient(qk)), rotations)
-        buckets, offset, stride = None, 0, 1
-        for f in factors:
-            part = rotated[..., offset:offset + f // 2]
-            # argmax([part, -part]) without materialising the concatenation (ties go to the first half).
-            ids = jnp.where(jnp.max(part, axis=-1) >= -jnp.min(part, axis=-1), jnp.argmax(part, axis=-1),
-                            jnp.argmin(part, axis=-1) + f // 2)
-            buckets = ids if buckets is None else buckets + stride * ids
-            offset, stride = offset + f // 2, stride * f
+        keys = _at_least_f32(lax.stop_gradient(qk))
+
+        def hash_round(round_rotations):  # [h, k, n] -> [b, h, l]
+            # One round at a time: the [b, h, l, n] projection of all rounds together would be the largest
+            # buffer of a long sequence (n = 192 columns per round for 2^20 tokens).
+            rotated = jnp.einsum("bhlk,hkn->bhln", keys, round_rotations)
+            buckets, offset, stride = None, 0, 1
+            for f in factors:
+                part = rotated[..., offset:offset + f // 2]
+                # argmax([part, -part]) without materialising the concatenation (ties go to the first half).
+                ids = jnp.where(jnp.max(part, axis=-1) >= -jnp.min(part, axis=-1), jnp.argmax(part, axis=-1),
+                                jnp.argmin(part, axis=-1) + f // 2)
+                buckets = ids if buckets is None else buckets + stride * ids
+                offset, stride = offset + f // 2, stride * f
+            return buckets.astype(bucket_dtype(n_buckets))
+
+        buckets = lax.map(hash_round, jnp.moveaxis(rotations, 2, 0))  # [r, b, h, l]
+        buckets = jnp.moveaxis(buckets, 0, 2)
     return buckets.astype(bucket_dtype(n_buckets))
 
 

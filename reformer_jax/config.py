@@ -96,13 +96,19 @@ class ModelConfig:
         (f1 * f2 buckets), or None for trax's default 2 * max(1, seq_len // chunk_len), factorised above 128.
       n_chunks_before: chunks each LSH chunk looks back to (0 allowed).
       sequential_rounds: compute LSH attention one hash round at a time (forward and backward), so its memory
-        does not grow with n_hashes; the same result up to float rounding.
+        does not grow with n_hashes; the same result up to float rounding. False: all rounds at once.
+      sequential_heads: compute the attention block one head at a time under its own custom_vjp (projections,
+        attention and output projection per head, recomputed in the backward pass), so no [b, h, l, k] tensor is
+        ever alive; the same result up to float rounding (attention dropout draws its masks per head). Local
+        attention layers always run all heads at once (their separate q, k, v have no per-head path).
       local_chunk_len: chunk length of local attention layers.
       local_n_chunks_before: chunks each local chunk looks back to (0 allowed).
       local_attention_dropout: dropout rate on the attention weights of local layers.
       causal: causal (language-model) masking.
       ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once; a
         length it does not divide gets a zero-padded last chunk).
+      output_chunk_len: compute the output projection and the loss over chunks of this many positions, so the
+        [b, l, V] logits are never alive whole (0, or a length it does not divide: all positions at once).
       dropout: residual and embedding dropout rate.
       attention_dropout: dropout rate on attention weights.
       pos_embedding: "absolute" ([max_len, d] table) or "axial" (two small tables, see `axial_shape`).
@@ -133,12 +139,14 @@ class ModelConfig:
     chunk_len: int = 64
     n_buckets: Union[int, Tuple[int, int], None] = None
     n_chunks_before: int = 1
-    sequential_rounds: bool = False
+    sequential_rounds: bool = True
+    sequential_heads: bool = True
     local_chunk_len: int = 64
     local_n_chunks_before: int = 1
     local_attention_dropout: float = 0.0
     causal: bool = True
     ff_chunk_len: int = 0
+    output_chunk_len: int = 0
     dropout: float = 0.1
     attention_dropout: float = 0.0
     pos_embedding: str = "axial"
@@ -164,7 +172,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "expected a positive integer")
-        for name in ("n_chunks_before", "ff_chunk_len", "local_n_chunks_before"):
+        for name in ("n_chunks_before", "ff_chunk_len", "output_chunk_len", "local_n_chunks_before"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "expected an integer >= 0")
@@ -182,7 +190,8 @@ class ModelConfig:
         self._check_choice("ff_activation", FF_ACTIVATIONS)
         self._check_choice("dtype", DTYPES)
         self._check_choice("param_dtype", DTYPES)
-        for name in ("reversible", "causal", "tie_embeddings", "scan_layers", "sequential_rounds"):
+        for name in ("reversible", "causal", "tie_embeddings", "scan_layers", "sequential_rounds",
+                     "sequential_heads"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
         for name in ("dropout", "attention_dropout", "local_attention_dropout"):
@@ -266,10 +275,11 @@ class ModelConfig:
         4
         """
         variants = {
-            "transformer": dict(attention="full", reversible=False, ff_chunk_len=0),
-            "lsh": dict(attention="lsh", reversible=False, ff_chunk_len=0),
-            "reversible": dict(attention="full", reversible=True, ff_chunk_len=0),
-            "reformer": dict(attention="lsh", reversible=True, ff_chunk_len=256),
+            # The seed's baselines store what ordinary autodiff stores: all heads at once.
+            "transformer": dict(attention="full", reversible=False, ff_chunk_len=0, sequential_heads=False),
+            "lsh": dict(attention="lsh", reversible=False, ff_chunk_len=0, sequential_heads=False),
+            "reversible": dict(attention="full", reversible=True, ff_chunk_len=0, sequential_heads=False),
+            "reformer": dict(attention="lsh", reversible=True, ff_chunk_len=256, output_chunk_len=256),
         }
         if name not in variants:
             raise ValueError(f"ModelConfig.preset: unknown preset {name!r}; expected one of "

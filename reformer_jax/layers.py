@@ -5,6 +5,7 @@ reversible, lives in `reformer_jax.reversible`; the Flax module in `reformer_jax
 
 Parameters of all layers are stacked on a leading axis n (for `lax.scan`):
   attention:    norm {scale, bias} [n, d], qk [n, d, h, k], v [n, d, h, k], out [n, h, k, d]
+                (local attention layers: q, k, v [n, d, h, k] instead of qk, v)
   feed_forward: norm {scale, bias} [n, d], wi [n, d, f], bi [n, f], wo [n, f, d], bo [n, d]
 """
 
@@ -19,6 +20,7 @@ from jax import lax
 
 from reformer_jax import attention as attn
 from reformer_jax import padding
+from reformer_jax import per_head_attention as per_head
 from reformer_jax.config import ModelConfig
 from reformer_jax.local_attention import local_attention
 
@@ -37,12 +39,39 @@ def layer_norm(x: jax.Array, norm: Params, eps: float) -> jax.Array:
     return y * norm["scale"].astype(jnp.float32) + norm["bias"].astype(jnp.float32)
 
 
+def dropout_mask(rate: float, rng: jax.Array, salt: int, shape: Tuple[int, ...]) -> jax.Array:
+    """The keep mask (bool) of `dropout`: a pure function of (rng, salt), replayable in a recompute.
+
+    A [b, l, d] mask is drawn one row block of positions at a time (`per_head.row_block_size`): drawn whole,
+    the random-bit generator's uint32 temporaries would be several times a residual stream's size.
+    """
+    key = jax.random.fold_in(rng, salt)
+    if len(shape) != 3 or per_head.row_block_size(shape[1]) == shape[1]:
+        return jax.random.bernoulli(key, 1.0 - rate, shape)
+    b, length, d = shape
+    rows = per_head.row_block_size(length)
+    blocks = lax.map(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, (b, rows, d)),
+                     jnp.arange(length // rows))  # [n, b, rows, d]
+    return jnp.moveaxis(blocks, 0, 1).reshape(shape)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic: bool) -> jax.Array:
     """Inverted dropout whose mask is a pure function of (rng, salt): replayable in a recompute."""
     if deterministic or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(jax.random.fold_in(rng, salt), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return jnp.where(dropout_mask(rate, rng, salt, x.shape), x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def head_spec(config: ModelConfig, seq_len: int, deterministic: bool,
+              attention_type: Optional[str] = None) -> per_head.HeadSpec:
+    """The static settings of the one-head-at-a-time attention core for this config, length and layer type
+    ("full" or "lsh"; default config.attention)."""
+    return per_head.HeadSpec(
+        lsh=(attention_type or config.attention) == "lsh", n_hashes=config.n_hashes, n_buckets=config.resolved_n_buckets(seq_len),
+        chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before, causal=config.causal,
+        sequential_rounds=config.sequential_rounds,
+        dropout_rate=0.0 if deterministic else float(config.attention_dropout),
+        layer_norm_eps=float(config.layer_norm_eps), dtype=config.compute_dtype)
 
 
 def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rng: jax.Array,
@@ -56,47 +85,110 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
     `attention_type` ("full", "lsh", "local"; default config.attention) picks the attention, `rotations`
     [h, k, r, sum(f_i) / 2] replaces the random hash projections, and `attention_mask` [b, l] bool (False =
     padding) masks padded keys (see `reformer_jax.padding`; padded LSH positions get an extra bucket).
+
+    With `config.sequential_heads` the core of full and LSH layers runs one head at a time
+    (`reformer_jax.per_head_attention`). Local layers (separate q, k, v) have no per-head path: they always run
+    all heads at once. With an `attention_mask`, a full or LSH layer's input is reordered so the real positions
+    come first (and its output back), on either path; the buckets returned are then those of the reordered
+    positions, which a recompute with the same mask reproduces.
     """
-    dtype = config.compute_dtype
     kind = attention_type or config.attention
+    weights_rng = jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS)
     with jax.named_scope("attention_block"):
-        h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
-        project = lambda name: jnp.einsum("bld,dhk->bhlk", h, params[name].astype(dtype))  # noqa: E731
-        rate = 0.0 if deterministic else config.attention_dropout
-        weights_rng = jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS)
         if kind == "local":
-            o = local_attention(project("q"), project("k"), project("v"), chunk_len=config.local_chunk_len,
-                                n_chunks_before=config.local_n_chunks_before, causal=config.causal,
-                                key_mask=attention_mask, dropout_rng=weights_rng,
-                                dropout_rate=0.0 if deterministic else config.local_attention_dropout)
+            y = _local_attention(params, x, config=config, weights_rng=weights_rng, deterministic=deterministic,
+                                 attention_mask=attention_mask)
         else:
+            inverse = None
             if attention_mask is not None:
                 if not config.causal:
                     raise ValueError(f"an attention_mask with {kind} attention needs causal=True (padded keys are "
                                      "masked by moving them after every real position).")
+                # LayerNorm is position-wise, so reordering its input reorders its output.
                 order, inverse = padding.real_first_order(attention_mask)
-                h = padding.take_positions(h, order, axis=1)
+                x = padding.take_positions(x, order, axis=1)
                 attention_mask = padding.take_positions(attention_mask, order, axis=1)
-            qk, v = project("qk"), project("v")
-            if kind == "lsh":
-                n_buckets = config.resolved_n_buckets(x.shape[1])
-                if buckets is None:
-                    buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets,
-                                               rotations=rotations)
-                    if attention_mask is not None:
-                        buckets = padding.with_pad_bucket(buckets, attention_mask, n_buckets)
-                o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
-                                       chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
-                                       causal=config.causal, buckets=buckets, dropout_rate=rate,
-                                       dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
-            else:
-                o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate,
-                                             dropout_rng=weights_rng)
-            if attention_mask is not None:
-                o = padding.take_positions(o, inverse, axis=2)
-        y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
+            core = _attention_by_heads if config.sequential_heads else _attention_all_heads
+            y, buckets = core(params, x, config=config, kind=kind, lsh_rng=lsh_rng, weights_rng=weights_rng,
+                              deterministic=deterministic, buckets=buckets, rotations=rotations,
+                              attention_mask=attention_mask)
+            if inverse is not None:
+                y = padding.take_positions(y, inverse, axis=1)
         y = dropout(y, config.dropout, dropout_rng, _ATTN_OUT, deterministic)
     return y, buckets
+
+
+def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, dx: jax.Array, *,
+                            config: ModelConfig, dropout_rng: jax.Array, deterministic: bool,
+                            buckets: Optional[jax.Array],
+                            attention_type: Optional[str] = None) -> Tuple[jax.Array, Params, jax.Array]:
+    """A reversible layer's attention step backwards (config.sequential_heads): y = x_prev + F(x).
+
+    Returns (x_prev = y - F(x), dF/dparams . dy, dx + dF/dx . dy): each head computed once, y's and dx's
+    buffers updated in place; `buckets` are the forward pass's ids. Equal to jax.vjp of `attention_block` up
+    to rounding. Full and LSH layers without a padding mask only (`attention_type` default config.attention);
+    a stack differentiates other layers by jax.vjp of `attention_block`.
+    """
+    if (attention_type or config.attention) == "local":
+        raise ValueError("attention_block_reverse: local attention has no per-head path; differentiate "
+                         "attention_block by jax.vjp.")
+    spec = head_spec(config, x.shape[1], deterministic, attention_type)
+    rate = 0.0 if deterministic else float(config.dropout)
+    keep = dropout_mask(rate, dropout_rng, _ATTN_OUT, x.shape) if rate else None
+    with jax.named_scope("attention_block_reverse"):
+        return per_head.reverse_by_heads(spec, params, x, y, dy, dx, buckets,
+                                         jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS), keep=keep, rate=rate)
+
+
+def _attention_by_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
+                        attention_mask):
+    """One head at a time (`per_head_attention`); attention_mask (already real-first) only sets the pad bucket."""
+    spec = head_spec(config, x.shape[1], deterministic, kind)
+    if spec.lsh and buckets is None:
+        if rotations is None:
+            rotations = attn.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,
+                                              n_hashes=config.n_hashes, n_buckets=spec.n_buckets)
+        buckets = per_head.hash_by_heads(spec, params, x, rotations)
+        if attention_mask is not None:
+            buckets = padding.with_pad_bucket(buckets, attention_mask, spec.n_buckets)
+    return per_head.attention_by_heads(spec, params, x, buckets, weights_rng), buckets
+
+
+def _attention_all_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
+                         attention_mask):
+    """All heads at once: [b, h, l, k] projections, attention under plain autodiff (LSH: its own custom_vjp)."""
+    dtype = config.compute_dtype
+    h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
+    qk = jnp.einsum("bld,dhk->bhlk", h, params["qk"].astype(dtype))
+    v = jnp.einsum("bld,dhk->bhlk", h, params["v"].astype(dtype))
+    rate = 0.0 if deterministic else config.attention_dropout
+    if kind == "lsh":
+        n_buckets = config.resolved_n_buckets(x.shape[1])
+        if buckets is None:
+            buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets,
+                                       rotations=rotations)
+            if attention_mask is not None:
+                buckets = padding.with_pad_bucket(buckets, attention_mask, n_buckets)
+        o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
+                               chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
+                               causal=config.causal, buckets=buckets, dropout_rate=rate,
+                               dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
+    else:
+        o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
+    y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
+    return y, buckets
+
+
+def _local_attention(params, x, *, config, weights_rng, deterministic, attention_mask):
+    """Local attention, all heads at once under plain autodiff: separate q, k, v [b, h, l, k] projections."""
+    dtype = config.compute_dtype
+    h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
+    project = lambda name: jnp.einsum("bld,dhk->bhlk", h, params[name].astype(dtype))  # noqa: E731
+    o = local_attention(project("q"), project("k"), project("v"), chunk_len=config.local_chunk_len,
+                        n_chunks_before=config.local_n_chunks_before, causal=config.causal,
+                        key_mask=attention_mask, dropout_rng=weights_rng,
+                        dropout_rate=0.0 if deterministic else config.local_attention_dropout)
+    return jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
 
 
 def _activation(name: str):
@@ -115,13 +207,17 @@ def _feed_forward_positions(params: Params, x: jax.Array, rng: jax.Array, *, con
 
 
 def feed_forward_block(params: Params, x: jax.Array, *, config: ModelConfig, dropout_rng: jax.Array,
-                       deterministic: bool) -> jax.Array:
+                       deterministic: bool, chunk_index: Optional[jax.Array] = None) -> jax.Array:
     """G(x) = Dropout(W2 Dropout(act(W1 LayerNorm(x)))): [b, l, d] float32 -> [b, l, d] float32.
 
     With `ff_chunk_len` set, positions are processed `ff_chunk_len` at a time by `lax.map`, each chunk under
     `jax.checkpoint`, so only one chunk's [b, chunk, d_ff] hidden activation is alive, in the forward pass and
-    in the backward pass alike.
+    in the backward pass alike. A caller that chunks on its own (the reversible stack) passes one chunk x
+    [b, ff_chunk_len, d] with its `chunk_index`: the dropout masks are then those of that chunk here.
     """
+    if chunk_index is not None:
+        return _feed_forward_positions(params, x, jax.random.fold_in(dropout_rng, chunk_index), config=config,
+                                       deterministic=deterministic)
     b, length, d = x.shape
     chunk = min(config.ff_chunk_len, length) if config.ff_chunk_len else length
     with jax.named_scope("feed_forward_block"):

@@ -6,6 +6,8 @@ measured on a laptop. It reads XLA's `compiled.memory_analysis()`:
 
   peak_bytes       = argument + output - alias + temp           (MaxText's headline figure)
   activation_bytes = peak - parameters - their gradients - optimizer state - batch
+  floor_bytes      = parameters + gradients + optimizer state + batch + 4 x b x l x d_model x 4 bytes
+                     (what no implementation can go below: the two float32 residual streams and their cotangents)
 
 On CPU, XLA's YNNPACK library fusions hide their scratch from the accounting, so they are switched off for the
 measurement (see ../shared/reference/jax-memory-notes.md).
@@ -51,6 +53,7 @@ class MemoryStats:
     optimizer_state_bytes: int
     batch_bytes: int
     activation_bytes: int
+    floor_bytes: int
     jax_version: str
     jaxlib_version: str
     backend: str
@@ -63,7 +66,7 @@ class MemoryStats:
         return (f"peak {mib(self.peak_bytes)} = parameters {mib(self.param_bytes)} + gradients "
                 f"{mib(self.param_bytes)} + optimizer state {mib(self.optimizer_state_bytes)} + batch "
                 f"{mib(self.batch_bytes)} + activations and temporaries {mib(self.activation_bytes)} "
-                f"[XLA: argument {mib(self.argument_bytes)}, output {mib(self.output_bytes)}, alias "
+                f"({self.peak_bytes / self.floor_bytes:.2f} x the floor {mib(self.floor_bytes)}) [XLA: argument {mib(self.argument_bytes)}, output {mib(self.output_bytes)}, alias "
                 f"{mib(self.alias_bytes)}, temp {mib(self.temp_bytes)}; jax {self.jax_version}, {self.backend}]")
 
 
@@ -93,8 +96,23 @@ def lower_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
     return lowered, state.params, state.opt_state, batch
 
 
-def stats_from_analysis(analysis: Any, params: Any, opt_state: Any, batch: Any, backend: str) -> MemoryStats:
-    """`MemoryStats` from a compiled step's `memory_analysis()` and the (abstract) step inputs."""
+# The floor's activation allowance: four [b, l, d_model] float32 tensors (two residual streams, two cotangents).
+FLOOR_STREAMS = 4
+
+
+def floor_bytes(*, param_bytes: int, optimizer_state_bytes: int, batch_bytes: int, batch_size: int, seq_len: int,
+                d_model: int) -> int:
+    """parameters + gradients + optimizer state + batch + 4 x batch x length x d_model x 4 bytes."""
+    return (2 * param_bytes + optimizer_state_bytes + batch_bytes
+            + FLOOR_STREAMS * batch_size * seq_len * d_model * jnp.dtype(jnp.float32).itemsize)
+
+
+def stats_from_analysis(analysis: Any, params: Any, opt_state: Any, batch: Any, backend: str, *,
+                        d_model: int) -> MemoryStats:
+    """`MemoryStats` from a compiled step's `memory_analysis()` and the (abstract) step inputs.
+
+    batch: the step's batch, its leaves [batch_size, seq_len] (for the floor's residual streams).
+    """
     argument = int(analysis.argument_size_in_bytes)
     output = int(analysis.output_size_in_bytes)
     alias = int(analysis.alias_size_in_bytes)
@@ -103,10 +121,13 @@ def stats_from_analysis(analysis: Any, params: Any, opt_state: Any, batch: Any, 
     param_bytes = tree_bytes(params)
     opt_bytes = tree_bytes(opt_state) if opt_state is not None else 0
     batch_bytes = tree_bytes(batch)
+    batch_size, seq_len = jax.tree.leaves(batch)[0].shape[:2]
     return MemoryStats(
         argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp, peak_bytes=peak,
         param_bytes=param_bytes, optimizer_state_bytes=opt_bytes, batch_bytes=batch_bytes,
         activation_bytes=peak - 2 * param_bytes - opt_bytes - batch_bytes,
+        floor_bytes=floor_bytes(param_bytes=param_bytes, optimizer_state_bytes=opt_bytes, batch_bytes=batch_bytes,
+                                batch_size=batch_size, seq_len=seq_len, d_model=d_model),
         jax_version=jax.__version__, jaxlib_version=jaxlib.__version__, backend=backend)
 
 
@@ -120,7 +141,8 @@ def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, op
                                                          optimizer=optimizer)
     backend = jax.default_backend()
     compiled = lowered.compile({**compiler_options(backend), **(extra_options or {})})
-    return compiled, stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend)
+    return compiled, stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend,
+                                         d_model=config.d_model)
 
 
 def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,

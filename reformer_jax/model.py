@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from reformer_jax import layers
+from reformer_jax import layers, output_head
 from reformer_jax.config import ModelConfig
 from reformer_jax.reversible import residual_stack, reversible_stack
 
@@ -59,6 +59,11 @@ def _init_mixed_attention(rng: jax.Array, config: ModelConfig):
             for t, r in zip(types, jax.random.split(rng, len(types)))}
 
 
+def _key_of(layer_inputs) -> jax.Array:
+    """A layer's [2] key array (hashing, dropout) from its inputs: the keys, or {"rng": keys, "rotations": ...}."""
+    return layer_inputs["rng"] if isinstance(layer_inputs, dict) else layer_inputs
+
+
 class LayerStack(nn.Module):
     """All n_layers (attention, feed-forward) layers with stacked parameters.
 
@@ -68,6 +73,10 @@ class LayerStack(nn.Module):
     group of layer types (`layer_period`), so local and LSH layers each keep their own parameters.
     `layer_inputs` is the [n, 2] key array, or {"rng": keys, "rotations": [n, h, k, r, f / 2]} with explicit
     hash rotations.
+    With `sequential_heads`, full and LSH layers run one head at a time and a reversible stack uses their fused
+    reverse step (`layers.attention_block_reverse`). Local layers, and every layer when an `attention_mask` is
+    given, fall back to the generic reversible backward (jax.vjp of the block; the forward of a masked full / LSH
+    layer is still per head); local layers compute all heads at once.
     """
 
     config: ModelConfig
@@ -80,21 +89,33 @@ class LayerStack(nn.Module):
 
         def attention_fn_for(kind):
             def attention_fn(p, x, inputs, buckets):
-                key, rotations = (inputs["rng"], inputs["rotations"]) if isinstance(inputs, dict) else (inputs, None)
+                key, rotations = _key_of(inputs), (inputs["rotations"] if isinstance(inputs, dict) else None)
                 return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
                                               deterministic=deterministic, buckets=buckets, attention_type=kind,
                                               rotations=rotations if kind == "lsh" else None,
                                               attention_mask=attention_mask)
             return attention_fn
 
-        def feed_forward_fn(p, x, inputs):
-            key = inputs["rng"] if isinstance(inputs, dict) else inputs
-            return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=deterministic)
+        def feed_forward_fn(p, x, inputs, chunk_index):
+            return layers.feed_forward_block(p, x, config=cfg, dropout_rng=_key_of(inputs)[1],
+                                             deterministic=deterministic, chunk_index=chunk_index)
+
+        def attention_reverse_fn_for(kind):
+            # The fused per-head reverse step covers full and LSH layers without a padding mask; other layers
+            # (local attention, masked layers) are differentiated by the stack's generic jax.vjp of F.
+            if not cfg.sequential_heads or kind == "local" or attention_mask is not None:
+                return None
+
+            def attention_reverse_fn(p, x, y, dy, dx, inputs, buckets):
+                return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=_key_of(inputs)[1],
+                                                      deterministic=deterministic, buckets=buckets,
+                                                      attention_type=kind)
+            return attention_reverse_fn
 
         feed_forward = self.param("feed_forward", layers.init_feed_forward_params, cfg)
         if period == 1:
             attention = self.param("attention", layers.init_attention_params, cfg, types[0])
-            attention_fn = attention_fn_for(types[0])
+            attention_fn, reverse_fn = attention_fn_for(types[0]), attention_reverse_fn_for(types[0])
         else:
             by_type = self.param("attention", _init_mixed_attention, cfg)
             groups = cfg.n_layers // period
@@ -109,11 +130,13 @@ class LayerStack(nn.Module):
                     lambda leaf: leaf.reshape((groups, per_group) + leaf.shape[1:])[:, m], by_type[kind]))
                 attention_fn.append(attention_fn_for(kind))
             attention, attention_fn = tuple(attention), tuple(attention_fn)
+            reverse_fn = tuple(attention_reverse_fn_for(kind) for kind in types[:period])
             feed_forward, layer_inputs = group(feed_forward), group(layer_inputs)
         params = {"attention": attention, "feed_forward": feed_forward}
         if cfg.reversible:
             x1, x2 = streams
-            return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, layer_inputs)
+            return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, layer_inputs,
+                                    ff_chunk_len=cfg.ff_chunk_len, attention_reverse_fn=reverse_fn)
         return residual_stack(attention_fn, feed_forward_fn, params, streams, layer_inputs, scan=cfg.scan_layers)
 
 
@@ -121,9 +144,25 @@ class ReformerLM(nn.Module):
     """Causal language model for all four presets of `ModelConfig`.
 
     __call__(tokens [b, l] int, *, deterministic=True) -> logits [b, l, vocab_size] float32.
+    loss_terms(tokens, targets, weights, *, deterministic=True) -> weighted sums of the next-token loss, computed
+      `config.output_chunk_len` positions at a time (what training uses: the logits are never alive whole).
     """
 
     config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed = self.param("embed", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+                                (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
+        self.positions = PositionalEmbedding(cfg)
+        self.layers = LayerStack(cfg)
+        width = 2 * cfg.d_model if cfg.output_head == "concat" else cfg.d_model
+        self.final_norm_scale = self.param("final_norm_scale", nn.initializers.ones, (width,), cfg.params_dtype)
+        self.final_norm_bias = self.param("final_norm_bias", nn.initializers.zeros, (width,), cfg.params_dtype)
+        if not cfg.tie_embeddings:
+            self.head_kernel = self.param("head_kernel", nn.initializers.xavier_uniform(), (width, cfg.vocab_size),
+                                          cfg.params_dtype)
+        self.head_bias = self.param("head_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
 
     def _stream_keys(self, deterministic: bool, draws_rotations: bool):
         """Per-layer [n_layers, 2] keys (hashing, dropout) and the embedding's dropout key."""
@@ -136,7 +175,8 @@ class ReformerLM(nn.Module):
             lsh_key = _as_typed_key(self.make_rng("lsh"))
         else:
             lsh_key = placeholder
-        uses_dropout = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0)
+        uses_dropout = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0
+                                              or (cfg.uses("local") and cfg.local_attention_dropout > 0))
         if uses_dropout:
             if not self.has_rng("dropout"):
                 raise ValueError("ReformerLM(deterministic=False) with dropout > 0 needs a 'dropout' RNG stream: "
@@ -163,17 +203,8 @@ class ReformerLM(nn.Module):
         spread = jnp.zeros((cfg.n_layers,) + expected[1:], jnp.float32).at[jnp.array(lsh_layers)].set(lsh_rotations)
         return {"rng": layer_keys, "rotations": spread}
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
-                 lsh_rotations=None) -> jax.Array:
-        """tokens [b, l] -> logits [b, l, V].
-
-        attention_mask: optional [b, l] (1 / True = real token, 0 / False = padding): padded keys are masked in
-          every layer and padded positions get their own bucket in LSH layers (Hugging Face's semantics), so the
-          real tokens' logits do not depend on the padding's content.
-        lsh_rotations: optional explicit hash projections [LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2]
-          instead of random ones (needs an explicit `n_buckets`); then no 'lsh' RNG stream is needed.
-        """
+    def streams(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None, lsh_rotations=None):
+        """The layer stack's output: x [b, l, d], or the reversible (y1, y2). Arguments as for `__call__`."""
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"ReformerLM expects integer tokens of shape [batch, length]; got {tokens.dtype} "
@@ -189,35 +220,43 @@ class ReformerLM(nn.Module):
                              "sum(n_buckets factors) / 2).")
         layer_keys, embed_dropout_key = self._stream_keys(deterministic, cfg.uses("lsh") and lsh_rotations is None)
         layer_inputs = self._layer_inputs(layer_keys, lsh_rotations)
-
-        embed = self.param("embed", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
-                           (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
         with jax.named_scope("embedding"):
-            x = jnp.take(embed, tokens, axis=0).astype(jnp.float32)
-            x = x + PositionalEmbedding(cfg, name="positions")(tokens.shape[1]).astype(jnp.float32)
+            x = jnp.take(self.embed, tokens, axis=0).astype(jnp.float32)
+            x = x + self.positions(tokens.shape[1]).astype(jnp.float32)
             x = layers.dropout(x, cfg.dropout, embed_dropout_key, 0, deterministic)
-
-        stack = LayerStack(cfg, name="layers")
         if cfg.reversible:
-            y1, y2 = stack((x, x), layer_inputs, deterministic=deterministic,  # trax: both streams start as x
-                           attention_mask=attention_mask)
-            x = jnp.concatenate([y1, y2], axis=-1) if cfg.output_head == "concat" else (y1 + y2) / 2
-        else:
-            x = stack(x, layer_inputs, deterministic=deterministic, attention_mask=attention_mask)
+            # trax: both streams start as x
+            return tuple(self.layers((x, x), layer_inputs, deterministic=deterministic,
+                                     attention_mask=attention_mask))
+        return self.layers(x, layer_inputs, deterministic=deterministic, attention_mask=attention_mask)
 
-        with jax.named_scope("output_head"):
-            width = x.shape[-1]
-            norm = {"scale": self.param("final_norm_scale", nn.initializers.ones, (width,), cfg.params_dtype),
-                    "bias": self.param("final_norm_bias", nn.initializers.zeros, (width,), cfg.params_dtype)}
-            h = layers.layer_norm(x, norm, cfg.layer_norm_eps).astype(cfg.compute_dtype)
-            if cfg.tie_embeddings:
-                kernel = embed.T
-            else:
-                kernel = self.param("head_kernel", nn.initializers.xavier_uniform(), (width, cfg.vocab_size),
-                                    cfg.params_dtype)
-            bias = self.param("head_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
-            logits = jnp.einsum("bld,dv->blv", h, kernel.astype(cfg.compute_dtype)) + bias.astype(cfg.compute_dtype)
-        return logits.astype(jnp.float32)
+    def head_params(self) -> output_head.HeadParams:
+        return {"norm": {"scale": self.final_norm_scale, "bias": self.final_norm_bias},
+                "kernel": self.embed.T if self.config.tie_embeddings else self.head_kernel, "bias": self.head_bias}
+
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
+                 lsh_rotations=None) -> jax.Array:
+        """tokens [b, l] -> logits [b, l, V].
+
+        attention_mask: optional [b, l] (1 / True = real token, 0 / False = padding): padded keys are masked in
+          every layer and padded positions get their own bucket in LSH layers (Hugging Face's semantics), so the
+          real tokens' logits do not depend on the padding's content.
+        lsh_rotations: optional explicit hash projections [LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2]
+          instead of random ones (needs an explicit `n_buckets`); then no 'lsh' RNG stream is needed.
+        """
+        streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                               lsh_rotations=lsh_rotations)
+        return output_head.head_logits(self.head_params(), streams, self.config)
+
+    def loss_terms(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                   deterministic: bool = True, attention_mask=None, lsh_rotations=None):
+        """{"loss_sum", "correct_sum", "weight_sum"}: weighted next-token cross-entropy (nats), correct argmax
+        predictions and total weight over the batch; targets int [b, l], weights [b, l]; attention_mask and
+        lsh_rotations as for `__call__`."""
+        streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                               lsh_rotations=lsh_rotations)
+        return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, config=self.config,
+                                              chunk_len=self.config.output_chunk_len)
 
 
 def init_length(config: ModelConfig) -> int:

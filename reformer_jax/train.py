@@ -67,20 +67,19 @@ def _step_rngs(rng: jax.Array, step: jax.Array) -> Dict[str, jax.Array]:
     return {"lsh": lsh_rng, "dropout": dropout_rng}
 
 
-def cross_entropy(logits: jax.Array, batch: Batch) -> Tuple[jax.Array, Metrics]:
-    """Weighted mean next-token cross-entropy (nats) and accuracy. logits [b, l, V]."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    weights = batch["weights"].astype(jnp.float32)
-    total = jnp.maximum(jnp.sum(weights), 1.0)
-    loss = jnp.sum(losses * weights) / total
-    accuracy = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * weights) / total
-    return loss, {"loss": loss, "accuracy": accuracy, "tokens": jnp.sum(weights)}
+def metrics_from_sums(sums: Dict[str, jax.Array]) -> Tuple[jax.Array, Metrics]:
+    """Mean loss (nats per scored token) and accuracy from `ReformerLM.loss_terms`'s weighted sums."""
+    total = jnp.maximum(sums["weight_sum"], 1.0)
+    loss = sums["loss_sum"] / total
+    return loss, {"loss": loss, "accuracy": sums["correct_sum"] / total, "tokens": sums["weight_sum"]}
 
 
 def loss_fn(params: Any, batch: Batch, rngs: Dict[str, jax.Array], *, config: ModelConfig,
             deterministic: bool = False) -> Tuple[jax.Array, Metrics]:
-    logits = ReformerLM(config).apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
-    return cross_entropy(logits, batch)
+    """Weighted mean next-token cross-entropy and metrics; the logits are formed `output_chunk_len` at a time."""
+    sums = ReformerLM(config).apply({"params": params}, batch["inputs"], batch["targets"], batch["weights"],
+                                    deterministic=deterministic, rngs=rngs, method=ReformerLM.loss_terms)
+    return metrics_from_sums(sums)
 
 
 def loss_and_grads(params: Any, batch: Batch, rng: jax.Array, step: jax.Array, *,

@@ -16,15 +16,15 @@ import pytest
 from absl import flags
 
 from benchmarks import memory, output, runtime, timeline
-from benchmarks.measure import floor_bytes
-from reformer_jax.memory import stats_from_analysis
+from reformer_jax.memory import floor_bytes, stats_from_analysis
 from reformer_jax.memory import MemoryStats
 
 TINY = memory.Settings(
     vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, seq_len=256, n_hashes=2, chunk_len=16, dropout=0.0,
     hash_sweep=(1, 2), layer_sweep=(1, 2), lengths=(128, 256), seqlen_optimizer="adafactor",
     runtime_models=("transformer",), floor_hashes=(1, 2), floor_layers=(1, 2), floor_lengths=(128,),
-    floor_long_len=256, fast_compile=True, command="pytest")
+    floor_long_len=256, floor_speed_layers=1, floor_speed_steps=1, floor_real_len=0, fast_compile=True,
+    command="pytest")
 # Per experiment: the models it runs at these sizes (variants needs all four for the ordering checks).
 PLAN = [("variants", memory.PRESETS), ("hashes", memory.PRESETS), ("layers", memory.PRESETS),
         ("seqlen", ("transformer", "reformer")), ("timeline", ("transformer",)),
@@ -176,15 +176,23 @@ def test_runtime_device_path_with_a_fake_stats_source(tmp_path):
 
 def test_floor_targets(results):
     rows = {r["target"]: r for r in results.rows["floor"]}
-    assert set(rows) == {"1", "2", "3", "4a", "5"}
+    assert set(rows) == {"1", "1s", "2", "3", "4a", "5"}
     for r in rows.values():
         assert r["status"] == ("pass" if r["measured"] <= r["limit"] else "short")
     assert rows["5"]["measured"] == pytest.approx(rows["5"]["peak_bytes"] / 2**30)
+    assert rows["1s"]["measured"] == pytest.approx(rows["1s"]["step_s_rounds_True_heads_True"]
+                                                   / rows["1s"]["step_s_rounds_False_heads_False"])
     r = rows["4a"]
-    stats = MemoryStats(**{f.name: r[f.name] for f in dataclasses.fields(MemoryStats)})
     expected = 2 * r["param_bytes"] + r["optimizer_state_bytes"] + r["batch_bytes"] + 4 * 1 * 128 * 32 * 4
-    assert floor_bytes(stats, batch_size=1, seq_len=128, d_model=32) == expected == r["floor_bytes"]
-    assert r["measured"] == pytest.approx(r["peak_bytes"] / expected)
+    assert floor_bytes(param_bytes=r["param_bytes"], optimizer_state_bytes=r["optimizer_state_bytes"],
+                       batch_bytes=r["batch_bytes"], batch_size=1, seq_len=128, d_model=32) == expected
+    assert r["floor_bytes"] == expected
+    assert r["measured"] == pytest.approx(r["peak_bytes"] / expected, rel=1e-3)
+    # Every benchmark row carries the floor.
+    for name, experiment_rows in results.rows.items():
+        for row in experiment_rows:
+            assert row["floor_bytes"] > 0 and row["peak_over_floor"] == pytest.approx(
+                row["peak_bytes"] / row["floor_bytes"], rel=1e-3), name
 
 
 def test_stats_from_analysis_matches_the_library_formula():
@@ -193,9 +201,10 @@ def test_stats_from_analysis_matches_the_library_formula():
     import jax
     params = {"w": jax.ShapeDtypeStruct((10, 10), "float32")}
     batch = {"x": jax.ShapeDtypeStruct((2, 4), "int32")}
-    stats = stats_from_analysis(analysis, params, {"m": params["w"]}, batch, "cpu")
+    stats = stats_from_analysis(analysis, params, {"m": params["w"]}, batch, "cpu", d_model=8)
     assert stats.peak_bytes == 1000 + 900 - 800 + 5000
     assert stats.activation_bytes == stats.peak_bytes - 2 * 400 - 400 - 32
+    assert stats.floor_bytes == 2 * 400 + 400 + 32 + 4 * 2 * 4 * 8 * 4
 
 
 def parse(*args):

@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from reformer_jax.convert import from_hf  # noqa: E402
 from reformer_jax.model import ReformerLM  # noqa: E402
-from reformer_jax.train import cross_entropy  # noqa: E402
+from reformer_jax.train import metrics_from_sums  # noqa: E402
 
 BASE = dict(hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64, vocab_size=30,
             lsh_attn_chunk_length=8, local_attn_chunk_length=8, num_hashes=2, num_buckets=4, is_decoder=True,
@@ -73,9 +73,14 @@ def tokens_for(model, batch=2):
 
 
 def our_loss(params, config, tokens, rotations, mask=None):
-    logits = ReformerLM(config).apply({"params": params}, tokens, lsh_rotations=rotations, attention_mask=mask)
-    batch = {"targets": tokens[:, 1:], "weights": jnp.ones(tokens[:, 1:].shape)}
-    return cross_entropy(logits[:, :-1], batch)[0], logits
+    """(the training loss, as train.loss_fn forms it through ReformerLM.loss_terms, and the logits)."""
+    model, inputs = ReformerLM(config), dict(lsh_rotations=rotations, attention_mask=mask)
+    logits = model.apply({"params": params}, tokens, **inputs)
+    # Hugging Face's loss: position i predicts token i + 1; the last position predicts nothing.
+    targets = jnp.roll(tokens, -1, axis=1)
+    weights = jnp.ones(tokens.shape).at[:, -1].set(0.0)
+    sums = model.apply({"params": params}, tokens, targets, weights, method=ReformerLM.loss_terms, **inputs)
+    return metrics_from_sums(sums)[0], logits
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reformer_jax import ModelConfig, ReformerLM, init_params
+from reformer_jax import ModelConfig, ReformerLM, init_params, layers
 from reformer_jax.local_attention import local_attention
 from reformer_jax.model import layer_period
+from reformer_jax.reversible import reversible_stack
 
 
 def dense_local_reference(q, k, v, chunk_len, n_before, causal, key_mask):
@@ -62,6 +63,7 @@ def small(**overrides):
     return ModelConfig(**{**base, **overrides})
 
 
+@pytest.mark.slow  # an 18 s model compile; the default run keeps the LSH padding test below and the local core
 def test_right_padding_leaves_real_logits_of_local_and_full_layers_unchanged():
     config = small(attn_layers=("local", "full"), reversible=False, output_head="mean")  # the plain stack
     params = init_params(config, jax.random.key(0))
@@ -89,3 +91,64 @@ def test_padding_content_never_reaches_real_tokens_in_lsh_layers_with_explicit_r
     np.testing.assert_allclose(np.asarray(a)[np.asarray(mask)], np.asarray(b)[np.asarray(mask)], atol=1e-5)
     assert not np.allclose(np.asarray(a)[np.asarray(mask)], np.asarray(apply(tokens, None))[np.asarray(mask)],
                            atol=1e-3)  # the mask does change what real tokens see
+
+
+@pytest.mark.slow  # two stack compiles (~35 s on the shared CPU)
+def test_mixed_reversible_stack_gradients_equal_plain_autodiff():
+    """A (local, full) group, G chunked in place, dropout on: the full layer takes the fused per-head reverse
+    step (as LSH layers do; the cheaper compile), the local one jax.vjp of its block."""
+    cfg = small(attn_layers=("local", "full"), dropout=0.1, ff_chunk_len=8)
+    assert cfg.sequential_heads
+    groups, rng = 1, jax.random.key(0)
+
+    @jax.jit
+    def inputs(rng):  # one compile instead of many small eager ones
+        params = {"attention": (layers.init_attention_params(jax.random.fold_in(rng, 1), cfg, "local", groups),
+                                layers.init_attention_params(jax.random.fold_in(rng, 2), cfg, "full", groups)),
+                  "feed_forward": jax.tree.map(lambda leaf: leaf.reshape((groups, 2) + leaf.shape[1:]),
+                                               layers.init_feed_forward_params(jax.random.fold_in(rng, 3), cfg))}
+        return (params, jax.random.split(jax.random.fold_in(rng, 4), (groups, 2, 2)),
+                jax.random.normal(jax.random.fold_in(rng, 5), (2, 32, 16)),
+                jax.random.normal(jax.random.fold_in(rng, 6), (2, 32, 16)))
+
+    params, keys, x, probe = inputs(rng)
+
+    def attention_fn(kind):
+        return lambda p, x, key, buckets: layers.attention_block(
+            p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1], deterministic=False, buckets=buckets,
+            attention_type=kind)
+
+    def ff(p, x, key, chunk_index):
+        return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=False,
+                                         chunk_index=chunk_index)
+
+    def full_reverse(p, x, y, dy, dx, key, buckets):
+        return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=key[1], deterministic=False,
+                                              buckets=buckets, attention_type="full")
+
+    fns = (attention_fn("local"), attention_fn("full"))
+
+    def custom(params, x1, x2):
+        return reversible_stack(fns, ff, params, x1, x2, keys, ff_chunk_len=8,
+                                attention_reverse_fn=(None, full_reverse))
+
+    def plain(params, x1, x2):  # the same layers in a Python loop, differentiated by autodiff
+        for g in range(groups):
+            for j in range(2):
+                key = keys[g, j]
+                x1 = x1 + fns[j](jax.tree.map(lambda leaf: leaf[g], params["attention"][j]), x2, key, None)[0]
+                x2 = x2 + ff(jax.tree.map(lambda leaf: leaf[g, j], params["feed_forward"]), x1, key, None)
+        return x1, x2
+
+    def grads(stack):
+        def loss(params, x1, x2):
+            y1, y2 = stack(params, x1, x2)
+            return jnp.sum((y1 + 2 * y2) * probe)
+        return jax.jit(jax.grad(loss, (0, 1, 2)))(params, x, 0.5 * x)
+
+    got, want = grads(custom), grads(plain)
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    assert len(pairs) == 6 + 5 + 6 + 2  # local (norm 2, q, k, v, out), full (norm 2, qk, v, out), ff, x1, x2
+    for a, b in pairs:
+        assert float(jnp.max(jnp.abs(b))) > 0
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(b))))

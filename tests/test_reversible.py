@@ -26,8 +26,9 @@ def _setup(attention, n_layers=3):
         return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1], deterministic=False,
                                       buckets=buckets)
 
-    def feed_forward_fn(p, x, key):
-        return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=False)
+    def feed_forward_fn(p, x, key, chunk_index):
+        return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=False,
+                                         chunk_index=chunk_index)
 
     return cfg, params, keys, x, attention_fn, feed_forward_fn
 
@@ -37,7 +38,7 @@ def _plain_reversible(attention_fn, feed_forward_fn, params, x1, x2, keys):
     for i in range(keys.shape[0]):
         p = jax.tree.map(lambda leaf: leaf[i], params)
         x1 = x1 + attention_fn(p["attention"], x2, keys[i], None)[0]
-        x2 = x2 + feed_forward_fn(p["feed_forward"], x1, keys[i])
+        x2 = x2 + feed_forward_fn(p["feed_forward"], x1, keys[i], None)
     return x1, x2
 
 
@@ -45,8 +46,9 @@ def _rel_err(got, want):
     return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
-@pytest.mark.parametrize("attention", ["lsh", "full"])
-def test_reversible_gradients_equal_plain_autodiff(attention):
+@pytest.mark.parametrize("attention,ff_chunk_len", [("lsh", 16), ("full", 0)])
+def test_reversible_gradients_equal_plain_autodiff(attention, ff_chunk_len):
+    """ff_chunk_len=16: the stack runs G chunk by chunk in place; 0: G on the whole sequence (it chunks itself)."""
     _, params, keys, x, attention_fn, feed_forward_fn = _setup(attention)
     probe = jax.random.normal(jax.random.key(5), x.shape)
 
@@ -55,7 +57,8 @@ def test_reversible_gradients_equal_plain_autodiff(attention):
         return jnp.sum((y1 + 2 * y2) * probe)
 
     x2 = x * 0.5
-    custom_value, custom = jax.jit(jax.value_and_grad(functools.partial(loss, reversible_stack), (0, 1, 2)))(
+    stack = functools.partial(reversible_stack, ff_chunk_len=ff_chunk_len)
+    custom_value, custom = jax.jit(jax.value_and_grad(functools.partial(loss, stack), (0, 1, 2)))(
         params, x, x2)
     plain_value, plain = jax.jit(jax.value_and_grad(functools.partial(loss, _plain_reversible), (0, 1, 2)))(
         params, x, x2)
@@ -70,7 +73,7 @@ def test_reversible_gradients_equal_plain_autodiff(attention):
 def test_reversible_forward_equals_plain_forward_and_dropout_is_active():
     _, params, keys, x, attention_fn, feed_forward_fn = _setup("lsh")
     run = jax.jit(lambda stack, k: stack(attention_fn, feed_forward_fn, params, x, x, k), static_argnums=0)
-    y, z = run(reversible_stack, keys), run(_plain_reversible, keys)
+    y, z = run(functools.partial(reversible_stack, ff_chunk_len=16), keys), run(_plain_reversible, keys)
     for a, b in zip(y, z):
         assert _rel_err(a, b) < 1e-6
     w = run(reversible_stack, jax.random.split(jax.random.key(6), keys.shape))

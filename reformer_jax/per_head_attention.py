@@ -1,0 +1,269 @@
+"""The attention block's core one head at a time, with its own custom_vjp (ModelConfig.sequential_heads).
+
+    attention_core(x) = sum_h Attention_h(LayerNorm(x) W_qk[h], LayerNorm(x) W_v[h]) W_out[h]      [b, l, d]
+
+All heads at once, a layer holds [b, h, l, k] projections (qk, v, the attention output and their cotangents: each
+as large as a residual stream), LayerNorm(x) and its cotangent, plus every head's sorted buffers and chunk scores.
+Here a `lax.scan` over heads keeps only one head's [b, l, k] slices alive, and every [b, l, d] quantity is either
+never formed or updated in place, one block of positions at a time (`row_block_size`):
+- LayerNorm(x) is recomputed per row block where a head's projections need it (it is cheap next to them);
+- the backward pass pushes each head's dLayerNorm(x) through the LayerNorm backward block by block and adds
+  it to a caller's buffer (a reversible layer's dx2 = dy2 + dF/dx2 accumulates in dy2's buffer);
+- a reversible layer recovers x1 = y1 - F(x2) by subtracting each head's output from y1's buffer in the same
+  head loop that computes its gradients, so each head is computed once in the backward pass.
+What the block stores for its backward pass is (params, x, bucket ids).
+
+Hashing uses the same [h, k, r, n] rotations as all heads at once, so the bucket ids are identical; attention
+dropout draws a mask per head (a different random stream than all heads at once).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from reformer_jax import attention as attn
+
+Params = Dict[str, Any]
+
+# Positions per step of the row-block loops (and of blocked dropout masks). A whole-length step would
+# materialise its [b, l, d] right-hand side: XLA:CPU fuses neither a dot nor the LayerNorm reductions into an
+# in-place update.
+_ROWS_PER_STEP = 1024
+
+
+def row_block_size(length: int) -> int:
+    """Positions per step of the in-place row-block loops: `_ROWS_PER_STEP`, or the whole length when shorter
+    or not a multiple of it."""
+    return _ROWS_PER_STEP if length > _ROWS_PER_STEP and length % _ROWS_PER_STEP == 0 else length
+
+
+class HeadSpec(NamedTuple):
+    """Static (hashable) settings of the per-head block."""
+
+    lsh: bool
+    n_hashes: int
+    n_buckets: Any  # int or tuple of ints
+    chunk_len: int
+    n_chunks_before: int
+    causal: bool
+    sequential_rounds: bool
+    dropout_rate: float
+    layer_norm_eps: float
+    dtype: Any  # compute dtype
+
+
+class _Blocks:
+    """Row blocks of positions [i r, (i + 1) r) of [b, l, ...] arrays, for loops that update buffers in place."""
+
+    def __init__(self, length: int):
+        self.rows = row_block_size(length)
+        self.count = length // self.rows
+
+    def get(self, x: jax.Array, i: jax.Array) -> jax.Array:
+        return lax.dynamic_slice_in_dim(x, i * self.rows, self.rows, axis=1)
+
+    def set(self, x: jax.Array, i: jax.Array, value: jax.Array) -> jax.Array:
+        return lax.dynamic_update_slice_in_dim(x, value.astype(x.dtype), i * self.rows, axis=1)
+
+    def loop(self, body, init):
+        """lax.scan of body(carry, block index) over the blocks; returns the final carry."""
+        return lax.scan(lambda carry, i: (body(carry, i), None), init, jnp.arange(self.count))[0]
+
+
+def _norm_fn(spec: HeadSpec):
+    """LayerNorm in the compute dtype: (x [..., d], norm) -> [..., d]."""
+    # Imported lazily: reformer_jax.layers imports this module.
+    from reformer_jax.layers import layer_norm
+    return lambda x, norm: layer_norm(x, norm, spec.layer_norm_eps).astype(spec.dtype)
+
+
+def _by_head(params: Params) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Head-major projections: qk, v [d, h, k] -> [h, d, k]; out [h, k, d] as it is."""
+    return params["qk"].swapaxes(0, 1), params["v"].swapaxes(0, 1), params["out"]
+
+
+def _project(spec: HeadSpec, x: jax.Array, norm: Params, w: jax.Array) -> jax.Array:
+    """LayerNorm(x) @ w, row block by row block: x [b, l, d], w [d, n] -> [b, l, n] (compute dtype)."""
+    blocks, norm_of, w = _Blocks(x.shape[1]), _norm_fn(spec), w.astype(spec.dtype)
+    out = jnp.zeros(x.shape[:2] + w.shape[1:], spec.dtype)
+    return blocks.loop(lambda out, i: blocks.set(out, i, jnp.einsum("bld,dn->bln", norm_of(blocks.get(x, i), norm),
+                                                                     w)), out)
+
+
+def _attend(spec: HeadSpec, qk: jax.Array, v: jax.Array, buckets: Optional[jax.Array],
+            dropout_rng: jax.Array) -> jax.Array:
+    """One head's attention: qk, v [b, l, k], buckets [b, r, l] -> [b, l, k] float32."""
+    qk, v = qk[:, None], v[:, None]
+    if spec.lsh:
+        o = attn.lsh_attention(qk, v, None, n_hashes=spec.n_hashes, n_buckets=spec.n_buckets,
+                               chunk_len=spec.chunk_len, n_chunks_before=spec.n_chunks_before, causal=spec.causal,
+                               buckets=buckets[:, None], dropout_rate=spec.dropout_rate, dropout_rng=dropout_rng,
+                               sequential_rounds=spec.sequential_rounds)
+    else:
+        o = attn.shared_qk_attention(qk, v, causal=spec.causal, dropout_rate=spec.dropout_rate,
+                                     dropout_rng=dropout_rng)
+    return o[:, 0].astype(jnp.float32)
+
+
+def _head_inputs(params: Params, buckets: Optional[jax.Array], dropout_rng: jax.Array):
+    """Per-head scan inputs: projections, bucket ids [h, b, r, l] (or None) and a dropout key per head."""
+    w_qk, w_v, w_out = _by_head(params)
+    head_buckets = None if buckets is None else buckets.swapaxes(0, 1)
+    return w_qk, w_v, w_out, head_buckets, jax.random.split(dropout_rng, w_qk.shape[0])
+
+
+def _dropped(x: jax.Array, keep: Optional[jax.Array], rate: float) -> jax.Array:
+    """The block's output dropout (a linear map given its mask): where(keep, x / (1 - rate), 0)."""
+    return x if keep is None else jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def hash_by_heads(spec: HeadSpec, params: Params, x: jax.Array, rotations: jax.Array) -> jax.Array:
+    """LSH bucket ids of every head, computed one head at a time: x [b, l, d] -> [b, h, r, l].
+
+    rotations [h, k, r, n] (`attention.random_rotations`): the same ids as hashing all heads at once.
+    """
+    w_qk, _, _ = _by_head(params)
+    x, norm = lax.stop_gradient(x), lax.stop_gradient(params["norm"])
+
+    def one_head(inputs):
+        w, rot = inputs
+        qk = _project(spec, x, norm, w)[:, None]
+        return attn.lsh_buckets(qk, None, n_hashes=spec.n_hashes, n_buckets=spec.n_buckets, rotations=rot[None])[:, 0]
+
+    with jax.named_scope("lsh_hash"):
+        buckets = lax.map(one_head, (lax.stop_gradient(w_qk), rotations))  # [h, b, r, l]
+    return buckets.swapaxes(0, 1)
+
+
+def _forward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
+             dropout_rng: jax.Array) -> jax.Array:
+    w_qk, w_v, w_out, head_buckets, keys = _head_inputs(params, buckets, dropout_rng)
+
+    def one_head(inputs):
+        w_qk, w_v, head_buckets, key = inputs
+        qk, v = _project(spec, x, params["norm"], w_qk), _project(spec, x, params["norm"], w_v)
+        return _attend(spec, qk, v, head_buckets, key).astype(spec.dtype)
+
+    with jax.named_scope("attention_heads"):
+        # The heads' outputs [h, b, l, k] together are one residual stream's size; projecting each head on its own
+        # would make a [b, l, d] partial sum per head instead.
+        o = lax.map(one_head, (w_qk, w_v, head_buckets, keys))
+        return jnp.einsum("hblk,hkd->bld", o, w_out.astype(spec.dtype)).astype(jnp.float32)
+
+
+def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
+                    dropout_rng: jax.Array, dy: jax.Array, dx: jax.Array, y: Optional[jax.Array] = None,
+                    keep: Optional[jax.Array] = None, rate: float = 0.0):
+    """The backward pass of Dropout(attention_core(x)) for the cotangent dy, one head at a time.
+
+    Each head's output is recomputed under jax.vjp from x and the bucket ids; its contribution to dx is pushed
+    through the LayerNorm backward and added to `dx` [b, l, d] in place, block by block. When y is given, each
+    head's (dropped-out) output is subtracted from y in place: a reversible layer's input recovered from its
+    output without computing the block's output separately.
+    keep [b, l, d] bool / rate: the block's output dropout mask (None: no dropout).
+    Returns (dx + dF/dx . dy, parameter gradients, y - F(x) or None).
+    """
+    blocks, norm_of, norm = _Blocks(x.shape[1]), _norm_fn(spec), params["norm"]
+    dropped = lambda value, i: _dropped(value, None if keep is None else blocks.get(keep, i), rate)  # noqa: E731
+
+    def head_grads(carry, inputs):
+        dx, y, d_norm = carry
+        w_qk, w_v, w_out, head_buckets, key = inputs
+        w_out_c = w_out.astype(spec.dtype)
+        qk, v = _project(spec, x, norm, w_qk), _project(spec, x, norm, w_v)
+        o, attend_vjp = jax.vjp(lambda a, b: _attend(spec, a, b, head_buckets, key), qk, v)  # [b, l, k]
+
+        def output_block(carry, i):  # this head's share of the output projection, its cotangent and of y
+            do, d_out, y = carry
+            dy_i, o_i = dropped(blocks.get(dy, i), i).astype(spec.dtype), blocks.get(o, i).astype(spec.dtype)
+            do = blocks.set(do, i, jnp.einsum("bld,kd->blk", dy_i, w_out_c))
+            d_out = d_out + jnp.einsum("blk,bld->kd", o_i, dy_i).astype(d_out.dtype)
+            if y is not None:
+                out_i = jnp.einsum("blk,kd->bld", o_i, w_out_c).astype(jnp.float32)
+                y = blocks.set(y, i, blocks.get(y, i) - dropped(out_i, i))
+            return do, d_out, y
+
+        do, d_out, y = blocks.loop(output_block, (jnp.zeros_like(o), jnp.zeros(w_out.shape, jnp.float32), y))
+        d_qk, d_v = attend_vjp(do)
+        d_proj = jnp.concatenate([d_qk, d_v], axis=-1).astype(spec.dtype)  # [b, l, 2k]
+        w_proj = jnp.concatenate([w_qk, w_v], axis=-1).astype(spec.dtype)  # [d, 2k]
+
+        def input_block(carry, i):  # this head's share of dx, of the projections' and of LayerNorm's gradients
+            dx, d_w, d_norm = carry
+            g_i = blocks.get(d_proj, i)
+            h_i, norm_vjp = jax.vjp(norm_of, blocks.get(x, i), norm)
+            dx_i, d_norm_i = norm_vjp(jnp.einsum("bln,dn->bld", g_i, w_proj))
+            d_w = d_w + jnp.einsum("bld,bln->dn", h_i, g_i).astype(d_w.dtype)
+            return blocks.set(dx, i, blocks.get(dx, i) + dx_i), d_w, jax.tree.map(jnp.add, d_norm, d_norm_i)
+
+        dx, d_w, d_norm = blocks.loop(input_block, (dx, jnp.zeros(w_proj.shape, jnp.float32), d_norm))
+        k = w_qk.shape[-1]
+        return (dx, y, d_norm), (d_w[:, :k].astype(w_qk.dtype), d_w[:, k:].astype(w_v.dtype),
+                                 d_out.astype(w_out.dtype))
+
+    with jax.named_scope("attention_heads_backward"):
+        (dx, y, d_norm), (d_qk, d_v, d_out) = lax.scan(
+            head_grads, (dx, y, jax.tree.map(jnp.zeros_like, norm)), _head_inputs(params, buckets, dropout_rng))
+    grads = {"norm": d_norm, "qk": d_qk.swapaxes(0, 1).astype(params["qk"].dtype),
+             "v": d_v.swapaxes(0, 1).astype(params["v"].dtype), "out": d_out}
+    return dx, grads, y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_by_heads(spec, params, x, buckets, dropout_rng):  # gradient: _bwd below
+    return _forward(spec, params, x, buckets, dropout_rng)
+
+
+def _fwd(spec, params, x, buckets, dropout_rng):
+    # Only the inputs are kept: no [b, h, l, k] projection and no LayerNorm output survives the forward pass.
+    return _forward(spec, params, x, buckets, dropout_rng), (params, x, buckets, dropout_rng)
+
+
+def _bwd(spec, residuals, dy):
+    params, x, buckets, dropout_rng = residuals
+    dx, grads, _ = _heads_backward(spec, params, x, buckets, dropout_rng, dy, jnp.zeros_like(x))
+    return grads, dx, None, None
+
+
+_attention_by_heads.defvjp(_fwd, _bwd)
+
+
+def attention_by_heads(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
+                       dropout_rng: jax.Array) -> jax.Array:
+    """sum_h Attention_h(LayerNorm(x)) W_out[h], one head at a time: x [b, l, d] float32 -> [b, l, d] float32.
+
+    Args:
+      spec: static settings (`HeadSpec`).
+      params: one layer's attention parameters: norm {scale, bias} [d], qk, v [d, h, k], out [h, k, d].
+      x: the block input (the residual stream).
+      buckets: LSH bucket ids [b, h, r, l] (from `hash_by_heads` or a reversible stack); None for full attention.
+      dropout_rng: key of the attention-weight dropout (one mask per head is derived from it).
+    """
+    if spec.lsh and buckets is None:
+        raise ValueError("attention_by_heads: LSH attention needs the bucket ids (see hash_by_heads).")
+    if not spec.lsh:
+        buckets = jnp.zeros((x.shape[0], params["qk"].shape[1], 0, x.shape[1]), jnp.uint8)  # unused placeholder
+    return _attention_by_heads(spec, params, x, lax.stop_gradient(buckets), dropout_rng)
+
+
+def reverse_by_heads(spec: HeadSpec, params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, dx: jax.Array,
+                     buckets: Optional[jax.Array], dropout_rng: jax.Array, keep: Optional[jax.Array] = None,
+                     rate: float = 0.0) -> Tuple[jax.Array, Params, jax.Array]:
+    """A reversible layer's attention step backwards: y = x_prev + Dropout(attention_by_heads(x)).
+
+    Returns (x_prev, parameter gradients, dx + dF/dx . dy) for the cotangent dy of y, computing each head once
+    and updating y's and dx's buffers in place (the generic route, jax.vjp of the block, would compute the
+    block's output first and recompute every head again for its backward pass). keep [b, l, d] bool and rate:
+    the block's output dropout mask, or None.
+    """
+    if spec.lsh and buckets is None:
+        raise ValueError("reverse_by_heads: LSH attention needs the forward pass's bucket ids.")
+    if not spec.lsh:
+        buckets = jnp.zeros((x.shape[0], params["qk"].shape[1], 0, x.shape[1]), jnp.uint8)  # unused placeholder
+    dx, grads, x_prev = _heads_backward(spec, params, x, buckets, dropout_rng, dy, dx, y=y, keep=keep, rate=rate)
+    return x_prev, grads, dx
