@@ -53,6 +53,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the parameters, data order, hashing and
 flags.DEFINE_integer("sample_len", 200, "Characters of text generated at the end (0: none).")
 flags.DEFINE_string("compilation_cache_dir", None, "Keep compiled steps in this directory (JAX's persistent "
                     "compilation cache): a rerun with the same model and shapes loads them instead of compiling.")
+flags.DEFINE_string("init_from", None, "Start from a converted checkpoint (python -m reformer_jax.convert "
+                    "--out=DIR): its config.json is the model, so model flags may not be given with it.")
 flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
                   "logged) instead of stopping the run.")
@@ -74,6 +76,11 @@ flags.DEFINE_integer("d_ff", 1024, "Feed-forward hidden width (ModelConfig defau
 flags.DEFINE_integer("n_layers", 3, "Number of layers (ModelConfig default 6).")
 flags.DEFINE_integer("max_len", None, "Longest sequence the model accepts (default --seq_len).")
 flags.DEFINE_enum("attention", None, list(ATTENTION_TYPES), "Override the preset's attention.")
+flags.DEFINE_list("attn_layers", None, "Attention type of each layer, e.g. local,lsh,local,lsh (default: "
+                  "--attention in every layer).")
+flags.DEFINE_integer("local_chunk_len", None, "Chunk length of local attention layers (default 64).")
+flags.DEFINE_integer("local_n_chunks_before", None, "Chunks each local chunk looks back to (default 1).")
+flags.DEFINE_float("local_attention_dropout", None, "Dropout on the attention weights of local layers (default 0).")
 flags.DEFINE_bool("reversible", None, "Override the preset's residual wiring.")
 flags.DEFINE_integer("n_hashes", None, "LSH hash rounds (default 8).")
 flags.DEFINE_integer("chunk_len", None, "LSH chunk length (default 64).")
@@ -82,8 +89,9 @@ flags.DEFINE_string("n_buckets", None, "Buckets per round: an even integer, two 
 flags.DEFINE_integer("n_chunks_before", None, "Chunks each LSH chunk looks back to (default 1).")
 flags.DEFINE_bool("sequential_rounds", None, "LSH attention one hash round at a time: memory flat in "
                   "--n_hashes (default true; false: all rounds at once).")
-flags.DEFINE_bool("sequential_heads", None, "Attention one head at a time under its own custom_vjp (default true "
-                  "for the reformer preset, false for the seed's baselines).")
+flags.DEFINE_bool("sequential_heads", None, "Full and LSH attention one head at a time under its own custom_vjp "
+                  "(default true for the reformer preset, false for the seed's baselines; local layers always run "
+                  "all heads at once).")
 flags.DEFINE_bool("causal", None, "Causal masking (default true).")
 flags.DEFINE_integer("ff_chunk_len", None, "Feed-forward chunk length, 0 = off (reformer preset default 256).")
 flags.DEFINE_integer("output_chunk_len", None, "Output projection and loss over chunks of this many positions, "
@@ -120,8 +128,25 @@ def _parse_buckets(text: str):
     return numbers[0] if len(numbers) == 1 else numbers
 
 
+def _config_from_init_from() -> ModelConfig:
+    """The converted checkpoint's ModelConfig (--init_from), checked against the run flags."""
+    from reformer_jax.convert import ConversionError, load_converted_config
+
+    given = [f"--{name}" for name in MODEL_FLAGS if FLAGS[name].present]
+    if given or FLAGS["model"].present:
+        raise app.UsageError(f"--init_from={FLAGS.init_from} fixes the model; drop {', '.join(given or ['--model'])}.")
+    try:
+        config = load_converted_config(FLAGS.init_from)
+        config.check_seq_len(FLAGS.seq_len)
+    except (ConversionError, ValueError) as error:
+        raise app.UsageError(f"--init_from={FLAGS.init_from}: {error}")
+    return config
+
+
 def model_config_from_flags() -> ModelConfig:
     """The ModelConfig the flags describe; a bad value raises UsageError naming the flag."""
+    if FLAGS.init_from:
+        return _config_from_init_from()
     overrides: Dict[str, Any] = {}
     for name in MODEL_FLAGS:
         value = FLAGS[name].value
@@ -131,6 +156,8 @@ def model_config_from_flags() -> ModelConfig:
             value = _parse_buckets(value)
         elif name in ("axial_shape", "axial_dims"):
             value = _int_tuple(name, value)
+        elif name == "attn_layers":
+            value = tuple(value)
         overrides[name] = value
     overrides.setdefault("max_len", FLAGS.seq_len)
     try:
@@ -222,7 +249,7 @@ def main(argv):
         batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dataset=FLAGS.dataset, data_path=FLAGS.data_path,
         seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
         checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
-        skip_nonfinite=FLAGS.skip_nonfinite)
+        skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from)
     try:
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)

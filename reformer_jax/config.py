@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple, Union
 
 import jax.numpy as jnp
 
-ATTENTION_TYPES = ("full", "lsh")
+ATTENTION_TYPES = ("full", "lsh", "local")
 POS_EMBEDDINGS = ("absolute", "axial")
 OUTPUT_HEADS = ("mean", "concat")
 FF_ACTIVATIONS = ("relu", "gelu")
@@ -87,7 +87,10 @@ class ModelConfig:
       d_ff: f, hidden width of the feed-forward block.
       n_layers: number of (attention, feed-forward) layer pairs.
       max_len: longest sequence the model accepts (size of the positional embedding).
-      attention: "full" (shared-QK full attention) or "lsh" (LSH attention).
+      attention: every layer's attention: "full" (shared-QK full attention), "lsh" (LSH attention) or "local"
+        (chunked attention with separate q, k, v; Hugging Face / trax). Ignored when `attn_layers` is given.
+      attn_layers: one attention type per layer, e.g. ("local", "lsh") * 6 (the Hugging Face checkpoints), or
+        None for `attention` in every layer. Mixed stacks scan over the shortest repeating group of layers.
       reversible: True for RevNet residual streams (y1 = x1 + F(x2), y2 = x2 + G(y1)).
       n_hashes: n_r, hash rounds of LSH attention.
       chunk_len: c, chunk length of LSH attention (the "bucket size").
@@ -98,7 +101,11 @@ class ModelConfig:
         does not grow with n_hashes; the same result up to float rounding. False: all rounds at once.
       sequential_heads: compute the attention block one head at a time under its own custom_vjp (projections,
         attention and output projection per head, recomputed in the backward pass), so no [b, h, l, k] tensor is
-        ever alive; the same result up to float rounding (attention dropout draws its masks per head).
+        ever alive; the same result up to float rounding (attention dropout draws its masks per head). Local
+        attention layers always run all heads at once (their separate q, k, v have no per-head path).
+      local_chunk_len: chunk length of local attention layers.
+      local_n_chunks_before: chunks each local chunk looks back to (0 allowed).
+      local_attention_dropout: dropout rate on the attention weights of local layers.
       causal: causal (language-model) masking.
       ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once; a
         length it does not divide gets a zero-padded last chunk).
@@ -128,6 +135,7 @@ class ModelConfig:
     n_layers: int = 6
     max_len: int = 4096
     attention: str = "lsh"
+    attn_layers: Optional[Tuple[str, ...]] = None
     reversible: bool = True
     n_hashes: int = 8
     chunk_len: int = 64
@@ -135,6 +143,9 @@ class ModelConfig:
     n_chunks_before: int = 1
     sequential_rounds: bool = True
     sequential_heads: bool = True
+    local_chunk_len: int = 64
+    local_n_chunks_before: int = 1
+    local_attention_dropout: float = 0.0
     causal: bool = True
     ff_chunk_len: int = 0
     output_chunk_len: int = 0
@@ -154,15 +165,16 @@ class ModelConfig:
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         # Sequences become tuples so the config stays hashable.
-        for name in ("n_buckets", "axial_shape", "axial_dims"):
+        for name in ("n_buckets", "axial_shape", "axial_dims", "attn_layers"):
             value = getattr(self, name)
             if isinstance(value, list):
                 set_(name, tuple(value))
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "n_hashes", "chunk_len"):
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "n_hashes", "chunk_len",
+                     "local_chunk_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "expected a positive integer")
-        for name in ("n_chunks_before", "ff_chunk_len", "output_chunk_len"):
+        for name in ("n_chunks_before", "ff_chunk_len", "output_chunk_len", "local_n_chunks_before"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "expected an integer >= 0")
@@ -174,6 +186,7 @@ class ModelConfig:
         elif isinstance(self.d_head, bool) or not isinstance(self.d_head, int) or self.d_head < 1:
             _fail("d_head", self.d_head, "expected a positive integer or None (= d_model // n_heads)")
         self._check_choice("attention", ATTENTION_TYPES)
+        self._check_attn_layers()
         self._check_choice("pos_embedding", POS_EMBEDDINGS)
         self._check_choice("output_head", OUTPUT_HEADS)
         self._check_choice("ff_activation", FF_ACTIVATIONS)
@@ -183,7 +196,7 @@ class ModelConfig:
                      "sequential_heads"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
-        for name in ("dropout", "attention_dropout"):
+        for name in ("dropout", "attention_dropout", "local_attention_dropout"):
             rate = getattr(self, name)
             if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
                 _fail(name, rate, "expected a rate in [0, 1)")
@@ -205,6 +218,18 @@ class ModelConfig:
         if getattr(self, name) not in choices:
             _fail(name, getattr(self, name), f"expected one of {', '.join(map(repr, choices))}")
 
+    def _check_attn_layers(self) -> None:
+        layers = self.attn_layers
+        if layers is None:
+            return
+        if not isinstance(layers, tuple) or len(layers) != self.n_layers:
+            _fail("attn_layers", layers, f"expected a tuple of n_layers={self.n_layers} attention types (or None "
+                  f"for attention={self.attention!r} in every layer), e.g. {('local', 'lsh') * 2!r} with n_layers=4")
+        unknown = [t for t in layers if t not in ATTENTION_TYPES]
+        if unknown:
+            _fail("attn_layers", layers, f"{unknown[0]!r} is not an attention type; expected each of "
+                  f"{', '.join(map(repr, ATTENTION_TYPES))}")
+
     def _check_buckets(self) -> None:
         nb = self.n_buckets
         if nb is None:
@@ -219,10 +244,10 @@ class ModelConfig:
                   "a tuple of two even integers, or None for the default")
 
     def _check_lengths(self) -> None:
-        if self.attention == "lsh" and self.max_len % self.chunk_len:
+        if self.uses("lsh") and self.max_len % self.chunk_len:
             _fail("max_len", self.max_len, f"LSH attention needs a multiple of chunk_len={self.chunk_len}, "
                   f"e.g. {self.chunk_len * max(1, self.max_len // self.chunk_len)}")
-        if self.attention == "lsh" and self.sequential_rounds and self.n_chunks_before > self.max_len // self.chunk_len:
+        if self.uses("lsh") and self.sequential_rounds and self.n_chunks_before > self.max_len // self.chunk_len:
             _fail("n_chunks_before", self.n_chunks_before, f"sequential_rounds needs at most max_len // chunk_len = "
                   f"{self.max_len // self.chunk_len} chunks of look-back (max_len={self.max_len}, "
                   f"chunk_len={self.chunk_len})")
@@ -285,6 +310,15 @@ class ModelConfig:
     def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
+    @property
+    def layer_types(self) -> Tuple[str, ...]:
+        """The attention type of each layer: `attn_layers`, or `attention` repeated n_layers times."""
+        return self.attn_layers if self.attn_layers is not None else (self.attention,) * self.n_layers
+
+    def uses(self, attention_type: str) -> bool:
+        """Whether any layer has this attention type ("full", "lsh" or "local")."""
+        return attention_type in self.layer_types
+
     def resolved_n_buckets(self, seq_len: int) -> Union[int, Tuple[int, int]]:
         """Buckets per round at this sequence length (the config value, or trax's default)."""
         if self.n_buckets is not None:
@@ -298,6 +332,10 @@ class ModelConfig:
         if seq_len > self.max_len:
             raise ValueError(f"seq_len={seq_len} is longer than ModelConfig.max_len={self.max_len}; raise max_len "
                              "or shorten the sequences.")
-        if self.attention == "lsh" and seq_len % self.chunk_len:
+        if self.uses("lsh") and seq_len % self.chunk_len:
             raise ValueError(f"seq_len={seq_len} is not a multiple of ModelConfig.chunk_len={self.chunk_len}, "
                              f"which LSH attention needs; e.g. seq_len={max(1, seq_len // self.chunk_len) * self.chunk_len}.")
+        c = self.local_chunk_len
+        if self.uses("local") and seq_len > c and seq_len % c:
+            raise ValueError(f"seq_len={seq_len} is neither at most nor a multiple of ModelConfig.local_chunk_len={c}, "
+                             f"which local attention needs; e.g. seq_len={max(1, seq_len // c) * c}.")

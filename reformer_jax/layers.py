@@ -5,6 +5,7 @@ reversible, lives in `reformer_jax.reversible`; the Flax module in `reformer_jax
 
 Parameters of all layers are stacked on a leading axis n (for `lax.scan`):
   attention:    norm {scale, bias} [n, d], qk [n, d, h, k], v [n, d, h, k], out [n, h, k, d]
+                (local attention layers: q, k, v [n, d, h, k] instead of qk, v)
   feed_forward: norm {scale, bias} [n, d], wi [n, d, f], bi [n, f], wo [n, f, d], bo [n, d]
 """
 
@@ -18,8 +19,10 @@ from flax import linen as nn
 from jax import lax
 
 from reformer_jax import attention as attn
+from reformer_jax import padding
 from reformer_jax import per_head_attention as per_head
 from reformer_jax.config import ModelConfig
+from reformer_jax.local_attention import local_attention
 
 Params = Dict[str, Any]
 
@@ -59,10 +62,12 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic:
     return jnp.where(dropout_mask(rate, rng, salt, x.shape), x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def head_spec(config: ModelConfig, seq_len: int, deterministic: bool) -> per_head.HeadSpec:
-    """The static settings of the one-head-at-a-time attention core for this config and length."""
+def head_spec(config: ModelConfig, seq_len: int, deterministic: bool,
+              attention_type: Optional[str] = None) -> per_head.HeadSpec:
+    """The static settings of the one-head-at-a-time attention core for this config, length and layer type
+    ("full" or "lsh"; default config.attention)."""
     return per_head.HeadSpec(
-        lsh=config.attention == "lsh", n_hashes=config.n_hashes, n_buckets=config.resolved_n_buckets(seq_len),
+        lsh=(attention_type or config.attention) == "lsh", n_hashes=config.n_hashes, n_buckets=config.resolved_n_buckets(seq_len),
         chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before, causal=config.causal,
         sequential_rounds=config.sequential_rounds,
         dropout_rate=0.0 if deterministic else float(config.attention_dropout),
@@ -70,36 +75,64 @@ def head_spec(config: ModelConfig, seq_len: int, deterministic: bool) -> per_hea
 
 
 def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rng: jax.Array,
-                    dropout_rng: jax.Array, deterministic: bool,
-                    buckets: Optional[jax.Array] = None) -> Tuple[jax.Array, Optional[jax.Array]]:
+                    dropout_rng: jax.Array, deterministic: bool, buckets: Optional[jax.Array] = None,
+                    attention_type: Optional[str] = None, rotations: Optional[jax.Array] = None,
+                    attention_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, Optional[jax.Array]]:
     """F(x) = Dropout(Attention(LayerNorm(x))): [b, l, d] float32 -> ([b, l, d] float32, buckets or None).
 
     For LSH attention the bucket ids [b, h, r, l] are returned so a reversible stack can keep them and pass them
     back in (`buckets=`) when it recomputes this block in the backward pass, instead of re-hashing.
-    With `config.sequential_heads` the core runs one head at a time (`reformer_jax.per_head_attention`).
+    `attention_type` ("full", "lsh", "local"; default config.attention) picks the attention, `rotations`
+    [h, k, r, sum(f_i) / 2] replaces the random hash projections, and `attention_mask` [b, l] bool (False =
+    padding) masks padded keys (see `reformer_jax.padding`; padded LSH positions get an extra bucket).
+
+    With `config.sequential_heads` the core of full and LSH layers runs one head at a time
+    (`reformer_jax.per_head_attention`). Local layers (separate q, k, v) have no per-head path: they always run
+    all heads at once. With an `attention_mask`, a full or LSH layer's input is reordered so the real positions
+    come first (and its output back), on either path; the buckets returned are then those of the reordered
+    positions, which a recompute with the same mask reproduces.
     """
+    kind = attention_type or config.attention
     weights_rng = jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS)
     with jax.named_scope("attention_block"):
-        if config.sequential_heads:
-            y, buckets = _attention_by_heads(params, x, config=config, lsh_rng=lsh_rng, weights_rng=weights_rng,
-                                             deterministic=deterministic, buckets=buckets)
+        if kind == "local":
+            y = _local_attention(params, x, config=config, weights_rng=weights_rng, deterministic=deterministic,
+                                 attention_mask=attention_mask)
         else:
-            y, buckets = _attention_all_heads(params, x, config=config, lsh_rng=lsh_rng, weights_rng=weights_rng,
-                                              deterministic=deterministic, buckets=buckets)
+            inverse = None
+            if attention_mask is not None:
+                if not config.causal:
+                    raise ValueError(f"an attention_mask with {kind} attention needs causal=True (padded keys are "
+                                     "masked by moving them after every real position).")
+                # LayerNorm is position-wise, so reordering its input reorders its output.
+                order, inverse = padding.real_first_order(attention_mask)
+                x = padding.take_positions(x, order, axis=1)
+                attention_mask = padding.take_positions(attention_mask, order, axis=1)
+            core = _attention_by_heads if config.sequential_heads else _attention_all_heads
+            y, buckets = core(params, x, config=config, kind=kind, lsh_rng=lsh_rng, weights_rng=weights_rng,
+                              deterministic=deterministic, buckets=buckets, rotations=rotations,
+                              attention_mask=attention_mask)
+            if inverse is not None:
+                y = padding.take_positions(y, inverse, axis=1)
         y = dropout(y, config.dropout, dropout_rng, _ATTN_OUT, deterministic)
     return y, buckets
 
 
 def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, dx: jax.Array, *,
                             config: ModelConfig, dropout_rng: jax.Array, deterministic: bool,
-                            buckets: Optional[jax.Array]) -> Tuple[jax.Array, Params, jax.Array]:
+                            buckets: Optional[jax.Array],
+                            attention_type: Optional[str] = None) -> Tuple[jax.Array, Params, jax.Array]:
     """A reversible layer's attention step backwards (config.sequential_heads): y = x_prev + F(x).
 
     Returns (x_prev = y - F(x), dF/dparams . dy, dx + dF/dx . dy): each head computed once, y's and dx's
     buffers updated in place; `buckets` are the forward pass's ids. Equal to jax.vjp of `attention_block` up
-    to rounding.
+    to rounding. Full and LSH layers without a padding mask only (`attention_type` default config.attention);
+    a stack differentiates other layers by jax.vjp of `attention_block`.
     """
-    spec = head_spec(config, x.shape[1], deterministic)
+    if (attention_type or config.attention) == "local":
+        raise ValueError("attention_block_reverse: local attention has no per-head path; differentiate "
+                         "attention_block by jax.vjp.")
+    spec = head_spec(config, x.shape[1], deterministic, attention_type)
     rate = 0.0 if deterministic else float(config.dropout)
     keep = dropout_mask(rate, dropout_rng, _ATTN_OUT, x.shape) if rate else None
     with jax.named_scope("attention_block_reverse"):
@@ -107,26 +140,35 @@ def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.
                                          jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS), keep=keep, rate=rate)
 
 
-def _attention_by_heads(params, x, *, config, lsh_rng, weights_rng, deterministic, buckets):
-    spec = head_spec(config, x.shape[1], deterministic)
+def _attention_by_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
+                        attention_mask):
+    """One head at a time (`per_head_attention`); attention_mask (already real-first) only sets the pad bucket."""
+    spec = head_spec(config, x.shape[1], deterministic, kind)
     if spec.lsh and buckets is None:
-        rotations = attn.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,
-                                          n_hashes=config.n_hashes, n_buckets=spec.n_buckets)
+        if rotations is None:
+            rotations = attn.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,
+                                              n_hashes=config.n_hashes, n_buckets=spec.n_buckets)
         buckets = per_head.hash_by_heads(spec, params, x, rotations)
+        if attention_mask is not None:
+            buckets = padding.with_pad_bucket(buckets, attention_mask, spec.n_buckets)
     return per_head.attention_by_heads(spec, params, x, buckets, weights_rng), buckets
 
 
-def _attention_all_heads(params, x, *, config, lsh_rng, weights_rng, deterministic, buckets):
+def _attention_all_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
+                         attention_mask):
     """All heads at once: [b, h, l, k] projections, attention under plain autodiff (LSH: its own custom_vjp)."""
     dtype = config.compute_dtype
     h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
     qk = jnp.einsum("bld,dhk->bhlk", h, params["qk"].astype(dtype))
     v = jnp.einsum("bld,dhk->bhlk", h, params["v"].astype(dtype))
     rate = 0.0 if deterministic else config.attention_dropout
-    if config.attention == "lsh":
+    if kind == "lsh":
         n_buckets = config.resolved_n_buckets(x.shape[1])
         if buckets is None:
-            buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets)
+            buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets,
+                                       rotations=rotations)
+            if attention_mask is not None:
+                buckets = padding.with_pad_bucket(buckets, attention_mask, n_buckets)
         o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
                                chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
                                causal=config.causal, buckets=buckets, dropout_rate=rate,
@@ -135,6 +177,18 @@ def _attention_all_heads(params, x, *, config, lsh_rng, weights_rng, determinist
         o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
     y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
     return y, buckets
+
+
+def _local_attention(params, x, *, config, weights_rng, deterministic, attention_mask):
+    """Local attention, all heads at once under plain autodiff: separate q, k, v [b, h, l, k] projections."""
+    dtype = config.compute_dtype
+    h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
+    project = lambda name: jnp.einsum("bld,dhk->bhlk", h, params[name].astype(dtype))  # noqa: E731
+    o = local_attention(project("q"), project("k"), project("v"), chunk_len=config.local_chunk_len,
+                        n_chunks_before=config.local_n_chunks_before, causal=config.causal,
+                        key_mask=attention_mask, dropout_rng=weights_rng,
+                        dropout_rate=0.0 if deterministic else config.local_attention_dropout)
+    return jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
 
 
 def _activation(name: str):
@@ -193,19 +247,20 @@ def _norm_params(n_layers: int, width: int, dtype) -> Params:
     return {"scale": jnp.ones((n_layers, width), dtype), "bias": jnp.zeros((n_layers, width), dtype)}
 
 
-def init_attention_params(rng: jax.Array, config: ModelConfig) -> Params:
-    """Stacked attention parameters for all layers (Glorot-uniform projections, as trax's Dense)."""
-    n, d, h, k = config.n_layers, config.d_model, config.n_heads, config.d_head
+def init_attention_params(rng: jax.Array, config: ModelConfig, attention_type: Optional[str] = None,
+                          n_layers: Optional[int] = None) -> Params:
+    """Stacked attention parameters of `n_layers` (default all) layers of one type (Glorot-uniform, as trax's
+    Dense): shared-QK layers ("full", "lsh") have qk and v, local layers separate q, k and v."""
+    n = config.n_layers if n_layers is None else n_layers
+    d, h, k = config.d_model, config.n_heads, config.d_head
     dtype = config.params_dtype
     in_proj = nn.initializers.xavier_uniform(in_axis=1, out_axis=(2, 3), batch_axis=(0,))
     out_proj = nn.initializers.xavier_uniform(in_axis=(1, 2), out_axis=3, batch_axis=(0,))
-    r_qk, r_v, r_out = jax.random.split(rng, 3)
-    return {
-        "norm": _norm_params(n, d, dtype),
-        "qk": in_proj(r_qk, (n, d, h, k), dtype),
-        "v": in_proj(r_v, (n, d, h, k), dtype),
-        "out": out_proj(r_out, (n, h, k, d), dtype),
-    }
+    names = ("q", "k", "v") if (attention_type or config.attention) == "local" else ("qk", "v")
+    rngs = jax.random.split(rng, len(names) + 1)
+    params = {"norm": _norm_params(n, d, dtype), "out": out_proj(rngs[-1], (n, h, k, d), dtype)}
+    params.update({name: in_proj(r, (n, d, h, k), dtype) for name, r in zip(names, rngs)})
+    return params
 
 
 def init_feed_forward_params(rng: jax.Array, config: ModelConfig) -> Params:

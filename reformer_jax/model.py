@@ -46,40 +46,98 @@ class PositionalEmbedding(nn.Module):
         return table.reshape(l1 * l2, d1 + d2)[:length]
 
 
+def layer_period(layer_types) -> int:
+    """Length of the shortest group of layer types that repeats through the stack: ("local", "lsh") * 6 -> 2."""
+    n = len(layer_types)
+    return next(p for p in range(1, n + 1) if n % p == 0 and tuple(layer_types) == tuple(layer_types[:p]) * (n // p))
+
+
+def _init_mixed_attention(rng: jax.Array, config: ModelConfig):
+    """Attention parameters of a mixed stack: {type: that type's layers stacked in order}."""
+    types = sorted(set(config.layer_types))
+    return {t: layers.init_attention_params(r, config, t, n_layers=config.layer_types.count(t))
+            for t, r in zip(types, jax.random.split(rng, len(types)))}
+
+
+def _key_of(layer_inputs) -> jax.Array:
+    """A layer's [2] key array (hashing, dropout) from its inputs: the keys, or {"rng": keys, "rotations": ...}."""
+    return layer_inputs["rng"] if isinstance(layer_inputs, dict) else layer_inputs
+
+
 class LayerStack(nn.Module):
     """All n_layers (attention, feed-forward) layers with stacked parameters.
 
     Reversible: (x1, x2) -> (y1, y2) through `reversible_stack`; otherwise x -> y through `residual_stack`.
+    One attention type: "attention" holds every layer's parameters stacked. Mixed types (`attn_layers`):
+    "attention" is {type: the layers of that type, stacked in order}, and the stacks scan over the repeating
+    group of layer types (`layer_period`), so local and LSH layers each keep their own parameters.
+    `layer_inputs` is the [n, 2] key array, or {"rng": keys, "rotations": [n, h, k, r, f / 2]} with explicit
+    hash rotations.
+    With `sequential_heads`, full and LSH layers run one head at a time and a reversible stack uses their fused
+    reverse step (`layers.attention_block_reverse`). Local layers, and every layer when an `attention_mask` is
+    given, fall back to the generic reversible backward (jax.vjp of the block; the forward of a masked full / LSH
+    layer is still per head); local layers compute all heads at once.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, streams, keys: jax.Array, *, deterministic: bool):
+    def __call__(self, streams, layer_inputs, *, deterministic: bool, attention_mask=None):
         cfg = self.config
-        params = {
-            "attention": self.param("attention", layers.init_attention_params, cfg),
-            "feed_forward": self.param("feed_forward", layers.init_feed_forward_params, cfg),
-        }
+        types = cfg.layer_types
+        period = layer_period(types)
 
-        def attention_fn(p, x, key, buckets):
-            return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
-                                          deterministic=deterministic, buckets=buckets)
+        def attention_fn_for(kind):
+            def attention_fn(p, x, inputs, buckets):
+                key, rotations = _key_of(inputs), (inputs["rotations"] if isinstance(inputs, dict) else None)
+                return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
+                                              deterministic=deterministic, buckets=buckets, attention_type=kind,
+                                              rotations=rotations if kind == "lsh" else None,
+                                              attention_mask=attention_mask)
+            return attention_fn
 
-        def feed_forward_fn(p, x, key, chunk_index):
-            return layers.feed_forward_block(p, x, config=cfg, dropout_rng=key[1], deterministic=deterministic,
-                                             chunk_index=chunk_index)
+        def feed_forward_fn(p, x, inputs, chunk_index):
+            return layers.feed_forward_block(p, x, config=cfg, dropout_rng=_key_of(inputs)[1],
+                                             deterministic=deterministic, chunk_index=chunk_index)
 
-        def attention_reverse_fn(p, x, y, dy, dx, key, buckets):
-            return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=key[1],
-                                                  deterministic=deterministic, buckets=buckets)
+        def attention_reverse_fn_for(kind):
+            # The fused per-head reverse step covers full and LSH layers without a padding mask; other layers
+            # (local attention, masked layers) are differentiated by the stack's generic jax.vjp of F.
+            if not cfg.sequential_heads or kind == "local" or attention_mask is not None:
+                return None
 
+            def attention_reverse_fn(p, x, y, dy, dx, inputs, buckets):
+                return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=_key_of(inputs)[1],
+                                                      deterministic=deterministic, buckets=buckets,
+                                                      attention_type=kind)
+            return attention_reverse_fn
+
+        feed_forward = self.param("feed_forward", layers.init_feed_forward_params, cfg)
+        if period == 1:
+            attention = self.param("attention", layers.init_attention_params, cfg, types[0])
+            attention_fn, reverse_fn = attention_fn_for(types[0]), attention_reverse_fn_for(types[0])
+        else:
+            by_type = self.param("attention", _init_mixed_attention, cfg)
+            groups = cfg.n_layers // period
+            group = lambda tree: jax.tree.map(  # noqa: E731  [n, ...] -> [G, period, ...]
+                lambda leaf: leaf.reshape((groups, period) + leaf.shape[1:]), tree)
+            # Pattern position j is the m-th layer of its type within a group: that type's stack, viewed as
+            # [G, layers of the type per group, ...], sliced at m.
+            attention, attention_fn = [], []
+            for j, kind in enumerate(types[:period]):
+                per_group, m = types[:period].count(kind), types[:j].count(kind)
+                attention.append(jax.tree.map(
+                    lambda leaf: leaf.reshape((groups, per_group) + leaf.shape[1:])[:, m], by_type[kind]))
+                attention_fn.append(attention_fn_for(kind))
+            attention, attention_fn = tuple(attention), tuple(attention_fn)
+            reverse_fn = tuple(attention_reverse_fn_for(kind) for kind in types[:period])
+            feed_forward, layer_inputs = group(feed_forward), group(layer_inputs)
+        params = {"attention": attention, "feed_forward": feed_forward}
         if cfg.reversible:
             x1, x2 = streams
-            return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, keys,
-                                    ff_chunk_len=cfg.ff_chunk_len,
-                                    attention_reverse_fn=attention_reverse_fn if cfg.sequential_heads else None)
-        return residual_stack(attention_fn, feed_forward_fn, params, streams, keys, scan=cfg.scan_layers)
+            return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, layer_inputs,
+                                    ff_chunk_len=cfg.ff_chunk_len, attention_reverse_fn=reverse_fn)
+        return residual_stack(attention_fn, feed_forward_fn, params, streams, layer_inputs, scan=cfg.scan_layers)
 
 
 class ReformerLM(nn.Module):
@@ -106,18 +164,19 @@ class ReformerLM(nn.Module):
                                           cfg.params_dtype)
         self.head_bias = self.param("head_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
 
-    def _stream_keys(self, deterministic: bool):
+    def _stream_keys(self, deterministic: bool, draws_rotations: bool):
         """Per-layer [n_layers, 2] keys (hashing, dropout) and the embedding's dropout key."""
         cfg = self.config
         placeholder = jax.random.key(0)  # stands in for a stream the configuration never draws from
-        if cfg.attention == "lsh":
+        if draws_rotations:
             if not self.has_rng("lsh"):
                 raise ValueError("ReformerLM with attention='lsh' needs an 'lsh' RNG stream for the hash rotations: "
                                  "pass rngs={'lsh': jax.random.key(seed)} to init/apply.")
             lsh_key = _as_typed_key(self.make_rng("lsh"))
         else:
             lsh_key = placeholder
-        uses_dropout = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0)
+        uses_dropout = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0
+                                              or (cfg.uses("local") and cfg.local_attention_dropout > 0))
         if uses_dropout:
             if not self.has_rng("dropout"):
                 raise ValueError("ReformerLM(deterministic=False) with dropout > 0 needs a 'dropout' RNG stream: "
@@ -129,42 +188,80 @@ class ReformerLM(nn.Module):
         layer_keys = jnp.stack([jax.random.split(lsh_key, n), jax.random.split(dropout_key, n + 1)[:n]], axis=1)
         return layer_keys, jax.random.split(dropout_key, n + 1)[n]
 
-    def streams(self, tokens: jax.Array, *, deterministic: bool = True):
-        """The layer stack's output: x [b, l, d], or the reversible (y1, y2)."""
+    def _layer_inputs(self, layer_keys: jax.Array, lsh_rotations):
+        """The stack's per-layer inputs: the keys, with explicit rotations [n_lsh, h, k, r, f / 2] spread to
+        [n_layers, ...] (zeros at non-LSH layers, which never read them)."""
+        if lsh_rotations is None:
+            return layer_keys
+        cfg = self.config
+        lsh_layers = [i for i, t in enumerate(cfg.layer_types) if t == "lsh"]
+        columns = sum(f // 2 for f in (cfg.n_buckets if isinstance(cfg.n_buckets, tuple) else (cfg.n_buckets,)))
+        expected = (len(lsh_layers), cfg.n_heads, cfg.d_head, cfg.n_hashes, columns)
+        if tuple(lsh_rotations.shape) != expected:
+            raise ValueError(f"ReformerLM: lsh_rotations have shape {tuple(lsh_rotations.shape)}; expected "
+                             f"{expected} ([LSH layers, heads, d_head, n_hashes, sum(n_buckets factors) / 2]).")
+        spread = jnp.zeros((cfg.n_layers,) + expected[1:], jnp.float32).at[jnp.array(lsh_layers)].set(lsh_rotations)
+        return {"rng": layer_keys, "rotations": spread}
+
+    def streams(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None, lsh_rotations=None):
+        """The layer stack's output: x [b, l, d], or the reversible (y1, y2). Arguments as for `__call__`."""
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"ReformerLM expects integer tokens of shape [batch, length]; got {tokens.dtype} "
                              f"{tokens.shape}.")
         cfg.check_seq_len(tokens.shape[1])
-        layer_keys, embed_dropout_key = self._stream_keys(deterministic)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(tokens.shape):
+                raise ValueError(f"ReformerLM: attention_mask has shape {tuple(attention_mask.shape)}; expected the "
+                                 f"tokens' shape {tuple(tokens.shape)} (1 = real token, 0 = padding).")
+            attention_mask = attention_mask.astype(bool)
+        if lsh_rotations is not None and cfg.n_buckets is None:
+            raise ValueError("ReformerLM: lsh_rotations need an explicit ModelConfig.n_buckets (their width is "
+                             "sum(n_buckets factors) / 2).")
+        layer_keys, embed_dropout_key = self._stream_keys(deterministic, cfg.uses("lsh") and lsh_rotations is None)
+        layer_inputs = self._layer_inputs(layer_keys, lsh_rotations)
         with jax.named_scope("embedding"):
             x = jnp.take(self.embed, tokens, axis=0).astype(jnp.float32)
             x = x + self.positions(tokens.shape[1]).astype(jnp.float32)
             x = layers.dropout(x, cfg.dropout, embed_dropout_key, 0, deterministic)
         if cfg.reversible:
-            return tuple(self.layers((x, x), layer_keys, deterministic=deterministic))  # trax: both streams = x
-        return self.layers(x, layer_keys, deterministic=deterministic)
+            # trax: both streams start as x
+            return tuple(self.layers((x, x), layer_inputs, deterministic=deterministic,
+                                     attention_mask=attention_mask))
+        return self.layers(x, layer_inputs, deterministic=deterministic, attention_mask=attention_mask)
 
     def head_params(self) -> output_head.HeadParams:
         return {"norm": {"scale": self.final_norm_scale, "bias": self.final_norm_bias},
                 "kernel": self.embed.T if self.config.tie_embeddings else self.head_kernel, "bias": self.head_bias}
 
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        streams = self.streams(tokens, deterministic=deterministic)
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
+                 lsh_rotations=None) -> jax.Array:
+        """tokens [b, l] -> logits [b, l, V].
+
+        attention_mask: optional [b, l] (1 / True = real token, 0 / False = padding): padded keys are masked in
+          every layer and padded positions get their own bucket in LSH layers (Hugging Face's semantics), so the
+          real tokens' logits do not depend on the padding's content.
+        lsh_rotations: optional explicit hash projections [LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2]
+          instead of random ones (needs an explicit `n_buckets`); then no 'lsh' RNG stream is needed.
+        """
+        streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                               lsh_rotations=lsh_rotations)
         return output_head.head_logits(self.head_params(), streams, self.config)
 
     def loss_terms(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array, *,
-                   deterministic: bool = True):
+                   deterministic: bool = True, attention_mask=None, lsh_rotations=None):
         """{"loss_sum", "correct_sum", "weight_sum"}: weighted next-token cross-entropy (nats), correct argmax
-        predictions and total weight over the batch; targets int [b, l], weights [b, l]."""
-        streams = self.streams(tokens, deterministic=deterministic)
+        predictions and total weight over the batch; targets int [b, l], weights [b, l]; attention_mask and
+        lsh_rotations as for `__call__`."""
+        streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                               lsh_rotations=lsh_rotations)
         return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, config=self.config,
                                               chunk_len=self.config.output_chunk_len)
 
 
 def init_length(config: ModelConfig) -> int:
     """The shortest sequence length the model accepts: enough to create parameters (they do not depend on it)."""
-    return config.chunk_len if config.attention == "lsh" else 1
+    return config.chunk_len if config.uses("lsh") else 1
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -15,7 +15,7 @@ from reformer_jax.model import ReformerLM
 def sampling_window(config: ModelConfig, seq_len: int, limit: int = 512) -> int:
     """Context the sampler re-reads for every token: at most `limit` positions, a valid model length."""
     window = min(seq_len, limit)
-    if config.attention == "lsh":
+    if config.uses("lsh"):
         window = max(config.chunk_len, window - window % config.chunk_len)
     return window
 

@@ -56,6 +56,7 @@ class TrainOptions:
     sample_len: int = 200
     analyze_memory: bool = True
     skip_nonfinite: bool = False  # skip a batch whose loss or gradients are NaN/Inf instead of stopping
+    init_from: Optional[str] = None  # a converted checkpoint (reformer_jax.convert) to start from
 
     @property
     def total_schedule_steps(self) -> int:
@@ -66,7 +67,7 @@ class TrainOptions:
         return {"model": config.to_dict(), "optimizer": self.optimizer, "learning_rate": self.learning_rate,
                 "schedule_steps": self.total_schedule_steps, "warmup_steps": self.warmup_steps,
                 "clip_norm": self.clip_norm, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "dataset": self.dataset, "seed": self.seed}
+                "dataset": self.dataset, "seed": self.seed, "init_from": self.init_from}
 
 
 def data_parallel_shardings(devices) -> Tuple[NamedSharding, NamedSharding]:
@@ -176,9 +177,10 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     replicated, data_sharding = data_parallel_shardings(devices)
     _say(f"devices: {len(devices)} ({devices[0].platform})"
          + (f", processes: {jax.process_count()}" if jax.process_count() > 1 else ""))
-    _say(f"model: {'reversible ' if config.reversible else ''}{config.attention} attention, {config.n_layers} "
+    kinds = "/".join(sorted(set(config.layer_types)))
+    _say(f"model: {'reversible ' if config.reversible else ''}{kinds} attention, {config.n_layers} "
          f"layers, d_model {config.d_model}, {config.n_heads} heads of {config.d_head}, d_ff {config.d_ff}"
-         + (f", {config.n_hashes} hash rounds, chunk {config.chunk_len}" if config.attention == "lsh" else ""))
+         + (f", {config.n_hashes} hash rounds, chunk {config.chunk_len}" if config.uses("lsh") else ""))
     _say(f"data: {dataset.source}; batch {options.batch_size} x {options.seq_len} tokens")
 
     if options.analyze_memory:
@@ -204,6 +206,10 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
         _say(f"resumed from {checkpointer.directory / str(start_step)}")
     else:
         state = init_fn(seed_key)
+        if options.init_from:
+            from reformer_jax.convert import load_converted_params
+            state = state.replace(params=load_converted_params(options.init_from, state.params))
+            _say(f"parameters from {options.init_from}")
         if _is_main_process():
             write_json_atomic(workdir / "run_settings.json", settings)
     if start_step >= options.steps:
