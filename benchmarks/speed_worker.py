@@ -70,7 +70,7 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
         compile_s = time.perf_counter() - t
         init = init_fn.lower(key_spec).compile()
     stats = stats_from_analysis(compiled.memory_analysis(), state_spec.params, state_spec.opt_state, batch_spec,
-                                jax.default_backend())
+                                jax.default_backend(), d_model=config.d_model)
     facts = {"compile_s": round(compile_s, 3), "compile_peak_bytes": stats.peak_bytes, "cache_hits": hits.count,
              "param_count": int(sum(x.size for x in jax.tree.leaves(state_spec.params))),
              "flops": _flops(compiled)}

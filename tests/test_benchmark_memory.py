@@ -19,6 +19,9 @@ from benchmarks import memory, output, runtime, timeline
 from reformer_jax.memory import floor_bytes, stats_from_analysis
 from reformer_jax.memory import MemoryStats
 
+# Its module-scoped fixtures are expensive: keep the module on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_benchmark_memory")
+
 TINY = memory.Settings(
     vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, seq_len=256, n_hashes=2, chunk_len=16, dropout=0.0,
     hash_sweep=(1, 2), layer_sweep=(1, 2), lengths=(128, 256), seqlen_optimizer="adafactor",

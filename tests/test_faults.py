@@ -22,6 +22,9 @@ from reformer_jax.checkpoint import CheckpointError, WorkdirError
 from reformer_jax.run_log import MetricsLog
 from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate
 
+# Its module-scoped fixtures are expensive: keep the module on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_faults")
+
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "tests" / "fault_runner.py"
 STEPS = 16

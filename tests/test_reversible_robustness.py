@@ -12,6 +12,9 @@ from benchmarks.reversible_drift import FLOAT32_TARGET, drift_config, measure_dr
 from reformer_jax import attention as attn
 from reformer_jax.reversible import reversible_stack
 
+# Its module-scoped fixtures are expensive: keep the module on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_reversible_robustness")
+
 LENGTH, CHUNK = 16, 4
 # One head of width 2 hashed into 2 buckets by the projection x0 - x1: bucket 0 when x0 >= x1, else 1.
 ROTATIONS = jnp.array([1.0, -1.0]).reshape(1, 2, 1, 1)

@@ -114,7 +114,7 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, text_data):
 def test_copy_task_is_learned_well_above_chance(tmp_path):
     cfg = tiny_config("transformer", vocab_size=8, d_model=64, n_heads=4, d_ff=128, max_len=32, dropout=0.0)
     task = data.CopyTask(vocab_size=8)
-    summary = train_and_evaluate(cfg, options(tmp_path, steps=150, batch_size=16, seq_len=32, eval_every=150,
+    summary = train_and_evaluate(cfg, options(tmp_path, steps=200, batch_size=16, seq_len=32, eval_every=200,
                                               eval_batches=4, optimizer="adamw", learning_rate=3e-3,
                                               warmup_steps=10, checkpoint_every=0), dataset=task)
     assert summary["val_accuracy"] > 0.6  # chance is 1/7
