@@ -5,7 +5,6 @@ initialised models of every layer mix; the hash rotations PyTorch draws (torch.r
 recorded and fed to our model, so LSH buckets agree exactly. Errors are relative to the largest absolute value.
 """
 
-import functools
 
 import numpy as np
 import pytest

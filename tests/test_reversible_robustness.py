@@ -1,7 +1,6 @@
 """The reversible stack's recomputation: the backward pass uses the forward's bucket ids (a recomputed input that
 re-hashes into another bucket changes nothing), and how far recomputed inputs drift over 48 layers."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
