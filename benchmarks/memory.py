@@ -596,10 +596,6 @@ def run_runtime(settings: Settings) -> List[Row]:
     import jax
 
     rows = []
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     backend = jax.default_backend()
     profile_dir = os.path.join(settings.out_dir, f"runtime_profiles_{backend}")
     for i, model in enumerate(settings.runtime_models):
@@ -613,13 +609,7 @@ def run_runtime(settings: Settings) -> List[Row]:
         log(f"[runtime {i + 1}/{len(settings.runtime_models)}] {model}: compiling and running "
             f"{settings.runtime_steps} steps in a fresh process ...")
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.runtime", json.dumps(spec)], cwd=repo_root, env=env,
-                              capture_output=True, text=True, timeout=settings.runtime_timeout_s)
-        if proc.returncode != 0:
-            raise RuntimeError(f"runtime worker for {model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        from benchmarks.runtime import parse_result
-
-        result = parse_result(proc.stdout)
+        result = run_runtime_worker(settings, spec, f"runtime worker for {model}")
         from reformer_jax.memory import MemoryStats
 
         stats = MemoryStats(**{f.name: result[f.name] for f in dataclasses.fields(MemoryStats)})
@@ -681,22 +671,26 @@ def time_train_steps(config, *, batch_size: int, seq_len: int, steps: int) -> fl
     return float(sorted(times)[len(times) // 2])
 
 
-def _real_step(settings: Settings, seq_len: int) -> Dict[str, Any]:
-    """One real training step of the Reformer at seq_len in a fresh process (benchmarks.runtime)."""
+def run_runtime_worker(settings: Settings, spec: Dict[str, Any], what: str) -> Dict[str, Any]:
+    """Real training steps in a fresh process (`benchmarks.runtime` with `spec`); its parsed result."""
+    from benchmarks.runtime import parse_result
+
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    spec = {"config": settings.config("reformer", max_len=seq_len).to_dict(), "batch_size": settings.batch_size,
-            "seq_len": seq_len, "optimizer": settings.optimizer_arg() or "adafactor", "steps": 1,
-            "extra_options": settings.extra_options(), "profile_path": None}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.runtime", json.dumps(spec)], cwd=repo_root, env=env,
                           capture_output=True, text=True, timeout=settings.runtime_timeout_s)
     if proc.returncode != 0:
-        raise RuntimeError(f"the real step at length {seq_len} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
-    from benchmarks.runtime import parse_result
-
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return parse_result(proc.stdout)
+
+
+def _real_step(settings: Settings, seq_len: int) -> Dict[str, Any]:
+    """One real training step of the Reformer at seq_len in a fresh process (benchmarks.runtime)."""
+    spec = {"config": settings.config("reformer", max_len=seq_len).to_dict(), "batch_size": settings.batch_size,
+            "seq_len": seq_len, "optimizer": settings.optimizer_arg() or "adafactor", "steps": 1,
+            "extra_options": settings.extra_options(), "profile_path": None}
+    return run_runtime_worker(settings, spec, f"the real step at length {seq_len}")
 
 
 def run_floor(settings: Settings) -> List[Row]:
