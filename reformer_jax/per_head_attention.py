@@ -122,6 +122,17 @@ def _dropped(x: jax.Array, keep: Optional[jax.Array], rate: float) -> jax.Array:
     return x if keep is None else jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def _checked_buckets(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
+                     missing: str) -> jax.Array:
+    """LSH: the given bucket ids (ValueError `missing` without them); full attention: an empty placeholder
+    [b, h, 0, l], since the per-head scans need an array to slice."""
+    if not spec.lsh:
+        return jnp.zeros((x.shape[0], params["qk"].shape[1], 0, x.shape[1]), jnp.uint8)
+    if buckets is None:
+        raise ValueError(missing)
+    return buckets
+
+
 def hash_by_heads(spec: HeadSpec, params: Params, x: jax.Array, rotations: jax.Array) -> jax.Array:
     """LSH bucket ids of every head, computed one head at a time: x [b, l, d] -> [b, h, r, l].
 
@@ -244,10 +255,8 @@ def attention_by_heads(spec: HeadSpec, params: Params, x: jax.Array, buckets: Op
       buckets: LSH bucket ids [b, h, r, l] (from `hash_by_heads` or a reversible stack); None for full attention.
       dropout_rng: key of the attention-weight dropout (one mask per head is derived from it).
     """
-    if spec.lsh and buckets is None:
-        raise ValueError("attention_by_heads: LSH attention needs the bucket ids (see hash_by_heads).")
-    if not spec.lsh:
-        buckets = jnp.zeros((x.shape[0], params["qk"].shape[1], 0, x.shape[1]), jnp.uint8)  # unused placeholder
+    buckets = _checked_buckets(spec, params, x, buckets, "attention_by_heads: LSH attention needs the bucket ids "
+                               "(see hash_by_heads).")
     return _attention_by_heads(spec, params, x, lax.stop_gradient(buckets), dropout_rng)
 
 
@@ -261,9 +270,7 @@ def reverse_by_heads(spec: HeadSpec, params: Params, x: jax.Array, y: jax.Array,
     block's output first and recompute every head again for its backward pass). keep [b, l, d] bool and rate:
     the block's output dropout mask, or None.
     """
-    if spec.lsh and buckets is None:
-        raise ValueError("reverse_by_heads: LSH attention needs the forward pass's bucket ids.")
-    if not spec.lsh:
-        buckets = jnp.zeros((x.shape[0], params["qk"].shape[1], 0, x.shape[1]), jnp.uint8)  # unused placeholder
+    buckets = _checked_buckets(spec, params, x, buckets, "reverse_by_heads: LSH attention needs the forward "
+                               "pass's bucket ids.")
     dx, grads, x_prev = _heads_backward(spec, params, x, buckets, dropout_rng, dy, dx, y=y, keep=keep, rate=rate)
     return x_prev, grads, dx
