@@ -31,8 +31,8 @@ from jax import lax
 
 from benchmarks import output
 from benchmarks.measure import machine
-from reformer_jax import ModelConfig, layers
-from reformer_jax.model import ReformerLM, init_params
+from reformer_jax import ModelConfig
+from reformer_jax.model import ReformerLM, block_functions, init_params
 from reformer_jax.reversible import _chunk_count, _feed_forward_backward, _residual_feed_forward
 
 DTYPES = ("float32", "bfloat16")
@@ -47,20 +47,7 @@ def drift_config(dtype: str = "float32", **sizes: Any) -> ModelConfig:
 
 def _blocks(config: ModelConfig):
     """F, G and F's fused backward step as `reformer_jax.model.LayerStack` hands them to the reversible stack."""
-
-    def attention_fn(p, x, key, buckets):
-        return layers.attention_block(p, x, config=config, lsh_rng=key[0], dropout_rng=key[1], deterministic=True,
-                                      buckets=buckets)
-
-    def feed_forward_fn(p, x, key, chunk_index):
-        return layers.feed_forward_block(p, x, config=config, dropout_rng=key[1], deterministic=True,
-                                         chunk_index=chunk_index)
-
-    def attention_reverse_fn(p, x, y, dy, dx, key, buckets):
-        return layers.attention_block_reverse(p, x, y, dy, dx, config=config, dropout_rng=key[1],
-                                              deterministic=True, buckets=buckets)
-
-    return attention_fn, feed_forward_fn, attention_reverse_fn
+    return block_functions(config, config.layer_types[0], deterministic=True)
 
 
 def _layer_forward(config: ModelConfig, p, key, x1, x2):

@@ -64,6 +64,33 @@ def _key_of(layer_inputs) -> jax.Array:
     return layer_inputs["rng"] if isinstance(layer_inputs, dict) else layer_inputs
 
 
+def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attention_mask=None):
+    """(F, G, F's fused reverse step or None) of one layer of attention type `kind`, as the stacks call them
+    (`reformer_jax.reversible`): F(p, x, inputs, buckets), G(p, x, inputs, chunk_index),
+    reverse(p, x2, y1, dy1, dy2, inputs, buckets); `inputs` is the layer's key array or {"rng", "rotations"}.
+
+    The fused per-head reverse step covers full and LSH layers without a padding mask; other layers (local
+    attention, masked layers) are differentiated by the stack's generic jax.vjp of F.
+    """
+
+    def attention_fn(p, x, inputs, buckets):
+        key, rotations = _key_of(inputs), (inputs["rotations"] if isinstance(inputs, dict) else None)
+        return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
+                                      deterministic=deterministic, buckets=buckets, attention_type=kind,
+                                      rotations=rotations if kind == "lsh" else None, attention_mask=attention_mask)
+
+    def feed_forward_fn(p, x, inputs, chunk_index):
+        return layers.feed_forward_block(p, x, config=cfg, dropout_rng=_key_of(inputs)[1],
+                                         deterministic=deterministic, chunk_index=chunk_index)
+
+    def attention_reverse_fn(p, x, y, dy, dx, inputs, buckets):
+        return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=_key_of(inputs)[1],
+                                              deterministic=deterministic, buckets=buckets, attention_type=kind)
+
+    fused = cfg.sequential_heads and kind != "local" and attention_mask is None
+    return attention_fn, feed_forward_fn, attention_reverse_fn if fused else None
+
+
 class LayerStack(nn.Module):
     """All n_layers (attention, feed-forward) layers with stacked parameters.
 
@@ -87,35 +114,14 @@ class LayerStack(nn.Module):
         types = cfg.layer_types
         period = layer_period(types)
 
-        def attention_fn_for(kind):
-            def attention_fn(p, x, inputs, buckets):
-                key, rotations = _key_of(inputs), (inputs["rotations"] if isinstance(inputs, dict) else None)
-                return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
-                                              deterministic=deterministic, buckets=buckets, attention_type=kind,
-                                              rotations=rotations if kind == "lsh" else None,
-                                              attention_mask=attention_mask)
-            return attention_fn
-
-        def feed_forward_fn(p, x, inputs, chunk_index):
-            return layers.feed_forward_block(p, x, config=cfg, dropout_rng=_key_of(inputs)[1],
-                                             deterministic=deterministic, chunk_index=chunk_index)
-
-        def attention_reverse_fn_for(kind):
-            # The fused per-head reverse step covers full and LSH layers without a padding mask; other layers
-            # (local attention, masked layers) are differentiated by the stack's generic jax.vjp of F.
-            if not cfg.sequential_heads or kind == "local" or attention_mask is not None:
-                return None
-
-            def attention_reverse_fn(p, x, y, dy, dx, inputs, buckets):
-                return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=_key_of(inputs)[1],
-                                                      deterministic=deterministic, buckets=buckets,
-                                                      attention_type=kind)
-            return attention_reverse_fn
+        blocks = {kind: block_functions(cfg, kind, deterministic=deterministic, attention_mask=attention_mask)
+                  for kind in set(types)}
+        feed_forward_fn = blocks[types[0]][1]
 
         feed_forward = self.param("feed_forward", layers.init_feed_forward_params, cfg)
         if period == 1:
             attention = self.param("attention", layers.init_attention_params, cfg, types[0])
-            attention_fn, reverse_fn = attention_fn_for(types[0]), attention_reverse_fn_for(types[0])
+            attention_fn, _, reverse_fn = blocks[types[0]]
         else:
             by_type = self.param("attention", _init_mixed_attention, cfg)
             groups = cfg.n_layers // period
@@ -128,9 +134,9 @@ class LayerStack(nn.Module):
                 per_group, m = types[:period].count(kind), types[:j].count(kind)
                 attention.append(jax.tree.map(
                     lambda leaf: leaf.reshape((groups, per_group) + leaf.shape[1:])[:, m], by_type[kind]))
-                attention_fn.append(attention_fn_for(kind))
+                attention_fn.append(blocks[kind][0])
             attention, attention_fn = tuple(attention), tuple(attention_fn)
-            reverse_fn = tuple(attention_reverse_fn_for(kind) for kind in types[:period])
+            reverse_fn = tuple(blocks[kind][2] for kind in types[:period])
             feed_forward, layer_inputs = group(feed_forward), group(layer_inputs)
         params = {"attention": attention, "feed_forward": feed_forward}
         if cfg.reversible:
