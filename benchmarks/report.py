@@ -284,6 +284,10 @@ def speed_section(results: str, rel: str) -> List[str]:
                    f"warm-up excluded, rounds alternating between implementations); peak RSS of each "
                    f"implementation's own process, compilation included. 1-minute load average during the run "
                    f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} on {first['cpu_count']} CPUs.\n")
+        if any("sequential_heads" not in r.get("config", {}) for r in rows if r["implementation"].startswith("ours")):
+            out.append("These rows were measured by an earlier version of the code, before heads (and, by default, "
+                       "hash rounds) were processed one at a time: each row's `config` says what ran. Rerun the "
+                       "command to measure today's defaults.\n")
         out.append(markdown_table(rows, columns))
     return out
 
