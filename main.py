@@ -56,6 +56,8 @@ flags.DEFINE_string("compilation_cache_dir", None, "Keep compiled steps in this 
 flags.DEFINE_string("init_from", None, "Start from a converted checkpoint (python -m reformer_jax.convert "
                     "--out=DIR): its config.json is the model, so model flags may not be given with it.")
 flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
+flags.DEFINE_float("time_limit_minutes", None, "Stop after this much wall time (compilation included), evaluated and "
+                   "checkpointed, even before --steps; rerun the same command to continue.")
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
                   "logged) instead of stopping the run.")
 # --- several hosts ---------------------------------------------------------------------------------------------
@@ -184,8 +186,8 @@ def validate_run_flags() -> None:
     for name in ("schedule_steps", "warmup_steps"):
         if FLAGS[name].value is not None and FLAGS[name].value < 1:
             raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
-    for name in ("learning_rate", "clip_norm"):
-        if not 0 < FLAGS[name].value < float("inf"):
+    for name in ("learning_rate", "clip_norm", "time_limit_minutes"):
+        if FLAGS[name].value is not None and not 0 < FLAGS[name].value < float("inf"):
             raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive number (finite).")
     if FLAGS.dataset == "synthetic" and (FLAGS.seq_len % 2 or FLAGS.seq_len < 4):
         raise app.UsageError(f"--seq_len={FLAGS.seq_len} is invalid for --dataset=synthetic: the copy task needs "
@@ -249,7 +251,7 @@ def main(argv):
         batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dataset=FLAGS.dataset, data_path=FLAGS.data_path,
         seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
         checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
-        skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from)
+        skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes)
     try:
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)

@@ -57,6 +57,9 @@ class TrainOptions:
     analyze_memory: bool = True
     skip_nonfinite: bool = False  # skip a batch whose loss or gradients are NaN/Inf instead of stopping
     init_from: Optional[str] = None  # a converted checkpoint (reformer_jax.convert) to start from
+    # Stop after this much wall time in this call (compilation included), evaluated and checkpointed; a rerun
+    # resumes. Not a run setting: a resumed run may change it.
+    time_limit_minutes: Optional[float] = None
 
     @property
     def total_schedule_steps(self) -> int:
@@ -223,6 +226,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     skipped = []
     started = time.perf_counter()
     done = start_step
+    stopped_by_time_limit = False
     try:
         for step in range(start_step, options.steps):
             batch = global_batch(dataset.batch("train", options.seed, step, options.batch_size, options.seq_len),
@@ -232,6 +236,9 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - step_started
             done = step + 1
+            out_of_time = (options.time_limit_minutes is not None and done < options.steps
+                           and time.perf_counter() - started >= 60 * options.time_limit_minutes)
+            final_step = done == options.steps or out_of_time
             if not metrics.pop("finite"):
                 if not options.skip_nonfinite:
                     raise _diverged(metrics, done, checkpointer)
@@ -243,7 +250,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                    "tokens_per_sec": tokens_per_step / seconds, "elapsed": time.perf_counter() - started}
             if step == start_step:
                 _say(_runtime_memory_line() + f" (first step incl. compilation {seconds:.1f} s)")
-            if options.eval_every and (done % options.eval_every == 0 or done == options.steps):
+            if options.eval_every and (done % options.eval_every == 0 or final_step):
                 val = evaluate(eval_fn, state.params, dataset, options, data_sharding)
                 row.update(val)
                 progress.message(f"step {done}: validation loss {val['val_loss']:.4f}, bpc {val['val_bpc']:.3f}, "
@@ -254,8 +261,13 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                 log.write(row)
             last_metrics = row
             progress.update(done, metrics["loss"], row["tokens_per_sec"])
-            if (options.checkpoint_every and done % options.checkpoint_every == 0) or done == options.steps:
+            if (options.checkpoint_every and done % options.checkpoint_every == 0) or final_step:
                 checkpointer.save(done, state)
+            if out_of_time:
+                stopped_by_time_limit = True
+                progress.message(f"step {done}: the time limit of {options.time_limit_minutes:g} minutes is reached; "
+                                 "stopping here (checkpointed: rerun the same command to continue).")
+                break
     except OSError as error:  # metrics.jsonl (checkpoint failures raise CheckpointError)
         checkpointer.wait_until_finished()
         last = checkpointer.latest_step()
@@ -269,6 +281,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             log.close()
 
     summary = {"steps": int(state.step), "train_loss": last_metrics.get("loss"), **val, "skipped_steps": skipped,
+               "stopped_by_time_limit": stopped_by_time_limit,
                "wall_seconds": time.perf_counter() - started, "checkpoint": str(checkpointer.directory),
                "devices": len(devices), "backend": devices[0].platform, "jax_version": jax.__version__}
     if options.sample_len and _is_main_process():

@@ -66,6 +66,7 @@ def _usage_error(*args) -> str:
     (["--output_head=concat"], "--tie_embeddings=True is invalid"),
     (["--model=transformer", "--output_head=concat", "--notie_embeddings"], "--output_head='concat' is invalid"),
     (["--layer_norm_eps=0"], "--layer_norm_eps=0.0 is invalid"),
+    (["--time_limit_minutes=0"], "--time_limit_minutes=0.0 is invalid: expected a positive number"),
 ])
 def test_bad_flags_are_refused_with_the_flag_named(args, expected):
     assert expected in _usage_error(*args)

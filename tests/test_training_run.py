@@ -89,6 +89,19 @@ def test_larger_steps_continue_the_run(tmp_path, text_data):
         np.testing.assert_array_equal(a, b)
 
 
+def test_time_limit_stops_evaluated_and_checkpointed_and_a_rerun_continues(tmp_path, text_data):
+    cfg = tiny_config()
+    straight = train_and_evaluate(cfg, options(tmp_path / "a"), dataset=text_data)
+    # The first step (compilation included) already takes longer than the limit: the run stops after it.
+    stopped = train_and_evaluate(cfg, options(tmp_path / "b", eval_every=5, time_limit_minutes=1e-6),
+                                 dataset=text_data)
+    assert stopped["steps"] == 1 and stopped["stopped_by_time_limit"] and "val_loss" in stopped
+    continued = train_and_evaluate(cfg, options(tmp_path / "b", eval_every=5), dataset=text_data)
+    assert continued["steps"] == 6 and not continued["stopped_by_time_limit"]
+    for a, b in zip(jax.tree.leaves(straight["state"].params), jax.tree.leaves(continued["state"].params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path, text_data):
     train_and_evaluate(tiny_config(), options(tmp_path, steps=3, schedule_steps=6), dataset=text_data)
     with pytest.raises(CheckpointMismatch, match=r"\(model.n_hashes: saved 2, now 4\)"):

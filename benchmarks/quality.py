@@ -1,0 +1,440 @@
+"""Quality benchmark: what the memory savings cost in accuracy, on tiny Shakespeare and the paper's copy task.
+
+    python -m benchmarks.quality --data_path=../shared/data/tinyshakespeare.txt      # both tasks, about 90 min
+    python -m benchmarks.quality --task=shakespeare --budget_minutes=15
+    python -m benchmarks.quality --task=synthetic
+
+Every variant is trained by main.py's own training loop (`reformer_jax.trainer.train_and_evaluate`) with the same
+steps, seed and data order, each stopped at --budget_minutes of wall time (compilation included) if it has not
+finished by then. Runs live in --workdir/<task>/<variant>: rerunning the command resumes unfinished runs and
+re-evaluates finished ones without training them again.
+
+shakespeare: byte-level tiny Shakespeare (validation = the last 10%, never trained on); the four variants of
+  the seed plus the Reformer at more hash rounds. After training, each model is scored on --eval_batches
+  validation batches with the training hash rounds and with every --eval_hashes value (the train x eval rounds
+  table); the causal subtlety of LSH is measured twice: how far log-probabilities at or before a split move when
+  every later token is replaced (`future_influence`), and bits per character at sampled positions scored with
+  the future masked (`honest_bpc`: hashing cannot see later tokens) beside the usual score at the same positions.
+synthetic: the duplication task 0 w 0 w (paper section 5): one layer, accuracy on the copied half; trained with
+  full attention and with LSH at each --synthetic_train_hashes, each evaluated with full attention and LSH at every
+  --eval_hashes (the paper's Table 2).
+
+Outputs in --out_dir: quality_<task>.json (one row per trained model: config, steps, curve, every score, command,
+machine), .csv, .md and .png (learning curves against step and wall time); benchmarks.report adds them to REPORT.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from absl import app, flags
+
+from benchmarks import output
+from benchmarks.output import Row
+
+DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
+TASKS = ("shakespeare", "synthetic")
+LOG2 = math.log(2)
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """The driver's flags, on `fv` (tests pass their own FlagValues)."""
+    on = dict(flag_values=fv)
+    flags.DEFINE_enum("task", "all", TASKS + ("all",), "Which task to run (all: shakespeare, then synthetic).", **on)
+    flags.DEFINE_float("budget_minutes", 15.0, "Wall-time limit of each variant's training, compilation included; a "
+                       "variant still short of --steps then stops and reports the step it reached.", **on)
+    flags.DEFINE_string("out_dir", DEFAULT_OUT_DIR, "Where quality_<task>.{json,csv,md,png} go.", **on)
+    flags.DEFINE_string("workdir", os.path.join("runs", "quality"), "Training runs (checkpoints, metrics.jsonl) go to "
+                        "WORKDIR/<task>/<variant>; a rerun resumes them.", **on)
+    flags.DEFINE_enum("dataset", "tiny_shakespeare", ["tiny_shakespeare", "text"], "The shakespeare task's text: tiny "
+                      "Shakespeare (checked by sha256) or any file (--dataset=text --data_path=FILE).", **on)
+    flags.DEFINE_string("data_path", None, "Path of the text (tiny_shakespeare: else $REFORMER_JAX_DATA_DIR or the "
+                        "cache).", **on)
+    flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (the same for every "
+                         "variant).", **on)
+    # shakespeare sizes
+    flags.DEFINE_integer("steps", 200, "shakespeare: optimizer steps per variant.", **on)
+    flags.DEFINE_integer("seq_len", 1024, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
+    flags.DEFINE_integer("batch_size", 4, "shakespeare: sequences per step.", **on)
+    flags.DEFINE_integer("d_model", 256, "Width of the residual streams (both tasks).", **on)
+    flags.DEFINE_integer("n_heads", 4, "Attention heads (both tasks).", **on)
+    flags.DEFINE_integer("d_ff", 1024, "Feed-forward width (both tasks).", **on)
+    flags.DEFINE_integer("n_layers", 4, "shakespeare: layers.", **on)
+    flags.DEFINE_integer("chunk_len", 64, "LSH chunk length (both tasks).", **on)
+    flags.DEFINE_list("train_hashes", ["4", "8"], "shakespeare: hash rounds of the Reformer runs; the LSH LM uses the "
+                      "first.", **on)
+    flags.DEFINE_list("variants", None, "shakespeare: train only these models (names as in the tables: transformer, "
+                      "lsh-4, reversible, reformer-4, reformer-8 with the default --train_hashes); default all.", **on)
+    flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (AdamW, warm-up + cosine; both tasks).", **on)
+    flags.DEFINE_integer("eval_every", 25, "shakespeare: validation points on the learning curve every this many "
+                         "steps.", **on)
+    flags.DEFINE_integer("eval_batches", 8, "Validation batches of the final scores (the curve uses 2).", **on)
+    flags.DEFINE_list("eval_hashes", ["1", "2", "4", "8"], "Hash rounds the trained models are evaluated with.", **on)
+    flags.DEFINE_integer("influence_sequences", 4, "shakespeare: validation sequences of the future-influence and "
+                         "future-masked measurements.", **on)
+    flags.DEFINE_integer("honest_positions", 32, "shakespeare: positions scored with the future masked, per "
+                         "sequence.", **on)
+    # synthetic sizes
+    flags.DEFINE_integer("synthetic_steps", 1500, "synthetic: optimizer steps per model.", **on)
+    flags.DEFINE_integer("synthetic_seq_len", 256, "synthetic: sequence length (0 w 0 w; even, a multiple of "
+                         "--chunk_len).", **on)
+    flags.DEFINE_integer("synthetic_batch_size", 16, "synthetic: sequences per step.", **on)
+    flags.DEFINE_integer("synthetic_vocab_size", 128, "synthetic: symbols (w is drawn from 1..vocab-1).", **on)
+    flags.DEFINE_list("synthetic_train_hashes", ["full", "1", "2", "4"], "synthetic: the models trained: 'full' "
+                      "(full attention) and/or LSH hash rounds.", **on)
+    flags.DEFINE_integer("synthetic_eval_every", 100, "synthetic: validation points on the learning curve.", **on)
+
+
+class FlagError(ValueError):
+    """A bad flag value, found before anything is compiled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One trained model: its name in the tables, the ModelConfig preset and its overrides."""
+
+    name: str
+    preset: str
+    overrides: Tuple[Tuple[str, Any], ...]
+
+    def config(self):
+        from reformer_jax.config import ModelConfig
+
+        return ModelConfig.preset(self.preset, **dict(self.overrides))
+
+    @property
+    def n_hashes(self) -> Optional[int]:
+        return dict(self.overrides).get("n_hashes") if self.config().uses("lsh") else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPlan:
+    """Everything one task trains and measures, checked before anything is compiled."""
+
+    task: str
+    variants: Tuple[Variant, ...]
+    steps: int
+    seq_len: int
+    batch_size: int
+    eval_every: int
+    dataset: str
+    data_path: Optional[str]
+    vocab_size: int
+
+
+def _positive(name: str, value) -> None:
+    if value is None or not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise FlagError(f"--{name}={value} is invalid: expected a positive number.")
+
+
+def _int_values(name: str, values: Sequence[str], allowed_words: Tuple[str, ...] = ()) -> Tuple[Any, ...]:
+    out: List[Any] = []
+    for v in values:
+        text = str(v).strip()
+        if text in allowed_words:
+            out.append(text)
+            continue
+        try:
+            number = int(text)
+        except ValueError:
+            number = 0
+        if number < 1:
+            words = "".join(f"'{w}' or " for w in allowed_words)
+            raise FlagError(f"--{name}={','.join(map(str, values))}: {text!r} is invalid; expected {words}positive "
+                            "integers separated by commas, e.g. " + f"--{name}={','.join(allowed_words + ('4',))}.")
+        out.append(number)
+    if not out:
+        raise FlagError(f"--{name} is empty; give at least one value.")
+    return tuple(out)
+
+
+def _shared_sizes(fv, max_len: int) -> Dict[str, Any]:
+    return {"d_model": fv.d_model, "n_heads": fv.n_heads, "d_ff": fv.d_ff, "chunk_len": fv.chunk_len,
+            "max_len": max_len, "dropout": 0.0}
+
+
+def shakespeare_plan(fv) -> TaskPlan:
+    """The four variants at the shakespeare sizes, the Reformer once per --train_hashes value."""
+    hashes = _int_values("train_hashes", fv.train_hashes)
+    sizes = {**_shared_sizes(fv, fv.seq_len), "n_layers": fv.n_layers}
+    variants = [Variant("transformer", "transformer", tuple(sizes.items())),
+                Variant(f"lsh-{hashes[0]}", "lsh", tuple({**sizes, "n_hashes": hashes[0]}.items())),
+                Variant("reversible", "reversible", tuple(sizes.items()))]
+    variants += [Variant(f"reformer-{h}", "reformer", tuple({**sizes, "n_hashes": h}.items())) for h in hashes]
+    if fv.variants:
+        names = [v.name for v in variants]
+        unknown = [name for name in fv.variants if name not in names]
+        if unknown:
+            raise FlagError(f"--variants={','.join(fv.variants)}: {', '.join(unknown)} unknown; the shakespeare "
+                            f"models with these --train_hashes are {', '.join(names)}.")
+        variants = [v for v in variants if v.name in fv.variants]
+    return TaskPlan("shakespeare", tuple(variants), fv.steps, fv.seq_len, fv.batch_size, fv.eval_every,
+                    fv.dataset, fv.data_path, 259)
+
+
+def synthetic_plan(fv) -> TaskPlan:
+    """One-layer models of the copy task: full attention and LSH at each --synthetic_train_hashes value."""
+    sizes = {**_shared_sizes(fv, fv.synthetic_seq_len), "n_layers": 1, "vocab_size": fv.synthetic_vocab_size}
+    variants = []
+    for h in _int_values("synthetic_train_hashes", fv.synthetic_train_hashes, ("full",)):
+        if h == "full":
+            variants.append(Variant("full", "transformer", tuple(sizes.items())))
+        else:
+            variants.append(Variant(f"lsh-{h}", "lsh", tuple({**sizes, "n_hashes": h}.items())))
+    return TaskPlan("synthetic", tuple(variants), fv.synthetic_steps, fv.synthetic_seq_len,
+                    fv.synthetic_batch_size, fv.synthetic_eval_every, "synthetic", None,
+                    fv.synthetic_vocab_size)
+
+
+def check_flags(fv) -> List[TaskPlan]:
+    """The tasks' plans; raises FlagError naming the flag for any bad value (no compilation happens here)."""
+    _positive("budget_minutes", fv.budget_minutes)
+    for name in ("steps", "seq_len", "batch_size", "d_model", "n_heads", "d_ff", "n_layers", "chunk_len",
+                 "eval_every", "eval_batches", "influence_sequences", "honest_positions", "synthetic_steps",
+                 "synthetic_seq_len", "synthetic_batch_size", "synthetic_eval_every", "learning_rate"):
+        _positive(name, fv[name].value)
+    _int_values("eval_hashes", fv.eval_hashes)
+    if fv.honest_positions > fv.seq_len:
+        raise FlagError(f"--honest_positions={fv.honest_positions} is more than --seq_len={fv.seq_len}.")
+    if fv.synthetic_seq_len % 2 or fv.synthetic_vocab_size < 2:
+        raise FlagError(f"--synthetic_seq_len={fv.synthetic_seq_len} / --synthetic_vocab_size="
+                        f"{fv.synthetic_vocab_size}: the copy task needs an even length and at least 2 symbols.")
+    if fv.dataset == "text" and not fv.data_path:
+        raise FlagError("--dataset=text needs --data_path=FILE.")
+    tasks = TASKS if fv.task == "all" else (fv.task,)
+    plans = [shakespeare_plan(fv) if task == "shakespeare" else synthetic_plan(fv) for task in tasks]
+    for plan in plans:
+        prefix = "synthetic_" if plan.task == "synthetic" else ""
+        for variant in plan.variants:
+            try:
+                variant.config().check_seq_len(plan.seq_len)
+            except ValueError as error:  # e.g. a length the LSH chunks do not divide
+                raise FlagError(f"--{prefix}seq_len={plan.seq_len} ({variant.name}): "
+                                + str(error).replace("ModelConfig.", "--")) from None
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and scoring
+
+
+def _options(fv, plan: TaskPlan, variant: Variant):
+    from reformer_jax.trainer import TrainOptions
+
+    return TrainOptions(workdir=os.path.join(fv.workdir, plan.task, variant.name), steps=plan.steps,
+                        learning_rate=fv.learning_rate, optimizer="adamw", batch_size=plan.batch_size,
+                        seq_len=plan.seq_len, dataset=plan.dataset, data_path=plan.data_path, seed=fv.seed,
+                        eval_every=plan.eval_every, eval_batches=2, checkpoint_every=plan.eval_every, sample_len=0,
+                        analyze_memory=False, time_limit_minutes=fv.budget_minutes)
+
+
+def learning_curve(workdir: str) -> List[Dict[str, float]]:
+    """metrics.jsonl as curve points: step, training wall minutes (sum of step times, compilation included), train
+    loss and bits, and the validation scores where an evaluation ran."""
+    points, minutes = [], 0.0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            minutes += row["step_seconds"] / 60
+            point = {"step": row["step"], "minutes": minutes, "loss": row["loss"], "bpc": row["bpc"],
+                     "accuracy": row.get("accuracy")}
+            for key in ("val_loss", "val_bpc", "val_accuracy"):
+                if key in row:
+                    point[key] = row[key]
+            points.append(point)
+    return points
+
+
+def _validation_batches(fv, dataset, plan: TaskPlan, count: int):
+    """The final scores' validation batches: the same windows for every model and every evaluation setting."""
+    return [dataset.batch("validation", fv.seed, 1000 + i, plan.batch_size, plan.seq_len) for i in range(count)]
+
+
+def _eval_configs(fv, config) -> List[Tuple[str, Any]]:
+    """(column name, config) of every evaluation setting: full attention, then LSH at each --eval_hashes."""
+    return [("full", config.replace(attention="full"))] + [
+        (f"lsh-{h}", config.replace(attention="lsh", n_hashes=h)) for h in _int_values("eval_hashes", fv.eval_hashes)]
+
+
+def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[str, Any]:
+    """Every final score of one trained model (see the module docstring)."""
+    import jax
+
+    from reformer_jax import evaluation
+
+    config = variant.config()
+    rng = jax.random.key(fv.seed + 30_000)
+    batches = _validation_batches(fv, dataset, plan, fv.eval_batches)
+    scores: Dict[str, Any] = {"eval_tokens": int(sum(b["weights"].sum() for b in batches))}
+    scores["final"] = evaluation.evaluate_batches(config, params, batches, rng)
+    scores["by_eval_setting"] = {name: evaluation.evaluate_batches(c, params, batches, rng)
+                                 for name, c in _eval_configs(fv, config)}
+    if plan.task == "shakespeare":
+        n = fv.influence_sequences
+        first = dataset.batch("validation", fv.seed, 2000, n, plan.seq_len)
+        other = dataset.batch("validation", fv.seed, 2001, n, plan.seq_len)
+        scores["future_influence"] = evaluation.future_influence(
+            config, params, first["inputs"], first["targets"], other["inputs"], plan.seq_len // 2, rng)
+        positions = evaluation.sample_positions(plan.seq_len, fv.honest_positions, n, fv.seed)
+        scores["future_masked"] = evaluation.honest_bpc(config, params, first["inputs"], first["targets"], positions,
+                                                        rng)
+    return scores
+
+
+def run_variant(fv, plan: TaskPlan, variant: Variant, dataset) -> Row:
+    """Train (or resume) one variant, then score it; the row of the results JSON."""
+    from reformer_jax.trainer import train_and_evaluate
+
+    options = _options(fv, plan, variant)
+    print(f"\n[{plan.task}] {variant.name}: {plan.steps} steps of {plan.batch_size} x {plan.seq_len} tokens, "
+          f"budget {fv.budget_minutes:g} min -> {options.workdir}", flush=True)
+    summary = train_and_evaluate(variant.config(), options, dataset=dataset)
+    started = time.perf_counter()
+    scores = score_model(fv, plan, variant, summary["state"].params, dataset)
+    curve = learning_curve(options.workdir)
+    row: Row = {"task": plan.task, "variant": variant.name, "preset": variant.preset, "n_hashes": variant.n_hashes,
+                "steps": summary["steps"], "steps_planned": plan.steps,
+                "stopped_by_time_limit": summary["steps"] < plan.steps,
+                "train_minutes": curve[-1]["minutes"] if curve else None, "budget_minutes": fv.budget_minutes,
+                "tokens_per_step": plan.batch_size * plan.seq_len, "final_train_loss": summary.get("train_loss"),
+                **scores, "scoring_seconds": time.perf_counter() - started, "curve": curve,
+                "config": variant.config().to_dict(), "optimizer": "adamw", "learning_rate": fv.learning_rate}
+    print(f"[{plan.task}] {variant.name}: {_row_line(row)}", flush=True)
+    return row
+
+
+def _row_line(row: Row) -> str:
+    final = row["final"]
+    if row["task"] == "synthetic":
+        settings = ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in row["by_eval_setting"].items())
+        return f"{row['steps']} steps in {row['train_minutes']:.1f} min; copied-half accuracy {settings}"
+    text = f"{row['steps']} steps in {row['train_minutes']:.1f} min; validation {final['bpc']:.3f} bpc"
+    masked = row["future_masked"]
+    return (text + f"; future masked {masked['truncated_bpc']:.3f} vs {masked['bpc']:.3f} bpc at the same "
+            f"{masked['positions']} positions; future influence mean |d log p| "
+            f"{row['future_influence']['mean_abs_delta_nats']:.2e} nats")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _eval_columns(rows: Sequence[Row]) -> List[str]:
+    columns: List[str] = []
+    for row in rows:
+        columns += [k for k in row["by_eval_setting"] if k not in columns]
+    return columns
+
+
+def markdown(plan_task: str, rows: Sequence[Row], machine: Dict[str, Any], command: str) -> str:
+    """The task's tables: final scores, then trained x evaluated attention."""
+    from benchmarks.output import markdown_table
+
+    steps = rows[0]["steps_planned"]
+    lines = [f"# Quality: {plan_task}\n", f"Command: `{command}`. Machine: {machine['platform']}, "
+             f"{machine['cpu_count']} CPUs, backend {machine['backend']}; jax {machine['jax_version']}, jaxlib "
+             f"{machine['jaxlib_version']}. Same seed, data order and {steps} planned steps for every model; budget "
+             f"{rows[0]['budget_minutes']:g} min of wall time each (compilation included).\n"]
+    if plan_task == "shakespeare":
+        columns = [("variant", "model", ""), ("steps", "steps", "d"), ("train_minutes", "train min", ".1f"),
+                   (lambda r: r["final"]["bpc"], f"val bpc ({rows[0]['eval_tokens']:,} tokens)", ".3f"),
+                   (lambda r: r["future_masked"]["bpc"], "bpc at sampled positions", ".3f"),
+                   (lambda r: r["future_masked"]["truncated_bpc"], "same, future masked", ".3f"),
+                   (lambda r: r["future_influence"]["mean_abs_delta_nats"], "future influence mean |d log p| (nats)",
+                    ".2e"),
+                   (lambda r: r["future_influence"]["mean_delta_bpc"], "future influence mean d bpc", "+.4f")]
+        lines.append(markdown_table(rows, columns))
+        lines.append("\nValidation bits per character by the attention used at evaluation (rows: as trained):\n")
+        key = "bpc"
+    else:
+        columns = [("variant", "model", ""), ("steps", "steps", "d"), ("train_minutes", "train min", ".1f"),
+                   (lambda r: r["final"]["accuracy"], "copied-half accuracy (as trained)", ".1%")]
+        lines.append(markdown_table(rows, columns))
+        lines.append("\nCopied-half accuracy by the attention used at evaluation (rows: as trained; the paper's "
+                     "Table 2):\n")
+        key = "accuracy"
+    settings = _eval_columns(rows)
+    spec = ".3f" if key == "bpc" else ".1%"
+    lines.append(markdown_table(rows, [("variant", "trained", "")] + [
+        (lambda r, s=s: r["by_eval_setting"].get(s, {}).get(key), f"eval {s}", spec) for s in settings]))
+    return "\n".join(lines)
+
+
+def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:
+    """Validation (and training) curves against step and against wall minutes."""
+    fig, axes = output.new_figure(12.0, 4.6, ncols=2)
+    metric = "val_bpc" if task == "shakespeare" else "val_accuracy"
+    label = "validation bits per character" if task == "shakespeare" else "validation copied-half accuracy"
+    for row in rows:
+        points = [p for p in row["curve"] if metric in p]
+        for ax, x in zip(axes, ("step", "minutes")):
+            line, = ax.plot([p[x] for p in points], [p[metric] for p in points], marker="o", markersize=3,
+                            label=row["variant"])
+            if task == "shakespeare":
+                ax.plot([p[x] for p in row["curve"]], [p["bpc"] for p in row["curve"]], color=line.get_color(),
+                        alpha=0.25, linewidth=0.8)
+    for ax, x in zip(axes, ("optimizer step", "training wall time (min, compilation included)")):
+        ax.set_xlabel(x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if task == "shakespeare":
+        axes[0].set_ylim(top=min(8.5, axes[0].get_ylim()[1]))
+        axes[1].set_ylim(axes[0].get_ylim())
+    axes[0].legend()
+    axes[0].set_title(f"{task}: faint lines = training batches" if task == "shakespeare" else task)
+    output.save_figure(path, fig)
+
+
+def write_task_outputs(fv, task: str, rows: List[Row], command: str) -> List[str]:
+    from benchmarks.measure import machine
+
+    info = machine()
+    for row in rows:
+        row.update(command=command, **info)
+    return output.write_outputs(fv.out_dir, f"quality_{task}", rows, markdown(task, rows, info, command),
+                                plot=lambda path: plot_curves(path, task, rows))
+
+
+def run_task(fv, plan: TaskPlan, command: str) -> List[Row]:
+    from reformer_jax import data as data_lib
+
+    dataset = data_lib.load_dataset(plan.dataset, seq_len=plan.seq_len, data_path=plan.data_path,
+                                    vocab_size=plan.vocab_size)
+    rows = [run_variant(fv, plan, variant, dataset) for variant in plan.variants]
+    for path in write_task_outputs(fv, plan.task, rows, command):
+        print(f"wrote {path}")
+    return rows
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
+    try:
+        plans = check_flags(flags.FLAGS)
+    except FlagError as error:
+        raise app.UsageError(str(error)) from None
+    from absl import logging
+
+    from reformer_jax import data as data_lib
+    from reformer_jax.checkpoint import CheckpointError, CheckpointMismatch
+
+    logging.set_verbosity(logging.WARNING)
+    command = " ".join(["python -m benchmarks.quality"] + list(sys.argv[1:]))
+    try:
+        for plan in plans:
+            run_task(flags.FLAGS, plan, command)
+    except (data_lib.DataError, CheckpointMismatch, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,89 @@
+"""The quality driver at tiny sizes: both tasks end to end (files written, the loss falls), and its flag checks.
+
+No accuracy threshold is asserted: the figures come from the full-size command (see BUILD.md).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from benchmarks import quality
+from corpus import corpus_path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--steps=8", "--seq_len=64", "--batch_size=2", "--d_model=32", "--n_heads=2", "--d_ff=64", "--n_layers=2",
+        "--chunk_len=16", "--eval_every=4", "--eval_batches=1", "--eval_hashes=2", "--train_hashes=2",
+        "--variants=reformer-2", "--influence_sequences=1", "--honest_positions=3", "--synthetic_steps=8",
+        "--synthetic_seq_len=32", "--synthetic_batch_size=4", "--synthetic_vocab_size=8",
+        "--synthetic_eval_every=4", "--synthetic_train_hashes=2"]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "benchmarks.quality", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_both_tasks_write_their_files_and_the_loss_falls(tmp_path):
+    text = corpus_path(tmp_path)
+    proc = _run("--dataset=text", f"--data_path={text}", f"--workdir={tmp_path / 'runs'}",
+                f"--out_dir={tmp_path / 'out'}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for task in ("shakespeare", "synthetic"):
+        for ext in ("json", "csv", "md", "png"):
+            assert (tmp_path / "out" / f"quality_{task}.{ext}").stat().st_size > 0
+        rows = json.loads((tmp_path / "out" / f"quality_{task}.json").read_text())
+        assert len(rows) == 1 and rows[0]["steps"] == 8 and rows[0]["jax_version"]
+        curve = rows[0]["curve"]
+        assert [p["step"] for p in curve] == list(range(1, 9))
+        assert curve[-1]["loss"] < curve[0]["loss"]
+        assert set(rows[0]["by_eval_setting"]) == {"full", "lsh-2"}
+    shakespeare = json.loads((tmp_path / "out" / "quality_shakespeare.json").read_text())[0]
+    assert shakespeare["future_masked"]["positions"] == 3
+    assert shakespeare["future_influence"]["positions"] == 33  # positions 0..32 of one sequence of 64
+    assert "eval lsh-2" in (tmp_path / "out" / "quality_shakespeare.md").read_text()
+
+
+def _flag_error(*args) -> str:
+    fv = flags.FlagValues()
+    quality.define_flags(fv)
+    fv(["quality", *args])
+    with pytest.raises(quality.FlagError) as error:
+        quality.check_flags(fv)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--budget_minutes=0"], "--budget_minutes=0.0 is invalid"),
+    (["--variants=reformer-3"], "reformer-3 unknown; the shakespeare models with these --train_hashes are"),
+    (["--train_hashes=0"], "--train_hashes=0: '0' is invalid"),
+    (["--synthetic_train_hashes=fast"], "'fast' is invalid; expected 'full' or positive integers"),
+    (["--seq_len=100"], "--seq_len=100 (lsh-4)"),
+    (["--synthetic_seq_len=33"], "--synthetic_seq_len=33"),
+    (["--dataset=text"], "--dataset=text needs --data_path"),
+    (["--honest_positions=2000"], "--honest_positions=2000 is more than --seq_len=1024"),
+])
+def test_bad_flags_are_refused_naming_the_flag(args, expected):
+    assert expected in _flag_error(*args)
+
+
+def test_default_flags_plan_the_four_variants_and_the_copy_task_models():
+    fv = flags.FlagValues()
+    quality.define_flags(fv)
+    fv(["quality"])
+    shakespeare, synthetic = quality.check_flags(fv)
+    assert [v.name for v in shakespeare.variants] == ["transformer", "lsh-4", "reversible", "reformer-4",
+                                                      "reformer-8"]
+    assert [v.n_hashes for v in shakespeare.variants] == [None, 4, None, 4, 8]
+    assert [v.name for v in synthetic.variants] == ["full", "lsh-1", "lsh-2", "lsh-4"]
+    assert all(v.config().n_layers == 1 and v.config().vocab_size == 128 for v in synthetic.variants)
+
+
+def test_a_bad_flag_exits_nonzero_without_traceback_or_files(tmp_path):
+    proc = _run(f"--workdir={tmp_path}", f"--out_dir={tmp_path}", "--variants=bert")
+    assert proc.returncode != 0 and "--variants=bert: bert unknown" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.listdir(tmp_path)
