@@ -41,6 +41,7 @@ from benchmarks.output import Row
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 TASKS = ("shakespeare", "synthetic")
 LOG2 = math.log(2)
+BUDGET_SPENT = "budget_spent.json"  # in a run's workdir: it stopped at --budget_minutes (a rerun does not extend it)
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -59,7 +60,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (the same for every "
                          "variant).", **on)
     # shakespeare sizes
-    flags.DEFINE_integer("steps", 200, "shakespeare: optimizer steps per variant.", **on)
+    flags.DEFINE_integer("steps", 240, "shakespeare: optimizer steps per variant.", **on)
     flags.DEFINE_integer("seq_len", 1024, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
     flags.DEFINE_integer("batch_size", 4, "shakespeare: sequences per step.", **on)
     flags.DEFINE_integer("d_model", 256, "Width of the residual streams (both tasks).", **on)
@@ -72,7 +73,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_list("variants", None, "shakespeare: train only these models (names as in the tables: transformer, "
                       "lsh-4, reversible, reformer-4, reformer-8 with the default --train_hashes); default all.", **on)
     flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (AdamW, warm-up + cosine; both tasks).", **on)
-    flags.DEFINE_integer("eval_every", 25, "shakespeare: validation points on the learning curve every this many "
+    flags.DEFINE_integer("eval_every", 20, "shakespeare: validation points on the learning curve every this many "
                          "steps.", **on)
     flags.DEFINE_integer("eval_batches", 8, "Validation batches of the final scores (the curve uses 2).", **on)
     flags.DEFINE_list("eval_hashes", ["1", "2", "4", "8"], "Hash rounds the trained models are evaluated with.", **on)
@@ -227,7 +228,15 @@ def check_flags(fv) -> List[TaskPlan]:
 def _options(fv, plan: TaskPlan, variant: Variant):
     from reformer_jax.trainer import TrainOptions
 
-    return TrainOptions(workdir=os.path.join(fv.workdir, plan.task, variant.name), steps=plan.steps,
+    workdir = os.path.join(fv.workdir, plan.task, variant.name)
+    steps = plan.steps
+    spent = os.path.join(workdir, BUDGET_SPENT)
+    if os.path.exists(spent):  # the run stopped at its time limit before: a rerun only scores it again
+        with open(spent) as f:
+            steps = json.load(f)["steps"]
+        print(f"{workdir} stopped at its time limit (step {steps}) before; scoring it as it is (delete the directory "
+              "to train it again).", flush=True)
+    return TrainOptions(workdir=workdir, steps=steps, schedule_steps=plan.steps,
                         learning_rate=fv.learning_rate, optimizer="adamw", batch_size=plan.batch_size,
                         seq_len=plan.seq_len, dataset=plan.dataset, data_path=plan.data_path, seed=fv.seed,
                         eval_every=plan.eval_every, eval_batches=2, checkpoint_every=plan.eval_every, sample_len=0,
@@ -295,6 +304,8 @@ def run_variant(fv, plan: TaskPlan, variant: Variant, dataset) -> Row:
     print(f"\n[{plan.task}] {variant.name}: {plan.steps} steps of {plan.batch_size} x {plan.seq_len} tokens, "
           f"budget {fv.budget_minutes:g} min -> {options.workdir}", flush=True)
     summary = train_and_evaluate(variant.config(), options, dataset=dataset)
+    if summary["stopped_by_time_limit"]:
+        output.atomic_write_text(os.path.join(options.workdir, BUDGET_SPENT), json.dumps({"steps": summary["steps"]}))
     started = time.perf_counter()
     scores = score_model(fv, plan, variant, summary["state"].params, dataset)
     curve = learning_curve(options.workdir)
@@ -364,6 +375,61 @@ def markdown(plan_task: str, rows: Sequence[Row], machine: Dict[str, Any], comma
     lines.append(markdown_table(rows, [("variant", "trained", "")] + [
         (lambda r, s=s: r["by_eval_setting"].get(s, {}).get(key), f"eval {s}", spec) for s in settings]))
     return "\n".join(lines)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:
+    """The issue's targets, each with the measured figure and whether it holds."""
+    lines: List[str] = []
+    if task == "shakespeare":
+        base = by_name.get("transformer")
+        reformers = [r for name, r in by_name.items() if name.startswith("reformer-")]
+        for r in reformers:
+            if base:
+                ratio = r["final"]["bpc"] / base["final"]["bpc"]
+                same = "" if r["steps"] == base["steps"] else f" (NOT the same step count: {base['steps']})"
+                lines.append(f"Reformer, {r['n_hashes']} rounds: {r['final']['bpc']:.3f} bpc against the "
+                             f"Transformer's {base['final']['bpc']:.3f} after {r['steps']} steps{same}: "
+                             f"{ratio - 1:+.1%} (target within 3%: {_met(ratio <= 1.03 and not same)}).")
+        if reformers:
+            best = min(reformers, key=lambda r: r["final"]["bpc"])
+            ok = best["final"]["bpc"] <= 2.6 and best["train_minutes"] <= 15
+            lines.append(f"Best Reformer validation bpc {best['final']['bpc']:.3f} ({best['variant']}) after "
+                         f"{best['train_minutes']:.1f} min of training (target <= 2.6 within 15 min: {_met(ok)}).")
+        for r in by_name.values():
+            if r["n_hashes"]:
+                scores = [(int(k.split("-")[1]), v["bpc"]) for k, v in r["by_eval_setting"].items()
+                          if k.startswith("lsh-")]
+                more = [bpc for h, bpc in scores if h > r["n_hashes"]]
+                at_train = dict(scores).get(r["n_hashes"])
+                if more and at_train is not None:
+                    ok = max(more) <= at_train + 1e-3
+                    lines.append(f"{r['variant']}: evaluated with more rounds than trained "
+                                 f"{', '.join(f'{b:.3f}' for b in more)} bpc against {at_train:.3f} at its own "
+                                 f"{r['n_hashes']} (improves or keeps: {_met(ok)}).")
+        for r in by_name.values():
+            influence, masked = r["future_influence"], r["future_masked"]
+            lines.append(f"{r['variant']}: replacing the second half moves the first half's log-probabilities by "
+                         f"{influence['mean_abs_delta_nats']:.2e} nats on average (max "
+                         f"{influence['max_abs_delta_nats']:.2e}); with the future masked, {masked['truncated_bpc']:.3f}"
+                         f" bpc against {masked['bpc']:.3f} at the same {masked['positions']} positions "
+                         f"({masked['difference']:+.3f}).")
+    else:
+        for r in by_name.values():
+            if r["n_hashes"] == 4:
+                accuracy = r["by_eval_setting"].get("lsh-4", {}).get("accuracy")
+                ok = accuracy is not None and accuracy >= 0.95 and r["train_minutes"] <= 15
+                lines.append(f"LSH trained with 4 rounds, evaluated with 4: {accuracy:.1%} of the copied half after "
+                             f"{r['steps']} steps, {r['train_minutes']:.1f} min (target >= 95% within 15 min: "
+                             f"{_met(ok)}).")
+        full = by_name.get("full")
+        if full:
+            settings = ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in full["by_eval_setting"].items())
+            lines.append(f"Trained with full attention, evaluated with: {settings}.")
+    return lines
 
 
 def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:

@@ -257,6 +257,7 @@ def build(results: str, report_path: str) -> str:
     w("- **Compile-time against runtime:** the compile-time peak is what XLA plans; the CPU RSS column is a coarse "
       "check of it (see the runtime table). GPU runtime figures are still to come.")
     out.extend(speed_section(results, rel))
+    out.extend(quality_section(results, rel))
     text = "\n".join(out) + "\n"
     atomic_write_text(report_path, text)
     return text
@@ -289,6 +290,25 @@ def speed_section(results: str, rel: str) -> List[str]:
                        "hash rounds) were processed one at a time: each row's `config` says what ran. Rerun the "
                        "command to measure today's defaults.\n")
         out.append(markdown_table(rows, columns))
+    return out
+
+
+def quality_section(results: str, rel: str) -> List[str]:
+    """Quality (benchmarks.quality): the targets of each task, then the driver's own tables, where its JSON exists."""
+    from benchmarks import quality
+
+    out: List[str] = []
+    for task in quality.TASKS:
+        rows = _load(results, f"quality_{task}")
+        if not rows:
+            continue
+        by_name = {r["variant"]: r for r in rows}
+        out.append(f"\n## Quality: {task}\n")
+        out.append(f"[`quality_{task}.json`]({rel}/quality_{task}.json), curves: "
+                   f"![{task} learning curves]({rel}/quality_{task}.png)\n")
+        out.extend(f"- {line}" for line in quality.target_lines(task, by_name))
+        table = quality.markdown(task, rows, rows[0], rows[0]["command"])
+        out.append("\n" + table.split("\n", 1)[1].lstrip("\n"))
     return out
 
 

@@ -87,3 +87,18 @@ def test_a_bad_flag_exits_nonzero_without_traceback_or_files(tmp_path):
     assert proc.returncode != 0 and "--variants=bert: bert unknown" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_a_run_stopped_at_its_budget_is_scored_as_it_is_on_a_rerun(tmp_path):
+    fv = flags.FlagValues()
+    quality.define_flags(fv)
+    fv(["quality", f"--workdir={tmp_path}", "--task=shakespeare", "--steps=300"])
+    plan = quality.check_flags(fv)[0]
+    variant = plan.variants[0]
+    fresh = quality._options(fv, plan, variant)
+    assert (fresh.steps, fresh.schedule_steps, fresh.time_limit_minutes) == (300, 300, 15.0)
+    workdir = tmp_path / "shakespeare" / variant.name
+    workdir.mkdir(parents=True)
+    (workdir / quality.BUDGET_SPENT).write_text(json.dumps({"steps": 123}))
+    rerun = quality._options(fv, plan, variant)
+    assert (rerun.steps, rerun.schedule_steps) == (123, 300)  # same schedule, no further training
