@@ -457,10 +457,21 @@ def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:
     output.save_figure(path, fig)
 
 
+def _git_commit() -> Optional[str]:
+    """The checkout's commit (None outside a git clone): which code made the figures."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def write_task_outputs(fv, task: str, rows: List[Row], command: str) -> List[str]:
     from benchmarks.measure import machine
 
-    info = machine()
+    info = {**machine(), "git_commit": _git_commit()}
     for row in rows:
         row.update(command=command, **info)
     return output.write_outputs(fv.out_dir, f"quality_{task}", rows, markdown(task, rows, info, command),
