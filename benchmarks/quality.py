@@ -60,7 +60,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (the same for every "
                          "variant).", **on)
     # shakespeare sizes
-    flags.DEFINE_integer("steps", 240, "shakespeare: optimizer steps per variant.", **on)
+    flags.DEFINE_integer("steps", 160, "shakespeare: optimizer steps per variant.", **on)
     flags.DEFINE_integer("seq_len", 1024, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
     flags.DEFINE_integer("batch_size", 4, "shakespeare: sequences per step.", **on)
     flags.DEFINE_integer("d_model", 256, "Width of the residual streams (both tasks).", **on)
