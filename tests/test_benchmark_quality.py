@@ -102,3 +102,25 @@ def test_a_run_stopped_at_its_budget_is_scored_as_it_is_on_a_rerun(tmp_path):
     (workdir / quality.BUDGET_SPENT).write_text(json.dumps({"steps": 123}))
     rerun = quality._options(fv, plan, variant)
     assert (rerun.steps, rerun.schedule_steps) == (123, 300)  # same schedule, no further training
+
+
+def _row(variant, n_hashes, bpc, steps=160, minutes=10.0, curve=()):
+    return {"variant": variant, "n_hashes": n_hashes, "steps": steps, "train_minutes": minutes,
+            "final": {"bpc": bpc}, "curve": list(curve),
+            "by_eval_setting": {"full": {"bpc": bpc}, "lsh-4": {"bpc": bpc}, "lsh-8": {"bpc": bpc - 0.01}},
+            "future_influence": {"mean_abs_delta_nats": 0.0, "max_abs_delta_nats": 0.0},
+            "future_masked": {"bpc": bpc, "truncated_bpc": bpc, "difference": 0.0, "positions": 128}}
+
+
+def test_target_lines_judge_each_target_from_the_rows():
+    rows = {"transformer": _row("transformer", None, 3.00),
+            "reformer-4": _row("reformer-4", 4, 3.05),
+            "reformer-8": _row("reformer-8", 8, 3.20, minutes=19.0,
+                               curve=[{"step": 100, "minutes": 14.0, "val_bpc": 2.55}])}
+    lines = quality.target_lines("shakespeare", rows)
+    assert "Reformer, 4 rounds: 3.050 bpc against the Transformer's 3.000 after 160 steps: +1.7% (target within " \
+           "3%: met)" in lines[0]
+    assert "+6.7% (target within 3%: NOT met)" in lines[1]
+    # reformer-8 ran past 15 min: its curve point at 14 min counts, not its final score
+    assert "2.550 (reformer-8, learning-curve point at step 100, 14.0 min) (target <= 2.6: met)" in lines[2]
+    assert any(line.startswith("reformer-4: evaluated with more rounds than trained 3.040") for line in lines)
