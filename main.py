@@ -110,6 +110,9 @@ flags.DEFINE_float("layer_norm_eps", None, "LayerNorm epsilon (default 1e-6).")
 flags.DEFINE_bool("scan_layers", None, "Non-reversible stacks as one lax.scan (default true).")
 flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype; residual streams stay float32 (default float32).")
 flags.DEFINE_enum("param_dtype", None, list(DTYPES), "Parameter dtype (default float32).")
+flags.DEFINE_integer("stream_grid_bits", None, "Reversible stacks: keep the float32 streams on multiples of 2^-k so "
+                     "the backward pass recovers each layer's inputs exactly while |stream| < 2^(24-k); 16 is "
+                     "exact below 256 (default 0 = off; see benchmarks/results/reversible_drift.md).")
 
 MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig)]
 

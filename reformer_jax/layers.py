@@ -11,6 +11,7 @@ Parameters of all layers are stacked on a leading axis n (for `lax.scan`):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -62,22 +63,23 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic:
     return jnp.where(dropout_mask(rate, rng, salt, x.shape), x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def head_spec(config: ModelConfig, seq_len: int, deterministic: bool,
-              attention_type: Optional[str] = None) -> per_head.HeadSpec:
-    """The static settings of the one-head-at-a-time attention core for this config, length and layer type
-    ("full" or "lsh"; default config.attention)."""
+def head_spec(config: ModelConfig, seq_len: int, deterministic: bool, attention_type: Optional[str] = None,
+              grid_bits: int = 0) -> per_head.HeadSpec:
+    """The static settings of the one-head-at-a-time attention core for this config, length, layer type
+    ("full" or "lsh"; default config.attention) and reversible stack's grid (0: none)."""
     return per_head.HeadSpec(
         lsh=(attention_type or config.attention) == "lsh", n_hashes=config.n_hashes, n_buckets=config.resolved_n_buckets(seq_len),
         chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before, causal=config.causal,
         sequential_rounds=config.sequential_rounds,
         dropout_rate=0.0 if deterministic else float(config.attention_dropout),
-        layer_norm_eps=float(config.layer_norm_eps), dtype=config.compute_dtype)
+        layer_norm_eps=float(config.layer_norm_eps), dtype=config.compute_dtype, grid_bits=grid_bits)
 
 
 def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rng: jax.Array,
                     dropout_rng: jax.Array, deterministic: bool, buckets: Optional[jax.Array] = None,
                     attention_type: Optional[str] = None, rotations: Optional[jax.Array] = None,
-                    attention_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, Optional[jax.Array]]:
+                    attention_mask: Optional[jax.Array] = None,
+                    grid_bits: int = 0) -> Tuple[jax.Array, Optional[jax.Array]]:
     """F(x) = Dropout(Attention(LayerNorm(x))): [b, l, d] float32 -> ([b, l, d] float32, buckets or None).
 
     For LSH attention the bucket ids [b, h, r, l] are returned so a reversible stack can keep them and pass them
@@ -91,9 +93,18 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
     all heads at once. With an `attention_mask`, a full or LSH layer's input is reordered so the real positions
     come first (and its output back), on either path; the buckets returned are then those of the reordered
     positions, which a recompute with the same mask reproduces.
+
+    `grid_bits` > 0: the block feeds a reversible stack on that grid (`reformer_jax.reversible`; the model passes
+    config.grid_bits): the per-head path then returns sum_h Q(Dropout(head h's share)) (`per_head_attention`), a
+    value on the grid, which `attention_block_reverse` with the same grid subtracts exactly; the all-heads and
+    local paths leave the rounding to the stack.
     """
     kind = attention_type or config.attention
     weights_rng = jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS)
+    # On a reversible stack's grid the per-head core applies the output dropout and rounds each head's share
+    # itself: what the fused reverse step (`attention_block_reverse`) subtracts head by head.
+    per_head_output = config.sequential_heads and grid_bits > 0 and kind != "local"
+    keep, rate = _output_keep(config, dropout_rng, x.shape, deterministic) if per_head_output else (None, 0.0)
     with jax.named_scope("attention_block"):
         if kind == "local":
             y = _local_attention(params, x, config=config, weights_rng=weights_rng, deterministic=deterministic,
@@ -108,21 +119,34 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
                 order, inverse = padding.real_first_order(attention_mask)
                 x = padding.take_positions(x, order, axis=1)
                 attention_mask = padding.take_positions(attention_mask, order, axis=1)
-            core = _attention_by_heads if config.sequential_heads else _attention_all_heads
+                if keep is not None:
+                    keep = padding.take_positions(keep, order, axis=1)
+            core = (functools.partial(_attention_by_heads, keep=keep, rate=rate, grid_bits=grid_bits)
+                    if config.sequential_heads else _attention_all_heads)
             y, buckets = core(params, x, config=config, kind=kind, lsh_rng=lsh_rng, weights_rng=weights_rng,
                               deterministic=deterministic, buckets=buckets, rotations=rotations,
                               attention_mask=attention_mask)
             if inverse is not None:
                 y = padding.take_positions(y, inverse, axis=1)
-        y = dropout(y, config.dropout, dropout_rng, _ATTN_OUT, deterministic)
+        if not per_head_output:
+            y = dropout(y, config.dropout, dropout_rng, _ATTN_OUT, deterministic)
     return y, buckets
+
+
+def _output_keep(config: ModelConfig, dropout_rng: jax.Array, shape: Tuple[int, ...],
+                 deterministic: bool) -> Tuple[Optional[jax.Array], float]:
+    """The attention block's output dropout as (keep mask [b, l, d] or None, rate), for the per-head core."""
+    rate = 0.0 if deterministic else float(config.dropout)
+    return (dropout_mask(rate, dropout_rng, _ATTN_OUT, shape) if rate else None), rate
 
 
 def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, dx: jax.Array, *,
                             config: ModelConfig, dropout_rng: jax.Array, deterministic: bool,
                             buckets: Optional[jax.Array],
-                            attention_type: Optional[str] = None) -> Tuple[jax.Array, Params, jax.Array]:
-    """A reversible layer's attention step backwards (config.sequential_heads): y = x_prev + F(x).
+                            attention_type: Optional[str] = None,
+                            grid_bits: int = 0) -> Tuple[jax.Array, Params, jax.Array]:
+    """A reversible layer's attention step backwards (config.sequential_heads): y = x_prev + F(x), F =
+    `attention_block` with the same `grid_bits`.
 
     Returns (x_prev = y - F(x), dF/dparams . dy, dx + dF/dx . dy): each head computed once, y's and dx's
     buffers updated in place; `buckets` are the forward pass's ids. Equal to jax.vjp of `attention_block` up
@@ -132,18 +156,18 @@ def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.
     if (attention_type or config.attention) == "local":
         raise ValueError("attention_block_reverse: local attention has no per-head path; differentiate "
                          "attention_block by jax.vjp.")
-    spec = head_spec(config, x.shape[1], deterministic, attention_type)
-    rate = 0.0 if deterministic else float(config.dropout)
-    keep = dropout_mask(rate, dropout_rng, _ATTN_OUT, x.shape) if rate else None
+    spec = head_spec(config, x.shape[1], deterministic, attention_type, grid_bits)
+    keep, rate = _output_keep(config, dropout_rng, x.shape, deterministic)
     with jax.named_scope("attention_block_reverse"):
         return per_head.reverse_by_heads(spec, params, x, y, dy, dx, buckets,
                                          jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS), keep=keep, rate=rate)
 
 
 def _attention_by_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
-                        attention_mask):
-    """One head at a time (`per_head_attention`); attention_mask (already real-first) only sets the pad bucket."""
-    spec = head_spec(config, x.shape[1], deterministic, kind)
+                        attention_mask, keep=None, rate=0.0, grid_bits=0):
+    """One head at a time (`per_head_attention`); attention_mask (already real-first) only sets the pad bucket;
+    keep, rate: the block's output dropout, applied per head (on a stream grid)."""
+    spec = head_spec(config, x.shape[1], deterministic, kind, grid_bits)
     if spec.lsh and buckets is None:
         if rotations is None:
             rotations = attn.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,
@@ -151,7 +175,7 @@ def _attention_by_heads(params, x, *, config, kind, lsh_rng, weights_rng, determ
         buckets = per_head.hash_by_heads(spec, params, x, rotations)
         if attention_mask is not None:
             buckets = padding.with_pad_bucket(buckets, attention_mask, spec.n_buckets)
-    return per_head.attention_by_heads(spec, params, x, buckets, weights_rng), buckets
+    return per_head.attention_by_heads(spec, params, x, buckets, weights_rng, keep, rate), buckets
 
 
 def _attention_all_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,

@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from reformer_jax import layers, output_head
 from reformer_jax.config import ModelConfig
-from reformer_jax.reversible import residual_stack, reversible_stack
+from reformer_jax.reversible import residual_stack, reversible_stack, to_grid
 
 
 def _as_typed_key(key: jax.Array) -> jax.Array:
@@ -70,14 +70,16 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
     reverse(p, x2, y1, dy1, dy2, inputs, buckets); `inputs` is the layer's key array or {"rng", "rotations"}.
 
     The fused per-head reverse step covers full and LSH layers without a padding mask; other layers (local
-    attention, masked layers) are differentiated by the stack's generic jax.vjp of F.
+    attention, masked layers) are differentiated by the stack's generic jax.vjp of F. F and the reverse step are
+    those of a stack on config.grid_bits's grid (`reformer_jax.reversible`); pass that grid to the stack.
     """
 
     def attention_fn(p, x, inputs, buckets):
         key, rotations = _key_of(inputs), (inputs["rotations"] if isinstance(inputs, dict) else None)
         return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
                                       deterministic=deterministic, buckets=buckets, attention_type=kind,
-                                      rotations=rotations if kind == "lsh" else None, attention_mask=attention_mask)
+                                      rotations=rotations if kind == "lsh" else None, attention_mask=attention_mask,
+                                      grid_bits=cfg.grid_bits)
 
     def feed_forward_fn(p, x, inputs, chunk_index):
         return layers.feed_forward_block(p, x, config=cfg, dropout_rng=_key_of(inputs)[1],
@@ -85,7 +87,8 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
 
     def attention_reverse_fn(p, x, y, dy, dx, inputs, buckets):
         return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=_key_of(inputs)[1],
-                                              deterministic=deterministic, buckets=buckets, attention_type=kind)
+                                              deterministic=deterministic, buckets=buckets, attention_type=kind,
+                                              grid_bits=cfg.grid_bits)
 
     fused = cfg.sequential_heads and kind != "local" and attention_mask is None
     return attention_fn, feed_forward_fn, attention_reverse_fn if fused else None
@@ -142,7 +145,8 @@ class LayerStack(nn.Module):
         if cfg.reversible:
             x1, x2 = streams
             return reversible_stack(attention_fn, feed_forward_fn, params, x1, x2, layer_inputs,
-                                    ff_chunk_len=cfg.ff_chunk_len, attention_reverse_fn=reverse_fn)
+                                    ff_chunk_len=cfg.ff_chunk_len, attention_reverse_fn=reverse_fn,
+                                    grid_bits=cfg.grid_bits)
         return residual_stack(attention_fn, feed_forward_fn, params, streams, layer_inputs, scan=cfg.scan_layers)
 
 
@@ -231,6 +235,7 @@ class ReformerLM(nn.Module):
             x = x + self.positions(tokens.shape[1]).astype(jnp.float32)
             x = layers.dropout(x, cfg.dropout, embed_dropout_key, 0, deterministic)
         if cfg.reversible:
+            x = to_grid(x, cfg.grid_bits)  # the stack's inputs on its exact-reversal grid (0: unchanged)
             # trax: both streams start as x
             return tuple(self.layers((x, x), layer_inputs, deterministic=deterministic,
                                      attention_mask=attention_mask))

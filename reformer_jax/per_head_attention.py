@@ -13,6 +13,11 @@ never formed or updated in place, one block of positions at a time (`row_block_s
   head loop that computes its gradients, so each head is computed once in the backward pass.
 What the block stores for its backward pass is (params, x, bucket ids).
 
+On a reversible stack's exact-reversal grid (`HeadSpec.grid_bits` > 0, see `reformer_jax.reversible`) the block
+output is sum_h Q(Dropout(head h's output)): each head's share is dropped out and rounded to the grid on its own
+and added into the output buffer row block by row block, so the reverse step, which subtracts the heads one by one,
+removes exactly what the forward pass added.
+
 Hashing uses the same [h, k, r, n] rotations as all heads at once, so the bucket ids are identical; attention
 dropout draws a mask per head (a different random stream than all heads at once).
 """
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from reformer_jax import attention as attn
+from reformer_jax.reversible import to_grid
 
 Params = Dict[str, Any]
 
@@ -55,6 +61,7 @@ class HeadSpec(NamedTuple):
     dropout_rate: float
     layer_norm_eps: float
     dtype: Any  # compute dtype
+    grid_bits: int = 0  # k of the reversible stack's grid: each head's share of the output rounded to 2^-k
 
 
 class _Blocks:
@@ -64,8 +71,9 @@ class _Blocks:
         self.rows = row_block_size(length)
         self.count = length // self.rows
 
-    def get(self, x: jax.Array, i: jax.Array) -> jax.Array:
-        return lax.dynamic_slice_in_dim(x, i * self.rows, self.rows, axis=1)
+    def get(self, x: Optional[jax.Array], i: jax.Array) -> Optional[jax.Array]:
+        """Block i of x (None, e.g. an absent dropout mask: None)."""
+        return None if x is None else lax.dynamic_slice_in_dim(x, i * self.rows, self.rows, axis=1)
 
     def set(self, x: jax.Array, i: jax.Array, value: jax.Array) -> jax.Array:
         return lax.dynamic_update_slice_in_dim(x, value.astype(x.dtype), i * self.rows, axis=1)
@@ -122,6 +130,15 @@ def _dropped(x: jax.Array, keep: Optional[jax.Array], rate: float) -> jax.Array:
     return x if keep is None else jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def _head_share(spec: HeadSpec, o: jax.Array, w_out: jax.Array, keep: Optional[jax.Array],
+                rate: float) -> jax.Array:
+    """One head's share of the block output at some positions: Q(Dropout(o W_out[h])), o [b, r, k], w_out [k, d]
+    -> [b, r, d] float32 (Q: `to_grid` at spec.grid_bits). The forward pass and the reverse step compute it alike,
+    so on the grid they add and subtract the same bits."""
+    out = jnp.einsum("blk,kd->bld", o.astype(spec.dtype), w_out.astype(spec.dtype)).astype(jnp.float32)
+    return to_grid(_dropped(out, keep, rate), spec.grid_bits)
+
+
 def _checked_buckets(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
                      missing: str) -> jax.Array:
     """LSH: the given bucket ids (ValueError `missing` without them); full attention: an empty placeholder
@@ -151,20 +168,31 @@ def hash_by_heads(spec: HeadSpec, params: Params, x: jax.Array, rotations: jax.A
     return buckets.swapaxes(0, 1)
 
 
-def _forward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
-             dropout_rng: jax.Array) -> jax.Array:
+def _forward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array], dropout_rng: jax.Array,
+             keep: Optional[jax.Array], rate: float) -> jax.Array:
     w_qk, w_v, w_out, head_buckets, keys = _head_inputs(params, buckets, dropout_rng)
 
-    def one_head(inputs):
-        w_qk, w_v, head_buckets, key = inputs
+    def one_head(w_qk, w_v, head_buckets, key):
         qk, v = _project(spec, x, params["norm"], w_qk), _project(spec, x, params["norm"], w_v)
         return _attend(spec, qk, v, head_buckets, key).astype(spec.dtype)
 
     with jax.named_scope("attention_heads"):
-        # The heads' outputs [h, b, l, k] together are one residual stream's size; projecting each head on its own
-        # would make a [b, l, d] partial sum per head instead.
-        o = lax.map(one_head, (w_qk, w_v, head_buckets, keys))
-        return jnp.einsum("hblk,hkd->bld", o, w_out.astype(spec.dtype)).astype(jnp.float32)
+        if not spec.grid_bits:
+            # The heads' outputs [h, b, l, k] together are one residual stream's size; projecting each head on its
+            # own would make a [b, l, d] partial sum per head instead.
+            o = lax.map(lambda inputs: one_head(*inputs), (w_qk, w_v, head_buckets, keys))
+            y = jnp.einsum("hblk,hkd->bld", o, w_out.astype(spec.dtype)).astype(jnp.float32)
+            return _dropped(y, keep, rate)
+        # On the grid: each head's rounded share is added into the output buffer, row block by row block.
+        blocks = _Blocks(x.shape[1])
+
+        def add_head(y, inputs):
+            w_qk, w_v, w_out, head_buckets, key = inputs
+            o = one_head(w_qk, w_v, head_buckets, key)
+            share = lambda i: _head_share(spec, blocks.get(o, i), w_out, blocks.get(keep, i), rate)  # noqa: E731
+            return blocks.loop(lambda y, i: blocks.set(y, i, blocks.get(y, i) + share(i)), y), None
+
+        return lax.scan(add_head, jnp.zeros(x.shape, jnp.float32), (w_qk, w_v, w_out, head_buckets, keys))[0]
 
 
 def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
@@ -180,7 +208,7 @@ def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optio
     Returns (dx + dF/dx . dy, parameter gradients, y - F(x) or None).
     """
     blocks, norm_of, norm = _Blocks(x.shape[1]), _norm_fn(spec), params["norm"]
-    dropped = lambda value, i: _dropped(value, None if keep is None else blocks.get(keep, i), rate)  # noqa: E731
+    dropped = lambda value, i: _dropped(value, blocks.get(keep, i), rate)  # noqa: E731
 
     def head_grads(carry, inputs):
         dx, y, d_norm = carry
@@ -195,8 +223,7 @@ def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optio
             do = blocks.set(do, i, jnp.einsum("bld,kd->blk", dy_i, w_out_c))
             d_out = d_out + jnp.einsum("blk,bld->kd", o_i, dy_i).astype(d_out.dtype)
             if y is not None:
-                out_i = jnp.einsum("blk,kd->bld", o_i, w_out_c).astype(jnp.float32)
-                y = blocks.set(y, i, blocks.get(y, i) - dropped(out_i, i))
+                y = blocks.set(y, i, blocks.get(y, i) - _head_share(spec, o_i, w_out, blocks.get(keep, i), rate))
             return do, d_out, y
 
         do, d_out, y = blocks.loop(output_block, (jnp.zeros_like(o), jnp.zeros(w_out.shape, jnp.float32), y))
@@ -225,28 +252,32 @@ def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optio
     return dx, grads, y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention_by_heads(spec, params, x, buckets, dropout_rng):  # gradient: _bwd below
-    return _forward(spec, params, x, buckets, dropout_rng)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def _attention_by_heads(spec, params, x, buckets, dropout_rng, keep, rate):  # gradient: _bwd below
+    return _forward(spec, params, x, buckets, dropout_rng, keep, rate)
 
 
-def _fwd(spec, params, x, buckets, dropout_rng):
+def _fwd(spec, params, x, buckets, dropout_rng, keep, rate):
     # Only the inputs are kept: no [b, h, l, k] projection and no LayerNorm output survives the forward pass.
-    return _forward(spec, params, x, buckets, dropout_rng), (params, x, buckets, dropout_rng)
+    return _forward(spec, params, x, buckets, dropout_rng, keep, rate), (params, x, buckets, dropout_rng, keep)
 
 
-def _bwd(spec, residuals, dy):
-    params, x, buckets, dropout_rng = residuals
-    dx, grads, _ = _heads_backward(spec, params, x, buckets, dropout_rng, dy, jnp.zeros_like(x))
-    return grads, dx, None, None
+def _bwd(spec, rate, residuals, dy):
+    params, x, buckets, dropout_rng, keep = residuals
+    dx, grads, _ = _heads_backward(spec, params, x, buckets, dropout_rng, dy, jnp.zeros_like(x), keep=keep,
+                                   rate=rate)
+    return grads, dx, None, None, None
 
 
 _attention_by_heads.defvjp(_fwd, _bwd)
 
 
 def attention_by_heads(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
-                       dropout_rng: jax.Array) -> jax.Array:
+                       dropout_rng: jax.Array, keep: Optional[jax.Array] = None, rate: float = 0.0) -> jax.Array:
     """sum_h Attention_h(LayerNorm(x)) W_out[h], one head at a time: x [b, l, d] float32 -> [b, l, d] float32.
+
+    With keep [b, l, d] bool and rate, the block's output dropout is applied too; on the grid (spec.grid_bits)
+    the output is sum_h Q(Dropout(head h's share)), what `reverse_by_heads` subtracts.
 
     Args:
       spec: static settings (`HeadSpec`).
@@ -257,13 +288,13 @@ def attention_by_heads(spec: HeadSpec, params: Params, x: jax.Array, buckets: Op
     """
     buckets = _checked_buckets(spec, params, x, buckets, "attention_by_heads: LSH attention needs the bucket ids "
                                "(see hash_by_heads).")
-    return _attention_by_heads(spec, params, x, lax.stop_gradient(buckets), dropout_rng)
+    return _attention_by_heads(spec, params, x, lax.stop_gradient(buckets), dropout_rng, keep, float(rate))
 
 
 def reverse_by_heads(spec: HeadSpec, params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, dx: jax.Array,
                      buckets: Optional[jax.Array], dropout_rng: jax.Array, keep: Optional[jax.Array] = None,
                      rate: float = 0.0) -> Tuple[jax.Array, Params, jax.Array]:
-    """A reversible layer's attention step backwards: y = x_prev + Dropout(attention_by_heads(x)).
+    """A reversible layer's attention step backwards: y = x_prev + attention_by_heads(x, keep, rate).
 
     Returns (x_prev, parameter gradients, dx + dF/dx . dy) for the cotangent dy of y, computing each head once
     and updating y's and dx's buffers in place (the generic route, jax.vjp of the block, would compute the

@@ -76,6 +76,8 @@ def test_axial_shape_derived_from_length():
     (dict(output_head="concat"), "tie_embeddings", "cannot be tied"),
     (dict(reversible="yes"), "reversible", "True or False"),
     (dict(layer_norm_eps=0.0), "layer_norm_eps", "positive"),
+    (dict(stream_grid_bits=24), "stream_grid_bits", "in [0, 23]"),
+    (dict(stream_grid_bits=True), "stream_grid_bits", "16 is exact while |stream| < 256"),
     (dict(sequential_rounds=True, max_len=128, n_chunks_before=3), "n_chunks_before", "at most max_len // chunk_len"),
 ])
 def test_invalid_fields_raise_naming_field_value_and_fix(overrides, field, hint):

@@ -66,6 +66,7 @@ MAIN_CHOICES = {
     "axial_dims": ["", "8,8", "16,16", "1,15", "0,16"], "output_head": ["mean", "concat"],
     "tie_embeddings": [True, False], "ff_activation": ["relu", "gelu", "tanh"], "layer_norm_eps": [0, 1e-6, -1],
     "scan_layers": [True, False], "dtype": ["float32", "bfloat16", "float64"], "skip_nonfinite": [True, False],
+    "stream_grid_bits": [-1, 0, 16, 24],
 }
 
 
