@@ -124,3 +124,15 @@ def test_target_lines_judge_each_target_from_the_rows():
     # reformer-8 ran past 15 min: its curve point at 14 min counts, not its final score
     assert "2.550 (reformer-8, learning-curve point at step 100, 14.0 min) (target <= 2.6: met)" in lines[2]
     assert any(line.startswith("reformer-4: evaluated with more rounds than trained 3.040") for line in lines)
+
+
+def test_copy_task_target_uses_the_curve_when_training_ran_past_15_minutes():
+    row = {"variant": "lsh-4", "n_hashes": 4, "steps": 1500, "train_minutes": 18.0,
+           "by_eval_setting": {"full": {"accuracy": 0.99}, "lsh-4": {"accuracy": 0.99}},
+           "curve": [{"step": 900, "minutes": 11.0, "val_accuracy": 0.96},
+                     {"step": 1000, "minutes": 12.0, "val_accuracy": 0.94},
+                     {"step": 1400, "minutes": 16.0, "val_accuracy": 0.99}]}
+    lines = quality.target_lines("synthetic", {"lsh-4": row})
+    assert lines[0] == "LSH trained with 4 rounds, evaluated with 4: 99.0% of the copied half after 1500 steps, 18.0 min."
+    assert lines[1] == ("Within 15 min of training: 96.0% (learning-curve point, 2 batches at step 900, 11.0 min) "
+                        "(target >= 95%: met).")
