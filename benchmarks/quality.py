@@ -484,7 +484,7 @@ def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:
 
 
 def _git_commit() -> Optional[str]:
-    """The checkout's commit (None outside a git clone): which code made the figures."""
+    """The checkout's commit when the driver started (None outside a git clone): which code made the figures."""
     import subprocess
 
     try:
@@ -494,23 +494,23 @@ def _git_commit() -> Optional[str]:
         return None
 
 
-def write_task_outputs(fv, task: str, rows: List[Row], command: str) -> List[str]:
+def write_task_outputs(fv, task: str, rows: List[Row], command: str, git_commit: Optional[str]) -> List[str]:
     from benchmarks.measure import machine
 
-    info = {**machine(), "git_commit": _git_commit()}
+    info = {**machine(), "git_commit": git_commit}
     for row in rows:
         row.update(command=command, **info)
     return output.write_outputs(fv.out_dir, f"quality_{task}", rows, markdown(task, rows, info, command),
                                 plot=lambda path: plot_curves(path, task, rows))
 
 
-def run_task(fv, plan: TaskPlan, command: str) -> List[Row]:
+def run_task(fv, plan: TaskPlan, command: str, git_commit: Optional[str]) -> List[Row]:
     from reformer_jax import data as data_lib
 
     dataset = data_lib.load_dataset(plan.dataset, seq_len=plan.seq_len, data_path=plan.data_path,
                                     vocab_size=plan.vocab_size)
     rows = [run_variant(fv, plan, variant, dataset) for variant in plan.variants]
-    for path in write_task_outputs(fv, plan.task, rows, command):
+    for path in write_task_outputs(fv, plan.task, rows, command, git_commit):
         print(f"wrote {path}")
     return rows
 
@@ -529,9 +529,10 @@ def main(argv: Sequence[str]) -> int:
 
     logging.set_verbosity(logging.WARNING)
     command = " ".join(["python -m benchmarks.quality"] + list(sys.argv[1:]))
+    git_commit = _git_commit()  # read now: the checkout may move on while the tasks run
     try:
         for plan in plans:
-            run_task(flags.FLAGS, plan, command)
+            run_task(flags.FLAGS, plan, command, git_commit)
     except (data_lib.DataError, CheckpointMismatch, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
