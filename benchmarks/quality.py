@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from absl import app, flags
 
 from benchmarks import output
+# The memory driver's FlagError (a bad flag value, found before anything is compiled), as the speed driver uses.
+from benchmarks.memory import FlagError
 from benchmarks.output import Row
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
@@ -93,10 +95,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "embedding (with axial ones the one-layer full-attention model stalled at 82% here; with "
                       "absolute ones it copied 100% by step 300).", **on)
     flags.DEFINE_integer("synthetic_eval_every", 100, "synthetic: validation points on the learning curve.", **on)
-
-
-class FlagError(ValueError):
-    """A bad flag value, found before anything is compiled."""
 
 
 @dataclasses.dataclass(frozen=True)
