@@ -283,9 +283,12 @@ def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[s
     rng = jax.random.key(fv.seed + 30_000)
     batches = _validation_batches(fv, dataset, plan, fv.eval_batches)
     scores: Dict[str, Any] = {"eval_tokens": int(sum(b["weights"].sum() for b in batches))}
-    scores["final"] = evaluation.evaluate_batches(config, params, batches, rng)
-    scores["by_eval_setting"] = {name: evaluation.evaluate_batches(c, params, batches, rng)
-                                 for name, c in _eval_configs(fv, config)}
+    settings = _eval_configs(fv, config)
+    scores["by_eval_setting"] = {name: evaluation.evaluate_batches(c, params, batches, rng) for name, c in settings}
+    # The as-trained score is one of the settings (the same config, batches and keys) unless --eval_hashes skips it.
+    trained = next((name for name, c in settings if c == config), None)
+    scores["final"] = (scores["by_eval_setting"][trained] if trained else
+                       evaluation.evaluate_batches(config, params, batches, rng))
     if plan.task == "shakespeare":
         n = fv.influence_sequences
         first = dataset.batch("validation", fv.seed, 2000, n, plan.seq_len)

@@ -41,6 +41,7 @@ def test_both_tasks_write_their_files_and_the_loss_falls(tmp_path):
         assert [p["step"] for p in curve] == list(range(1, 9))
         assert curve[-1]["loss"] < curve[0]["loss"]
         assert set(rows[0]["by_eval_setting"]) == {"full", "lsh-2"}
+        assert rows[0]["final"] == rows[0]["by_eval_setting"]["lsh-2"]  # the as-trained setting
     shakespeare = json.loads((tmp_path / "out" / "quality_shakespeare.json").read_text())[0]
     assert shakespeare["future_masked"]["positions"] == 3
     assert shakespeare["future_influence"]["positions"] == 33  # positions 0..32 of one sequence of 64
