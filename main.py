@@ -58,6 +58,8 @@ flags.DEFINE_string("init_from", None, "Start from a converted checkpoint (pytho
 flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
 flags.DEFINE_float("time_limit_minutes", None, "Stop after this much wall time (compilation included), evaluated and "
                    "checkpointed, even before --steps; rerun the same command to continue.")
+flags.DEFINE_bool("lean_compile", False, "CPU: compile the steps without XLA's MLIR fusion emitters: a few hundred "
+                  "MB less peak RSS while compiling, slower steps (reformer_jax/xla_options.py).")
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
                   "logged) instead of stopping the run.")
 # --- several hosts ---------------------------------------------------------------------------------------------
@@ -254,7 +256,8 @@ def main(argv):
         batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dataset=FLAGS.dataset, data_path=FLAGS.data_path,
         seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
         checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
-        skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes)
+        skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes,
+        lean_compile=FLAGS.lean_compile)
     try:
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)

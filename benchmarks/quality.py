@@ -62,12 +62,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (the same for every "
                          "variant).", **on)
     # shakespeare sizes
-    flags.DEFINE_integer("steps", 160, "shakespeare: optimizer steps per variant.", **on)
-    flags.DEFINE_integer("seq_len", 1024, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
-    flags.DEFINE_integer("batch_size", 4, "shakespeare: sequences per step.", **on)
-    flags.DEFINE_integer("d_model", 256, "Width of the residual streams (both tasks).", **on)
+    flags.DEFINE_integer("steps", 1500, "shakespeare: optimizer steps per variant.", **on)
+    flags.DEFINE_integer("seq_len", 256, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
+    flags.DEFINE_integer("batch_size", 8, "shakespeare: sequences per step.", **on)
+    flags.DEFINE_integer("d_model", 128, "shakespeare: width of the residual streams.", **on)
     flags.DEFINE_integer("n_heads", 4, "Attention heads (both tasks).", **on)
-    flags.DEFINE_integer("d_ff", 1024, "Feed-forward width (both tasks).", **on)
+    flags.DEFINE_integer("d_ff", 512, "shakespeare: feed-forward width.", **on)
     flags.DEFINE_integer("n_layers", 4, "shakespeare: layers.", **on)
     flags.DEFINE_integer("chunk_len", 64, "LSH chunk length (both tasks).", **on)
     flags.DEFINE_list("train_hashes", ["4", "8"], "shakespeare: hash rounds of the Reformer runs; the LSH LM uses the "
@@ -75,7 +75,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_list("variants", None, "shakespeare: train only these models (names as in the tables: transformer, "
                       "lsh-4, reversible, reformer-4, reformer-8 with the default --train_hashes); default all.", **on)
     flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (AdamW, warm-up + cosine; both tasks).", **on)
-    flags.DEFINE_integer("eval_every", 20, "shakespeare: validation points on the learning curve every this many "
+    flags.DEFINE_integer("eval_every", 100, "shakespeare: validation points on the learning curve every this many "
                          "steps.", **on)
     flags.DEFINE_integer("eval_batches", 8, "Validation batches of the final scores (the curve uses 2).", **on)
     flags.DEFINE_list("eval_hashes", ["1", "2", "4", "8"], "Hash rounds the trained models are evaluated with.", **on)
@@ -85,6 +85,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          "sequence.", **on)
     # synthetic sizes
     flags.DEFINE_integer("synthetic_steps", 1500, "synthetic: optimizer steps per model.", **on)
+    flags.DEFINE_integer("synthetic_d_model", 256, "synthetic: width of the residual streams.", **on)
+    flags.DEFINE_integer("synthetic_d_ff", 1024, "synthetic: feed-forward width.", **on)
     flags.DEFINE_integer("synthetic_seq_len", 256, "synthetic: sequence length (0 w 0 w; even, a multiple of "
                          "--chunk_len).", **on)
     flags.DEFINE_integer("synthetic_batch_size", 16, "synthetic: sequences per step.", **on)
@@ -156,15 +158,15 @@ def _int_values(name: str, values: Sequence[str], allowed_words: Tuple[str, ...]
     return tuple(out)
 
 
-def _shared_sizes(fv, max_len: int) -> Dict[str, Any]:
-    return {"d_model": fv.d_model, "n_heads": fv.n_heads, "d_ff": fv.d_ff, "chunk_len": fv.chunk_len,
+def _shared_sizes(fv, max_len: int, d_model: int, d_ff: int) -> Dict[str, Any]:
+    return {"d_model": d_model, "n_heads": fv.n_heads, "d_ff": d_ff, "chunk_len": fv.chunk_len,
             "max_len": max_len, "dropout": 0.0}
 
 
 def shakespeare_plan(fv) -> TaskPlan:
     """The four variants at the shakespeare sizes, the Reformer once per --train_hashes value."""
     hashes = _int_values("train_hashes", fv.train_hashes)
-    sizes = {**_shared_sizes(fv, fv.seq_len), "n_layers": fv.n_layers}
+    sizes = {**_shared_sizes(fv, fv.seq_len, fv.d_model, fv.d_ff), "n_layers": fv.n_layers}
     variants = [Variant("transformer", "transformer", tuple(sizes.items())),
                 Variant(f"lsh-{hashes[0]}", "lsh", tuple({**sizes, "n_hashes": hashes[0]}.items())),
                 Variant("reversible", "reversible", tuple(sizes.items()))]
@@ -182,8 +184,8 @@ def shakespeare_plan(fv) -> TaskPlan:
 
 def synthetic_plan(fv) -> TaskPlan:
     """One-layer models of the copy task: full attention and LSH at each --synthetic_train_hashes value."""
-    sizes = {**_shared_sizes(fv, fv.synthetic_seq_len), "n_layers": 1, "vocab_size": fv.synthetic_vocab_size,
-             "pos_embedding": fv.synthetic_pos_embedding}
+    sizes = {**_shared_sizes(fv, fv.synthetic_seq_len, fv.synthetic_d_model, fv.synthetic_d_ff), "n_layers": 1,
+             "vocab_size": fv.synthetic_vocab_size, "pos_embedding": fv.synthetic_pos_embedding}
     variants = []
     for h in _int_values("synthetic_train_hashes", fv.synthetic_train_hashes, ("full",)):
         if h == "full":
@@ -200,6 +202,7 @@ def check_flags(fv) -> List[TaskPlan]:
     _positive("budget_minutes", fv.budget_minutes)
     for name in ("steps", "seq_len", "batch_size", "d_model", "n_heads", "d_ff", "n_layers", "chunk_len",
                  "eval_every", "eval_batches", "influence_sequences", "honest_positions", "synthetic_steps",
+                 "synthetic_d_model", "synthetic_d_ff",
                  "synthetic_seq_len", "synthetic_batch_size", "synthetic_eval_every", "learning_rate"):
         _positive(name, fv[name].value)
     _int_values("eval_hashes", fv.eval_hashes)

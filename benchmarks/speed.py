@@ -41,9 +41,11 @@ COMPARE_CHOICES = ("none", "peers")
 SWEEP_CHOICES = ("none", "length")
 # Settings of our step timed side by side: the config's default, and the knobs that trade speed for memory.
 # "default": hash rounds and heads one at a time (the Reformer preset); "all_at_once": every round and head
-# together (faster per step where memory allows); "rounds_only": rounds one at a time, all heads together.
+# together (faster per step where memory allows); "rounds_only": rounds one at a time, all heads together;
+# "lean_compile": the default model compiled without XLA:CPU's fusion emitters (reformer_jax/xla_options.py).
 OURS_SETTINGS = {"default": {}, "all_at_once": {"sequential_rounds": False, "sequential_heads": False},
-                 "rounds_only": {"sequential_heads": False}, "bfloat16": {"dtype": "bfloat16"}}
+                 "rounds_only": {"sequential_heads": False}, "bfloat16": {"dtype": "bfloat16"}, "lean_compile": {}}
+LEAN_SETTINGS = ("lean_compile",)  # settings compiled with step_compiler_options(lean=True)
 POS_EMBEDDINGS = ("absolute", "axial")
 
 
@@ -340,14 +342,17 @@ def time_group(workers: List[Worker], settings: Settings, rounds: int,
 def ours_spec(settings: Settings, model: str, seq_len: int, setting: str,
               memory_limit: Optional[int] = None) -> Dict[str, Any]:
     from reformer_jax.memory import compiler_options
+    from reformer_jax.xla_options import step_compiler_options
 
     import jax
 
+    backend = jax.default_backend()
     return {"impl": "ours", "config": settings.config(model, seq_len, setting).to_dict(),
             "sizes": {"vocab_size": settings.vocab_size}, "batch_size": settings.batch_size, "seq_len": seq_len,
             "warmup_steps": settings.warmup_steps, "memory_limit_bytes": memory_limit,
             "compilation_cache_dir": settings.compilation_cache_dir or None,
-            "compiler_options": {**(compiler_options(jax.default_backend()) if settings.xla_measuring_options else {}),
+            "compiler_options": {**(compiler_options(backend) if settings.xla_measuring_options else {}),
+                                 **step_compiler_options(backend, lean=setting in LEAN_SETTINGS),
                                  **({"xla_backend_optimization_level": 0} if settings.fast_compile else {})}}
 
 
@@ -368,6 +373,7 @@ def make_row(settings: Settings, experiment: str, worker: Worker, *, implementat
         "d_model": settings.d_model, "n_heads": settings.n_heads, "d_ff": settings.d_ff,
         "n_layers": settings.n_layers, "n_hashes": settings.n_hashes, "chunk_len": settings.chunk_len,
         "config": worker.spec.get("config") or worker.spec.get("sizes"),
+        "compiler_options": worker.spec.get("compiler_options"),
         "median_step_s": median, "tokens_per_s": tokens / median if median else None,
         "s_per_token": median / tokens if median else None, "step_s": worker.step_s,
         "timed_steps": len(worker.step_s), "skipped": worker.skipped,

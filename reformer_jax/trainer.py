@@ -28,6 +28,7 @@ from reformer_jax.config import ModelConfig
 from reformer_jax.memory import analyze_train_step
 from reformer_jax.run_log import MetricsLog, Progress, format_duration
 from reformer_jax.sampling import sample, sampling_window
+from reformer_jax.xla_options import step_compiler_options
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,6 +61,9 @@ class TrainOptions:
     # Stop after this much wall time in this call (compilation included), evaluated and checkpointed; a rerun
     # resumes. Not a run setting: a resumed run may change it.
     time_limit_minutes: Optional[float] = None
+    # Compile the steps with `xla_options.step_compiler_options(lean=...)`: on CPU, without XLA's MLIR fusion
+    # emitters (less peak RSS, slower steps: see benchmarks/results/speed_peers.md). Not a run setting either.
+    lean_compile: bool = False
 
     @property
     def total_schedule_steps(self) -> int:
@@ -95,28 +99,33 @@ def guarded_train_step(state, batch, rng, *, config: ModelConfig, skip_nonfinite
 
 
 def sharded_step_functions(config: ModelConfig, tx, replicated: NamedSharding, data_sharding: NamedSharding,
-                           skip_nonfinite: bool = False):
-    """Jitted (init, train_step, eval_step): state replicated and donated, batch split over "data"."""
+                           skip_nonfinite: bool = False, lean_compile: bool = False):
+    """Jitted (init, train_step, eval_step): state replicated and donated, batch split over "data", compiled with
+    `xla_options.step_compiler_options(lean=lean_compile)`."""
+    options = step_compiler_options(lean=lean_compile)
     # A strongly typed step counter, as a restored checkpoint has: a resumed run then calls the same compiled step
     # (flax's TrainState.create(step=0) is weakly typed, and a different input type means another compilation).
     init_fn = jax.jit(lambda key: train.create_train_state(key, config, tx).replace(step=jnp.zeros((), jnp.int32)),
-                      out_shardings=replicated)
+                      out_shardings=replicated, compiler_options=options)
     step_fn = jax.jit(functools.partial(guarded_train_step, config=config, skip_nonfinite=skip_nonfinite),
-                      donate_argnums=0,
-                      in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated))
+                      donate_argnums=0, in_shardings=(replicated, data_sharding, replicated),
+                      out_shardings=(replicated, replicated), compiler_options=options)
     eval_fn = jax.jit(functools.partial(train.eval_step, config=config),
-                      in_shardings=(replicated, data_sharding, replicated), out_shardings=replicated)
+                      in_shardings=(replicated, data_sharding, replicated), out_shardings=replicated,
+                      compiler_options=options)
     return init_fn, step_fn, eval_fn
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled_steps(config: ModelConfig, optimizer: str, learning_rate: float, schedule_steps: int,
-                    warmup_steps: Optional[int], clip_norm: float, devices: tuple, skip_nonfinite: bool):
+                    warmup_steps: Optional[int], clip_norm: float, devices: tuple, skip_nonfinite: bool,
+                    lean_compile: bool = False):
     """Step functions per (model, optimizer, devices): a second run in the same process (a resume, a sweep)
     reuses the compiled executables instead of compiling again."""
     tx = train.make_optimizer(optimizer, learning_rate, schedule_steps=schedule_steps, warmup_steps=warmup_steps,
                               clip_norm=clip_norm)
-    return sharded_step_functions(config, tx, *data_parallel_shardings(list(devices)), skip_nonfinite)
+    return sharded_step_functions(config, tx, *data_parallel_shardings(list(devices)), skip_nonfinite,
+                                  lean_compile)
 
 
 def _is_main_process() -> bool:
@@ -196,7 +205,8 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     seed_key = jax.random.key(options.seed)
     init_fn, step_fn, eval_fn = _compiled_steps(config, options.optimizer, options.learning_rate,
                                                 options.total_schedule_steps, options.warmup_steps,
-                                                options.clip_norm, tuple(devices), options.skip_nonfinite)
+                                                options.clip_norm, tuple(devices), options.skip_nonfinite,
+                                                options.lean_compile)
 
     checkpointer = Checkpointer(workdir)
     start_step = checkpointer.latest_step() or 0

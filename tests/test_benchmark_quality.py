@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=8", "--seq_len=64", "--batch_size=2", "--d_model=32", "--n_heads=2", "--d_ff=64", "--n_layers=2",
         "--chunk_len=16", "--eval_every=4", "--eval_batches=1", "--eval_hashes=2", "--train_hashes=2",
         "--variants=reformer-2", "--influence_sequences=1", "--honest_positions=3", "--synthetic_steps=8",
-        "--synthetic_seq_len=32", "--synthetic_batch_size=4", "--synthetic_vocab_size=8",
+        "--synthetic_seq_len=32", "--synthetic_d_model=32", "--synthetic_d_ff=64", "--synthetic_batch_size=4",
+        "--synthetic_vocab_size=8",
         "--synthetic_eval_every=4", "--synthetic_train_hashes=2"]
 
 
@@ -65,7 +66,7 @@ def _flag_error(*args) -> str:
     (["--seq_len=100"], "--seq_len=100 (lsh-4)"),
     (["--synthetic_seq_len=33"], "--synthetic_seq_len=33"),
     (["--dataset=text"], "--dataset=text needs --data_path"),
-    (["--honest_positions=2000"], "--honest_positions=2000 is more than --seq_len=1024"),
+    (["--honest_positions=2000"], "--honest_positions=2000 is more than --seq_len=256"),
 ])
 def test_bad_flags_are_refused_naming_the_flag(args, expected):
     assert expected in _flag_error(*args)

@@ -1,0 +1,49 @@
+"""Lean compilation (reformer_jax/xla_options.py): which options each backend gets, and that a step compiled
+without XLA:CPU's fusion emitters computes what the default compilation computes."""
+
+import jax
+import numpy as np
+
+from benchmarks import speed
+from reformer_jax import ModelConfig, train
+from reformer_jax.trainer import data_parallel_shardings, sharded_step_functions
+from reformer_jax.xla_options import LEAN_CPU_OPTIONS, step_compiler_options
+
+
+def test_only_lean_cpu_compilation_gets_options():
+    assert step_compiler_options("cpu", lean=True) == LEAN_CPU_OPTIONS
+    assert step_compiler_options("cpu", lean=False) == {}
+    assert step_compiler_options("gpu", lean=True) == {} and step_compiler_options("tpu", lean=True) == {}
+    assert step_compiler_options("cpu") == {}  # off unless asked for
+
+
+def test_speed_driver_compiles_only_the_lean_setting_lean():
+    tiny = speed.Settings(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=1, seq_len=32, chunk_len=16)
+    lean = speed.ours_spec(tiny, "reformer", 32, "lean_compile")
+    default = speed.ours_spec(tiny, "reformer", 32, "default")
+    expected = step_compiler_options(jax.default_backend(), lean=True)
+    assert lean["compiler_options"] == expected and default["compiler_options"] == {}
+    assert lean["config"] == default["config"]  # the same model, compiled differently
+
+
+def test_lean_step_computes_what_the_default_step_computes():
+    config = ModelConfig.preset("reformer", vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, n_hashes=2,
+                                chunk_len=8, max_len=32, dropout=0.0)
+    tx = train.make_optimizer("adafactor", 1e-2, schedule_steps=4, warmup_steps=1)
+    tokens = np.random.default_rng(0).integers(3, 32, size=(2, 33), dtype=np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((2, 32), np.float32)}
+    results = []
+    for lean in (False, True):
+        init_fn, step_fn, _ = sharded_step_functions(config, tx, *data_parallel_shardings(jax.devices()[:1]),
+                                                     lean_compile=lean)
+        state = init_fn(jax.random.key(0))
+        losses = []
+        for _ in range(3):
+            state, metrics = step_fn(state, batch, jax.random.key(7))
+            losses.append(float(metrics["loss"]))
+        results.append((np.array(losses), jax.tree.leaves(state.params)))
+    (losses_default, params_default), (losses_lean, params_lean) = results
+    np.testing.assert_allclose(losses_lean, losses_default, rtol=1e-5)
+    assert losses_default[-1] < losses_default[0]  # the steps trained: the comparison is not between idle states
+    for lean_leaf, default_leaf in zip(params_lean, params_default):
+        np.testing.assert_allclose(lean_leaf, default_leaf, rtol=1e-4, atol=1e-6)
