@@ -67,6 +67,11 @@ def write_csv(path: str, rows: List[Row]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def met(ok: bool) -> str:
+    """How the reports judge a target: "met" or "NOT met"."""
+    return "met" if ok else "NOT met"
+
+
 def fmt(value: Any, spec: str) -> str:
     if value is None:
         return "n/a"

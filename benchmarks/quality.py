@@ -62,13 +62,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (the same for every "
                          "variant).", **on)
     # shakespeare sizes
-    flags.DEFINE_integer("steps", 1500, "shakespeare: optimizer steps per variant.", **on)
+    flags.DEFINE_integer("steps", 2300, "shakespeare: optimizer steps per variant.", **on)
     flags.DEFINE_integer("seq_len", 256, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
     flags.DEFINE_integer("batch_size", 8, "shakespeare: sequences per step.", **on)
     flags.DEFINE_integer("d_model", 128, "shakespeare: width of the residual streams.", **on)
     flags.DEFINE_integer("n_heads", 4, "Attention heads (both tasks).", **on)
     flags.DEFINE_integer("d_ff", 512, "shakespeare: feed-forward width.", **on)
-    flags.DEFINE_integer("n_layers", 4, "shakespeare: layers.", **on)
+    flags.DEFINE_integer("n_layers", 2, "shakespeare: layers.", **on)
     flags.DEFINE_integer("chunk_len", 64, "LSH chunk length (both tasks).", **on)
     flags.DEFINE_list("train_hashes", ["4", "8"], "shakespeare: hash rounds of the Reformer runs; the LSH LM uses the "
                       "first.", **on)
@@ -385,10 +385,6 @@ def markdown(plan_task: str, rows: Sequence[Row], machine: Dict[str, Any], comma
     return "\n".join(lines)
 
 
-def _met(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
 def _budget_line(reformers: Sequence[Row], minutes: float) -> str:
     """Target 2: the best Reformer validation bpc reached within `minutes` of training: the final score when the
     run finished in time, else the last validation point of its curve before then (2 batches)."""
@@ -407,7 +403,7 @@ def _budget_line(reformers: Sequence[Row], minutes: float) -> str:
         return f"No Reformer was evaluated within {minutes:g} min of training (target <= 2.6: NOT met)."
     bpc, name, step, used, what = best
     return (f"Best Reformer validation bpc within {minutes:g} min of training: {bpc:.3f} ({name}, {what} at step "
-            f"{step}, {used:.1f} min) (target <= 2.6: {_met(bpc <= 2.6)}).")
+            f"{step}, {used:.1f} min) (target <= 2.6: {output.met(bpc <= 2.6)}).")
 
 
 def target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:
@@ -422,7 +418,7 @@ def target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:
                 same = "" if r["steps"] == base["steps"] else f" (NOT the same step count: {base['steps']})"
                 lines.append(f"Reformer, {r['n_hashes']} rounds: {r['final']['bpc']:.3f} bpc against the "
                              f"Transformer's {base['final']['bpc']:.3f} after {r['steps']} steps{same}: "
-                             f"{ratio - 1:+.1%} (target within 3%: {_met(ratio <= 1.03 and not same)}).")
+                             f"{ratio - 1:+.1%} (target within 3%: {output.met(ratio <= 1.03 and not same)}).")
         if reformers:
             lines.append(_budget_line(reformers, 15.0))
         for r in by_name.values():
@@ -435,7 +431,7 @@ def target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:
                     ok = max(more) <= at_train + 1e-3
                     lines.append(f"{r['variant']}: evaluated with more rounds than trained "
                                  f"{', '.join(f'{b:.3f}' for b in more)} bpc against {at_train:.3f} at its own "
-                                 f"{r['n_hashes']} (improves or keeps: {_met(ok)}).")
+                                 f"{r['n_hashes']} (improves or keeps: {output.met(ok)}).")
         for r in by_name.values():
             influence, masked = r["future_influence"], r["future_masked"]
             lines.append(f"{r['variant']}: replacing the second half moves the first half's log-probabilities by "
@@ -458,7 +454,7 @@ def target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:
                 else:
                     best = (0.0, 0, 0.0, "no evaluation")
                 lines.append(f"Within 15 min of training: {best[0]:.1%} ({best[3]} at step {best[1]}, {best[2]:.1f} "
-                             f"min) (target >= 95%: {_met(best[0] >= 0.95)}).")
+                             f"min) (target >= 95%: {output.met(best[0] >= 0.95)}).")
         full = by_name.get("full")
         if full:
             settings = ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in full["by_eval_setting"].items())

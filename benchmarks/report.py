@@ -265,6 +265,7 @@ def build(results: str, report_path: str) -> str:
 
 def speed_section(results: str, rel: str) -> List[str]:
     """Training speed (benchmarks.speed): the peer comparison and the length sweep, where their JSON exists."""
+    from benchmarks import speed
     from benchmarks.speed import LENGTH_COLUMNS, SPEED_COLUMNS
 
     out: List[str] = []
@@ -290,6 +291,9 @@ def speed_section(results: str, rel: str) -> List[str]:
                        "hash rounds) were processed one at a time: each row's `config` says what ran. Rerun the "
                        "command to measure today's defaults.\n")
         out.append(markdown_table(rows, columns))
+        targets = speed.peer_target_lines(rows) if name == "speed_peers" else speed.length_target_lines(rows)
+        out.append("\nTargets of the speed issue, judged from these rows:\n")
+        out.extend(f"- {line}" for line in targets)
     return out
 
 

@@ -546,6 +546,58 @@ def run_length_sweep(settings: Settings) -> List[Row]:
     return rows
 
 
+def peer_target_lines(rows: Sequence[Row]) -> List[str]:
+    """The speed issue's targets 1 and 2 for each of our settings, from a --compare=peers run's rows."""
+    by_impl = {r["implementation"]: r for r in rows}
+    hf, lucid = by_impl.get("hf"), by_impl.get("reformer_pytorch")
+    if not (hf and hf.get("median_step_s")):
+        return ["Hugging Face was not timed in this run: targets 1 and 2 cannot be judged."]
+    lines = []
+    for r in rows:
+        if not r["implementation"].startswith("ours") or not r.get("median_step_s"):
+            continue
+        speedup = hf["median_step_s"] / r["median_step_s"]
+        faster = (f", {lucid['median_step_s'] / r['median_step_s']:.2f} x reformer-pytorch's"
+                  if lucid and lucid.get("median_step_s") else "")
+        beats_lucid = not lucid or not lucid.get("median_step_s") or r["median_step_s"] < lucid["median_step_s"]
+        rss = r["peak_rss_bytes"] / hf["peak_rss_bytes"]
+        lines.append(f"{r['label']}: step {r['median_step_s']:.2f} s, {speedup:.2f} x faster than Hugging Face's"
+                     f"{faster} (target >= 3 x HF and faster than reformer-pytorch: "
+                     f"{output.met(speedup >= 3 and beats_lucid)}); peak RSS {r['peak_rss_bytes'] / MIB:,.1f} MiB = "
+                     f"{rss:.2f} x HF's (target <= 0.5: {output.met(rss <= 0.5)}).")
+    return lines
+
+
+def length_target_lines(rows: Sequence[Row]) -> List[str]:
+    """Targets 3 and 4 from a --sweep=length run's rows: the Reformer's per-token cost at the longest timed length
+    against 4096, full attention's growth, and the Reformer against the Reversible LM from 8192 up."""
+    timed = {(r["model"], r["seq_len"]): r for r in rows if r.get("median_step_s")}
+    lines = []
+    reformer = sorted(length for model, length in timed if model == "reformer")
+    if (("reformer", 4096) in timed) and reformer[-1] > 4096:
+        longest = reformer[-1]
+        ratio = timed[("reformer", longest)]["s_per_token"] / timed[("reformer", 4096)]["s_per_token"]
+        reached = "" if longest >= 65536 else " (65536 not timed: the target needs length 65536)"
+        lines.append(f"Reformer seconds per token at {longest} / at 4096: {ratio:.2f} (target <= 1.3 at 65536: "
+                     f"{output.met(ratio <= 1.3 and longest >= 65536)}){reached}.")
+    else:
+        lines.append("Reformer not timed at 4096 and a longer length: target 3 cannot be judged.")
+    for model in ("transformer", "reversible"):
+        lengths = sorted(length for m, length in timed if m == model)
+        if len(lengths) >= 2:
+            growth = timed[(model, lengths[-1])]["s_per_token"] / timed[(model, lengths[0])]["s_per_token"]
+            lines.append(f"{seed.LABELS[model]} seconds per token at {lengths[-1]} / at {lengths[0]}: {growth:.2f}.")
+    for length in sorted({length for _, length in timed if length >= 8192}):
+        if ("reformer", length) in timed and ("reversible", length) in timed:
+            ratio = timed[("reversible", length)]["median_step_s"] / timed[("reformer", length)]["median_step_s"]
+            need = 2.0 if length == 16384 else 1.0
+            lines.append(f"Length {length}: Reformer {ratio:.2f} x faster than the Reversible LM (target "
+                         f">= {need:g} x: {output.met(ratio >= need)}).")
+    if not any(("reversible", n) in timed and ("reformer", n) in timed for n in (16384,)):
+        lines.append("Reformer and Reversible LM not both timed at 16384: the 2 x target there cannot be judged.")
+    return lines
+
+
 def run(settings: Settings) -> List[Row]:
     os.makedirs(settings.out_dir, exist_ok=True)
     t = time.perf_counter()

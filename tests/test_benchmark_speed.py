@@ -234,3 +234,37 @@ def test_main_refuses_a_cache_dir_that_is_a_file(tmp_path):
             main.validate_run_flags()
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def _speed_row(impl, step_s, rss_mib, label=None):
+    return {"implementation": impl, "label": label or impl, "median_step_s": step_s,
+            "peak_rss_bytes": int(rss_mib * 2**20)}
+
+
+def test_peer_targets_are_judged_from_the_rows():
+    rows = [_speed_row("ours", 4.0, 600.0, "reformer_jax (reformer)"),
+            _speed_row("ours_lean_compile", 3.0, 400.0, "reformer_jax (reformer, lean_compile)"),
+            _speed_row("hf", 12.0, 1000.0), _speed_row("reformer_pytorch", 13.0, 1100.0)]
+    default, lean = speed.peer_target_lines(rows)
+    assert default.startswith("reformer_jax (reformer): step 4.00 s, 3.00 x faster than Hugging Face's, 3.25 x")
+    assert "reformer-pytorch: met); peak RSS 600.0 MiB = 0.60 x HF's (target <= 0.5: NOT met)" in default
+    assert "4.00 x faster" in lean and "0.40 x HF's (target <= 0.5: met)" in lean
+    assert speed.peer_target_lines(rows[:2]) == ["Hugging Face was not timed in this run: targets 1 and 2 cannot "
+                                                 "be judged."]
+
+
+def test_length_targets_are_judged_from_the_rows():
+    def row(model, length, step_s):
+        return {"model": model, "seq_len": length, "median_step_s": step_s, "s_per_token": step_s / length}
+
+    rows = [row("reformer", 4096, 4.0), row("reformer", 65536, 80.0), row("reversible", 4096, 5.0),
+            row("reversible", 8192, 20.0), row("reformer", 8192, 8.0), row("reversible", 16384, 80.0),
+            row("reformer", 16384, 16.0), {"model": "reversible", "seq_len": 32768, "median_step_s": None}]
+    lines = speed.length_target_lines(rows)
+    assert lines[0] == "Reformer seconds per token at 65536 / at 4096: 1.25 (target <= 1.3 at 65536: met)."
+    assert "Reversible LM seconds per token at 16384 / at 4096: 4.00." in lines
+    assert "Length 8192: Reformer 2.50 x faster than the Reversible LM (target >= 1 x: met)." in lines
+    assert "Length 16384: Reformer 5.00 x faster than the Reversible LM (target >= 2 x: met)." in lines
+    short = speed.length_target_lines([row("reformer", 4096, 4.0), row("reformer", 8192, 9.0)])
+    assert "(target <= 1.3 at 65536: NOT met) (65536 not timed" in short[0]
+    assert short[-1].startswith("Reformer and Reversible LM not both timed at 16384")
