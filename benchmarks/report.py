@@ -302,16 +302,13 @@ def quality_section(results: str, rel: str) -> List[str]:
     from benchmarks import quality
 
     out: List[str] = []
-    runs = [(task, "", f"Quality: {task}") for task in quality.TASKS]
-    # A longer run of one model for the 15-minute target (python -m benchmarks.quality ... --out_dir=.../quality_budget)
-    runs.append(("shakespeare", "quality_budget/", "Quality: tiny Shakespeare, one Reformer for 15 minutes"))
-    for task, folder, title in runs:
-        rows = _load(os.path.join(results, folder), f"quality_{task}")
+    for task in quality.TASKS:
+        rows = _load(results, f"quality_{task}")
         if not rows:
             continue
         by_name = {r["variant"]: r for r in rows}
-        name = f"{folder}quality_{task}"
-        out.append(f"\n## {title}\n")
+        name = f"quality_{task}"
+        out.append(f"\n## Quality: {task}\n")
         out.append(f"[`{name}.json`]({rel}/{name}.json); learning curves: [`{name}.png`]({rel}/{name}.png)\n")
         out.extend(f"- {line}" for line in quality.target_lines(task, by_name))
         table = quality.markdown(task, rows, rows[0], rows[0]["command"])

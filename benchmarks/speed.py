@@ -70,7 +70,7 @@ class Settings:
     compare: str = "none"
     sweep: str = "none"
     model: str = "reformer"
-    ours: Tuple[str, ...] = ("default", "all_at_once")
+    ours: Tuple[str, ...] = ("default", "all_at_once", "lean_compile", "bfloat16")
     vocab_size: int = 259
     d_model: int = 256
     n_heads: int = 4
@@ -565,6 +565,12 @@ def peer_target_lines(rows: Sequence[Row]) -> List[str]:
                      f"{faster} (target >= 3 x HF and faster than reformer-pytorch: "
                      f"{output.met(speedup >= 3 and beats_lucid)}); peak RSS {r['peak_rss_bytes'] / MIB:,.1f} MiB = "
                      f"{rss:.2f} x HF's (target <= 0.5: {output.met(rss <= 0.5)}).")
+    plain, low = by_impl.get("ours"), by_impl.get("ours_bfloat16")
+    if plain and low and plain.get("last_loss") and low.get("last_loss") and low.get("median_step_s"):
+        lines.append(f"bfloat16 compute (float32 parameters and residual streams): step {low['median_step_s']:.2f} s "
+                     f"against {plain['median_step_s']:.2f} s in float32; after the same warm-up and timed steps "
+                     f"on the same batch the loss is {low['last_loss']:.4f} against {plain['last_loss']:.4f} "
+                     f"({low['last_loss'] / plain['last_loss'] - 1:+.2%}).")
     return lines
 
 

@@ -251,6 +251,11 @@ def test_peer_targets_are_judged_from_the_rows():
     assert "4.00 x faster" in lean and "0.40 x HF's (target <= 0.5: met)" in lean
     assert speed.peer_target_lines(rows[:2]) == ["Hugging Face was not timed in this run: targets 1 and 2 cannot "
                                                  "be judged."]
+    low = {**_speed_row("ours_bfloat16", 3.5, 550.0), "last_loss": 5.05}
+    lines = speed.peer_target_lines([{**rows[0], "last_loss": 5.0}, low, rows[2]])
+    assert lines[-1] == ("bfloat16 compute (float32 parameters and residual streams): step 3.50 s against 4.00 s in "
+                         "float32; after the same warm-up and timed steps on the same batch the loss is 5.0500 "
+                         "against 5.0000 (+1.00%).")
 
 
 def test_length_targets_are_judged_from_the_rows():
