@@ -25,7 +25,7 @@ from reformer_jax import train
 from reformer_jax.checkpoint import (Checkpointer, WorkdirError, check_run_settings, ensure_writable_workdir,
                                      refuse_to_overwrite_a_run, write_json_atomic)
 from reformer_jax.config import ModelConfig
-from reformer_jax.memory import analyze_train_step
+from reformer_jax.memory import compile_train_step
 from reformer_jax.run_log import MetricsLog, Progress, format_duration
 from reformer_jax.sampling import sample, sampling_window
 from reformer_jax.xla_options import step_compiler_options
@@ -196,8 +196,10 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     _say(f"data: {dataset.source}; batch {options.batch_size} x {options.seq_len} tokens")
 
     if options.analyze_memory:
-        stats = analyze_train_step(config, batch_size=options.batch_size // len(devices), seq_len=options.seq_len,
-                                   optimizer=options.optimizer)
+        # Compiled as the run compiles its step (a lean run must not pay the fusion emitters' memory here).
+        stats = compile_train_step(config, batch_size=options.batch_size // len(devices), seq_len=options.seq_len,
+                                   optimizer=options.optimizer,
+                                   extra_options=step_compiler_options(lean=options.lean_compile))[1]
         _say(f"memory (compile-time, per device): {stats.summary()}")
 
     schedule = train.learning_rate_schedule(options.learning_rate, options.total_schedule_steps,
