@@ -167,11 +167,19 @@ def test_hash_is_argmax_of_rotation_and_its_negation():
     np.testing.assert_array_equal(got, b1 + 4 * b2)
 
 
-def test_sort_orders_by_bucket_then_position_and_inverts():
-    buckets = jnp.array([[[[3, 1, 3, 0, 1, 0, 2, 3]]]], jnp.uint8)
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.uint16, jnp.int32])
+def test_sort_orders_by_bucket_then_position_and_inverts(dtype):
+    """uint8 and uint16 ids take the one-key (bucket * l + position) sort, int32 ids the two-key sort."""
+    buckets = jnp.array([[[[3, 1, 3, 0, 1, 0, 2, 3]]]], dtype)
     order, inverse = attn._sort_by_bucket(buckets)
     np.testing.assert_array_equal(order[0, 0, 0], [3, 5, 1, 4, 6, 0, 2, 7])
     np.testing.assert_array_equal(jnp.take_along_axis(order, inverse, -1)[0, 0, 0], np.arange(8))
+    # Large ids and many ties: the same order as a stable argsort.
+    wide = jax.random.randint(jax.random.key(0), (2, 3, 4, 4096), 0, 200 if dtype == jnp.uint8 else 5000)
+    order, inverse = attn._sort_by_bucket(wide.astype(dtype))
+    np.testing.assert_array_equal(order, np.argsort(np.asarray(wide), axis=-1, kind="stable"))
+    np.testing.assert_array_equal(jnp.take_along_axis(order, inverse, -1),
+                                  np.broadcast_to(np.arange(4096), order.shape))
 
 
 @pytest.mark.parametrize("kwargs, message", [
