@@ -42,10 +42,20 @@ SWEEP_CHOICES = ("none", "length")
 # Settings of our step timed side by side: the config's default, and the knobs that trade speed for memory.
 # "default": hash rounds and heads one at a time (the Reformer preset); "all_at_once": every round and head
 # together (faster per step where memory allows); "rounds_only": rounds one at a time, all heads together;
-# "lean_compile": the default model compiled without XLA:CPU's fusion emitters (reformer_jax/xla_options.py).
+# "lean_compile": the default model compiled without XLA:CPU's fusion emitters; "xla_defaults": the default model
+# compiled with XLA's own defaults instead of the steps' options (reformer_jax/xla_options.py).
 OURS_SETTINGS = {"default": {}, "all_at_once": {"sequential_rounds": False, "sequential_heads": False},
-                 "rounds_only": {"sequential_heads": False}, "bfloat16": {"dtype": "bfloat16"}, "lean_compile": {}}
+                 "rounds_only": {"sequential_heads": False}, "bfloat16": {"dtype": "bfloat16"}, "lean_compile": {},
+                 "xla_defaults": {}}
 LEAN_SETTINGS = ("lean_compile",)  # settings compiled with step_compiler_options(lean=True)
+XLA_DEFAULT_SETTINGS = ("xla_defaults",)  # settings compiled with no options at all
+SETTING_NOTES = {
+    "default": "hash rounds and heads one at a time, compiled with the steps' options (on CPU: YNNPACK fusions off)",
+    "all_at_once": "all hash rounds and heads at once (sequential_rounds and sequential_heads off)",
+    "rounds_only": "hash rounds one at a time, heads all at once",
+    "lean_compile": "the default, compiled also without XLA:CPU's fusion emitters (main.py --lean_compile)",
+    "bfloat16": "the default with bfloat16 compute (float32 parameters and residual streams)",
+    "xla_defaults": "the default compiled with XLA's own default options (on CPU: YNNPACK fusions on)"}
 POS_EMBEDDINGS = ("absolute", "axial")
 
 
@@ -70,7 +80,7 @@ class Settings:
     compare: str = "none"
     sweep: str = "none"
     model: str = "reformer"
-    ours: Tuple[str, ...] = ("default", "all_at_once", "lean_compile", "bfloat16")
+    ours: Tuple[str, ...] = ("default", "all_at_once", "lean_compile", "bfloat16", "xla_defaults")
     vocab_size: int = 259
     d_model: int = 256
     n_heads: int = 4
@@ -90,7 +100,6 @@ class Settings:
     sweep_rounds: int = 2
     memory_fraction: float = 0.7
     compilation_cache_dir: str = ""
-    xla_measuring_options: bool = False
     fast_compile: bool = False
     torch_threads: int = 0
     command: str = "python -m benchmarks.speed"
@@ -150,8 +159,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "length leave of this fraction of the machine's RAM.", **fv)
     flags.DEFINE_string("compilation_cache_dir", d.compilation_cache_dir, "JAX persistent compilation cache "
                         "directory (empty: off). A later run with the same step loads it instead of compiling.", **fv)
-    flags.DEFINE_boolean("xla_measuring_options", d.xla_measuring_options, "Compile with the memory benchmark's "
-                         "XLA options (YNNPACK fusions off on CPU) instead of XLA's defaults.", **fv)
     flags.DEFINE_boolean("fast_compile", d.fast_compile, "LLVM -O0: faster compiles, slower steps (for tests "
                          "only, never for reported figures).", **fv)
     flags.DEFINE_integer("torch_threads", d.torch_threads, "torch.set_num_threads for the peers (0: torch's "
@@ -202,7 +209,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         models=_models("models", fv.models), lengths=_int_list("lengths", fv.lengths, "1024,4096"),
         warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
         sweep_rounds=fv.sweep_rounds, memory_fraction=fv.memory_fraction, compilation_cache_dir=cache_dir,
-        xla_measuring_options=fv.xla_measuring_options, fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
+        fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
         command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
     check_settings(s)
     return s
@@ -341,18 +348,17 @@ def time_group(workers: List[Worker], settings: Settings, rounds: int,
 
 def ours_spec(settings: Settings, model: str, seq_len: int, setting: str,
               memory_limit: Optional[int] = None) -> Dict[str, Any]:
-    from reformer_jax.memory import compiler_options
     from reformer_jax.xla_options import step_compiler_options
 
     import jax
 
     backend = jax.default_backend()
+    options = {} if setting in XLA_DEFAULT_SETTINGS else step_compiler_options(backend, lean=setting in LEAN_SETTINGS)
     return {"impl": "ours", "config": settings.config(model, seq_len, setting).to_dict(),
             "sizes": {"vocab_size": settings.vocab_size}, "batch_size": settings.batch_size, "seq_len": seq_len,
             "warmup_steps": settings.warmup_steps, "memory_limit_bytes": memory_limit,
             "compilation_cache_dir": settings.compilation_cache_dir or None,
-            "compiler_options": {**(compiler_options(backend) if settings.xla_measuring_options else {}),
-                                 **step_compiler_options(backend, lean=setting in LEAN_SETTINGS),
+            "compiler_options": {**options,
                                  **({"xla_backend_optimization_level": 0} if settings.fast_compile else {})}}
 
 
@@ -464,6 +470,7 @@ def run_speed(settings: Settings) -> List[Row]:
            f"{settings.d_ff}, {settings.n_layers} layers, length {settings.seq_len}, batch {settings.batch_size}, "
            f"{settings.n_hashes} hash rounds, chunk {settings.chunk_len}, dropout {settings.dropout}, float32 "
            f"parameters, Adafactor.\n\n")
+    md += "Our settings: " + "; ".join(f"{setting}: {SETTING_NOTES[setting]}" for setting in settings.ours) + ".\n\n"
     md += output.markdown_table(rows, SPEED_COLUMNS)
     md += "".join(f"\n{n}\n" for n in notes)
 

@@ -1,5 +1,5 @@
-"""Lean compilation (reformer_jax/xla_options.py): which options each backend gets, and that a step compiled
-without XLA:CPU's fusion emitters computes what the default compilation computes."""
+"""The steps' XLA options (reformer_jax/xla_options.py): which options each backend gets, and that a step compiled
+lean (without XLA:CPU's fusion emitters) or with XLA's own defaults computes what the default compilation computes."""
 
 import jax
 import numpy as np
@@ -7,22 +7,27 @@ import numpy as np
 from benchmarks import speed
 from reformer_jax import ModelConfig, train
 from reformer_jax.trainer import data_parallel_shardings, sharded_step_functions
-from reformer_jax.xla_options import LEAN_CPU_OPTIONS, step_compiler_options
+from reformer_jax.xla_options import CPU_STEP_OPTIONS, LEAN_CPU_OPTIONS, step_compiler_options
 
 
-def test_only_lean_cpu_compilation_gets_options():
-    assert step_compiler_options("cpu", lean=True) == LEAN_CPU_OPTIONS
-    assert step_compiler_options("cpu", lean=False) == {}
-    assert step_compiler_options("gpu", lean=True) == {} and step_compiler_options("tpu", lean=True) == {}
-    assert step_compiler_options("cpu") == {}  # off unless asked for
+def test_cpu_steps_get_options_and_other_backends_none():
+    assert step_compiler_options("cpu", lean=True) == {**CPU_STEP_OPTIONS, **LEAN_CPU_OPTIONS}
+    assert step_compiler_options("cpu", lean=False) == step_compiler_options("cpu") == CPU_STEP_OPTIONS
+    assert CPU_STEP_OPTIONS == {"xla_cpu_experimental_ynn_fusion_type": ""}  # YNNPACK fusions off
+    assert "xla_cpu_use_fusion_emitters" not in CPU_STEP_OPTIONS  # lean compilation is opt-in
+    for backend in ("gpu", "tpu"):
+        assert step_compiler_options(backend, lean=True) == step_compiler_options(backend) == {}
 
 
 def test_speed_driver_compiles_only_the_lean_setting_lean():
     tiny = speed.Settings(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=1, seq_len=32, chunk_len=16)
     lean = speed.ours_spec(tiny, "reformer", 32, "lean_compile")
     default = speed.ours_spec(tiny, "reformer", 32, "default")
-    expected = step_compiler_options(jax.default_backend(), lean=True)
-    assert lean["compiler_options"] == expected and default["compiler_options"] == {}
+    backend = jax.default_backend()
+    assert lean["compiler_options"] == step_compiler_options(backend, lean=True)
+    assert default["compiler_options"] == step_compiler_options(backend)
+    assert speed.ours_spec(tiny, "reformer", 32, "xla_defaults")["compiler_options"] == {}
+    assert set(speed.SETTING_NOTES) == set(speed.OURS_SETTINGS)  # every setting is explained in the table
     assert lean["config"] == default["config"]  # the same model, compiled differently
 
 
