@@ -167,6 +167,14 @@ def test_hash_is_argmax_of_rotation_and_its_negation():
     np.testing.assert_array_equal(got, b1 + 4 * b2)
 
 
+def test_signed_argmax_breaks_ties_like_argmax_of_the_concatenation():
+    # Small integers make ties within a row and between a row's maximum and its negated minimum common.
+    part = jax.random.randint(jax.random.key(5), (64, 4, 6), -3, 4).astype(jnp.float32)
+    want = np.argmax(np.concatenate([np.asarray(part), -np.asarray(part)], -1), -1)
+    np.testing.assert_array_equal(attn._signed_argmax(part), want)
+    assert len(np.unique(want)) > 6  # both halves occur
+
+
 @pytest.mark.parametrize("dtype", [jnp.uint8, jnp.uint16, jnp.int32])
 def test_sort_orders_by_bucket_then_position_and_inverts(dtype):
     """uint8 and uint16 ids take the one-key (bucket * l + position) sort, int32 ids the two-key sort."""
