@@ -251,6 +251,17 @@ def test_peer_targets_are_judged_from_the_rows():
     assert "4.00 x faster" in lean and "0.40 x HF's (target <= 0.5: met)" in lean
     assert speed.peer_target_lines(rows[:2]) == ["Hugging Face was not timed in this run: targets 1 and 2 cannot "
                                                  "be judged."]
+    # The same medians, but round by round HF is only 2 x: drift, not speed; the target is not met.
+    drift = [{**rows[0], "step_s": [4.0, 4.0, 4.0]}, {**rows[2], "step_s": [8.0, 12.0, 16.0]}, rows[3]]
+    line = speed.peer_target_lines(drift)[0]
+    assert "3.00 x faster than Hugging Face's, 3.25 x reformer-pytorch's; round by round 3.00 x" in line
+    assert "(target >= 3 x HF and faster than reformer-pytorch: met)" in line
+    drift[0]["step_s"] = [6.0, 4.0, 3.0]  # median 4 s, but each round only 1.33, 3.0 and 5.33 x: median 3.0
+    assert "round by round 3.00 x (median of 3 same-round ratios, 1.33 to 5.33)" in speed.peer_target_lines(drift)[0]
+    drift[0]["step_s"] = [4.0, 6.0, 3.0]  # median 4 s again; same-round ratios 2, 2 and 5.33: median 2
+    line = speed.peer_target_lines(drift)[0]
+    assert "round by round 2.00 x" in line and "reformer-pytorch: NOT met" in line
+    assert speed.paired_speedups({"step_s": [1.0]}, {"step_s": [1.0, 2.0]}) == []  # unpaired counts: no ratios
     low = {**_speed_row("ours_bfloat16", 3.5, 550.0), "last_loss": 5.05}
     lines = speed.peer_target_lines([{**rows[0], "last_loss": 5.0}, low, rows[2]])
     assert lines[-1] == ("bfloat16 compute (float32 parameters and residual streams): step 3.50 s against 4.00 s in "
