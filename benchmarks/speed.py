@@ -98,6 +98,7 @@ class Settings:
     rounds: int = 5
     steps_per_round: int = 1
     sweep_rounds: int = 2
+    merge: bool = False
     memory_fraction: float = 0.7
     compilation_cache_dir: str = ""
     fast_compile: bool = False
@@ -154,6 +155,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "run) or axial.", **fv)
     flags.DEFINE_list("models", lst(d.models), "Presets of --sweep=length.", **fv)
     flags.DEFINE_list("lengths", lst(d.lengths), "Lengths of --sweep=length.", **fv)
+    flags.DEFINE_boolean("merge", d.merge, "--sweep=length: keep the rows of OUT_DIR/speed_length.json for the "
+                         "(preset, length) pairs this run does not time (each row records its own command), e.g. "
+                         "to time one length again with a larger --memory_fraction.", **fv)
     flags.DEFINE_float("memory_fraction", d.memory_fraction, "--sweep=length skips a step (and the variant's "
                        "longer ones) whose compile-time peak exceeds what the variants already running at that "
                        "length leave of this fraction of the machine's RAM.", **fv)
@@ -191,6 +195,8 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         raise FlagError(f"--memory_fraction={fv.memory_fraction} is invalid: expected a fraction in (0, 1].")
     if not 0 <= fv.dropout < 1:
         raise FlagError(f"--dropout={fv.dropout} is invalid: expected a rate in [0, 1).")
+    if fv.merge and fv.sweep != "length":
+        raise FlagError(f"--merge keeps rows of a --sweep=length run; it does nothing with --sweep={fv.sweep}.")
     if fv.compare != "none" and fv.sweep != "none":
         raise FlagError(f"--compare={fv.compare} and --sweep={fv.sweep} are separate runs; give one of them.")
     cache_dir = fv.compilation_cache_dir
@@ -208,7 +214,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         n_hashes=fv.n_hashes, chunk_len=fv.chunk_len, dropout=fv.dropout, pos_embedding=fv.pos_embedding,
         models=_models("models", fv.models), lengths=_int_list("lengths", fv.lengths, "1024,4096"),
         warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
-        sweep_rounds=fv.sweep_rounds, memory_fraction=fv.memory_fraction, compilation_cache_dir=cache_dir,
+        sweep_rounds=fv.sweep_rounds, merge=fv.merge, memory_fraction=fv.memory_fraction, compilation_cache_dir=cache_dir,
         fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
         command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
     check_settings(s)
@@ -406,7 +412,10 @@ def _header(rows: List[Row], title: str) -> str:
                          for k in ("jax_version", "jaxlib_version", "torch_version", "transformers_version",
                                    "reformer_pytorch_version") if any(r.get(k) for r in rows))
     loads = [r[k] for r in rows for k in ("loadavg_before", "loadavg_after") if r.get(k) is not None]
-    return (f"# {title}\n\nCommand: `{first.get('command', '')}`. Machine: {first.get('platform', '')}, "
+    commands = list(dict.fromkeys(r.get("command", "") for r in rows))
+    command = (f"Command: `{commands[0]}`" if len(commands) <= 1 else
+               "Commands (each row records its own): " + "; ".join(f"`{c}`" for c in commands))
+    return (f"# {title}\n\n{command}. Machine: {first.get('platform', '')}, "
             f"{first.get('cpu_count', '')} CPUs, backend {first.get('backend', '')}; {versions}. 1-minute load "
             f"average during the run {min(loads, default=0):.1f} to {max(loads, default=0):.1f} (a loaded shared "
             f"machine makes the figures noisy). Median of the timed steps, compile and warm-up excluded; peak RSS "
@@ -494,6 +503,18 @@ def run_speed(settings: Settings) -> List[Row]:
     return rows
 
 
+def merged_rows(path: str, new_rows: List[Row]) -> List[Row]:
+    """new_rows plus the rows of the sweep JSON at `path` (if any) for (preset, length) pairs new_rows lack."""
+    if not os.path.exists(path):
+        return list(new_rows)
+    with open(path) as f:
+        old_rows = json.load(f)
+    fresh = {(r["model"], r["seq_len"]) for r in new_rows}
+    kept = [r for r in old_rows if (r["model"], r["seq_len"]) not in fresh]
+    log(f"--merge: kept {len(kept)} of the {len(old_rows)} rows in {path}")
+    return kept + list(new_rows)
+
+
 def run_length_sweep(settings: Settings) -> List[Row]:
     """The presets in --models at each length (alternating rounds), until a preset no longer fits in memory."""
     import psutil
@@ -521,7 +542,9 @@ def run_length_sweep(settings: Settings) -> List[Row]:
                 stopped[model] = f"stopped at length {length}: {worker.skipped}"
             rows.append(make_row(settings, "length", worker, implementation="ours", label=seed.LABELS[model],
                                  model=model, seq_len=length, load=load))
-    rows.sort(key=lambda r: (r["seq_len"], settings.models.index(r["model"])))
+    if settings.merge:
+        rows = merged_rows(os.path.join(settings.out_dir, _out("speed_length") + ".json"), rows)
+    rows.sort(key=lambda r: (r["seq_len"], PRESETS.index(r["model"])))
     timed = [r for r in rows if r["median_step_s"]]
     for row in timed:  # per-token cost relative to the same preset at the shortest timed length
         base = min((r for r in timed if r["model"] == row["model"]), key=lambda r: r["seq_len"])

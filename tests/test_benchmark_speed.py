@@ -146,6 +146,16 @@ def test_length_sweep_stops_a_variant_once_it_no_longer_fits(tmp_path, monkeypat
     assert all(r["s_per_token_over_shortest"] == pytest.approx(1.0) for r in timed)
     assert (tmp_path / "speed_length.md").read_text().count("\n| ") == len(rows) + 2  # + header and rule
     assert (tmp_path / "speed_length.png").exists()
+    # --merge: time one cell again (another command); every other row of the first run stays as it was.
+    again = dataclasses.replace(settings, models=("transformer",), lengths=(128,), merge=True,
+                                command="python -m benchmarks.speed --merge")
+    merged = speed.run(again)
+    assert [(r["model"], r["seq_len"]) for r in merged] == [(m, n) for m, n, _ in seen]
+    assert [r["command"] for r in merged].count("python -m benchmarks.speed --merge") == 1
+    assert {k: v for k, v in merged[0].items() if k != "s_per_token_over_shortest"} == {
+        k: v for k, v in rows[0].items() if k != "s_per_token_over_shortest"}
+    header = (tmp_path / "speed_length.md").read_text().splitlines()[2]
+    assert header.startswith("Commands (each row records its own): `") and "--merge`" in header
 
 
 @pytest.fixture
@@ -167,6 +177,7 @@ def flag_values():
     (["--seq_len=1000"], "length 1000 is not a multiple of --chunk_len=64"),
     (["--sweep=length", "--lengths=1024,1000"], "length 1000 is not a multiple"),
     (["--compare=peers", "--sweep=length"], "separate runs"),
+    (["--merge"], "--merge keeps rows of a --sweep=length run"),
     (["--compare=peers", "--d_ff=1000"], "--d_ff=1000 must be a multiple of --d_model=256"),
     (["--d_model=102"], "d_model=102 is not divisible by n_heads=4"),
 ])
