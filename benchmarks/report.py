@@ -280,7 +280,7 @@ def speed_section(results: str, rel: str) -> List[str]:
             (k, r[k]) for r in rows for k in ("torch_version", "transformers_version", "reformer_pytorch_version")
             if r.get(k)).items())
         out.append(f"\n## {title}\n")
-        out.append(f"Command: `{first['command']}` -> [`{name}.json`]({rel}/{name}.json). Machine: "
+        out.append(f"{speed.command_text(rows)} -> [`{name}.json`]({rel}/{name}.json). Machine: "
                    f"{first['platform']}, {first['cpu_count']} CPUs, backend {first['backend']}; jax "
                    f"{first['jax_version']}, jaxlib {first['jaxlib_version']}{peer_versions}. Median training step (compile and "
                    f"warm-up excluded, rounds alternating between implementations); peak RSS of each "

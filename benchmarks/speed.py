@@ -406,16 +406,21 @@ def _out(name: str) -> str:
     return name if backend == "cpu" else f"{name}_{backend}"
 
 
+def command_text(rows: Sequence[Row]) -> str:
+    """"Command: `...`", or every distinct command where rows come from several runs (--merge)."""
+    commands = list(dict.fromkeys(r.get("command", "") for r in rows))
+    if len(commands) <= 1:
+        return f"Command: `{commands[0] if commands else ''}`"
+    return "Commands (each row records its own): " + "; ".join(f"`{c}`" for c in commands)
+
+
 def _header(rows: List[Row], title: str) -> str:
     first = rows[0] if rows else {}
     versions = ", ".join(f"{k.replace('_version', '')} {first.get(k) or next((r[k] for r in rows if r.get(k)), '')}"
                          for k in ("jax_version", "jaxlib_version", "torch_version", "transformers_version",
                                    "reformer_pytorch_version") if any(r.get(k) for r in rows))
     loads = [r[k] for r in rows for k in ("loadavg_before", "loadavg_after") if r.get(k) is not None]
-    commands = list(dict.fromkeys(r.get("command", "") for r in rows))
-    command = (f"Command: `{commands[0]}`" if len(commands) <= 1 else
-               "Commands (each row records its own): " + "; ".join(f"`{c}`" for c in commands))
-    return (f"# {title}\n\n{command}. Machine: {first.get('platform', '')}, "
+    return (f"# {title}\n\n{command_text(rows)}. Machine: {first.get('platform', '')}, "
             f"{first.get('cpu_count', '')} CPUs, backend {first.get('backend', '')}; {versions}. 1-minute load "
             f"average during the run {min(loads, default=0):.1f} to {max(loads, default=0):.1f} (a loaded shared "
             f"machine makes the figures noisy). Median of the timed steps, compile and warm-up excluded; peak RSS "
@@ -544,6 +549,12 @@ def run_length_sweep(settings: Settings) -> List[Row]:
                                  model=model, seq_len=length, load=load))
     if settings.merge:
         rows = merged_rows(os.path.join(settings.out_dir, _out("speed_length") + ".json"), rows)
+    return write_length_sweep(settings, rows)
+
+
+def write_length_sweep(settings: Settings, rows: List[Row]) -> List[Row]:
+    """speed_length.{json,csv,md,png} in settings.out_dir from a sweep's rows (sorted, per-token ratios added)."""
+    setting = settings.ours[0]
     rows.sort(key=lambda r: (r["seq_len"], PRESETS.index(r["model"])))
     timed = [r for r in rows if r["median_step_s"]]
     for row in timed:  # per-token cost relative to the same preset at the shortest timed length
@@ -553,13 +564,14 @@ def run_length_sweep(settings: Settings) -> List[Row]:
     md += (f"Sizes: d_model {settings.d_model}, {settings.n_heads} heads, d_ff {settings.d_ff}, {settings.n_layers} "
            f"layers, batch {settings.batch_size}, {settings.n_hashes} hash rounds, chunk {settings.chunk_len}, "
            f"LSH setting {setting}. A length is skipped (and longer ones for that variant) when its compile-time "
-           f"peak exceeds what the variants already running at that length leave of {settings.memory_fraction:.0%} "
-           "of the machine's RAM (smallest step first).\n\n")
+           f"peak exceeds what the variants already running at that length leave of the run's --memory_fraction "
+           f"of the machine's RAM (default {Settings.memory_fraction:.0%}; the commands say where another was "
+           "given), smallest step first.\n\n")
     md += output.markdown_table(rows, LENGTH_COLUMNS)
 
     def plot(path):
         fig, ax = output.new_figure(7.5, 4.8)
-        for model in settings.models:
+        for model in PRESETS:  # every preset with rows, also those a --merge run kept
             points = [(r["seq_len"], r["s_per_token"] * 1e6) for r in timed if r["model"] == model]
             if points:
                 ax.plot(*zip(*points), marker="o", label=seed.LABELS[model])
