@@ -207,6 +207,28 @@ def _sort_by_bucket(buckets: jax.Array) -> Tuple[jax.Array, jax.Array]:
     return order, inverse
 
 
+@jax.custom_vjp
+def _permute_rows(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x [b, h, l, ...] with its rows (axis 2) in `order`, a permutation per (b, h); `inverse` is its inverse.
+
+    The same as take_along_axis, but differentiated by gathering the cotangent with `inverse`: autodiff of a
+    gather is a scatter-add, which cannot know the indices are a permutation and is several times slower on CPU.
+    """
+    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - order.ndim)), axis=2)
+
+
+def _permute_rows_fwd(x, order, inverse):
+    return _permute_rows(x, order, inverse), (order, inverse)
+
+
+def _permute_rows_bwd(residuals, g):
+    order, inverse = residuals  # y[i] = x[order[i]], so dx[j] = g[inverse[j]]
+    return _permute_rows(g, inverse, order), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: jax.Array, seen_pos: jax.Array,
                    spec: _LSHSpec, dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Shared-QK attention of each chunk to the keys it sees.
@@ -300,15 +322,20 @@ def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Arra
     order, inverse = _sort_by_bucket(take_round(r))  # [b, h, l]
     previous, _ = _sort_by_bucket(take_round((r + n_hashes - 1) % n_hashes))
     # Positions in look-back order: the previous round's last n_before chunks, then this round's chunks.
-    positions = jnp.concatenate([previous[..., length - n_before * c:], order], axis=-1)  # [b, h, (n_before + m) c]
-    gather = lambda x: jnp.take_along_axis(_at_least_f32(x), positions[..., None], axis=2).reshape(  # noqa: E731
-        b, h, n_before + m, c, x.shape[-1])
+    tail = previous[..., length - n_before * c:]
+    positions = jnp.concatenate([tail, order], axis=-1)  # [b, h, (n_before + m) c]
+
+    def gather(x):  # the look-back rows by a plain gather, this round's (a permutation) by _permute_rows
+        x = _at_least_f32(x)
+        rows = [jnp.take_along_axis(x, tail[..., None], axis=2), _permute_rows(x, order, inverse)]
+        return jnp.concatenate(rows, axis=2).reshape(b, h, n_before + m, c, x.shape[-1])
+
     ext_q, ext_v, ext_pos = gather(qk), gather(v), positions.reshape(b, h, n_before + m, c)
     seen = lambda x: jnp.concatenate([x[:, :, i:i + m] for i in range(n_before + 1)], axis=3)  # noqa: E731
     out, lse = _attend_chunks(ext_q[:, :, n_before:], ext_pos[:, :, n_before:], seen(normalize_keys(ext_q)),
                               seen(ext_v), seen(ext_pos), spec, jax.random.fold_in(dropout_rng, r))
-    out = jnp.take_along_axis(out.reshape(b, h, length, -1), inverse[..., None], axis=2)
-    lse = jnp.take_along_axis(lse.reshape(b, h, length), inverse, axis=2)
+    out = _permute_rows(out.reshape(b, h, length, -1), inverse, order)
+    lse = _permute_rows(lse.reshape(b, h, length), inverse, order)
     return out, lse
 
 
