@@ -214,8 +214,8 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         n_hashes=fv.n_hashes, chunk_len=fv.chunk_len, dropout=fv.dropout, pos_embedding=fv.pos_embedding,
         models=_models("models", fv.models), lengths=_int_list("lengths", fv.lengths, "1024,4096"),
         warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
-        sweep_rounds=fv.sweep_rounds, merge=fv.merge, memory_fraction=fv.memory_fraction, compilation_cache_dir=cache_dir,
-        fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
+        sweep_rounds=fv.sweep_rounds, merge=fv.merge, memory_fraction=fv.memory_fraction,
+        compilation_cache_dir=cache_dir, fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
         command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
     check_settings(s)
     return s
