@@ -26,13 +26,13 @@ import jaxlib
 from reformer_jax.config import ModelConfig
 from reformer_jax.model import init_params
 from reformer_jax import train
-
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+from reformer_jax.xla_options import step_compiler_options
 
 
 def compiler_options(backend: Optional[str] = None) -> Dict[str, str]:
-    """XLA options for faithful memory accounting on this backend (YNNPACK fusions off on CPU)."""
-    return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
+    """XLA options for faithful memory accounting on this backend: the executed steps' own options
+    (`xla_options.step_compiler_options`: YNNPACK fusions, whose scratch the analysis cannot see, off on CPU)."""
+    return step_compiler_options(backend)
 
 
 def tree_bytes(tree: Any) -> int:
