@@ -26,6 +26,7 @@ from reformer_jax.config import total_buckets
 MASK_VALUE = -1e9  # score of a masked (future) key
 SELF_MASK_VALUE = -1e5  # score of a query's own position: used only when nothing else is visible
 KEY_NORM_EPS = 1e-6  # as trax / Hugging Face: k = q * rsqrt(mean(q^2) + eps) / sqrt(d_head)
+BLOCK_ROWS = 4096  # query rows per block of LSH chunk attention (`_attend_extended_chunks`)
 
 Buckets = Union[int, Tuple[int, ...]]
 
@@ -52,7 +53,7 @@ def _mask_scores(dots: jax.Array, q_pos: jax.Array, k_pos: jax.Array, causal: bo
 def _dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
     if rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)  # the manual LSH backward draws the same mask
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
@@ -249,6 +250,60 @@ def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: j
     return jnp.einsum("bhnqs,bhnsk->bhnqk", probs, seen_v), lse
 
 
+def chunks_per_block(n_chunks: int, chunk_len: int, n_before: int, block_rows: Optional[int] = None) -> int:
+    """Chunks attended together in one block: the largest divisor of n_chunks with at most `block_rows` query
+    rows (default BLOCK_ROWS), and more than n_before chunks (a block's look-back stays in the block before it);
+    n_chunks (one block) when no divisor qualifies."""
+    block_rows = BLOCK_ROWS if block_rows is None else block_rows
+    fitting = [d for d in range(1, n_chunks + 1) if n_chunks % d == 0 and d * chunk_len <= block_rows]
+    best = max(fitting, default=n_chunks)
+    return best if best > n_before else n_chunks
+
+
+def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, spec: _LSHSpec,
+                            dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """`_attend_chunks` of m chunks that follow n_before look-back chunks, one block of chunks at a time.
+
+    ext_q / ext_v [b, h, n_before + m, c, k] sorted query/key and value rows, ext_pos [b, h, n_before + m, c]
+    their original positions; chunk n_before + j attends to itself and the n_before chunks before it.
+    Returns (out [b, h, m, c, k_v], lse [b, h, m, c, 1]).
+
+    Why blocks: every buffer of a block ([B, c, s] scores, the look-back copies of keys and values) has the
+    same size at any length, so at long lengths they stay in cache as they do at short ones (at 65536 tokens
+    a whole round's [64 x 64] x [64 x 128] chunk products ran ~30% slower per chunk than at 4096). A `lax.scan`
+    over the blocks carries the last n_before chunks of one block into the next as its look-back, so no rows
+    are sliced twice and autodiff sends their gradient back through the carry. One block (every length up to
+    BLOCK_ROWS) is the plain whole-round computation.
+    """
+    n_before, c = spec.n_chunks_before, spec.chunk_len
+    m = ext_q.shape[2] - n_before
+    per_block = chunks_per_block(m, c, n_before)
+
+    def attend(ext_q, ext_v, ext_pos, rng):  # [b, h, n_before + B, c, ...] -> the B chunks' (out, lse)
+        n = ext_q.shape[2] - n_before
+        seen = lambda x: jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1)], axis=3)  # noqa: E731
+        return _attend_chunks(ext_q[:, :, n_before:], ext_pos[:, :, n_before:], seen(normalize_keys(ext_q)),
+                              seen(ext_v), seen(ext_pos), spec, rng)
+
+    if per_block == m:
+        return attend(ext_q, ext_v, ext_pos, dropout_rng)
+    n_blocks = m // per_block
+    as_blocks = lambda x: jnp.moveaxis(  # noqa: E731  [b, h, m, ...] -> [n_blocks, b, h, B, ...]
+        x[:, :, n_before:].reshape(x.shape[:2] + (n_blocks, per_block) + x.shape[3:]), 2, 0)
+
+    def attend_block(look_back, block):
+        *rows, j = block
+        ext = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(look_back, rows))
+        out, lse = attend(*ext, jax.random.fold_in(dropout_rng, j))
+        return tuple(x[:, :, per_block:] for x in ext), (out, lse)
+
+    head = tuple(x[:, :, :n_before] for x in (ext_q, ext_v, ext_pos))
+    blocks = tuple(as_blocks(x) for x in (ext_q, ext_v, ext_pos)) + (jnp.arange(n_blocks),)
+    _, (out, lse) = lax.scan(attend_block, head, blocks)
+    from_blocks = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (m,) + x.shape[4:])  # noqa: E731
+    return from_blocks(out), from_blocks(lse)
+
+
 def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
                 dropout_rng: jax.Array) -> jax.Array:
     """LSH attention given bucket ids, by plain differentiable JAX ops. Returns [b, h, l, k_v] (at least float32).
@@ -307,36 +362,157 @@ _lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
 # The same attention one hash round at a time (sequential_rounds=True)
 
 
+class _RoundRows(NamedTuple):
+    """Round r's sort: `order` / `inverse` [b, h, l] and the look-back `tail` [b, h, n_before * c] (the previous
+    round's last rows), all original positions; `positions` [b, h, n_before + m, c] of the extended rows."""
+
+    order: jax.Array
+    inverse: jax.Array
+    tail: jax.Array
+    positions: jax.Array
+
+
+def _round_rows(spec: _LSHSpec, buckets: jax.Array, r: jax.Array) -> _RoundRows:
+    """Round r's rows in look-back order: the previous round's last n_before chunks (of the last round for
+    r = 0), then this round's chunks, exactly the look-back across the concatenated rounds of `_lsh_attend`.
+    Only round r's and round r - 1's sort orders (n_r * l small integers, recomputed) are needed."""
+    b, h, n_hashes, length = buckets.shape
+    c, n_before = spec.chunk_len, spec.n_chunks_before
+    take_round = lambda i: lax.dynamic_index_in_dim(buckets, i, axis=2, keepdims=False)  # noqa: E731
+    order, inverse = _sort_by_bucket(take_round(r))  # [b, h, l]
+    previous, _ = _sort_by_bucket(take_round((r + n_hashes - 1) % n_hashes))
+    tail = previous[..., length - n_before * c:]
+    positions = jnp.concatenate([tail, order], axis=-1).reshape(b, h, n_before + length // c, c)
+    return _RoundRows(order, inverse, tail, positions)
+
+
+def _gather_extended(x: jax.Array, rows: _RoundRows, chunk_len: int) -> jax.Array:
+    """x [b, h, l, k] -> its extended rows [b, h, n_before + m, c, k] (at least float32): the look-back tail by
+    a plain gather, this round's rows (a permutation) by `_permute_rows`."""
+    x = _at_least_f32(x)
+    parts = [jnp.take_along_axis(x, rows.tail[..., None], axis=2), _permute_rows(x, rows.order, rows.inverse)]
+    return jnp.concatenate(parts, axis=2).reshape(rows.positions.shape + (x.shape[-1],))
+
+
 def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array, r: jax.Array,
                   dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Round r of LSH attention alone: (out_r [b, h, l, k_v], lse_r [b, h, l]), unsorted.
 
-    The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1 (of the
-    last round for r = 0): exactly the look-back across the concatenated rounds of `_lsh_attend`. Only round r's
-    and round r - 1's sort orders (n_r * l small integers, recomputed) are needed, never all rounds' vectors.
+    The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1
+    (`_round_rows`). Not differentiated: `_round_backward` is its gradient.
     """
-    b, h, length, d_head = qk.shape
-    n_hashes, c, n_before = buckets.shape[2], spec.chunk_len, spec.n_chunks_before
-    m = length // c  # chunks per round
-    take_round = lambda i: lax.dynamic_index_in_dim(buckets, i, axis=2, keepdims=False)  # noqa: E731
-    order, inverse = _sort_by_bucket(take_round(r))  # [b, h, l]
-    previous, _ = _sort_by_bucket(take_round((r + n_hashes - 1) % n_hashes))
-    # Positions in look-back order: the previous round's last n_before chunks, then this round's chunks.
-    tail = previous[..., length - n_before * c:]
-    positions = jnp.concatenate([tail, order], axis=-1)  # [b, h, (n_before + m) c]
-
-    def gather(x):  # the look-back rows by a plain gather, this round's (a permutation) by _permute_rows
-        x = _at_least_f32(x)
-        rows = [jnp.take_along_axis(x, tail[..., None], axis=2), _permute_rows(x, order, inverse)]
-        return jnp.concatenate(rows, axis=2).reshape(b, h, n_before + m, c, x.shape[-1])
-
-    ext_q, ext_v, ext_pos = gather(qk), gather(v), positions.reshape(b, h, n_before + m, c)
-    seen = lambda x: jnp.concatenate([x[:, :, i:i + m] for i in range(n_before + 1)], axis=3)  # noqa: E731
-    out, lse = _attend_chunks(ext_q[:, :, n_before:], ext_pos[:, :, n_before:], seen(normalize_keys(ext_q)),
-                              seen(ext_v), seen(ext_pos), spec, jax.random.fold_in(dropout_rng, r))
-    out = _permute_rows(out.reshape(b, h, length, -1), inverse, order)
-    lse = _permute_rows(lse.reshape(b, h, length), inverse, order)
+    b, h, length, _ = qk.shape
+    rows = _round_rows(spec, buckets, r)
+    ext_q, ext_v = _gather_extended(qk, rows, spec.chunk_len), _gather_extended(v, rows, spec.chunk_len)
+    out, lse = _attend_extended_chunks(ext_q, ext_v, rows.positions, spec, jax.random.fold_in(dropout_rng, r))
+    out = _permute_rows(out.reshape(b, h, length, -1), rows.inverse, rows.order)
+    lse = _permute_rows(lse.reshape(b, h, length), rows.inverse, rows.order)
     return out, lse
+
+
+def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.Array, g_dot_out: jax.Array,
+                 top: jax.Array, total: jax.Array, spec: _LSHSpec, rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Gradient of the rounds-combined output with respect to one block's extended rows, flash-style.
+
+    ext_q / ext_v [b, h, n_before + B, c, k] and ext_pos as in `_attend_extended_chunks`; for the B chunks'
+    query rows: g [b, h, B, c, k_v] the output cotangent, g_dot_out [b, h, B, c] = g . out (the combined
+    output), and top / total [b, h, B, c] the forward's running maximum and sum of exp(lse_r - top).
+    Returns (d ext_q, d ext_v), shaped like ext_q and ext_v.
+
+    With p the round's attention weights, w = exp(lse_r - top) / total its weight among the rounds and
+    dp = (w g) . v, the score gradient of out = sum_r w_r out_r is ds = p * (dp - w * g . out): the softmax's
+    own term and the lse's cancel into the combined output's. So only the scores are recomputed (q k), never
+    this round's output, and nothing of the block outlives it.
+    """
+    n_before, c = spec.n_chunks_before, spec.chunk_len
+    n = ext_q.shape[2] - n_before
+    seen = lambda x: jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1)], axis=3)  # noqa: E731
+    q, q_pos = ext_q[:, :, n_before:], ext_pos[:, :, n_before:]
+    keys, keys_vjp = jax.vjp(normalize_keys, ext_q)
+    seen_k, seen_v, seen_pos = seen(keys), seen(ext_v), seen(ext_pos)
+    dots = _mask_scores(jnp.einsum("bhnqk,bhnsk->bhnqs", q, seen_k), q_pos[..., :, None], seen_pos[..., None, :],
+                        spec.causal)
+    row_max = jnp.max(dots, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(dots - row_max)
+    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    probs = unnormalized / row_sum
+    weight = jnp.exp(row_max + jnp.log(row_sum) - top[..., None]) / total[..., None]  # [b, h, B, c, 1]
+    g_round = weight * g
+    d_probs = jnp.einsum("bhnqk,bhnsk->bhnqs", g_round, seen_v)
+    if spec.dropout_rate:
+        keep = jax.random.bernoulli(rng, 1.0 - spec.dropout_rate, probs.shape)  # the forward's mask (_dropout)
+        dropped = jnp.where(keep, probs / (1.0 - spec.dropout_rate), 0.0)
+        d_probs = jnp.where(keep, d_probs / (1.0 - spec.dropout_rate), 0.0)
+    else:
+        dropped = probs
+    d_seen_v = jnp.einsum("bhnqs,bhnqk->bhnsk", dropped, g_round)
+    d_dots = probs * (d_probs - weight * g_dot_out[..., None])
+    # Masked scores are constants: no gradient reaches q or k through them.
+    q_at, k_at = q_pos[..., :, None], seen_pos[..., None, :]
+    masked = (k_at == q_at) | (k_at > q_at) if spec.causal else (k_at == q_at)
+    d_dots = jnp.where(masked, 0.0, d_dots)
+    d_q = jnp.einsum("bhnqs,bhnsk->bhnqk", d_dots, seen_k)
+    d_seen_k = jnp.einsum("bhnqs,bhnqk->bhnsk", d_dots, q)
+
+    def unseen(d):  # adjoint of `seen`: [b, h, n, s, k] -> [b, h, n_before + n, c, k], one fused sum of pads
+        parts = jnp.split(d, n_before + 1, axis=3)
+        widths = lambda i: [(0, 0)] * 2 + [(i, n_before - i)] + [(0, 0)] * (d.ndim - 3)  # noqa: E731
+        return sum(jnp.pad(part, widths(i)) for i, part in enumerate(parts))
+
+    d_ext_q = keys_vjp(unseen(d_seen_k))[0] + jnp.pad(d_q, [(0, 0)] * 2 + [(n_before, 0)] + [(0, 0)] * 2)
+    return d_ext_q, unseen(d_seen_v)
+
+
+def _extended_chunks_backward(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec: _LSHSpec,
+                              rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """`_chunk_grads` over the blocks of `_attend_extended_chunks` (same blocks, same dropout keys).
+
+    A reversed `lax.scan` carries each block's gradient for its look-back chunks into the block before it.
+    """
+    n_before, c = spec.n_chunks_before, spec.chunk_len
+    m = ext_q.shape[2] - n_before
+    per_block = chunks_per_block(m, c, n_before)
+    if per_block == m:
+        return _chunk_grads(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec, rng)
+    n_blocks = m // per_block
+    blocked = lambda x: jnp.moveaxis(  # noqa: E731  [b, h, m, ...] -> [n_blocks, b, h, B, ...]
+        x.reshape(x.shape[:2] + (n_blocks, per_block) + x.shape[3:]), 2, 0)
+    extended = (ext_q, ext_v, ext_pos)
+    look_backs = tuple(blocked(x[:, :, :m])[:, :, :, :n_before] for x in extended)  # each block's look-back
+    rows = tuple(blocked(x[:, :, n_before:]) for x in extended)
+
+    def block_grads(d_next, xs):  # d_next: block j + 1's gradient for our last n_before chunks
+        look_back, own, query_rows, j = xs
+        ext = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(look_back, own))
+        d_q, d_v = _chunk_grads(*ext, *query_rows, spec, jax.random.fold_in(rng, j))
+        d_own = tuple(d[:, :, n_before:].at[:, :, per_block - n_before:].add(nxt)
+                      for d, nxt in zip((d_q, d_v), d_next))
+        return (d_q[:, :, :n_before], d_v[:, :, :n_before]), d_own
+
+    zeros = (jnp.zeros_like(ext_q[:, :, :n_before]), jnp.zeros_like(ext_v[:, :, :n_before]))
+    query_rows = tuple(blocked(x) for x in (g, g_dot_out, top, total))
+    d_head, d_rows = lax.scan(block_grads, zeros, (look_backs, rows, query_rows, jnp.arange(n_blocks)),
+                              reverse=True)
+    from_blocks = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (m,) + x.shape[4:])  # noqa: E731
+    return tuple(jnp.concatenate([head, from_blocks(d)], axis=2) for head, d in zip(d_head, d_rows))
+
+
+def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array, r: jax.Array,
+                    dropout_rng: jax.Array, g: jax.Array, g_dot_out: jax.Array, top: jax.Array,
+                    total: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`)."""
+    b, h, length, _ = qk.shape
+    m, c = length // spec.chunk_len, spec.chunk_len
+    rows = _round_rows(spec, buckets, r)
+    (ext_q, ext_v), gather_vjp = jax.vjp(
+        lambda q, w: (_gather_extended(q, rows, c), _gather_extended(w, rows, c)), qk, v)
+    # The query rows' quantities in this round's sorted order (plain gathers: nothing differentiates them).
+    by_chunk = lambda x: jnp.take_along_axis(  # noqa: E731
+        x, rows.order.reshape(rows.order.shape + (1,) * (x.ndim - 3)), axis=2).reshape((b, h, m, c) + x.shape[3:])
+    d_ext_q, d_ext_v = _extended_chunks_backward(
+        ext_q, ext_v, rows.positions, by_chunk(g), by_chunk(g_dot_out), by_chunk(top), by_chunk(total), spec,
+        jax.random.fold_in(dropout_rng, r))
+    return gather_vjp((d_ext_q, d_ext_v))
 
 
 def _rounds_forward(spec, qk, v, buckets, dropout_rng):
@@ -374,16 +550,14 @@ def _by_rounds_fwd(spec, qk, v, buckets, dropout_rng):
 
 
 def _by_rounds_bwd(spec, residuals, g):
-    """Recompute each round and push the cotangent through it; out = sum_r w_r out_r, w = softmax_r(lse_r), so
-    d out_r = w_r g and d lse_r = w_r (g . out_r - g . out)."""
+    """Each round's gradient in turn (`_round_backward`): out = sum_r w_r out_r with w = softmax_r(lse_r), so
+    d out_r = w_r g and d lse_r = w_r (g . out_r - g . out); only the scores are recomputed."""
     qk, v, buckets, dropout_rng, out, top, total = residuals
     g_dot_out = jnp.sum(g * out, axis=-1)
 
     def round_grads(carry, r):
         dqk, dv = carry
-        (out_r, lse_r), vjp = jax.vjp(lambda q, w: _round_attend(spec, q, w, buckets, r, dropout_rng), qk, v)
-        weight = jnp.exp(lse_r - top) / total
-        dq_r, dv_r = vjp((weight[..., None] * g, weight * (jnp.sum(g * out_r, axis=-1) - g_dot_out)))
+        dq_r, dv_r = _round_backward(spec, qk, v, buckets, r, dropout_rng, g, g_dot_out, top, total)
         return (dqk + dq_r, dv + dv_r), None
 
     with jax.named_scope("lsh_rounds_backward"):

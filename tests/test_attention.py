@@ -258,3 +258,55 @@ def test_sequential_rounds_keep_weights_causal_and_normalised():
     with pytest.raises(ValueError, match="sequential_rounds needs n_chunks_before=9"):
         attn.lsh_attention(qk, onehot, jax.random.key(29), n_hashes=2, n_buckets=8, chunk_len=8, n_chunks_before=9,
                            sequential_rounds=True)
+
+
+@pytest.mark.parametrize("n_chunks_before, causal", [(0, True), (1, True), (2, True), (1, False)])
+def test_chunk_blocks_give_the_one_block_outputs_and_gradients(monkeypatch, n_chunks_before, causal):
+    """Blocks of chunks (a scan carrying each block's look-back, forward and backward) change no result."""
+    qk, v = _qkv(40, (1, 2, 128, 8))
+    buckets = attn.lsh_buckets(qk, jax.random.key(41), n_hashes=3, n_buckets=8)
+    probe = jax.random.normal(jax.random.key(42), qk.shape)
+
+    def run(block_rows):
+        monkeypatch.setattr(attn, "BLOCK_ROWS", block_rows)
+        f = lambda q, w: jnp.sum(probe * attn.lsh_attention(  # noqa: E731
+            q, w, None, n_hashes=3, n_buckets=8, chunk_len=8, n_chunks_before=n_chunks_before, causal=causal,
+            buckets=buckets))
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(qk, v)
+
+    assert attn.chunks_per_block(128 // 8, 8, n_chunks_before, block_rows=32) == 4  # 4 blocks of 4 chunks
+    (value, grads), (blocked_value, blocked_grads) = run(10**9), run(32)
+    assert abs(float(blocked_value - value)) <= 1e-5 * abs(float(value))
+    plain = jax.grad(lambda q, w: jnp.sum(probe * attn.lsh_attention_reference(
+        q, w, buckets, chunk_len=8, n_chunks_before=n_chunks_before, causal=causal)), (0, 1))(qk, v)
+    for got, want, one_block in zip(blocked_grads, plain, grads):
+        assert _max_abs(got, want) / float(jnp.max(jnp.abs(want))) < 1e-5
+        assert _max_abs(one_block, want) / float(jnp.max(jnp.abs(want))) < 1e-5
+
+
+@pytest.mark.parametrize("block_rows", [10**9, 32])
+def test_by_rounds_gradient_with_dropout_equals_autodiff_of_its_forward(monkeypatch, block_rows):
+    """The hand-written round backward replays each block's dropout mask and matches autodiff (float64)."""
+    monkeypatch.setattr(attn, "BLOCK_ROWS", block_rows)
+    with jax.enable_x64(True):
+        qk, v = (x.astype(jnp.float64) for x in _qkv(43, (2, 2, 64, 8)))
+        buckets = attn.lsh_buckets(qk, jax.random.key(44), n_hashes=2, n_buckets=8)
+        spec = attn._LSHSpec(chunk_len=8, n_chunks_before=1, causal=True, dropout_rate=0.3)
+        probe = jax.random.normal(jax.random.key(45), qk.shape, jnp.float64)
+        rng = jax.random.key(46)
+        loss = lambda f: (lambda q, w: jnp.sum(probe * f(q, w)))  # noqa: E731
+        custom = jax.grad(loss(lambda q, w: attn._lsh_attention_by_rounds(spec, q, w, buckets, rng)), (0, 1))(qk, v)
+        plain = jax.grad(loss(lambda q, w: attn._rounds_forward(spec, q, w, buckets, rng)[0]), (0, 1))(qk, v)
+        for got, want in zip(custom, plain):
+            assert _max_abs(got, want) <= 1e-12 * float(jnp.max(jnp.abs(want)))
+
+
+@pytest.mark.parametrize("n_chunks, chunk_len, n_before, block_rows, expected", [
+    (64, 64, 1, 4096, 64),     # the speed benchmark's 4096 tokens: one block
+    (1024, 64, 1, 4096, 64),   # 65536 tokens: 16 blocks of 4096 rows
+    (12, 64, 1, 256, 4),       # the largest divisor within the rows
+    (12, 64, 4, 256, 12),      # blocks must hold more than the look-back: one block
+    (7, 64, 1, 256, 7),        # a prime count: no divisor > n_before fits, one block
+])
+def test_chunks_per_block(n_chunks, chunk_len, n_before, block_rows, expected):
+    assert attn.chunks_per_block(n_chunks, chunk_len, n_before, block_rows=block_rows) == expected

@@ -33,9 +33,13 @@ def test_activation_memory_against_depth(name, reversible):
 
 @pytest.mark.parametrize("name, exponent", [("transformer", 2), ("lsh", 1), ("reversible", 2), ("reformer", 1)])
 def test_activation_memory_against_length(name, exponent):
+    """The growth with length, m(2l) - m(l) ~ l^exponent: differences cancel the length-independent bytes (the
+    Reformer's are a third of its total at 256 tokens), which bend a power-law fit of m itself below 1."""
     lengths = [256, 512, 1024]
     measured = [activation_bytes(name, seq_len=length) for length in lengths]
-    fitted = np.polyfit(np.log(lengths), np.log(measured), 1)[0]
+    growth = np.diff(measured)  # m(512) - m(256), m(1024) - m(512)
+    assert np.all(growth > 0), measured
+    fitted = np.log2(growth[1] / growth[0])
     assert abs(fitted - exponent) <= 0.15, (measured, fitted)
 
 
