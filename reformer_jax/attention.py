@@ -372,15 +372,14 @@ class _RoundRows(NamedTuple):
     positions: jax.Array
 
 
-def _round_rows(spec: _LSHSpec, buckets: jax.Array, r: jax.Array) -> _RoundRows:
+def _round_rows(spec: _LSHSpec, buckets: jax.Array, r: jax.Array, previous: jax.Array) -> _RoundRows:
     """Round r's rows in look-back order: the previous round's last n_before chunks (of the last round for
     r = 0), then this round's chunks, exactly the look-back across the concatenated rounds of `_lsh_attend`.
-    Only round r's and round r - 1's sort orders (n_r * l small integers, recomputed) are needed."""
+    `previous` [b, h, l] is round r - 1's sorted order (the loops over rounds carry it from one round to the
+    next, so each round is sorted once per loop): no round's vectors are ever needed besides round r's."""
     b, h, n_hashes, length = buckets.shape
     c, n_before = spec.chunk_len, spec.n_chunks_before
-    take_round = lambda i: lax.dynamic_index_in_dim(buckets, i, axis=2, keepdims=False)  # noqa: E731
-    order, inverse = _sort_by_bucket(take_round(r))  # [b, h, l]
-    previous, _ = _sort_by_bucket(take_round((r + n_hashes - 1) % n_hashes))
+    order, inverse = _sort_by_bucket(lax.dynamic_index_in_dim(buckets, r, axis=2, keepdims=False))  # [b, h, l]
     tail = previous[..., length - n_before * c:]
     positions = jnp.concatenate([tail, order], axis=-1).reshape(b, h, n_before + length // c, c)
     return _RoundRows(order, inverse, tail, positions)
@@ -394,15 +393,19 @@ def _gather_extended(x: jax.Array, rows: _RoundRows, chunk_len: int) -> jax.Arra
     return jnp.concatenate(parts, axis=2).reshape(rows.positions.shape + (x.shape[-1],))
 
 
-def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array, r: jax.Array,
-                  dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Round r of LSH attention alone: (out_r [b, h, l, k_v], lse_r [b, h, l]), unsorted.
+def _last_round_order(buckets: jax.Array) -> jax.Array:
+    """The sorted order [b, h, l] of the last round: the look-back of round 0."""
+    return _sort_by_bucket(buckets[:, :, -1])[0]
 
-    The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1
-    (`_round_rows`). Not differentiated: `_round_backward` is its gradient.
+
+def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
+                  dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Round r of LSH attention alone, on its `_round_rows`: (out_r [b, h, l, k_v], lse_r [b, h, l]), unsorted.
+
+    The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1.
+    Not differentiated: `_round_backward` is its gradient.
     """
     b, h, length, _ = qk.shape
-    rows = _round_rows(spec, buckets, r)
     ext_q, ext_v = _gather_extended(qk, rows, spec.chunk_len), _gather_extended(v, rows, spec.chunk_len)
     out, lse = _attend_extended_chunks(ext_q, ext_v, rows.positions, spec, jax.random.fold_in(dropout_rng, r))
     out = _permute_rows(out.reshape(b, h, length, -1), rows.inverse, rows.order)
@@ -497,13 +500,12 @@ def _extended_chunks_backward(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, s
     return tuple(jnp.concatenate([head, from_blocks(d)], axis=2) for head, d in zip(d_head, d_rows))
 
 
-def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array, r: jax.Array,
+def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
                     dropout_rng: jax.Array, g: jax.Array, g_dot_out: jax.Array, top: jax.Array,
                     total: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`)."""
     b, h, length, _ = qk.shape
     m, c = length // spec.chunk_len, spec.chunk_len
-    rows = _round_rows(spec, buckets, r)
     (ext_q, ext_v), gather_vjp = jax.vjp(
         lambda q, w: (_gather_extended(q, rows, c), _gather_extended(w, rows, c)), qk, v)
     # The query rows' quantities in this round's sorted order (plain gathers: nothing differentiates them).
@@ -525,17 +527,19 @@ def _rounds_forward(spec, qk, v, buckets, dropout_rng):
     b, h, length, _ = qk.shape
 
     def add_round(carry, r):
-        acc, top, total = carry
-        out_r, lse_r = _round_attend(spec, qk, v, buckets, r, dropout_rng)
+        acc, top, total, previous = carry
+        rows = _round_rows(spec, buckets, r, previous)
+        out_r, lse_r = _round_attend(spec, qk, v, rows, r, dropout_rng)
         new_top = jnp.maximum(top, lse_r)
         scale, weight = jnp.exp(top - new_top), jnp.exp(lse_r - new_top)
-        return (acc * scale[..., None] + out_r * weight[..., None], new_top, total * scale + weight), None
+        return (acc * scale[..., None] + out_r * weight[..., None], new_top, total * scale + weight,
+                rows.order), None
 
     f32 = jnp.promote_types(qk.dtype, jnp.float32)
     init = (jnp.zeros((b, h, length, v.shape[-1]), jnp.promote_types(v.dtype, jnp.float32)),
-            jnp.full((b, h, length), -jnp.inf, f32), jnp.zeros((b, h, length), f32))
+            jnp.full((b, h, length), -jnp.inf, f32), jnp.zeros((b, h, length), f32), _last_round_order(buckets))
     with jax.named_scope("lsh_rounds"):
-        acc, top, total = lax.scan(add_round, init, jnp.arange(buckets.shape[2]))[0]
+        acc, top, total, _ = lax.scan(add_round, init, jnp.arange(buckets.shape[2]))[0]
     return acc / total[..., None], top, total
 
 
@@ -556,12 +560,14 @@ def _by_rounds_bwd(spec, residuals, g):
     g_dot_out = jnp.sum(g * out, axis=-1)
 
     def round_grads(carry, r):
-        dqk, dv = carry
-        dq_r, dv_r = _round_backward(spec, qk, v, buckets, r, dropout_rng, g, g_dot_out, top, total)
-        return (dqk + dq_r, dv + dv_r), None
+        dqk, dv, previous = carry
+        rows = _round_rows(spec, buckets, r, previous)
+        dq_r, dv_r = _round_backward(spec, qk, v, rows, r, dropout_rng, g, g_dot_out, top, total)
+        return (dqk + dq_r, dv + dv_r, rows.order), None
 
+    init = (jnp.zeros_like(qk), jnp.zeros_like(v), _last_round_order(buckets))
     with jax.named_scope("lsh_rounds_backward"):
-        (dqk, dv), _ = lax.scan(round_grads, (jnp.zeros_like(qk), jnp.zeros_like(v)), jnp.arange(buckets.shape[2]))
+        (dqk, dv, _), _ = lax.scan(round_grads, init, jnp.arange(buckets.shape[2]))
     return dqk, dv, None, None
 
 
