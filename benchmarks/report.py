@@ -269,8 +269,12 @@ def speed_section(results: str, rel: str) -> List[str]:
     from benchmarks.speed import LENGTH_COLUMNS, SPEED_COLUMNS
 
     out: List[str] = []
+    targets_of = {"speed_peers": speed.peer_target_lines, "speed_length": speed.length_target_lines,
+                  "speed_linearity": speed.linearity_target_lines}
     for name, title, columns in (("speed_peers", "Training speed against the PyTorch Reformers", SPEED_COLUMNS),
-                                 ("speed_length", "Training speed against length", LENGTH_COLUMNS)):
+                                 ("speed_length", "Training speed against length", LENGTH_COLUMNS),
+                                 ("speed_linearity", "Training speed against length, every length in the same "
+                                  "timing rounds", LENGTH_COLUMNS)):
         rows = _load(results, name)
         if not rows:
             continue
@@ -291,7 +295,7 @@ def speed_section(results: str, rel: str) -> List[str]:
                        "hash rounds) were processed one at a time: each row's `config` says what ran. Rerun the "
                        "command to measure today's defaults.\n")
         out.append(markdown_table(rows, columns))
-        targets = speed.peer_target_lines(rows) if name == "speed_peers" else speed.length_target_lines(rows)
+        targets = targets_of[name](rows)
         out.append("\nTargets of the speed issue, judged from these rows:\n")
         out.extend(f"- {line}" for line in targets)
     return out

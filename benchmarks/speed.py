@@ -38,7 +38,7 @@ from benchmarks.output import MIB, Row
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 COMPARE_CHOICES = ("none", "peers")
-SWEEP_CHOICES = ("none", "length")
+SWEEP_CHOICES = ("none", "length", "linearity")
 # Settings of our step timed side by side: the config's default, and the knobs that trade speed for memory.
 # "default": hash rounds and heads one at a time (the Reformer preset); "all_at_once": every round and head
 # together (faster per step where memory allows); "rounds_only": rounds one at a time, all heads together;
@@ -138,7 +138,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("out_dir", d.out_dir, "Where speed*.json/.csv/.md/.png are written.", **fv)
     flags.DEFINE_string("compare", d.compare, "peers: also time Hugging Face's ReformerModelWithLMHead and "
                         "reformer_pytorch.ReformerLM (each when installed) at the same sizes.", **fv)
-    flags.DEFINE_string("sweep", d.sweep, "length: the presets in --models at --lengths, seconds per token.", **fv)
+    flags.DEFINE_string("sweep", d.sweep, "length: the presets in --models at --lengths, one length after the "
+                        "other, seconds per token; linearity: each preset in --models at every --lengths in the same "
+                        "timing rounds (all alive at once), so the per-token ratios between lengths (target 3) are "
+                        "side by side, not minutes apart.", **fv)
     flags.DEFINE_string("model", d.model, f"Our preset timed without --sweep: one of {', '.join(PRESETS)}.", **fv)
     flags.DEFINE_list("ours", lst(d.ours), f"Settings of our step timed side by side: {', '.join(OURS_SETTINGS)}.",
                       **fv)
@@ -148,7 +151,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         ("chunk_len", "LSH chunk length."), ("warmup_steps", "Untimed steps after compiling."),
                         ("rounds", "Timing rounds (alternating between implementations)."),
                         ("steps_per_round", "Timed steps per implementation per round."),
-                        ("sweep_rounds", "Timing rounds per length in --sweep=length.")]:
+                        ("sweep_rounds", "Timing rounds per length in --sweep=length and --sweep=linearity.")]:
         flags.DEFINE_integer(name, getattr(d, name), help_, **fv)
     flags.DEFINE_float("dropout", d.dropout, "Dropout of our blocks (0, as the peers are run).", **fv)
     flags.DEFINE_string("pos_embedding", d.pos_embedding, "Our positional embedding: absolute (as the peers are "
@@ -223,8 +226,8 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
 
 def check_settings(s: Settings) -> None:
     """Every configuration the run will build, built now: a bad combination fails before the first compile."""
-    lengths = s.lengths if s.sweep == "length" else (s.seq_len,)
-    models = s.models if s.sweep == "length" else (s.model,)
+    lengths = s.lengths if s.sweep != "none" else (s.seq_len,)
+    models = s.models if s.sweep != "none" else (s.model,)
     for length in lengths:
         if length % s.chunk_len:
             raise FlagError(f"length {length} is not a multiple of --chunk_len={s.chunk_len}, which LSH attention "
@@ -552,15 +555,41 @@ def run_length_sweep(settings: Settings) -> List[Row]:
     return write_length_sweep(settings, rows)
 
 
-def write_length_sweep(settings: Settings, rows: List[Row]) -> List[Row]:
-    """speed_length.{json,csv,md,png} in settings.out_dir from a sweep's rows (sorted, per-token ratios added)."""
+def run_linearity(settings: Settings) -> List[Row]:
+    """Each preset in --models at every --lengths, all workers alive and timed in the same alternating rounds.
+
+    The length sweep times one length after another, so a ratio between lengths mixes in the machine's drift over
+    the minutes between them; here every round times every length once, and `linearity_target_lines` judges the
+    per-token ratio both as a ratio of medians and round by round.
+    """
+    import psutil
+
+    budget = int(psutil.virtual_memory().total * settings.memory_fraction)
+    setting = settings.ours[0]
+    # Shortest first: the long steps' compile-time peaks are checked against what the short ones leave.
+    cells = [(model, length) for length in sorted(settings.lengths) for model in settings.models]
+    log(f"== {', '.join(settings.models)} at {', '.join(map(str, sorted(settings.lengths)))} in the same rounds "
+        f"(compile-time peaks together at most {budget / 2**30:.1f} GiB) ==")
+    load_before = os.getloadavg()[0]
+    workers = [Worker(f"{model} {length}", ours_spec(settings, model, length, setting)) for model, length in cells]
+    time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
+    load = (load_before, os.getloadavg()[0])
+    rows = [make_row(settings, "linearity", worker, implementation="ours", label=seed.LABELS[model], model=model,
+                     seq_len=length, load=load) for (model, length), worker in zip(cells, workers)]
+    return write_length_sweep(settings, rows, name="speed_linearity",
+                              title="Training speed against length, every length in the same timing rounds")
+
+
+def write_length_sweep(settings: Settings, rows: List[Row], name: str = "speed_length",
+                       title: str = "Training speed against length: the four variants") -> List[Row]:
+    """NAME.{json,csv,md,png} in settings.out_dir from a sweep's rows (sorted, per-token ratios added)."""
     setting = settings.ours[0]
     rows.sort(key=lambda r: (r["seq_len"], PRESETS.index(r["model"])))
     timed = [r for r in rows if r["median_step_s"]]
     for row in timed:  # per-token cost relative to the same preset at the shortest timed length
         base = min((r for r in timed if r["model"] == row["model"]), key=lambda r: r["seq_len"])
         row["s_per_token_over_shortest"] = row["s_per_token"] / base["s_per_token"]
-    md = _header(rows, "Training speed against length: the four variants")
+    md = _header(rows, title)
     md += (f"Sizes: d_model {settings.d_model}, {settings.n_heads} heads, d_ff {settings.d_ff}, {settings.n_layers} "
            f"layers, batch {settings.batch_size}, {settings.n_hashes} hash rounds, chunk {settings.chunk_len}, "
            f"LSH setting {setting}. A length is skipped (and longer ones for that variant) when its compile-time "
@@ -584,7 +613,7 @@ def write_length_sweep(settings: Settings, rows: List[Row]) -> List[Row]:
         ax.grid(alpha=0.3, which="both")
         output.save_figure(path, fig)
 
-    output.write_outputs(settings.out_dir, _out("speed_length"), rows, md, plot)
+    output.write_outputs(settings.out_dir, _out(name), rows, md, plot)
     return rows
 
 
@@ -631,6 +660,26 @@ def peer_target_lines(rows: Sequence[Row]) -> List[str]:
     return lines
 
 
+def linearity_target_lines(rows: Sequence[Row]) -> List[str]:
+    """Target 3 from a --sweep=linearity run: the Reformer's seconds per token at its longest timed length over
+    4096, as a ratio of medians and as the median of same-round ratios; met only when both are <= 1.3 at 65536."""
+    timed = {r["seq_len"]: r for r in rows if r["model"] == "reformer" and r.get("median_step_s")}
+    longest = max(timed, default=0)
+    if 4096 not in timed or longest <= 4096:
+        return ["Reformer not timed at 4096 and a longer length in the same rounds: target 3 cannot be judged."]
+    long_row, short = timed[longest], timed[4096]
+    ratio = long_row["s_per_token"] / short["s_per_token"]
+    per_token = lambda row: [t / (row["seq_len"] * row["batch_size"]) for t in row.get("step_s") or []]  # noqa: E731
+    paired = ([a / b for a, b in zip(per_token(long_row), per_token(short))]
+              if len(per_token(long_row)) == len(per_token(short)) else [])
+    paired_text = (f", round by round {statistics.median(paired):.2f} (median of {len(paired)} same-round ratios, "
+                   f"{min(paired):.2f} to {max(paired):.2f})" if paired else "")
+    met = ratio <= 1.3 and (not paired or statistics.median(paired) <= 1.3) and longest >= 65536
+    reached = "" if longest >= 65536 else " (65536 not timed: the target needs length 65536)"
+    return [f"Reformer seconds per token at {longest} / at 4096, timed in the same rounds: {ratio:.2f} by medians"
+            f"{paired_text} (target <= 1.3 at 65536 on both: {output.met(met)}){reached}."]
+
+
 def length_target_lines(rows: Sequence[Row]) -> List[str]:
     """Targets 3 and 4 from a --sweep=length run's rows: the Reformer's per-token cost at the longest timed length
     against 4096, full attention's growth, and the Reformer against the Reversible LM from 8192 up."""
@@ -664,7 +713,8 @@ def length_target_lines(rows: Sequence[Row]) -> List[str]:
 def run(settings: Settings) -> List[Row]:
     os.makedirs(settings.out_dir, exist_ok=True)
     t = time.perf_counter()
-    rows = run_length_sweep(settings) if settings.sweep == "length" else run_speed(settings)
+    runs = {"length": run_length_sweep, "linearity": run_linearity}
+    rows = runs.get(settings.sweep, run_speed)(settings)
     log(f"== {len(rows)} rows in {time.perf_counter() - t:.0f} s, written to {settings.out_dir} ==")
     return rows
 

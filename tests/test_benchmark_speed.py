@@ -295,3 +295,42 @@ def test_length_targets_are_judged_from_the_rows():
     short = speed.length_target_lines([row("reformer", 4096, 4.0), row("reformer", 8192, 9.0)])
     assert "(target <= 1.3 at 65536: NOT met) (65536 not timed" in short[0]
     assert short[-1].startswith("Reformer and Reversible LM not both timed at 16384")
+
+
+def test_linearity_times_every_length_in_the_same_rounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "Worker", FakeWorker)
+    groups, real_time_group = [], speed.time_group
+
+    def recording(workers, *args, **kwargs):
+        groups.append([w.spec["seq_len"] for w in workers])
+        return real_time_group(workers, *args, **kwargs)
+
+    monkeypatch.setattr(speed, "time_group", recording)
+    settings = dataclasses.replace(TINY, sweep="linearity", models=("reformer",), lengths=(64, 32, 128),
+                                   sweep_rounds=3, out_dir=str(tmp_path))
+    rows = speed.run(settings)
+    assert groups == [[32, 64, 128]]  # one group: every length alive together, timed in the same rounds
+    assert [(r["model"], r["seq_len"], len(r["step_s"])) for r in rows] == [
+        ("reformer", 32, 3), ("reformer", 64, 3), ("reformer", 128, 3)]
+    assert all(r["experiment"] == "linearity" for r in rows)
+    assert (tmp_path / "speed_linearity.md").read_text().startswith("# Training speed against length, every length")
+    assert (tmp_path / "speed_linearity.png").exists() and not (tmp_path / "speed_length.json").exists()
+
+
+def _reformer_row(seq_len, step_s):
+    return {"model": "reformer", "seq_len": seq_len, "batch_size": 1, "step_s": step_s,
+            "median_step_s": float(np.median(step_s)), "s_per_token": float(np.median(step_s)) / seq_len}
+
+
+def test_linearity_target_needs_both_the_medians_and_the_rounds():
+    steady = [_reformer_row(4096, [4.0, 4.0, 4.0]), _reformer_row(65536, [80.0, 80.0, 80.0])]  # 1.25 both ways
+    (line,) = speed.linearity_target_lines(steady)
+    assert "1.25 by medians, round by round 1.25" in line and "met" in line and "NOT met" not in line
+    # The medians pass (80 s over 4 s) but two of three rounds do not (26.7 and 22.4 x for 16 x the tokens).
+    drifting = [_reformer_row(4096, [4.0, 3.0, 5.0]), _reformer_row(65536, [60.0, 80.0, 112.0])]
+    (line,) = speed.linearity_target_lines(drifting)
+    assert "1.25 by medians" in line and "round by round 1.40" in line and "NOT met" in line
+    short = [_reformer_row(4096, [4.0]), _reformer_row(32768, [36.0])]
+    (line,) = speed.linearity_target_lines(short)
+    assert "65536 not timed" in line and "NOT met" in line
+    assert "cannot be judged" in speed.linearity_target_lines([_reformer_row(65536, [80.0])])[0]
