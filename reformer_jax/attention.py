@@ -599,7 +599,9 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
         (dropout masks are drawn per round instead, so they differ). Needs n_chunks_before <= length / chunk_len.
 
     The gradient is a `jax.custom_vjp` that recomputes the chunked attention from (qk, v, buckets) instead of
-    storing score matrices: memory kept for the backward pass is O(b h l k) plus n_r * l small integers.
+    storing score matrices: memory kept for the backward pass is O(b h l k) plus n_r * l small integers. With
+    sequential_rounds each round's backward is written by hand (`_chunk_grads`: only the scores are recomputed),
+    and both passes attend a round's chunks in blocks of at most BLOCK_ROWS query rows.
     """
     _check_qkv(qk, v, "lsh_attention")
     b, h, length, _ = qk.shape
