@@ -260,6 +260,13 @@ def chunks_per_block(n_chunks: int, chunk_len: int, n_before: int, block_rows: O
     return best if best > n_before else n_chunks
 
 
+def _seen(x: jax.Array, n_before: int) -> jax.Array:
+    """The rows each of the last n chunks sees: [b, h, n_before + n, c, ...] -> [b, h, n, (n_before + 1) c, ...],
+    the n_before chunks before it first, then its own."""
+    n = x.shape[2] - n_before
+    return jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1)], axis=3)
+
+
 def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, spec: _LSHSpec,
                             dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """`_attend_chunks` of m chunks that follow n_before look-back chunks, one block of chunks at a time.
@@ -270,18 +277,17 @@ def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Arr
 
     Why blocks: every buffer of a block ([B, c, s] scores, the look-back copies of keys and values) has the
     same size at any length, so at long lengths they stay in cache as they do at short ones (at 65536 tokens
-    a whole round's [64 x 64] x [64 x 128] chunk products ran ~30% slower per chunk than at 4096). A `lax.scan`
+    a whole round's [64 x 64] x [64 x 128] chunk products ran 24% slower per chunk than at 4096). A `lax.scan`
     over the blocks carries the last n_before chunks of one block into the next as its look-back, so no rows
-    are sliced twice and autodiff sends their gradient back through the carry. One block (every length up to
-    BLOCK_ROWS) is the plain whole-round computation.
+    are sliced twice; `_extended_chunks_backward` walks the same blocks backwards. One block (every length up
+    to BLOCK_ROWS) is the plain whole-round computation.
     """
     n_before, c = spec.n_chunks_before, spec.chunk_len
     m = ext_q.shape[2] - n_before
     per_block = chunks_per_block(m, c, n_before)
 
     def attend(ext_q, ext_v, ext_pos, rng):  # [b, h, n_before + B, c, ...] -> the B chunks' (out, lse)
-        n = ext_q.shape[2] - n_before
-        seen = lambda x: jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1)], axis=3)  # noqa: E731
+        seen = functools.partial(_seen, n_before=n_before)
         return _attend_chunks(ext_q[:, :, n_before:], ext_pos[:, :, n_before:], seen(normalize_keys(ext_q)),
                               seen(ext_v), seen(ext_pos), spec, rng)
 
@@ -385,7 +391,7 @@ def _round_rows(spec: _LSHSpec, buckets: jax.Array, r: jax.Array, previous: jax.
     return _RoundRows(order, inverse, tail, positions)
 
 
-def _gather_extended(x: jax.Array, rows: _RoundRows, chunk_len: int) -> jax.Array:
+def _gather_extended(x: jax.Array, rows: _RoundRows) -> jax.Array:
     """x [b, h, l, k] -> its extended rows [b, h, n_before + m, c, k] (at least float32): the look-back tail by
     a plain gather, this round's rows (a permutation) by `_permute_rows`."""
     x = _at_least_f32(x)
@@ -406,7 +412,7 @@ def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows,
     Not differentiated: `_round_backward` is its gradient.
     """
     b, h, length, _ = qk.shape
-    ext_q, ext_v = _gather_extended(qk, rows, spec.chunk_len), _gather_extended(v, rows, spec.chunk_len)
+    ext_q, ext_v = _gather_extended(qk, rows), _gather_extended(v, rows)
     out, lse = _attend_extended_chunks(ext_q, ext_v, rows.positions, spec, jax.random.fold_in(dropout_rng, r))
     out = _permute_rows(out.reshape(b, h, length, -1), rows.inverse, rows.order)
     lse = _permute_rows(lse.reshape(b, h, length), rows.inverse, rows.order)
@@ -427,9 +433,8 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
     own term and the lse's cancel into the combined output's. So only the scores are recomputed (q k), never
     this round's output, and nothing of the block outlives it.
     """
-    n_before, c = spec.n_chunks_before, spec.chunk_len
-    n = ext_q.shape[2] - n_before
-    seen = lambda x: jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1)], axis=3)  # noqa: E731
+    n_before = spec.n_chunks_before
+    seen = functools.partial(_seen, n_before=n_before)
     q, q_pos = ext_q[:, :, n_before:], ext_pos[:, :, n_before:]
     keys, keys_vjp = jax.vjp(normalize_keys, ext_q)
     seen_k, seen_v, seen_pos = seen(keys), seen(ext_v), seen(ext_pos)
@@ -506,8 +511,7 @@ def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRow
     """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`)."""
     b, h, length, _ = qk.shape
     m, c = length // spec.chunk_len, spec.chunk_len
-    (ext_q, ext_v), gather_vjp = jax.vjp(
-        lambda q, w: (_gather_extended(q, rows, c), _gather_extended(w, rows, c)), qk, v)
+    (ext_q, ext_v), gather_vjp = jax.vjp(lambda q, w: (_gather_extended(q, rows), _gather_extended(w, rows)), qk, v)
     # The query rows' quantities in this round's sorted order (plain gathers: nothing differentiates them).
     by_chunk = lambda x: jnp.take_along_axis(  # noqa: E731
         x, rows.order.reshape(rows.order.shape + (1,) * (x.ndim - 3)), axis=2).reshape((b, h, m, c) + x.shape[3:])
