@@ -50,10 +50,15 @@ def _mask_scores(dots: jax.Array, q_pos: jax.Array, k_pos: jax.Array, causal: bo
     return jnp.where(k_pos == q_pos, SELF_MASK_VALUE, dots)
 
 
+def _masked(q_pos: jax.Array, k_pos: jax.Array, causal: bool) -> jax.Array:
+    """Where `_mask_scores` replaces a score by a constant (so no gradient reaches q or k there)."""
+    return (k_pos == q_pos) | (k_pos > q_pos) if causal else (k_pos == q_pos)
+
+
 def _dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
     if rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)  # the manual LSH backward draws the same mask
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
@@ -267,6 +272,16 @@ def _seen(x: jax.Array, n_before: int) -> jax.Array:
     return jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1)], axis=3)
 
 
+def _to_blocks(x: jax.Array, per_block: int) -> jax.Array:
+    """[b, h, m, ...] -> [m / per_block, b, h, per_block, ...]: scan's leading axis over blocks of chunks."""
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (x.shape[2] // per_block, per_block) + x.shape[3:]), 2, 0)
+
+
+def _from_blocks(x: jax.Array) -> jax.Array:
+    """The inverse of `_to_blocks`: [n_blocks, b, h, B, ...] -> [b, h, n_blocks * B, ...]."""
+    return jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (x.shape[0] * x.shape[3],) + x.shape[4:])
+
+
 def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, spec: _LSHSpec,
                             dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """`_attend_chunks` of m chunks that follow n_before look-back chunks, one block of chunks at a time.
@@ -293,10 +308,6 @@ def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Arr
 
     if per_block == m:
         return attend(ext_q, ext_v, ext_pos, dropout_rng)
-    n_blocks = m // per_block
-    as_blocks = lambda x: jnp.moveaxis(  # noqa: E731  [b, h, m, ...] -> [n_blocks, b, h, B, ...]
-        x[:, :, n_before:].reshape(x.shape[:2] + (n_blocks, per_block) + x.shape[3:]), 2, 0)
-
     def attend_block(look_back, block):
         *rows, j = block
         ext = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(look_back, rows))
@@ -304,10 +315,9 @@ def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Arr
         return tuple(x[:, :, per_block:] for x in ext), (out, lse)
 
     head = tuple(x[:, :, :n_before] for x in (ext_q, ext_v, ext_pos))
-    blocks = tuple(as_blocks(x) for x in (ext_q, ext_v, ext_pos)) + (jnp.arange(n_blocks),)
-    _, (out, lse) = lax.scan(attend_block, head, blocks)
-    from_blocks = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (m,) + x.shape[4:])  # noqa: E731
-    return from_blocks(out), from_blocks(lse)
+    blocks = tuple(_to_blocks(x[:, :, n_before:], per_block) for x in (ext_q, ext_v, ext_pos))
+    _, (out, lse) = lax.scan(attend_block, head, blocks + (jnp.arange(m // per_block),))
+    return _from_blocks(out), _from_blocks(lse)
 
 
 def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
@@ -447,18 +457,12 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
     weight = jnp.exp(row_max + jnp.log(row_sum) - top[..., None]) / total[..., None]  # [b, h, B, c, 1]
     g_round = weight * g
     d_probs = jnp.einsum("bhnqk,bhnsk->bhnqs", g_round, seen_v)
-    if spec.dropout_rate:
-        keep = jax.random.bernoulli(rng, 1.0 - spec.dropout_rate, probs.shape)  # the forward's mask (_dropout)
-        dropped = jnp.where(keep, probs / (1.0 - spec.dropout_rate), 0.0)
-        d_probs = jnp.where(keep, d_probs / (1.0 - spec.dropout_rate), 0.0)
-    else:
-        dropped = probs
+    # The forward's dropout mask, drawn again from the same key for the same shape.
+    dropped = _dropout(probs, spec.dropout_rate, rng)
+    d_probs = _dropout(d_probs, spec.dropout_rate, rng)
     d_seen_v = jnp.einsum("bhnqs,bhnqk->bhnsk", dropped, g_round)
     d_dots = probs * (d_probs - weight * g_dot_out[..., None])
-    # Masked scores are constants: no gradient reaches q or k through them.
-    q_at, k_at = q_pos[..., :, None], seen_pos[..., None, :]
-    masked = (k_at == q_at) | (k_at > q_at) if spec.causal else (k_at == q_at)
-    d_dots = jnp.where(masked, 0.0, d_dots)
+    d_dots = jnp.where(_masked(q_pos[..., :, None], seen_pos[..., None, :], spec.causal), 0.0, d_dots)
     d_q = jnp.einsum("bhnqs,bhnsk->bhnqk", d_dots, seen_k)
     d_seen_k = jnp.einsum("bhnqs,bhnqk->bhnsk", d_dots, q)
 
@@ -482,12 +486,10 @@ def _extended_chunks_backward(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, s
     per_block = chunks_per_block(m, c, n_before)
     if per_block == m:
         return _chunk_grads(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec, rng)
-    n_blocks = m // per_block
-    blocked = lambda x: jnp.moveaxis(  # noqa: E731  [b, h, m, ...] -> [n_blocks, b, h, B, ...]
-        x.reshape(x.shape[:2] + (n_blocks, per_block) + x.shape[3:]), 2, 0)
     extended = (ext_q, ext_v, ext_pos)
-    look_backs = tuple(blocked(x[:, :, :m])[:, :, :, :n_before] for x in extended)  # each block's look-back
-    rows = tuple(blocked(x[:, :, n_before:]) for x in extended)
+    # The n_before chunks before each block (the last ones of the block before it, or the head).
+    look_backs = tuple(_to_blocks(x[:, :, :m], per_block)[:, :, :, :n_before] for x in extended)
+    rows = tuple(_to_blocks(x[:, :, n_before:], per_block) for x in extended)
 
     def block_grads(d_next, xs):  # d_next: block j + 1's gradient for our last n_before chunks
         look_back, own, query_rows, j = xs
@@ -498,11 +500,10 @@ def _extended_chunks_backward(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, s
         return (d_q[:, :, :n_before], d_v[:, :, :n_before]), d_own
 
     zeros = (jnp.zeros_like(ext_q[:, :, :n_before]), jnp.zeros_like(ext_v[:, :, :n_before]))
-    query_rows = tuple(blocked(x) for x in (g, g_dot_out, top, total))
-    d_head, d_rows = lax.scan(block_grads, zeros, (look_backs, rows, query_rows, jnp.arange(n_blocks)),
+    query_rows = tuple(_to_blocks(x, per_block) for x in (g, g_dot_out, top, total))
+    d_head, d_rows = lax.scan(block_grads, zeros, (look_backs, rows, query_rows, jnp.arange(m // per_block)),
                               reverse=True)
-    from_blocks = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (m,) + x.shape[4:])  # noqa: E731
-    return tuple(jnp.concatenate([head, from_blocks(d)], axis=2) for head, d in zip(d_head, d_rows))
+    return tuple(jnp.concatenate([head, _from_blocks(d)], axis=2) for head, d in zip(d_head, d_rows))
 
 
 def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
@@ -512,9 +513,8 @@ def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRow
     b, h, length, _ = qk.shape
     m, c = length // spec.chunk_len, spec.chunk_len
     (ext_q, ext_v), gather_vjp = jax.vjp(lambda q, w: (_gather_extended(q, rows), _gather_extended(w, rows)), qk, v)
-    # The query rows' quantities in this round's sorted order (plain gathers: nothing differentiates them).
-    by_chunk = lambda x: jnp.take_along_axis(  # noqa: E731
-        x, rows.order.reshape(rows.order.shape + (1,) * (x.ndim - 3)), axis=2).reshape((b, h, m, c) + x.shape[3:])
+    # The query rows' quantities in this round's sorted order, as chunks (nothing differentiates them).
+    by_chunk = lambda x: _permute_rows(x, rows.order, rows.inverse).reshape((b, h, m, c) + x.shape[3:])  # noqa: E731
     d_ext_q, d_ext_v = _extended_chunks_backward(
         ext_q, ext_v, rows.positions, by_chunk(g), by_chunk(g_dot_out), by_chunk(top), by_chunk(total), spec,
         jax.random.fold_in(dropout_rng, r))
