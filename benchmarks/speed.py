@@ -156,14 +156,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("dropout", d.dropout, "Dropout of our blocks (0, as the peers are run).", **fv)
     flags.DEFINE_string("pos_embedding", d.pos_embedding, "Our positional embedding: absolute (as the peers are "
                         "run) or axial.", **fv)
-    flags.DEFINE_list("models", lst(d.models), "Presets of --sweep=length.", **fv)
-    flags.DEFINE_list("lengths", lst(d.lengths), "Lengths of --sweep=length.", **fv)
+    flags.DEFINE_list("models", lst(d.models), "Presets of --sweep=length and --sweep=linearity.", **fv)
+    flags.DEFINE_list("lengths", lst(d.lengths), "Lengths of --sweep=length and --sweep=linearity.", **fv)
     flags.DEFINE_boolean("merge", d.merge, "--sweep=length: keep the rows of OUT_DIR/speed_length.json for the "
                          "(preset, length) pairs this run does not time (each row records its own command), e.g. "
                          "to time one length again with a larger --memory_fraction.", **fv)
     flags.DEFINE_float("memory_fraction", d.memory_fraction, "--sweep=length skips a step (and the variant's "
                        "longer ones) whose compile-time peak exceeds what the variants already running at that "
-                       "length leave of this fraction of the machine's RAM.", **fv)
+                       "length leave of this fraction of the machine's RAM; --sweep=linearity skips a (preset, "
+                       "length) whose peak exceeds what the shorter ones already running leave of it.", **fv)
     flags.DEFINE_string("compilation_cache_dir", d.compilation_cache_dir, "JAX persistent compilation cache "
                         "directory (empty: off). A later run with the same step loads it instead of compiling.", **fv)
     flags.DEFINE_boolean("fast_compile", d.fast_compile, "LLVM -O0: faster compiles, slower steps (for tests "
@@ -669,9 +670,8 @@ def linearity_target_lines(rows: Sequence[Row]) -> List[str]:
         return ["Reformer not timed at 4096 and a longer length in the same rounds: target 3 cannot be judged."]
     long_row, short = timed[longest], timed[4096]
     ratio = long_row["s_per_token"] / short["s_per_token"]
-    per_token = lambda row: [t / (row["seq_len"] * row["batch_size"]) for t in row.get("step_s") or []]  # noqa: E731
-    paired = ([a / b for a, b in zip(per_token(long_row), per_token(short))]
-              if len(per_token(long_row)) == len(per_token(short)) else [])
+    # Same-round step ratios, long over short, scaled to per-token ones (both rows have batch_size tokens each).
+    paired = [step_ratio * 4096 / longest for step_ratio in paired_speedups(short, long_row)]
     paired_text = (f", round by round {statistics.median(paired):.2f} (median of {len(paired)} same-round ratios, "
                    f"{min(paired):.2f} to {max(paired):.2f})" if paired else "")
     met = ratio <= 1.3 and (not paired or statistics.median(paired) <= 1.3) and longest >= 65536
