@@ -43,6 +43,7 @@ from benchmarks.output import Row
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 TASKS = ("shakespeare", "synthetic")
 LOG2 = math.log(2)
+HEADS = ("untied", "tied")
 BUDGET_SPENT = "budget_spent.json"  # in a run's workdir: it stopped at --budget_minutes (a rerun does not extend it)
 
 
@@ -72,6 +73,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("chunk_len", 64, "LSH chunk length (both tasks).", **on)
     flags.DEFINE_list("train_hashes", ["4", "8"], "shakespeare: hash rounds of the Reformer runs; the LSH LM uses the "
                       "first.", **on)
+    flags.DEFINE_enum("head", "untied", HEADS, "shakespeare: the output head of every model. untied: its own "
+                      "projection; the reversible models concatenate their two streams into it (trax, Hugging "
+                      "Face). tied: the presets' default, the token embedding, the reversible streams averaged.",
+                      **on)
     flags.DEFINE_list("variants", None, "shakespeare: train only these models (names as in the tables: transformer, "
                       "lsh-4, reversible, reformer-4, reformer-8 with the default --train_hashes); default all.", **on)
     flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (AdamW, warm-up + cosine; both tasks).", **on)
@@ -163,14 +168,23 @@ def _shared_sizes(fv, max_len: int, d_model: int, d_ff: int) -> Dict[str, Any]:
             "max_len": max_len, "dropout": 0.0}
 
 
+def head_overrides(head: str, reversible: bool) -> Dict[str, Any]:
+    """ModelConfig fields of a --head choice for one model."""
+    if head == "tied":
+        return {"output_head": "mean", "tie_embeddings": True}
+    return {"output_head": "concat" if reversible else "mean", "tie_embeddings": False}
+
+
 def shakespeare_plan(fv) -> TaskPlan:
     """The four variants at the shakespeare sizes, the Reformer once per --train_hashes value."""
     hashes = _int_values("train_hashes", fv.train_hashes)
     sizes = {**_shared_sizes(fv, fv.seq_len, fv.d_model, fv.d_ff), "n_layers": fv.n_layers}
-    variants = [Variant("transformer", "transformer", tuple(sizes.items())),
-                Variant(f"lsh-{hashes[0]}", "lsh", tuple({**sizes, "n_hashes": hashes[0]}.items())),
-                Variant("reversible", "reversible", tuple(sizes.items()))]
-    variants += [Variant(f"reformer-{h}", "reformer", tuple({**sizes, "n_hashes": h}.items())) for h in hashes]
+    plain, reversible = ({**sizes, **head_overrides(fv.head, r)} for r in (False, True))
+    variants = [Variant("transformer", "transformer", tuple(plain.items())),
+                Variant(f"lsh-{hashes[0]}", "lsh", tuple({**plain, "n_hashes": hashes[0]}.items())),
+                Variant("reversible", "reversible", tuple(reversible.items()))]
+    variants += [Variant(f"reformer-{h}", "reformer", tuple({**reversible, "n_hashes": h}.items()))
+                 for h in hashes]
     if fv.variants:
         names = [v.name for v in variants]
         unknown = [name for name in fv.variants if name not in names]
@@ -351,6 +365,16 @@ def _eval_columns(rows: Sequence[Row]) -> List[str]:
     return columns
 
 
+def _head_sentence(rows: Sequence[Row]) -> str:
+    """How the models' output heads were set (the --head flag), from the rows' configs."""
+    heads = sorted({(r["config"]["reversible"], r["config"]["output_head"], r["config"]["tie_embeddings"])
+                    for r in rows})
+    words = {("mean", True): "tied to the token embedding", ("mean", False): "an untied projection",
+             ("concat", False): "an untied projection of both streams concatenated"}
+    return "Output heads: " + "; ".join(f"{'reversible' if rev else 'other'} models {words[(head, tied)]}"
+                                        for rev, head, tied in heads) + "."
+
+
 def markdown(plan_task: str, rows: Sequence[Row], machine: Dict[str, Any], command: str) -> str:
     """The task's tables: final scores, then trained x evaluated attention."""
     from benchmarks.output import markdown_table
@@ -359,7 +383,7 @@ def markdown(plan_task: str, rows: Sequence[Row], machine: Dict[str, Any], comma
     lines = [f"# Quality: {plan_task}\n", f"Command: `{command}`. Machine: {machine['platform']}, "
              f"{machine['cpu_count']} CPUs, backend {machine['backend']}; jax {machine['jax_version']}, jaxlib "
              f"{machine['jaxlib_version']}. Same seed, data order and {steps} planned steps for every model; budget "
-             f"{rows[0]['budget_minutes']:g} min of wall time each (compilation included).\n"]
+             f"{rows[0]['budget_minutes']:g} min of wall time each (compilation included). {_head_sentence(rows)}\n"]
     if plan_task == "shakespeare":
         columns = [("variant", "model", ""), ("steps", "steps", "d"), ("train_minutes", "train min", ".1f"),
                    (lambda r: r["final"]["bpc"], f"val bpc ({rows[0]['eval_tokens']:,} tokens)", ".3f"),

@@ -84,6 +84,17 @@ def test_default_flags_plan_the_four_variants_and_the_copy_task_models():
     assert all(v.config().n_layers == 1 and v.config().vocab_size == 128 for v in synthetic.variants)
 
 
+@pytest.mark.parametrize("head, reversible_head, tied", [("untied", "concat", False), ("tied", "mean", True)])
+def test_head_flag_sets_every_shakespeare_model_alike(head, reversible_head, tied):
+    fv = flags.FlagValues()
+    quality.define_flags(fv)
+    fv(["quality", f"--head={head}"])
+    configs = {v.name: v.config() for v in quality.check_flags(fv)[0].variants}
+    assert {name: (c.output_head, c.tie_embeddings) for name, c in configs.items()} == {
+        name: (reversible_head if c.reversible else "mean", tied) for name, c in configs.items()}
+    assert sum(c.reversible for c in configs.values()) == 3
+
+
 def test_a_bad_flag_exits_nonzero_without_traceback_or_files(tmp_path):
     proc = _run(f"--workdir={tmp_path}", f"--out_dir={tmp_path}", "--variants=bert")
     assert proc.returncode != 0 and "--variants=bert: bert unknown" in proc.stderr
