@@ -241,7 +241,8 @@ def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: j
 
     sq [b, h, n, c, k] queries at original positions q_pos [b, h, n, c]; seen_k / seen_v [b, h, n, s, k] the
     unit-normalised keys and the values each chunk sees, at positions seen_pos [b, h, n, s].
-    Returns (out [b, h, n, c, k_v], lse [b, h, n, c, 1]).
+    Returns (out [b, h, n, c, k_v], row_max [b, h, n, c, 1], row_sum [b, h, n, c, 1]): the row's largest score
+    m and sum of exp(s - m), so its logsumexp is m + log(row_sum).
     """
     dots = jnp.einsum("bhnqk,bhnsk->bhnqs", sq, seen_k)
     dots = _mask_scores(dots, q_pos[..., :, None], seen_pos[..., None, :], spec.causal)
@@ -250,9 +251,8 @@ def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: j
     row_max = lax.stop_gradient(jnp.max(dots, axis=-1, keepdims=True))
     unnormalized = jnp.exp(dots - row_max)
     row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    lse = row_max + jnp.log(row_sum)  # this chunk row's weight when combining rounds
     probs = _dropout(unnormalized / row_sum, spec.dropout_rate, dropout_rng)
-    return jnp.einsum("bhnqs,bhnsk->bhnqk", probs, seen_v), lse
+    return jnp.einsum("bhnqs,bhnsk->bhnqk", probs, seen_v), row_max, row_sum
 
 
 def chunks_per_block(n_chunks: int, chunk_len: int, n_before: int, block_rows: Optional[int] = None) -> int:
@@ -288,7 +288,7 @@ def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Arr
 
     ext_q / ext_v [b, h, n_before + m, c, k] sorted query/key and value rows, ext_pos [b, h, n_before + m, c]
     their original positions; chunk n_before + j attends to itself and the n_before chunks before it.
-    Returns (out [b, h, m, c, k_v], lse [b, h, m, c, 1]).
+    Returns (out [b, h, m, c, k_v], row_max, row_sum [b, h, m, c, 1]) as `_attend_chunks`.
 
     Why blocks: every buffer of a block ([B, c, s] scores, the look-back copies of keys and values) has the
     same size at any length, so at long lengths they stay in cache as they do at short ones (at 65536 tokens
@@ -301,7 +301,7 @@ def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Arr
     m = ext_q.shape[2] - n_before
     per_block = chunks_per_block(m, c, n_before)
 
-    def attend(ext_q, ext_v, ext_pos, rng):  # [b, h, n_before + B, c, ...] -> the B chunks' (out, lse)
+    def attend(ext_q, ext_v, ext_pos, rng):  # [b, h, n_before + B, c, ...] -> the B chunks' (out, max, sum)
         seen = functools.partial(_seen, n_before=n_before)
         return _attend_chunks(ext_q[:, :, n_before:], ext_pos[:, :, n_before:], seen(normalize_keys(ext_q)),
                               seen(ext_v), seen(ext_pos), spec, rng)
@@ -311,13 +311,12 @@ def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Arr
     def attend_block(look_back, block):
         *rows, j = block
         ext = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(look_back, rows))
-        out, lse = attend(*ext, jax.random.fold_in(dropout_rng, j))
-        return tuple(x[:, :, per_block:] for x in ext), (out, lse)
+        return tuple(x[:, :, per_block:] for x in ext), attend(*ext, jax.random.fold_in(dropout_rng, j))
 
     head = tuple(x[:, :, :n_before] for x in (ext_q, ext_v, ext_pos))
     blocks = tuple(_to_blocks(x[:, :, n_before:], per_block) for x in (ext_q, ext_v, ext_pos))
-    _, (out, lse) = lax.scan(attend_block, head, blocks + (jnp.arange(m // per_block),))
-    return _from_blocks(out), _from_blocks(lse)
+    _, per_row = lax.scan(attend_block, head, blocks + (jnp.arange(m // per_block),))
+    return tuple(_from_blocks(x) for x in per_row)
 
 
 def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
@@ -342,9 +341,10 @@ def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
     q_pos = flat_order.reshape(b, h, n_chunks, c)
 
     with jax.named_scope("lsh_chunk_attention"):
-        out, lse = _attend_chunks(sq, q_pos, _look_back(normalize_keys(sq), spec.n_chunks_before),
-                                  _look_back(sv, spec.n_chunks_before), _look_back(q_pos, spec.n_chunks_before),
-                                  spec, dropout_rng)
+        out, row_max, row_sum = _attend_chunks(
+            sq, q_pos, _look_back(normalize_keys(sq), spec.n_chunks_before), _look_back(sv, spec.n_chunks_before),
+            _look_back(q_pos, spec.n_chunks_before), spec, dropout_rng)
+        lse = row_max + jnp.log(row_sum)  # each chunk row's weight when combining rounds
 
     with jax.named_scope("lsh_unsort_combine"):
         out = jnp.take_along_axis(out.reshape(b, h, n_hashes, length, d_value), inverse[..., None], axis=3)
@@ -415,18 +415,19 @@ def _last_round_order(buckets: jax.Array) -> jax.Array:
 
 
 def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
-                  dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Round r of LSH attention alone, on its `_round_rows`: (out_r [b, h, l, k_v], lse_r [b, h, l]), unsorted.
+                  dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Round r of LSH attention alone, on its `_round_rows`: (out_r [b, h, l, k_v], row_max_r, row_sum_r
+    [b, h, l]) as `_attend_chunks` gives them, unsorted.
 
     The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1.
     Not differentiated: `_round_backward` is its gradient.
     """
     b, h, length, _ = qk.shape
     ext_q, ext_v = _gather_extended(qk, rows), _gather_extended(v, rows)
-    out, lse = _attend_extended_chunks(ext_q, ext_v, rows.positions, spec, jax.random.fold_in(dropout_rng, r))
-    out = _permute_rows(out.reshape(b, h, length, -1), rows.inverse, rows.order)
-    lse = _permute_rows(lse.reshape(b, h, length), rows.inverse, rows.order)
-    return out, lse
+    out, row_max, row_sum = _attend_extended_chunks(ext_q, ext_v, rows.positions, spec,
+                                                    jax.random.fold_in(dropout_rng, r))
+    unsort = lambda x: _permute_rows(x.reshape(b, h, length, -1), rows.inverse, rows.order)  # noqa: E731
+    return unsort(out), unsort(row_max)[..., 0], unsort(row_sum)[..., 0]
 
 
 def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.Array, g_dot_out: jax.Array,
@@ -435,13 +436,17 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
 
     ext_q / ext_v [b, h, n_before + B, c, k] and ext_pos as in `_attend_extended_chunks`; for the B chunks'
     query rows: g [b, h, B, c, k_v] the output cotangent, g_dot_out [b, h, B, c] = g . out (the combined
-    output), and top / total [b, h, B, c] the forward's running maximum and sum of exp(lse_r - top).
+    output), and top / total [b, h, B, c] the forward's largest score over all rounds and its normaliser
+    sum_r row_sum_r exp(row_max_r - top) (`_rounds_forward`).
     Returns (d ext_q, d ext_v), shaped like ext_q and ext_v.
 
-    With p the round's attention weights, w = exp(lse_r - top) / total its weight among the rounds and
-    dp = (w g) . v, the score gradient of out = sum_r w_r out_r is ds = p * (dp - w * g . out): the softmax's
-    own term and the lse's cancel into the combined output's. So only the scores are recomputed (q k), never
-    this round's output, and nothing of the block outlives it.
+    With p the round's attention weights and w = exp(lse_r - top) / total its weight among the rounds, the
+    score gradient of out = sum_r w_r out_r is ds = w p * (g . v - g . out): the softmax's own term and the
+    lse's cancel into the combined output's, and w p = exp(s - top) / total. So only the scores are recomputed
+    (q k), never this round's output or its softmax statistics, and nothing of the block outlives it. top is a
+    score itself (exactly SELF_MASK_VALUE in a row that sees only its own position), so s - top is exact where
+    it matters: from a rounded logsumexp near -1e5 (float32 spacing 0.008) such a row's weights would be 0.4%
+    off.
     """
     n_before = spec.n_chunks_before
     seen = functools.partial(_seen, n_before=n_before)
@@ -450,18 +455,13 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
     seen_k, seen_v, seen_pos = seen(keys), seen(ext_v), seen(ext_pos)
     dots = _mask_scores(jnp.einsum("bhnqk,bhnsk->bhnqs", q, seen_k), q_pos[..., :, None], seen_pos[..., None, :],
                         spec.causal)
-    row_max = jnp.max(dots, axis=-1, keepdims=True)
-    unnormalized = jnp.exp(dots - row_max)
-    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    probs = unnormalized / row_sum
-    weight = jnp.exp(row_max + jnp.log(row_sum) - top[..., None]) / total[..., None]  # [b, h, B, c, 1]
-    g_round = weight * g
-    d_probs = jnp.einsum("bhnqk,bhnsk->bhnqs", g_round, seen_v)
+    # w p = exp(s - lse_r) exp(lse_r - top) / total = exp(s - top) / total: no row maximum or sum to recompute;
+    # exp(s - top) <= 1, as top >= every score of the row.
+    weighted = jnp.exp(dots - top[..., None]) * (1.0 / total[..., None])  # [b, h, B, c, s]
     # The forward's dropout mask, drawn again from the same key for the same shape.
-    dropped = _dropout(probs, spec.dropout_rate, rng)
-    d_probs = _dropout(d_probs, spec.dropout_rate, rng)
-    d_seen_v = jnp.einsum("bhnqs,bhnqk->bhnsk", dropped, g_round)
-    d_dots = probs * (d_probs - weight * g_dot_out[..., None])
+    d_seen_v = jnp.einsum("bhnqs,bhnqk->bhnsk", _dropout(weighted, spec.dropout_rate, rng), g)
+    g_dot_v = _dropout(jnp.einsum("bhnqk,bhnsk->bhnqs", g, seen_v), spec.dropout_rate, rng)
+    d_dots = weighted * (g_dot_v - g_dot_out[..., None])
     d_dots = jnp.where(_masked(q_pos[..., :, None], seen_pos[..., None, :], spec.causal), 0.0, d_dots)
     d_q = jnp.einsum("bhnqs,bhnsk->bhnqk", d_dots, seen_k)
     d_seen_k = jnp.einsum("bhnqs,bhnqk->bhnsk", d_dots, q)
@@ -522,20 +522,21 @@ def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRow
 
 
 def _rounds_forward(spec, qk, v, buckets, dropout_rng):
-    """All rounds, one at a time, combined online by their logsumexp.
+    """All rounds, one at a time, combined online by their logsumexp lse_r = row_max_r + log(row_sum_r).
 
-    Returns (out [b, h, l, k_v], top [b, h, l], total [b, h, l]) with the rounds' weights w_r =
-    exp(lse_r - top) / total. Like `_attend_chunks`, the weights are formed from the running maximum, never as
-    exp(lse_r - logsumexp): near SELF_MASK_VALUE a rounded logsumexp would be off by up to 0.4%.
+    Returns (out [b, h, l, k_v], top [b, h, l], total [b, h, l]): top = max_r row_max_r, the largest score of
+    any round, and total = sum_r row_sum_r exp(row_max_r - top), so the rounds' weights are w_r = exp(lse_r -
+    top) / total = row_sum_r exp(row_max_r - top) / total. Like `_attend_chunks`, everything is formed from
+    maxima of scores, never from a logsumexp: near SELF_MASK_VALUE a rounded one would be off by up to 0.4%.
     """
     b, h, length, _ = qk.shape
 
     def add_round(carry, r):
         acc, top, total, previous = carry
         rows = _round_rows(spec, buckets, r, previous)
-        out_r, lse_r = _round_attend(spec, qk, v, rows, r, dropout_rng)
-        new_top = jnp.maximum(top, lse_r)
-        scale, weight = jnp.exp(top - new_top), jnp.exp(lse_r - new_top)
+        out_r, max_r, sum_r = _round_attend(spec, qk, v, rows, r, dropout_rng)
+        new_top = jnp.maximum(top, max_r)
+        scale, weight = jnp.exp(top - new_top), sum_r * jnp.exp(max_r - new_top)
         return (acc * scale[..., None] + out_r * weight[..., None], new_top, total * scale + weight,
                 rows.order), None
 
