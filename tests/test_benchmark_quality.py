@@ -67,6 +67,7 @@ def _flag_error(*args) -> str:
     (["--synthetic_seq_len=33"], "--synthetic_seq_len=33"),
     (["--dataset=text"], "--dataset=text needs --data_path"),
     (["--honest_positions=2000"], "--honest_positions=2000 is more than --seq_len=256"),
+    (["--n_layers=3"], "--n_layers=3 is odd: --mixed_reformer alternates local and LSH layers"),
 ])
 def test_bad_flags_are_refused_naming_the_flag(args, expected):
     assert expected in _flag_error(*args)
@@ -78,8 +79,9 @@ def test_default_flags_plan_the_four_variants_and_the_copy_task_models():
     fv(["quality"])
     shakespeare, synthetic = quality.check_flags(fv)
     assert [v.name for v in shakespeare.variants] == ["transformer", "lsh-4", "reversible", "reformer-4",
-                                                      "reformer-8"]
-    assert [v.n_hashes for v in shakespeare.variants] == [None, 4, None, 4, 8]
+                                                      "reformer-8", "reformer-4-local"]
+    assert [v.n_hashes for v in shakespeare.variants] == [None, 4, None, 4, 8, 4]
+    assert shakespeare.variants[-1].config().attn_layers == ("local", "lsh")
     assert [v.name for v in synthetic.variants] == ["full", "lsh-1", "lsh-2", "lsh-4"]
     assert all(v.config().n_layers == 1 and v.config().vocab_size == 128 for v in synthetic.variants)
 
@@ -92,7 +94,19 @@ def test_head_flag_sets_every_shakespeare_model_alike(head, reversible_head, tie
     configs = {v.name: v.config() for v in quality.check_flags(fv)[0].variants}
     assert {name: (c.output_head, c.tie_embeddings) for name, c in configs.items()} == {
         name: (reversible_head if c.reversible else "mean", tied) for name, c in configs.items()}
-    assert sum(c.reversible for c in configs.values()) == 3
+    assert sum(c.reversible for c in configs.values()) == 4
+
+
+def test_eval_settings_switch_only_the_full_and_lsh_layers():
+    fv = flags.FlagValues()
+    quality.define_flags(fv)
+    fv(["quality", "--eval_hashes=2"])
+    mixed = quality.check_flags(fv)[0].variants[-1].config()
+    settings = dict(quality._eval_configs(fv, mixed))
+    assert settings["full"].attn_layers == ("local", "full")
+    assert (settings["lsh-2"].attn_layers, settings["lsh-2"].n_hashes) == (("local", "lsh"), 2)
+    plain = quality.check_flags(fv)[0].variants[3].config()  # reformer-4
+    assert dict(quality._eval_configs(fv, plain))["full"].layer_types == ("full", "full")
 
 
 def test_a_bad_flag_exits_nonzero_without_traceback_or_files(tmp_path):
@@ -117,8 +131,9 @@ def test_a_run_stopped_at_its_budget_is_scored_as_it_is_on_a_rerun(tmp_path):
     assert (rerun.steps, rerun.schedule_steps) == (123, 300)  # same schedule, no further training
 
 
-def _row(variant, n_hashes, bpc, steps=160, minutes=10.0, curve=()):
+def _row(variant, n_hashes, bpc, steps=160, minutes=10.0, curve=(), attn_layers=None):
     return {"variant": variant, "n_hashes": n_hashes, "steps": steps, "train_minutes": minutes,
+            "config": {"attn_layers": attn_layers},
             "final": {"bpc": bpc}, "curve": list(curve),
             "by_eval_setting": {"full": {"bpc": bpc}, "lsh-4": {"bpc": bpc}, "lsh-8": {"bpc": bpc - 0.01}},
             "future_influence": {"mean_abs_delta_nats": 0.0, "max_abs_delta_nats": 0.0},
@@ -129,13 +144,16 @@ def test_target_lines_judge_each_target_from_the_rows():
     rows = {"transformer": _row("transformer", None, 3.00),
             "reformer-4": _row("reformer-4", 4, 3.05),
             "reformer-8": _row("reformer-8", 8, 3.20, minutes=19.0,
-                               curve=[{"step": 100, "minutes": 14.0, "val_bpc": 2.55}])}
+                               curve=[{"step": 100, "minutes": 14.0, "val_bpc": 2.55}]),
+            "reformer-4-local": _row("reformer-4-local", 4, 2.40, minutes=5.0, attn_layers=["local", "lsh"])}
     lines = quality.target_lines("shakespeare", rows)
-    assert "Reformer, 4 rounds: 3.050 bpc against the Transformer's 3.000 after 160 steps: +1.7% (target within " \
-           "3%: met)" in lines[0]
+    assert "Reformer, 4 rounds (reformer-4): 3.050 bpc against the Transformer's 3.000 after 160 steps: +1.7% " \
+           "(target within 3%: met)" in lines[0]
     assert "+6.7% (target within 3%: NOT met)" in lines[1]
+    # The mixed local / LSH Reformer is reported, not judged, and does not count for the 15-minute target.
+    assert "(reformer-4-local): 2.400 bpc" in lines[2] and "-20.0% (local and LSH layers alternating" in lines[2]
     # reformer-8 ran past 15 min: its curve point at 14 min counts, not its final score
-    assert "2.550 (reformer-8, learning-curve point at step 100, 14.0 min) (target <= 2.6: met)" in lines[2]
+    assert "2.550 (reformer-8, learning-curve point at step 100, 14.0 min) (target <= 2.6: met)" in lines[3]
     assert any(line.startswith("reformer-4: evaluated with more rounds than trained 3.040") for line in lines)
 
 
