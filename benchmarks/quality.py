@@ -305,6 +305,16 @@ def _with_attention(config, kind: str, **changes):
     return config.replace(attn_layers=tuple(t if t == "local" else kind for t in config.attn_layers), **changes)
 
 
+def _eval_params(config, params):
+    """`params` as a model of `config` names them: a mixed stack keeps its attention parameters by layer type,
+    so evaluating its LSH layers as full attention renames them (full and LSH layers share one layout)."""
+    if config.attn_layers is None:
+        return params
+    kind = "full" if "full" in config.attn_layers else "lsh"
+    attention = {(kind if t in ("full", "lsh") else t): p for t, p in params["layers"]["attention"].items()}
+    return {**params, "layers": {**params["layers"], "attention": attention}}
+
+
 def _eval_configs(fv, config) -> List[Tuple[str, Any]]:
     """(column name, config) of every evaluation setting: full attention, then LSH at each --eval_hashes."""
     return [("full", _with_attention(config, "full"))] + [
@@ -322,7 +332,8 @@ def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[s
     batches = _validation_batches(fv, dataset, plan, fv.eval_batches)
     scores: Dict[str, Any] = {"eval_tokens": int(sum(b["weights"].sum() for b in batches))}
     settings = _eval_configs(fv, config)
-    scores["by_eval_setting"] = {name: evaluation.evaluate_batches(c, params, batches, rng) for name, c in settings}
+    scores["by_eval_setting"] = {name: evaluation.evaluate_batches(c, _eval_params(c, params), batches, rng)
+                                 for name, c in settings}
     # The as-trained score is one of the settings (the same config, batches and keys) unless --eval_hashes skips it.
     trained = next((name for name, c in settings if c == config), None)
     scores["final"] = (scores["by_eval_setting"][trained] if trained else

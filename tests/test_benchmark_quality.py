@@ -17,7 +17,7 @@ from corpus import corpus_path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=8", "--seq_len=64", "--batch_size=2", "--d_model=32", "--n_heads=2", "--d_ff=64", "--n_layers=2",
         "--chunk_len=16", "--eval_every=4", "--eval_batches=1", "--eval_hashes=2", "--train_hashes=2",
-        "--variants=reformer-2", "--influence_sequences=1", "--honest_positions=3", "--synthetic_steps=8",
+        "--variants=reformer-2,reformer-2-local", "--influence_sequences=1", "--honest_positions=3", "--synthetic_steps=8",
         "--synthetic_seq_len=32", "--synthetic_d_model=32", "--synthetic_d_ff=64", "--synthetic_batch_size=4",
         "--synthetic_vocab_size=8",
         "--synthetic_eval_every=4", "--synthetic_train_hashes=2"]
@@ -37,6 +37,10 @@ def test_both_tasks_write_their_files_and_the_loss_falls(tmp_path):
         for ext in ("json", "csv", "md", "png"):
             assert (tmp_path / "out" / f"quality_{task}.{ext}").stat().st_size > 0
         rows = json.loads((tmp_path / "out" / f"quality_{task}.json").read_text())
+        if task == "shakespeare":  # the mixed local / LSH Reformer is trained and scored in every setting too
+            mixed = rows.pop()
+            assert mixed["variant"] == "reformer-2-local" and set(mixed["by_eval_setting"]) == {"full", "lsh-2"}
+            assert mixed["final"] == mixed["by_eval_setting"]["lsh-2"]
         assert len(rows) == 1 and rows[0]["steps"] == 8 and rows[0]["jax_version"]
         curve = rows[0]["curve"]
         assert [p["step"] for p in curve] == list(range(1, 9))
