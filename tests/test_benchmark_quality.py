@@ -17,7 +17,8 @@ from corpus import corpus_path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps=8", "--seq_len=64", "--batch_size=2", "--d_model=32", "--n_heads=2", "--d_ff=64", "--n_layers=2",
         "--chunk_len=16", "--eval_every=4", "--eval_batches=1", "--eval_hashes=2", "--train_hashes=2",
-        "--variants=reformer-2,reformer-2-local", "--influence_sequences=1", "--honest_positions=3", "--synthetic_steps=8",
+        "--variants=reformer-2,reformer-2-local", "--influence_sequences=1", "--honest_positions=3",
+        "--synthetic_steps=8",
         "--synthetic_seq_len=32", "--synthetic_d_model=32", "--synthetic_d_ff=64", "--synthetic_batch_size=4",
         "--synthetic_vocab_size=8",
         "--synthetic_eval_every=4", "--synthetic_train_hashes=2"]
