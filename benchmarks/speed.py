@@ -3,6 +3,7 @@
     python -m benchmarks.speed                                   # ours at configuration P, both LSH settings
     python -m benchmarks.speed --compare=peers                   # + Hugging Face and reformer-pytorch, same run
     python -m benchmarks.speed --sweep=length                    # four variants, lengths 1024 .. 65536
+    python -m benchmarks.speed --profile --ours=default          # where our step's time goes (one trace)
     python -m benchmarks.speed --compilation_cache_dir=~/.cache/reformer_jax/xla   # reuse compiled steps
 
 Every implementation runs in its own worker process (`benchmarks.speed_worker`), so its peak RSS (ru_maxrss,
@@ -13,8 +14,9 @@ completion (`block_until_ready` for JAX, a synchronous loss for torch); the figu
 
 The default sizes are configuration P of the speed issue (vocab 259, d_model 256, 4 heads of 64, d_ff 1024,
 6 layers, length 4096, batch 1, 8 hash rounds, chunk 64), dropout 0 and absolute positions, as the peers run.
-Outputs in --out_dir: speed.*, speed_peers.* or speed_length.* (.json rows with machine and versions, .csv, .md,
-.png); a non-CPU backend adds its name (speed_length_gpu.json).
+Outputs in --out_dir: speed.*, speed_peers.*, speed_length.* or speed_profile.* (.json rows with machine and
+versions, .csv, .md, .png); a non-CPU backend adds its name (speed_length_gpu.json). `--profile` traces
+`--profile_steps` steps of each --ours setting and sorts the ops' time by kind (`benchmarks.step_profile`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class Settings:
     compilation_cache_dir: str = ""
     fast_compile: bool = False
     torch_threads: int = 0
+    profile: bool = False
+    profile_steps: int = 2
     command: str = "python -m benchmarks.speed"
 
     def config(self, model: str, seq_len: int, setting: str = "default"):
@@ -171,6 +175,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "only, never for reported figures).", **fv)
     flags.DEFINE_integer("torch_threads", d.torch_threads, "torch.set_num_threads for the peers (0: torch's "
                          "default).", **fv)
+    flags.DEFINE_boolean("profile", d.profile, "Instead of timing rounds: trace --profile_steps steps of each "
+                         "--ours setting and sort the ops' time by kind (chunk products, matmuls, sorts, gathers, "
+                         "...) -> speed_profile.*.", **fv)
+    flags.DEFINE_integer("profile_steps", d.profile_steps, "--profile: steps timed untraced and then traced.", **fv)
 
 
 def _choices(flag: str, values: Sequence[str], valid: Sequence[str]) -> Tuple[str, ...]:
@@ -203,6 +211,12 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         raise FlagError(f"--merge keeps rows of a --sweep=length run; it does nothing with --sweep={fv.sweep}.")
     if fv.compare != "none" and fv.sweep != "none":
         raise FlagError(f"--compare={fv.compare} and --sweep={fv.sweep} are separate runs; give one of them.")
+    if fv.profile and (fv.compare != "none" or fv.sweep != "none"):
+        raise FlagError(f"--profile profiles our step alone; drop --compare={fv.compare} / --sweep={fv.sweep} (the "
+                        "peers' steps are not XLA programs).")
+    if fv.profile_steps is None or fv.profile_steps < 1:
+        raise FlagError(f"--profile_steps={fv.profile_steps} is invalid: expected a positive integer (default "
+                        f"{Settings().profile_steps}).")
     cache_dir = fv.compilation_cache_dir
     if cache_dir:
         from reformer_jax.compilation_cache import check_cache_dir
@@ -220,7 +234,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
         sweep_rounds=fv.sweep_rounds, merge=fv.merge, memory_fraction=fv.memory_fraction,
         compilation_cache_dir=cache_dir, fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
-        command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
+        profile=fv.profile, profile_steps=fv.profile_steps, command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
     check_settings(s)
     return s
 
@@ -710,11 +724,51 @@ def length_target_lines(rows: Sequence[Row]) -> List[str]:
     return lines
 
 
+def run_profile(settings: Settings) -> List[Row]:
+    """Each --ours setting's step, profiled in its own worker one after the other (benchmarks.step_profile)."""
+    from benchmarks import step_profile
+    from benchmarks.measure import machine
+
+    rows = []
+    for setting in settings.ours:
+        spec = ours_spec(settings, settings.model, settings.seq_len, setting)
+        worker = Worker("ours" if setting == "default" else f"ours_{setting}", spec)
+        log(f"== profile: {settings.model} ({setting}) at length {settings.seq_len}, {settings.profile_steps} "
+            "steps ==")
+        try:
+            worker.wait_ready()
+            worker.send(f"profile {settings.profile_steps}")
+            _, profile = worker.read("PROFILE")
+            worker.finish()
+        finally:
+            worker.kill()
+        row: Row = {"experiment": "profile", "setting": setting, "model": settings.model,
+                    "seq_len": settings.seq_len, "batch_size": settings.batch_size, "n_layers": settings.n_layers,
+                    "n_hashes": settings.n_hashes, "chunk_len": settings.chunk_len, "config": spec["config"],
+                    "compiler_options": spec["compiler_options"], "compile_s": worker.facts.get("compile_s"),
+                    "xla_flops": worker.facts.get("flops"), **profile}
+        row.update({k: v for k, v in machine().items() if k not in row})
+        row["command"] = settings.command
+        rows.append(row)
+        log(f"  {setting}: {profile['untraced_step_s']:.3f} s per step, {profile['busy_cores']:.2f} cores busy")
+    first = rows[0]
+    md = (f"# Where the training step's time goes\n\n{command_text(rows)}. Machine: {first['platform']}, "
+          f"{first['cpu_count']} CPUs, backend {first['backend']}; jax {first['jax_version']}, jaxlib "
+          f"{first['jaxlib_version']}. Sizes: vocab {settings.vocab_size}, d_model {settings.d_model}, "
+          f"{settings.n_heads} heads, d_ff {settings.d_ff}, {settings.n_layers} layers, length {settings.seq_len}, "
+          f"batch {settings.batch_size}, {settings.n_hashes} hash rounds, chunk {settings.chunk_len}; preset "
+          f"{settings.model}. Settings: " + "; ".join(f"{s}: {SETTING_NOTES[s]}" for s in settings.ours) + ".\n\n")
+    md += step_profile.markdown(rows)
+    output.write_outputs(settings.out_dir, _out("speed_profile"), rows, md,
+                         lambda path: step_profile.plot(rows, path))
+    return rows
+
+
 def run(settings: Settings) -> List[Row]:
     os.makedirs(settings.out_dir, exist_ok=True)
     t = time.perf_counter()
     runs = {"length": run_length_sweep, "linearity": run_linearity}
-    rows = runs.get(settings.sweep, run_speed)(settings)
+    rows = run_profile(settings) if settings.profile else runs.get(settings.sweep, run_speed)(settings)
     log(f"== {len(rows)} rows in {time.perf_counter() - t:.0f} s, written to {settings.out_dir} ==")
     return rows
 

@@ -5,8 +5,10 @@
 The worker builds the step (ours: lowers and compiles `reformer_jax.train.jit_train_step`; peers: builds the
 torch model and optimizer), runs the warm-up steps and prints `SPEED_READY {json}`. It then reads commands from
 stdin, one a line:
-  run N   run N steps, each timed to completion (block_until_ready), and print `SPEED_TIMES {json}`
-  quit    print `SPEED_DONE {json}` with the process's peak RSS (ru_maxrss: compilation included) and exit
+  run N      run N steps, each timed to completion (block_until_ready), and print `SPEED_TIMES {json}`
+  profile N  ours only: profile N steps and probe the step's matmul shapes (benchmarks.step_profile), print
+             `SPEED_PROFILE {json}`
+  quit       print `SPEED_DONE {json}` with the process's peak RSS (ru_maxrss: compilation included) and exit
 so the driver can alternate rounds between implementations that stay alive. A step whose compile-time peak
 exceeds `memory_limit_bytes` is not run: the worker prints `SPEED_SKIP {json}` and exits.
 """
@@ -88,6 +90,7 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
         jax.block_until_ready((box["state"], metrics))
         return float(metrics["loss"])
 
+    step.compiled, step.config = compiled, config  # for the profile command
     return step, facts
 
 
@@ -143,10 +146,18 @@ def serve(spec: Dict[str, Any], commands=sys.stdin) -> int:
                 loss = step()
                 times.append(time.perf_counter() - t)
             emit("TIMES", {"step_s": times, "loss": loss})
+        elif words[:1] == ["profile"] and len(words) == 2 and hasattr(step, "compiled"):
+            from benchmarks import step_profile
+
+            summary = step_profile.profile_step(step, step.compiled.as_text(), int(words[1]))
+            summary["probes"] = step_profile.probe_matmuls(step.config, spec["seq_len"], spec["batch_size"],
+                                                           spec.get("compiler_options") or None)
+            emit("PROFILE", summary)
         elif words == ["quit"]:
             break
         else:
-            emit("ERROR", {"message": f"unknown command {line.strip()!r}; expected 'run N' or 'quit'"})
+            emit("ERROR", {"message": f"unknown command {line.strip()!r}; expected 'run N', 'profile N' (our step "
+                           "only) or 'quit'"})
             return 2
     emit("DONE", {"ru_maxrss_bytes": ru_maxrss_bytes()})
     return 0

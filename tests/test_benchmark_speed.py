@@ -178,6 +178,8 @@ def flag_values():
     (["--sweep=length", "--lengths=1024,1000"], "length 1000 is not a multiple"),
     (["--compare=peers", "--sweep=length"], "separate runs"),
     (["--merge"], "--merge keeps rows of a --sweep=length run"),
+    (["--profile", "--compare=peers"], "--profile profiles our step alone"),
+    (["--profile", "--profile_steps=0"], "--profile_steps=0 is invalid"),
     (["--compare=peers", "--d_ff=1000"], "--d_ff=1000 must be a multiple of --d_model=256"),
     (["--d_model=102"], "d_model=102 is not divisible by n_heads=4"),
 ])
