@@ -234,7 +234,8 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
         sweep_rounds=fv.sweep_rounds, merge=fv.merge, memory_fraction=fv.memory_fraction,
         compilation_cache_dir=cache_dir, fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
-        profile=fv.profile, profile_steps=fv.profile_steps, command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
+        profile=fv.profile, profile_steps=fv.profile_steps,
+        command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
     check_settings(s)
     return s
 
