@@ -298,6 +298,18 @@ def speed_section(results: str, rel: str) -> List[str]:
         targets = targets_of[name](rows)
         out.append("\nTargets of the speed issue, judged from these rows:\n")
         out.extend(f"- {line}" for line in targets)
+    rows = _load(results, "speed_profile")
+    if rows:
+        from benchmarks import step_profile
+
+        first = rows[0]
+        out.append("\n## Where the training step's time goes\n")
+        out.append(f"{speed.command_text(rows)} -> [`speed_profile.json`]({rel}/speed_profile.json). Machine: "
+                   f"{first['platform']}, {first['cpu_count']} CPUs, backend {first['backend']}; jax "
+                   f"{first['jax_version']}, jaxlib {first['jaxlib_version']}. Preset {first['model']}, length "
+                   f"{first['seq_len']}, batch {first['batch_size']}, {first['n_layers']} layers, "
+                   f"{first['n_hashes']} hash rounds, chunk {first['chunk_len']} (`benchmarks.step_profile`).\n")
+        out.append(step_profile.markdown(rows))
     return out
 
 
