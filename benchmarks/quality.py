@@ -30,6 +30,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import statistics
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -460,6 +462,35 @@ def _budget_line(reformers: Sequence[Row], minutes: float) -> str:
     bpc, name, step, used, what = best
     return (f"Best Reformer validation bpc within {minutes:g} min of training: {bpc:.3f} ({name}, {what} at step "
             f"{step}, {used:.1f} min) (target <= 2.6: {output.met(bpc <= 2.6)}).")
+
+
+def run_seed(row: Row) -> int:
+    """The --seed a row was trained with (0 when its command does not set it)."""
+    match = re.search(r"--seed=(\d+)", row.get("command", ""))
+    return int(match.group(1)) if match else 0
+
+
+def seed_spread(runs: Sequence[Sequence[Row]]) -> str:
+    """Markdown: the validation bpc of the models every run trained, one column per seed, and each model's gap to
+    the Transformer per seed with its mean and range. `runs` are the shakespeare rows of runs with other --seed
+    values (the same sizes and steps); the gap is judged against the 3% target seed by seed."""
+    by_seed = {run_seed(rows[0]): {r["variant"]: r for r in rows} for rows in runs if rows}
+    seeds = sorted(by_seed)
+    models = [m for m in by_seed[seeds[0]] if all(m in by_seed[s] for s in seeds)]
+    if "transformer" not in models or len(seeds) < 2:
+        return ""
+    header = "| model | " + " | ".join(f"seed {s}: bpc | seed {s}: gap" for s in seeds) + " | gap: mean (range) |"
+    lines = [header, "| --- | " + " | ".join("---: | ---:" for _ in seeds) + " | ---: |"]
+    for m in models:
+        bpc = [by_seed[s][m]["final"]["bpc"] for s in seeds]
+        gaps = [b / by_seed[s]["transformer"]["final"]["bpc"] - 1 for b, s in zip(bpc, seeds)]
+        cells = " | ".join(f"{b:.3f} | {g:+.1%}" for b, g in zip(bpc, gaps))
+        summary = "" if m == "transformer" else f"{statistics.mean(gaps):+.1%} ({min(gaps):+.1%} to {max(gaps):+.1%})"
+        lines.append(f"| {m} | {cells} | {summary} |")
+    steps = sorted({by_seed[s][m]["steps"] for s in seeds for m in models})
+    return (f"Validation bpc ({', '.join(map(str, steps))} steps) of the same models trained with other seeds "
+            "(parameters, data order, hashing); gap = bpc / the Transformer's of the same seed - 1:\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 from typing import Dict, List, Optional
@@ -327,6 +328,12 @@ def quality_section(results: str, rel: str) -> List[str]:
         out.append(f"\n## Quality: {task}\n")
         out.append(f"[`{name}.json`]({rel}/{name}.json); learning curves: [`{name}.png`]({rel}/{name}.png)\n")
         out.extend(f"- {line}" for line in quality.target_lines(task, by_name))
+        others = sorted(glob.glob(os.path.join(results, "seeds", "*", f"{name}.json")))
+        spread = quality.seed_spread([rows] + [read_json(path) for path in others]) if others else ""
+        if spread:
+            commands = "; ".join(f"`{read_json(path)[0]['command']}` -> [`{os.path.relpath(path, results)}`]"
+                                 f"({rel}/{os.path.relpath(path, results)})" for path in others)
+            out.append(f"\n{spread}\nOther seeds: {commands}.\n")
         table = quality.markdown(task, rows, rows[0], rows[0]["command"])
         out.append("\n" + table.split("\n", 1)[1].lstrip("\n"))
     return out

@@ -172,3 +172,17 @@ def test_copy_task_target_uses_the_curve_when_training_ran_past_15_minutes():
     assert lines[0] == "LSH trained with 4 rounds, evaluated with 4: 99.0% of the copied half after 1500 steps, 18.0 min."
     assert lines[1] == ("Within 15 min of training: 96.0% (learning-curve point, 2 batches at step 900, 11.0 min) "
                         "(target >= 95%: met).")
+
+
+def test_seed_spread_compares_each_seed_with_its_own_transformer():
+    def run(seed, transformer, reformer, extra=()):
+        command = "python -m benchmarks.quality --task=shakespeare" + (f" --seed={seed}" if seed else "")
+        rows = [_row("transformer", None, transformer), _row("reformer-4", 4, reformer)] + list(extra)
+        return [dict(r, command=command) for r in rows]
+
+    table = quality.seed_spread([run(0, 2.0, 2.1, [_row("lsh-4", 4, 2.05)]), run(1, 2.5, 2.55), run(2, 2.4, 2.52)])
+    lines = table.splitlines()
+    assert "| model | seed 0: bpc | seed 0: gap | seed 1: bpc | seed 1: gap | seed 2: bpc | seed 2: gap |" in lines[2]
+    assert "| reformer-4 | 2.100 | +5.0% | 2.550 | +2.0% | 2.520 | +5.0% | +4.0% (+2.0% to +5.0%) |" in lines
+    assert not any(line.startswith("| lsh-4") for line in lines)  # not trained with every seed
+    assert quality.seed_spread([run(0, 2.0, 2.1)]) == ""
