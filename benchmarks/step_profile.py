@@ -187,8 +187,9 @@ def self_times(events: Iterable[Dict[str, Any]], names: Iterable[str]) -> Dict[s
     wanted = set(names)
     by_thread: Dict[Tuple[Any, Any], List[Dict[str, Any]]] = {}
     for e in events:
-        if e.get("ph") == "X" and e.get("name") in wanted:
-            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+        name = op_name_of(e)
+        if e.get("ph") == "X" and name in wanted:
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(dict(e, name=name))
     out: Dict[str, List[float]] = {}
     for thread_events in by_thread.values():
         thread_events.sort(key=lambda e: (float(e["ts"]), -float(e["dur"])))
@@ -206,6 +207,12 @@ def self_times(events: Iterable[Dict[str, Any]], names: Iterable[str]) -> Dict[s
             total[0] += us
             total[1] += 1
     return {name: (max(0.0, us), int(calls)) for name, (us, calls) in out.items()}
+
+
+def op_name_of(event: Dict[str, Any]) -> Optional[str]:
+    """The HLO op an event ran: XLA:CPU names its events after the op; GPU kernel events carry it in args.hlo_op."""
+    args = event.get("args") or {}
+    return args.get("hlo_op") or event.get("name")
 
 
 def read_trace_events(log_dir: str) -> List[Dict[str, Any]]:

@@ -62,9 +62,11 @@ def test_exclusive_times_subtract_nested_ops_on_the_same_thread():
         {"ph": "X", "name": "dot.1", "ts": 20, "dur": 7, "pid": 1, "tid": 2},  # another thread: no parent
         {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 500, "pid": 1, "tid": 1},  # not an op
         {"ph": "i", "name": "fusion.1", "ts": 55, "pid": 1, "tid": 1},  # not a complete event
+        {"ph": "X", "name": "loop_fusion_kernel", "args": {"hlo_op": "fusion.1"}, "ts": 0, "dur": 4, "pid": 2,
+         "tid": 9},  # a GPU kernel event names its op in args
     ]
     times = step_profile.self_times(events, ["while.1", "dot.1", "fusion.1"])
-    assert times == {"while.1": (70.0, 1), "dot.1": (32.0, 3), "fusion.1": (10.0, 1)}
+    assert times == {"while.1": (70.0, 1), "dot.1": (32.0, 3), "fusion.1": (14.0, 2)}
 
 
 def test_summary_adds_up_by_kind():
