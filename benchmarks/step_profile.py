@@ -14,10 +14,11 @@ same sizes on their own. This module is what it runs:
   ops), summed over the traced steps.
 - `summarize` adds them up by kind, with the chunk products' achieved GFLOP/s (flops from the HLO shapes).
 
-XLA:CPU runs a dot that Eigen spreads over several threads asynchronously: its trace event ends when the work is
-handed to the thread pool, and the rest of its time falls between ops (the "between ops" row). The chunk products
-run synchronously (one small matmul after another on one core), so their event time is their time; the probes
-give the dense matmuls' rate.
+XLA:CPU's dot thunk hands each matmul to Eigen with a completion callback, so the event of a dot that Eigen
+spreads over the thread pool can end before its work does (the dense matmuls' event times imply rates above this
+CPU's peak); the rest of their time falls between ops (the "between ops" row), and the probes give their rate.
+The chunk products run one small matmul after another on the calling thread, so their event time is their time
+(it matches the probe's).
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ def busy_cores(step: Callable[[], Any], n: int) -> Tuple[float, float]:
 
 
 def summarize(ops: Dict[str, HloOp], times: Dict[str, Tuple[float, int]], steps: int) -> Dict[str, Any]:
-    """Per step: op time by kind (with GFLOP/s of the matmuls) and the most expensive ops one by one."""
+    """Per step: op time by kind (GFLOP/s of the synchronous matmuls) and the costliest ops one by one."""
     total_us = sum(us for us, _ in times.values())
     kinds: Dict[str, Dict[str, float]] = {}
     per_op = []
