@@ -752,17 +752,25 @@ def run_profile(settings: Settings) -> List[Row]:
         row["command"] = settings.command
         rows.append(row)
         log(f"  {setting}: {profile['untraced_step_s']:.3f} s per step, {profile['busy_cores']:.2f} cores busy")
-    first = rows[0]
-    md = (f"# Where the training step's time goes\n\n{command_text(rows)}. Machine: {first['platform']}, "
-          f"{first['cpu_count']} CPUs, backend {first['backend']}; jax {first['jax_version']}, jaxlib "
-          f"{first['jaxlib_version']}. Sizes: vocab {settings.vocab_size}, d_model {settings.d_model}, "
-          f"{settings.n_heads} heads, d_ff {settings.d_ff}, {settings.n_layers} layers, length {settings.seq_len}, "
-          f"batch {settings.batch_size}, {settings.n_hashes} hash rounds, chunk {settings.chunk_len}; preset "
-          f"{settings.model}. Settings: " + "; ".join(f"{s}: {SETTING_NOTES[s]}" for s in settings.ours) + ".\n\n")
-    md += step_profile.markdown(rows)
-    output.write_outputs(settings.out_dir, _out("speed_profile"), rows, md,
+    output.write_outputs(settings.out_dir, _out("speed_profile"), rows, profile_markdown(rows),
                          lambda path: step_profile.plot(rows, path))
     return rows
+
+
+def profile_markdown(rows: Sequence[Row]) -> str:
+    """speed_profile.md: what was profiled, where and how, then `step_profile.markdown`'s tables."""
+    from benchmarks import step_profile
+
+    first, config = rows[0], rows[0]["config"]
+    return (f"# Where the training step's time goes\n\n{command_text(rows)}. Machine: {first['platform']}, "
+            f"{first['cpu_count']} CPUs, backend {first['backend']}; jax {first['jax_version']}, jaxlib "
+            f"{first['jaxlib_version']}. Sizes: vocab {config['vocab_size']}, d_model {config['d_model']}, "
+            f"{config['n_heads']} heads, d_ff {config['d_ff']}, {first['n_layers']} layers, length "
+            f"{first['seq_len']}, batch {first['batch_size']}, {first['n_hashes']} hash rounds, chunk "
+            f"{first['chunk_len']}; preset {first['model']}. Settings: "
+            + "; ".join(f"{r['setting']}: {SETTING_NOTES[r['setting']]}" for r in rows) + ". The settings are "
+            "profiled one after another, not in alternating rounds: compare their breakdowns, not their step times "
+            "(speed_peers.md times them side by side).\n\n" + step_profile.markdown(rows))
 
 
 def run(settings: Settings) -> List[Row]:

@@ -446,5 +446,5 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
     ax.set_xlabel("op time per training step (s, from the trace)")
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     output.save_figure(path, fig)
