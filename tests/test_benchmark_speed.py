@@ -42,7 +42,7 @@ def test_worker_protocol_times_on_command_and_refuses_unknown_ones(capsys, monke
     losses = iter([1.0])
     assert speed_worker.serve(spec, commands=io.StringIO("walk 3\n")) == 2
     kind, payload = _messages(capsys.readouterr().out)[-1]
-    assert kind == "ERROR" and "expected 'run N' or 'quit'" in payload["message"]
+    assert kind == "ERROR" and "expected 'run N', 'profile N' (our step only) or 'quit'" in payload["message"]
 
 
 def test_worker_compiles_our_step_and_skips_it_when_it_does_not_fit(capsys):
