@@ -328,11 +328,12 @@ def quality_section(results: str, rel: str) -> List[str]:
         out.append(f"\n## Quality: {task}\n")
         out.append(f"[`{name}.json`]({rel}/{name}.json); learning curves: [`{name}.png`]({rel}/{name}.png)\n")
         out.extend(f"- {line}" for line in quality.target_lines(task, by_name))
-        others = sorted(glob.glob(os.path.join(results, "seeds", "*", f"{name}.json")))
-        spread = quality.seed_spread([rows] + [read_json(path) for path in others]) if others else ""
+        others = {os.path.relpath(path, results): read_json(path)
+                  for path in sorted(glob.glob(os.path.join(results, "seeds", "*", f"{name}.json")))}
+        spread = quality.seed_spread([rows] + list(others.values())) if others else ""
         if spread:
-            commands = "; ".join(f"`{read_json(path)[0]['command']}` -> [`{os.path.relpath(path, results)}`]"
-                                 f"({rel}/{os.path.relpath(path, results)})" for path in others)
+            commands = "; ".join(f"`{other[0]['command']}` -> [`{path}`]({rel}/{path})"
+                                 for path, other in others.items())
             out.append(f"\n{spread}\nOther seeds: {commands}.\n")
         table = quality.markdown(task, rows, rows[0], rows[0]["command"])
         out.append("\n" + table.split("\n", 1)[1].lstrip("\n"))

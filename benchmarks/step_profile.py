@@ -351,26 +351,31 @@ def probe_matmuls(config, seq_len: int, batch_size: int, compiler_options: Optio
 
 
 def _kind_table(rows: Sequence[Dict[str, Any]]) -> str:
-    from benchmarks.output import fmt
+    """Kinds of op down, settings across: ms per step, % of the ops' time, GFLOP/s (chunk products only)."""
+    from benchmarks.output import markdown_table
 
-    settings = [r["setting"] for r in rows]
-    header = "| kind of op | " + " | ".join(f"{s}: ms / step | {s}: share | {s}: GFLOP/s" for s in settings) + " |"
-    rule = "| --- | " + " | ".join("---: | ---: | ---:" for _ in settings) + " |"
-    lines = [header, rule]
+    table = []  # one row per kind: {"label", "entries": {setting: by_kind entry}}
     for key, label in KINDS:
-        cells = []
-        present = False
-        for r in rows:
-            k = next((k for k in r["by_kind"] if k["kind"] == key), None)
-            present = present or k is not None
-            cells += ([fmt(k["s_per_step"] * 1e3, ",.1f"), fmt(k["share"] * 100, ".1f") + "%",
-                       "" if k["gflops_per_s"] is None else fmt(k["gflops_per_s"], ".0f")] if k else ["", "", ""])
-        if present:
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| between ops (dispatch, asynchronous matmuls' remaining work; 0 where events overlap) | "
-                 + " | ".join(f"{r['between_ops_s_per_step'] * 1e3:,.1f} | | " for r in rows) + " |")
-    lines.append("| traced step | " + " | ".join(f"{r['traced_step_s'] * 1e3:,.1f} | | " for r in rows) + " |")
-    return "\n".join(lines) + "\n"
+        entries = {r["setting"]: k for r in rows for k in r["by_kind"] if k["kind"] == key}
+        if entries:
+            table.append({"label": label, "entries": entries})
+    table.append({"label": "between ops (dispatch, asynchronous matmuls' remaining work; 0 where events overlap)",
+                  "entries": {r["setting"]: {"s_per_step": r["between_ops_s_per_step"]} for r in rows}})
+    table.append({"label": "traced step", "entries": {r["setting"]: {"s_per_step": r["traced_step_s"]} for r in rows}})
+
+    def cell(setting, field, scale=1.0):
+        def value(t):
+            v = t["entries"].get(setting, {}).get(field)
+            return None if v is None else v * scale
+        return value
+
+    columns = [("label", "kind of op", "s")]
+    for r in rows:
+        s = r["setting"]
+        columns += [(cell(s, "s_per_step", 1e3), f"{s}: ms / step", ",.1f"),
+                    (cell(s, "share", 100.0), f"{s}: % of op time", ".1f"),
+                    (cell(s, "gflops_per_s"), f"{s}: GFLOP/s", ".0f")]
+    return markdown_table(table, columns)
 
 
 def markdown(rows: Sequence[Dict[str, Any]]) -> str:
