@@ -243,19 +243,19 @@ def traced_steps(step: Callable[[], Any], n: int) -> Tuple[List[Dict[str, Any]],
         return read_trace_events(log_dir), walls
 
 
-def busy_cores(step: Callable[[], Any], n: int) -> Tuple[float, float]:
-    """(median wall seconds per step, process CPU seconds / wall seconds) over n untraced steps.
+def _wall_and_cpu(fn: Callable[[], Any]) -> Tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds, result) of one call. CPU time counts every thread of the process,
+    including a thread pool's workers spinning while they wait."""
+    t, c = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - t, time.process_time() - c, result
 
-    CPU time counts every thread of the process, including a thread pool's workers spinning while they wait.
-    """
-    walls, cpu, wall = [], 0.0, 0.0
-    for _ in range(n):
-        t, c = time.perf_counter(), time.process_time()
-        step()
-        walls.append(time.perf_counter() - t)
-        cpu += time.process_time() - c
-        wall += walls[-1]
-    return statistics.median(walls), cpu / wall
+
+def busy_cores(step: Callable[[], Any], n: int) -> Tuple[float, float]:
+    """(median wall seconds per step, process CPU seconds / wall seconds) over n untraced steps."""
+    timings = [_wall_and_cpu(step)[:2] for _ in range(n)]
+    walls = [wall for wall, _ in timings]
+    return statistics.median(walls), sum(cpu for _, cpu in timings) / sum(walls)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,11 +334,14 @@ def probe_matmuls(config, seq_len: int, batch_size: int, compiler_options: Optio
         a, b = (jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes))
         compiled = jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y)).lower(a, b).compile(compiler_options)
         jax.block_until_ready(compiled(a, b))
-        t, cpu = time.perf_counter(), time.process_time()
-        for _ in range(repeats):
-            out = compiled(a, b)
-        jax.block_until_ready(out)
-        wall, cpu = (time.perf_counter() - t) / repeats, (time.process_time() - cpu) / repeats
+
+        def calls(compiled=compiled, a=a, b=b):
+            for _ in range(repeats - 1):
+                compiled(a, b)
+            return jax.block_until_ready(compiled(a, b))
+
+        wall, cpu, out = _wall_and_cpu(calls)
+        wall, cpu = wall / repeats, cpu / repeats
         flops = 2 * out.size * shapes[0][-1]
         rows.append({"what": what, "einsum": spec, "dtype": jnp.dtype(dtype).name, "shapes": [list(s) for s in shapes],
                      "us_per_call": wall * 1e6,
