@@ -19,10 +19,10 @@ from typing import Any, Dict
 
 from absl import app, flags, logging
 
-from reformer_jax import data as data_lib
-from reformer_jax.config import (ATTENTION_TYPES, DTYPES, FF_ACTIVATIONS, OUTPUT_HEADS, POS_EMBEDDINGS, PRESETS,
+from reformer_jax.training import data as data_lib
+from reformer_jax.model.config import (ATTENTION_TYPES, DTYPES, FF_ACTIVATIONS, OUTPUT_HEADS, POS_EMBEDDINGS, PRESETS,
                                  ModelConfig)
-from reformer_jax.train import OPTIMIZERS
+from reformer_jax.training.step import OPTIMIZERS
 
 FLAGS = flags.FLAGS
 
@@ -137,7 +137,7 @@ def _parse_buckets(text: str):
 
 def _config_from_init_from() -> ModelConfig:
     """The converted checkpoint's ModelConfig (--init_from), checked against the run flags."""
-    from reformer_jax.convert import ConversionError, load_converted_config
+    from reformer_jax.model.hf_convert import ConversionError, load_converted_config
 
     given = [f"--{name}" for name in MODEL_FLAGS if FLAGS[name].present]
     if given or FLAGS["model"].present:
@@ -205,7 +205,7 @@ def validate_run_flags() -> None:
         raise app.UsageError(f"--vocab_size={vocab} is too small for byte-level --dataset={FLAGS.dataset}; use "
                              f"{data_lib.BYTE_VOCAB_SIZE} (or leave it unset).")
     if FLAGS.compilation_cache_dir is not None:
-        from reformer_jax.compilation_cache import check_cache_dir
+        from reformer_jax.xla.compilation_cache import check_cache_dir
 
         try:
             check_cache_dir(FLAGS.compilation_cache_dir)
@@ -239,12 +239,12 @@ def main(argv):
     config = model_config_from_flags()
     _initialize_distributed()
     if FLAGS.compilation_cache_dir is not None:
-        from reformer_jax.compilation_cache import enable_compilation_cache
+        from reformer_jax.xla.compilation_cache import enable_compilation_cache
 
         enable_compilation_cache(FLAGS.compilation_cache_dir)
 
-    from reformer_jax.checkpoint import CheckpointError, CheckpointMismatch, saved_run_settings
-    from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate
+    from reformer_jax.training.checkpoint import CheckpointError, CheckpointMismatch, saved_run_settings
+    from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and_evaluate
 
     schedule_steps = FLAGS.schedule_steps
     saved = saved_run_settings(FLAGS.workdir)

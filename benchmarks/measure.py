@@ -1,6 +1,6 @@
 """Benchmark-side measurement helpers: the machine a figure was measured on.
 
-The compile-and-measure functions and the memory floor live in the library (`reformer_jax.memory`).
+The compile-and-measure functions and the memory floor live in the library (`reformer_jax.xla.memory_analysis`).
 """
 
 from __future__ import annotations

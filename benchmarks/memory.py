@@ -14,7 +14,7 @@ Experiments (each writes NAME.json, NAME.csv, NAME.md and NAME.png in --out_dir)
   floor     the memory-floor issue's targets, measured, with pass/short
   all       all of the above
 
-Numbers are compile-time figures of the real training step (`reformer_jax.train.jit_train_step`, donated state,
+Numbers are compile-time figures of the real training step (`reformer_jax.training.step.jit_train_step`, donated state,
 Adafactor unless --optimizer) for abstract inputs: peak = argument + output - alias + temp, in MiB (2^20 bytes).
 """
 
@@ -263,7 +263,7 @@ _CACHE: Dict[Tuple[Any, ...], Tuple[Any, float]] = {}
 
 def measure(settings: Settings, config, *, seq_len: int, optimizer: Optional[str]) -> Tuple[Any, float]:
     """(MemoryStats, compile seconds) of the step, memoised within this process (`all` shares compilations)."""
-    from reformer_jax.memory import compile_train_step as compile_step
+    from reformer_jax.xla.memory_analysis import compile_train_step as compile_step
 
     key = (config, settings.batch_size, seq_len, optimizer, settings.fast_compile)
     if key not in _CACHE:
@@ -527,8 +527,8 @@ def run_seqlen(settings: Settings) -> List[Row]:
 
 
 def run_timeline(settings: Settings) -> List[Row]:
-    from benchmarks import timeline
-    from reformer_jax.memory import compile_train_step as compile_step
+    from reformer_jax.xla import timeline
+    from reformer_jax.xla.memory_analysis import compile_train_step as compile_step
 
     rows = []
     root = settings.dump_dir or tempfile.mkdtemp(prefix="xla_dump_")
@@ -610,7 +610,7 @@ def run_runtime(settings: Settings) -> List[Row]:
             f"{settings.runtime_steps} steps in a fresh process ...")
         t = time.perf_counter()
         result = run_runtime_worker(settings, spec, f"runtime worker for {model}")
-        from reformer_jax.memory import MemoryStats
+        from reformer_jax.xla.memory_analysis import MemoryStats
 
         stats = MemoryStats(**{f.name: result[f.name] for f in dataclasses.fields(MemoryStats)})
         extra = {k: v for k, v in result.items() if k not in stats.to_dict() and k != "compile_s"}
@@ -654,7 +654,7 @@ def time_train_steps(config, *, batch_size: int, seq_len: int, steps: int) -> fl
     import jax
     import jax.numpy as jnp
 
-    from reformer_jax import train
+    from reformer_jax.training import step as train
 
     tx = train.make_optimizer("adafactor")
     state = jax.jit(lambda k: train.create_train_state(k, config, tx))(jax.random.key(0))
@@ -833,7 +833,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         settings = settings_from_flags(flags.FLAGS, sys.argv)
         if flags.FLAGS.compilation_cache_dir:
-            from reformer_jax.compilation_cache import enable_compilation_cache
+            from reformer_jax.xla.compilation_cache import enable_compilation_cache
 
             enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
     except (FlagError, ValueError) as err:

@@ -2,7 +2,7 @@
 
 Each builder returns a `TorchStep` training a model of the given sizes with Adafactor (transformers' own, no
 relative step or parameter scaling, as optax.adafactor(multiply_by_parameter_scale=False)) after clipping
-gradients to global norm 1, as reformer_jax.train does. Neither library is a dependency of reformer_jax:
+gradients to global norm 1, as reformer_jax.training.step does. Neither library is a dependency of reformer_jax:
 `pip install -r benchmarks/requirements-peers.txt`.
 
 Sizes are a dict: vocab_size, d_model, n_heads, d_head, d_ff, n_layers, seq_len, batch_size, n_hashes, chunk_len,

@@ -4,7 +4,7 @@
     python -m benchmarks.quality --task=shakespeare --budget_minutes=15
     python -m benchmarks.quality --task=synthetic
 
-Every variant is trained by main.py's own training loop (`reformer_jax.trainer.train_and_evaluate`) with the same
+Every variant is trained by main.py's own training loop (`reformer_jax.training.loop.train_and_evaluate`) with the same
 steps, seed and data order, each stopped at --budget_minutes of wall time (compilation included) if it has not
 finished by then. Runs live in --workdir/<task>/<variant>: rerunning the command resumes unfinished runs and
 re-evaluates finished ones without training them again.
@@ -121,7 +121,7 @@ class Variant:
     overrides: Tuple[Tuple[str, Any], ...]
 
     def config(self):
-        from reformer_jax.config import ModelConfig
+        from reformer_jax.model.config import ModelConfig
 
         return ModelConfig.preset(self.preset, **dict(self.overrides))
 
@@ -260,7 +260,7 @@ def check_flags(fv) -> List[TaskPlan]:
 
 
 def _options(fv, plan: TaskPlan, variant: Variant):
-    from reformer_jax.trainer import TrainOptions
+    from reformer_jax.training.loop import TrainOptions
 
     workdir = os.path.join(fv.workdir, plan.task, variant.name)
     steps = plan.steps
@@ -327,7 +327,7 @@ def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[s
     """Every final score of one trained model (see the module docstring)."""
     import jax
 
-    from reformer_jax import evaluation
+    from reformer_jax.training import evaluation
 
     config = variant.config()
     rng = jax.random.key(fv.seed + 30_000)
@@ -354,7 +354,7 @@ def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[s
 
 def run_variant(fv, plan: TaskPlan, variant: Variant, dataset) -> Row:
     """Train (or resume) one variant, then score it; the row of the results JSON."""
-    from reformer_jax.trainer import train_and_evaluate
+    from reformer_jax.training.loop import train_and_evaluate
 
     options = _options(fv, plan, variant)
     print(f"\n[{plan.task}] {variant.name}: {plan.steps} steps of {plan.batch_size} x {plan.seq_len} tokens, "
@@ -601,7 +601,7 @@ def write_task_outputs(fv, task: str, rows: List[Row], command: str, git_commit:
 
 
 def run_task(fv, plan: TaskPlan, command: str, git_commit: Optional[str]) -> List[Row]:
-    from reformer_jax import data as data_lib
+    from reformer_jax.training import data as data_lib
 
     dataset = data_lib.load_dataset(plan.dataset, seq_len=plan.seq_len, data_path=plan.data_path,
                                     vocab_size=plan.vocab_size)
@@ -620,8 +620,8 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError(str(error)) from None
     from absl import logging
 
-    from reformer_jax import data as data_lib
-    from reformer_jax.checkpoint import CheckpointError, CheckpointMismatch
+    from reformer_jax.training import data as data_lib
+    from reformer_jax.training.checkpoint import CheckpointError, CheckpointMismatch
 
     logging.set_verbosity(logging.WARNING)
     command = " ".join(["python -m benchmarks.quality"] + list(sys.argv[1:]))

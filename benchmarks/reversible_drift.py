@@ -7,11 +7,11 @@ The backward pass of the reversible stack never stores a layer's inputs: it reco
 x2 = y2 - G(y1), x1 = y1 - F(x2), last layer first, with the forward pass's bucket ids. On plain float32 streams
 each forward sum y = x + F rounds away x's low bits, so the subtraction cannot give them back, and the error of x2
 passes through F into x1: the error grows with depth. On the exact-reversal grid (ModelConfig.stream_grid_bits,
-see `reformer_jax.reversible`) the sums are exact and the inputs come back bit for bit while |stream| stays below
+see `reformer_jax.kernels.reversible`) the sums are exact and the inputs come back bit for bit while |stream| stays below
 2^(24 - k).
 
 For each depth n, each compute dtype and each setting (grid off, grid on) this runs the stack's own forward and
-backward passes (`reformer_jax.reversible.recovered_inputs`, random cotangents, as in a training step) over the
+backward passes (`reformer_jax.kernels.reversible.recovered_inputs`, random cotangents, as in a training step) over the
 first n layers of one (n_max)-layer Reformer at initialisation, dropout off, on the embedded tokens, and reports
 the relative error of the recovered stack inputs ||x_rec - x||_F / ||x||_F (the larger of the two streams) and the
 largest |stream| at the stack's output. Residual streams are float32 in both dtypes; "bfloat16" is the dtype of the
@@ -35,9 +35,9 @@ from absl import app, flags
 from benchmarks import output
 from benchmarks.measure import machine
 from reformer_jax import ModelConfig
-from reformer_jax.config import RECOMMENDED_STREAM_GRID_BITS
-from reformer_jax.model import ReformerLM, block_functions, init_params
-from reformer_jax.reversible import recovered_inputs, to_grid
+from reformer_jax.model.config import RECOMMENDED_STREAM_GRID_BITS
+from reformer_jax.model.reformer_lm import ReformerLM, block_functions, init_params
+from reformer_jax.kernels.reversible import recovered_inputs, to_grid
 
 DTYPES = ("float32", "bfloat16")
 NAME = "reversible_drift"

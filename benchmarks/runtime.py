@@ -87,10 +87,10 @@ def run_worker(spec: Dict[str, Any], *,
     import jax.numpy as jnp
     import numpy as np
 
-    from reformer_jax.memory import stats_from_analysis
-    from reformer_jax.config import ModelConfig
-    from reformer_jax.memory import compiler_options
-    from reformer_jax import train
+    from reformer_jax.xla.memory_analysis import stats_from_analysis
+    from reformer_jax.model.config import ModelConfig
+    from reformer_jax.xla.memory_analysis import compiler_options
+    from reformer_jax.training import step as train
 
     config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
     batch_size, seq_len, steps = int(spec["batch_size"]), int(spec["seq_len"]), int(spec.get("steps", 2))

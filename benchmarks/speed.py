@@ -219,7 +219,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
                         f"{Settings().profile_steps}).")
     cache_dir = fv.compilation_cache_dir
     if cache_dir:
-        from reformer_jax.compilation_cache import check_cache_dir
+        from reformer_jax.xla.compilation_cache import check_cache_dir
 
         try:
             cache_dir = check_cache_dir(cache_dir)
@@ -373,7 +373,7 @@ def time_group(workers: List[Worker], settings: Settings, rounds: int,
 
 def ours_spec(settings: Settings, model: str, seq_len: int, setting: str,
               memory_limit: Optional[int] = None) -> Dict[str, Any]:
-    from reformer_jax.xla_options import step_compiler_options
+    from reformer_jax.xla.compiler_options import step_compiler_options
 
     import jax
 

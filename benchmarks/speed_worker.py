@@ -2,7 +2,7 @@
 
     python -m benchmarks.speed_worker '{"impl": "ours" | "hf" | "reformer_pytorch", ...}'
 
-The worker builds the step (ours: lowers and compiles `reformer_jax.train.jit_train_step`; peers: builds the
+The worker builds the step (ours: lowers and compiles `reformer_jax.training.step.jit_train_step`; peers: builds the
 torch model and optimizer), runs the warm-up steps and prints `SPEED_READY {json}`. It then reads commands from
 stdin, one a line:
   run N      run N steps, each timed to completion (block_until_ready), and print `SPEED_TIMES {json}`
@@ -50,10 +50,10 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
     import jax
     import jax.numpy as jnp
 
-    from reformer_jax import train
-    from reformer_jax.compilation_cache import CacheHits, enable_compilation_cache
-    from reformer_jax.config import ModelConfig
-    from reformer_jax.memory import stats_from_analysis
+    from reformer_jax.training import step as train
+    from reformer_jax.xla.compilation_cache import CacheHits, enable_compilation_cache
+    from reformer_jax.model.config import ModelConfig
+    from reformer_jax.xla.memory_analysis import stats_from_analysis
 
     if spec.get("compilation_cache_dir"):
         enable_compilation_cache(spec["compilation_cache_dir"])

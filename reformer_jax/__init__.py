@@ -5,8 +5,8 @@
     logits = ReformerLM(config).apply({"params": params}, tokens, rngs={"lsh": key})
 """
 
-from reformer_jax.config import ModelConfig
-from reformer_jax.model import ReformerLM, init_params
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.model.reformer_lm import ReformerLM, init_params
 
 __all__ = ["ModelConfig", "ReformerLM", "init_params"]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from reformer_jax import data  # noqa: E402
+from reformer_jax.training import data  # noqa: E402
 
 delay = float(os.environ.get("FAULT_STEP_DELAY", "0"))
 if delay:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from reformer_jax import attention as attn
+from reformer_jax.kernels.full import shared_qk_attention
+from reformer_jax.kernels import lsh as attn
 
 
 def _qkv(seed, shape=(2, 3, 64, 16)):
@@ -22,7 +23,7 @@ def _max_abs(a, b):
 @pytest.mark.parametrize("chunk_len", [64, 32])
 def test_lsh_with_whole_sequence_chunks_equals_full_attention(chunk_len, causal):
     qk, v = _qkv(0)
-    full = attn.shared_qk_attention(qk, v, causal=causal)
+    full = shared_qk_attention(qk, v, causal=causal)
     lsh = attn.lsh_attention(qk, v, jax.random.key(1), n_hashes=1, n_buckets=4, chunk_len=chunk_len, causal=causal)
     assert _max_abs(lsh, full) < 1e-5
 
@@ -37,9 +38,9 @@ def test_full_attention_matches_explicit_softmax():
     scores = np.where(i == j, -1e5, scores)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("bhqs,bhsk->bhqk", probs / probs.sum(-1, keepdims=True), np.asarray(v, np.float64))
-    np.testing.assert_allclose(attn.shared_qk_attention(qk, v), expected, atol=1e-5)
+    np.testing.assert_allclose(shared_qk_attention(qk, v), expected, atol=1e-5)
     # Position 0 sees only itself: the self mask is a last resort, not a hard mask.
-    np.testing.assert_allclose(attn.shared_qk_attention(qk, v)[:, :, 0], v[:, :, 0], atol=1e-6)
+    np.testing.assert_allclose(shared_qk_attention(qk, v)[:, :, 0], v[:, :, 0], atol=1e-6)
 
 
 @pytest.mark.parametrize("n_hashes, n_buckets, chunk_len, n_chunks_before", [
@@ -222,7 +223,7 @@ def test_bad_lsh_arguments_are_rejected(kwargs, message):
 def test_mismatched_qk_and_v_are_rejected():
     qk, v = _qkv(24)
     with pytest.raises(ValueError, match="matching batch, heads and length"):
-        attn.shared_qk_attention(qk, v[:, :, :32])
+        shared_qk_attention(qk, v[:, :, :32])
 
 
 @pytest.mark.parametrize("n_hashes, n_buckets, chunk_len, n_chunks_before", [(3, 8, 8, 1), (4, (4, 4), 16, 2)])

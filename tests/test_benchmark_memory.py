@@ -15,9 +15,11 @@ import types
 import pytest
 from absl import flags
 
-from benchmarks import memory, output, runtime, timeline
-from reformer_jax.memory import floor_bytes, stats_from_analysis
-from reformer_jax.memory import MemoryStats
+from benchmarks import memory, output, runtime
+
+from reformer_jax.xla import timeline
+from reformer_jax.xla.memory_analysis import floor_bytes, stats_from_analysis
+from reformer_jax.xla.memory_analysis import MemoryStats
 
 # Its module-scoped fixtures are expensive: keep the module on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_benchmark_memory")

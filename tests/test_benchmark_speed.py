@@ -200,7 +200,7 @@ def test_defaults_are_configuration_p(flag_values):
 
 
 def test_bad_cache_dir_is_refused(tmp_path, flag_values):
-    from reformer_jax.compilation_cache import check_cache_dir
+    from reformer_jax.xla.compilation_cache import check_cache_dir
 
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -216,7 +216,7 @@ def test_a_second_process_loads_from_the_compilation_cache(tmp_path):
     script = textwrap.dedent("""
         import sys
         import jax, jax.numpy as jnp
-        from reformer_jax.compilation_cache import CacheHits, enable_compilation_cache
+        from reformer_jax.xla.compilation_cache import CacheHits, enable_compilation_cache
         enable_compilation_cache(sys.argv[1], min_compile_time_s=0)
         with CacheHits() as hits:
             jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((4, 4))))

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from reformer_jax import ModelConfig
-from reformer_jax.config import default_axial_shape, default_n_buckets
+from reformer_jax.model.config import default_axial_shape, default_n_buckets
 
 
 def test_defaults_are_the_seeds_setup():

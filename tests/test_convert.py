@@ -1,9 +1,9 @@
-"""reformer_jax.convert without torch: the tensor mapping and its errors on a synthetic state dict."""
+"""reformer_jax.model.hf_convert without torch: the tensor mapping and its errors on a synthetic state dict."""
 
 import numpy as np
 import pytest
 
-from reformer_jax.convert import ConversionError, _expected_tensors, config_from_hf, from_hf
+from reformer_jax.model.hf_convert import ConversionError, _expected_tensors, config_from_hf, from_hf
 
 HF_CONFIG = dict(model_type="reformer", attn_layers=["local", "lsh"], hidden_size=8, num_attention_heads=2,
                  attention_head_size=4, feed_forward_size=16, vocab_size=11, lsh_attn_chunk_length=4,

@@ -7,7 +7,7 @@ import urllib.error
 import numpy as np
 import pytest
 
-from reformer_jax import data
+from reformer_jax.training import data
 
 
 def test_bytes_round_trip_with_offset_and_specials():

@@ -1,12 +1,12 @@
-"""reformer_jax.evaluation: the future's influence and the truncated (future-masked) score."""
+"""reformer_jax.training.evaluation: the future's influence and the truncated (future-masked) score."""
 
 import jax
 import numpy as np
 import pytest
 
 from reformer_jax import ModelConfig
-from reformer_jax import evaluation
-from reformer_jax.model import init_params
+from reformer_jax.training import evaluation
+from reformer_jax.model.reformer_lm import init_params
 
 LENGTH = 64
 

@@ -17,10 +17,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from reformer_jax import ModelConfig, data, trainer
-from reformer_jax.checkpoint import CheckpointError, WorkdirError
-from reformer_jax.run_log import MetricsLog
-from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate
+from reformer_jax import ModelConfig
+
+from reformer_jax.training import data
+
+from reformer_jax.training import loop as trainer
+from reformer_jax.training.checkpoint import CheckpointError, WorkdirError
+from reformer_jax.training.run_log import MetricsLog
+from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and_evaluate
 
 # Its module-scoped fixtures are expensive: keep the module on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_faults")

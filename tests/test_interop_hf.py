@@ -15,9 +15,9 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from reformer_jax.convert import from_hf  # noqa: E402
-from reformer_jax.model import ReformerLM  # noqa: E402
-from reformer_jax.train import metrics_from_sums  # noqa: E402
+from reformer_jax.model.hf_convert import from_hf  # noqa: E402
+from reformer_jax.model.reformer_lm import ReformerLM  # noqa: E402
+from reformer_jax.training.step import metrics_from_sums  # noqa: E402
 
 BASE = dict(hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64, vocab_size=30,
             lsh_attn_chunk_length=8, local_attn_chunk_length=8, num_hashes=2, num_buckets=4, is_decoder=True,

@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reformer_jax import ModelConfig, ReformerLM, init_params, layers
-from reformer_jax.local_attention import local_attention
-from reformer_jax.model import layer_period
-from reformer_jax.reversible import reversible_stack
+from reformer_jax import ModelConfig, ReformerLM, init_params
+
+from reformer_jax.model import layers
+from reformer_jax.kernels.local import local_attention
+from reformer_jax.model.reformer_lm import layer_period
+from reformer_jax.kernels.reversible import reversible_stack
 
 
 def dense_local_reference(q, k, v, chunk_len, n_before, causal, key_mask):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from reformer_jax import ModelConfig
-from reformer_jax.memory import MemoryStats, analyze_train_step, tree_bytes
-from reformer_jax.model import init_params
+from reformer_jax.xla.memory_analysis import MemoryStats, analyze_train_step, tree_bytes
+from reformer_jax.model.reformer_lm import init_params
 
 
 def tiny(name, **overrides):

@@ -5,7 +5,9 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import pytest
 
-from reformer_jax import ModelConfig, layers
+from reformer_jax import ModelConfig
+
+from reformer_jax.model import layers
 
 
 def _rel_err(got, want):

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reformer_jax import ModelConfig, layers
-from reformer_jax.reversible import residual_stack, reversible_stack
+from reformer_jax import ModelConfig
+
+from reformer_jax.model import layers
+from reformer_jax.kernels.reversible import residual_stack, reversible_stack
 
 
 def _setup(attention, n_layers=3):

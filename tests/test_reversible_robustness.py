@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from benchmarks.reversible_drift import FLOAT32_TARGET, drift_config, measure_drift
-from reformer_jax import ModelConfig, layers
-from reformer_jax import attention as attn
-from reformer_jax.config import RECOMMENDED_STREAM_GRID_BITS
-from reformer_jax.model import block_functions
-from reformer_jax.reversible import reversible_stack, to_grid
+from reformer_jax import ModelConfig
+from reformer_jax.model import layers
+from reformer_jax.kernels import lsh as attn
+from reformer_jax.model.config import RECOMMENDED_STREAM_GRID_BITS
+from reformer_jax.model.reformer_lm import block_functions
+from reformer_jax.kernels.reversible import reversible_stack, to_grid
 
 # Its module-scoped fixtures are expensive: keep the module on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_reversible_robustness")

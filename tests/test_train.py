@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reformer_jax import ModelConfig
-from reformer_jax import train
+from reformer_jax.training import step as train
 
 
 def pattern_batch(batch_size=4, seq_len=64, period=5, offset=3):

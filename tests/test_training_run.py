@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from corpus import corpus_path
-from reformer_jax import ModelConfig, data
-from reformer_jax.checkpoint import CheckpointMismatch
-from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate
+from reformer_jax import ModelConfig
+from reformer_jax.training import data
+from reformer_jax.training.checkpoint import CheckpointMismatch
+from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=259, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=64, chunk_len=16, n_hashes=2)
@@ -137,9 +138,10 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {repo!r})
     import jax, numpy as np
-    from reformer_jax import ModelConfig, data
-    from reformer_jax.train import make_optimizer
-    from reformer_jax.trainer import data_parallel_shardings, global_batch, sharded_step_functions
+    from reformer_jax import ModelConfig
+    from reformer_jax.training import data
+    from reformer_jax.training.step import make_optimizer
+    from reformer_jax.training.loop import data_parallel_shardings, global_batch, sharded_step_functions
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig.preset("reformer", **{tiny!r})
     task = data.CopyTask(vocab_size=259)
@@ -158,7 +160,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     assert abs(loss1 - loss8) <= 1e-5 * abs(loss1), (loss1, loss8)
     worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(p1, p8))
     assert worst < 1e-4, worst
-    from reformer_jax.trainer import TrainOptions, train_and_evaluate
+    from reformer_jax.training.loop import TrainOptions, train_and_evaluate
     import tempfile
     try:
         train_and_evaluate(cfg, TrainOptions(workdir=tempfile.mkdtemp(), batch_size=3, seq_len=64,

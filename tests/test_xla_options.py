@@ -5,9 +5,10 @@ import jax
 import numpy as np
 
 from benchmarks import speed
-from reformer_jax import ModelConfig, train
-from reformer_jax.trainer import data_parallel_shardings, sharded_step_functions
-from reformer_jax.xla_options import CPU_STEP_OPTIONS, LEAN_CPU_OPTIONS, step_compiler_options
+from reformer_jax import ModelConfig
+from reformer_jax.training import step as train
+from reformer_jax.training.loop import data_parallel_shardings, sharded_step_functions
+from reformer_jax.xla.compiler_options import CPU_STEP_OPTIONS, LEAN_CPU_OPTIONS, step_compiler_options
 
 
 def test_cpu_steps_get_options_and_other_backends_none():

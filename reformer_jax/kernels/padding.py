@@ -17,8 +17,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from reformer_jax.attention import bucket_dtype
-from reformer_jax.config import total_buckets
+from reformer_jax.kernels.lsh import bucket_dtype, total_buckets
 
 
 def real_first_order(mask: jax.Array) -> Tuple[jax.Array, jax.Array]:

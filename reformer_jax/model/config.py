@@ -71,11 +71,6 @@ def default_n_buckets(seq_len: int, chunk_len: int) -> Union[int, Tuple[int, int
     return n
 
 
-def total_buckets(n_buckets: Union[int, Tuple[int, ...]]) -> int:
-    """Number of distinct bucket ids per round (the product of the factors for factorised buckets)."""
-    return math.prod(n_buckets) if isinstance(n_buckets, tuple) else int(n_buckets)
-
-
 def default_axial_shape(length: int) -> Tuple[int, int]:
     """(l1, l2) with l1 * l2 = length, l1 the largest divisor not above sqrt(length): 4096 -> (64, 64)."""
     for l1 in range(int(math.isqrt(length)), 0, -1):
@@ -136,7 +131,7 @@ class ModelConfig:
       param_dtype: dtype the parameters are stored in.
       stream_grid_bits: k > 0 keeps a reversible stack's float32 streams on the grid of multiples of 2^-k (the
         embeddings and every block output rounded to it, gradients straight-through), so the backward pass
-        recovers each layer's inputs exactly while |stream| < 2^(24 - k) (see `reformer_jax.reversible`);
+        recovers each layer's inputs exactly while |stream| < 2^(24 - k) (see `reformer_jax.kernels.reversible`);
         0 = off (every preset; 16 recommended). Costs: block outputs move by up to 2^-(k+1), and results that
         differ in the last bits (another summation order) can differ by a whole grid step. Ignored when
         reversible=False.

@@ -1,6 +1,6 @@
 """The training step: loss, gradients and optimizer update as pure, jittable functions.
 
-This is the function main.py trains with and the one `reformer_jax.memory.analyze_train_step` compiles, so the
+This is the function main.py trains with and the one `reformer_jax.xla.memory_analysis.analyze_train_step` compiles, so the
 memory figures describe the real step.
 
 A batch is a dict of [b, l] arrays:
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from reformer_jax.config import ModelConfig
-from reformer_jax.model import ReformerLM, init_params
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.model.reformer_lm import ReformerLM, init_params
 
 OPTIMIZERS = ("adafactor", "adamw")
 Batch = Dict[str, jax.Array]

@@ -20,15 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from reformer_jax import data as data_lib
-from reformer_jax import train
-from reformer_jax.checkpoint import (Checkpointer, WorkdirError, check_run_settings, ensure_writable_workdir,
+from reformer_jax.training import data as data_lib
+from reformer_jax.training import step as train
+from reformer_jax.training.checkpoint import (Checkpointer, WorkdirError, check_run_settings, ensure_writable_workdir,
                                      refuse_to_overwrite_a_run, write_json_atomic)
-from reformer_jax.config import ModelConfig
-from reformer_jax.memory import compile_train_step
-from reformer_jax.run_log import MetricsLog, Progress, format_duration
-from reformer_jax.sampling import sample, sampling_window
-from reformer_jax.xla_options import step_compiler_options
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.xla.memory_analysis import compile_train_step
+from reformer_jax.training.run_log import MetricsLog, Progress, format_duration
+from reformer_jax.decoding.window_sampler import sample, sampling_window
+from reformer_jax.xla.compiler_options import step_compiler_options
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,7 +57,7 @@ class TrainOptions:
     sample_len: int = 200
     analyze_memory: bool = True
     skip_nonfinite: bool = False  # skip a batch whose loss or gradients are NaN/Inf instead of stopping
-    init_from: Optional[str] = None  # a converted checkpoint (reformer_jax.convert) to start from
+    init_from: Optional[str] = None  # a converted checkpoint (reformer_jax.model.hf_convert) to start from
     # Stop after this much wall time in this call (compilation included), evaluated and checkpointed; a rerun
     # resumes. Not a run setting: a resumed run may change it.
     time_limit_minutes: Optional[float] = None
@@ -222,7 +222,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     else:
         state = init_fn(seed_key)
         if options.init_from:
-            from reformer_jax.convert import load_converted_params
+            from reformer_jax.model.hf_convert import load_converted_params
             state = state.replace(params=load_converted_params(options.init_from, state.params))
             _say(f"parameters from {options.init_from}")
         if _is_main_process():

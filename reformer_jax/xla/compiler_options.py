@@ -8,7 +8,7 @@ CPU_STEP_OPTIONS). jaxlib 0.10 hands dots and their neighbours to YNNPACK by def
 attention's [64 x 64] x [64 x 128] chunk products above all) XLA's own Eigen path is faster: a Reformer training
 step at the speed benchmark's configuration P went from 5.96 to 4.85 s on 2 cores, and every preset measured
 got 8-19% faster with the same loss. It also makes the running step the one the memory benchmark measures
-(`reformer_jax.memory.compiler_options`): YNNPACK's scratch is invisible to XLA's memory analysis.
+(`reformer_jax.xla.memory_analysis.compiler_options`): YNNPACK's scratch is invisible to XLA's memory analysis.
 
 "Lean" compilation additionally turns XLA:CPU's MLIR fusion emitters off (`xla_cpu_use_fusion_emitters`, on by
 default in jaxlib 0.10): they hold a few hundred MB while they compile a Reformer step, several times the step's

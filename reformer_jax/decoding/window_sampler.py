@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reformer_jax.config import ModelConfig
-from reformer_jax.model import ReformerLM
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.model.reformer_lm import ReformerLM
 
 
 def sampling_window(config: ModelConfig, seq_len: int, limit: int = 512) -> int:

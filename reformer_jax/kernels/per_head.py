@@ -13,7 +13,7 @@ never formed or updated in place, one block of positions at a time (`row_block_s
   head loop that computes its gradients, so each head is computed once in the backward pass.
 What the block stores for its backward pass is (params, x, bucket ids).
 
-On a reversible stack's exact-reversal grid (`HeadSpec.grid_bits` > 0, see `reformer_jax.reversible`) the block
+On a reversible stack's exact-reversal grid (`HeadSpec.grid_bits` > 0, see `reformer_jax.kernels.reversible`) the block
 output is sum_h Q(Dropout(head h's output)): each head's share is dropped out and rounded to the grid on its own
 and added into the output buffer row block by row block, so the reverse step, which subtracts the heads one by one,
 removes exactly what the forward pass added.
@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reformer_jax import attention as attn
-from reformer_jax.reversible import to_grid
+from reformer_jax.kernels import full, lsh
+from reformer_jax.kernels.norm import layer_norm
+from reformer_jax.kernels.reversible import to_grid
 
 Params = Dict[str, Any]
 
@@ -85,8 +86,6 @@ class _Blocks:
 
 def _norm_fn(spec: HeadSpec):
     """LayerNorm in the compute dtype: (x [..., d], norm) -> [..., d]."""
-    # Imported lazily: reformer_jax.layers imports this module.
-    from reformer_jax.layers import layer_norm
     return lambda x, norm: layer_norm(x, norm, spec.layer_norm_eps).astype(spec.dtype)
 
 
@@ -108,12 +107,12 @@ def _attend(spec: HeadSpec, qk: jax.Array, v: jax.Array, buckets: Optional[jax.A
     """One head's attention: qk, v [b, l, k], buckets [b, r, l] -> [b, l, k] float32."""
     qk, v = qk[:, None], v[:, None]
     if spec.lsh:
-        o = attn.lsh_attention(qk, v, None, n_hashes=spec.n_hashes, n_buckets=spec.n_buckets,
+        o = lsh.lsh_attention(qk, v, None, n_hashes=spec.n_hashes, n_buckets=spec.n_buckets,
                                chunk_len=spec.chunk_len, n_chunks_before=spec.n_chunks_before, causal=spec.causal,
                                buckets=buckets[:, None], dropout_rate=spec.dropout_rate, dropout_rng=dropout_rng,
                                sequential_rounds=spec.sequential_rounds)
     else:
-        o = attn.shared_qk_attention(qk, v, causal=spec.causal, dropout_rate=spec.dropout_rate,
+        o = full.shared_qk_attention(qk, v, causal=spec.causal, dropout_rate=spec.dropout_rate,
                                      dropout_rng=dropout_rng)
     return o[:, 0].astype(jnp.float32)
 
@@ -161,7 +160,7 @@ def hash_by_heads(spec: HeadSpec, params: Params, x: jax.Array, rotations: jax.A
     def one_head(inputs):
         w, rot = inputs
         qk = _project(spec, x, norm, w)[:, None]
-        return attn.lsh_buckets(qk, None, n_hashes=spec.n_hashes, n_buckets=spec.n_buckets, rotations=rot[None])[:, 0]
+        return lsh.lsh_buckets(qk, None, n_hashes=spec.n_hashes, n_buckets=spec.n_buckets, rotations=rot[None])[:, 0]
 
     with jax.named_scope("lsh_hash"):
         buckets = lax.map(one_head, (lax.stop_gradient(w_qk), rotations))  # [h, b, r, l]

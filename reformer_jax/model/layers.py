@@ -1,7 +1,7 @@
 """One layer's two blocks as pure functions of (params, inputs), and their stacked parameter initialisers.
 
 A layer is F (attention) followed by G (feed-forward), each pre-LayerNorm. The residual wiring, ordinary or
-reversible, lives in `reformer_jax.reversible`; the Flax module in `reformer_jax.model` owns the parameters.
+reversible, lives in `reformer_jax.kernels.reversible`; the Flax module in `reformer_jax.model.reformer_lm` owns the parameters.
 
 Parameters of all layers are stacked on a leading axis n (for `lax.scan`):
   attention:    norm {scale, bias} [n, d], qk [n, d, h, k], v [n, d, h, k], out [n, h, k, d]
@@ -19,25 +19,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from reformer_jax import attention as attn
-from reformer_jax import padding
-from reformer_jax import per_head_attention as per_head
-from reformer_jax.config import ModelConfig
-from reformer_jax.local_attention import local_attention
+from reformer_jax.kernels import full, lsh
+from reformer_jax.kernels.norm import layer_norm
+from reformer_jax.kernels import padding
+from reformer_jax.kernels import per_head
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.kernels.local import local_attention
 
 Params = Dict[str, Any]
 
 # Salts folded into a layer's dropout key so each dropout site draws its own, replayable mask.
 _ATTN_WEIGHTS, _ATTN_OUT, _FF_HIDDEN, _FF_OUT = range(4)
-
-
-def layer_norm(x: jax.Array, norm: Params, eps: float) -> jax.Array:
-    """LayerNorm over the last axis, computed in float32. [..., d] -> [..., d] float32."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * lax.rsqrt(var + eps)
-    return y * norm["scale"].astype(jnp.float32) + norm["bias"].astype(jnp.float32)
 
 
 def dropout_mask(rate: float, rng: jax.Array, salt: int, shape: Tuple[int, ...]) -> jax.Array:
@@ -86,15 +78,15 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
     back in (`buckets=`) when it recomputes this block in the backward pass, instead of re-hashing.
     `attention_type` ("full", "lsh", "local"; default config.attention) picks the attention, `rotations`
     [h, k, r, sum(f_i) / 2] replaces the random hash projections, and `attention_mask` [b, l] bool (False =
-    padding) masks padded keys (see `reformer_jax.padding`; padded LSH positions get an extra bucket).
+    padding) masks padded keys (see `reformer_jax.kernels.padding`; padded LSH positions get an extra bucket).
 
     With `config.sequential_heads` the core of full and LSH layers runs one head at a time
-    (`reformer_jax.per_head_attention`). Local layers (separate q, k, v) have no per-head path: they always run
+    (`reformer_jax.kernels.per_head`). Local layers (separate q, k, v) have no per-head path: they always run
     all heads at once. With an `attention_mask`, a full or LSH layer's input is reordered so the real positions
     come first (and its output back), on either path; the buckets returned are then those of the reordered
     positions, which a recompute with the same mask reproduces.
 
-    `grid_bits` > 0: the block feeds a reversible stack on that grid (`reformer_jax.reversible`; the model passes
+    `grid_bits` > 0: the block feeds a reversible stack on that grid (`reformer_jax.kernels.reversible`; the model passes
     config.grid_bits): the per-head path then returns sum_h Q(Dropout(head h's share)) (`per_head_attention`), a
     value on the grid, which `attention_block_reverse` with the same grid subtracts exactly; the all-heads and
     local paths leave the rounding to the stack.
@@ -121,7 +113,7 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
                 attention_mask = padding.take_positions(attention_mask, order, axis=1)
                 if keep is not None:
                     keep = padding.take_positions(keep, order, axis=1)
-            core = (functools.partial(_attention_by_heads, keep=keep, rate=rate, grid_bits=grid_bits)
+            core = (functools.partial(_attention_per_head, keep=keep, rate=rate, grid_bits=grid_bits)
                     if config.sequential_heads else _attention_all_heads)
             y, buckets = core(params, x, config=config, kind=kind, lsh_rng=lsh_rng, weights_rng=weights_rng,
                               deterministic=deterministic, buckets=buckets, rotations=rotations,
@@ -163,14 +155,14 @@ def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.
                                          jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS), keep=keep, rate=rate)
 
 
-def _attention_by_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
+def _attention_per_head(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
                         attention_mask, keep=None, rate=0.0, grid_bits=0):
     """One head at a time (`per_head_attention`); attention_mask (already real-first) only sets the pad bucket;
     keep, rate: the block's output dropout, applied per head (on a stream grid)."""
     spec = head_spec(config, x.shape[1], deterministic, kind, grid_bits)
     if spec.lsh and buckets is None:
         if rotations is None:
-            rotations = attn.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,
+            rotations = lsh.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,
                                               n_hashes=config.n_hashes, n_buckets=spec.n_buckets)
         buckets = per_head.hash_by_heads(spec, params, x, rotations)
         if attention_mask is not None:
@@ -189,16 +181,16 @@ def _attention_all_heads(params, x, *, config, kind, lsh_rng, weights_rng, deter
     if kind == "lsh":
         n_buckets = config.resolved_n_buckets(x.shape[1])
         if buckets is None:
-            buckets = attn.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets,
+            buckets = lsh.lsh_buckets(qk, lsh_rng, n_hashes=config.n_hashes, n_buckets=n_buckets,
                                        rotations=rotations)
             if attention_mask is not None:
                 buckets = padding.with_pad_bucket(buckets, attention_mask, n_buckets)
-        o = attn.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
+        o = lsh.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
                                chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
                                causal=config.causal, buckets=buckets, dropout_rate=rate,
                                dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
     else:
-        o = attn.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
+        o = full.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
     y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
     return y, buckets
 

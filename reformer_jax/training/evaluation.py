@@ -8,7 +8,7 @@ comparison with a full-attention Transformer honest:
 - `future_influence`: replace every token after a split position and see how far the log-probabilities of the
   targets at or before the split move (zero for a causal full-attention model up to rounding).
 - `truncated_log_probs`: score position p with every later token masked as padding. Padded positions go to
-  their own bucket and are sorted behind every real one (reformer_jax.padding), so the real positions' chunks,
+  their own bucket and are sorted behind every real one (reformer_jax.kernels.padding), so the real positions' chunks,
   and hence the score at p, depend on tokens 0..p only: an evaluation that cannot see the future.
 
 Shapes: tokens, targets [b, l] int32; log-probabilities [b, l] float32 (nats).
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reformer_jax.config import ModelConfig
-from reformer_jax.model import ReformerLM
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.model.reformer_lm import ReformerLM
 
 LOG2 = math.log(2)
 

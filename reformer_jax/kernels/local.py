@@ -20,8 +20,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from reformer_jax.attention import MASK_VALUE
-from reformer_jax.attention import _look_back  # the same wrap-around look-back as LSH chunks
+from reformer_jax.kernels.full import MASK_VALUE
+from reformer_jax.kernels.lsh import look_back  # the same wrap-around look-back as LSH chunks
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_len: int, n_chunks_before: int = 1,
@@ -57,15 +57,15 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_len: int,
     chunks = lambda x: x.astype(f32).reshape(b, h, n, c, x.shape[-1])  # noqa: E731
     positions = jnp.arange(length).reshape(1, 1, n, c)
     with jax.named_scope("local_attention"):
-        seen_k = _look_back(chunks(k) / jnp.sqrt(jnp.asarray(d_head, f32)), n_before)
-        seen_v = _look_back(chunks(v), n_before)
+        seen_k = look_back(chunks(k) / jnp.sqrt(jnp.asarray(d_head, f32)), n_before)
+        seen_v = look_back(chunks(v), n_before)
         dots = jnp.einsum("bhnqk,bhnsk->bhnqs", chunks(q), seen_k)
         visible = jnp.ones(dots.shape, bool)
         if causal:
-            seen_pos = _look_back(positions, n_before)
+            seen_pos = look_back(positions, n_before)
             visible = visible & (seen_pos[..., None, :] <= positions[..., :, None])
         if key_mask is not None:
-            seen_valid = _look_back(key_mask.reshape(b, 1, n, c), n_before)
+            seen_valid = look_back(key_mask.reshape(b, 1, n, c), n_before)
             visible = visible & seen_valid[..., None, :]
         probs = jax.nn.softmax(jnp.where(visible, dots, MASK_VALUE), axis=-1)
         if dropout_rate:

@@ -4,7 +4,7 @@ tokens [b, l] -> embedding + positions -> layer stack (ordinary or reversible) -
 
 Parameters ("params" collection, nothing else):
   embed [V, d]; pos_embed [max_len, d] or axial_0 [l1, 1, d1], axial_1 [1, l2, d2];
-  layers {attention, feed_forward} stacked on a leading layer axis (see `reformer_jax.layers`);
+  layers {attention, feed_forward} stacked on a leading layer axis (see `reformer_jax.model.layers`);
   final_norm {scale, bias} [w]; head {kernel [w, V] (untied only), bias [V]}, w = d (or 2d for "concat").
 RNG streams: "params" (init), "lsh" (hash rotations, LSH models), "dropout" (when deterministic=False).
 """
@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from reformer_jax import layers, output_head
-from reformer_jax.config import ModelConfig
-from reformer_jax.reversible import residual_stack, reversible_stack, to_grid
+from reformer_jax.model import layers
+
+from reformer_jax.kernels import output_head
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.kernels.reversible import residual_stack, reversible_stack, to_grid
 
 
 def _as_typed_key(key: jax.Array) -> jax.Array:
@@ -66,12 +68,12 @@ def _key_of(layer_inputs) -> jax.Array:
 
 def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attention_mask=None):
     """(F, G, F's fused reverse step or None) of one layer of attention type `kind`, as the stacks call them
-    (`reformer_jax.reversible`): F(p, x, inputs, buckets), G(p, x, inputs, chunk_index),
+    (`reformer_jax.kernels.reversible`): F(p, x, inputs, buckets), G(p, x, inputs, chunk_index),
     reverse(p, x2, y1, dy1, dy2, inputs, buckets); `inputs` is the layer's key array or {"rng", "rotations"}.
 
     The fused per-head reverse step covers full and LSH layers without a padding mask; other layers (local
     attention, masked layers) are differentiated by the stack's generic jax.vjp of F. F and the reverse step are
-    those of a stack on config.grid_bits's grid (`reformer_jax.reversible`); pass that grid to the stack.
+    those of a stack on config.grid_bits's grid (`reformer_jax.kernels.reversible`); pass that grid to the stack.
     """
 
     def attention_fn(p, x, inputs, buckets):
@@ -245,6 +247,11 @@ class ReformerLM(nn.Module):
         return {"norm": {"scale": self.final_norm_scale, "bias": self.final_norm_bias},
                 "kernel": self.embed.T if self.config.tie_embeddings else self.head_kernel, "bias": self.head_bias}
 
+    def head_spec(self) -> output_head.HeadSpec:
+        cfg = self.config
+        return output_head.HeadSpec(combine=cfg.output_head, layer_norm_eps=cfg.layer_norm_eps,
+                                    dtype=cfg.compute_dtype)
+
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
                  lsh_rotations=None) -> jax.Array:
         """tokens [b, l] -> logits [b, l, V].
@@ -257,7 +264,7 @@ class ReformerLM(nn.Module):
         """
         streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
                                lsh_rotations=lsh_rotations)
-        return output_head.head_logits(self.head_params(), streams, self.config)
+        return output_head.head_logits(self.head_params(), streams, self.head_spec())
 
     def loss_terms(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array, *,
                    deterministic: bool = True, attention_mask=None, lsh_rotations=None):
@@ -266,7 +273,7 @@ class ReformerLM(nn.Module):
         lsh_rotations as for `__call__`."""
         streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
                                lsh_rotations=lsh_rotations)
-        return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, config=self.config,
+        return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, spec=self.head_spec(),
                                               chunk_len=self.config.output_chunk_len)
 
 

@@ -1,0 +1,593 @@
+"""LSH attention (sort-based, shared QK) as pure JAX functions with hand-written gradients.
+
+Axes (used in every einsum here): b batch, h heads, l length, k d_head, r hash rounds, n chunks (over all rounds),
+c chunk length, s keys seen by one chunk ((n_chunks_before + 1) * c).
+
+Reference semantics (``../shared/reference/reformer-spec.md``, trax / Hugging Face):
+- scores, keys, the self mask and the causal mask are full attention's (`reformer_jax.kernels.full`);
+- LSH: sort each round by (bucket, position), chunk the concatenation of all rounds, let each chunk attend to
+  itself and `n_chunks_before` previous chunks (wrapping around from the first chunk of all to the last), unsort,
+  and combine the rounds weighted by the softmax over rounds of each round's logsumexp.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from reformer_jax.kernels.full import at_least_f32, attention_dropout, check_qkv, mask_scores, masked, normalize_keys
+
+BLOCK_ROWS = 4096  # query rows per block of LSH chunk attention (`_attend_extended_chunks`)
+
+Buckets = Union[int, Tuple[int, ...]]
+
+
+def total_buckets(n_buckets: Buckets) -> int:
+    """Number of distinct bucket ids per round (the product of the factors for factorised buckets)."""
+    return math.prod(n_buckets) if isinstance(n_buckets, tuple) else int(n_buckets)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hashing
+
+
+def bucket_dtype(n_buckets: Buckets) -> jnp.dtype:
+    """Smallest integer type holding bucket ids in [0, n_buckets): these are what a reversible stack stores."""
+    n = total_buckets(n_buckets)
+    if n <= 2**8:
+        return jnp.dtype(jnp.uint8)
+    if n <= 2**16:
+        return jnp.dtype(jnp.uint16)
+    return jnp.dtype(jnp.int32)
+
+
+def _bucket_factors(n_buckets: Buckets) -> Tuple[int, ...]:
+    factors = tuple(n_buckets) if isinstance(n_buckets, tuple) else (int(n_buckets),)
+    if not factors or any(f < 2 or f % 2 for f in factors):
+        raise ValueError(f"n_buckets={n_buckets!r} is invalid: expected an even integer >= 2 or a tuple of even "
+                         "integers (factorised buckets).")
+    return factors
+
+
+def random_rotations(rng: jax.Array, *, n_heads: int, d_head: int, n_hashes: int, n_buckets: Buckets) -> jax.Array:
+    """N(0, 1) hash projections, one per head and round: [h, k, r, sum(f_i) / 2] float32 (Hugging Face layout)."""
+    columns = sum(f // 2 for f in _bucket_factors(n_buckets))
+    return jax.random.normal(rng, (n_heads, d_head, n_hashes, columns), jnp.float32)
+
+
+def _signed_argmax(part: jax.Array) -> jax.Array:
+    """argmax([part, -part], axis=-1) without the concatenation: [..., n] -> int32 [...] in [0, 2n).
+
+    Ties go to the lowest index, as jnp.argmax's do. Found as the first index equal to the winning extreme: plain
+    max/min reductions vectorise, where argmax/argmin are variadic reductions that XLA:CPU runs ~3 x slower (the
+    hash of a layer at the speed benchmark's size P took 55 ms, more than its feed-forward forward pass's 36).
+    """
+    n = part.shape[-1]
+    high, low = jnp.max(part, axis=-1), jnp.min(part, axis=-1)
+    positive = high >= -low
+    winner = jnp.where(positive, high, low)[..., None]
+    index = jnp.min(jnp.where(part == winner, lax.broadcasted_iota(jnp.int32, part.shape, part.ndim - 1), n - 1),
+                    axis=-1)  # n - 1 only if no entry matches (NaN input): an id in range all the same
+    return jnp.where(positive, index, index + n)
+
+
+def lsh_buckets(qk: jax.Array, rng: Optional[jax.Array], *, n_hashes: int, n_buckets: Buckets,
+                rotations: Optional[jax.Array] = None) -> jax.Array:
+    """Angular LSH bucket ids: [b, h, l, k] -> [b, h, r, l] in the smallest integer type (`bucket_dtype`).
+
+    bucket = argmax([xR, -xR]) per round; factorised buckets (f1, f2) hash each factor on its own slice of the
+    projection and combine as b1 + f1 * b2. Ids are per round (no r * n_buckets offset). Not differentiated.
+    `rotations` ([h, k, r, sum(f_i) / 2]) replaces the random draw from `rng`.
+    """
+    if qk.ndim != 4:
+        raise ValueError(f"lsh_buckets: qk must be [batch, heads, length, d_head]; got shape {qk.shape}.")
+    factors = _bucket_factors(n_buckets)
+    _, n_heads, _, d_head = qk.shape
+    with jax.named_scope("lsh_hash"):
+        if rotations is None:
+            if rng is None:
+                raise ValueError("lsh_buckets: pass an rng (or explicit rotations) to draw the hash projections.")
+            rotations = random_rotations(rng, n_heads=n_heads, d_head=d_head, n_hashes=n_hashes,
+                                         n_buckets=n_buckets)
+        expected = (n_heads, d_head, n_hashes, sum(f // 2 for f in factors))
+        if rotations.shape != expected:
+            raise ValueError(f"lsh_buckets: rotations have shape {rotations.shape}; expected {expected} "
+                             "([heads, d_head, n_hashes, sum(n_buckets factors) / 2]).")
+        keys = at_least_f32(lax.stop_gradient(qk))
+
+        def hash_round(round_rotations):  # [h, k, n] -> [b, h, l]
+            # One round at a time: the [b, h, l, n] projection of all rounds together would be the largest
+            # buffer of a long sequence (n = 192 columns per round for 2^20 tokens).
+            rotated = jnp.einsum("bhlk,hkn->bhln", keys, round_rotations)
+            buckets, offset, stride = None, 0, 1
+            for f in factors:
+                ids = _signed_argmax(rotated[..., offset:offset + f // 2])
+                buckets = ids if buckets is None else buckets + stride * ids
+                offset, stride = offset + f // 2, stride * f
+            return buckets.astype(bucket_dtype(n_buckets))
+
+        buckets = lax.map(hash_round, jnp.moveaxis(rotations, 2, 0))  # [r, b, h, l]
+        buckets = jnp.moveaxis(buckets, 0, 2)
+    return buckets.astype(bucket_dtype(n_buckets))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sort-based LSH attention
+
+
+class _LSHSpec(NamedTuple):
+    """Static (hashable) settings of one LSH attention call."""
+
+    chunk_len: int
+    n_chunks_before: int
+    causal: bool
+    dropout_rate: float
+
+
+def look_back(x: jax.Array, n_before: int) -> jax.Array:
+    """Keys a chunk sees: [b, h, n, c, ...] -> [b, h, n, (n_before + 1) * c, ...], previous chunks first.
+
+    Chunk j sees chunks j - n_before .. j of the concatenation of all rounds; the first chunks wrap around to
+    the last ones (trax, Hugging Face).
+    """
+    parts = [jnp.roll(x, shift, axis=2) for shift in range(n_before, 0, -1)] + [x]
+    return jnp.concatenate(parts, axis=3)
+
+
+def _sort_by_bucket(buckets: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Per round, positions ordered by (bucket, position), and the inverse permutation. [b, h, r, l] each.
+
+    Where every (bucket, position) pair fits one uint32 key, bucket * l + position (uint8 ids up to l = 2^24,
+    uint16 ids up to l = 2^16), it sorts that key alone: XLA's single-operand sort is about 5 x faster on CPU than
+    a sort with a comparator over two operands. Longer inputs sort the two keys; neither way forms trax's single
+    key r * n_buckets * l + bucket * l + i, so nothing can overflow.
+    """
+    length = buckets.shape[-1]
+    positions = lax.broadcasted_iota(jnp.int32, buckets.shape, buckets.ndim - 1)
+    n_ids = int(jnp.iinfo(buckets.dtype).max) + 1  # a bound on the ids this dtype can hold
+    if jnp.issubdtype(buckets.dtype, jnp.unsignedinteger) and n_ids * length <= 2**32:
+        keys = buckets.astype(jnp.uint32) * jnp.uint32(length) + positions.astype(jnp.uint32)  # all distinct
+        order = (lax.sort(keys, dimension=-1) % jnp.uint32(length)).astype(jnp.int32)
+    else:
+        _, order = lax.sort((buckets, positions), dimension=-1, num_keys=2)
+    inverse = jnp.put_along_axis(jnp.zeros_like(order), order, positions, axis=-1, inplace=False)
+    return order, inverse
+
+
+@jax.custom_vjp
+def _permute_rows(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x [b, h, l, ...] with its rows (axis 2) in `order`, a permutation per (b, h); `inverse` is its inverse.
+
+    The same as take_along_axis, but differentiated by gathering the cotangent with `inverse`: autodiff of a
+    gather is a scatter-add, which cannot know the indices are a permutation and is several times slower on CPU.
+    """
+    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - order.ndim)), axis=2)
+
+
+def _permute_rows_fwd(x, order, inverse):
+    return _permute_rows(x, order, inverse), (order, inverse)
+
+
+def _permute_rows_bwd(residuals, g):
+    order, inverse = residuals  # y[i] = x[order[i]], so dx[j] = g[inverse[j]]
+    return _permute_rows(g, inverse, order), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: jax.Array, seen_pos: jax.Array,
+                   spec: _LSHSpec, dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Shared-QK attention of each chunk to the keys it sees.
+
+    sq [b, h, n, c, k] queries at original positions q_pos [b, h, n, c]; seen_k / seen_v [b, h, n, s, k] the
+    unit-normalised keys and the values each chunk sees, at positions seen_pos [b, h, n, s].
+    Returns (out [b, h, n, c, k_v], row_max [b, h, n, c, 1], row_sum [b, h, n, c, 1]): the row's largest score
+    m and sum of exp(s - m), so its logsumexp is m + log(row_sum).
+    """
+    dots = jnp.einsum("bhnqk,bhnsk->bhnqs", sq, seen_k)
+    dots = mask_scores(dots, q_pos[..., :, None], seen_pos[..., None, :], spec.causal)
+    # softmax from the row max, not exp(dots - lse): near SELF_MASK_VALUE (-1e5) float32 spacing is 0.008,
+    # so a rounded lse would leave a self-only row summing to 0.99 instead of 1.
+    row_max = lax.stop_gradient(jnp.max(dots, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(dots - row_max)
+    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    probs = attention_dropout(unnormalized / row_sum, spec.dropout_rate, dropout_rng)
+    return jnp.einsum("bhnqs,bhnsk->bhnqk", probs, seen_v), row_max, row_sum
+
+
+def chunks_per_block(n_chunks: int, chunk_len: int, n_before: int, block_rows: Optional[int] = None) -> int:
+    """Chunks attended together in one block: the largest divisor of n_chunks with at most `block_rows` query
+    rows (default BLOCK_ROWS), and more than n_before chunks (a block's look-back stays in the block before it);
+    n_chunks (one block) when no divisor qualifies."""
+    block_rows = BLOCK_ROWS if block_rows is None else block_rows
+    fitting = [d for d in range(1, n_chunks + 1) if n_chunks % d == 0 and d * chunk_len <= block_rows]
+    best = max(fitting, default=n_chunks)
+    return best if best > n_before else n_chunks
+
+
+def _seen(x: jax.Array, n_before: int) -> jax.Array:
+    """The rows each of the last n chunks sees: [b, h, n_before + n, c, ...] -> [b, h, n, (n_before + 1) c, ...],
+    the n_before chunks before it first, then its own."""
+    n = x.shape[2] - n_before
+    return jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1)], axis=3)
+
+
+def _to_blocks(x: jax.Array, per_block: int) -> jax.Array:
+    """[b, h, m, ...] -> [m / per_block, b, h, per_block, ...]: scan's leading axis over blocks of chunks."""
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (x.shape[2] // per_block, per_block) + x.shape[3:]), 2, 0)
+
+
+def _from_blocks(x: jax.Array) -> jax.Array:
+    """The inverse of `_to_blocks`: [n_blocks, b, h, B, ...] -> [b, h, n_blocks * B, ...]."""
+    return jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (x.shape[0] * x.shape[3],) + x.shape[4:])
+
+
+def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, spec: _LSHSpec,
+                            dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """`_attend_chunks` of m chunks that follow n_before look-back chunks, one block of chunks at a time.
+
+    ext_q / ext_v [b, h, n_before + m, c, k] sorted query/key and value rows, ext_pos [b, h, n_before + m, c]
+    their original positions; chunk n_before + j attends to itself and the n_before chunks before it.
+    Returns (out [b, h, m, c, k_v], row_max, row_sum [b, h, m, c, 1]) as `_attend_chunks`.
+
+    Why blocks: every buffer of a block ([B, c, s] scores, the look-back copies of keys and values) has the
+    same size at any length, so at long lengths they stay in cache as they do at short ones (at 65536 tokens
+    a whole round's [64 x 64] x [64 x 128] chunk products ran 24% slower per chunk than at 4096). A `lax.scan`
+    over the blocks carries the last n_before chunks of one block into the next as its look-back, so no rows
+    are sliced twice; `_extended_chunks_backward` walks the same blocks backwards. One block (every length up
+    to BLOCK_ROWS) is the plain whole-round computation.
+    """
+    n_before, c = spec.n_chunks_before, spec.chunk_len
+    m = ext_q.shape[2] - n_before
+    per_block = chunks_per_block(m, c, n_before)
+
+    def attend(ext_q, ext_v, ext_pos, rng):  # [b, h, n_before + B, c, ...] -> the B chunks' (out, max, sum)
+        seen = functools.partial(_seen, n_before=n_before)
+        return _attend_chunks(ext_q[:, :, n_before:], ext_pos[:, :, n_before:], seen(normalize_keys(ext_q)),
+                              seen(ext_v), seen(ext_pos), spec, rng)
+
+    if per_block == m:
+        return attend(ext_q, ext_v, ext_pos, dropout_rng)
+    def attend_block(look_back, block):
+        *rows, j = block
+        ext = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(look_back, rows))
+        return tuple(x[:, :, per_block:] for x in ext), attend(*ext, jax.random.fold_in(dropout_rng, j))
+
+    head = tuple(x[:, :, :n_before] for x in (ext_q, ext_v, ext_pos))
+    blocks = tuple(_to_blocks(x[:, :, n_before:], per_block) for x in (ext_q, ext_v, ext_pos))
+    _, per_row = lax.scan(attend_block, head, blocks + (jnp.arange(m // per_block),))
+    return tuple(_from_blocks(x) for x in per_row)
+
+
+def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
+                dropout_rng: jax.Array) -> jax.Array:
+    """LSH attention given bucket ids, by plain differentiable JAX ops. Returns [b, h, l, k_v] (at least float32).
+
+    The custom_vjp below runs this in the forward pass and recomputes it (under jax.vjp) in the backward pass.
+    """
+    b, h, length, d_head = qk.shape
+    d_value = v.shape[-1]
+    n_hashes = buckets.shape[2]
+    c = spec.chunk_len
+    n_chunks = n_hashes * length // c
+
+    order, inverse = _sort_by_bucket(buckets)  # [b, h, r, l]
+    flat_order = order.reshape(b, h, n_hashes * length)
+    with jax.named_scope("lsh_sort"):
+        sq = jnp.take_along_axis(at_least_f32(qk), flat_order[..., None], axis=2)  # [b, h, r*l, k]
+        sv = jnp.take_along_axis(at_least_f32(v), flat_order[..., None], axis=2)
+    sq = sq.reshape(b, h, n_chunks, c, d_head)
+    sv = sv.reshape(b, h, n_chunks, c, d_value)
+    q_pos = flat_order.reshape(b, h, n_chunks, c)
+
+    with jax.named_scope("lsh_chunk_attention"):
+        out, row_max, row_sum = _attend_chunks(
+            sq, q_pos, look_back(normalize_keys(sq), spec.n_chunks_before), look_back(sv, spec.n_chunks_before),
+            look_back(q_pos, spec.n_chunks_before), spec, dropout_rng)
+        lse = row_max + jnp.log(row_sum)  # each chunk row's weight when combining rounds
+
+    with jax.named_scope("lsh_unsort_combine"):
+        out = jnp.take_along_axis(out.reshape(b, h, n_hashes, length, d_value), inverse[..., None], axis=3)
+        lse = jnp.take_along_axis(lse.reshape(b, h, n_hashes, length), inverse, axis=3)
+        weights = jax.nn.softmax(lse, axis=2)  # over rounds: exp(lse_r - logsumexp_r(lse))
+        return jnp.einsum("bhrl,bhrlk->bhlk", weights, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lsh_attention_recomputed(spec, qk, v, buckets, dropout_rng):
+    return _lsh_attend(spec, qk, v, buckets, dropout_rng)
+
+
+def _lsh_forward(spec, qk, v, buckets, dropout_rng):
+    # Keep only the inputs (qk and v are alive anyway as the layer's projections) and the compact bucket ids;
+    # no [chunk, keys] score matrix survives the forward pass.
+    return _lsh_attend(spec, qk, v, buckets, dropout_rng), (qk, v, buckets, dropout_rng)
+
+
+def _lsh_backward(spec, residuals, g):
+    qk, v, buckets, dropout_rng = residuals
+    _, vjp = jax.vjp(lambda q, w: _lsh_attend(spec, q, w, buckets, dropout_rng), qk, v)
+    dqk, dv = vjp(g)
+    return dqk, dv, None, None
+
+
+_lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same attention one hash round at a time (sequential_rounds=True)
+
+
+class _RoundRows(NamedTuple):
+    """Round r's sort: `order` / `inverse` [b, h, l] and the look-back `tail` [b, h, n_before * c] (the previous
+    round's last rows), all original positions; `positions` [b, h, n_before + m, c] of the extended rows."""
+
+    order: jax.Array
+    inverse: jax.Array
+    tail: jax.Array
+    positions: jax.Array
+
+
+def _round_rows(spec: _LSHSpec, buckets: jax.Array, r: jax.Array, previous: jax.Array) -> _RoundRows:
+    """Round r's rows in look-back order: the previous round's last n_before chunks (of the last round for
+    r = 0), then this round's chunks, exactly the look-back across the concatenated rounds of `_lsh_attend`.
+    `previous` [b, h, l] is round r - 1's sorted order (the loops over rounds carry it from one round to the
+    next, so each round is sorted once per loop): no round's vectors are ever needed besides round r's."""
+    b, h, n_hashes, length = buckets.shape
+    c, n_before = spec.chunk_len, spec.n_chunks_before
+    order, inverse = _sort_by_bucket(lax.dynamic_index_in_dim(buckets, r, axis=2, keepdims=False))  # [b, h, l]
+    tail = previous[..., length - n_before * c:]
+    positions = jnp.concatenate([tail, order], axis=-1).reshape(b, h, n_before + length // c, c)
+    return _RoundRows(order, inverse, tail, positions)
+
+
+def _gather_extended(x: jax.Array, rows: _RoundRows) -> jax.Array:
+    """x [b, h, l, k] -> its extended rows [b, h, n_before + m, c, k] (at least float32): the look-back tail by
+    a plain gather, this round's rows (a permutation) by `_permute_rows`."""
+    x = at_least_f32(x)
+    parts = [jnp.take_along_axis(x, rows.tail[..., None], axis=2), _permute_rows(x, rows.order, rows.inverse)]
+    return jnp.concatenate(parts, axis=2).reshape(rows.positions.shape + (x.shape[-1],))
+
+
+def _last_round_order(buckets: jax.Array) -> jax.Array:
+    """The sorted order [b, h, l] of the last round: the look-back of round 0."""
+    return _sort_by_bucket(buckets[:, :, -1])[0]
+
+
+def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
+                  dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Round r of LSH attention alone, on its `_round_rows`: (out_r [b, h, l, k_v], row_max_r, row_sum_r
+    [b, h, l]) as `_attend_chunks` gives them, unsorted.
+
+    The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1.
+    Not differentiated: `_round_backward` is its gradient.
+    """
+    b, h, length, _ = qk.shape
+    ext_q, ext_v = _gather_extended(qk, rows), _gather_extended(v, rows)
+    out, row_max, row_sum = _attend_extended_chunks(ext_q, ext_v, rows.positions, spec,
+                                                    jax.random.fold_in(dropout_rng, r))
+    unsort = lambda x: _permute_rows(x.reshape(b, h, length, -1), rows.inverse, rows.order)  # noqa: E731
+    return unsort(out), unsort(row_max)[..., 0], unsort(row_sum)[..., 0]
+
+
+def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.Array, g_dot_out: jax.Array,
+                 top: jax.Array, total: jax.Array, spec: _LSHSpec, rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Gradient of the rounds-combined output with respect to one block's extended rows, flash-style.
+
+    ext_q / ext_v [b, h, n_before + B, c, k] and ext_pos as in `_attend_extended_chunks`; for the B chunks'
+    query rows: g [b, h, B, c, k_v] the output cotangent, g_dot_out [b, h, B, c] = g . out (the combined
+    output), and top / total [b, h, B, c] the forward's largest score over all rounds and its normaliser
+    sum_r row_sum_r exp(row_max_r - top) (`_rounds_forward`).
+    Returns (d ext_q, d ext_v), shaped like ext_q and ext_v.
+
+    With p the round's attention weights and w = exp(lse_r - top) / total its weight among the rounds, the
+    score gradient of out = sum_r w_r out_r is ds = w p * (g . v - g . out): the softmax's own term and the
+    lse's cancel into the combined output's, and w p = exp(s - top) / total. So only the scores are recomputed
+    (q k), never this round's output or its softmax statistics, and nothing of the block outlives it. top is a
+    score itself (exactly SELF_MASK_VALUE in a row that sees only its own position), so s - top is exact where
+    it matters: from a rounded logsumexp near -1e5 (float32 spacing 0.008) such a row's weights would be 0.4%
+    off.
+    """
+    n_before = spec.n_chunks_before
+    seen = functools.partial(_seen, n_before=n_before)
+    q, q_pos = ext_q[:, :, n_before:], ext_pos[:, :, n_before:]
+    keys, keys_vjp = jax.vjp(normalize_keys, ext_q)
+    seen_k, seen_v, seen_pos = seen(keys), seen(ext_v), seen(ext_pos)
+    dots = mask_scores(jnp.einsum("bhnqk,bhnsk->bhnqs", q, seen_k), q_pos[..., :, None], seen_pos[..., None, :],
+                        spec.causal)
+    # w p = exp(s - lse_r) exp(lse_r - top) / total = exp(s - top) / total: no row maximum or sum to recompute;
+    # exp(s - top) <= 1, as top >= every score of the row.
+    weighted = jnp.exp(dots - top[..., None]) * (1.0 / total[..., None])  # [b, h, B, c, s]
+    # The forward's dropout mask, drawn again from the same key for the same shape.
+    d_seen_v = jnp.einsum("bhnqs,bhnqk->bhnsk", attention_dropout(weighted, spec.dropout_rate, rng), g)
+    g_dot_v = attention_dropout(jnp.einsum("bhnqk,bhnsk->bhnqs", g, seen_v), spec.dropout_rate, rng)
+    d_dots = weighted * (g_dot_v - g_dot_out[..., None])
+    d_dots = jnp.where(masked(q_pos[..., :, None], seen_pos[..., None, :], spec.causal), 0.0, d_dots)
+    d_q = jnp.einsum("bhnqs,bhnsk->bhnqk", d_dots, seen_k)
+    d_seen_k = jnp.einsum("bhnqs,bhnqk->bhnsk", d_dots, q)
+
+    def unseen(d):  # adjoint of `seen`: [b, h, n, s, k] -> [b, h, n_before + n, c, k], one fused sum of pads
+        parts = jnp.split(d, n_before + 1, axis=3)
+        widths = lambda i: [(0, 0)] * 2 + [(i, n_before - i)] + [(0, 0)] * (d.ndim - 3)  # noqa: E731
+        return sum(jnp.pad(part, widths(i)) for i, part in enumerate(parts))
+
+    d_ext_q = keys_vjp(unseen(d_seen_k))[0] + jnp.pad(d_q, [(0, 0)] * 2 + [(n_before, 0)] + [(0, 0)] * 2)
+    return d_ext_q, unseen(d_seen_v)
+
+
+def _extended_chunks_backward(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec: _LSHSpec,
+                              rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """`_chunk_grads` over the blocks of `_attend_extended_chunks` (same blocks, same dropout keys).
+
+    A reversed `lax.scan` carries each block's gradient for its look-back chunks into the block before it.
+    """
+    n_before, c = spec.n_chunks_before, spec.chunk_len
+    m = ext_q.shape[2] - n_before
+    per_block = chunks_per_block(m, c, n_before)
+    if per_block == m:
+        return _chunk_grads(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec, rng)
+    extended = (ext_q, ext_v, ext_pos)
+    # The n_before chunks before each block (the last ones of the block before it, or the head).
+    look_backs = tuple(_to_blocks(x[:, :, :m], per_block)[:, :, :, :n_before] for x in extended)
+    rows = tuple(_to_blocks(x[:, :, n_before:], per_block) for x in extended)
+
+    def block_grads(d_next, xs):  # d_next: block j + 1's gradient for our last n_before chunks
+        look_back, own, query_rows, j = xs
+        ext = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(look_back, own))
+        d_q, d_v = _chunk_grads(*ext, *query_rows, spec, jax.random.fold_in(rng, j))
+        d_own = tuple(d[:, :, n_before:].at[:, :, per_block - n_before:].add(nxt)
+                      for d, nxt in zip((d_q, d_v), d_next))
+        return (d_q[:, :, :n_before], d_v[:, :, :n_before]), d_own
+
+    zeros = (jnp.zeros_like(ext_q[:, :, :n_before]), jnp.zeros_like(ext_v[:, :, :n_before]))
+    query_rows = tuple(_to_blocks(x, per_block) for x in (g, g_dot_out, top, total))
+    d_head, d_rows = lax.scan(block_grads, zeros, (look_backs, rows, query_rows, jnp.arange(m // per_block)),
+                              reverse=True)
+    return tuple(jnp.concatenate([head, _from_blocks(d)], axis=2) for head, d in zip(d_head, d_rows))
+
+
+def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
+                    dropout_rng: jax.Array, g: jax.Array, g_dot_out: jax.Array, top: jax.Array,
+                    total: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`)."""
+    b, h, length, _ = qk.shape
+    m, c = length // spec.chunk_len, spec.chunk_len
+    (ext_q, ext_v), gather_vjp = jax.vjp(lambda q, w: (_gather_extended(q, rows), _gather_extended(w, rows)), qk, v)
+    # The query rows' quantities in this round's sorted order, as chunks (nothing differentiates them).
+    by_chunk = lambda x: _permute_rows(x, rows.order, rows.inverse).reshape((b, h, m, c) + x.shape[3:])  # noqa: E731
+    d_ext_q, d_ext_v = _extended_chunks_backward(
+        ext_q, ext_v, rows.positions, by_chunk(g), by_chunk(g_dot_out), by_chunk(top), by_chunk(total), spec,
+        jax.random.fold_in(dropout_rng, r))
+    return gather_vjp((d_ext_q, d_ext_v))
+
+
+def _rounds_forward(spec, qk, v, buckets, dropout_rng):
+    """All rounds, one at a time, combined online by their logsumexp lse_r = row_max_r + log(row_sum_r).
+
+    Returns (out [b, h, l, k_v], top [b, h, l], total [b, h, l]): top = max_r row_max_r, the largest score of
+    any round, and total = sum_r row_sum_r exp(row_max_r - top), so the rounds' weights are w_r = exp(lse_r -
+    top) / total = row_sum_r exp(row_max_r - top) / total. Like `_attend_chunks`, everything is formed from
+    maxima of scores, never from a logsumexp: near SELF_MASK_VALUE a rounded one would be off by up to 0.4%.
+    """
+    b, h, length, _ = qk.shape
+
+    def add_round(carry, r):
+        acc, top, total, previous = carry
+        rows = _round_rows(spec, buckets, r, previous)
+        out_r, max_r, sum_r = _round_attend(spec, qk, v, rows, r, dropout_rng)
+        new_top = jnp.maximum(top, max_r)
+        scale, weight = jnp.exp(top - new_top), sum_r * jnp.exp(max_r - new_top)
+        return (acc * scale[..., None] + out_r * weight[..., None], new_top, total * scale + weight,
+                rows.order), None
+
+    f32 = jnp.promote_types(qk.dtype, jnp.float32)
+    init = (jnp.zeros((b, h, length, v.shape[-1]), jnp.promote_types(v.dtype, jnp.float32)),
+            jnp.full((b, h, length), -jnp.inf, f32), jnp.zeros((b, h, length), f32), _last_round_order(buckets))
+    with jax.named_scope("lsh_rounds"):
+        acc, top, total, _ = lax.scan(add_round, init, jnp.arange(buckets.shape[2]))[0]
+    return acc / total[..., None], top, total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lsh_attention_by_rounds(spec, qk, v, buckets, dropout_rng):
+    return _rounds_forward(spec, qk, v, buckets, dropout_rng)[0]
+
+
+def _by_rounds_fwd(spec, qk, v, buckets, dropout_rng):
+    out, top, total = _rounds_forward(spec, qk, v, buckets, dropout_rng)
+    return out, (qk, v, buckets, dropout_rng, out, top, total)
+
+
+def _by_rounds_bwd(spec, residuals, g):
+    """Each round's gradient in turn (`_round_backward`): out = sum_r w_r out_r with w = softmax_r(lse_r), so
+    d out_r = w_r g and d lse_r = w_r (g . out_r - g . out); only the scores are recomputed."""
+    qk, v, buckets, dropout_rng, out, top, total = residuals
+    g_dot_out = jnp.sum(g * out, axis=-1)
+
+    def round_grads(carry, r):
+        dqk, dv, previous = carry
+        rows = _round_rows(spec, buckets, r, previous)
+        dq_r, dv_r = _round_backward(spec, qk, v, rows, r, dropout_rng, g, g_dot_out, top, total)
+        return (dqk + dq_r, dv + dv_r, rows.order), None
+
+    init = (jnp.zeros_like(qk), jnp.zeros_like(v), _last_round_order(buckets))
+    with jax.named_scope("lsh_rounds_backward"):
+        (dqk, dv, _), _ = lax.scan(round_grads, init, jnp.arange(buckets.shape[2]))
+    return dqk, dv, None, None
+
+
+_lsh_attention_by_rounds.defvjp(_by_rounds_fwd, _by_rounds_bwd)
+
+
+def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_hashes: int, n_buckets: Buckets,
+                  chunk_len: int, n_chunks_before: int = 1, causal: bool = True,
+                  buckets: Optional[jax.Array] = None, rotations: Optional[jax.Array] = None,
+                  dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+                  sequential_rounds: bool = True) -> jax.Array:
+    """Sort-based LSH attention: qk, v [b, h, l, k] -> [b, h, l, k] (v's dtype).
+
+    Args:
+      qk: shared query/key vectors (keys are their unit-normalised copies).
+      v: values.
+      rng: key for the random hash rotations (unused when `buckets` or `rotations` is given).
+      n_hashes: hash rounds n_r.
+      n_buckets: buckets per round (even int) or a tuple of even factors.
+      chunk_len: c; the length must be a multiple of it.
+      n_chunks_before: previous chunks each chunk attends to (across rounds, wrapping around).
+      causal: mask keys at later original positions.
+      buckets: precomputed bucket ids [b, h, r, l] (e.g. saved by a reversible stack); skips hashing.
+      rotations: explicit hash projections [h, k, r, sum(f_i) / 2] instead of drawing them from `rng`.
+      dropout_rate, dropout_rng: dropout on the attention weights (replayed exactly in the backward pass).
+      sequential_rounds: process one hash round at a time, in the forward and the backward pass, combining rounds
+        with a running logsumexp: peak memory no longer grows with n_hashes (the default; False: all rounds at
+        once). Same result up to float rounding
+        (dropout masks are drawn per round instead, so they differ). Needs n_chunks_before <= length / chunk_len.
+
+    The gradient is a `jax.custom_vjp` that recomputes the chunked attention from (qk, v, buckets) instead of
+    storing score matrices: memory kept for the backward pass is O(b h l k) plus n_r * l small integers. With
+    sequential_rounds each round's backward is written by hand (`_chunk_grads`: only the scores are recomputed),
+    and both passes attend a round's chunks in blocks of at most BLOCK_ROWS query rows.
+    """
+    check_qkv(qk, v, "lsh_attention")
+    b, h, length, _ = qk.shape
+    if chunk_len < 1 or length % chunk_len:
+        raise ValueError(f"lsh_attention: length {length} is not a multiple of chunk_len={chunk_len}; pad the "
+                         f"sequence or choose a chunk_len dividing it.")
+    if n_chunks_before < 0:
+        raise ValueError(f"lsh_attention: n_chunks_before={n_chunks_before} must be >= 0.")
+    if n_hashes < 1:
+        raise ValueError(f"lsh_attention: n_hashes={n_hashes} must be >= 1.")
+    if buckets is None:
+        buckets = lsh_buckets(qk, rng, n_hashes=n_hashes, n_buckets=n_buckets, rotations=rotations)
+    elif buckets.shape != (b, h, n_hashes, length):
+        raise ValueError(f"lsh_attention: buckets have shape {buckets.shape}; expected {(b, h, n_hashes, length)} "
+                         "([batch, heads, n_hashes, length]).")
+    if dropout_rate and dropout_rng is None:
+        raise ValueError("lsh_attention: dropout_rate > 0 needs a dropout_rng.")
+    if dropout_rng is None:
+        dropout_rng = jax.random.key(0)  # unused placeholder: custom_vjp arguments must be arrays
+    spec = _LSHSpec(chunk_len=chunk_len, n_chunks_before=n_chunks_before, causal=causal,
+                    dropout_rate=float(dropout_rate))
+    if sequential_rounds and n_chunks_before > length // chunk_len:
+        raise ValueError(f"lsh_attention: sequential_rounds needs n_chunks_before={n_chunks_before} <= chunks per "
+                         f"round ({length // chunk_len}); use sequential_rounds=False.")
+    core = _lsh_attention_by_rounds if sequential_rounds else _lsh_attention_recomputed
+    with jax.named_scope("lsh_attention"):
+        out = core(spec, qk, v, lax.stop_gradient(buckets), dropout_rng)
+    return out.astype(v.dtype)
+
+
+def lsh_attention_reference(qk: jax.Array, v: jax.Array, buckets: jax.Array, *, chunk_len: int,
+                            n_chunks_before: int = 1, causal: bool = True) -> jax.Array:
+    """The same computation as `lsh_attention` with given buckets, differentiated by plain autodiff.
+
+    For tests and for reading: it is what the custom_vjp must agree with.
+    """
+    spec = _LSHSpec(chunk_len=chunk_len, n_chunks_before=n_chunks_before, causal=causal, dropout_rate=0.0)
+    return _lsh_attend(spec, qk, v, buckets, jax.random.key(0)).astype(v.dtype)
