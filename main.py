@@ -42,8 +42,8 @@ flags.DEFINE_enum("optimizer", "adafactor", list(OPTIMIZERS), "adafactor (the se
 flags.DEFINE_float("clip_norm", 1.0, "Clip gradients to this global norm.")
 flags.DEFINE_enum("dataset", "tiny_shakespeare", list(data_lib.DATASETS), "tiny_shakespeare (byte-level), "
                   "synthetic (the paper's copy task 0 w 0 w, runs offline) or text (any file at --data_path).")
-flags.DEFINE_string("data_path", None, "Path of the text file (tiny_shakespeare: else $REFORMER_JAX_DATA_DIR, the "
-                    "user cache, else a one-time download checked by sha256).")
+flags.DEFINE_string("data_path", None, "Path of the text file (tiny_shakespeare: default the copy packaged with "
+                    "reformer_jax, checked by sha256).")
 flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics.jsonl and summary.json.")
 flags.DEFINE_integer("eval_every", 100, "Evaluate on the validation split every this many steps and at the end "
                      "(0: never).")

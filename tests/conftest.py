@@ -1,10 +1,6 @@
 """Shared test settings: float32 everywhere, CPU, deterministic seeds."""
 
 import os
-import sys
-
-# Run from a fresh clone without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Compilation dominates this suite's time (tiny shapes, hundreds of programs). LLVM -O0 halves it and leaves
 # everything the tests check alone: the optimised HLO, XLA's fusion decisions and buffer assignment (so every

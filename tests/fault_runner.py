@@ -4,7 +4,7 @@
     FAULT_KILL_DURING_SAVE=6       SIGKILL this process while checkpoint 6 is being saved: its files are written to
                                    orbax's temporary directory but not yet renamed into place
 
-    python tests/fault_runner.py --flag=value ...   (the flags of main.py)
+    python -m tests.fault_runner --flag=value ...   (from the repository root; the flags of main.py)
 """
 
 import os
@@ -14,10 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from reformer_jax.training import data
 
-from reformer_jax.training import data  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 delay = float(os.environ.get("FAULT_STEP_DELAY", "0"))
 if delay:

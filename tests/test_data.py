@@ -1,8 +1,6 @@
 """Byte tokens, corpus discovery and checksums, the 90/10 split, pure-by-step batches, the copy task."""
 
 import hashlib
-import io
-import urllib.error
 
 import numpy as np
 import pytest
@@ -18,33 +16,43 @@ def test_bytes_round_trip_with_offset_and_specials():
     assert data.decode(data.encode_bytes(b"\xff\xfeok")) == "\ufffd\ufffdok"  # non-UTF-8 input is fine
 
 
-def test_explicit_missing_path_is_an_error_not_a_fallback(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-    (tmp_path / data.TINY_SHAKESPEARE_FILE).write_text("x")
-    with pytest.raises(data.DataError, match="--data_path=.*does not exist"):
-        data.locate_tiny_shakespeare(str(tmp_path / "nope.txt"), download=False)
+def test_explicit_missing_path_is_an_error_not_a_fallback(tmp_path):
+    with pytest.raises(data.DataError, match=r"--data_path=.*nope.txt does not exist"):
+        data.load_dataset("tiny_shakespeare", seq_len=8, data_path=str(tmp_path / "nope.txt"))
+    with pytest.raises(data.DataError, match="is not a regular file"):
+        data.tiny_shakespeare(str(tmp_path))
 
 
-def test_env_dir_then_cache_and_a_wrong_checksum_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_packaged_copy_is_the_default_and_checked_by_sha256():
+    raw, source = data.tiny_shakespeare(None)
+    assert len(raw) == 1_115_394 and hashlib.sha256(raw).hexdigest() == data.TINY_SHAKESPEARE_SHA256
+    assert "packaged" in source
+    corpus = data.load_dataset("tiny_shakespeare", seq_len=8)
+    assert len(corpus.train) + len(corpus.validation) == len(raw) and corpus.source == source
+
+
+def test_a_damaged_packaged_copy_is_refused(monkeypatch):
+    real = data.packaged_tiny_shakespeare()
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(real + b"!").hexdigest())
+    with pytest.raises(data.DataError, match="the packaged tiny Shakespeare has sha256"):
+        data.load_dataset("tiny_shakespeare", seq_len=8)
+
+
+def test_an_explicit_path_wins_and_a_wrong_checksum_is_refused(tmp_path, monkeypatch):
     payload = b"To be, or not to be\n" * 100
     monkeypatch.setattr(data, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
-    cached = tmp_path / "cache" / "reformer_jax" / data.TINY_SHAKESPEARE_FILE
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(payload)
-    assert data.locate_tiny_shakespeare(None, download=False) == cached
-    env_file = tmp_path / "env" / data.TINY_SHAKESPEARE_FILE
-    env_file.parent.mkdir()
-    env_file.write_bytes(payload[:-1] + b"?")  # one byte differs: a damaged copy, found first
+    good = tmp_path / data.TINY_SHAKESPEARE_FILE
+    good.write_bytes(payload)
+    corpus = data.load_dataset("tiny_shakespeare", seq_len=8, data_path=str(good))
+    assert corpus.source == str(good) and len(corpus.train) + len(corpus.validation) == len(payload)
+    damaged = tmp_path / "damaged.txt"
+    damaged.write_bytes(payload[:-1] + b"?")  # one byte differs
     with pytest.raises(data.DataError) as err:
-        data.locate_tiny_shakespeare(None, download=False)
+        data.load_dataset("tiny_shakespeare", seq_len=8, data_path=str(damaged))
     message = str(err.value)
-    assert f"{env_file} has sha256 {hashlib.sha256(env_file.read_bytes()).hexdigest()}" in message
-    assert f"--dataset=text --data_path={env_file}" in message  # the explicit way to use it anyway
-    with pytest.raises(data.DataError, match="not tiny Shakespeare's"):  # also through --data_path
-        data.load_dataset("tiny_shakespeare", seq_len=8, data_path=str(env_file), download=False)
-    assert len(data.load_dataset("text", seq_len=8, data_path=str(env_file)).train) > 0
+    assert f"{damaged} has sha256 {hashlib.sha256(damaged.read_bytes()).hexdigest()}" in message
+    assert "--dataset=text --data_path=FILE" in message  # the explicit way to use it anyway
+    assert len(data.load_dataset("text", seq_len=8, data_path=str(damaged)).train) > 0
 
 
 def test_non_utf8_bytes_are_accepted_as_byte_tokens(tmp_path):
@@ -55,55 +63,6 @@ def test_non_utf8_bytes_are_accepted_as_byte_tokens(tmp_path):
     np.testing.assert_array_equal(np.concatenate([text.train, text.validation]), np.frombuffer(raw, np.uint8).astype(np.int32) + 3)
     batch = text.batch("train", seed=0, step=0, batch_size=2, seq_len=16)
     assert batch["inputs"].max() < data.BYTE_VOCAB_SIZE
-
-
-def test_offline_failure_says_how_to_supply_the_file(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(data.DataError) as err:
-        data.locate_tiny_shakespeare(None)
-    message = str(err.value)
-    assert "--data_path=" in message and "--dataset=synthetic runs offline" in message and "no network" in message
-    assert not list(tmp_path.rglob("*.txt")) and not list(tmp_path.rglob(".download-*"))
-
-
-def _serving(payload: bytes):
-    """A stand-in for urllib.request.urlopen that answers every request with `payload`."""
-
-    class Response(io.BytesIO):
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    return lambda *args, **kwargs: Response(payload)
-
-
-def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", _serving(b"tampered"))
-    with pytest.raises(data.DataError, match="was discarded"):
-        data.locate_tiny_shakespeare(None)
-    assert not list(tmp_path.rglob("*.txt"))
-
-
-def test_download_with_right_checksum_is_cached(tmp_path, monkeypatch):
-    payload = b"To be, or not to be\n" * 100
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(data, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", _serving(payload))
-    path = data.locate_tiny_shakespeare(None)
-    assert path.read_bytes() == payload and path.parent == tmp_path / "reformer_jax"
 
 
 def test_split_is_90_10_without_overlap_and_batches_are_pure():

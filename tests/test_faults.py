@@ -30,7 +30,7 @@ from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and
 pytestmark = pytest.mark.xdist_group("test_faults")
 
 REPO = Path(__file__).resolve().parents[1]
-RUNNER = REPO / "tests" / "fault_runner.py"
+RUNNER = ["-m", "tests.fault_runner"]  # run from the repository root (cwd=REPO)
 STEPS = 16
 RUN_FLAGS = ["--model=transformer", "--dataset=synthetic", "--d_model=16", "--n_heads=2", "--d_ff=32", "--n_layers=1",
              "--seq_len=16", "--batch_size=4", f"--steps={STEPS}", "--checkpoint_every=2", "--eval_every=0",
@@ -49,7 +49,7 @@ def _env(cache_dir=None, **extra):
 
 
 def _run(workdir, env, timeout=240):
-    return subprocess.run([sys.executable, str(RUNNER), *RUN_FLAGS, f"--workdir={workdir}"], env=env,
+    return subprocess.run([sys.executable, *RUNNER, *RUN_FLAGS, f"--workdir={workdir}"], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -95,7 +95,7 @@ def test_same_seed_and_flags_give_bit_identical_losses_across_runs(reference, tm
 
 def _kill_when(workdir, env, at_step, delay):
     """Start the run, SIGKILL it `delay` seconds after metrics.jsonl shows step `at_step`."""
-    proc = subprocess.Popen([sys.executable, str(RUNNER), *RUN_FLAGS, f"--workdir={workdir}"], env=env,
+    proc = subprocess.Popen([sys.executable, *RUNNER, *RUN_FLAGS, f"--workdir={workdir}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     metrics, deadline = Path(workdir) / "metrics.jsonl", time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:

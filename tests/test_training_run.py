@@ -135,8 +135,7 @@ def test_copy_task_is_learned_well_above_chance(tmp_path):
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
-    import os, sys
-    sys.path.insert(0, {repo!r})
+    import os
     import jax, numpy as np
     from reformer_jax import ModelConfig
     from reformer_jax.training import data
@@ -177,5 +176,6 @@ def test_eight_device_step_equals_one_device_step():
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
     script = MULTI_DEVICE_SCRIPT.format(repo=str(REPO), tiny=TINY)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=REPO)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import tempfile
-import urllib.request
+import importlib.resources
+import lzma
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -25,8 +24,7 @@ BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
 
 TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATA_DIR_ENV = "REFORMER_JAX_DATA_DIR"
+PACKAGED_TINY_SHAKESPEARE = "assets/tinyshakespeare.txt.xz"  # inside this package (public-domain text)
 DATASETS = ("tiny_shakespeare", "synthetic", "text")
 VALIDATION_FRACTION = 0.1
 
@@ -54,79 +52,38 @@ def decode(tokens) -> str:
     return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _tiny_shakespeare_checked(raw: bytes, where: str) -> bytes:
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != TINY_SHAKESPEARE_SHA256:
+        raise DataError(f"{where} has sha256 {actual}, not tiny Shakespeare's {TINY_SHAKESPEARE_SHA256}: it is another "
+                        "file or a damaged copy. To train on it anyway pass --dataset=text --data_path=FILE; omit "
+                        "--data_path to use the copy shipped with reformer_jax.")
+    return raw
 
 
-def user_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reformer_jax"
+def packaged_tiny_shakespeare() -> bytes:
+    """The tiny Shakespeare copy shipped inside the package (xz-compressed, 0.36 MB), checked by its sha256."""
+    packed = importlib.resources.files(__package__).joinpath(PACKAGED_TINY_SHAKESPEARE).read_bytes()
+    return _tiny_shakespeare_checked(lzma.decompress(packed), "the packaged tiny Shakespeare")
 
 
-def _download(url: str, destination: Path, sha256: str, timeout: float = 30.0) -> None:
-    """Download to a temporary file, check its sha256, then move it into place (never a half-written file)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            out.write(response.read())
-        actual = sha256_of(Path(tmp))
-        if actual != sha256:
-            raise DataError(f"the file downloaded from {url} has sha256 {actual}, not the expected {sha256}; it "
-                            "was discarded. Download it yourself and pass --data_path.")
-        os.replace(tmp, destination)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def tiny_shakespeare(data_path: Optional[str] = None) -> Tuple[bytes, str]:
+    """(the corpus's bytes, where they came from): --data_path if given, else the copy shipped with the package.
 
-
-def locate_tiny_shakespeare(data_path: Optional[str] = None, *, download: bool = True) -> Path:
-    """Find the tiny Shakespeare corpus: --data_path, $REFORMER_JAX_DATA_DIR, the user cache, else download once.
-
-    An explicit `data_path` that does not exist is an error, never a reason to look elsewhere. A file with the
-    wrong checksum is refused, local or downloaded: results on it would be reported as tiny Shakespeare's. The
-    explicit way to train on another (or an edited) file is --dataset=text --data_path=FILE.
+    An explicit `data_path` that does not exist is an error, never a reason to fall back to the packaged copy. A
+    file with the wrong checksum is refused: results on it would be reported as tiny Shakespeare's. The explicit
+    way to train on another (or an edited) file is --dataset=text --data_path=FILE.
     """
-    if data_path:
-        path = Path(data_path).expanduser()
-        if not path.exists():
-            raise DataError(f"--data_path={data_path} does not exist. Pass the path of tinyshakespeare.txt, or "
-                            "omit --data_path to use $REFORMER_JAX_DATA_DIR, the cache or a download.")
-        candidates = [path]
-    else:
-        candidates = []
-        if os.environ.get(DATA_DIR_ENV):
-            candidates.append(Path(os.environ[DATA_DIR_ENV]).expanduser() / TINY_SHAKESPEARE_FILE)
-        candidates.append(user_cache_dir() / TINY_SHAKESPEARE_FILE)
-    for path in candidates:
-        if path.is_file():
-            actual = sha256_of(path)
-            if actual != TINY_SHAKESPEARE_SHA256:
-                raise DataError(f"{path} has sha256 {actual}, not tiny Shakespeare's {TINY_SHAKESPEARE_SHA256}: it is "
-                                "another file or a damaged copy. To train on it anyway, pass --dataset=text "
-                                f"--data_path={path}; to use tiny Shakespeare, replace it with the file from "
-                                f"{TINY_SHAKESPEARE_URL} (or delete it to download it again).")
-            return path
-        if path.exists():
-            raise DataError(f"{path} is not a regular file (a directory?); pass the path of tinyshakespeare.txt.")
-    cached = user_cache_dir() / TINY_SHAKESPEARE_FILE
-    if download:
-        try:
-            _download(TINY_SHAKESPEARE_URL, cached, TINY_SHAKESPEARE_SHA256)
-            return cached
-        except DataError:
-            raise
-        except OSError as error:  # offline, DNS, HTTP errors (URLError is an OSError)
-            reason = f"downloading it failed ({error})"
-    else:
-        reason = "downloading is switched off"
-    raise DataError(f"tiny Shakespeare was not found and {reason}. Supply the file with "
-                    f"--data_path=/path/to/{TINY_SHAKESPEARE_FILE}, or put it in ${DATA_DIR_ENV} or {cached} "
-                    f"(sha256 {TINY_SHAKESPEARE_SHA256}, from {TINY_SHAKESPEARE_URL}). "
-                    "--dataset=synthetic runs offline.")
+    if not data_path:
+        return packaged_tiny_shakespeare(), "tiny Shakespeare (the copy packaged with reformer_jax)"
+    path = Path(data_path).expanduser()
+    if not path.exists():
+        raise DataError(f"--data_path={data_path} does not exist. Pass the path of {TINY_SHAKESPEARE_FILE}, or omit "
+                        "--data_path to use the copy shipped with reformer_jax.")
+    if not path.is_file():
+        raise DataError(f"--data_path={data_path} is not a regular file (a directory?); pass the path of "
+                        f"{TINY_SHAKESPEARE_FILE}.")
+    return _tiny_shakespeare_checked(path.read_bytes(), str(path)), str(path)
 
 
 def read_text_tokens(path: Path) -> np.ndarray:
@@ -197,19 +154,19 @@ class CopyTask:
                 "weights": weights}
 
 
-def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vocab_size: int = BYTE_VOCAB_SIZE,
-                 download: bool = True):
+def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vocab_size: int = BYTE_VOCAB_SIZE):
     """The dataset behind --dataset: an object with .batch(split, seed, step, batch_size, seq_len) and .source."""
     if name == "synthetic":
         return CopyTask(vocab_size=vocab_size)
+    if vocab_size < BYTE_VOCAB_SIZE and name in ("tiny_shakespeare", "text"):
+        raise DataError(f"--vocab_size={vocab_size} is too small for byte-level text; use {BYTE_VOCAB_SIZE}.")
     if name == "tiny_shakespeare":
-        path = locate_tiny_shakespeare(data_path, download=download)
-    elif name == "text":
+        raw, source = tiny_shakespeare(data_path)
+        return TextData.from_tokens(encode_bytes(raw), seq_len, source=source)
+    if name == "text":
         if not data_path:
             raise DataError("--dataset=text needs --data_path=FILE (any UTF-8 text).")
         path = Path(data_path).expanduser()
     else:
         raise DataError(f"--dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}.")
-    if vocab_size < BYTE_VOCAB_SIZE:
-        raise DataError(f"--vocab_size={vocab_size} is too small for byte-level text; use {BYTE_VOCAB_SIZE}.")
     return TextData.from_tokens(read_text_tokens(path), seq_len, source=str(path))
