@@ -321,7 +321,17 @@ _lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The same attention one hash round at a time (sequential_rounds=True)
+# The same attention one hash round at a time (sequential_rounds=True), with a hand-written backward pass
+#
+# Forward: round r gives out_r and its logsumexp lse_r per query row; the rounds combine as
+#   out = sum_r w_r out_r,  w_r = exp(lse_r) / sum_s exp(lse_s),
+# accumulated online (like a streaming softmax) from each round's row maximum and row sum, so only one round's
+# sorted rows are alive at a time (`_rounds_forward`). The look-back of a round's first chunk reaches the
+# previous round's last chunk, as in the all-rounds path, through the carried sort order (`_RoundRows.tail`).
+# Backward: with p the round's attention weights, ds = w_r p * (g . v - g . out) is the gradient of the scores
+# s = q . k (the softmax's own term and the lse's cancel into the combined output's), and w_r p = exp(s - top) /
+# total with the forward's `top` and `total`. So each round recomputes only its scores, never its output or
+# softmax statistics, and nothing of a round is stored for the backward pass (`_chunk_grads`).
 
 
 class _RoundRows(NamedTuple):
@@ -523,6 +533,10 @@ def _by_rounds_bwd(spec, residuals, g):
 
 
 _lsh_attention_by_rounds.defvjp(_by_rounds_fwd, _by_rounds_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The public entry
 
 
 def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_hashes: int, n_buckets: Buckets,
