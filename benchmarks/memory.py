@@ -11,7 +11,7 @@ Experiments (each writes NAME.json, NAME.csv, NAME.md and NAME.png in --out_dir)
   seqlen    the presets at --lengths; growth exponent of activation memory against length beside Table 5's
   timeline  live bytes across one step's schedule, rebuilt from XLA's buffer dumps, and the peak by named scope
   runtime   a few real steps per variant, each in its own process: device peak (GPU/TPU) or process RSS (CPU)
-  floor     the memory-floor issue's targets, measured, with pass/short
+  floor     the memory-floor targets, measured, with pass/short (judged by benchmarks.targets)
   all       all of the above
 
 Numbers are compile-time figures of the real training step (`reformer_jax.training.step.jit_train_step`, donated state,
@@ -33,20 +33,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
-from benchmarks import output, seed
+from benchmarks import cli, output, seed, targets
+from benchmarks.cli import DEFAULT_OUT_DIR, PRESETS, FlagError, log
 from benchmarks.output import MIB, Row
 
 EXPERIMENTS = ("variants", "hashes", "layers", "seqlen", "timeline", "floor", "runtime")
 EXPERIMENT_CHOICES = EXPERIMENTS + ("all",)
-PRESETS = ("transformer", "lsh", "reversible", "reformer")
 OPTIMIZER_CHOICES = ("adafactor", "adamw", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 FLOOR_PEAK_LIMIT_BYTES = 16 * 2**30
-
-
-class FlagError(ValueError):
-    """A bad flag value, found before anything is compiled."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,50 +160,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=flag_values)
 
 
-def _int_list(flag: str, values: Sequence[str], example: str, minimum: int = 1) -> Tuple[int, ...]:
-    out = []
-    for v in values:
-        try:
-            n = int(str(v).strip())
-        except ValueError:
-            raise FlagError(f"--{flag}={','.join(map(str, values))}: {v!r} is not an integer; expected a comma-"
-                            f"separated list such as --{flag}={example}.") from None
-        if n < minimum:
-            raise FlagError(f"--{flag}={','.join(map(str, values))}: {n} is below {minimum}; expected e.g. "
-                            f"--{flag}={example}.")
-        out.append(n)
-    if not out:
-        raise FlagError(f"--{flag} is empty; expected e.g. --{flag}={example}.")
-    return tuple(out)
-
-
-def _models(flag: str, values: Sequence[str]) -> Tuple[str, ...]:
-    models = tuple(str(v).strip() for v in values)
-    bad = [m for m in models if m not in PRESETS]
-    if bad or not models:
-        raise FlagError(f"--{flag}={','.join(values)}: unknown preset(s) {', '.join(map(repr, bad)) or '(none)'}; "
-                        f"expected a comma-separated subset of {','.join(PRESETS)}.")
-    return models
-
-
 def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Sequence[str]] = None) -> Settings:
     """Validated Settings; raises FlagError (naming the flag, the value and what would work) before compiling."""
-    if fv.experiment not in EXPERIMENT_CHOICES:
-        raise FlagError(f"--experiment={fv.experiment!r} is unknown; expected one of {', '.join(EXPERIMENT_CHOICES)}.")
-    for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "n_hashes", "chunk_len",
-                 "batch_size", "runtime_steps", "runtime_timeout_s", "floor_long_len", "floor_speed_layers"):
-        value = getattr(fv, name)
-        if value is None or value < 1:
-            raise FlagError(f"--{name}={value} is invalid: expected a positive integer (default "
-                            f"{getattr(Settings(), name)}).")
+    cli.one_of("experiment", fv.experiment, EXPERIMENT_CHOICES)
+    cli.at_least(fv, ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "n_hashes", "chunk_len",
+                      "batch_size", "runtime_steps", "runtime_timeout_s", "floor_long_len", "floor_speed_layers"),
+                 1, Settings())
     for name, choices in (("dtype", DTYPE_CHOICES), ("optimizer", OPTIMIZER_CHOICES),
                           ("seqlen_optimizer", OPTIMIZER_CHOICES)):
-        if getattr(fv, name) not in choices:
-            raise FlagError(f"--{name}={getattr(fv, name)!r} is unknown; expected one of {', '.join(choices)}.")
-    for name in ("floor_speed_steps", "floor_real_len"):
-        if getattr(fv, name) is None or getattr(fv, name) < 0:
-            raise FlagError(f"--{name}={getattr(fv, name)} is invalid: expected an integer >= 0 (0 skips it; "
-                            f"default {getattr(Settings(), name)}).")
+        cli.one_of(name, getattr(fv, name), choices)
+    cli.at_least(fv, ("floor_speed_steps", "floor_real_len"), 0, Settings())  # 0 skips them
     if fv.d_model % fv.n_heads:
         raise FlagError(f"--d_model={fv.d_model} is not divisible by --n_heads={fv.n_heads}; e.g. --n_heads="
                         f"{math.gcd(fv.d_model, 8)}.")
@@ -217,18 +178,18 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         n_heads=fv.n_heads, d_ff=fv.d_ff, n_layers=fv.n_layers, seq_len=fv.seq_len, n_hashes=fv.n_hashes,
         chunk_len=fv.chunk_len, batch_size=fv.batch_size, dropout=fv.dropout, dtype=fv.dtype,
         optimizer=fv.optimizer,
-        models=_models("models", fv.models), hash_sweep=_int_list("hash_sweep", fv.hash_sweep, "1,2,4,8,16"),
-        layer_sweep=_int_list("layer_sweep", fv.layer_sweep, "2,4,6,8,10,12"),
-        lengths=_int_list("lengths", fv.lengths, "1024,2048,4096"), seqlen_optimizer=fv.seqlen_optimizer,
+        models=cli.presets("models", fv.models), hash_sweep=cli.int_list("hash_sweep", fv.hash_sweep, "1,2,4,8,16"),
+        layer_sweep=cli.int_list("layer_sweep", fv.layer_sweep, "2,4,6,8,10,12"),
+        lengths=cli.int_list("lengths", fv.lengths, "1024,2048,4096"), seqlen_optimizer=fv.seqlen_optimizer,
         timeline_unroll=fv.timeline_unroll, dump_dir=fv.dump_dir,
-        runtime_models=_models("runtime_models", fv.runtime_models), runtime_steps=fv.runtime_steps,
+        runtime_models=cli.presets("runtime_models", fv.runtime_models), runtime_steps=fv.runtime_steps,
         runtime_timeout_s=fv.runtime_timeout_s,
-        floor_hashes=_int_list("floor_hashes", fv.floor_hashes, "2,16"),
-        floor_layers=_int_list("floor_layers", fv.floor_layers, "2,12"),
-        floor_lengths=_int_list("floor_lengths", fv.floor_lengths, "4096,65536"), floor_long_len=fv.floor_long_len,
+        floor_hashes=cli.int_list("floor_hashes", fv.floor_hashes, "2,16"),
+        floor_layers=cli.int_list("floor_layers", fv.floor_layers, "2,12"),
+        floor_lengths=cli.int_list("floor_lengths", fv.floor_lengths, "4096,65536"), floor_long_len=fv.floor_long_len,
         floor_speed_layers=fv.floor_speed_layers, floor_speed_steps=fv.floor_speed_steps,
         floor_real_len=fv.floor_real_len, fast_compile=fv.fast_compile,
-        command=" ".join(["python -m benchmarks.memory"] + [a for a in (argv or [])[1:]]))
+        command=cli.command("benchmarks.memory", argv))
     for flag, pair in (("floor_hashes", s.floor_hashes), ("floor_layers", s.floor_layers)):
         if len(pair) != 2:
             raise FlagError(f"--{flag}={','.join(map(str, pair))}: expected exactly two values (small, large), "
@@ -252,10 +213,6 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
 
 # ----------------------------------------------------------------------------------------------------------------
 # Measuring
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 _CACHE: Dict[Tuple[Any, ...], Tuple[Any, float]] = {}
@@ -698,7 +655,7 @@ def run_floor(settings: Settings) -> List[Row]:
 
     def target(number: str, criterion: str, measured: float, limit: Optional[float], subject: Row, detail: str,
                **more: Any) -> None:
-        status = ("pass" if measured <= limit else "short") if limit is not None else "measured"
+        status = targets.status(measured, limit)
         row = dict(subject)
         row.update({"experiment": "floor", "target": number, "criterion": criterion, "measured": measured,
                     "limit": limit, "status": status, "detail": detail, **more})
@@ -775,7 +732,7 @@ def run_floor(settings: Settings) -> List[Row]:
                f"the compile-time peak {mib(real)}", runtime_peak_bytes=result["runtime_peak_bytes"],
                runtime_source=result["runtime_source"], step_s=result["step_s"])
 
-    md = ["# Memory-floor targets (issue 5), measured\n",
+    md = ["# Memory-floor targets, measured\n",
           "floor = parameters + gradients + optimizer state + batch + 4 x batch x length x d_model x 4 bytes. "
           "'short' means the target is not met. Defaults: hash rounds and heads one at a time "
           "(sequential_rounds, sequential_heads).\n",

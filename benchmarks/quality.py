@@ -38,12 +38,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
-from benchmarks import output
+from benchmarks import cli, output
 # The memory driver's FlagError (a bad flag value, found before anything is compiled), as the speed driver uses.
-from benchmarks.memory import FlagError
+from benchmarks.cli import DEFAULT_OUT_DIR, FlagError
 from benchmarks.output import Row
 
-DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 TASKS = ("shakespeare", "synthetic")
 LOG2 = math.log(2)
 HEADS = ("untied", "tied")
@@ -443,27 +442,6 @@ def markdown(plan_task: str, rows: Sequence[Row], machine: Dict[str, Any], comma
     return "\n".join(lines)
 
 
-def _budget_line(reformers: Sequence[Row], minutes: float) -> str:
-    """Target 2: the best Reformer validation bpc reached within `minutes` of training: the final score when the
-    run finished in time, else the last validation point of its curve before then (2 batches)."""
-    best = None
-    for r in reformers:
-        if r["train_minutes"] <= minutes:
-            candidate = (r["final"]["bpc"], r["variant"], r["steps"], r["train_minutes"], "final score")
-        else:
-            points = [p for p in r["curve"] if "val_bpc" in p and p["minutes"] <= minutes]
-            if not points:
-                continue
-            p = points[-1]
-            candidate = (p["val_bpc"], r["variant"], p["step"], p["minutes"], "learning-curve point")
-        best = min(best, candidate) if best else candidate
-    if best is None:
-        return f"No Reformer was evaluated within {minutes:g} min of training (target <= 2.6: NOT met)."
-    bpc, name, step, used, what = best
-    return (f"Best Reformer validation bpc within {minutes:g} min of training: {bpc:.3f} ({name}, {what} at step "
-            f"{step}, {used:.1f} min) (target <= 2.6: {output.met(bpc <= 2.6)}).")
-
-
 def run_seed(row: Row) -> int:
     """The --seed a row was trained with (0 when its command does not set it)."""
     match = re.search(r"--seed=(\d+)", row.get("command", ""))
@@ -493,67 +471,6 @@ def seed_spread(runs: Sequence[Sequence[Row]]) -> str:
             + "\n".join(lines) + "\n")
 
 
-def target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:
-    """The issue's targets, each with the measured figure and whether it holds."""
-    lines: List[str] = []
-    if task == "shakespeare":
-        base = by_name.get("transformer")
-        # The targets are the seed's Reformer's (LSH in every layer); a mixed local / LSH one is reported beside.
-        reformers = [r for name, r in by_name.items() if name.startswith("reformer-")]
-        judged = [r for r in reformers if not r["config"]["attn_layers"]]
-        for r in reformers:
-            if base:
-                ratio = r["final"]["bpc"] / base["final"]["bpc"]
-                same = "" if r["steps"] == base["steps"] else f" (NOT the same step count: {base['steps']})"
-                verdict = ("local and LSH layers alternating, Hugging Face's layout: not judged"
-                           if r["config"]["attn_layers"] else
-                           f"target within 3%: {output.met(ratio <= 1.03 and not same)}")
-                lines.append(f"Reformer, {r['n_hashes']} rounds ({r['variant']}): {r['final']['bpc']:.3f} bpc against "
-                             f"the Transformer's {base['final']['bpc']:.3f} after {r['steps']} steps{same}: "
-                             f"{ratio - 1:+.1%} ({verdict}).")
-        if judged:
-            lines.append(_budget_line(judged, 15.0))
-        for r in by_name.values():
-            if r["n_hashes"]:
-                scores = [(int(k.split("-")[1]), v["bpc"]) for k, v in r["by_eval_setting"].items()
-                          if k.startswith("lsh-")]
-                more = [bpc for h, bpc in scores if h > r["n_hashes"]]
-                at_train = dict(scores).get(r["n_hashes"])
-                if more and at_train is not None:
-                    ok = max(more) <= at_train + 1e-3
-                    lines.append(f"{r['variant']}: evaluated with more rounds than trained "
-                                 f"{', '.join(f'{b:.3f}' for b in more)} bpc against {at_train:.3f} at its own "
-                                 f"{r['n_hashes']} (improves or keeps: {output.met(ok)}).")
-        for r in by_name.values():
-            influence, masked = r["future_influence"], r["future_masked"]
-            lines.append(f"{r['variant']}: replacing the second half moves the first half's log-probabilities by "
-                         f"{influence['mean_abs_delta_nats']:.2e} nats on average (max "
-                         f"{influence['max_abs_delta_nats']:.2e}); with the future masked, {masked['truncated_bpc']:.3f}"
-                         f" bpc against {masked['bpc']:.3f} at the same {masked['positions']} positions "
-                         f"({masked['difference']:+.3f}).")
-    else:
-        for r in by_name.values():
-            if r["n_hashes"] == 4:
-                accuracy = r["by_eval_setting"]["lsh-4"]["accuracy"]
-                lines.append(f"LSH trained with 4 rounds, evaluated with 4: {accuracy:.1%} of the copied half after "
-                             f"{r['steps']} steps, {r['train_minutes']:.1f} min.")
-                points = [p for p in r["curve"] if "val_accuracy" in p and p["minutes"] <= 15]
-                if r["train_minutes"] <= 15:
-                    best = (accuracy, r["steps"], r["train_minutes"], "final score")
-                elif points:
-                    p = max(points, key=lambda p: p["val_accuracy"])
-                    best = (p["val_accuracy"], p["step"], p["minutes"], "learning-curve point, 2 batches")
-                else:
-                    best = (0.0, 0, 0.0, "no evaluation")
-                lines.append(f"Within 15 min of training: {best[0]:.1%} ({best[3]} at step {best[1]}, {best[2]:.1f} "
-                             f"min) (target >= 95%: {output.met(best[0] >= 0.95)}).")
-        full = by_name.get("full")
-        if full:
-            settings = ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in full["by_eval_setting"].items())
-            lines.append(f"Trained with full attention, evaluated with: {settings}.")
-    return lines
-
-
 def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:
     """Validation (and training) curves against step and against wall minutes."""
     fig, axes = output.new_figure(12.0, 4.6, ncols=2)
@@ -577,17 +494,6 @@ def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:
     axes[0].legend()
     axes[0].set_title(f"{task}: faint lines = training batches" if task == "shakespeare" else task)
     output.save_figure(path, fig)
-
-
-def _git_commit() -> Optional[str]:
-    """The checkout's commit when the driver started (None outside a git clone): which code made the figures."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def write_task_outputs(fv, task: str, rows: List[Row], command: str, git_commit: Optional[str]) -> List[str]:
@@ -624,8 +530,8 @@ def main(argv: Sequence[str]) -> int:
     from reformer_jax.training.checkpoint import CheckpointError, CheckpointMismatch
 
     logging.set_verbosity(logging.WARNING)
-    command = " ".join(["python -m benchmarks.quality"] + list(sys.argv[1:]))
-    git_commit = _git_commit()  # read now: the checkout may move on while the tasks run
+    command = cli.command("benchmarks.quality", sys.argv)
+    git_commit = cli.git_commit()  # read now: the checkout may move on while the tasks run
     try:
         for plan in plans:
             run_task(flags.FLAGS, plan, command, git_commit)

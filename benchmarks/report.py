@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from benchmarks import seed
+from benchmarks import seed, targets
 from benchmarks.output import MIB, Row, atomic_write_text, markdown_table, read_json
 
 EXPERIMENT_FILES = ("variants", "hashes", "layers", "seqlen", "timeline", "floor", "runtime")
@@ -216,7 +216,7 @@ def build(results: str, report_path: str) -> str:
 
     # Floor
     fl = data["floor"]
-    w("## Memory-floor targets (issue 5)\n")
+    w("## Memory-floor targets\n")
     w(markdown_table(fl, [("target", "target", "s"), ("criterion", "criterion", "s"), ("measured", "measured", ".3f"),
                           ("limit", "limit", "g"), ("detail", "values", "s"), ("status", "status", "s")]))
     w("floor = parameters + gradients + optimizer state + batch + 4 x batch x length x d_model x 4 bytes. "
@@ -270,8 +270,8 @@ def speed_section(results: str, rel: str) -> List[str]:
     from benchmarks.speed import LENGTH_COLUMNS, SPEED_COLUMNS
 
     out: List[str] = []
-    targets_of = {"speed_peers": speed.peer_target_lines, "speed_length": speed.length_target_lines,
-                  "speed_linearity": speed.linearity_target_lines}
+    targets_of = {"speed_peers": targets.peer_target_lines, "speed_length": targets.length_target_lines,
+                  "speed_linearity": targets.linearity_target_lines}
     for name, title, columns in (("speed_peers", "Training speed against the PyTorch Reformers", SPEED_COLUMNS),
                                  ("speed_length", "Training speed against length", LENGTH_COLUMNS),
                                  ("speed_linearity", "Training speed against length, every length in the same "
@@ -296,9 +296,8 @@ def speed_section(results: str, rel: str) -> List[str]:
                        "hash rounds) were processed one at a time: each row's `config` says what ran. Rerun the "
                        "command to measure today's defaults.\n")
         out.append(markdown_table(rows, columns))
-        targets = targets_of[name](rows)
-        out.append("\nTargets of the speed issue, judged from these rows:\n")
-        out.extend(f"- {line}" for line in targets)
+        out.append("\nTargets, judged from these rows (`benchmarks/targets.py`):\n")
+        out.extend(f"- {line}" for line in targets_of[name](rows))
     rows = _load(results, "speed_profile")
     if rows:
         from benchmarks import step_profile
@@ -327,7 +326,7 @@ def quality_section(results: str, rel: str) -> List[str]:
         name = f"quality_{task}"
         out.append(f"\n## Quality: {task}\n")
         out.append(f"[`{name}.json`]({rel}/{name}.json); learning curves: [`{name}.png`]({rel}/{name}.png)\n")
-        out.extend(f"- {line}" for line in quality.target_lines(task, by_name))
+        out.extend(f"- {line}" for line in targets.quality_target_lines(task, by_name))
         others = {os.path.relpath(path, results): read_json(path)
                   for path in sorted(glob.glob(os.path.join(results, "seeds", "*", f"{name}.json")))}
         spread = quality.seed_spread([rows] + list(others.values())) if others else ""

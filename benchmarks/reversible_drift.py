@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks import output
+from benchmarks import cli, output
+from benchmarks.cli import FlagError
 from benchmarks.measure import machine
 from reformer_jax import ModelConfig
 from reformer_jax.model.config import RECOMMENDED_STREAM_GRID_BITS
@@ -41,7 +42,7 @@ from reformer_jax.kernels.reversible import recovered_inputs, to_grid
 
 DTYPES = ("float32", "bfloat16")
 NAME = "reversible_drift"
-FLOAT32_TARGET = 1e-4  # the issue's bound on the float32 relative error at 48 layers
+FLOAT32_TARGET = 1e-4  # the bound on the float32 relative error at 48 layers
 
 
 def drift_config(dtype: str = "float32", **sizes: Any) -> ModelConfig:
@@ -151,24 +152,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=fv)
 
 
-class FlagError(ValueError):
-    """A bad flag value, found before anything is compiled."""
-
-
 def settings_from_flags(fv: flags.FlagValues) -> Dict[str, Any]:
     """Validated settings: {depths, dtypes, grids, sizes}; FlagError naming the flag and what would work."""
-    depths = []
-    for value in fv.depths:
-        try:
-            depths.append(int(value))
-        except ValueError:
-            raise FlagError(f"--depths={','.join(fv.depths)}: {value!r} is not an integer; e.g. --depths=2,8,48.") \
-                from None
-    if not depths or min(depths) < 1:
-        raise FlagError(f"--depths={','.join(fv.depths)} is invalid: expected positive integers, e.g. 2,8,48.")
-    dtypes = [d.strip() for d in fv.dtypes]
-    if not dtypes or any(d not in DTYPES for d in dtypes):
-        raise FlagError(f"--dtypes={','.join(fv.dtypes)} is invalid: expected a subset of {','.join(DTYPES)}.")
+    depths = list(cli.int_list("depths", fv.depths, "2,8,48"))
+    dtypes = list(cli.subset("dtypes", fv.dtypes, DTYPES))
     for name in ("d_model", "n_heads", "d_ff", "seq_len", "chunk_len", "n_hashes", "batch_size"):
         if fv[name].value < 1:
             raise FlagError(f"--{name}={fv[name].value} is invalid: expected a positive integer.")

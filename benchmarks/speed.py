@@ -12,7 +12,7 @@ compilation included) is its own. Workers are started one after the other (compi
 (each round a different one goes first), so drift of a shared machine hits all of them alike. A step is timed to
 completion (`block_until_ready` for JAX, a synchronous loss for torch); the figure is the median step.
 
-The default sizes are configuration P of the speed issue (vocab 259, d_model 256, 4 heads of 64, d_ff 1024,
+The default sizes are configuration P (vocab 259, d_model 256, 4 heads of 64, d_ff 1024,
 6 layers, length 4096, batch 1, 8 hash rounds, chunk 64), dropout 0 and absolute positions, as the peers run.
 Outputs in --out_dir: speed.*, speed_peers.*, speed_length.* or speed_profile.* (.json rows with machine and
 versions, .csv, .md, .png); a non-CPU backend adds its name (speed_length_gpu.json). `--profile` traces
@@ -33,12 +33,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
-from benchmarks import output, peers, seed
-# The memory driver's flag checks (FlagError: a bad flag value, found before anything is compiled).
-from benchmarks.memory import PRESETS, FlagError, _int_list, _models
+from benchmarks import cli, output, peers, seed
+from benchmarks.cli import DEFAULT_OUT_DIR, PRESETS, FlagError, log
 from benchmarks.output import MIB, Row
 
-DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 COMPARE_CHOICES = ("none", "peers")
 SWEEP_CHOICES = ("none", "length", "linearity")
 # Settings of our step timed side by side: the config's default, and the knobs that trade speed for memory.
@@ -181,28 +179,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("profile_steps", d.profile_steps, "--profile: steps timed untraced and then traced.", **fv)
 
 
-def _choices(flag: str, values: Sequence[str], valid: Sequence[str]) -> Tuple[str, ...]:
-    chosen = tuple(str(v).strip() for v in values)
-    if not chosen or any(v not in valid for v in chosen):
-        raise FlagError(f"--{flag}={','.join(values)}: expected a comma-separated subset of {','.join(valid)}.")
-    return chosen
-
-
 def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Sequence[str]] = None) -> Settings:
     """Validated Settings; raises FlagError (naming the flag, the value and what would work) before compiling."""
     for name, choices in (("compare", COMPARE_CHOICES), ("sweep", SWEEP_CHOICES), ("model", PRESETS),
                           ("pos_embedding", POS_EMBEDDINGS)):
-        if getattr(fv, name) not in choices:
-            raise FlagError(f"--{name}={getattr(fv, name)!r} is unknown; expected one of {', '.join(choices)}.")
-    for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size", "n_hashes",
-                 "chunk_len", "rounds", "steps_per_round", "sweep_rounds"):
-        value = getattr(fv, name)
-        if value is None or value < 1:
-            raise FlagError(f"--{name}={value} is invalid: expected a positive integer (default "
-                            f"{getattr(Settings(), name)}).")
-    for name in ("warmup_steps", "torch_threads"):
-        if getattr(fv, name) is None or getattr(fv, name) < 0:
-            raise FlagError(f"--{name}={getattr(fv, name)} is invalid: expected an integer >= 0.")
+        cli.one_of(name, getattr(fv, name), choices)
+    cli.at_least(fv, ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size", "n_hashes",
+                      "chunk_len", "rounds", "steps_per_round", "sweep_rounds", "profile_steps"), 1, Settings())
+    cli.at_least(fv, ("warmup_steps", "torch_threads"), 0, Settings())
     if not 0 < fv.memory_fraction <= 1:
         raise FlagError(f"--memory_fraction={fv.memory_fraction} is invalid: expected a fraction in (0, 1].")
     if not 0 <= fv.dropout < 1:
@@ -214,28 +198,18 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
     if fv.profile and (fv.compare != "none" or fv.sweep != "none"):
         raise FlagError(f"--profile profiles our step alone; drop --compare={fv.compare} / --sweep={fv.sweep} (the "
                         "peers' steps are not XLA programs).")
-    if fv.profile_steps is None or fv.profile_steps < 1:
-        raise FlagError(f"--profile_steps={fv.profile_steps} is invalid: expected a positive integer (default "
-                        f"{Settings().profile_steps}).")
-    cache_dir = fv.compilation_cache_dir
-    if cache_dir:
-        from reformer_jax.xla.compilation_cache import check_cache_dir
-
-        try:
-            cache_dir = check_cache_dir(cache_dir)
-        except ValueError as err:
-            raise FlagError(str(err)) from None
+    cache_dir = cli.cache_dir(fv.compilation_cache_dir)
     s = Settings(
         out_dir=fv.out_dir, compare=fv.compare, sweep=fv.sweep, model=fv.model,
-        ours=_choices("ours", fv.ours, tuple(OURS_SETTINGS)), vocab_size=fv.vocab_size, d_model=fv.d_model,
+        ours=cli.subset("ours", fv.ours, tuple(OURS_SETTINGS)), vocab_size=fv.vocab_size, d_model=fv.d_model,
         n_heads=fv.n_heads, d_ff=fv.d_ff, n_layers=fv.n_layers, seq_len=fv.seq_len, batch_size=fv.batch_size,
         n_hashes=fv.n_hashes, chunk_len=fv.chunk_len, dropout=fv.dropout, pos_embedding=fv.pos_embedding,
-        models=_models("models", fv.models), lengths=_int_list("lengths", fv.lengths, "1024,4096"),
+        models=cli.presets("models", fv.models), lengths=cli.int_list("lengths", fv.lengths, "1024,4096"),
         warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
         sweep_rounds=fv.sweep_rounds, merge=fv.merge, memory_fraction=fv.memory_fraction,
         compilation_cache_dir=cache_dir, fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
         profile=fv.profile, profile_steps=fv.profile_steps,
-        command=" ".join(["python -m benchmarks.speed"] + list((argv or [])[1:])))
+        command=cli.command("benchmarks.speed", argv))
     check_settings(s)
     return s
 
@@ -261,10 +235,6 @@ def check_settings(s: Settings) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Workers
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class Worker:
@@ -631,98 +601,6 @@ def write_length_sweep(settings: Settings, rows: List[Row], name: str = "speed_l
 
     output.write_outputs(settings.out_dir, _out(name), rows, md, plot)
     return rows
-
-
-def paired_speedups(row: Row, reference: Row) -> List[float]:
-    """reference's step time over row's, timed step by timed step: steps with the same index ran in the same
-    timing round, minutes apart at most. [] when either has no per-step times or their counts differ."""
-    mine, theirs = row.get("step_s") or [], reference.get("step_s") or []
-    if not mine or len(mine) != len(theirs):
-        return []
-    return [t / m for m, t in zip(mine, theirs)]
-
-
-def peer_target_lines(rows: Sequence[Row]) -> List[str]:
-    """The speed issue's targets 1 and 2 for each of our settings, from a --compare=peers run's rows."""
-    by_impl = {r["implementation"]: r for r in rows}
-    hf, lucid = by_impl.get("hf"), by_impl.get("reformer_pytorch")
-    if not (hf and hf.get("median_step_s")):
-        return ["Hugging Face was not timed in this run: targets 1 and 2 cannot be judged."]
-    lines = []
-    for r in rows:
-        if not r["implementation"].startswith("ours") or not r.get("median_step_s"):
-            continue
-        speedup = hf["median_step_s"] / r["median_step_s"]
-        faster = (f", {lucid['median_step_s'] / r['median_step_s']:.2f} x reformer-pytorch's"
-                  if lucid and lucid.get("median_step_s") else "")
-        beats_lucid = not lucid or not lucid.get("median_step_s") or r["median_step_s"] < lucid["median_step_s"]
-        paired = paired_speedups(r, hf)
-        # Both measures must reach 3 x: the ratio of medians, and the median of same-round ratios (machine drift
-        # over the run moves both implementations of one round together, so that one is the steadier).
-        fast_enough = speedup >= 3 and (not paired or statistics.median(paired) >= 3)
-        paired_text = (f"; round by round {statistics.median(paired):.2f} x (median of {len(paired)} same-round "
-                       f"ratios, {min(paired):.2f} to {max(paired):.2f})" if paired else "")
-        rss = r["peak_rss_bytes"] / hf["peak_rss_bytes"]
-        lines.append(f"{r['label']}: step {r['median_step_s']:.2f} s, {speedup:.2f} x faster than Hugging Face's"
-                     f"{faster}{paired_text} (target >= 3 x HF and faster than reformer-pytorch: "
-                     f"{output.met(fast_enough and beats_lucid)}); peak RSS {r['peak_rss_bytes'] / MIB:,.1f} MiB = "
-                     f"{rss:.2f} x HF's (target <= 0.5: {output.met(rss <= 0.5)}).")
-    plain, low = by_impl.get("ours"), by_impl.get("ours_bfloat16")
-    if plain and low and plain.get("last_loss") and low.get("last_loss") and low.get("median_step_s"):
-        lines.append(f"bfloat16 compute (float32 parameters and residual streams): step {low['median_step_s']:.2f} s "
-                     f"against {plain['median_step_s']:.2f} s in float32; after the same warm-up and timed steps "
-                     f"on the same batch the loss is {low['last_loss']:.4f} against {plain['last_loss']:.4f} "
-                     f"({low['last_loss'] / plain['last_loss'] - 1:+.2%}).")
-    return lines
-
-
-def linearity_target_lines(rows: Sequence[Row]) -> List[str]:
-    """Target 3 from a --sweep=linearity run: the Reformer's seconds per token at its longest timed length over
-    4096, as a ratio of medians and as the median of same-round ratios; met only when both are <= 1.3 at 65536."""
-    timed = {r["seq_len"]: r for r in rows if r["model"] == "reformer" and r.get("median_step_s")}
-    longest = max(timed, default=0)
-    if 4096 not in timed or longest <= 4096:
-        return ["Reformer not timed at 4096 and a longer length in the same rounds: target 3 cannot be judged."]
-    long_row, short = timed[longest], timed[4096]
-    ratio = long_row["s_per_token"] / short["s_per_token"]
-    # Same-round step ratios, long over short, scaled to per-token ones (both rows have batch_size tokens each).
-    paired = [step_ratio * 4096 / longest for step_ratio in paired_speedups(short, long_row)]
-    paired_text = (f", round by round {statistics.median(paired):.2f} (median of {len(paired)} same-round ratios, "
-                   f"{min(paired):.2f} to {max(paired):.2f})" if paired else "")
-    met = ratio <= 1.3 and (not paired or statistics.median(paired) <= 1.3) and longest >= 65536
-    reached = "" if longest >= 65536 else " (65536 not timed: the target needs length 65536)"
-    return [f"Reformer seconds per token at {longest} / at 4096, timed in the same rounds: {ratio:.2f} by medians"
-            f"{paired_text} (target <= 1.3 at 65536 on both: {output.met(met)}){reached}."]
-
-
-def length_target_lines(rows: Sequence[Row]) -> List[str]:
-    """Targets 3 and 4 from a --sweep=length run's rows: the Reformer's per-token cost at the longest timed length
-    against 4096, full attention's growth, and the Reformer against the Reversible LM from 8192 up."""
-    timed = {(r["model"], r["seq_len"]): r for r in rows if r.get("median_step_s")}
-    lines = []
-    reformer = sorted(length for model, length in timed if model == "reformer")
-    if (("reformer", 4096) in timed) and reformer[-1] > 4096:
-        longest = reformer[-1]
-        ratio = timed[("reformer", longest)]["s_per_token"] / timed[("reformer", 4096)]["s_per_token"]
-        reached = "" if longest >= 65536 else " (65536 not timed: the target needs length 65536)"
-        lines.append(f"Reformer seconds per token at {longest} / at 4096: {ratio:.2f} (target <= 1.3 at 65536: "
-                     f"{output.met(ratio <= 1.3 and longest >= 65536)}){reached}.")
-    else:
-        lines.append("Reformer not timed at 4096 and a longer length: target 3 cannot be judged.")
-    for model in ("transformer", "reversible"):
-        lengths = sorted(length for m, length in timed if m == model)
-        if len(lengths) >= 2:
-            growth = timed[(model, lengths[-1])]["s_per_token"] / timed[(model, lengths[0])]["s_per_token"]
-            lines.append(f"{seed.LABELS[model]} seconds per token at {lengths[-1]} / at {lengths[0]}: {growth:.2f}.")
-    for length in sorted({length for _, length in timed if length >= 8192}):
-        if ("reformer", length) in timed and ("reversible", length) in timed:
-            ratio = timed[("reversible", length)]["median_step_s"] / timed[("reformer", length)]["median_step_s"]
-            need = 2.0 if length == 16384 else 1.0
-            lines.append(f"Length {length}: Reformer {ratio:.2f} x faster than the Reversible LM (target "
-                         f">= {need:g} x: {output.met(ratio >= need)}).")
-    if not (("reversible", 16384) in timed and ("reformer", 16384) in timed):
-        lines.append("Reformer and Reversible LM not both timed at 16384: the 2 x target there cannot be judged.")
-    return lines
 
 
 def run_profile(settings: Settings) -> List[Row]:

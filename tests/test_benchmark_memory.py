@@ -236,7 +236,7 @@ def test_flag_defaults_are_the_seed_setup():
     (["--lengths=1000,2048"], "--lengths: length 1000 is not a multiple of --chunk_len=64, which LSH attention "
                               "needs; e.g. 960"),
     (["--seq_len=100"], "--seq_len: length 100 is not a multiple of --chunk_len=64"),
-    (["--models=reformer,gpt"], "--models=reformer,gpt: unknown preset(s) 'gpt'; expected a comma-separated subset"),
+    (["--models=reformer,gpt"], "--models=reformer,gpt: unknown 'gpt'; expected a comma-separated subset"),
     (["--dtype=fp16"], "--dtype='fp16' is unknown; expected one of float32, bfloat16, float16"),
     (["--optimizer=sgd"], "--optimizer='sgd' is unknown"),
     (["--d_model=100"], "--d_model=100 is not divisible by --n_heads=8"),

@@ -11,7 +11,7 @@ import sys
 import pytest
 from absl import flags
 
-from benchmarks import quality
+from benchmarks import quality, targets
 from corpus import corpus_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +151,7 @@ def test_target_lines_judge_each_target_from_the_rows():
             "reformer-8": _row("reformer-8", 8, 3.20, minutes=19.0,
                                curve=[{"step": 100, "minutes": 14.0, "val_bpc": 2.55}]),
             "reformer-4-local": _row("reformer-4-local", 4, 2.40, minutes=5.0, attn_layers=["local", "lsh"])}
-    lines = quality.target_lines("shakespeare", rows)
+    lines = targets.quality_target_lines("shakespeare", rows)
     assert "Reformer, 4 rounds (reformer-4): 3.050 bpc against the Transformer's 3.000 after 160 steps: +1.7% " \
            "(target within 3%: met)" in lines[0]
     assert "+6.7% (target within 3%: NOT met)" in lines[1]
@@ -168,7 +168,7 @@ def test_copy_task_target_uses_the_curve_when_training_ran_past_15_minutes():
            "curve": [{"step": 900, "minutes": 11.0, "val_accuracy": 0.96},
                      {"step": 1000, "minutes": 12.0, "val_accuracy": 0.94},
                      {"step": 1400, "minutes": 16.0, "val_accuracy": 0.99}]}
-    lines = quality.target_lines("synthetic", {"lsh-4": row})
+    lines = targets.quality_target_lines("synthetic", {"lsh-4": row})
     assert lines[0] == "LSH trained with 4 rounds, evaluated with 4: 99.0% of the copied half after 1500 steps, 18.0 min."
     assert lines[1] == ("Within 15 min of training: 96.0% (learning-curve point, 2 batches at step 900, 11.0 min) "
                         "(target >= 95%: met).")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from benchmarks import peers, speed, speed_worker
+from benchmarks import peers, speed, speed_worker, targets
 
 TINY = speed.Settings(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=1, seq_len=32, n_hashes=2,
                       chunk_len=16, ours=("default",), warmup_steps=0, rounds=2, sweep_rounds=1, fast_compile=True,
@@ -168,8 +168,8 @@ def flag_values():
 @pytest.mark.parametrize("args, expected", [
     (["--compare=torch"], "--compare='torch' is unknown; expected one of none, peers"),
     (["--sweep=width"], "--sweep='width' is unknown"),
-    (["--ours=default,fp8"], "--ours=default,fp8: expected a comma-separated subset of default,"),
-    (["--models=reformer,gpt"], "unknown preset(s) 'gpt'"),
+    (["--ours=default,fp8"], "--ours=default,fp8: unknown 'fp8'; expected a comma-separated subset of default,"),
+    (["--models=reformer,gpt"], "--models=reformer,gpt: unknown 'gpt'"),
     (["--lengths=1024,x"], "'x' is not an integer"),
     (["--rounds=0"], "--rounds=0 is invalid: expected a positive integer"),
     (["--warmup_steps=-1"], "--warmup_steps=-1 is invalid"),
@@ -258,25 +258,25 @@ def test_peer_targets_are_judged_from_the_rows():
     rows = [_speed_row("ours", 4.0, 600.0, "reformer_jax (reformer)"),
             _speed_row("ours_lean_compile", 3.0, 400.0, "reformer_jax (reformer, lean_compile)"),
             _speed_row("hf", 12.0, 1000.0), _speed_row("reformer_pytorch", 13.0, 1100.0)]
-    default, lean = speed.peer_target_lines(rows)
+    default, lean = targets.peer_target_lines(rows)
     assert default.startswith("reformer_jax (reformer): step 4.00 s, 3.00 x faster than Hugging Face's, 3.25 x")
     assert "reformer-pytorch: met); peak RSS 600.0 MiB = 0.60 x HF's (target <= 0.5: NOT met)" in default
     assert "4.00 x faster" in lean and "0.40 x HF's (target <= 0.5: met)" in lean
-    assert speed.peer_target_lines(rows[:2]) == ["Hugging Face was not timed in this run: targets 1 and 2 cannot "
+    assert targets.peer_target_lines(rows[:2]) == ["Hugging Face was not timed in this run: targets 1 and 2 cannot "
                                                  "be judged."]
     # The same medians, but round by round HF is only 2 x: drift, not speed; the target is not met.
     drift = [{**rows[0], "step_s": [4.0, 4.0, 4.0]}, {**rows[2], "step_s": [8.0, 12.0, 16.0]}, rows[3]]
-    line = speed.peer_target_lines(drift)[0]
+    line = targets.peer_target_lines(drift)[0]
     assert "3.00 x faster than Hugging Face's, 3.25 x reformer-pytorch's; round by round 3.00 x" in line
     assert "(target >= 3 x HF and faster than reformer-pytorch: met)" in line
     drift[0]["step_s"] = [6.0, 4.0, 3.0]  # median 4 s, but each round only 1.33, 3.0 and 5.33 x: median 3.0
-    assert "round by round 3.00 x (median of 3 same-round ratios, 1.33 to 5.33)" in speed.peer_target_lines(drift)[0]
+    assert "round by round 3.00 x (median of 3 same-round ratios, 1.33 to 5.33)" in targets.peer_target_lines(drift)[0]
     drift[0]["step_s"] = [4.0, 6.0, 3.0]  # median 4 s again; same-round ratios 2, 2 and 5.33: median 2
-    line = speed.peer_target_lines(drift)[0]
+    line = targets.peer_target_lines(drift)[0]
     assert "round by round 2.00 x" in line and "reformer-pytorch: NOT met" in line
-    assert speed.paired_speedups({"step_s": [1.0]}, {"step_s": [1.0, 2.0]}) == []  # unpaired counts: no ratios
+    assert targets.paired_speedups({"step_s": [1.0]}, {"step_s": [1.0, 2.0]}) == []  # unpaired counts: no ratios
     low = {**_speed_row("ours_bfloat16", 3.5, 550.0), "last_loss": 5.05}
-    lines = speed.peer_target_lines([{**rows[0], "last_loss": 5.0}, low, rows[2]])
+    lines = targets.peer_target_lines([{**rows[0], "last_loss": 5.0}, low, rows[2]])
     assert lines[-1] == ("bfloat16 compute (float32 parameters and residual streams): step 3.50 s against 4.00 s in "
                          "float32; after the same warm-up and timed steps on the same batch the loss is 5.0500 "
                          "against 5.0000 (+1.00%).")
@@ -289,12 +289,12 @@ def test_length_targets_are_judged_from_the_rows():
     rows = [row("reformer", 4096, 4.0), row("reformer", 65536, 80.0), row("reversible", 4096, 5.0),
             row("reversible", 8192, 20.0), row("reformer", 8192, 8.0), row("reversible", 16384, 80.0),
             row("reformer", 16384, 16.0), {"model": "reversible", "seq_len": 32768, "median_step_s": None}]
-    lines = speed.length_target_lines(rows)
+    lines = targets.length_target_lines(rows)
     assert lines[0] == "Reformer seconds per token at 65536 / at 4096: 1.25 (target <= 1.3 at 65536: met)."
     assert "Reversible LM seconds per token at 16384 / at 4096: 4.00." in lines
     assert "Length 8192: Reformer 2.50 x faster than the Reversible LM (target >= 1 x: met)." in lines
     assert "Length 16384: Reformer 5.00 x faster than the Reversible LM (target >= 2 x: met)." in lines
-    short = speed.length_target_lines([row("reformer", 4096, 4.0), row("reformer", 8192, 9.0)])
+    short = targets.length_target_lines([row("reformer", 4096, 4.0), row("reformer", 8192, 9.0)])
     assert "(target <= 1.3 at 65536: NOT met) (65536 not timed" in short[0]
     assert short[-1].startswith("Reformer and Reversible LM not both timed at 16384")
 
@@ -326,13 +326,13 @@ def _reformer_row(seq_len, step_s):
 
 def test_linearity_target_needs_both_the_medians_and_the_rounds():
     steady = [_reformer_row(4096, [4.0, 4.0, 4.0]), _reformer_row(65536, [80.0, 80.0, 80.0])]  # 1.25 both ways
-    (line,) = speed.linearity_target_lines(steady)
+    (line,) = targets.linearity_target_lines(steady)
     assert "1.25 by medians, round by round 1.25" in line and "met" in line and "NOT met" not in line
     # The medians pass (80 s over 4 s) but two of three rounds do not (26.7 and 22.4 x for 16 x the tokens).
     drifting = [_reformer_row(4096, [4.0, 3.0, 5.0]), _reformer_row(65536, [60.0, 80.0, 112.0])]
-    (line,) = speed.linearity_target_lines(drifting)
+    (line,) = targets.linearity_target_lines(drifting)
     assert "1.25 by medians" in line and "round by round 1.40" in line and "NOT met" in line
     short = [_reformer_row(4096, [4.0]), _reformer_row(32768, [36.0])]
-    (line,) = speed.linearity_target_lines(short)
+    (line,) = targets.linearity_target_lines(short)
     assert "65536 not timed" in line and "NOT met" in line
-    assert "cannot be judged" in speed.linearity_target_lines([_reformer_row(65536, [80.0])])[0]
+    assert "cannot be judged" in targets.linearity_target_lines([_reformer_row(65536, [80.0])])[0]
