@@ -84,7 +84,9 @@ def test_variant_ordering(results):
 def test_hashes_and_layers(results):
     hashes = sorted(results.rows["hashes"], key=lambda r: r["n_hashes"])
     assert [r["n_hashes"] for r in hashes] == [1, 2]
-    assert hashes[1]["peak_bytes"] > hashes[0]["peak_bytes"]  # until the flat-in-hashes work lands
+    # Flat in hash rounds (measured +0.13% here; the README's setup and the all-rounds-at-once contrast:
+    # tests/test_memory_claims.py).
+    assert hashes[1]["peak_bytes"] <= 1.01 * hashes[0]["peak_bytes"], [r["peak_bytes"] for r in hashes]
     layers = results.rows["layers"]
     growth = {m: [r["peak_bytes"] for r in sorted(layers, key=lambda r: r["n_layers"]) if r["model"] == m]
               for m in ("reformer", "transformer")}
@@ -153,7 +155,9 @@ def test_runtime_on_cpu(results):
     assert row["model"] == "transformer" and row["steps"] == 2 and len(row["step_s"]) == 2
     assert "RSS" in row["runtime_source"] and row["runtime_peak_bytes"] > 0
     assert all(math.isfinite(x) for x in row["losses"])
-    assert row["ru_maxrss_after_bytes"] >= row["ru_maxrss_before_bytes"]
+    # The kernel's high-water mark (ru_maxrss, KiB converted to bytes) bounds every RSS sample taken before it.
+    assert row["ru_maxrss_after_bytes"] >= row["rss_max_bytes"] > row["rss_base_bytes"] > 0
+    assert row["runtime_peak_bytes"] == row["rss_max_bytes"] - row["rss_base_bytes"]
 
 
 def test_runtime_device_path_with_a_fake_stats_source(tmp_path):
@@ -184,6 +188,9 @@ def test_floor_targets(results):
     assert set(rows) == {"1", "1s", "2", "3", "4a", "5"}
     for r in rows.values():
         assert r["status"] == ("pass" if r["measured"] <= r["limit"] else "short")
+    # Target 1 holds at these sizes too (measured 1.001); targets 2, 3 and 4a need the README's sizes, where
+    # tests/test_memory_claims.py checks them.
+    assert rows["1"]["status"] == "pass" and rows["1"]["measured"] <= 1.01, rows["1"]["measured"]
     assert rows["5"]["measured"] == pytest.approx(rows["5"]["peak_bytes"] / 2**30)
     assert rows["1s"]["measured"] == pytest.approx(rows["1s"]["step_s_rounds_True_heads_True"]
                                                    / rows["1s"]["step_s_rounds_False_heads_False"])
@@ -276,10 +283,10 @@ def test_report_is_generated_from_the_results(results, tmp_path):
 @pytest.mark.slow
 def test_ordering_at_the_seed_setup(tmp_path):
     """The seed's setup itself (about a minute of compiles): Transformer above every other variant, Reformer least,
-    memory rising with hash rounds."""
+    its peak flat in hash rounds."""
     settings = dataclasses.replace(memory.Settings(), experiment="variants", out_dir=str(tmp_path), command="pytest")
     peak = {r["model"]: r["peak_bytes"] for r in memory.run(settings)["variants"]}
     assert all(peak["transformer"] > peak[m] for m in ("lsh", "reversible", "reformer")), peak
     assert peak["reformer"] == min(peak.values()), peak
     hashes = memory.run(dataclasses.replace(settings, experiment="hashes", hash_sweep=(2, 8)))["hashes"]
-    assert hashes[0]["peak_bytes"] < hashes[1]["peak_bytes"]
+    assert hashes[1]["peak_bytes"] <= 1.01 * hashes[0]["peak_bytes"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from reformer_jax import ModelConfig
+from reformer_jax.model.reformer_lm import ReformerLM, init_params
 from reformer_jax.training import evaluation
-from reformer_jax.model.reformer_lm import init_params
 
 LENGTH = 64
 
@@ -65,13 +65,19 @@ def test_truncated_score_equals_the_whole_score_for_full_attention(models):
 def test_evaluate_batches_weights_tokens(models):
     config, params = models["lsh"]
     tokens, targets = _tokens(5)
+    rng = jax.random.fold_in(jax.random.key(0), 0)  # batch 0's hashing key
+    # Targets chosen from the model's own logits: of the 20 weighted positions, exactly 7 are predicted right.
+    logits = np.asarray(ReformerLM(config).apply({"params": params}, tokens, rngs={"lsh": rng}))
+    predicted = logits.argmax(-1)
+    targets = np.where(predicted == targets, (targets + 1) % config.vocab_size, targets)
+    targets[0, :4], targets[1, 3:6] = predicted[0, :4], predicted[1, 3:6]
     weights = np.zeros(tokens.shape, np.float32)
     weights[:, :10] = 1.0
     scores = evaluation.evaluate_batches(config, params, [{"inputs": tokens, "targets": targets,
                                                            "weights": weights}], jax.random.key(0))
-    log_probs = evaluation.token_log_probs(config, params, tokens, targets, jax.random.fold_in(jax.random.key(0), 0))
+    log_probs = evaluation.token_log_probs(config, params, tokens, targets, rng)
     np.testing.assert_allclose(scores["loss"], -log_probs[:, :10].mean(), rtol=1e-5)
-    assert 0.0 <= scores["accuracy"] <= 1.0
+    assert scores["accuracy"] == pytest.approx(7 / 20)
 
 
 def test_bad_positions_are_refused(models):
