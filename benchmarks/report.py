@@ -184,7 +184,7 @@ def build(results: str, report_path: str) -> str:
           "[`timeline.md`](" + rel + "/timeline.md)) are still live at the peak in the backward pass: in one "
           "straight-line program XLA evidently shares (common-subexpression-eliminates) the custom gradient's "
           "recomputation with the forward pass, so every layer's sorted, chunked tensors are kept, much as PyTorch "
-          "autograd keeps them (../shared/reference/jax-memory-notes.md warns of this). Under `lax.scan` the "
+          "autograd keeps them (a known hazard of custom gradients inside one unrolled program). Under `lax.scan` the "
           "recomputation stays separate and nothing of it is stored. The unrolled Transformer is lower than the "
           "scanned one, probably because without the scan's stacked per-layer carries XLA can free each layer's "
           "buffers as soon as its backward pass is done; we have not traced it further.\n")
@@ -216,7 +216,7 @@ def build(results: str, report_path: str) -> str:
 
     # Floor
     fl = data["floor"]
-    w("## Memory-floor targets (issue 5)\n")
+    w("## Memory-floor targets\n")
     w(markdown_table(fl, [("target", "target", "s"), ("criterion", "criterion", "s"), ("measured", "measured", ".3f"),
                           ("limit", "limit", "g"), ("detail", "values", "s"), ("status", "status", "s")]))
     w("floor = parameters + gradients + optimizer state + batch + 4 x batch x length x d_model x 4 bytes. "
@@ -297,7 +297,7 @@ def speed_section(results: str, rel: str) -> List[str]:
                        "command to measure today's defaults.\n")
         out.append(markdown_table(rows, columns))
         targets = targets_of[name](rows)
-        out.append("\nTargets of the speed issue, judged from these rows:\n")
+        out.append("\nTargets, judged from these rows:\n")
         out.extend(f"- {line}" for line in targets)
     rows = _load(results, "speed_profile")
     if rows:
