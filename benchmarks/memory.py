@@ -11,7 +11,7 @@ Experiments (each writes NAME.json, NAME.csv, NAME.md and NAME.png in --out_dir)
   seqlen    the presets at --lengths; growth exponent of activation memory against length beside Table 5's
   timeline  live bytes across one step's schedule, rebuilt from XLA's buffer dumps, and the peak by named scope
   runtime   a few real steps per variant, each in its own process: device peak (GPU/TPU) or process RSS (CPU)
-  floor     the memory-floor issue's targets, measured, with pass/short
+  floor     the memory-floor targets, measured, with pass/short
   all       all of the above
 
 Numbers are compile-time figures of the real training step (`reformer_jax.training.step.jit_train_step`, donated state,

@@ -1,6 +1,6 @@
 """Quality benchmark: what the memory savings cost in accuracy, on tiny Shakespeare and the paper's copy task.
 
-    python -m benchmarks.quality --data_path=../shared/data/tinyshakespeare.txt      # both tasks, about 90 min
+    python -m benchmarks.quality                                                     # both tasks, about 90 min
     python -m benchmarks.quality --task=shakespeare --budget_minutes=15
     python -m benchmarks.quality --task=synthetic
 
@@ -494,7 +494,7 @@ def seed_spread(runs: Sequence[Sequence[Row]]) -> str:
 
 
 def target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:
-    """The issue's targets, each with the measured figure and whether it holds."""
+    """The quality targets, each with the measured figure and whether it holds."""
     lines: List[str] = []
     if task == "shakespeare":
         base = by_name.get("transformer")

@@ -12,7 +12,7 @@ compilation included) is its own. Workers are started one after the other (compi
 (each round a different one goes first), so drift of a shared machine hits all of them alike. A step is timed to
 completion (`block_until_ready` for JAX, a synchronous loss for torch); the figure is the median step.
 
-The default sizes are configuration P of the speed issue (vocab 259, d_model 256, 4 heads of 64, d_ff 1024,
+The default sizes are configuration P (vocab 259, d_model 256, 4 heads of 64, d_ff 1024,
 6 layers, length 4096, batch 1, 8 hash rounds, chunk 64), dropout 0 and absolute positions, as the peers run.
 Outputs in --out_dir: speed.*, speed_peers.*, speed_length.* or speed_profile.* (.json rows with machine and
 versions, .csv, .md, .png); a non-CPU backend adds its name (speed_length_gpu.json). `--profile` traces
@@ -45,7 +45,7 @@ SWEEP_CHOICES = ("none", "length", "linearity")
 # "default": hash rounds and heads one at a time (the Reformer preset); "all_at_once": every round and head
 # together (faster per step where memory allows); "rounds_only": rounds one at a time, all heads together;
 # "lean_compile": the default model compiled without XLA:CPU's fusion emitters; "xla_defaults": the default model
-# compiled with XLA's own defaults instead of the steps' options (reformer_jax/xla_options.py).
+# compiled with XLA's own defaults instead of the steps' options (reformer_jax/xla/compiler_options.py).
 OURS_SETTINGS = {"default": {}, "all_at_once": {"sequential_rounds": False, "sequential_heads": False},
                  "rounds_only": {"sequential_heads": False}, "bfloat16": {"dtype": "bfloat16"}, "lean_compile": {},
                  "xla_defaults": {}}
@@ -643,7 +643,8 @@ def paired_speedups(row: Row, reference: Row) -> List[float]:
 
 
 def peer_target_lines(rows: Sequence[Row]) -> List[str]:
-    """The speed issue's targets 1 and 2 for each of our settings, from a --compare=peers run's rows."""
+    """The speed targets (at least 3 x Hugging Face's speed, at most 0.5 x its peak RSS) for each of our settings,
+    from a --compare=peers run's rows."""
     by_impl = {r["implementation"]: r for r in rows}
     hf, lucid = by_impl.get("hf"), by_impl.get("reformer_pytorch")
     if not (hf and hf.get("median_step_s")):
