@@ -71,7 +71,7 @@ def build(results: str, report_path: str) -> str:
       "Adafactor update, donated state) for abstract inputs: peak = argument + output - alias + temp. "
       "'Activations' = peak - parameters - gradients - optimizer state - batch (so it includes the optimizer "
       "update's temporaries). MiB = 2^20 bytes; the seed's 'MB' are read off its charts (+-5%).")
-    w("- **GPU: not yet run.** The runtime experiment ran on this CPU only; the GPU path (memory_stats() peak, "
+    w("- **GPU: no results.** The runtime experiment ran on this CPU only; the GPU path (memory_stats() peak, "
       "device memory profile) is covered by unit tests with a fake stats source; "
       "`bash benchmarks/run_gpu_runtime.sh` is the prepared script for a GPU machine."
       if not gpu else "- GPU runtime results: [`runtime_gpu.json`](" + rel + "/runtime_gpu.json).")
