@@ -1,6 +1,6 @@
 """Quality benchmark: what the memory savings cost in accuracy, on tiny Shakespeare and the paper's copy task.
 
-    python -m benchmarks.quality --data_path=../shared/data/tinyshakespeare.txt      # both tasks, about 90 min
+    python -m benchmarks.quality                                                     # both tasks, about 90 min
     python -m benchmarks.quality --task=shakespeare --budget_minutes=15
     python -m benchmarks.quality --task=synthetic
 

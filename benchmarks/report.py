@@ -71,7 +71,7 @@ def build(results: str, report_path: str) -> str:
       "Adafactor update, donated state) for abstract inputs: peak = argument + output - alias + temp. "
       "'Activations' = peak - parameters - gradients - optimizer state - batch (so it includes the optimizer "
       "update's temporaries). MiB = 2^20 bytes; the seed's 'MB' are read off its charts (+-5%).")
-    w("- **GPU: not yet run.** The runtime experiment ran on this CPU only; the GPU path (memory_stats() peak, "
+    w("- **GPU: no results.** The runtime experiment ran on this CPU only; the GPU path (memory_stats() peak, "
       "device memory profile) is covered by unit tests with a fake stats source; "
       "`bash benchmarks/run_gpu_runtime.sh` is the prepared script for a GPU machine."
       if not gpu else "- GPU runtime results: [`runtime_gpu.json`](" + rel + "/runtime_gpu.json).")
@@ -184,7 +184,7 @@ def build(results: str, report_path: str) -> str:
           "[`timeline.md`](" + rel + "/timeline.md)) are still live at the peak in the backward pass: in one "
           "straight-line program XLA evidently shares (common-subexpression-eliminates) the custom gradient's "
           "recomputation with the forward pass, so every layer's sorted, chunked tensors are kept, much as PyTorch "
-          "autograd keeps them (../shared/reference/jax-memory-notes.md warns of this). Under `lax.scan` the "
+          "autograd keeps them (a known hazard of custom gradients inside one unrolled program). Under `lax.scan` the "
           "recomputation stays separate and nothing of it is stored. The unrolled Transformer is lower than the "
           "scanned one, probably because without the scan's stacked per-layer carries XLA can free each layer's "
           "buffers as soon as its backward pass is done; we have not traced it further.\n")

@@ -43,7 +43,7 @@ SWEEP_CHOICES = ("none", "length", "linearity")
 # "default": hash rounds and heads one at a time (the Reformer preset); "all_at_once": every round and head
 # together (faster per step where memory allows); "rounds_only": rounds one at a time, all heads together;
 # "lean_compile": the default model compiled without XLA:CPU's fusion emitters; "xla_defaults": the default model
-# compiled with XLA's own defaults instead of the steps' options (reformer_jax/xla_options.py).
+# compiled with XLA's own defaults instead of the steps' options (reformer_jax/xla/compiler_options.py).
 OURS_SETTINGS = {"default": {}, "all_at_once": {"sequential_rounds": False, "sequential_heads": False},
                  "rounds_only": {"sequential_heads": False}, "bfloat16": {"dtype": "bfloat16"}, "lean_compile": {},
                  "xla_defaults": {}}

@@ -1,4 +1,4 @@
-"""The steps' XLA options (reformer_jax/xla_options.py): which options each backend gets, and that a step compiled
+"""The steps' XLA options (reformer_jax/xla/compiler_options.py): which options each backend gets, and that a step compiled
 lean (without XLA:CPU's fusion emitters) or with XLA's own defaults computes what the default compilation computes."""
 
 import jax

@@ -1,7 +1,7 @@
 """Local (chunked) attention with separate queries, keys and values, as a pure JAX function.
 
-The layer type that alternates with LSH layers in the trax / Hugging Face Reformer checkpoints
-(``../shared/reference/reformer-spec.md``, "Local attention"):
+The layer type that alternates with LSH layers in the trax / Hugging Face Reformer checkpoints, with their
+semantics:
 - scores q . k / sqrt(d_head) (no key normalisation, no self mask);
 - the sequence is cut into chunks of `chunk_len`; each chunk attends to itself and the `n_chunks_before` previous
   chunks, the first chunks wrapping around to the last ones (Hugging Face; the causal mask removes the wrapped

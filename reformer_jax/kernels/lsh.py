@@ -3,7 +3,7 @@
 Axes (used in every einsum here): b batch, h heads, l length, k d_head, r hash rounds, n chunks (over all rounds),
 c chunk length, s keys seen by one chunk ((n_chunks_before + 1) * c).
 
-Reference semantics (``../shared/reference/reformer-spec.md``, trax / Hugging Face):
+Reference semantics (the paper's LSH attention as trax and Hugging Face implement it):
 - scores, keys, the self mask and the causal mask are full attention's (`reformer_jax.kernels.full`);
 - LSH: sort each round by (bucket, position), chunk the concatenation of all rounds, let each chunk attend to
   itself and `n_chunks_before` previous chunks (wrapping around from the first chunk of all to the last), unsort,

@@ -152,7 +152,7 @@ def _checked_buckets(spec: HeadSpec, params: Params, x: jax.Array, buckets: Opti
 def hash_by_heads(spec: HeadSpec, params: Params, x: jax.Array, rotations: jax.Array) -> jax.Array:
     """LSH bucket ids of every head, computed one head at a time: x [b, l, d] -> [b, h, r, l].
 
-    rotations [h, k, r, n] (`attention.random_rotations`): the same ids as hashing all heads at once.
+    rotations [h, k, r, n] (`reformer_jax.kernels.lsh.random_rotations`): the same ids as hashing all heads at once.
     """
     w_qk, _, _ = _by_head(params)
     x, norm = lax.stop_gradient(x), lax.stop_gradient(params["norm"])

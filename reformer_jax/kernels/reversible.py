@@ -15,7 +15,7 @@ Reversible stack (one `jax.custom_vjp` around one `lax.scan` of all layers):
   backward  x2 = y2 - G(y1),  x1 = y1 - F(x2)      (recomputed layer by layer, last layer first)
 It keeps for the backward pass only the stack's outputs (y1, y2), the parameters and keys (inputs anyway) and,
 per LSH layer, the compact bucket ids: activation memory is flat in depth. A custom_vjp per block would instead
-store every block's output (see ../shared/reference/jax-memory-notes.md).
+store every block's output, since each block's backward pass needs its own inputs.
 
 With `ff_chunk_len`, G and its residual add run chunk by chunk, in place: y2[chunk] = x2[chunk] + G(y1[chunk])
 forward, x2[chunk] = y2[chunk] - G(y1[chunk]) and dy1[chunk] += dG backward, so no full-length G output (or its

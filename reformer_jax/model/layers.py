@@ -87,7 +87,7 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
     positions, which a recompute with the same mask reproduces.
 
     `grid_bits` > 0: the block feeds a reversible stack on that grid (`reformer_jax.kernels.reversible`; the model passes
-    config.grid_bits): the per-head path then returns sum_h Q(Dropout(head h's share)) (`per_head_attention`), a
+    config.grid_bits): the per-head path then returns sum_h Q(Dropout(head h's share)) (`reformer_jax.kernels.per_head`), a
     value on the grid, which `attention_block_reverse` with the same grid subtracts exactly; the all-heads and
     local paths leave the rounding to the stack.
     """
@@ -157,7 +157,7 @@ def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.
 
 def _attention_per_head(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
                         attention_mask, keep=None, rate=0.0, grid_bits=0):
-    """One head at a time (`per_head_attention`); attention_mask (already real-first) only sets the pad bucket;
+    """One head at a time (`reformer_jax.kernels.per_head`); attention_mask (already real-first) only sets the pad bucket;
     keep, rate: the block's output dropout, applied per head (on a stream grid)."""
     spec = head_spec(config, x.shape[1], deterministic, kind, grid_bits)
     if spec.lsh and buckets is None:

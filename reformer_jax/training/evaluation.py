@@ -1,7 +1,7 @@
 """Evaluating a trained language model: per-token log-probabilities, the future's influence, honest LSH scores.
 
 LSH attention never puts weight on a later position, but which earlier keys share a query's chunk depends on the
-buckets of every token, later ones included (see ../shared/reference/reformer-spec.md, "A causal subtlety"), so an
+buckets of every token, later ones included (hashing sees the whole sequence at once), so an
 LSH model's log-probability at position i can move when a later token changes. Two measurements make a
 comparison with a full-attention Transformer honest:
 

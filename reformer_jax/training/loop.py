@@ -61,7 +61,7 @@ class TrainOptions:
     # Stop after this much wall time in this call (compilation included), evaluated and checkpointed; a rerun
     # resumes. Not a run setting: a resumed run may change it.
     time_limit_minutes: Optional[float] = None
-    # Compile the steps with `xla_options.step_compiler_options(lean=...)`: on CPU, without XLA's MLIR fusion
+    # Compile the steps with `compiler_options.step_compiler_options(lean=...)`: on CPU, without XLA's MLIR fusion
     # emitters (less peak RSS, slower steps: see benchmarks/results/speed_peers.md). Not a run setting either.
     lean_compile: bool = False
 
@@ -101,7 +101,7 @@ def guarded_train_step(state, batch, rng, *, config: ModelConfig, skip_nonfinite
 def sharded_step_functions(config: ModelConfig, tx, replicated: NamedSharding, data_sharding: NamedSharding,
                            skip_nonfinite: bool = False, lean_compile: bool = False):
     """Jitted (init, train_step, eval_step): state replicated and donated, batch split over "data", compiled with
-    `xla_options.step_compiler_options(lean=lean_compile)`."""
+    `compiler_options.step_compiler_options(lean=lean_compile)`."""
     options = step_compiler_options(lean=lean_compile)
     # A strongly typed step counter, as a restored checkpoint has: a resumed run then calls the same compiled step
     # (flax's TrainState.create(step=0) is weakly typed, and a different input type means another compilation).

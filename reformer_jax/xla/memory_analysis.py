@@ -10,7 +10,7 @@ measured on a laptop. It reads XLA's `compiled.memory_analysis()`:
                      (what no implementation can go below: the two float32 residual streams and their cotangents)
 
 On CPU, XLA's YNNPACK library fusions hide their scratch from the accounting, so they are switched off for the
-measurement (see ../shared/reference/jax-memory-notes.md).
+measurement (`reformer_jax.xla.compiler_options`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from reformer_jax.xla.compiler_options import step_compiler_options
 
 def compiler_options(backend: Optional[str] = None) -> Dict[str, str]:
     """XLA options for faithful memory accounting on this backend: the executed steps' own options
-    (`xla_options.step_compiler_options`: YNNPACK fusions, whose scratch the analysis cannot see, off on CPU)."""
+    (`reformer_jax.xla.compiler_options.step_compiler_options`: YNNPACK fusions, whose scratch the analysis cannot see, off on CPU)."""
     return step_compiler_options(backend)
 
 

@@ -18,7 +18,7 @@ Compiling with `compiler_options={"xla_dump_to": d, "xla_dump_hlo_as_text": True
 
 Summing each value's size over its interval gives the live-bytes curve. Under `lax.scan` / while loops the
 flattened schedule shows the loop body once and loop-carried values share buffers, so the curve is a picture and
-XLA's own peak (the "peak" line) is the number (see ../shared/reference/jax-memory-notes.md).
+XLA's own peak (the "peak" line) is the number.
 """
 
 from __future__ import annotations
