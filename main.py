@@ -59,7 +59,7 @@ flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory anal
 flags.DEFINE_float("time_limit_minutes", None, "Stop after this much wall time (compilation included), evaluated and "
                    "checkpointed, even before --steps; rerun the same command to continue.")
 flags.DEFINE_bool("lean_compile", False, "CPU: compile the steps without XLA's MLIR fusion emitters: a few hundred "
-                  "MB less peak RSS while compiling, slower steps (reformer_jax/xla_options.py).")
+                  "MB less peak RSS while compiling, slower steps (reformer_jax/xla/compiler_options.py).")
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
                   "logged) instead of stopping the run.")
 # --- several hosts ---------------------------------------------------------------------------------------------

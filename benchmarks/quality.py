@@ -60,8 +60,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "WORKDIR/<task>/<variant>; a rerun resumes them.", **on)
     flags.DEFINE_enum("dataset", "tiny_shakespeare", ["tiny_shakespeare", "text"], "The shakespeare task's text: tiny "
                       "Shakespeare (checked by sha256) or any file (--dataset=text --data_path=FILE).", **on)
-    flags.DEFINE_string("data_path", None, "Path of the text (tiny_shakespeare: else $REFORMER_JAX_DATA_DIR or the "
-                        "cache).", **on)
+    flags.DEFINE_string("data_path", None, "Path of the text (tiny_shakespeare: default the copy packaged with "
+                        "reformer_jax).", **on)
     flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (the same for every "
                          "variant).", **on)
     # shakespeare sizes

@@ -1,19 +1,13 @@
-"""The text the training tests read: the shared tiny Shakespeare copy when present, else one the tests write."""
+"""The text the training tests read: tiny Shakespeare as the package ships it, written to a file they can pass."""
 
 from pathlib import Path
 
-SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+from reformer_jax.training import data
 
 
 def corpus_path(tmp_dir: Path) -> Path:
-    if SHARED_CORPUS.is_file():
-        return SHARED_CORPUS
-    # A fresh clone without ../shared: a small, learnable, English-like text.
-    lines = [f"{who}: {what} the {thing} of {place}, and {what} it well.\n"
-             for who in ("ROMEO", "JULIET", "HAMLET", "KING", "QUEEN")
-             for what in ("I see", "thou hast", "we know", "they keep")
-             for thing in ("crown", "night", "sword", "heart", "grave")
-             for place in ("Verona", "Denmark", "England", "Rome")]
-    path = Path(tmp_dir) / "small_corpus.txt"
-    path.write_text("".join(lines) * 3)
+    """tiny Shakespeare (the packaged copy, sha256-checked) as a plain file under `tmp_dir`."""
+    path = Path(tmp_dir) / data.TINY_SHAKESPEARE_FILE
+    if not path.exists():
+        path.write_bytes(data.packaged_tiny_shakespeare())
     return path
