@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import report, speed, step_profile
+from benchmarks import speed, step_profile
+from benchmarks.reporting import speed as speed_report
 from benchmarks.step_profile import HloOp
 from tests.test_benchmark_speed import TINY
 
@@ -99,5 +100,5 @@ def test_profile_of_a_tiny_reformer_step_writes_its_files(tmp_path):
     markdown = (tmp_path / "speed_profile.md").read_text()
     assert "| batched matmuls (attention chunk products) |" in markdown and "Command: `pytest`" in markdown
     assert (tmp_path / "speed_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    section = "\n".join(report.speed_section(str(tmp_path), "results"))
+    section = "\n".join(speed_report.sections(str(tmp_path), "results"))
     assert "## Where the training step's time goes" in section and "(results/speed_profile.json)" in section

@@ -1,0 +1,1 @@
+"""The sections of benchmarks/REPORT.md, one module per driver; `benchmarks.report` puts them together."""
