@@ -84,8 +84,8 @@ def test_lsh_dropout_gradient_equals_finite_differences_of_the_forward(sequentia
 def test_chunked_loss_and_gradients_equal_the_whole_sequence_loss(head):
     """output_chunk_len 8 of 32 positions (4 rows a sequence): the custom_vjp against autodiff of the unchunked
     loss; uneven weights, so a row's cotangent landing in another row's place shows."""
-    config = ModelConfig(vocab_size=11, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_len=32, chunk_len=8,
-                         output_head="concat" if head == "concat" else "mean", tie_embeddings=head != "concat")
+    spec = output_head.HeadSpec(combine="concat" if head == "concat" else "mean", layer_norm_eps=1e-6,
+                                dtype=jnp.float32)
     width = 16 if head == "concat" else 8
     k = jax.random.split(jax.random.key(5), 6)
     params = {"norm": {"scale": 1.0 + 0.1 * jax.random.normal(k[0], (width,)),
@@ -98,7 +98,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence_loss(head):
 
     def loss(chunk_len):
         def f(params, streams):
-            sums = output_head.chunked_loss_terms(params, streams, targets, weights, config=config,
+            sums = output_head.chunked_loss_terms(params, streams, targets, weights, spec=spec,
                                                   chunk_len=chunk_len)
             return sums["loss_sum"] + 0.3 * sums["correct_sum"], sums
         return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(params, streams)
