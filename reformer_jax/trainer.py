@@ -21,12 +21,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from reformer_jax import data as data_lib
-from reformer_jax import train
+from reformer_jax import saved_run, train
 from reformer_jax.checkpoint import (Checkpointer, WorkdirError, check_run_settings, ensure_writable_workdir,
                                      refuse_to_overwrite_a_run, write_json_atomic)
 from reformer_jax.config import ModelConfig
 from reformer_jax.memory import compile_train_step
-from reformer_jax.run_log import MetricsLog, Progress, format_duration
+from reformer_jax.run_log import MetricsLog, Progress, TensorBoardLog, format_duration, format_sample
+from reformer_jax.run_record import read_record, update_record
 from reformer_jax.sampling import sample, sampling_window
 from reformer_jax.xla_options import step_compiler_options
 
@@ -172,21 +173,7 @@ def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSha
     return result
 
 
-def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=None) -> Dict[str, Any]:
-    """Train `config` as `options` say; returns the summary (also written to workdir/summary.json)."""
-    workdir = Path(options.workdir)
-    ensure_writable_workdir(workdir)
-    settings = options.run_settings(config)
-    check_run_settings(workdir, settings)
-    if dataset is None:
-        dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
-                                        vocab_size=config.vocab_size)
-
-    devices = jax.devices()
-    if options.batch_size % len(devices):
-        raise ValueError(f"--batch_size={options.batch_size} is not divisible by the {len(devices)} devices; use a "
-                         f"multiple of {len(devices)}.")
-    replicated, data_sharding = data_parallel_shardings(devices)
+def _describe(config: ModelConfig, dataset, options: TrainOptions, devices) -> None:
     _say(f"devices: {len(devices)} ({devices[0].platform})"
          + (f", processes: {jax.process_count()}" if jax.process_count() > 1 else ""))
     kinds = "/".join(sorted(set(config.layer_types)))
@@ -194,6 +181,64 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
          f"layers, d_model {config.d_model}, {config.n_heads} heads of {config.d_head}, d_ff {config.d_ff}"
          + (f", {config.n_hashes} hash rounds, chunk {config.chunk_len}" if config.uses("lsh") else ""))
     _say(f"data: {dataset.source}; batch {options.batch_size} x {options.seq_len} tokens")
+
+
+def _abstract_state(init_fn, seed_key, sharding: NamedSharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        jax.eval_shape(init_fn, seed_key))
+
+
+def _initial_params(init_from: str, params: Any, sharding: NamedSharding) -> Any:
+    """The parameters of a main.py workdir's latest checkpoint, or of a converted checkpoint, shaped as `params`."""
+    if saved_run.is_run_workdir(init_from):
+        source = saved_run.open_run(init_from, flag="--init_from")
+        restored = saved_run.restore_params(source, sharding=sharding)
+        _say(f"parameters from {source.workdir / 'checkpoints' / str(source.steps[-1])} (a new optimizer state and "
+             "schedule)")
+        return saved_run.params_into(restored, params, init_from)
+    from reformer_jax.convert import load_converted_params
+    _say(f"parameters from {init_from}")
+    return load_converted_params(init_from, params)
+
+
+VALIDATION_KEYS = ("val_loss", "val_bpc", "val_accuracy", "val_step")
+
+
+def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=None) -> Dict[str, Any]:
+    """Train `config` as `options` say; returns the run's record (workdir/summary.json) with "state" added.
+
+    A workdir whose checkpoint already reached `options.steps` is left exactly as it is: one line says so, nothing
+    is compiled or written, and the record and the restored state are returned.
+    """
+    invocation_started = time.perf_counter()  # the run's wall time counts compilation and evaluation too
+    workdir = Path(options.workdir)
+    ensure_writable_workdir(workdir)
+    settings = options.run_settings(config)
+    check_run_settings(workdir, settings)
+    devices = jax.devices()
+    if options.batch_size % len(devices):
+        raise ValueError(f"--batch_size={options.batch_size} is not divisible by the {len(devices)} devices; use a "
+                         f"multiple of {len(devices)}.")
+    replicated, data_sharding = data_parallel_shardings(devices)
+    seed_key = jax.random.key(options.seed)
+    init_fn, step_fn, eval_fn = _compiled_steps(config, options.optimizer, options.learning_rate,
+                                                options.total_schedule_steps, options.warmup_steps,
+                                                options.clip_norm, tuple(devices), options.skip_nonfinite,
+                                                options.lean_compile)
+    checkpointer = Checkpointer(workdir)
+    start_step = checkpointer.latest_step() or 0
+    if start_step >= options.steps:
+        try:  # restored, not compiled: the caller gets the run's state
+            state = checkpointer.restore(start_step, _abstract_state(init_fn, seed_key, replicated))
+        finally:
+            checkpointer.close()
+        _say(f"--workdir={workdir} is at step {start_step} (--steps={options.steps}): nothing to train, nothing "
+             "changed; pass a larger --steps to continue the run.")
+        return {**read_record(workdir), "state": state}
+    if dataset is None:
+        dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
+                                        vocab_size=config.vocab_size)
+    _describe(config, dataset, options, devices)
 
     if options.analyze_memory:
         # Compiled as the run compiles its step (a lean run must not pay the fusion emitters' memory here).
@@ -204,41 +249,41 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
 
     schedule = train.learning_rate_schedule(options.learning_rate, options.total_schedule_steps,
                                             options.warmup_steps)
-    seed_key = jax.random.key(options.seed)
-    init_fn, step_fn, eval_fn = _compiled_steps(config, options.optimizer, options.learning_rate,
-                                                options.total_schedule_steps, options.warmup_steps,
-                                                options.clip_norm, tuple(devices), options.skip_nonfinite,
-                                                options.lean_compile)
-
-    checkpointer = Checkpointer(workdir)
-    start_step = checkpointer.latest_step() or 0
     if not start_step:
         refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
     if start_step:  # restored into the abstract state: checked against the checkpoint before anything compiles
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                jax.eval_shape(init_fn, seed_key))
-        state = checkpointer.restore(start_step, abstract)
+        state = checkpointer.restore(start_step, _abstract_state(init_fn, seed_key, replicated))
         _say(f"resumed from {checkpointer.directory / str(start_step)}")
     else:
         state = init_fn(seed_key)
         if options.init_from:
-            from reformer_jax.convert import load_converted_params
-            state = state.replace(params=load_converted_params(options.init_from, state.params))
-            _say(f"parameters from {options.init_from}")
+            state = state.replace(params=_initial_params(options.init_from, state.params, replicated))
         if _is_main_process():
             write_json_atomic(workdir / "run_settings.json", settings)
-    if start_step >= options.steps:
-        _say(f"the checkpoint is at step {start_step} >= --steps={options.steps}: nothing to train.")
+
+    # The record so far: this invocation adds its steps and wall time to the run's totals.
+    previous = read_record(workdir) if start_step else {}
+    tokens_per_step = options.batch_size * options.seq_len
+    val: Dict[str, float] = {k: previous[k] for k in VALIDATION_KEYS if k in previous}
+    skipped = [s for s in previous.get("skipped_steps", []) if s <= start_step]
+    last_metrics: Dict[str, float] = {}
+    stopped_by_time_limit = False
+    started = time.perf_counter()
+
+    def record(step: int) -> Dict[str, Any]:
+        train_loss = last_metrics.get("loss", previous.get("train_loss"))
+        return {"steps": step, "tokens": step * tokens_per_step, "tokens_per_step": tokens_per_step,
+                "wall_seconds": float(previous.get("wall_seconds", 0.0)) + time.perf_counter() - invocation_started,
+                "invocations": int(previous.get("invocations", 0)) + 1, "train_loss": train_loss,
+                "train_bpc": None if train_loss is None else train_loss / math.log(2), **val,
+                "skipped_steps": skipped, "stopped_by_time_limit": stopped_by_time_limit,
+                "eval_batches": options.eval_batches, "checkpoint": str(checkpointer.directory),
+                "devices": len(devices), "backend": devices[0].platform, "jax_version": jax.__version__}
 
     log = MetricsLog(workdir / "metrics.jsonl", start_step) if _is_main_process() else None
+    board = TensorBoardLog(workdir, start_step) if _is_main_process() else None
     progress = Progress(options.steps, start_step)
-    tokens_per_step = options.batch_size * options.seq_len
-    val: Dict[str, float] = {}
-    last_metrics: Dict[str, float] = {}
-    skipped = []
-    started = time.perf_counter()
     done = start_step
-    stopped_by_time_limit = False
     try:
         for step in range(start_step, options.steps):
             batch = global_batch(dataset.batch("train", options.seed, step, options.batch_size, options.seq_len),
@@ -251,6 +296,9 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             out_of_time = (options.time_limit_minutes is not None and done < options.steps
                            and time.perf_counter() - started >= 60 * options.time_limit_minutes)
             final_step = done == options.steps or out_of_time
+            if step == start_step:
+                progress.compiled(seconds)
+                progress.message(_runtime_memory_line())
             if not metrics.pop("finite"):
                 if not options.skip_nonfinite:
                     raise _diverged(metrics, done, checkpointer)
@@ -260,23 +308,28 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             row = {"step": done, **metrics, "bpc": metrics["loss"] / math.log(2),
                    "learning_rate": float(schedule(step)), "step_seconds": seconds,
                    "tokens_per_sec": tokens_per_step / seconds, "elapsed": time.perf_counter() - started}
-            if step == start_step:
-                _say(_runtime_memory_line() + f" (first step incl. compilation {seconds:.1f} s)")
             if options.eval_every and (done % options.eval_every == 0 or final_step):
-                val = evaluate(eval_fn, state.params, dataset, options, data_sharding)
-                row.update(val)
+                row.update(evaluate(eval_fn, state.params, dataset, options, data_sharding))
+                val = {k: row[k] for k in VALIDATION_KEYS[:-1]}
+                val["val_step"] = done
                 progress.message(f"step {done}: validation loss {val['val_loss']:.4f}, bpc {val['val_bpc']:.3f}, "
                                  f"accuracy {val['val_accuracy']:.3f}")
             if done in skipped:
                 row["skipped"] = True
             if log:
                 log.write(row)
+            if board:
+                board.write(row)
             last_metrics = row
             progress.update(done, metrics["loss"], row["tokens_per_sec"])
+            stopped_by_time_limit = out_of_time
             if (options.checkpoint_every and done % options.checkpoint_every == 0) or final_step:
                 checkpointer.save(done, state)
+                # Written once a checkpoint is complete (a workdir with a record is never started over), so an
+                # invocation that is killed still counts in the totals up to its last save.
+                if not final_step and _is_main_process() and checkpointer.latest_step():
+                    update_record(workdir, record(done))
             if out_of_time:
-                stopped_by_time_limit = True
                 progress.message(f"step {done}: the time limit of {options.time_limit_minutes:g} minutes is reached; "
                                  "stopping here (checkpointed: rerun the same command to continue).")
                 break
@@ -291,16 +344,18 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
         checkpointer.close()
         if log:
             log.close()
+        if board:
+            board.close()
 
-    summary = {"steps": int(state.step), "train_loss": last_metrics.get("loss"), **val, "skipped_steps": skipped,
-               "stopped_by_time_limit": stopped_by_time_limit,
-               "wall_seconds": time.perf_counter() - started, "checkpoint": str(checkpointer.directory),
-               "devices": len(devices), "backend": devices[0].platform, "jax_version": jax.__version__}
-    if options.sample_len and _is_main_process():
-        summary["sample"] = _sample_text(config, state.params, dataset, options)
+    sample_text = (_sample_text(config, state.params, dataset, options)
+                   if options.sample_len and _is_main_process() else None)
+    summary = record(int(state.step))
+    if sample_text is not None:
+        summary["sample"] = sample_text
     if _is_main_process():
-        write_json_atomic(workdir / "summary.json", summary)
-        _print_summary(summary)
+        summary = update_record(workdir, summary)
+        _print_summary(summary, invocation_steps=(start_step, int(state.step)),
+                       invocation_seconds=time.perf_counter() - invocation_started)
     summary["state"] = state
     return summary
 
@@ -318,7 +373,7 @@ def _diverged(metrics: Dict[str, float], step: int, checkpointer: Checkpointer) 
 
 
 def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) -> str:
-    """Generated text after a prompt from the validation split (or a copy-task example)."""
+    """A prompt from the validation split and the model's continuation, told apart (or a copy-task score)."""
     window = sampling_window(config, options.seq_len)
     rng = jax.random.key(options.seed + 20_000)
     if isinstance(dataset, data_lib.CopyTask):
@@ -330,16 +385,20 @@ def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) ->
         return f"copy task: {right:.1%} of {half - 1} symbols copied right by greedy sampling"
     prompt = dataset.batch("validation", options.seed, 0, 1, 64)["inputs"][0]
     tokens = sample(config, params, prompt, length=options.sample_len, window=window, rng=rng)
-    return data_lib.decode(prompt) + data_lib.decode(tokens)
+    return format_sample(data_lib.decode(prompt), data_lib.decode(tokens))
 
 
-def _print_summary(summary: Dict[str, Any]) -> None:
-    lines = [f"done: {summary['steps']} steps in {format_duration(summary['wall_seconds'])}"]
+def _print_summary(summary: Dict[str, Any], invocation_steps: Tuple[int, int], invocation_seconds: float) -> None:
+    first, last = invocation_steps
+    lines = [f"done: steps {first + 1}-{last} in {format_duration(invocation_seconds)} (this invocation); the run: "
+             f"{summary['steps']} "
+             f"steps, {summary['tokens']:,} tokens, {format_duration(summary['wall_seconds'])} over "
+             f"{summary['invocations']} invocation{'s' if summary['invocations'] > 1 else ''}"]
     if summary.get("train_loss") is not None:
-        lines.append(f"  train loss {summary['train_loss']:.4f} ({summary['train_loss'] / math.log(2):.3f} bpc)")
+        lines.append(f"  train loss {summary['train_loss']:.4f} ({summary['train_bpc']:.3f} bpc)")
     if "val_loss" in summary:
         lines.append(f"  validation loss {summary['val_loss']:.4f} ({summary['val_bpc']:.3f} bpc), accuracy "
-                     f"{summary['val_accuracy']:.3f}")
+                     f"{summary['val_accuracy']:.3f} at step {summary['val_step']}")
     lines.append(f"  checkpoints: {summary['checkpoint']}")
     if "sample" in summary:
         lines.append("  sample:\n" + "\n".join("    | " + line for line in summary["sample"].splitlines()))
