@@ -19,6 +19,7 @@ from typing import Any, Dict
 
 from absl import app, flags, logging
 
+from reformer_jax import cli
 from reformer_jax import data as data_lib
 from reformer_jax.config import (ATTENTION_TYPES, DTYPES, FF_ACTIVATIONS, OUTPUT_HEADS, POS_EMBEDDINGS, PRESETS,
                                  ModelConfig)
@@ -53,8 +54,10 @@ flags.DEFINE_integer("seed", 0, "Seed of the parameters, data order, hashing and
 flags.DEFINE_integer("sample_len", 200, "Characters of text generated at the end (0: none).")
 flags.DEFINE_string("compilation_cache_dir", None, "Keep compiled steps in this directory (JAX's persistent "
                     "compilation cache): a rerun with the same model and shapes loads them instead of compiling.")
-flags.DEFINE_string("init_from", None, "Start from a converted checkpoint (python -m reformer_jax.convert "
-                    "--out=DIR): its config.json is the model, so model flags may not be given with it.")
+flags.DEFINE_string("init_from", None, "Fine-tune: start from the latest checkpoint's parameters of a main.py "
+                    "--workdir (its model; model flags given override fields that keep the shapes, such as "
+                    "--dropout) with a new optimizer state and schedule, or from a converted checkpoint (python -m "
+                    "reformer_jax.convert --out=DIR; no model flags).")
 flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
 flags.DEFINE_float("time_limit_minutes", None, "Stop after this much wall time (compilation included), evaluated and "
                    "checkpointed, even before --steps; rerun the same command to continue.")
@@ -136,26 +139,42 @@ def _parse_buckets(text: str):
 
 
 def _config_from_init_from() -> ModelConfig:
-    """The converted checkpoint's ModelConfig (--init_from), checked against the run flags."""
+    """The model of --init_from: a main.py workdir's (model flags given override its fields; shapes are checked
+    when its parameters are loaded) or a converted checkpoint's (no model flags), checked against --seq_len."""
+    from reformer_jax import saved_run
     from reformer_jax.convert import ConversionError, load_converted_config
 
-    given = [f"--{name}" for name in MODEL_FLAGS if FLAGS[name].present]
-    if given or FLAGS["model"].present:
-        raise app.UsageError(f"--init_from={FLAGS.init_from} fixes the model; drop {', '.join(given or ['--model'])}.")
+    given = [name for name in MODEL_FLAGS if FLAGS[name].present]
     try:
-        config = load_converted_config(FLAGS.init_from)
+        if saved_run.is_run_workdir(FLAGS.init_from):
+            if FLAGS["model"].present:
+                raise app.UsageError(f"--init_from={FLAGS.init_from} fixes the model; drop --model (model flags such "
+                                     "as --dropout or --n_hashes may still change what keeps the shapes).")
+            source = saved_run.open_run(FLAGS.init_from, flag="--init_from")
+            config = saved_run.model_config(source.settings["model"], **_model_overrides(given))
+            saved_run.check_same_shapes(source, config)
+        else:
+            if not os.path.exists(FLAGS.init_from):
+                raise app.UsageError(f"--init_from={FLAGS.init_from} does not exist; pass a main.py --workdir or a "
+                                     "converted checkpoint (python -m reformer_jax.convert --out=DIR).")
+            if given or FLAGS["model"].present:
+                names = ", ".join(f"--{name}" for name in given) or "--model"
+                raise app.UsageError(f"--init_from={FLAGS.init_from} (a converted checkpoint) fixes the model; drop "
+                                     f"{names}.")
+            config = load_converted_config(FLAGS.init_from)
         config.check_seq_len(FLAGS.seq_len)
-    except (ConversionError, ValueError) as error:
-        raise app.UsageError(f"--init_from={FLAGS.init_from}: {error}")
+    except (ConversionError, saved_run.SavedRunError) as error:
+        raise app.UsageError(str(error) if str(error).startswith("--init_from") else
+                             f"--init_from={FLAGS.init_from}: {error}")
+    except ValueError as error:
+        raise app.UsageError(f"--init_from={FLAGS.init_from}: {_blame_given_flag(str(error))}")
     return config
 
 
-def model_config_from_flags() -> ModelConfig:
-    """The ModelConfig the flags describe; a bad value raises UsageError naming the flag."""
-    if FLAGS.init_from:
-        return _config_from_init_from()
+def _model_overrides(names) -> Dict[str, Any]:
+    """The ModelConfig fields the model flags `names` set (None values: the preset's)."""
     overrides: Dict[str, Any] = {}
-    for name in MODEL_FLAGS:
+    for name in names:
         value = FLAGS[name].value
         if value is None:
             continue
@@ -166,16 +185,42 @@ def model_config_from_flags() -> ModelConfig:
         elif name == "attn_layers":
             value = tuple(value)
         overrides[name] = value
+    return overrides
+
+
+def model_config_from_flags() -> ModelConfig:
+    """The ModelConfig the flags describe; a bad value raises UsageError naming the flag."""
+    if FLAGS.init_from:
+        return _config_from_init_from()
+    overrides = _model_overrides(MODEL_FLAGS)
     overrides.setdefault("max_len", FLAGS.seq_len)
     try:
         config = ModelConfig.preset(FLAGS.model, **overrides)
         config.check_seq_len(FLAGS.seq_len)
     except ValueError as error:
-        message = str(error).replace("ModelConfig.", "--")
-        if FLAGS.max_len is None:  # max_len is --seq_len's value: name the flag the user gave
-            message = message.replace("--max_len=", "--seq_len=")
-        raise app.UsageError(message)
+        raise app.UsageError(_blame_given_flag(str(error)))
     return config
+
+
+def _given(name: str) -> bool:
+    return FLAGS[name].present > 0
+
+
+def _blame_given_flag(message: str) -> str:
+    """ModelConfig's message about a field, reworded to name the flag the user gave (not a derived field)."""
+    message = message.replace("ModelConfig.", "--")
+    if FLAGS.max_len is None:  # max_len is --seq_len's value: name the flag the user gave
+        message = message.replace("--max_len=", "--seq_len=")
+    if message.startswith("--d_head=None is invalid"):  # d_head derives from d_model // n_heads
+        blamed = "d_model" if _given("d_model") or not _given("n_heads") else "n_heads"
+        divisors = [h for h in range(1, min(FLAGS.d_model, 64) + 1) if FLAGS.d_model % h == 0][-4:]
+        return (f"--{blamed}={FLAGS[blamed].value} is invalid: --d_model={FLAGS.d_model} is not divisible by "
+                f"--n_heads={FLAGS.n_heads}; use --n_heads dividing it (e.g. {', '.join(map(str, divisors))}) or "
+                "give --d_head.")
+    if message.startswith("--tie_embeddings=True is invalid") and not _given("tie_embeddings"):
+        return ("--output_head=concat is invalid with tied embeddings (the default): the 'concat' head has width "
+                "2 * d_model and cannot be tied to the embedding; add --notie_embeddings or use --output_head=mean.")
+    return message
 
 
 def validate_run_flags() -> None:
@@ -232,11 +277,15 @@ def _initialize_distributed() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO level
-    validate_run_flags()
-    config = model_config_from_flags()
+    try:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
+        validate_run_flags()
+        config = model_config_from_flags()
+    except app.UsageError as error:  # one line, no usage text (that is --help's)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     _initialize_distributed()
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.compilation_cache import enable_compilation_cache
@@ -244,6 +293,7 @@ def main(argv):
         enable_compilation_cache(FLAGS.compilation_cache_dir)
 
     from reformer_jax.checkpoint import CheckpointError, CheckpointMismatch, saved_run_settings
+    from reformer_jax.saved_run import SavedRunError
     from reformer_jax.trainer import TrainingDiverged, TrainOptions, train_and_evaluate
 
     schedule_steps = FLAGS.schedule_steps
@@ -262,7 +312,7 @@ def main(argv):
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)
         train_and_evaluate(config, options, dataset=dataset)
-    except (data_lib.DataError, CheckpointMismatch, CheckpointError, TrainingDiverged) as error:
+    except (data_lib.DataError, CheckpointMismatch, CheckpointError, TrainingDiverged, SavedRunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except ValueError as error:  # e.g. a batch size the device count does not divide
@@ -273,4 +323,4 @@ def main(argv):
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

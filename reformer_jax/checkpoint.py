@@ -163,13 +163,14 @@ class Checkpointer:
     the workdir.
     """
 
-    def __init__(self, workdir: Path, max_to_keep: int = 2):
+    def __init__(self, workdir: Path, max_to_keep: int = 2, read_only: bool = False):
+        """`read_only`: for reading another run's checkpoints (nothing is created or cleaned up; never save)."""
         self.directory = Path(workdir).absolute() / "checkpoints"
         # The handler is named, so the manager itself reads a step's metadata (reading it with a bare
         # StandardCheckpointer from the item directory logs a warning about a missing _CHECKPOINT_METADATA).
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                                 cleanup_tmp_directories=True),
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                                                 cleanup_tmp_directories=not read_only),
             item_handlers=ocp.StandardCheckpointHandler())
         self._saving: Optional[int] = None  # the step of the asynchronous save in flight
 

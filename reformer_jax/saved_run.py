@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import serialization
 
 from reformer_jax import train
 from reformer_jax.checkpoint import RUN_SETTINGS_FILE, Checkpointer, leaf_shapes, shape_differences
@@ -62,7 +61,7 @@ def open_run(workdir: str, flag: str = "--workdir") -> SavedRun:
         config = model_config(settings["model"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise SavedRunError(f"{flag}={workdir}: {path / RUN_SETTINGS_FILE} is unreadable ({error}).") from error
-    checkpointer = Checkpointer(path)
+    checkpointer = Checkpointer(path, read_only=True)
     try:
         steps = checkpointer.all_steps()
     finally:
@@ -83,22 +82,31 @@ def abstract_state(run: SavedRun, sharding=None):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
+def check_same_shapes(run: SavedRun, config: ModelConfig, flag: str = "--init_from") -> None:
+    """SavedRunError naming the parameter arrays whose shape or dtype differ between the run's model and `config`
+    (computed abstractly: nothing is allocated, compiled or read but the settings)."""
+    differences = shape_differences(leaf_shapes(abstract_state(run).params), leaf_shapes(_abstract_params(config)))
+    if differences:
+        raise SavedRunError(f"{flag}={run.workdir} has parameters of other shapes than this model's: "
+                            + "; ".join(differences) + ". Leave out the model flags that change shapes (the run's "
+                            "own model is used when none is given), or start from scratch.")
+
+
+def _abstract_params(config: ModelConfig):
+    tx = train.make_optimizer("adamw", 1e-3)  # any optimizer: only the parameters are compared
+    return jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), config, tx)).params
+
+
 def restore_params(run: SavedRun, step: Optional[int] = None, sharding=None) -> Any:
     """The parameters of checkpoint `step` (default: the latest) of the run."""
-    checkpointer = Checkpointer(run.workdir)
+    checkpointer = Checkpointer(run.workdir, read_only=True)
     try:
         return checkpointer.restore(run.checkpoint_step(step), abstract_state(run, sharding)).params
     finally:
         checkpointer.close()
 
 
-def params_into(source_params: Any, target_params: Any, source: str) -> Any:
-    """`source_params` in the structure of `target_params`; SavedRunError naming the arrays whose shapes differ."""
-    differences = shape_differences(leaf_shapes(serialization.to_state_dict(source_params)),
-                                    leaf_shapes(serialization.to_state_dict(target_params)))
-    if differences:
-        raise SavedRunError(f"--init_from={source} has another model shape: " + "; ".join(differences)
-                            + ". Leave out the model flags that change shapes (the run's own model is used when "
-                            "none is given), or start from scratch.")
-    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), target_params)
-    return jax.tree.map(lambda x, s: jax.device_put(x, s) if s is not None else x, source_params, shardings)
+def params_into(source_params: Any, target_params: Any) -> Any:
+    """`source_params` (same structure and shapes, see `check_same_shapes`) placed like `target_params`."""
+    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if hasattr(t, "sharding") else x,
+                        source_params, target_params)

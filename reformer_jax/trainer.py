@@ -188,17 +188,19 @@ def _abstract_state(init_fn, seed_key, sharding: NamedSharding):
                         jax.eval_shape(init_fn, seed_key))
 
 
-def _initial_params(init_from: str, params: Any, sharding: NamedSharding) -> Any:
-    """The parameters of a main.py workdir's latest checkpoint, or of a converted checkpoint, shaped as `params`."""
+def _initial_params(init_from: str, config: ModelConfig, params: Any, sharding: NamedSharding) -> Tuple[Any, str]:
+    """The parameters of a main.py workdir's latest checkpoint, or of a converted checkpoint, shaped as `params`;
+    and where they came from."""
     if saved_run.is_run_workdir(init_from):
         source = saved_run.open_run(init_from, flag="--init_from")
+        saved_run.check_same_shapes(source, config)
         restored = saved_run.restore_params(source, sharding=sharding)
-        _say(f"parameters from {source.workdir / 'checkpoints' / str(source.steps[-1])} (a new optimizer state and "
-             "schedule)")
-        return saved_run.params_into(restored, params, init_from)
+        origin = str(source.workdir.absolute() / "checkpoints" / str(source.steps[-1]))
+        _say(f"parameters from {origin} (a new optimizer state and schedule)")
+        return saved_run.params_into(restored, params), origin
     from reformer_jax.convert import load_converted_params
     _say(f"parameters from {init_from}")
-    return load_converted_params(init_from, params)
+    return load_converted_params(init_from, params), str(Path(init_from).absolute())
 
 
 VALIDATION_KEYS = ("val_loss", "val_bpc", "val_accuracy", "val_step")
@@ -257,12 +259,13 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     else:
         state = init_fn(seed_key)
         if options.init_from:
-            state = state.replace(params=_initial_params(options.init_from, state.params, replicated))
+            params, origin = _initial_params(options.init_from, config, state.params, replicated)
+            state = state.replace(params=params)
         if _is_main_process():
             write_json_atomic(workdir / "run_settings.json", settings)
 
     # The record so far: this invocation adds its steps and wall time to the run's totals.
-    previous = read_record(workdir) if start_step else {}
+    previous = read_record(workdir) if start_step else ({"initial_parameters": origin} if options.init_from else {})
     tokens_per_step = options.batch_size * options.seq_len
     val: Dict[str, float] = {k: previous[k] for k in VALIDATION_KEYS if k in previous}
     skipped = [s for s in previous.get("skipped_steps", []) if s <= start_step]
@@ -272,7 +275,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
 
     def record(step: int) -> Dict[str, Any]:
         train_loss = last_metrics.get("loss", previous.get("train_loss"))
-        return {"steps": step, "tokens": step * tokens_per_step, "tokens_per_step": tokens_per_step,
+        return {**{k: previous[k] for k in ("initial_parameters",) if k in previous}, "steps": step, "tokens": step * tokens_per_step, "tokens_per_step": tokens_per_step,
                 "wall_seconds": float(previous.get("wall_seconds", 0.0)) + time.perf_counter() - invocation_started,
                 "invocations": int(previous.get("invocations", 0)) + 1, "train_loss": train_loss,
                 "train_bpc": None if train_loss is None else train_loss / math.log(2), **val,
