@@ -156,20 +156,28 @@ def _runtime_memory_line() -> str:
     return f"runtime: process peak RSS {_peak_rss_bytes() / 2**20:,.1f} MiB (CPU: no device memory statistics)"
 
 
-def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSharding) -> Dict[str, float]:
-    """Mean loss and accuracy over the same `eval_batches` validation batches every time (fixed hash keys)."""
+def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSharding,
+             split: str = "validation") -> Dict[str, float]:
+    """Mean loss and accuracy over the same `eval_batches` batches of `split` every time (fixed hash keys)."""
+    batches = (dataset.batch(split, options.seed, i, options.batch_size, options.seq_len)
+               for i in range(options.eval_batches))
+    return evaluate_batches(eval_fn, params, batches, options.seed, sharding)
+
+
+def evaluate_batches(eval_fn, params, batches, seed: int, sharding: NamedSharding) -> Dict[str, float]:
+    """{"val_loss", "val_accuracy", "val_bpc", "val_tokens"}: weighted means over `batches`, batch i hashed with
+    key(seed + 10_000 + i)."""
     totals: Dict[str, float] = {}
-    for i in range(options.eval_batches):
-        batch = global_batch(dataset.batch("validation", options.seed, i, options.batch_size, options.seq_len),
-                              sharding)
-        metrics = jax.device_get(eval_fn(params, batch, jax.random.key(options.seed + 10_000 + i)))
+    for i, batch in enumerate(batches):
+        metrics = jax.device_get(eval_fn(params, global_batch(batch, sharding), jax.random.key(seed + 10_000 + i)))
         weight = float(metrics["tokens"])
         for name in ("loss", "accuracy"):
             totals[name] = totals.get(name, 0.0) + float(metrics[name]) * weight
         totals["tokens"] = totals.get("tokens", 0.0) + weight
-    tokens = max(totals.pop("tokens"), 1.0)
-    result = {f"val_{name}": value / tokens for name, value in totals.items()}
+    tokens = totals.pop("tokens", 0.0)
+    result = {f"val_{name}": value / max(tokens, 1.0) for name, value in totals.items()}
     result["val_bpc"] = result["val_loss"] / math.log(2)
+    result["val_tokens"] = tokens
     return result
 
 
@@ -280,7 +288,9 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                 "invocations": int(previous.get("invocations", 0)) + 1, "train_loss": train_loss,
                 "train_bpc": None if train_loss is None else train_loss / math.log(2), **val,
                 "skipped_steps": skipped, "stopped_by_time_limit": stopped_by_time_limit,
-                "eval_batches": options.eval_batches, "checkpoint": str(checkpointer.directory),
+                "data": str(Path(dataset.source).absolute()) if Path(dataset.source).is_file() else dataset.source,
+                "eval_batches": options.eval_batches,
+                "checkpoint": str(checkpointer.directory),
                 "devices": len(devices), "backend": devices[0].platform, "jax_version": jax.__version__}
 
     log = MetricsLog(workdir / "metrics.jsonl", start_step) if _is_main_process() else None
