@@ -329,6 +329,8 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                                  f"accuracy {val['val_accuracy']:.3f}")
             if done in skipped:
                 row["skipped"] = True
+            if step == start_step:
+                row["includes_compilation"] = True  # its time is not the step's: plots leave it out
             if log:
                 log.write(row)
             if board:
