@@ -143,16 +143,38 @@ def test_tensorboard_events_beside_metrics(run):
     assert sorted(scalars["validation/bpc"]) == [2, 4]
 
 
+def test_a_bad_flag_is_one_line_naming_it_without_the_usage(tmp_path):
+    result = _run(["--d_model=250", f"--workdir={tmp_path / 'run'}"], os.environ)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --d_model=250 is invalid: --d_model=250 is not divisible by --n_heads=4")
+
+
 @pytest.mark.parametrize("args, expected", [
-    (["--d_model=250"], "error: --d_model=250 is invalid: --d_model=250 is not divisible by --n_heads=4"),
     (["--steps=abc"], "error: flag --steps=abc: 'abc' is not a number (int expected)"),
-    (["--seq_len=100"], "error: --seq_len=100 is invalid: LSH attention needs a multiple of chunk_len=64"),
     (["--no_such_flag=1"], "error: Unknown command line flag 'no_such_flag'"),
+    (["--seq_len=100"], "error: --seq_len=100 is invalid: LSH attention needs a multiple of chunk_len=64"),
+    (["--n_heads=3"], "error: --n_heads=3 is invalid: --d_model=256 is not divisible by --n_heads=3"),
+    (["extra"], "error: unexpected arguments: extra"),
 ])
-def test_a_bad_flag_is_one_line_naming_it_without_the_usage(args, expected, tmp_path):
-    result = _run([*args, f"--workdir={tmp_path / 'run'}"], os.environ)
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith(expected), result.stderr
+def test_each_flag_error_is_one_line_with_exit_2(args, expected, capsys):
+    """main.py's parsing and checks in-process (the subprocess test above covers the same path end to end)."""
+    from absl import flags
+
+    import main
+    from reformer_jax import cli
+
+    flags.FLAGS.unparse_flags()
+    try:
+        try:
+            remaining = cli.parse_flags(["main.py", *args])
+        except SystemExit as exit_:
+            status = exit_.code
+        else:
+            status = main.main(remaining)
+    finally:
+        flags.FLAGS.unparse_flags()
+    out, err = capsys.readouterr()
+    assert status == 2 and out == "" and err.count("\n") == 1 and err.startswith(expected), err
 
 
 def test_help_prints_the_usage_and_exits_0():
@@ -176,8 +198,8 @@ def test_evaluate_gives_the_validation_bpc_training_logged_and_records_it(run):
     assert latest["step"] == 4 and abs(latest["bpc"] - logged[4]["val_bpc"]) <= 1e-6
     more_rounds = evaluate_run(str(run["workdir"]), n_hashes=4)
     assert more_rounds["n_hashes"] == 4 and more_rounds["bpc"] != latest["bpc"]
-    whole_file = evaluate_run(str(run["workdir"]), data_path=str(run["corpus"]), batches=3)
-    assert whole_file["tokens"] == 3 * 4 * 64 and np.isfinite(whole_file["bpc"])
+    whole_file = evaluate_run(str(run["workdir"]), data_path=str(run["corpus"]), batches=2)
+    assert whole_file["tokens"] == 2 * 4 * 64 and np.isfinite(whole_file["bpc"])
     kept = json.loads((run["workdir"] / "summary.json").read_text())["evaluations"]
     assert {(e["step"], e["n_hashes"]) for e in kept} >= {(2, 2), (4, 2), (4, 4)}
 
@@ -190,13 +212,12 @@ def test_evaluate_refuses_a_missing_step_in_one_line(run):
 
 @pytest.fixture(scope="module")
 def fine_tuned(run):
-    """Two steps of a new run in a new workdir, started from the shared run's latest parameters."""
+    """One step of a new run in a new workdir, started from the shared run's latest parameters."""
     workdir = run["root"] / "fine_tuned"
     source_before = _snapshot(run["workdir"] / "checkpoints")
     args = [a for a in TINY if not a.startswith("--model")]
     result = _run([*args, f"--data_path={run['corpus']}", f"--init_from={run['workdir']}", f"--workdir={workdir}",
-                   "--steps=2", "--checkpoint_every=1", "--sample_len=0", "--noanalyze_memory", "--learning_rate=1e-3"],
-                  run["env"])
+                   "--steps=1", "--sample_len=0", "--noanalyze_memory", "--learning_rate=1e-3"], run["env"])
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     return dict(workdir=workdir, result=result, source_unchanged=_snapshot(run["workdir"] / "checkpoints")
                 == source_before)
@@ -209,7 +230,7 @@ def test_fine_tuning_from_a_workdir_starts_from_exactly_its_parameters(run, fine
     assert f"parameters from {run['workdir'].absolute() / 'checkpoints' / '4'}" in fine_tuned["result"].stdout
     source, tuned = saved_run.open_run(str(run["workdir"])), saved_run.open_run(str(fine_tuned["workdir"]))
     settings = tuned.settings
-    assert settings["learning_rate"] == 1e-3 and settings["schedule_steps"] == 2  # its own optimizer and schedule
+    assert settings["learning_rate"] == 1e-3 and settings["schedule_steps"] == 1  # its own optimizer and schedule
     # The new run's first step, replayed here from the source's latest parameters, gives its checkpoint exactly.
     devices = jax.devices()
     replicated, data_sharding = trainer.data_parallel_shardings(devices)
@@ -231,7 +252,7 @@ def test_fine_tuning_from_a_workdir_starts_from_exactly_its_parameters(run, fine
     for a, b in zip(expected, saved, strict=True):
         np.testing.assert_array_equal(a, b)
     record = json.loads((fine_tuned["workdir"] / "summary.json").read_text())
-    assert record["initial_parameters"].endswith("checkpoints/4") and record["steps"] == 2
+    assert record["initial_parameters"].endswith("checkpoints/4") and record["steps"] == 1
 
 
 def test_fine_tuning_refuses_a_model_of_other_shapes(run, tmp_path):
@@ -243,10 +264,12 @@ def test_fine_tuning_refuses_a_model_of_other_shapes(run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_plot_draws_one_curve_per_run(run, fine_tuned, tmp_path):
+def test_plot_draws_one_curve_per_run(run, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text((run["workdir"] / "metrics.jsonl").read_text())
     out = tmp_path / "curves.png"
-    result = _run([f"--workdir={run['workdir']}", str(fine_tuned["workdir"]), f"--out={out}"], run["env"],
-                  module="reformer_jax.plot")
+    result = _run([f"--workdir={run['workdir']}", str(other), f"--out={out}"], run["env"], module="reformer_jax.plot")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 runs, bpc 2 curves, val 2 curves, tokens_per_sec 2 curves, learning_rate 2 curves" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -254,3 +277,36 @@ def test_plot_draws_one_curve_per_run(run, fine_tuned, tmp_path):
 
     assert plot_runs([str(run["workdir"])], str(tmp_path / "one.png")) == {
         "bpc": 1, "val": 1, "tokens_per_sec": 1, "learning_rate": 1}
+
+
+class _Terminal:
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_bar_on_a_terminal_counts_the_eta_from_the_steps_after_compilation(monkeypatch):
+    from reformer_jax import run_log
+
+    clock = iter([100.0, 170.0]).__next__  # the clock read when compiled, then at step 3
+    monkeypatch.setattr(run_log.time, "perf_counter", clock)
+    stream = _Terminal()
+    progress = run_log.Progress(10, 0, stream=stream)
+    progress.compiled(60.0)  # t = 100
+    progress.update(1, 2.0, 1000.0)  # ETA unknown: no step after compilation yet (the clock is not read)
+    assert "compilation and first step: 60.0 s\n" in stream.text
+    assert "\rstep  1/10 [##......................]  10% | loss 2.0000" in stream.text
+    assert stream.text.rstrip().endswith("ETA ...")
+    progress.update(3, 2.0, 1000.0)  # t = 170: two steps after compilation in 70 s -> 35 s per step, 7 to go
+    assert "ETA 4m05s" in stream.text.split("\r")[-1]
+    progress.message("step 3: validation")  # a message clears the bar and redraws it below
+    last = stream.text.split("\r")
+    assert last[-2].startswith("step 3: validation") and last[-1].startswith("step  3/10 [")
