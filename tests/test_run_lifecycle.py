@@ -308,5 +308,5 @@ def test_progress_bar_on_a_terminal_counts_the_eta_from_the_steps_after_compilat
     progress.update(3, 2.0, 1000.0)  # t = 170: two steps after compilation in 70 s -> 35 s per step, 7 to go
     assert "ETA 4m05s" in stream.text.split("\r")[-1]
     progress.message("step 3: validation")  # a message clears the bar and redraws it below
-    last = stream.text.split("\r")
-    assert last[-2].startswith("step 3: validation") and last[-1].startswith("step  3/10 [")
+    message, bar = stream.text.split("\r")[-1].split("\n")
+    assert message.startswith("step 3: validation") and bar.startswith("step  3/10 [")
