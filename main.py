@@ -4,15 +4,14 @@
     python main.py --model=transformer --dataset=synthetic --steps=500
     python main.py --help
 
-Every ModelConfig field is a flag; a model flag left unset keeps the preset's value. The defaults are sized for a
-CPU (under 10 minutes on 2 cores); the seed's setup is --d_model=512 --n_heads=8 --d_ff=2048 --n_layers=6
---seq_len=4096 --batch_size=1 --n_hashes=8. Rerunning the same command resumes from the latest checkpoint in
---workdir; a larger --steps continues the run.
+Every ModelConfig field is a flag (generated from the dataclass); a model flag left unset keeps the preset's value.
+The defaults are sized for a CPU (under 10 minutes on 2 cores); --sizes=seed gives the seed's setup (d_model 512,
+8 heads, d_ff 2048, 6 layers, length 4096, batch 1), see reformer_jax/sizes.py. Rerunning the same command resumes
+from the latest checkpoint in --workdir; a larger --steps continues the run; a finished run is left as it is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any, Dict
@@ -21,8 +20,9 @@ from absl import app, flags, logging
 
 from reformer_jax import cli
 from reformer_jax import data as data_lib
-from reformer_jax.config import (ATTENTION_TYPES, DTYPES, FF_ACTIVATIONS, OUTPUT_HEADS, POS_EMBEDDINGS, PRESETS,
-                                 ModelConfig)
+from reformer_jax import sizes
+from reformer_jax.config import PRESETS, ModelConfig
+from reformer_jax.model_flags import define_model_flags, parse_value
 from reformer_jax.train import OPTIMIZERS
 
 FLAGS = flags.FLAGS
@@ -31,8 +31,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "reformer", list(PRESETS), "Model variant: a ModelConfig preset. transformer = full "
                   "attention + ordinary residual; lsh = LSH attention + ordinary residual; reversible = full "
                   "attention + reversible layers; reformer = LSH + reversible + chunked feed-forward.")
-flags.DEFINE_integer("seq_len", 256, "Tokens per training sequence (a multiple of --chunk_len for LSH models).")
-flags.DEFINE_integer("batch_size", 8, "Sequences per step, over all devices (a multiple of the device count).")
+flags.DEFINE_enum("sizes", None, list(sizes.NAMED), "Named sizes (reformer_jax/sizes.py) for --d_model, --n_heads, "
+                  "--d_ff, --n_layers, --seq_len and --batch_size (each flag given still wins); unset: cpu.")
+flags.DEFINE_integer("seq_len", sizes.CPU.seq_len, "Tokens per training sequence (a multiple of --chunk_len for LSH "
+                     "models).")
+flags.DEFINE_integer("batch_size", sizes.CPU.batch_size, "Sequences per step, over all devices (a multiple of the "
+                     "device count).")
 flags.DEFINE_integer("steps", 300, "Train until this many optimizer steps are done (a rerun with a larger value "
                      "continues the same run).")
 flags.DEFINE_integer("schedule_steps", None, "Length of the warm-up + cosine learning-rate schedule (default: "
@@ -74,68 +78,12 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU pods, "
                   "SLURM) even without --coordinator_address.")
 
-# --- every ModelConfig field (None: the preset's value) --------------------------------------------------------
-flags.DEFINE_integer("vocab_size", None, "Vocabulary size (259 for bytes; the copy task draws symbols below it).")
-flags.DEFINE_integer("d_model", 256, "Width of each residual stream (ModelConfig default 512).")
-flags.DEFINE_integer("n_heads", 4, "Attention heads (ModelConfig default 8).")
-flags.DEFINE_integer("d_head", None, "Width of one head (default d_model // n_heads).")
-flags.DEFINE_integer("d_ff", 1024, "Feed-forward hidden width (ModelConfig default 2048).")
-flags.DEFINE_integer("n_layers", 3, "Number of layers (ModelConfig default 6).")
-flags.DEFINE_integer("max_len", None, "Longest sequence the model accepts (default --seq_len).")
-flags.DEFINE_enum("attention", None, list(ATTENTION_TYPES), "Override the preset's attention.")
-flags.DEFINE_list("attn_layers", None, "Attention type of each layer, e.g. local,lsh,local,lsh (default: "
-                  "--attention in every layer).")
-flags.DEFINE_integer("local_chunk_len", None, "Chunk length of local attention layers (default 64).")
-flags.DEFINE_integer("local_n_chunks_before", None, "Chunks each local chunk looks back to (default 1).")
-flags.DEFINE_float("local_attention_dropout", None, "Dropout on the attention weights of local layers (default 0).")
-flags.DEFINE_bool("reversible", None, "Override the preset's residual wiring.")
-flags.DEFINE_integer("n_hashes", None, "LSH hash rounds (default 8).")
-flags.DEFINE_integer("chunk_len", None, "LSH chunk length (default 64).")
-flags.DEFINE_string("n_buckets", None, "Buckets per round: an even integer, two even factors 'f1,f2', or unset "
-                    "for 2 * seq_len / chunk_len (factorised above 128).")
-flags.DEFINE_integer("n_chunks_before", None, "Chunks each LSH chunk looks back to (default 1).")
-flags.DEFINE_bool("sequential_rounds", None, "LSH attention one hash round at a time: memory flat in "
-                  "--n_hashes (default true; false: all rounds at once).")
-flags.DEFINE_bool("sequential_heads", None, "Full and LSH attention one head at a time under its own custom_vjp "
-                  "(default true for the reformer preset, false for the seed's baselines; local layers always run "
-                  "all heads at once).")
-flags.DEFINE_bool("causal", None, "Causal masking (default true).")
-flags.DEFINE_integer("ff_chunk_len", None, "Feed-forward chunk length, 0 = off (reformer preset default 256).")
-flags.DEFINE_integer("output_chunk_len", None, "Output projection and loss over chunks of this many positions, "
-                     "0 = all at once (reformer preset default 256).")
-flags.DEFINE_float("dropout", None, "Residual and embedding dropout (default 0.1).")
-flags.DEFINE_float("attention_dropout", None, "Dropout on attention weights (default 0).")
-flags.DEFINE_enum("pos_embedding", None, list(POS_EMBEDDINGS), "Positional embedding (default axial).")
-flags.DEFINE_list("axial_shape", None, "Axial shape l1,l2 with l1 * l2 = max_len (default derived).")
-flags.DEFINE_list("axial_dims", None, "Axial widths d1,d2 with d1 + d2 = d_model (default halves).")
-flags.DEFINE_enum("output_head", None, list(OUTPUT_HEADS), "mean of the two streams (tied) or concat (untied).")
-flags.DEFINE_bool("tie_embeddings", None, "Tie the output projection to the embedding (default true).")
-flags.DEFINE_enum("ff_activation", None, list(FF_ACTIVATIONS), "Feed-forward activation (default relu).")
-flags.DEFINE_float("layer_norm_eps", None, "LayerNorm epsilon (default 1e-6).")
-flags.DEFINE_bool("scan_layers", None, "Non-reversible stacks as one lax.scan (default true).")
-flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype; residual streams stay float32 (default float32).")
-flags.DEFINE_enum("param_dtype", None, list(DTYPES), "Parameter dtype (default float32).")
-flags.DEFINE_integer("stream_grid_bits", None, "Reversible stacks: keep the float32 streams on multiples of 2^-k so "
-                     "the backward pass recovers each layer's inputs exactly while |stream| < 2^(24-k); 16 is "
-                     "exact below 256 (default 0 = off; see benchmarks/results/reversible_drift.md).")
-
-MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig)]
-
-
-def _int_tuple(flag: str, values) -> tuple:
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise app.UsageError(f"--{flag}={','.join(values)} is invalid: expected integers separated by commas.")
-
-
-def _parse_buckets(text: str):
-    parts = [p for p in text.split(",") if p.strip()]
-    numbers = _int_tuple("n_buckets", parts)
-    if not numbers:
-        raise app.UsageError(f"--n_buckets={text!r} is invalid: expected an even integer or two even factors "
-                             "'f1,f2' (or leave it unset for the default).")
-    return numbers[0] if len(numbers) == 1 else numbers
+# --- every ModelConfig field (None: the preset's value), generated from the dataclass -----------------------------
+MODEL_FLAGS = define_model_flags(
+    ModelConfig, defaults={name: getattr(sizes.CPU, name) for name in ("d_model", "n_heads", "d_ff", "n_layers")},
+    extra_help={"max_len": "Unset: --seq_len.", "vocab_size": "The copy task draws its symbols below it.",
+                "stream_grid_bits": "See benchmarks/results/reversible_drift.md."})
+SIZE_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size")
 
 
 def _config_from_init_from() -> ModelConfig:
@@ -173,19 +121,20 @@ def _config_from_init_from() -> ModelConfig:
 
 def _model_overrides(names) -> Dict[str, Any]:
     """The ModelConfig fields the model flags `names` set (None values: the preset's)."""
-    overrides: Dict[str, Any] = {}
-    for name in names:
-        value = FLAGS[name].value
-        if value is None:
-            continue
-        if name == "n_buckets":
-            value = _parse_buckets(value)
-        elif name in ("axial_shape", "axial_dims"):
-            value = _int_tuple(name, value)
-        elif name == "attn_layers":
-            value = tuple(value)
-        overrides[name] = value
-    return overrides
+    try:
+        return {name: parse_value(ModelConfig, name, FLAGS[name].value) for name in names
+                if FLAGS[name].value is not None}
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+
+
+def apply_named_sizes() -> None:
+    """--sizes=NAME: its values for the size flags not given on the command line."""
+    if FLAGS.sizes:
+        named = sizes.NAMED[FLAGS.sizes]
+        for name in SIZE_FLAGS:
+            if not FLAGS[name].present:
+                FLAGS[name].value = getattr(named, name)
 
 
 def model_config_from_flags() -> ModelConfig:
@@ -225,6 +174,7 @@ def _blame_given_flag(message: str) -> str:
 
 def validate_run_flags() -> None:
     """Range checks of the run's flags (the model's are ModelConfig's), before anything is compiled."""
+    apply_named_sizes()
     positive = ("seq_len", "batch_size", "steps", "eval_batches")
     non_negative = ("eval_every", "checkpoint_every", "sample_len", "seed")
     for name in positive:
