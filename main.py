@@ -87,8 +87,8 @@ SIZE_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size")
 
 
 def _config_from_init_from() -> ModelConfig:
-    """The model of --init_from: a main.py workdir's (model flags given override its fields; shapes are checked
-    when its parameters are loaded) or a converted checkpoint's (no model flags), checked against --seq_len."""
+    """The model of --init_from: a main.py workdir's (model flags given override its fields; a model whose
+    parameter shapes differ is refused) or a converted checkpoint's (no model flags), checked against --seq_len."""
     from reformer_jax import saved_run
     from reformer_jax.convert import ConversionError, load_converted_config
 

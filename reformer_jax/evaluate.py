@@ -73,6 +73,9 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
         source_batches = data_lib.consecutive_batches(data_lib.read_text_tokens(Path(data_path)), batch_size,
                                                       seq_len, batches)
     else:
+        if settings["dataset"] == "text" and not record.get("data"):
+            raise data_lib.DataError(f"--workdir={workdir}: the run's text file is not in its record; pass "
+                                     "--data_path=FILE to score a file.")
         dataset = data_lib.load_dataset(settings["dataset"], seq_len=seq_len, vocab_size=config.vocab_size,
                                         data_path=record.get("data") if settings["dataset"] != "synthetic" else None)
         batches = batches or int(record.get("eval_batches", 4))
