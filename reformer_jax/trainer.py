@@ -296,7 +296,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     log = MetricsLog(workdir / "metrics.jsonl", start_step) if _is_main_process() else None
     board = TensorBoardLog(workdir, start_step) if _is_main_process() else None
     progress = Progress(options.steps, start_step)
-    done = start_step
+    done, saves = start_step, 0
     try:
         for step in range(start_step, options.steps):
             batch = global_batch(dataset.batch("train", options.seed, step, options.batch_size, options.seq_len),
@@ -340,9 +340,11 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             stopped_by_time_limit = out_of_time
             if (options.checkpoint_every and done % options.checkpoint_every == 0) or final_step:
                 checkpointer.save(done, state)
-                # Written once a checkpoint is complete (a workdir with a record is never started over), so an
-                # invocation that is killed still counts in the totals up to its last save.
-                if not final_step and _is_main_process() and checkpointer.latest_step():
+                saves += 1
+                # Written once a checkpoint is complete (a workdir with a record is never started over: see
+                # refuse_to_overwrite_a_run), so a killed invocation still counts in the totals up to its last
+                # save. save() returns after finishing the previous save; the one it starts may still be in flight.
+                if not final_step and _is_main_process() and (start_step or saves > 1):
                     update_record(workdir, record(done))
             if out_of_time:
                 progress.message(f"step {done}: the time limit of {options.time_limit_minutes:g} minutes is reached; "
