@@ -310,3 +310,35 @@ def test_progress_bar_on_a_terminal_counts_the_eta_from_the_steps_after_compilat
     progress.message("step 3: validation")  # a message clears the bar and redraws it below
     message, bar = stream.text.split("\r")[-1].split("\n")
     assert message.startswith("step 3: validation") and bar.startswith("step  3/10 [")
+
+
+class _KilledAt:
+    """The copy task, killed (KeyboardInterrupt) when asked for training batch `step` (0-based)."""
+
+    def __init__(self, step):
+        from reformer_jax import data
+
+        self.task, self.step = data.CopyTask(vocab_size=16), step
+        self.source = self.task.source
+
+    def batch(self, split, seed, step, batch_size, seq_len):
+        if split == "train" and step == self.step:
+            raise KeyboardInterrupt("killed")
+        return self.task.batch(split, seed, step, batch_size, seq_len)
+
+
+def test_the_record_is_written_mid_run_only_after_a_complete_checkpoint(tmp_path):
+    """A record marks a workdir as a run never to be started over, so it must not exist before a checkpoint does
+    (a kill during the first save would otherwise lock the workdir)."""
+    from reformer_jax import ModelConfig
+    from reformer_jax.trainer import TrainOptions, train_and_evaluate
+
+    config = ModelConfig.preset("transformer", vocab_size=16, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_len=16)
+    options = dict(steps=6, batch_size=4, seq_len=16, dataset="synthetic", eval_every=0, checkpoint_every=2,
+                   sample_len=0, analyze_memory=False)
+    for killed_at, recorded in ((3, None), (5, 4)):  # after the first save started; after the second
+        workdir = tmp_path / str(killed_at)
+        with pytest.raises(KeyboardInterrupt):
+            train_and_evaluate(config, TrainOptions(workdir=str(workdir), **options), dataset=_KilledAt(killed_at))
+        summary = workdir / "summary.json"
+        assert (json.loads(summary.read_text())["steps"] if summary.exists() else None) == recorded
