@@ -22,8 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from reformer_jax import data as data_lib
 from reformer_jax import saved_run, train
-from reformer_jax.checkpoint import (Checkpointer, WorkdirError, check_run_settings, ensure_writable_workdir,
-                                     refuse_to_overwrite_a_run, write_json_atomic)
+from reformer_jax.checkpoint import (RUN_SETTINGS_FILE, Checkpointer, WorkdirError, check_run_settings,
+                                     ensure_writable_workdir, refuse_to_overwrite_a_run, write_json_atomic)
 from reformer_jax.config import ModelConfig
 from reformer_jax.memory import compile_train_step
 from reformer_jax.run_log import MetricsLog, Progress, TensorBoardLog, format_duration, format_sample
@@ -211,6 +211,32 @@ def _initial_params(init_from: str, config: ModelConfig, params: Any, sharding: 
     return load_converted_params(init_from, params), str(Path(init_from).absolute())
 
 
+def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, checkpointer: Checkpointer,
+           start_step: int, init_fn, seed_key, replicated: NamedSharding, settings: Dict[str, Any]):
+    """Describe the run, analyse its memory, and restore its state (or create it, from --init_from if given).
+    Returns (state, where the initial parameters came from or None)."""
+    devices = jax.devices()
+    _describe(config, dataset, options, devices)
+    if options.analyze_memory:
+        # Compiled as the run compiles its step (a lean run must not pay the fusion emitters' memory here).
+        stats = compile_train_step(config, batch_size=options.batch_size // len(devices), seq_len=options.seq_len,
+                                   optimizer=options.optimizer,
+                                   extra_options=step_compiler_options(lean=options.lean_compile))[1]
+        _say(f"memory (compile-time, per device): {stats.summary()}")
+    if start_step:  # restored into the abstract state: checked against the checkpoint before anything compiles
+        state = checkpointer.restore(start_step, _abstract_state(init_fn, seed_key, replicated))
+        _say(f"resumed from {checkpointer.directory / str(start_step)}")
+        return state, None
+    refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
+    state, origin = init_fn(seed_key), None
+    if options.init_from:
+        params, origin = _initial_params(options.init_from, config, state.params, replicated)
+        state = state.replace(params=params)
+    if _is_main_process():
+        write_json_atomic(workdir / RUN_SETTINGS_FILE, settings)
+    return state, origin
+
+
 VALIDATION_KEYS = ("val_loss", "val_bpc", "val_accuracy", "val_step")
 
 
@@ -245,35 +271,20 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
         _say(f"--workdir={workdir} is at step {start_step} (--steps={options.steps}): nothing to train, nothing "
              "changed; pass a larger --steps to continue the run.")
         return {**read_record(workdir), "state": state}
-    if dataset is None:
-        dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
-                                        vocab_size=config.vocab_size)
-    _describe(config, dataset, options, devices)
-
-    if options.analyze_memory:
-        # Compiled as the run compiles its step (a lean run must not pay the fusion emitters' memory here).
-        stats = compile_train_step(config, batch_size=options.batch_size // len(devices), seq_len=options.seq_len,
-                                   optimizer=options.optimizer,
-                                   extra_options=step_compiler_options(lean=options.lean_compile))[1]
-        _say(f"memory (compile-time, per device): {stats.summary()}")
-
+    try:
+        if dataset is None:
+            dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
+                                            vocab_size=config.vocab_size)
+        state, origin = _start(config, options, dataset, workdir, checkpointer, start_step, init_fn, seed_key,
+                               replicated, settings)
+    except BaseException:  # nothing was trained: leave the checkpoints as they were
+        checkpointer.close()
+        raise
     schedule = train.learning_rate_schedule(options.learning_rate, options.total_schedule_steps,
                                             options.warmup_steps)
-    if not start_step:
-        refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
-    if start_step:  # restored into the abstract state: checked against the checkpoint before anything compiles
-        state = checkpointer.restore(start_step, _abstract_state(init_fn, seed_key, replicated))
-        _say(f"resumed from {checkpointer.directory / str(start_step)}")
-    else:
-        state = init_fn(seed_key)
-        if options.init_from:
-            params, origin = _initial_params(options.init_from, config, state.params, replicated)
-            state = state.replace(params=params)
-        if _is_main_process():
-            write_json_atomic(workdir / "run_settings.json", settings)
 
     # The record so far: this invocation adds its steps and wall time to the run's totals.
-    previous = read_record(workdir) if start_step else ({"initial_parameters": origin} if options.init_from else {})
+    previous = read_record(workdir) if start_step else {}
     tokens_per_step = options.batch_size * options.seq_len
     val: Dict[str, float] = {k: previous[k] for k in VALIDATION_KEYS if k in previous}
     skipped = [s for s in previous.get("skipped_steps", []) if s <= start_step]
@@ -283,7 +294,8 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
 
     def record(step: int) -> Dict[str, Any]:
         train_loss = last_metrics.get("loss", previous.get("train_loss"))
-        return {**{k: previous[k] for k in ("initial_parameters",) if k in previous}, "steps": step, "tokens": step * tokens_per_step, "tokens_per_step": tokens_per_step,
+        return {**({"initial_parameters": origin} if origin else {}),
+                "steps": step, "tokens": step * tokens_per_step, "tokens_per_step": tokens_per_step,
                 "wall_seconds": float(previous.get("wall_seconds", 0.0)) + time.perf_counter() - invocation_started,
                 "invocations": int(previous.get("invocations", 0)) + 1, "train_loss": train_loss,
                 "train_bpc": None if train_loss is None else train_loss / math.log(2), **val,
