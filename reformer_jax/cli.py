@@ -6,6 +6,7 @@ usage text appears only on --help, which exits 0.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable, List
@@ -17,6 +18,12 @@ class UsageError(app.UsageError):
     """A bad flag value; its message is the one line the user sees."""
 
 
+def command(argv0: str) -> str:
+    """How the user started this program: "python -m reformer_jax.evaluate" or "python main.py"."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else f"python {os.path.basename(argv0)}"
+
+
 def parse_flags(argv: List[str]) -> List[str]:
     """absl's flag parsing, but a bad flag is one line on stderr (exit 2) and --help exits 0."""
     try:
@@ -25,7 +32,7 @@ def parse_flags(argv: List[str]) -> List[str]:
         text = re.sub(r"invalid literal for (int|float)\(\)[^:]*: (.*)", r"\2 is not a number (\1 expected)",
                       str(error))
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        print(f"error: {'; '.join(lines)} ({argv[0]} --help lists the flags)", file=sys.stderr)
+        print(f"error: {'; '.join(lines)} ({command(argv[0])} --help lists the flags)", file=sys.stderr)
         sys.exit(2)
     except SystemExit as exit_:  # absl's --help, --helpshort, --helpfull print the usage, then exit 1
         sys.exit(0 if exit_.code == 1 else exit_.code)

@@ -29,7 +29,7 @@ SPLITS = ("validation", "train")
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "The main.py --workdir of the run to evaluate.", required=True)
+    flags.DEFINE_string("workdir", None, "The main.py --workdir of the run to evaluate (required).")
     flags.DEFINE_string("data_path", None, "Score every window of this text file (instead of --split).")
     flags.DEFINE_enum("split", None, list(SPLITS), "Score the run's own data: the batches of this split that "
                       "training evaluated on (default: validation).")
@@ -119,6 +119,8 @@ def main(argv) -> int:
 
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
+    if not FLAGS.workdir:
+        raise cli.UsageError("--workdir=DIR is required: the main.py --workdir of the run to evaluate.")
     if FLAGS.data_path and FLAGS.split:
         raise cli.UsageError(f"--data_path={FLAGS.data_path} and --split={FLAGS.split} exclude each other; give one.")
     for name in ("n_hashes", "batches", "step"):
