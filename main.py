@@ -4,24 +4,25 @@
     python main.py --model=transformer --dataset=synthetic --steps=500
     python main.py --help
 
-Every ModelConfig field is a flag; a model flag left unset keeps the preset's value. The defaults are sized for a
-CPU (under 10 minutes on 2 cores); the seed's setup is --d_model=512 --n_heads=8 --d_ff=2048 --n_layers=6
---seq_len=4096 --batch_size=1 --n_hashes=8. Rerunning the same command resumes from the latest checkpoint in
---workdir; a larger --steps continues the run.
+Every ModelConfig field is a flag (generated from the dataclass); a model flag left unset keeps the preset's value.
+The defaults are sized for a CPU (under 10 minutes on 2 cores); --sizes=seed gives the seed's setup (d_model 512,
+8 heads, d_ff 2048, 6 layers, length 4096, batch 1), see reformer_jax/sizes.py. Rerunning the same command resumes
+from the latest checkpoint in --workdir; a larger --steps continues the run; a finished run is left as it is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any, Dict
 
 from absl import app, flags, logging
 
+from reformer_jax import cli
 from reformer_jax.training import data as data_lib
-from reformer_jax.model.config import (ATTENTION_TYPES, DTYPES, FF_ACTIVATIONS, OUTPUT_HEADS, POS_EMBEDDINGS, PRESETS,
-                                 ModelConfig)
+from reformer_jax.model import sizes
+from reformer_jax.model.config import PRESETS, ModelConfig
+from reformer_jax.model_flags import define_model_flags, parse_value
 from reformer_jax.training.step import OPTIMIZERS
 
 FLAGS = flags.FLAGS
@@ -30,8 +31,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "reformer", list(PRESETS), "Model variant: a ModelConfig preset. transformer = full "
                   "attention + ordinary residual; lsh = LSH attention + ordinary residual; reversible = full "
                   "attention + reversible layers; reformer = LSH + reversible + chunked feed-forward.")
-flags.DEFINE_integer("seq_len", 256, "Tokens per training sequence (a multiple of --chunk_len for LSH models).")
-flags.DEFINE_integer("batch_size", 8, "Sequences per step, over all devices (a multiple of the device count).")
+flags.DEFINE_enum("sizes", None, list(sizes.NAMED), "Named sizes (reformer_jax/sizes.py) for --d_model, --n_heads, "
+                  "--d_ff, --n_layers, --seq_len and --batch_size (each flag given still wins); unset: cpu.")
+flags.DEFINE_integer("seq_len", sizes.CPU.seq_len, "Tokens per training sequence (a multiple of --chunk_len for LSH "
+                     "models).")
+flags.DEFINE_integer("batch_size", sizes.CPU.batch_size, "Sequences per step, over all devices (a multiple of the "
+                     "device count).")
 flags.DEFINE_integer("steps", 300, "Train until this many optimizer steps are done (a rerun with a larger value "
                      "continues the same run).")
 flags.DEFINE_integer("schedule_steps", None, "Length of the warm-up + cosine learning-rate schedule (default: "
@@ -53,8 +58,10 @@ flags.DEFINE_integer("seed", 0, "Seed of the parameters, data order, hashing and
 flags.DEFINE_integer("sample_len", 200, "Characters of text generated at the end (0: none).")
 flags.DEFINE_string("compilation_cache_dir", None, "Keep compiled steps in this directory (JAX's persistent "
                     "compilation cache): a rerun with the same model and shapes loads them instead of compiling.")
-flags.DEFINE_string("init_from", None, "Start from a converted checkpoint (python -m reformer_jax.convert "
-                    "--out=DIR): its config.json is the model, so model flags may not be given with it.")
+flags.DEFINE_string("init_from", None, "Fine-tune: start from the latest checkpoint's parameters of a main.py "
+                    "--workdir (its model; model flags given override fields that keep the shapes, such as "
+                    "--dropout) with a new optimizer state and schedule, or from a converted checkpoint (python -m "
+                    "reformer_jax.model.hf_convert --out=DIR; no model flags).")
 flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
 flags.DEFINE_float("time_limit_minutes", None, "Stop after this much wall time (compilation included), evaluated and "
                    "checkpointed, even before --steps; rerun the same command to continue.")
@@ -71,115 +78,103 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU pods, "
                   "SLURM) even without --coordinator_address.")
 
-# --- every ModelConfig field (None: the preset's value) --------------------------------------------------------
-flags.DEFINE_integer("vocab_size", None, "Vocabulary size (259 for bytes; the copy task draws symbols below it).")
-flags.DEFINE_integer("d_model", 256, "Width of each residual stream (ModelConfig default 512).")
-flags.DEFINE_integer("n_heads", 4, "Attention heads (ModelConfig default 8).")
-flags.DEFINE_integer("d_head", None, "Width of one head (default d_model // n_heads).")
-flags.DEFINE_integer("d_ff", 1024, "Feed-forward hidden width (ModelConfig default 2048).")
-flags.DEFINE_integer("n_layers", 3, "Number of layers (ModelConfig default 6).")
-flags.DEFINE_integer("max_len", None, "Longest sequence the model accepts (default --seq_len).")
-flags.DEFINE_enum("attention", None, list(ATTENTION_TYPES), "Override the preset's attention.")
-flags.DEFINE_list("attn_layers", None, "Attention type of each layer, e.g. local,lsh,local,lsh (default: "
-                  "--attention in every layer).")
-flags.DEFINE_integer("local_chunk_len", None, "Chunk length of local attention layers (default 64).")
-flags.DEFINE_integer("local_n_chunks_before", None, "Chunks each local chunk looks back to (default 1).")
-flags.DEFINE_float("local_attention_dropout", None, "Dropout on the attention weights of local layers (default 0).")
-flags.DEFINE_bool("reversible", None, "Override the preset's residual wiring.")
-flags.DEFINE_integer("n_hashes", None, "LSH hash rounds (default 8).")
-flags.DEFINE_integer("chunk_len", None, "LSH chunk length (default 64).")
-flags.DEFINE_string("n_buckets", None, "Buckets per round: an even integer, two even factors 'f1,f2', or unset "
-                    "for 2 * seq_len / chunk_len (factorised above 128).")
-flags.DEFINE_integer("n_chunks_before", None, "Chunks each LSH chunk looks back to (default 1).")
-flags.DEFINE_bool("sequential_rounds", None, "LSH attention one hash round at a time: memory flat in "
-                  "--n_hashes (default true; false: all rounds at once).")
-flags.DEFINE_bool("sequential_heads", None, "Full and LSH attention one head at a time under its own custom_vjp "
-                  "(default true for the reformer preset, false for the seed's baselines; local layers always run "
-                  "all heads at once).")
-flags.DEFINE_bool("causal", None, "Causal masking (default true).")
-flags.DEFINE_integer("ff_chunk_len", None, "Feed-forward chunk length, 0 = off (reformer preset default 256).")
-flags.DEFINE_integer("output_chunk_len", None, "Output projection and loss over chunks of this many positions, "
-                     "0 = all at once (reformer preset default 256).")
-flags.DEFINE_float("dropout", None, "Residual and embedding dropout (default 0.1).")
-flags.DEFINE_float("attention_dropout", None, "Dropout on attention weights (default 0).")
-flags.DEFINE_enum("pos_embedding", None, list(POS_EMBEDDINGS), "Positional embedding (default axial).")
-flags.DEFINE_list("axial_shape", None, "Axial shape l1,l2 with l1 * l2 = max_len (default derived).")
-flags.DEFINE_list("axial_dims", None, "Axial widths d1,d2 with d1 + d2 = d_model (default halves).")
-flags.DEFINE_enum("output_head", None, list(OUTPUT_HEADS), "mean of the two streams (tied) or concat (untied).")
-flags.DEFINE_bool("tie_embeddings", None, "Tie the output projection to the embedding (default true).")
-flags.DEFINE_enum("ff_activation", None, list(FF_ACTIVATIONS), "Feed-forward activation (default relu).")
-flags.DEFINE_float("layer_norm_eps", None, "LayerNorm epsilon (default 1e-6).")
-flags.DEFINE_bool("scan_layers", None, "Non-reversible stacks as one lax.scan (default true).")
-flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype; residual streams stay float32 (default float32).")
-flags.DEFINE_enum("param_dtype", None, list(DTYPES), "Parameter dtype (default float32).")
-flags.DEFINE_integer("stream_grid_bits", None, "Reversible stacks: keep the float32 streams on multiples of 2^-k so "
-                     "the backward pass recovers each layer's inputs exactly while |stream| < 2^(24-k); 16 is "
-                     "exact below 256 (default 0 = off; see benchmarks/results/reversible_drift.md).")
-
-MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig)]
-
-
-def _int_tuple(flag: str, values) -> tuple:
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise app.UsageError(f"--{flag}={','.join(values)} is invalid: expected integers separated by commas.")
-
-
-def _parse_buckets(text: str):
-    parts = [p for p in text.split(",") if p.strip()]
-    numbers = _int_tuple("n_buckets", parts)
-    if not numbers:
-        raise app.UsageError(f"--n_buckets={text!r} is invalid: expected an even integer or two even factors "
-                             "'f1,f2' (or leave it unset for the default).")
-    return numbers[0] if len(numbers) == 1 else numbers
+# --- every ModelConfig field (None: the preset's value), generated from the dataclass -----------------------------
+MODEL_FLAGS = define_model_flags(
+    ModelConfig, defaults={name: getattr(sizes.CPU, name) for name in ("d_model", "n_heads", "d_ff", "n_layers")},
+    extra_help={"max_len": "Unset: --seq_len.", "vocab_size": "The copy task draws its symbols below it.",
+                "stream_grid_bits": "See benchmarks/results/reversible_drift.md."})
+SIZE_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size")
 
 
 def _config_from_init_from() -> ModelConfig:
-    """The converted checkpoint's ModelConfig (--init_from), checked against the run flags."""
+    """The model of --init_from: a main.py workdir's (model flags given override its fields; a model whose
+    parameter shapes differ is refused) or a converted checkpoint's (no model flags), checked against --seq_len."""
+    from reformer_jax.training import saved_run
     from reformer_jax.model.hf_convert import ConversionError, load_converted_config
 
-    given = [f"--{name}" for name in MODEL_FLAGS if FLAGS[name].present]
-    if given or FLAGS["model"].present:
-        raise app.UsageError(f"--init_from={FLAGS.init_from} fixes the model; drop {', '.join(given or ['--model'])}.")
+    given = [name for name in MODEL_FLAGS if FLAGS[name].present]
     try:
-        config = load_converted_config(FLAGS.init_from)
+        if saved_run.is_run_workdir(FLAGS.init_from):
+            if FLAGS["model"].present:
+                raise app.UsageError(f"--init_from={FLAGS.init_from} fixes the model; drop --model (model flags such "
+                                     "as --dropout or --n_hashes may still change what keeps the shapes).")
+            source = saved_run.open_run(FLAGS.init_from, flag="--init_from")
+            config = saved_run.model_config(source.settings["model"], **_model_overrides(given))
+            saved_run.check_same_shapes(source, config)
+        else:
+            if not os.path.exists(FLAGS.init_from):
+                raise app.UsageError(f"--init_from={FLAGS.init_from} does not exist; pass a main.py --workdir or a "
+                                     "converted checkpoint (python -m reformer_jax.convert --out=DIR).")
+            if given or FLAGS["model"].present:
+                names = ", ".join(f"--{name}" for name in given) or "--model"
+                raise app.UsageError(f"--init_from={FLAGS.init_from} (a converted checkpoint) fixes the model; drop "
+                                     f"{names}.")
+            config = load_converted_config(FLAGS.init_from)
         config.check_seq_len(FLAGS.seq_len)
-    except (ConversionError, ValueError) as error:
-        raise app.UsageError(f"--init_from={FLAGS.init_from}: {error}")
+    except (ConversionError, saved_run.SavedRunError) as error:
+        raise app.UsageError(str(error) if str(error).startswith("--init_from") else
+                             f"--init_from={FLAGS.init_from}: {error}")
+    except ValueError as error:
+        raise app.UsageError(f"--init_from={FLAGS.init_from}: {_blame_given_flag(str(error))}")
     return config
+
+
+def _model_overrides(names) -> Dict[str, Any]:
+    """The ModelConfig fields the model flags `names` set (None values: the preset's)."""
+    try:
+        return {name: parse_value(ModelConfig, name, FLAGS[name].value) for name in names
+                if FLAGS[name].value is not None}
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+
+
+def apply_named_sizes() -> None:
+    """--sizes=NAME: its values for the size flags not given on the command line."""
+    if FLAGS.sizes:
+        named = sizes.NAMED[FLAGS.sizes]
+        for name in SIZE_FLAGS:
+            if not FLAGS[name].present:
+                FLAGS[name].value = getattr(named, name)
 
 
 def model_config_from_flags() -> ModelConfig:
     """The ModelConfig the flags describe; a bad value raises UsageError naming the flag."""
     if FLAGS.init_from:
         return _config_from_init_from()
-    overrides: Dict[str, Any] = {}
-    for name in MODEL_FLAGS:
-        value = FLAGS[name].value
-        if value is None:
-            continue
-        if name == "n_buckets":
-            value = _parse_buckets(value)
-        elif name in ("axial_shape", "axial_dims"):
-            value = _int_tuple(name, value)
-        elif name == "attn_layers":
-            value = tuple(value)
-        overrides[name] = value
+    overrides = _model_overrides(MODEL_FLAGS)
     overrides.setdefault("max_len", FLAGS.seq_len)
     try:
         config = ModelConfig.preset(FLAGS.model, **overrides)
         config.check_seq_len(FLAGS.seq_len)
     except ValueError as error:
-        message = str(error).replace("ModelConfig.", "--")
-        if FLAGS.max_len is None:  # max_len is --seq_len's value: name the flag the user gave
-            message = message.replace("--max_len=", "--seq_len=")
-        raise app.UsageError(message)
+        raise app.UsageError(_blame_given_flag(str(error)))
     return config
+
+
+def _given(name: str) -> bool:
+    return FLAGS[name].present > 0
+
+
+def _blame_given_flag(message: str) -> str:
+    """ModelConfig's message about a field, reworded to name the flag the user gave (not a derived field)."""
+    message = message.replace("ModelConfig.", "--")
+    if FLAGS.max_len is None:  # max_len is --seq_len's value: name the flag the user gave
+        message = message.replace("--max_len=", "--seq_len=")
+    if message.startswith("--d_head=None is invalid"):  # d_head derives from d_model // n_heads
+        blamed = "d_model" if _given("d_model") or not _given("n_heads") else "n_heads"
+        divisors = [h for h in range(1, min(FLAGS.d_model, 64) + 1) if FLAGS.d_model % h == 0][-4:]
+        return (f"--{blamed}={FLAGS[blamed].value} is invalid: --d_model={FLAGS.d_model} is not divisible by "
+                f"--n_heads={FLAGS.n_heads}; use --n_heads dividing it (e.g. {', '.join(map(str, divisors))}) or "
+                "give --d_head.")
+    if message.startswith("--tie_embeddings=True is invalid") and not _given("tie_embeddings"):
+        return ("--output_head=concat is invalid with tied embeddings (the default): the 'concat' head has width "
+                "2 * d_model and cannot be tied to the embedding; add --notie_embeddings or use --output_head=mean.")
+    return message
 
 
 def validate_run_flags() -> None:
     """Range checks of the run's flags (the model's are ModelConfig's), before anything is compiled."""
+    apply_named_sizes()
     positive = ("seq_len", "batch_size", "steps", "eval_batches")
     non_negative = ("eval_every", "checkpoint_every", "sample_len", "seed")
     for name in positive:
@@ -232,11 +227,15 @@ def _initialize_distributed() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO level
-    validate_run_flags()
-    config = model_config_from_flags()
+    try:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
+        validate_run_flags()
+        config = model_config_from_flags()
+    except app.UsageError as error:  # one line, no usage text (that is --help's)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     _initialize_distributed()
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.xla.compilation_cache import enable_compilation_cache
@@ -244,6 +243,7 @@ def main(argv):
         enable_compilation_cache(FLAGS.compilation_cache_dir)
 
     from reformer_jax.training.checkpoint import CheckpointError, CheckpointMismatch, saved_run_settings
+    from reformer_jax.training.saved_run import SavedRunError
     from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and_evaluate
 
     schedule_steps = FLAGS.schedule_steps
@@ -262,7 +262,7 @@ def main(argv):
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)
         train_and_evaluate(config, options, dataset=dataset)
-    except (data_lib.DataError, CheckpointMismatch, CheckpointError, TrainingDiverged) as error:
+    except (data_lib.DataError, CheckpointMismatch, CheckpointError, TrainingDiverged, SavedRunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except ValueError as error:  # e.g. a batch size the device count does not divide
@@ -273,4 +273,4 @@ def main(argv):
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

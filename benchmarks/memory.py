@@ -36,6 +36,7 @@ from absl import app, flags
 from benchmarks import cli, output, seed, targets
 from benchmarks.cli import DEFAULT_OUT_DIR, PRESETS, FlagError, log
 from benchmarks.output import MIB, Row
+from reformer_jax.model.sizes import SEED
 
 EXPERIMENTS = ("variants", "hashes", "layers", "seqlen", "timeline", "floor", "runtime")
 EXPERIMENT_CHOICES = EXPERIMENTS + ("all",)
@@ -52,15 +53,15 @@ FLOOR_PEAK_LIMIT_BYTES = 16 * 2**30
 class Settings:
     experiment: str = "all"
     out_dir: str = DEFAULT_OUT_DIR
-    vocab_size: int = 259
-    d_model: int = 512
-    n_heads: int = 8
-    d_ff: int = 2048
-    n_layers: int = 6
-    seq_len: int = 4096
-    n_hashes: int = 8
-    chunk_len: int = 64
-    batch_size: int = 1
+    vocab_size: int = SEED.vocab_size
+    d_model: int = SEED.d_model
+    n_heads: int = SEED.n_heads
+    d_ff: int = SEED.d_ff
+    n_layers: int = SEED.n_layers
+    seq_len: int = SEED.seq_len
+    n_hashes: int = SEED.n_hashes
+    chunk_len: int = SEED.chunk_len
+    batch_size: int = SEED.batch_size
     dropout: float = 0.1
     dtype: str = "float32"
     optimizer: str = "adafactor"
@@ -277,7 +278,8 @@ def _out(settings: Settings, name: str) -> str:
     return name if backend == "cpu" else f"{name}_{backend}"
 
 
-SEED_SETUP = dict(vocab_size=259, d_model=512, n_heads=8, d_ff=2048, chunk_len=64, batch_size=1, seq_len=4096)
+SEED_SETUP = {k: getattr(SEED, k) for k in ("vocab_size", "d_model", "n_heads", "d_ff", "chunk_len", "batch_size",
+                                             "seq_len")}
 
 
 def at_seed_setup(settings: Settings, **more: int) -> bool:

@@ -42,6 +42,7 @@ from benchmarks import cli, output
 # The memory driver's FlagError (a bad flag value, found before anything is compiled), as the speed driver uses.
 from benchmarks.cli import DEFAULT_OUT_DIR, FlagError
 from benchmarks.output import Row
+from reformer_jax.model.sizes import QUALITY_COPY, QUALITY_SHAKESPEARE
 
 TASKS = ("shakespeare", "synthetic")
 LOG2 = math.log(2)
@@ -66,13 +67,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          "variant).", **on)
     # shakespeare sizes
     flags.DEFINE_integer("steps", 2300, "shakespeare: optimizer steps per variant.", **on)
-    flags.DEFINE_integer("seq_len", 256, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
-    flags.DEFINE_integer("batch_size", 8, "shakespeare: sequences per step.", **on)
-    flags.DEFINE_integer("d_model", 128, "shakespeare: width of the residual streams.", **on)
-    flags.DEFINE_integer("n_heads", 4, "Attention heads (both tasks).", **on)
-    flags.DEFINE_integer("d_ff", 512, "shakespeare: feed-forward width.", **on)
-    flags.DEFINE_integer("n_layers", 2, "shakespeare: layers.", **on)
-    flags.DEFINE_integer("chunk_len", 64, "LSH chunk length (both tasks).", **on)
+    flags.DEFINE_integer("seq_len", QUALITY_SHAKESPEARE.seq_len, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
+    flags.DEFINE_integer("batch_size", QUALITY_SHAKESPEARE.batch_size, "shakespeare: sequences per step.", **on)
+    flags.DEFINE_integer("d_model", QUALITY_SHAKESPEARE.d_model, "shakespeare: width of the residual streams.", **on)
+    flags.DEFINE_integer("n_heads", QUALITY_SHAKESPEARE.n_heads, "Attention heads (both tasks).", **on)
+    flags.DEFINE_integer("d_ff", QUALITY_SHAKESPEARE.d_ff, "shakespeare: feed-forward width.", **on)
+    flags.DEFINE_integer("n_layers", QUALITY_SHAKESPEARE.n_layers, "shakespeare: layers.", **on)
+    flags.DEFINE_integer("chunk_len", QUALITY_SHAKESPEARE.chunk_len, "LSH chunk length (both tasks).", **on)
     flags.DEFINE_list("train_hashes", ["4", "8"], "shakespeare: hash rounds of the Reformer runs; the LSH LM uses the "
                       "first.", **on)
     flags.DEFINE_enum("head", "untied", HEADS, "shakespeare: the output head of every model. untied: its own "
@@ -97,12 +98,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          "sequence.", **on)
     # synthetic sizes
     flags.DEFINE_integer("synthetic_steps", 1500, "synthetic: optimizer steps per model.", **on)
-    flags.DEFINE_integer("synthetic_d_model", 256, "synthetic: width of the residual streams.", **on)
-    flags.DEFINE_integer("synthetic_d_ff", 1024, "synthetic: feed-forward width.", **on)
-    flags.DEFINE_integer("synthetic_seq_len", 256, "synthetic: sequence length (0 w 0 w; even, a multiple of "
+    flags.DEFINE_integer("synthetic_d_model", QUALITY_COPY.d_model, "synthetic: width of the residual streams.", **on)
+    flags.DEFINE_integer("synthetic_d_ff", QUALITY_COPY.d_ff, "synthetic: feed-forward width.", **on)
+    flags.DEFINE_integer("synthetic_seq_len", QUALITY_COPY.seq_len, "synthetic: sequence length (0 w 0 w; even, a multiple of "
                          "--chunk_len).", **on)
-    flags.DEFINE_integer("synthetic_batch_size", 16, "synthetic: sequences per step.", **on)
-    flags.DEFINE_integer("synthetic_vocab_size", 128, "synthetic: symbols (w is drawn from 1..vocab-1).", **on)
+    flags.DEFINE_integer("synthetic_batch_size", QUALITY_COPY.batch_size, "synthetic: sequences per step.", **on)
+    flags.DEFINE_integer("synthetic_vocab_size", QUALITY_COPY.vocab_size, "synthetic: symbols (w is drawn from 1..vocab-1).", **on)
     flags.DEFINE_list("synthetic_train_hashes", ["full", "1", "2", "4"], "synthetic: the models trained: 'full' "
                       "(full attention) and/or LSH hash rounds.", **on)
     flags.DEFINE_enum("synthetic_pos_embedding", "absolute", ["absolute", "axial"], "synthetic: positional "
@@ -212,7 +213,7 @@ def shakespeare_plan(fv) -> TaskPlan:
 
 def synthetic_plan(fv) -> TaskPlan:
     """One-layer models of the copy task: full attention and LSH at each --synthetic_train_hashes value."""
-    sizes = {**_shared_sizes(fv, fv.synthetic_seq_len, fv.synthetic_d_model, fv.synthetic_d_ff), "n_layers": 1,
+    sizes = {**_shared_sizes(fv, fv.synthetic_seq_len, fv.synthetic_d_model, fv.synthetic_d_ff), "n_layers": QUALITY_COPY.n_layers,
              "vocab_size": fv.synthetic_vocab_size, "pos_embedding": fv.synthetic_pos_embedding}
     variants = []
     for h in _int_values("synthetic_train_hashes", fv.synthetic_train_hashes, ("full",)):

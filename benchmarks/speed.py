@@ -36,6 +36,7 @@ from absl import app, flags
 from benchmarks import cli, output, peers, seed
 from benchmarks.cli import DEFAULT_OUT_DIR, PRESETS, FlagError, log
 from benchmarks.output import MIB, Row
+from reformer_jax.model.sizes import SPEED_P
 
 COMPARE_CHOICES = ("none", "peers")
 SWEEP_CHOICES = ("none", "length", "linearity")
@@ -81,15 +82,15 @@ class Settings:
     sweep: str = "none"
     model: str = "reformer"
     ours: Tuple[str, ...] = ("default", "all_at_once", "lean_compile", "bfloat16", "xla_defaults")
-    vocab_size: int = 259
-    d_model: int = 256
-    n_heads: int = 4
-    d_ff: int = 1024
-    n_layers: int = 6
-    seq_len: int = 4096
-    batch_size: int = 1
-    n_hashes: int = 8
-    chunk_len: int = 64
+    vocab_size: int = SPEED_P.vocab_size
+    d_model: int = SPEED_P.d_model
+    n_heads: int = SPEED_P.n_heads
+    d_ff: int = SPEED_P.d_ff
+    n_layers: int = SPEED_P.n_layers
+    seq_len: int = SPEED_P.seq_len
+    batch_size: int = SPEED_P.batch_size
+    n_hashes: int = SPEED_P.n_hashes
+    chunk_len: int = SPEED_P.chunk_len
     dropout: float = 0.0
     pos_embedding: str = "absolute"
     models: Tuple[str, ...] = PRESETS

@@ -59,11 +59,14 @@ def _usage_error(*args) -> str:
     (["--seq_len=100", "--max_len=100"], "--max_len=100 is invalid: LSH attention needs a multiple of chunk_len=64"),
     (["--seq_len=256", "--max_len=128"], "seq_len=256 is longer than --max_len=128"),
     (["--chunk_len=0"], "--chunk_len=0 is invalid: expected a positive integer"),
-    (["--d_model=100", "--n_heads=3"], "--d_head=None is invalid: d_model=100 is not divisible by n_heads=3"),
+    (["--d_model=100", "--n_heads=3"], "--d_model=100 is invalid: --d_model=100 is not divisible by --n_heads=3"),
+    (["--d_model=250"], "--d_model=250 is invalid: --d_model=250 is not divisible by --n_heads=4"),
+    (["--n_heads=3"], "--n_heads=3 is invalid: --d_model=256 is not divisible by --n_heads=3"),
     (["--dropout=1.5"], "--dropout=1.5 is invalid: expected a rate in [0, 1)"),
     (["--n_hashes=0"], "--n_hashes=0 is invalid"),
     (["--n_layers=0"], "--n_layers=0 is invalid"),
-    (["--output_head=concat"], "--tie_embeddings=True is invalid"),
+    (["--output_head=concat"], "--output_head=concat is invalid with tied embeddings (the default)"),
+    (["--output_head=concat", "--tie_embeddings"], "--tie_embeddings=True is invalid"),
     (["--model=transformer", "--output_head=concat", "--notie_embeddings"], "--output_head='concat' is invalid"),
     (["--layer_norm_eps=0"], "--layer_norm_eps=0.0 is invalid"),
     (["--time_limit_minutes=0"], "--time_limit_minutes=0.0 is invalid: expected a positive number"),
@@ -106,7 +109,7 @@ def test_main_job_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     out = result.stdout
     assert "devices: 1 (cpu)" in out and "memory (compile-time, per device): peak" in out
-    assert "step 3/3 | loss" in out and "validation loss" in out and "done: 3 steps" in out and "sample:" in out
+    assert "step 3/3 | loss" in out and "validation loss" in out and "done: steps 1-3 in" in out and "sample:" in out
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0 and "nothing to train" in again.stdout

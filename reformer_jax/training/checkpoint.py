@@ -163,11 +163,15 @@ class Checkpointer:
     the workdir.
     """
 
-    def __init__(self, workdir: Path, max_to_keep: int = 2):
+    def __init__(self, workdir: Path, max_to_keep: int = 2, read_only: bool = False):
+        """`read_only`: for reading another run's checkpoints (nothing is created or cleaned up; never save)."""
         self.directory = Path(workdir).absolute() / "checkpoints"
+        # The handler is named, so the manager itself reads a step's metadata (reading it with a bare
+        # StandardCheckpointer from the item directory logs a warning about a missing _CHECKPOINT_METADATA).
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                                 cleanup_tmp_directories=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                                                 cleanup_tmp_directories=not read_only),
+            item_handlers=ocp.StandardCheckpointHandler())
         self._saving: Optional[int] = None  # the step of the asynchronous save in flight
 
     def latest_step(self) -> Optional[int]:
@@ -211,7 +215,7 @@ class Checkpointer:
         """
         step_dir = self.directory / str(step)
         try:
-            saved = leaf_shapes(ocp.StandardCheckpointer().metadata(step_dir / "default").item_metadata)
+            saved = leaf_shapes(self._manager.item_metadata(step))
         except Exception as error:
             raise self._damaged(step, error) from error
         if not saved:

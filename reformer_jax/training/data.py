@@ -154,6 +154,23 @@ class CopyTask:
                 "weights": weights}
 
 
+def consecutive_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: Optional[int] = None):
+    """The whole token stream as consecutive, non-overlapping windows of seq_len targets, `batch_size` per batch
+    (the last batch's missing rows have weight 0); at most `max_batches` batches. Yields Batch dicts."""
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise DataError(f"{len(tokens)} tokens are fewer than one window of {seq_len} + 1; use a longer text.")
+    n_batches = -(-n_windows // batch_size)
+    for b in range(n_batches if max_batches is None else min(n_batches, max_batches)):
+        inputs = np.zeros((batch_size, seq_len), np.int32)
+        targets = np.zeros((batch_size, seq_len), np.int32)
+        weights = np.zeros((batch_size, seq_len), np.float32)
+        for row, w in enumerate(range(b * batch_size, min((b + 1) * batch_size, n_windows))):
+            window = tokens[w * seq_len:w * seq_len + seq_len + 1]
+            inputs[row], targets[row], weights[row] = window[:-1], window[1:], 1.0
+        yield {"inputs": inputs, "targets": targets, "weights": weights}
+
+
 def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vocab_size: int = BYTE_VOCAB_SIZE):
     """The dataset behind --dataset: an object with .batch(split, seed, step, batch_size, seq_len) and .source."""
     if name == "synthetic":

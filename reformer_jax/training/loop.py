@@ -21,12 +21,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from reformer_jax.training import data as data_lib
+from reformer_jax.training import saved_run
 from reformer_jax.training import step as train
-from reformer_jax.training.checkpoint import (Checkpointer, WorkdirError, check_run_settings, ensure_writable_workdir,
-                                     refuse_to_overwrite_a_run, write_json_atomic)
+from reformer_jax.training.checkpoint import (RUN_SETTINGS_FILE, Checkpointer, WorkdirError, check_run_settings,
+                                     ensure_writable_workdir, refuse_to_overwrite_a_run, write_json_atomic)
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.xla.memory_analysis import compile_train_step
-from reformer_jax.training.run_log import MetricsLog, Progress, format_duration
+from reformer_jax.training.run_log import MetricsLog, Progress, TensorBoardLog, format_duration, format_sample
+from reformer_jax.training.run_record import read_record, update_record
 from reformer_jax.decoding.window_sampler import sample, sampling_window
 from reformer_jax.xla.compiler_options import step_compiler_options
 
@@ -155,38 +157,32 @@ def _runtime_memory_line() -> str:
     return f"runtime: process peak RSS {_peak_rss_bytes() / 2**20:,.1f} MiB (CPU: no device memory statistics)"
 
 
-def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSharding) -> Dict[str, float]:
-    """Mean loss and accuracy over the same `eval_batches` validation batches every time (fixed hash keys)."""
+def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSharding,
+             split: str = "validation") -> Dict[str, float]:
+    """Mean loss and accuracy over the same `eval_batches` batches of `split` every time (fixed hash keys)."""
+    batches = (dataset.batch(split, options.seed, i, options.batch_size, options.seq_len)
+               for i in range(options.eval_batches))
+    return evaluate_batches(eval_fn, params, batches, options.seed, sharding)
+
+
+def evaluate_batches(eval_fn, params, batches, seed: int, sharding: NamedSharding) -> Dict[str, float]:
+    """{"val_loss", "val_accuracy", "val_bpc", "val_tokens"}: weighted means over `batches`, batch i hashed with
+    key(seed + 10_000 + i)."""
     totals: Dict[str, float] = {}
-    for i in range(options.eval_batches):
-        batch = global_batch(dataset.batch("validation", options.seed, i, options.batch_size, options.seq_len),
-                              sharding)
-        metrics = jax.device_get(eval_fn(params, batch, jax.random.key(options.seed + 10_000 + i)))
+    for i, batch in enumerate(batches):
+        metrics = jax.device_get(eval_fn(params, global_batch(batch, sharding), jax.random.key(seed + 10_000 + i)))
         weight = float(metrics["tokens"])
         for name in ("loss", "accuracy"):
             totals[name] = totals.get(name, 0.0) + float(metrics[name]) * weight
         totals["tokens"] = totals.get("tokens", 0.0) + weight
-    tokens = max(totals.pop("tokens"), 1.0)
-    result = {f"val_{name}": value / tokens for name, value in totals.items()}
+    tokens = totals.pop("tokens", 0.0)
+    result = {f"val_{name}": value / max(tokens, 1.0) for name, value in totals.items()}
     result["val_bpc"] = result["val_loss"] / math.log(2)
+    result["val_tokens"] = tokens
     return result
 
 
-def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=None) -> Dict[str, Any]:
-    """Train `config` as `options` say; returns the summary (also written to workdir/summary.json)."""
-    workdir = Path(options.workdir)
-    ensure_writable_workdir(workdir)
-    settings = options.run_settings(config)
-    check_run_settings(workdir, settings)
-    if dataset is None:
-        dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
-                                        vocab_size=config.vocab_size)
-
-    devices = jax.devices()
-    if options.batch_size % len(devices):
-        raise ValueError(f"--batch_size={options.batch_size} is not divisible by the {len(devices)} devices; use a "
-                         f"multiple of {len(devices)}.")
-    replicated, data_sharding = data_parallel_shardings(devices)
+def _describe(config: ModelConfig, dataset, options: TrainOptions, devices) -> None:
     _say(f"devices: {len(devices)} ({devices[0].platform})"
          + (f", processes: {jax.process_count()}" if jax.process_count() > 1 else ""))
     kinds = "/".join(sorted(set(config.layer_types)))
@@ -195,50 +191,125 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
          + (f", {config.n_hashes} hash rounds, chunk {config.chunk_len}" if config.uses("lsh") else ""))
     _say(f"data: {dataset.source}; batch {options.batch_size} x {options.seq_len} tokens")
 
+
+def _abstract_state(init_fn, seed_key, sharding: NamedSharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        jax.eval_shape(init_fn, seed_key))
+
+
+def _initial_params(init_from: str, config: ModelConfig, params: Any, sharding: NamedSharding) -> Tuple[Any, str]:
+    """The parameters of a main.py workdir's latest checkpoint, or of a converted checkpoint, shaped as `params`;
+    and where they came from."""
+    if saved_run.is_run_workdir(init_from):
+        source = saved_run.open_run(init_from, flag="--init_from")
+        saved_run.check_same_shapes(source, config)
+        restored = saved_run.restore_params(source, sharding=sharding)
+        origin = str(source.workdir.absolute() / "checkpoints" / str(source.steps[-1]))
+        _say(f"parameters from {origin} (a new optimizer state and schedule)")
+        return saved_run.params_into(restored, params), origin
+    from reformer_jax.model.hf_convert import load_converted_params
+    _say(f"parameters from {init_from}")
+    return load_converted_params(init_from, params), str(Path(init_from).absolute())
+
+
+def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, checkpointer: Checkpointer,
+           start_step: int, init_fn, seed_key, replicated: NamedSharding, settings: Dict[str, Any]):
+    """Describe the run, analyse its memory, and restore its state (or create it, from --init_from if given).
+    Returns (state, where the initial parameters came from or None)."""
+    devices = jax.devices()
+    _describe(config, dataset, options, devices)
     if options.analyze_memory:
         # Compiled as the run compiles its step (a lean run must not pay the fusion emitters' memory here).
         stats = compile_train_step(config, batch_size=options.batch_size // len(devices), seq_len=options.seq_len,
                                    optimizer=options.optimizer,
                                    extra_options=step_compiler_options(lean=options.lean_compile))[1]
         _say(f"memory (compile-time, per device): {stats.summary()}")
+    if start_step:  # restored into the abstract state: checked against the checkpoint before anything compiles
+        state = checkpointer.restore(start_step, _abstract_state(init_fn, seed_key, replicated))
+        _say(f"resumed from {checkpointer.directory / str(start_step)}")
+        return state, None
+    refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
+    state, origin = init_fn(seed_key), None
+    if options.init_from:
+        params, origin = _initial_params(options.init_from, config, state.params, replicated)
+        state = state.replace(params=params)
+    if _is_main_process():
+        write_json_atomic(workdir / RUN_SETTINGS_FILE, settings)
+    return state, origin
 
-    schedule = train.learning_rate_schedule(options.learning_rate, options.total_schedule_steps,
-                                            options.warmup_steps)
+
+VALIDATION_KEYS = ("val_loss", "val_bpc", "val_accuracy", "val_step")
+
+
+def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=None) -> Dict[str, Any]:
+    """Train `config` as `options` say; returns the run's record (workdir/summary.json) with "state" added.
+
+    A workdir whose checkpoint already reached `options.steps` is left exactly as it is: one line says so, nothing
+    is compiled or written, and the record and the restored state are returned.
+    """
+    invocation_started = time.perf_counter()  # the run's wall time counts compilation and evaluation too
+    workdir = Path(options.workdir)
+    ensure_writable_workdir(workdir)
+    settings = options.run_settings(config)
+    check_run_settings(workdir, settings)
+    devices = jax.devices()
+    if options.batch_size % len(devices):
+        raise ValueError(f"--batch_size={options.batch_size} is not divisible by the {len(devices)} devices; use a "
+                         f"multiple of {len(devices)}.")
+    replicated, data_sharding = data_parallel_shardings(devices)
     seed_key = jax.random.key(options.seed)
     init_fn, step_fn, eval_fn = _compiled_steps(config, options.optimizer, options.learning_rate,
                                                 options.total_schedule_steps, options.warmup_steps,
                                                 options.clip_norm, tuple(devices), options.skip_nonfinite,
                                                 options.lean_compile)
-
     checkpointer = Checkpointer(workdir)
     start_step = checkpointer.latest_step() or 0
-    if not start_step:
-        refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
-    if start_step:  # restored into the abstract state: checked against the checkpoint before anything compiles
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                jax.eval_shape(init_fn, seed_key))
-        state = checkpointer.restore(start_step, abstract)
-        _say(f"resumed from {checkpointer.directory / str(start_step)}")
-    else:
-        state = init_fn(seed_key)
-        if options.init_from:
-            from reformer_jax.model.hf_convert import load_converted_params
-            state = state.replace(params=load_converted_params(options.init_from, state.params))
-            _say(f"parameters from {options.init_from}")
-        if _is_main_process():
-            write_json_atomic(workdir / "run_settings.json", settings)
     if start_step >= options.steps:
-        _say(f"the checkpoint is at step {start_step} >= --steps={options.steps}: nothing to train.")
+        try:  # restored, not compiled: the caller gets the run's state
+            state = checkpointer.restore(start_step, _abstract_state(init_fn, seed_key, replicated))
+        finally:
+            checkpointer.close()
+        _say(f"--workdir={workdir} is at step {start_step} (--steps={options.steps}): nothing to train, nothing "
+             "changed; pass a larger --steps to continue the run.")
+        return {**read_record(workdir), "state": state}
+    try:
+        if dataset is None:
+            dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
+                                            vocab_size=config.vocab_size)
+        state, origin = _start(config, options, dataset, workdir, checkpointer, start_step, init_fn, seed_key,
+                               replicated, settings)
+    except BaseException:  # nothing was trained: leave the checkpoints as they were
+        checkpointer.close()
+        raise
+    schedule = train.learning_rate_schedule(options.learning_rate, options.total_schedule_steps,
+                                            options.warmup_steps)
+
+    # The record so far: this invocation adds its steps and wall time to the run's totals.
+    previous = read_record(workdir) if start_step else {}
+    tokens_per_step = options.batch_size * options.seq_len
+    val: Dict[str, float] = {k: previous[k] for k in VALIDATION_KEYS if k in previous}
+    skipped = [s for s in previous.get("skipped_steps", []) if s <= start_step]
+    last_metrics: Dict[str, float] = {}
+    stopped_by_time_limit = False
+    started = time.perf_counter()
+
+    def record(step: int) -> Dict[str, Any]:
+        train_loss = last_metrics.get("loss", previous.get("train_loss"))
+        return {**({"initial_parameters": origin} if origin else {}),
+                "steps": step, "tokens": step * tokens_per_step, "tokens_per_step": tokens_per_step,
+                "wall_seconds": float(previous.get("wall_seconds", 0.0)) + time.perf_counter() - invocation_started,
+                "invocations": int(previous.get("invocations", 0)) + 1, "train_loss": train_loss,
+                "train_bpc": None if train_loss is None else train_loss / math.log(2), **val,
+                "skipped_steps": skipped, "stopped_by_time_limit": stopped_by_time_limit,
+                "data": str(Path(dataset.source).absolute()) if Path(dataset.source).is_file() else dataset.source,
+                "eval_batches": options.eval_batches,
+                "checkpoint": str(checkpointer.directory),
+                "devices": len(devices), "backend": devices[0].platform, "jax_version": jax.__version__}
 
     log = MetricsLog(workdir / "metrics.jsonl", start_step) if _is_main_process() else None
+    board = TensorBoardLog(workdir, start_step) if _is_main_process() else None
     progress = Progress(options.steps, start_step)
-    tokens_per_step = options.batch_size * options.seq_len
-    val: Dict[str, float] = {}
-    last_metrics: Dict[str, float] = {}
-    skipped = []
-    started = time.perf_counter()
-    done = start_step
-    stopped_by_time_limit = False
+    done, saves = start_step, 0
     try:
         for step in range(start_step, options.steps):
             batch = global_batch(dataset.batch("train", options.seed, step, options.batch_size, options.seq_len),
@@ -251,6 +322,9 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             out_of_time = (options.time_limit_minutes is not None and done < options.steps
                            and time.perf_counter() - started >= 60 * options.time_limit_minutes)
             final_step = done == options.steps or out_of_time
+            if step == start_step:
+                progress.compiled(seconds)
+                progress.message(_runtime_memory_line())
             if not metrics.pop("finite"):
                 if not options.skip_nonfinite:
                     raise _diverged(metrics, done, checkpointer)
@@ -260,23 +334,32 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             row = {"step": done, **metrics, "bpc": metrics["loss"] / math.log(2),
                    "learning_rate": float(schedule(step)), "step_seconds": seconds,
                    "tokens_per_sec": tokens_per_step / seconds, "elapsed": time.perf_counter() - started}
-            if step == start_step:
-                _say(_runtime_memory_line() + f" (first step incl. compilation {seconds:.1f} s)")
             if options.eval_every and (done % options.eval_every == 0 or final_step):
-                val = evaluate(eval_fn, state.params, dataset, options, data_sharding)
-                row.update(val)
+                row.update(evaluate(eval_fn, state.params, dataset, options, data_sharding))
+                val = {k: row[k] for k in VALIDATION_KEYS[:-1]}
+                val["val_step"] = done
                 progress.message(f"step {done}: validation loss {val['val_loss']:.4f}, bpc {val['val_bpc']:.3f}, "
                                  f"accuracy {val['val_accuracy']:.3f}")
             if done in skipped:
                 row["skipped"] = True
+            if step == start_step:
+                row["includes_compilation"] = True  # its time is not the step's: plots leave it out
             if log:
                 log.write(row)
+            if board:
+                board.write(row)
             last_metrics = row
             progress.update(done, metrics["loss"], row["tokens_per_sec"])
+            stopped_by_time_limit = out_of_time
             if (options.checkpoint_every and done % options.checkpoint_every == 0) or final_step:
                 checkpointer.save(done, state)
+                saves += 1
+                # Written once a checkpoint is complete (a workdir with a record is never started over: see
+                # refuse_to_overwrite_a_run), so a killed invocation still counts in the totals up to its last
+                # save. save() returns after finishing the previous save; the one it starts may still be in flight.
+                if not final_step and _is_main_process() and (start_step or saves > 1):
+                    update_record(workdir, record(done))
             if out_of_time:
-                stopped_by_time_limit = True
                 progress.message(f"step {done}: the time limit of {options.time_limit_minutes:g} minutes is reached; "
                                  "stopping here (checkpointed: rerun the same command to continue).")
                 break
@@ -291,16 +374,18 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
         checkpointer.close()
         if log:
             log.close()
+        if board:
+            board.close()
 
-    summary = {"steps": int(state.step), "train_loss": last_metrics.get("loss"), **val, "skipped_steps": skipped,
-               "stopped_by_time_limit": stopped_by_time_limit,
-               "wall_seconds": time.perf_counter() - started, "checkpoint": str(checkpointer.directory),
-               "devices": len(devices), "backend": devices[0].platform, "jax_version": jax.__version__}
-    if options.sample_len and _is_main_process():
-        summary["sample"] = _sample_text(config, state.params, dataset, options)
+    sample_text = (_sample_text(config, state.params, dataset, options)
+                   if options.sample_len and _is_main_process() else None)
+    summary = record(int(state.step))
+    if sample_text is not None:
+        summary["sample"] = sample_text
     if _is_main_process():
-        write_json_atomic(workdir / "summary.json", summary)
-        _print_summary(summary)
+        summary = update_record(workdir, summary)
+        _print_summary(summary, invocation_steps=(start_step, int(state.step)),
+                       invocation_seconds=time.perf_counter() - invocation_started)
     summary["state"] = state
     return summary
 
@@ -318,7 +403,7 @@ def _diverged(metrics: Dict[str, float], step: int, checkpointer: Checkpointer) 
 
 
 def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) -> str:
-    """Generated text after a prompt from the validation split (or a copy-task example)."""
+    """A prompt from the validation split and the model's continuation, told apart (or a copy-task score)."""
     window = sampling_window(config, options.seq_len)
     rng = jax.random.key(options.seed + 20_000)
     if isinstance(dataset, data_lib.CopyTask):
@@ -330,16 +415,20 @@ def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) ->
         return f"copy task: {right:.1%} of {half - 1} symbols copied right by greedy sampling"
     prompt = dataset.batch("validation", options.seed, 0, 1, 64)["inputs"][0]
     tokens = sample(config, params, prompt, length=options.sample_len, window=window, rng=rng)
-    return data_lib.decode(prompt) + data_lib.decode(tokens)
+    return format_sample(data_lib.decode(prompt), data_lib.decode(tokens))
 
 
-def _print_summary(summary: Dict[str, Any]) -> None:
-    lines = [f"done: {summary['steps']} steps in {format_duration(summary['wall_seconds'])}"]
+def _print_summary(summary: Dict[str, Any], invocation_steps: Tuple[int, int], invocation_seconds: float) -> None:
+    first, last = invocation_steps
+    lines = [f"done: steps {first + 1}-{last} in {format_duration(invocation_seconds)} (this invocation); the run: "
+             f"{summary['steps']} "
+             f"steps, {summary['tokens']:,} tokens, {format_duration(summary['wall_seconds'])} over "
+             f"{summary['invocations']} invocation{'s' if summary['invocations'] > 1 else ''}"]
     if summary.get("train_loss") is not None:
-        lines.append(f"  train loss {summary['train_loss']:.4f} ({summary['train_loss'] / math.log(2):.3f} bpc)")
+        lines.append(f"  train loss {summary['train_loss']:.4f} ({summary['train_bpc']:.3f} bpc)")
     if "val_loss" in summary:
         lines.append(f"  validation loss {summary['val_loss']:.4f} ({summary['val_bpc']:.3f} bpc), accuracy "
-                     f"{summary['val_accuracy']:.3f}")
+                     f"{summary['val_accuracy']:.3f} at step {summary['val_step']}")
     lines.append(f"  checkpoints: {summary['checkpoint']}")
     if "sample" in summary:
         lines.append("  sample:\n" + "\n".join("    | " + line for line in summary["sample"].splitlines()))

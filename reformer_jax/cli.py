@@ -1,0 +1,51 @@
+"""The command-line conventions of main.py and the tools (evaluate, plot): absl flags, errors as one line.
+
+A bad flag or value prints one line on stderr naming the flag, the value and what would work, and exits 2; the
+usage text appears only on --help, which exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Callable, List
+
+from absl import app, flags
+
+
+class UsageError(app.UsageError):
+    """A bad flag value; its message is the one line the user sees."""
+
+
+def command(argv0: str) -> str:
+    """How the user started this program: "python -m reformer_jax.evaluate" or "python main.py"."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else f"python {os.path.basename(argv0)}"
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+    """absl's flag parsing, but a bad flag is one line on stderr (exit 2) and --help exits 0."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        text = re.sub(r"invalid literal for (int|float)\(\)[^:]*: (.*)", r"\2 is not a number (\1 expected)",
+                      str(error))
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        print(f"error: {'; '.join(lines)} ({command(argv[0])} --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as exit_:  # absl's --help, --helpshort, --helpfull print the usage, then exit 1
+        sys.exit(0 if exit_.code == 1 else exit_.code)
+
+
+def run(main: Callable[[List[str]], int]) -> None:
+    """app.run with `parse_flags`; `main` returns the exit status, and an app.UsageError it raises is one line."""
+
+    def checked(argv: List[str]) -> int:
+        try:
+            return main(argv)
+        except app.UsageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    app.run(lambda argv: sys.exit(checked(argv)), flags_parser=parse_flags)
