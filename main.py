@@ -31,7 +31,7 @@ flags.DEFINE_enum("model", "reformer", list(PRESETS), "Model variant: a ModelCon
                   "attention + ordinary residual; lsh = LSH attention + ordinary residual; reversible = full "
                   "attention + reversible layers; reformer = LSH + reversible + chunked feed-forward.")
 flags.DEFINE_integer("seq_len", 256, "Tokens per training sequence (a multiple of --chunk_len for LSH models).")
-flags.DEFINE_integer("batch_size", 8, "Sequences per step, over all devices (a multiple of the device count).")
+flags.DEFINE_integer("batch_size", 8, "Sequences per step, over all devices (a multiple of the mesh's data x fsdp).")
 flags.DEFINE_integer("steps", 300, "Train until this many optimizer steps are done (a rerun with a larger value "
                      "continues the same run).")
 flags.DEFINE_integer("schedule_steps", None, "Length of the warm-up + cosine learning-rate schedule (default: "
@@ -62,6 +62,14 @@ flags.DEFINE_bool("lean_compile", False, "CPU: compile the steps without XLA's M
                   "MB less peak RSS while compiling, slower steps (reformer_jax/xla_options.py).")
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
                   "logged) instead of stopping the run.")
+# --- devices ---------------------------------------------------------------------------------------------------
+flags.DEFINE_string("mesh", "data:-1", "Device mesh as axis:size pairs over data, fsdp and tensor, e.g. "
+                    "data:-1,fsdp:4,tensor:2 (-1: the devices the other axes leave). fsdp shards the parameters, "
+                    "gradients and optimizer state; tensor splits the attention heads and the feed-forward width; the "
+                    "batch goes over data x fsdp. Default: every device on data (data parallel).")
+flags.DEFINE_integer("host_devices", None, "CPU: split the host into this many devices (XLA's "
+                     "--xla_force_host_platform_device_count, set before jax starts), e.g. --host_devices=2 "
+                     "--mesh=tensor:2 runs two heads' attention on separate cores.")
 # --- several hosts ---------------------------------------------------------------------------------------------
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs "
                     "(jax.distributed.initialize). Omit on one host; on Cloud TPU and SLURM it is auto-detected "
@@ -217,9 +225,36 @@ def validate_run_flags() -> None:
             FLAGS.num_processes is not None and not FLAGS.coordinator_address):
         raise app.UsageError("multi-host runs need --coordinator_address, --num_processes and --process_id together "
                              "(or --distributed for auto-detection on Cloud TPU and SLURM).")
+    if FLAGS.host_devices is not None and FLAGS.host_devices < 1:
+        raise app.UsageError(f"--host_devices={FLAGS.host_devices} is invalid: expected a positive integer.")
     if FLAGS.num_processes is not None and not 0 <= FLAGS.process_id < FLAGS.num_processes:
         raise app.UsageError(f"--process_id={FLAGS.process_id} is invalid: expected 0 <= process_id < "
                              f"--num_processes={FLAGS.num_processes}.")
+
+
+def split_host_devices(count) -> None:
+    """--host_devices: the CPU backend starts with `count` devices. Must run before jax creates its backends."""
+    if count is None:
+        return
+    os.environ["XLA_FLAGS"] = " ".join(
+        [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+        + [f"--xla_force_host_platform_device_count={count}"])
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def check_mesh_flag(config: ModelConfig) -> None:
+    """--mesh against the devices, --batch_size and the model, before anything compiles."""
+    import jax
+
+    from reformer_jax.sharding import MeshError, check_mesh_fits, parse_mesh
+
+    try:
+        shape = parse_mesh(FLAGS.mesh, jax.device_count())
+        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=FLAGS.mesh)
+    except MeshError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def _initialize_distributed() -> None:
@@ -237,7 +272,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO level
     validate_run_flags()
     config = model_config_from_flags()
+    split_host_devices(FLAGS.host_devices)
     _initialize_distributed()
+    check_mesh_flag(config)
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.compilation_cache import enable_compilation_cache
 
@@ -257,7 +294,7 @@ def main(argv):
         seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
         checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
         skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes,
-        lean_compile=FLAGS.lean_compile)
+        lean_compile=FLAGS.lean_compile, mesh=FLAGS.mesh)
     try:
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)

@@ -209,6 +209,7 @@ def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSha
 
 def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=None) -> Dict[str, Any]:
     """Train `config` as `options` say; returns the summary (also written to workdir/summary.json)."""
+    started = time.perf_counter()  # the time limit counts compilation too
     workdir = Path(options.workdir)
     ensure_writable_workdir(workdir)
     settings = options.run_settings(config)
@@ -272,7 +273,6 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     val: Dict[str, float] = {}
     last_metrics: Dict[str, float] = {}
     skipped = []
-    started = time.perf_counter()
     done = start_step
     stopped_by_time_limit = False
     try:
@@ -297,7 +297,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                    "learning_rate": float(schedule(step)), "step_seconds": seconds,
                    "tokens_per_sec": tokens_per_step / seconds, "elapsed": time.perf_counter() - started}
             if step == start_step:
-                _say(_runtime_memory_line() + f" (first step incl. compilation {seconds:.1f} s)")
+                _say(_runtime_memory_line() + f" (first step {seconds:.1f} s, the step compiled before it)")
             if options.eval_every and (done % options.eval_every == 0 or final_step):
                 val = evaluate(eval_fn, state.params, dataset, options, data_sharding)
                 row.update(val)
