@@ -128,3 +128,19 @@ def test_training_over_a_mesh_equals_one_device(mesh_runs, mesh):
 def test_checkpoint_written_on_one_mesh_resumes_on_another(mesh_runs, direction):
     """The resumed run's metrics hold steps 1-4 from before the kill (the step-4 row rewritten) and 5-6 after."""
     _assert_same_run(mesh_runs["six"], mesh_runs[direction])
+
+
+def test_main_refuses_a_bad_mesh_before_compiling_in_one_line(tmp_path):
+    """The host split into 8 devices (--host_devices); a bad --mesh exits non-zero naming the flag, no traceback,
+    before any step is compiled (no workdir is created). The other refusals are `parse_mesh`'s and
+    `check_mesh_fits`'s, tested above; main.py passes their messages on."""
+    cases = {"--mesh=data:4,fsdp:3": "--mesh=data:4,fsdp:3 spans 12 devices but there are 8",
+             "--mesh=data:1,tensor:8": "tensor:8 does not divide the 4 attention heads (--n_heads)"}
+    for args, expected in cases.items():
+        result = subprocess.run([sys.executable, str(REPO / "main.py"), "--host_devices=8", *args.split(),
+                                 f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
+                                cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert result.returncode != 0 and expected in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and len([line for line in result.stderr.splitlines()
+                                                         if expected in line]) == 1
+        assert not (tmp_path / "run").exists()
