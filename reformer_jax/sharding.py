@@ -327,3 +327,65 @@ def jit_sharded_step(step_fn, mesh: Mesh, state_sharding: Any, **jit_kwargs) -> 
     jitted = jax.jit(step_fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
                      out_shardings=(state_sharding, replicated(mesh)), **jit_kwargs)
     return InMesh(jitted, mesh)
+
+
+def _mesh_in_context() -> Optional[MeshShape]:
+    """The data / fsdp / tensor sizes of the mesh in context (`jax.set_mesh`), or None without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(mesh.axis_names) >= set(MESH_AXES):
+        return None
+    return MeshShape(**{name: int(mesh.shape[name]) for name in MESH_AXES})
+
+
+def _layer_specs(tree: Any, shape: MeshShape, gathered: bool) -> Any:
+    """PartitionSpecs of one layer's parameters (stacked ones without their layer axis): their shards, or with
+    `gathered` their layout while the layer runs (whole over fsdp, still split over tensor)."""
+    rules_shape = dataclasses.replace(shape, fsdp=1) if gathered else shape
+
+    def spec(path, leaf):
+        names = param_logical_axes(_path_names(path), leaf.ndim + 1)[1:]
+        return logical_to_spec(names, leaf.shape, rules_shape)
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def _constrain(tree: Any, specs: Any) -> Any:
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, specs)
+
+
+def gather_layer_params(tree: Any) -> Any:
+    """One layer's parameters gathered over fsdp for the layer to run (FSDP): an identity whose backward pass
+    reduce-scatters the gradients into the parameters' shards, layer by layer.
+
+    Without it XLA may keep the weights sharded and gather the batch instead (every device then computes every
+    sequence), or hold every layer's gradients whole until the end of the step. Without a mesh in context, or with
+    fsdp and tensor of size 1, the tree is returned as it is.
+    """
+    shape = _mesh_in_context()
+    if shape is None or (shape.fsdp == 1 and shape.tensor == 1):
+        return tree
+    gathered, sharded = _layer_specs(tree, shape, True), _layer_specs(tree, shape, False)
+
+    @jax.custom_vjp
+    def gather(tree):
+        return _constrain(tree, gathered)
+
+    gather.defvjp(lambda tree: (_constrain(tree, gathered), None), lambda _, grads: (_constrain(grads, sharded),))
+    return gather(tree)
+
+
+def shard_layer_grads(grads: Any) -> Any:
+    """One layer's parameter gradients pinned to the parameters' shards (what `gather_layer_params`'s backward
+    pass does, for a backward pass written by hand)."""
+    shape = _mesh_in_context()
+    if shape is None or (shape.fsdp == 1 and shape.tensor == 1):
+        return grads
+    return _constrain(grads, _layer_specs(grads, shape, False))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """An activation [batch, ...] kept split over data x fsdp (each device computes its own sequences)."""
+    shape = _mesh_in_context()
+    if shape is None or shape.batch_ways == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))

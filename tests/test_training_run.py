@@ -164,7 +164,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     for step in range(2):
         batch = global_batch(task.batch("train", 0, step, 8, 64), sharding.batch_sharding(mesh))
         state, metrics = step_fn(state, batch, jax.random.key(1))
-    assert state.params["layers"]["attention"]["qk"].sharding.spec == (None, "fsdp", "tensor")
+    assert tuple(state.params["layers"]["attention"]["qk"].sharding.spec) == (None, "fsdp", "tensor")
     results.append((float(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params))))
     (loss1, p1) = results[0]
     for loss8, p8 in results[1:]:
