@@ -144,3 +144,39 @@ def test_main_refuses_a_bad_mesh_before_compiling_in_one_line(tmp_path):
         assert "Traceback" not in result.stderr and len([line for line in result.stderr.splitlines()
                                                          if expected in line]) == 1
         assert not (tmp_path / "run").exists()
+
+
+PER_DEVICE_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+from reformer_jax import ModelConfig
+from reformer_jax.memory import analyze_train_step
+from reformer_jax.sharding import MeshShape, make_mesh
+config = ModelConfig.preset("reformer", **{tiny!r})
+one = analyze_train_step(config, batch_size=4, seq_len=64, mesh=make_mesh(MeshShape(1, 1, 1), jax.devices()[:1]))
+whole = analyze_train_step(config, batch_size=4, seq_len=64)
+fsdp = analyze_train_step(config, batch_size=4, seq_len=64, mesh=make_mesh(MeshShape(1, 4, 1)))
+print(one.to_dict()); print(whole.to_dict()); print(fsdp.to_dict())
+"""
+
+
+def test_per_device_memory_analysis_on_a_mesh():
+    """fsdp 4 holds a quarter of the parameters, gradients and optimizer state and a quarter of the batch per
+    device, and its peak and floor are below one device's; the stats say where they were measured."""
+    import ast
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", PER_DEVICE_SCRIPT.format(repo=str(REPO), tiny=TINY)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, whole, fsdp = (ast.literal_eval(line) for line in result.stdout.strip().splitlines()[-3:])
+    assert (one["device_count"], one["mesh_shape"], one["device_kind"]) == (1, "data:1,fsdp:1,tensor:1", "cpu")
+    assert (fsdp["device_count"], fsdp["mesh_shape"]) == (4, "data:1,fsdp:4,tensor:1")
+    assert one["peak_bytes"] == whole["peak_bytes"] and one["param_bytes"] == whole["param_bytes"]
+    # Every parameter of the tiny model but the [layers, d_ff] biases has a d_model dimension fsdp 4 divides.
+    assert fsdp["param_bytes"] <= 0.3 * one["param_bytes"]
+    assert fsdp["optimizer_state_bytes"] < 0.5 * one["optimizer_state_bytes"]
+    assert fsdp["batch_bytes"] * 4 == one["batch_bytes"]
+    assert fsdp["peak_bytes"] < one["peak_bytes"] and fsdp["floor_bytes"] < one["floor_bytes"]
