@@ -258,6 +258,7 @@ def build(results: str, report_path: str) -> str:
     w("- **Compile-time against runtime:** the compile-time peak is what XLA plans; the CPU RSS column is a coarse "
       "check of it (see the runtime table). GPU runtime figures are still to come.")
     out.extend(speed_section(results, rel))
+    out.extend(mesh_section(results, rel))
     out.extend(quality_section(results, rel))
     text = "\n".join(out) + "\n"
     atomic_write_text(report_path, text)
@@ -311,6 +312,41 @@ def speed_section(results: str, rel: str) -> List[str]:
                    f"{first['seq_len']}, batch {first['batch_size']}, {first['n_layers']} layers, "
                    f"{first['n_hashes']} hash rounds, chunk {first['chunk_len']} (`benchmarks.step_profile`).\n")
         out.append(step_profile.markdown(rows))
+    return out
+
+
+def mesh_section(results: str, rel: str) -> List[str]:
+    """On a device mesh: per-device memory (benchmarks.mesh_memory) and the tensor2 speed row beside Hugging Face
+    (benchmarks.speed --ours=default,tensor2 --compare=peers --out_dir=RESULTS/mesh), where their JSON exists."""
+    from benchmarks import mesh_memory, speed
+
+    out: List[str] = []
+    rows = _load(results, "mesh_memory")
+    if rows:
+        first = rows[0]
+        out.append("\n## On a device mesh: per-device memory\n")
+        out.append(f"Command: `{first['command']}` -> [`mesh_memory.json`]({rel}/mesh_memory.json). Machine: "
+                   f"{first['platform']}, {first['cpu_count']} CPUs split into CPU devices "
+                   "(`jax_num_cpu_devices`); jax "
+                   f"{first['jax_version']}, jaxlib {first['jaxlib_version']}. XLA's compile-time analysis of the "
+                   "sharded training step (`analyze_train_step(..., mesh=...)`), every figure per device; the "
+                   "seed's setup (d_model 512, 8 heads, d_ff 2048, 6 layers, 8 hash rounds, length 4096, "
+                   "Adafactor, float32).\n")
+        out.extend(f"- {line}" for line in mesh_memory.target_lines(rows))
+        out.append("")
+        out.append(mesh_memory.markdown(rows).split("\n\n")[0])
+    peers = _load(os.path.join(results, "mesh"), "speed_peers")
+    if peers:
+        first = peers[0]
+        loads = [r[k] for r in peers for k in ("loadavg_before", "loadavg_after") if r.get(k) is not None]
+        out.append("\n## On a device mesh: the CPU's cores as two devices, against Hugging Face\n")
+        out.append(f"{speed.command_text(peers)} -> [`mesh/speed_peers.json`]({rel}/mesh/speed_peers.json). "
+                   f"Machine: {first['platform']}, {first['cpu_count']} CPUs (shared with other jobs: 1-minute "
+                   f"load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f}), jax "
+                   f"{first['jax_version']}. Configuration P; rounds alternate between the implementations.\n")
+        out.append(markdown_table(peers, speed.SPEED_COLUMNS))
+        out.append("")
+        out.extend(f"- {line}" for line in speed.peer_target_lines(peers))
     return out
 
 

@@ -85,8 +85,9 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
                                       grid_bits=cfg.grid_bits)
 
     def feed_forward_fn(p, x, inputs, chunk_index):
-        return layers.feed_forward_block(sharding.gather_layer_params(p), sharding.constrain_batch(x), config=cfg, dropout_rng=_key_of(inputs)[1],
-                                         deterministic=deterministic, chunk_index=chunk_index)
+        return layers.feed_forward_block(sharding.gather_layer_params(p), sharding.constrain_batch(x), config=cfg,
+                                         dropout_rng=_key_of(inputs)[1], deterministic=deterministic,
+                                         chunk_index=chunk_index)
 
     def attention_reverse_fn(p, x, y, dy, dx, inputs, buckets):
         x_prev, grads, dx = layers.attention_block_reverse(

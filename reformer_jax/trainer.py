@@ -1,8 +1,9 @@
 """train_and_evaluate: the training loop behind main.py.
 
-Over a device mesh (`reformer_jax.sharding`: data, fsdp, tensor; default every device on data), checkpointed with orbax, resumable
-exactly: batches and step keys are pure functions of (seed, step), so a resumed run repeats the uninterrupted
-one. Logging and metrics come from process 0 only.
+Over a device mesh (`reformer_jax.sharding`: data, fsdp, tensor; by default every device on data), checkpointed
+with orbax (sharded: a checkpoint resumes on another mesh), resumable exactly: batches and step keys are pure
+functions of (seed, step), so a resumed run repeats the uninterrupted one. Logging and metrics come from process 0
+only.
 """
 
 from __future__ import annotations
