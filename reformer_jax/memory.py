@@ -75,6 +75,13 @@ class MemoryStats:
     device_kind: str = ""
     device_count: int = 1
     mesh_shape: str = ""
+    topology: str = ""  # a TPU slice compiled for without its chips (`reformer_jax.tpu`), e.g. "v5e:4x4"
+    hbm_bytes: int = 0  # that chip's HBM (`tpu.HBM_PER_CHIP`); 0: unknown
+
+    @property
+    def fits(self) -> bool:
+        """The per-device peak fits the chip's HBM (True where the HBM is unknown)."""
+        return not self.hbm_bytes or self.peak_bytes <= self.hbm_bytes
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +94,8 @@ class MemoryStats:
                 f"({self.peak_bytes / self.floor_bytes:.2f} x the floor {mib(self.floor_bytes)}) [XLA: argument {mib(self.argument_bytes)}, output {mib(self.output_bytes)}, alias "
                 f"{mib(self.alias_bytes)}, temp {mib(self.temp_bytes)}; jax {self.jax_version}, {self.backend}"
                 + (f", {self.device_count} x {self.device_kind}, mesh {self.mesh_shape}" if self.mesh_shape else "")
+                + (f", {self.topology}: {mib(self.peak_bytes)} of {mib(self.hbm_bytes)} HBM per chip "
+                   f"({'fits' if self.fits else 'does NOT fit'})" if self.topology else "")
                 + "]")
 
 
@@ -200,22 +209,47 @@ def _per_device_stats(analysis, params, opt_state, batch, backend, *, d_model, m
         device_kind=kind, device_count=int(mesh.devices.size), mesh_shape=str(mesh_shape_of(mesh)))
 
 
+def topology_mesh(topology: str, mesh: Any = None):
+    """The jax Mesh over the chips of a TPU slice (`reformer_jax.tpu`): `mesh` as a --mesh string or a
+    `sharding.MeshShape` (default: every chip on data); a MeshError or TopologyError (one line) if it cannot be."""
+    from reformer_jax import sharding, tpu
+
+    devices = tpu.topology_devices(topology, flag="topology")
+    if isinstance(mesh, sharding.MeshShape):
+        shape = mesh
+        if shape.device_count != len(devices):
+            raise sharding.MeshError(f"mesh={shape} spans {shape.device_count} chips but {topology} has "
+                                     f"{len(devices)}; make the sizes multiply to {len(devices)}.")
+    else:
+        shape = sharding.parse_mesh(mesh, len(devices), flag="mesh")
+    return sharding.make_mesh(shape, devices)
+
+
 def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, optimizer: Optional[str] = "adafactor",
-                       extra_options: Optional[Dict[str, Any]] = None, mesh: Any = None) -> Tuple[Any, MemoryStats]:
+                       extra_options: Optional[Dict[str, Any]] = None, mesh: Any = None,
+                       topology: Optional[str] = None) -> Tuple[Any, MemoryStats]:
     """(compiled step, its MemoryStats): `analyze_train_step` that also returns the executable.
 
     `extra_options` are added to the backend's measuring options (e.g. XLA dump flags for a live-range timeline).
     """
+    if topology is not None:
+        from reformer_jax import tpu
+
+        mesh = topology_mesh(topology, mesh)
     lowered, params, opt_state, batch = lower_train_step(config, batch_size=batch_size, seq_len=seq_len,
                                                          optimizer=optimizer, mesh=mesh)
-    backend = jax.default_backend()
+    backend = "tpu" if topology is not None else jax.default_backend()
     compiled = lowered.compile({**compiler_options(backend), **(extra_options or {})})
-    return compiled, stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend,
-                                         d_model=config.d_model, mesh=mesh)
+    stats = stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend,
+                                d_model=config.d_model, mesh=mesh)
+    if topology is not None:
+        stats = dataclasses.replace(stats, topology=topology, hbm_bytes=tpu.hbm_bytes(topology))
+    return compiled, stats
 
 
 def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
-                       optimizer: Optional[str] = "adafactor", mesh: Any = None) -> MemoryStats:
+                       optimizer: Optional[str] = "adafactor", mesh: Any = None,
+                       topology: Optional[str] = None) -> MemoryStats:
     """Compile the real training step from abstract shapes and return XLA's memory figures.
 
     Args:
@@ -226,5 +260,10 @@ def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
       mesh: a jax Mesh with axes data, fsdp, tensor (`reformer_jax.sharding.make_mesh`): the sharded step main.py
         runs on it; every figure is then per device (the floor too: the shards each device must hold), and the
         stats record the device kind, count and mesh shape.
+      topology: a TPU slice, e.g. "v5e:4x4" (`reformer_jax.tpu`; needs libtpu): the step is compiled by the TPU
+        compiler for that slice's chips, here on any machine, and the figures are per chip, with the chip's HBM
+        (`MemoryStats.hbm_bytes`, `.fits`). `mesh` is then a --mesh string over the slice's chips (default: every
+        chip on data). Without libtpu, or for an unknown name, a `tpu.TopologyError` says what would work.
     """
-    return compile_train_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, mesh=mesh)[1]
+    return compile_train_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, mesh=mesh,
+                              topology=topology)[1]
