@@ -246,9 +246,9 @@ def split_host_devices(count) -> None:
     """--host_devices: the CPU backend starts with `count` devices. Must run before jax creates its backends."""
     if count is None:
         return
-    os.environ["XLA_FLAGS"] = " ".join(
-        [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-        + [f"--xla_force_host_platform_device_count={count}"])
+    flag = "--xla_force_host_platform_device_count"
+    os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+                                       + [f"{flag}={count}"])
     import jax
 
     jax.config.update("jax_num_cpu_devices", count)
