@@ -626,7 +626,7 @@ def run_runtime(settings: Settings) -> List[Row]:
         result = run_runtime_worker(settings, spec, f"runtime worker for {model}")
         from reformer_jax.memory import MemoryStats
 
-        stats = MemoryStats(**{f.name: result[f.name] for f in dataclasses.fields(MemoryStats)})
+        stats = MemoryStats(**{f.name: result[f.name] for f in dataclasses.fields(MemoryStats) if f.name in result})
         extra = {k: v for k, v in result.items() if k not in stats.to_dict() and k != "compile_s"}
         row = make_row(settings, "runtime", model, config, settings.seq_len, settings.optimizer_arg(), stats,
                        result["compile_s"], **extra)
