@@ -36,7 +36,7 @@ flags.DEFINE_enum("sizes", None, list(sizes.NAMED), "Named sizes (reformer_jax/s
 flags.DEFINE_integer("seq_len", sizes.CPU.seq_len, "Tokens per training sequence (a multiple of --chunk_len for LSH "
                      "models).")
 flags.DEFINE_integer("batch_size", sizes.CPU.batch_size, "Sequences per step, over all devices (a multiple of the "
-                     "device count).")
+                     "mesh's data x fsdp).")
 flags.DEFINE_integer("steps", 300, "Train until this many optimizer steps are done (a rerun with a larger value "
                      "continues the same run).")
 flags.DEFINE_integer("schedule_steps", None, "Length of the warm-up + cosine learning-rate schedule (default: "
@@ -69,6 +69,18 @@ flags.DEFINE_bool("lean_compile", False, "CPU: compile the steps without XLA's M
                   "MB less peak RSS while compiling, slower steps (reformer_jax/xla/compiler_options.py).")
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
                   "logged) instead of stopping the run.")
+# --- devices ---------------------------------------------------------------------------------------------------
+flags.DEFINE_string("mesh", "data:-1", "Device mesh as axis:size pairs over data, fsdp and tensor, e.g. "
+                    "data:-1,fsdp:4,tensor:2 (-1: the devices the other axes leave). fsdp shards the parameters, "
+                    "gradients and optimizer state; tensor splits the attention heads and the feed-forward width; the "
+                    "batch goes over data x fsdp. Default: every device on data (data parallel).")
+flags.DEFINE_integer("host_devices", None, "CPU: split the host into this many devices (XLA's "
+                     "--xla_force_host_platform_device_count, set before jax starts), e.g. --host_devices=2 "
+                     "--mesh=tensor:2 runs two heads' attention on separate cores.")
+flags.DEFINE_string("topology", None, "With --compile_only: a TPU slice to compile the job for on this machine, e.g. "
+                    "v5e:16x16 (needs libtpu: pip install \"libtpu==0.0.42.*\"); --mesh then lays out its chips.")
+flags.DEFINE_bool("compile_only", False, "Compile the training step for --topology, print its per-chip memory "
+                  "analysis against the chip's HBM and exit: 0 if it fits, 1 if not. Trains nothing.")
 # --- several hosts ---------------------------------------------------------------------------------------------
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs "
                     "(jax.distributed.initialize). Omit on one host; on Cloud TPU and SLURM it is auto-detected "
@@ -212,9 +224,77 @@ def validate_run_flags() -> None:
             FLAGS.num_processes is not None and not FLAGS.coordinator_address):
         raise app.UsageError("multi-host runs need --coordinator_address, --num_processes and --process_id together "
                              "(or --distributed for auto-detection on Cloud TPU and SLURM).")
+    if FLAGS.compile_only and not FLAGS.topology:
+        raise app.UsageError("--compile_only needs --topology=SLICE (e.g. --topology=v5e:16x16): it compiles the job "
+                             "for a TPU slice without running it.")
+    if FLAGS.topology and not FLAGS.compile_only:
+        raise app.UsageError(f"--topology={FLAGS.topology} is for --compile_only (this machine cannot train on the "
+                             "slice); add --compile_only.")
+    if FLAGS.host_devices is not None and FLAGS.host_devices < 1:
+        raise app.UsageError(f"--host_devices={FLAGS.host_devices} is invalid: expected a positive integer.")
     if FLAGS.num_processes is not None and not 0 <= FLAGS.process_id < FLAGS.num_processes:
         raise app.UsageError(f"--process_id={FLAGS.process_id} is invalid: expected 0 <= process_id < "
                              f"--num_processes={FLAGS.num_processes}.")
+
+
+def split_host_devices(count) -> None:
+    """--host_devices: the CPU backend starts with `count` devices. Must run before jax creates its backends."""
+    if count is None:
+        return
+    flag = "--xla_force_host_platform_device_count"
+    os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+                                       + [f"{flag}={count}"])
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def check_mesh_flag(config: ModelConfig) -> None:
+    """--mesh against the devices, --batch_size and the model, before anything compiles."""
+    import jax
+
+    from reformer_jax.sharding import MeshError, check_mesh_fits, parse_mesh
+
+    try:
+        shape = parse_mesh(FLAGS.mesh, jax.device_count())
+        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=FLAGS.mesh)
+    except MeshError as error:
+        raise app.UsageError(str(error)) from None
+
+
+def compile_only(config: ModelConfig) -> int:
+    """--compile_only: the job's training step compiled for --topology's chips over --mesh; 0 if it fits."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # the TPU compiler runs through the topology, not a TPU backend
+    from reformer_jax.xla import tpu
+    from reformer_jax.xla.memory_analysis import compile_train_step
+    from reformer_jax.sharding import MeshError, check_mesh_fits, parse_mesh
+
+    try:
+        devices = tpu.topology_devices(FLAGS.topology)
+        shape = parse_mesh(FLAGS.mesh, len(devices))
+        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=FLAGS.mesh)
+    except (tpu.TopologyError, MeshError) as error:
+        raise app.UsageError(str(error)) from None
+    print(f"compiling for {FLAGS.topology}: {len(devices)} x {devices[0].device_kind}, mesh {shape}, batch "
+          f"{FLAGS.batch_size} x {FLAGS.seq_len} tokens", flush=True)
+    try:
+        _, stats = compile_train_step(config, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+                                      optimizer=FLAGS.optimizer, topology=FLAGS.topology, mesh=shape)
+    except Exception as error:  # the TPU compiler's own refusal, e.g. RESOURCE_EXHAUSTED: it does not fit
+        reason = str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
+        print(f"error: the TPU compiler refused the step for {FLAGS.topology} ({reason}); it does not fit: use a "
+              "larger slice, more fsdp, a shorter --seq_len or a smaller --batch_size.", file=sys.stderr)
+        return 1
+    print(f"memory (compile-time, per chip): {stats.summary()}", flush=True)
+    if not stats.fits:
+        print(f"error: the step needs {stats.peak_bytes / 2**20:,.1f} MiB per chip, more than the "
+              f"{stats.hbm_bytes / 2**20:,.0f} MiB of HBM of a {FLAGS.topology.split(':')[0]} chip: use a larger "
+              "slice, more fsdp, a shorter --seq_len or a smaller --batch_size.", file=sys.stderr)
+        return 1
+    print(f"fits: {stats.peak_bytes / 2**20:,.1f} MiB of {stats.hbm_bytes / 2**20:,.0f} MiB HBM per chip")
+    return 0
 
 
 def _initialize_distributed() -> None:
@@ -233,10 +313,14 @@ def main(argv):
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
         validate_run_flags()
         config = model_config_from_flags()
+        if FLAGS.compile_only:
+            return compile_only(config)
+        split_host_devices(FLAGS.host_devices)
     except app.UsageError as error:  # one line, no usage text (that is --help's)
         print(f"error: {error}", file=sys.stderr)
         return 2
     _initialize_distributed()
+    check_mesh_flag(config)
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.xla.compilation_cache import enable_compilation_cache
 
@@ -257,7 +341,7 @@ def main(argv):
         seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
         checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
         skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes,
-        lean_compile=FLAGS.lean_compile)
+        lean_compile=FLAGS.lean_compile, mesh=FLAGS.mesh)
     try:
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)

@@ -39,7 +39,7 @@ from benchmarks.output import MIB, Row
 from reformer_jax.model.sizes import SEED
 
 EXPERIMENTS = ("variants", "hashes", "layers", "seqlen", "timeline", "floor", "runtime")
-EXPERIMENT_CHOICES = EXPERIMENTS + ("all",)
+EXPERIMENT_CHOICES = EXPERIMENTS + ("tpu", "all")  # "tpu" compiles for TPU slices (needs libtpu), so "all" leaves it out
 OPTIMIZER_CHOICES = ("adafactor", "adamw", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 FLOOR_PEAK_LIMIT_BYTES = 16 * 2**30
@@ -83,6 +83,7 @@ class Settings:
     floor_speed_steps: int = 3
     floor_real_len: int = 2**17
     fast_compile: bool = False
+    topologies: Tuple[str, ...] = ("v5e:1x1",)
     command: str = "python -m benchmarks.memory"
 
     def optimizer_arg(self, name: Optional[str] = None) -> Optional[str]:
@@ -159,6 +160,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=flag_values)
     flags.DEFINE_boolean("fast_compile", False, "LLVM -O0 (same memory figures, faster compiles; for tests).",
                          flag_values=flag_values)
+    flags.DEFINE_list("topologies", lst(d.topologies), "TPU slices of 'tpu', one chip each (e.g. v5e:1x1,v4:1x1x1,"
+                      "v5p:1x1x1,v6e:1x1); the variants at --seq_len on each, every chip on data.",
+                      flag_values=flag_values)
+
+
+def _topologies(values: Sequence[str]) -> Tuple[str, ...]:
+    from reformer_jax.xla import tpu
+
+    try:
+        return tuple(tpu.parse_topology(v, flag="--topologies") and v for v in values)
+    except tpu.TopologyError as err:
+        raise FlagError(str(err)) from None
 
 
 def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Sequence[str]] = None) -> Settings:
@@ -189,7 +202,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         floor_layers=cli.int_list("floor_layers", fv.floor_layers, "2,12"),
         floor_lengths=cli.int_list("floor_lengths", fv.floor_lengths, "4096,65536"), floor_long_len=fv.floor_long_len,
         floor_speed_layers=fv.floor_speed_layers, floor_speed_steps=fv.floor_speed_steps,
-        floor_real_len=fv.floor_real_len, fast_compile=fv.fast_compile,
+        floor_real_len=fv.floor_real_len, fast_compile=fv.fast_compile, topologies=_topologies(fv.topologies),
         command=cli.command("benchmarks.memory", argv))
     for flag, pair in (("floor_hashes", s.floor_hashes), ("floor_layers", s.floor_layers)):
         if len(pair) != 2:
@@ -571,7 +584,7 @@ def run_runtime(settings: Settings) -> List[Row]:
         result = run_runtime_worker(settings, spec, f"runtime worker for {model}")
         from reformer_jax.xla.memory_analysis import MemoryStats
 
-        stats = MemoryStats(**{f.name: result[f.name] for f in dataclasses.fields(MemoryStats)})
+        stats = MemoryStats(**{f.name: result[f.name] for f in dataclasses.fields(MemoryStats) if f.name in result})
         extra = {k: v for k, v in result.items() if k not in stats.to_dict() and k != "compile_s"}
         row = make_row(settings, "runtime", model, config, settings.seq_len, settings.optimizer_arg(), stats,
                        result["compile_s"], **extra)
@@ -766,9 +779,56 @@ def run_floor(settings: Settings) -> List[Row]:
 
 
 
+def run_tpu(settings: Settings) -> List[Row]:
+    """The variants at --seq_len compiled by the TPU compiler for one chip of each --topologies slice (libtpu),
+    beside XLA:CPU's figure (this run) and the seed's GPU figure: peak per chip against the chip's HBM."""
+    from reformer_jax.xla import tpu
+    from reformer_jax.xla.memory_analysis import compile_train_step
+
+    rows = []
+    for topology in settings.topologies:
+        for model in settings.models:
+            config = settings.config(model)
+            t = time.perf_counter()
+            log(f"  {model} on {topology} ...")
+            try:
+                _, stats = compile_train_step(config, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                                              optimizer=settings.optimizer_arg(), topology=topology)
+                refused = None
+            except tpu.TopologyError:
+                raise
+            except Exception as error:  # the TPU compiler's out-of-memory refusal: it does not fit
+                stats, refused = None, str(error).strip().splitlines()[0][:300]
+            compile_s = time.perf_counter() - t
+            cpu_stats, _ = measure(settings, config, seq_len=settings.seq_len, optimizer=settings.optimizer_arg())
+            row = make_row(settings, "tpu", model, config, settings.seq_len, settings.optimizer_arg(), cpu_stats, 0.0)
+            row.update({"topology": topology, "tpu_device_kind": stats.device_kind if stats else None,
+                        "hbm_bytes": tpu.hbm_bytes(topology), "hbm_source": tpu.HBM_PER_CHIP[topology.split(":")[0]][1],
+                        "tpu_peak_bytes": stats.peak_bytes if stats else None,
+                        "tpu_peak_mib": round(stats.peak_bytes / MIB, 1) if stats else None,
+                        "cpu_peak_mib": round(cpu_stats.peak_bytes / MIB, 1),
+                        "seed_gpu_mb": seed.VARIANTS_MB.get(model) if at_seed_setup(settings) else None,
+                        "fits": bool(stats and stats.fits), "tpu_refused": refused,
+                        "tpu_compile_s": round(compile_s, 1)})
+            rows.append(row)
+    md = ("# The variants compiled for one TPU chip (libtpu's compiler, on this CPU-only machine)\n\n"
+          f"Command: `{settings.command}`. Batch {settings.batch_size} x {settings.seq_len}, "
+          f"{settings.optimizer}, {settings.dtype}; peak = XLA's memory analysis of the compiled step per chip. "
+          "HBM per chip from reformer_jax/xla/tpu.py (HBM_PER_CHIP, with its sources).\n\n"
+          + output.markdown_table(rows, [("model", "variant", "s"), ("topology", "topology", "s"),
+                                         ("tpu_device_kind", "device kind", "s"), ("hbm_bytes", "HBM MiB", "mib"),
+                                         ("tpu_peak_mib", "TPU peak MiB", ",.1f"),
+                                         ("cpu_peak_mib", "XLA:CPU peak MiB", ",.1f"),
+                                         ("seed_gpu_mb", "seed GPU MB", ""), ("fits", "fits", ""),
+                                         ("tpu_compile_s", "TPU compile s", ".1f")]) + "\n")
+    output.write_outputs(settings.out_dir, "tpu" if settings.dtype == "float32" else f"tpu_{settings.dtype}",
+                         rows, md)
+    return rows
+
+
 RUNNERS: Dict[str, Callable[[Settings], List[Row]]] = {
     "variants": run_variants, "hashes": run_hashes, "layers": run_layers, "seqlen": run_seqlen,
-    "timeline": run_timeline, "floor": run_floor, "runtime": run_runtime,
+    "timeline": run_timeline, "floor": run_floor, "runtime": run_runtime, "tpu": run_tpu,
 }
 
 

@@ -47,16 +47,20 @@ SWEEP_CHOICES = ("none", "length", "linearity")
 # compiled with XLA's own defaults instead of the steps' options (reformer_jax/xla/compiler_options.py).
 OURS_SETTINGS = {"default": {}, "all_at_once": {"sequential_rounds": False, "sequential_heads": False},
                  "rounds_only": {"sequential_heads": False}, "bfloat16": {"dtype": "bfloat16"}, "lean_compile": {},
-                 "xla_defaults": {}}
+                 "xla_defaults": {}, "tensor2": {}}
 LEAN_SETTINGS = ("lean_compile",)  # settings compiled with step_compiler_options(lean=True)
 XLA_DEFAULT_SETTINGS = ("xla_defaults",)  # settings compiled with no options at all
+# Settings run over a device mesh: (main.py's --mesh, --host_devices). tensor2: the host split into two CPU devices,
+# each running half the heads of the one-head-at-a-time core (two chunk products at once on two cores).
+MESH_SETTINGS = {"tensor2": ("tensor:2", 2)}
 SETTING_NOTES = {
     "default": "hash rounds and heads one at a time, compiled with the steps' options (on CPU: YNNPACK fusions off)",
     "all_at_once": "all hash rounds and heads at once (sequential_rounds and sequential_heads off)",
     "rounds_only": "hash rounds one at a time, heads all at once",
     "lean_compile": "the default, compiled also without XLA:CPU's fusion emitters (main.py --lean_compile)",
     "bfloat16": "the default with bfloat16 compute (float32 parameters and residual streams)",
-    "xla_defaults": "the default compiled with XLA's own default options (on CPU: YNNPACK fusions on)"}
+    "xla_defaults": "the default compiled with XLA's own default options (on CPU: YNNPACK fusions on)",
+    "tensor2": "the default on two host devices, heads split over them (main.py --host_devices=2 --mesh=tensor:2)"}
 POS_EMBEDDINGS = ("absolute", "axial")
 
 
@@ -350,7 +354,9 @@ def ours_spec(settings: Settings, model: str, seq_len: int, setting: str,
 
     backend = jax.default_backend()
     options = {} if setting in XLA_DEFAULT_SETTINGS else step_compiler_options(backend, lean=setting in LEAN_SETTINGS)
-    return {"impl": "ours", "config": settings.config(model, seq_len, setting).to_dict(),
+    mesh, host_devices = MESH_SETTINGS.get(setting, (None, None))
+    return {"impl": "ours", "config": settings.config(model, seq_len, setting).to_dict(), "mesh": mesh,
+            "host_devices": host_devices,
             "sizes": {"vocab_size": settings.vocab_size}, "batch_size": settings.batch_size, "seq_len": seq_len,
             "warmup_steps": settings.warmup_steps, "memory_limit_bytes": memory_limit,
             "compilation_cache_dir": settings.compilation_cache_dir or None,

@@ -60,19 +60,23 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
     config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
     batch_size, seq_len = spec["batch_size"], spec["seq_len"]
     config.check_seq_len(seq_len)
+    mesh = _mesh(spec)
     with CacheHits() as hits:
         t = time.perf_counter()
         tx = train.make_optimizer("adafactor")
-        init_fn = jax.jit(lambda k: train.create_train_state(k, config, tx))
-        key_spec = jax.eval_shape(lambda: jax.random.key(0))
-        state_spec = jax.eval_shape(init_fn, key_spec)
-        batch_spec = train.batch_spec(batch_size, seq_len)
-        compiled = train.jit_train_step(config).lower(state_spec, batch_spec, key_spec).compile(
-            spec.get("compiler_options") or None)
+        if mesh is None:
+            init_fn = jax.jit(lambda k: train.create_train_state(k, config, tx))
+            key_spec = jax.eval_shape(lambda: jax.random.key(0))
+            state_spec = jax.eval_shape(init_fn, key_spec)
+            batch_spec = train.batch_spec(batch_size, seq_len)
+            step_fn = train.jit_train_step(config)
+        else:  # the sharded step main.py runs on this mesh
+            init_fn, step_fn, state_spec, batch_spec, key_spec = _sharded_step(config, tx, mesh, batch_size, seq_len)
+        compiled = step_fn.lower(state_spec, batch_spec, key_spec).compile(spec.get("compiler_options") or None)
         compile_s = time.perf_counter() - t
         init = init_fn.lower(key_spec).compile()
     stats = stats_from_analysis(compiled.memory_analysis(), state_spec.params, state_spec.opt_state, batch_spec,
-                                jax.default_backend(), d_model=config.d_model)
+                                jax.default_backend(), d_model=config.d_model, mesh=mesh)
     facts = {"compile_s": round(compile_s, 3), "compile_peak_bytes": stats.peak_bytes, "cache_hits": hits.count,
              "param_count": int(sum(x.size for x in jax.tree.leaves(state_spec.params))),
              "flops": _flops(compiled)}
@@ -82,8 +86,13 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
     tokens = tokens_for(spec)
     batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
              "weights": jnp.ones((batch_size, seq_len), jnp.float32)}
-    box = {"state": init(jax.random.key(0))}
     key = jax.random.key(1)
+    if mesh is not None:
+        from reformer_jax import sharding
+
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+        key = jax.device_put(key, sharding.replicated(mesh))
+    box = {"state": init(jax.device_put(jax.random.key(0), key.sharding))}
 
     def step() -> float:
         box["state"], metrics = compiled(box["state"], batch, key)
@@ -92,6 +101,40 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
 
     step.compiled, step.config = compiled, config  # for the profile command
     return step, facts
+
+
+def _mesh(spec: Dict[str, Any]):
+    """The spec's device mesh ("mesh": "tensor:2", "host_devices": 2), or None for the one-device step. The host is
+    split into its devices here, before jax starts its backends."""
+    if not spec.get("mesh"):
+        return None
+    import jax
+
+    from reformer_jax import sharding
+
+    if spec.get("host_devices"):
+        jax.config.update("jax_num_cpu_devices", int(spec["host_devices"]))
+    return sharding.make_mesh(sharding.parse_mesh(spec["mesh"], jax.device_count()))
+
+
+def _sharded_step(config, tx, mesh, batch_size: int, seq_len: int):
+    """(init, train step, abstract state, batch and key) of the training step sharded over `mesh`."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from reformer_jax import sharding
+
+    from reformer_jax.training import step as train
+
+    state_spec, state_sharding = sharding.abstract_train_state(config, tx, mesh)
+    init_fn = jax.jit(lambda k: train.create_train_state(k, config, tx).replace(step=jnp.zeros((), jnp.int32)),
+                      out_shardings=state_sharding)
+    step_fn = sharding.jit_sharded_step(functools.partial(train.train_step, config=config), mesh, state_sharding)
+    key_spec = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                    sharding=sharding.replicated(mesh))
+    return init_fn, step_fn, state_spec, sharding.abstract_batch(batch_size, seq_len, mesh), key_spec
 
 
 def _flops(compiled) -> Any:

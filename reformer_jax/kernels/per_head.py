@@ -117,11 +117,19 @@ def _attend(spec: HeadSpec, qk: jax.Array, v: jax.Array, buckets: Optional[jax.A
     return o[:, 0].astype(jnp.float32)
 
 
+def head_keys(dropout_rng: jax.Array, n_heads: int) -> jax.Array:
+    """The [h] per-head keys of the attention-weight dropout: split from one key, or `dropout_rng` itself when it
+    already is [h] typed keys (a caller that splits the heads over devices derives them for all heads first)."""
+    if jnp.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key) and dropout_rng.ndim == 1:
+        return dropout_rng
+    return jax.random.split(dropout_rng, n_heads)
+
+
 def _head_inputs(params: Params, buckets: Optional[jax.Array], dropout_rng: jax.Array):
     """Per-head scan inputs: projections, bucket ids [h, b, r, l] (or None) and a dropout key per head."""
     w_qk, w_v, w_out = _by_head(params)
     head_buckets = None if buckets is None else buckets.swapaxes(0, 1)
-    return w_qk, w_v, w_out, head_buckets, jax.random.split(dropout_rng, w_qk.shape[0])
+    return w_qk, w_v, w_out, head_buckets, head_keys(dropout_rng, w_qk.shape[0])
 
 
 def _dropped(x: jax.Array, keep: Optional[jax.Array], rate: float) -> jax.Array:

@@ -25,6 +25,7 @@ from reformer_jax.kernels import padding
 from reformer_jax.kernels import per_head
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.kernels.local import local_attention
+from reformer_jax.kernels import head_parallel
 
 Params = Dict[str, Any]
 
@@ -151,7 +152,7 @@ def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.
     spec = head_spec(config, x.shape[1], deterministic, attention_type, grid_bits)
     keep, rate = _output_keep(config, dropout_rng, x.shape, deterministic)
     with jax.named_scope("attention_block_reverse"):
-        return per_head.reverse_by_heads(spec, params, x, y, dy, dx, buckets,
+        return head_parallel.reverse_by_heads(spec, params, x, y, dy, dx, buckets,
                                          jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS), keep=keep, rate=rate)
 
 
@@ -164,10 +165,10 @@ def _attention_per_head(params, x, *, config, kind, lsh_rng, weights_rng, determ
         if rotations is None:
             rotations = lsh.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,
                                               n_hashes=config.n_hashes, n_buckets=spec.n_buckets)
-        buckets = per_head.hash_by_heads(spec, params, x, rotations)
+        buckets = head_parallel.hash_by_heads(spec, params, x, rotations)
         if attention_mask is not None:
             buckets = padding.with_pad_bucket(buckets, attention_mask, spec.n_buckets)
-    return per_head.attention_by_heads(spec, params, x, buckets, weights_rng, keep, rate), buckets
+    return head_parallel.attention_by_heads(spec, params, x, buckets, weights_rng, keep, rate), buckets
 
 
 def _attention_all_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,

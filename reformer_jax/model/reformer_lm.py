@@ -22,6 +22,7 @@ from reformer_jax.model import layers
 from reformer_jax.kernels import output_head
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.kernels.reversible import residual_stack, reversible_stack, to_grid
+from reformer_jax import sharding
 
 
 def _as_typed_key(key: jax.Array) -> jax.Array:
@@ -76,7 +77,10 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
     those of a stack on config.grid_bits's grid (`reformer_jax.kernels.reversible`); pass that grid to the stack.
     """
 
+    # On a mesh (`reformer_jax.sharding`): each layer's parameters gathered over fsdp where it runs and its
+    # gradients reduce-scattered into their shards; the activations stay split over the batch.
     def attention_fn(p, x, inputs, buckets):
+        p, x = sharding.gather_layer_params(p), sharding.constrain_batch(x)
         key, rotations = _key_of(inputs), (inputs["rotations"] if isinstance(inputs, dict) else None)
         return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
                                       deterministic=deterministic, buckets=buckets, attention_type=kind,
@@ -84,13 +88,16 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
                                       grid_bits=cfg.grid_bits)
 
     def feed_forward_fn(p, x, inputs, chunk_index):
-        return layers.feed_forward_block(p, x, config=cfg, dropout_rng=_key_of(inputs)[1],
-                                         deterministic=deterministic, chunk_index=chunk_index)
+        return layers.feed_forward_block(sharding.gather_layer_params(p), sharding.constrain_batch(x), config=cfg,
+                                         dropout_rng=_key_of(inputs)[1], deterministic=deterministic,
+                                         chunk_index=chunk_index)
 
     def attention_reverse_fn(p, x, y, dy, dx, inputs, buckets):
-        return layers.attention_block_reverse(p, x, y, dy, dx, config=cfg, dropout_rng=_key_of(inputs)[1],
-                                              deterministic=deterministic, buckets=buckets, attention_type=kind,
-                                              grid_bits=cfg.grid_bits)
+        x_prev, grads, dx = layers.attention_block_reverse(
+            sharding.gather_layer_params(p), sharding.constrain_batch(x), y, dy, dx, config=cfg,
+            dropout_rng=_key_of(inputs)[1], deterministic=deterministic, buckets=buckets, attention_type=kind,
+            grid_bits=cfg.grid_bits)
+        return x_prev, sharding.shard_layer_grads(grads), dx
 
     fused = cfg.sequential_heads and kind != "local" and attention_mask is None
     return attention_fn, feed_forward_fn, attention_reverse_fn if fused else None

@@ -1,8 +1,9 @@
 """train_and_evaluate: the training loop behind main.py.
 
-Data-parallel over every device (a "data" mesh axis; parameters replicated), checkpointed with orbax, resumable
-exactly: batches and step keys are pure functions of (seed, step), so a resumed run repeats the uninterrupted
-one. Logging and metrics come from process 0 only.
+Over a device mesh (`reformer_jax.sharding`: data, fsdp, tensor; by default every device on data), checkpointed
+with orbax (sharded: a checkpoint resumes on another mesh), resumable exactly: batches and step keys are pure
+functions of (seed, step), so a resumed run repeats the uninterrupted one. Logging and metrics come from process 0
+only.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
+from reformer_jax import sharding as sharding_lib
 from reformer_jax.training import data as data_lib
 from reformer_jax.training import saved_run
 from reformer_jax.training import step as train
 from reformer_jax.training.checkpoint import (RUN_SETTINGS_FILE, Checkpointer, WorkdirError, check_run_settings,
                                      ensure_writable_workdir, refuse_to_overwrite_a_run, write_json_atomic)
 from reformer_jax.model.config import ModelConfig
-from reformer_jax.xla.memory_analysis import compile_train_step
+from reformer_jax.xla.memory_analysis import stats_from_analysis
 from reformer_jax.training.run_log import MetricsLog, Progress, TensorBoardLog, format_duration, format_sample
 from reformer_jax.training.run_record import read_record, update_record
 from reformer_jax.decoding.window_sampler import sample, sampling_window
@@ -66,6 +68,9 @@ class TrainOptions:
     # Compile the steps with `compiler_options.step_compiler_options(lean=...)`: on CPU, without XLA's MLIR fusion
     # emitters (less peak RSS, slower steps: see benchmarks/results/speed_peers.md). Not a run setting either.
     lean_compile: bool = False
+    # The device mesh, e.g. "data:-1,fsdp:4,tensor:1" (`reformer_jax.sharding`); None: every device on data. Not a
+    # run setting: a checkpoint resumes on another mesh.
+    mesh: Optional[str] = None
 
     @property
     def total_schedule_steps(self) -> int:
@@ -80,10 +85,9 @@ class TrainOptions:
 
 
 def data_parallel_shardings(devices) -> Tuple[NamedSharding, NamedSharding]:
-    """(replicated, batch-sharded) shardings over a one-axis "data" mesh of `devices`."""
-    # Auto axes: XLA propagates the batch sharding and inserts the gradient all-reduce itself.
-    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    """(replicated, batch-sharded) shardings over a mesh with every one of `devices` on "data"."""
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshShape(data=len(devices)), devices)
+    return sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
 
 
 def guarded_train_step(state, batch, rng, *, config: ModelConfig, skip_nonfinite: bool = False):
@@ -100,34 +104,66 @@ def guarded_train_step(state, batch, rng, *, config: ModelConfig, skip_nonfinite
     return new_state, {**metrics, "finite": finite}
 
 
-def sharded_step_functions(config: ModelConfig, tx, replicated: NamedSharding, data_sharding: NamedSharding,
+def sharded_step_functions(config: ModelConfig, tx, state_sharding: Any, data_sharding: NamedSharding,
                            skip_nonfinite: bool = False, lean_compile: bool = False):
-    """Jitted (init, train_step, eval_step): state replicated and donated, batch split over "data", compiled with
-    `compiler_options.step_compiler_options(lean=lean_compile)`."""
+    """Jitted (init, train_step, eval_step) over data_sharding's mesh: the state laid out by `state_sharding` (one
+    sharding for every leaf, e.g. replicated, or a TrainState of shardings: `sharding.state_shardings`) and
+    donated, the batch split over data x fsdp, compiled with `compiler_options.step_compiler_options(lean=...)`.
+    They trace and run with the mesh in context, so the per-head attention splits its heads over `tensor`."""
     options = step_compiler_options(lean=lean_compile)
+    mesh = data_sharding.mesh
+    replicated = sharding_lib.replicated(mesh)
+    params_sharding = getattr(state_sharding, "params", state_sharding)
     # A strongly typed step counter, as a restored checkpoint has: a resumed run then calls the same compiled step
     # (flax's TrainState.create(step=0) is weakly typed, and a different input type means another compilation).
     init_fn = jax.jit(lambda key: train.create_train_state(key, config, tx).replace(step=jnp.zeros((), jnp.int32)),
-                      out_shardings=replicated, compiler_options=options)
-    step_fn = jax.jit(functools.partial(guarded_train_step, config=config, skip_nonfinite=skip_nonfinite),
-                      donate_argnums=0, in_shardings=(replicated, data_sharding, replicated),
-                      out_shardings=(replicated, replicated), compiler_options=options)
+                      out_shardings=state_sharding, compiler_options=options)
+    step_fn = sharding_lib.jit_sharded_step(
+        functools.partial(guarded_train_step, config=config, skip_nonfinite=skip_nonfinite), mesh, state_sharding,
+        compiler_options=options)
     eval_fn = jax.jit(functools.partial(train.eval_step, config=config),
-                      in_shardings=(replicated, data_sharding, replicated), out_shardings=replicated,
+                      in_shardings=(params_sharding, data_sharding, replicated), out_shardings=replicated,
                       compiler_options=options)
-    return init_fn, step_fn, eval_fn
+    return sharding_lib.InMesh(init_fn, mesh), step_fn, sharding_lib.InMesh(eval_fn, mesh)
+
+
+class _Steps:
+    """A run's mesh, abstract (sharded) state and jitted (init, train step, eval step), and compiled train steps
+    by batch shape (`compiled_step`)."""
+
+    def __init__(self, config: ModelConfig, tx, mesh, skip_nonfinite: bool, lean_compile: bool):
+        self.mesh = mesh
+        self.abstract_state, state_sharding = sharding_lib.abstract_train_state(config, tx, mesh)
+        self.init, self.step, self.eval = sharded_step_functions(
+            config, tx, state_sharding, sharding_lib.batch_sharding(mesh), skip_nonfinite, lean_compile)
+        self._compiled: Dict[Tuple[int, int], Any] = {}
+
+    def compiled_step(self, batch_size: int, seq_len: int):
+        """The train step compiled ahead of time for [batch_size, seq_len] batches: the executable the run calls,
+        whose `memory_analysis()` the run reports."""
+        if (batch_size, seq_len) not in self._compiled:
+            key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                       sharding=sharding_lib.replicated(self.mesh))
+            batch = sharding_lib.abstract_batch(batch_size, seq_len, self.mesh)
+            self._compiled[(batch_size, seq_len)] = self.step.lower(self.abstract_state, batch, key).compile()
+        return self._compiled[(batch_size, seq_len)]
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled_steps(config: ModelConfig, optimizer: str, learning_rate: float, schedule_steps: int,
                     warmup_steps: Optional[int], clip_norm: float, devices: tuple, skip_nonfinite: bool,
-                    lean_compile: bool = False):
-    """Step functions per (model, optimizer, devices): a second run in the same process (a resume, a sweep)
+                    lean_compile: bool = False, mesh_shape: Optional[sharding_lib.MeshShape] = None) -> _Steps:
+    """Step functions per (model, optimizer, devices, mesh): a second run in the same process (a resume, a sweep)
     reuses the compiled executables instead of compiling again."""
     tx = train.make_optimizer(optimizer, learning_rate, schedule_steps=schedule_steps, warmup_steps=warmup_steps,
                               clip_norm=clip_norm)
-    return sharded_step_functions(config, tx, *data_parallel_shardings(list(devices)), skip_nonfinite,
-                                  lean_compile)
+    mesh = sharding_lib.make_mesh(mesh_shape or sharding_lib.MeshShape(data=len(devices)), list(devices))
+    return _Steps(config, tx, mesh, skip_nonfinite, lean_compile)
+
+
+def _mesh_line(mesh) -> str:
+    shape = sharding_lib.mesh_shape_of(mesh)
+    return f"mesh {shape} ({shape.device_count} devices; batch over data x fsdp = {shape.batch_ways})"
 
 
 def _is_main_process() -> bool:
@@ -182,8 +218,8 @@ def evaluate_batches(eval_fn, params, batches, seed: int, sharding: NamedShardin
     return result
 
 
-def _describe(config: ModelConfig, dataset, options: TrainOptions, devices) -> None:
-    _say(f"devices: {len(devices)} ({devices[0].platform})"
+def _describe(config: ModelConfig, dataset, options: TrainOptions, devices, mesh) -> None:
+    _say(f"devices: {len(devices)} ({devices[0].platform}), {_mesh_line(mesh)}"
          + (f", processes: {jax.process_count()}" if jax.process_count() > 1 else ""))
     kinds = "/".join(sorted(set(config.layer_types)))
     _say(f"model: {'reversible ' if config.reversible else ''}{kinds} attention, {config.n_layers} "
@@ -192,50 +228,53 @@ def _describe(config: ModelConfig, dataset, options: TrainOptions, devices) -> N
     _say(f"data: {dataset.source}; batch {options.batch_size} x {options.seq_len} tokens")
 
 
-def _abstract_state(init_fn, seed_key, sharding: NamedSharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        jax.eval_shape(init_fn, seed_key))
-
-
-def _initial_params(init_from: str, config: ModelConfig, params: Any, sharding: NamedSharding) -> Tuple[Any, str]:
-    """The parameters of a main.py workdir's latest checkpoint, or of a converted checkpoint, shaped as `params`;
-    and where they came from."""
+def _initial_params(init_from: str, config: ModelConfig, params: Any, mesh) -> Tuple[Any, str]:
+    """The parameters of a main.py workdir's latest checkpoint, or of a converted checkpoint, laid out as `params`
+    (their shardings on the run's mesh); and where they came from."""
     if saved_run.is_run_workdir(init_from):
         source = saved_run.open_run(init_from, flag="--init_from")
         saved_run.check_same_shapes(source, config)
-        restored = saved_run.restore_params(source, sharding=sharding)
+        restored = saved_run.restore_params(source, sharding=sharding_lib.replicated(mesh))
         origin = str(source.workdir.absolute() / "checkpoints" / str(source.steps[-1]))
         _say(f"parameters from {origin} (a new optimizer state and schedule)")
-        return saved_run.params_into(restored, params), origin
+        placed = jax.device_put(saved_run.params_into(restored, params), jax.tree.map(lambda x: x.sharding, params))
+        return placed, origin
     from reformer_jax.model.hf_convert import load_converted_params
     _say(f"parameters from {init_from}")
     return load_converted_params(init_from, params), str(Path(init_from).absolute())
 
 
 def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, checkpointer: Checkpointer,
-           start_step: int, init_fn, seed_key, replicated: NamedSharding, settings: Dict[str, Any]):
-    """Describe the run, analyse its memory, and restore its state (or create it, from --init_from if given).
-    Returns (state, where the initial parameters came from or None)."""
+           start_step: int, steps: "_Steps", seed_key, settings: Dict[str, Any]):
+    """Describe the run, compile its step (and report that executable's memory analysis), and restore its state
+    (or create it, from --init_from if given). Returns (state, the compiled step, its compile seconds, where the
+    initial parameters came from or None)."""
     devices = jax.devices()
-    _describe(config, dataset, options, devices)
-    if options.analyze_memory:
-        # Compiled as the run compiles its step (a lean run must not pay the fusion emitters' memory here).
-        stats = compile_train_step(config, batch_size=options.batch_size // len(devices), seq_len=options.seq_len,
-                                   optimizer=options.optimizer,
-                                   extra_options=step_compiler_options(lean=options.lean_compile))[1]
-        _say(f"memory (compile-time, per device): {stats.summary()}")
-    if start_step:  # restored into the abstract state: checked against the checkpoint before anything compiles
-        state = checkpointer.restore(start_step, _abstract_state(init_fn, seed_key, replicated))
+    _describe(config, dataset, options, devices, steps.mesh)
+    if start_step:  # restored into this mesh's layout, checked against the checkpoint before anything compiles
+        state, origin = checkpointer.restore(start_step, steps.abstract_state), None
         _say(f"resumed from {checkpointer.directory / str(start_step)}")
-        return state, None
-    refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
-    state, origin = init_fn(seed_key), None
-    if options.init_from:
-        params, origin = _initial_params(options.init_from, config, state.params, replicated)
-        state = state.replace(params=params)
-    if _is_main_process():
-        write_json_atomic(workdir / RUN_SETTINGS_FILE, settings)
-    return state, origin
+    else:
+        refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
+        state, origin = None, None
+    compile_started = time.perf_counter()
+    step_fn = steps.compiled_step(options.batch_size, options.seq_len)
+    compile_seconds = time.perf_counter() - compile_started
+    if options.analyze_memory:
+        # The very executable the run calls: its own accounting, per device.
+        stats = stats_from_analysis(step_fn.memory_analysis(), steps.abstract_state.params,
+                                    steps.abstract_state.opt_state,
+                                    sharding_lib.abstract_batch(options.batch_size, options.seq_len, steps.mesh),
+                                    devices[0].platform, d_model=config.d_model, mesh=steps.mesh)
+        _say(f"memory (compile-time, per device): {stats.summary()}")
+    if state is None:
+        state = steps.init(seed_key)
+        if options.init_from:
+            params, origin = _initial_params(options.init_from, config, state.params, steps.mesh)
+            state = state.replace(params=params)
+        if _is_main_process():
+            write_json_atomic(workdir / RUN_SETTINGS_FILE, settings)
+    return state, step_fn, compile_seconds, origin
 
 
 VALIDATION_KEYS = ("val_loss", "val_bpc", "val_accuracy", "val_step")
@@ -253,20 +292,20 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     settings = options.run_settings(config)
     check_run_settings(workdir, settings)
     devices = jax.devices()
-    if options.batch_size % len(devices):
-        raise ValueError(f"--batch_size={options.batch_size} is not divisible by the {len(devices)} devices; use a "
-                         f"multiple of {len(devices)}.")
-    replicated, data_sharding = data_parallel_shardings(devices)
-    seed_key = jax.random.key(options.seed)
-    init_fn, step_fn, eval_fn = _compiled_steps(config, options.optimizer, options.learning_rate,
-                                                options.total_schedule_steps, options.warmup_steps,
-                                                options.clip_norm, tuple(devices), options.skip_nonfinite,
-                                                options.lean_compile)
+    mesh_shape = sharding_lib.parse_mesh(options.mesh, len(devices))
+    sharding_lib.check_mesh_fits(mesh_shape, batch_size=options.batch_size, n_heads=config.n_heads,
+                                 d_ff=config.d_ff, text=options.mesh)
+    steps = _compiled_steps(config, options.optimizer, options.learning_rate, options.total_schedule_steps,
+                            options.warmup_steps, options.clip_norm, tuple(devices), options.skip_nonfinite,
+                            options.lean_compile, mesh_shape)
+    eval_fn = steps.eval
+    data_sharding = sharding_lib.batch_sharding(steps.mesh)
+    seed_key = jax.device_put(jax.random.key(options.seed), sharding_lib.replicated(steps.mesh))
     checkpointer = Checkpointer(workdir)
     start_step = checkpointer.latest_step() or 0
     if start_step >= options.steps:
         try:  # restored, not compiled: the caller gets the run's state
-            state = checkpointer.restore(start_step, _abstract_state(init_fn, seed_key, replicated))
+            state = checkpointer.restore(start_step, steps.abstract_state)
         finally:
             checkpointer.close()
         _say(f"--workdir={workdir} is at step {start_step} (--steps={options.steps}): nothing to train, nothing "
@@ -276,8 +315,8 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
         if dataset is None:
             dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
                                             vocab_size=config.vocab_size)
-        state, origin = _start(config, options, dataset, workdir, checkpointer, start_step, init_fn, seed_key,
-                               replicated, settings)
+        state, step_fn, compile_seconds, origin = _start(config, options, dataset, workdir, checkpointer,
+                                                          start_step, steps, seed_key, settings)
     except BaseException:  # nothing was trained: leave the checkpoints as they were
         checkpointer.close()
         raise
@@ -323,7 +362,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                            and time.perf_counter() - started >= 60 * options.time_limit_minutes)
             final_step = done == options.steps or out_of_time
             if step == start_step:
-                progress.compiled(seconds)
+                progress.compiled(compile_seconds + seconds, f" (compiled ahead in {compile_seconds:.1f} s)")
                 progress.message(_runtime_memory_line())
             if not metrics.pop("finite"):
                 if not options.skip_nonfinite:

@@ -55,10 +55,17 @@ def make_optimizer(name: str = "adafactor", learning_rate: float = 1e-3, *, sche
     return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
 
 
+@functools.lru_cache(maxsize=32)
+def _apply_fn(config: ModelConfig):
+    """One ReformerLM(config).apply per config: TrainStates of one config and optimizer then have equal static
+    fields, so a tree of their shardings (`reformer_jax.sharding.state_shardings`) fits any of them."""
+    return ReformerLM(config).apply
+
+
 def create_train_state(rng: jax.Array, config: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
     """Fresh parameters and optimizer state."""
     params = init_params(config, rng)
-    return TrainState.create(apply_fn=ReformerLM(config).apply, params=params, tx=tx)
+    return TrainState.create(apply_fn=_apply_fn(config), params=params, tx=tx)
 
 
 def _step_rngs(rng: jax.Array, step: jax.Array) -> Dict[str, jax.Array]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -40,6 +41,18 @@ def tree_bytes(tree: Any) -> int:
     return int(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
 
 
+def _shard_shape(leaf: Any) -> Tuple[int, ...]:
+    """The shape one device holds of a leaf: its sharding's shard shape, or the whole shape without one."""
+    sharding = getattr(leaf, "sharding", None)
+    return tuple(sharding.shard_shape(tuple(leaf.shape))) if sharding is not None else tuple(leaf.shape)
+
+
+def device_tree_bytes(tree: Any) -> int:
+    """Bytes one device holds of a pytree whose leaves carry shardings (arrays, or ShapeDtypeStructs made with
+    sharding=...): the largest shard of every leaf; a leaf without a sharding counts whole."""
+    return int(sum(math.prod(_shard_shape(leaf)) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryStats:
     """XLA's memory analysis of one compiled step, in bytes, split into what it is for."""
@@ -57,6 +70,18 @@ class MemoryStats:
     jax_version: str
     jaxlib_version: str
     backend: str
+    # Where it runs: every byte figure above is per device (parameters, optimizer state and batch: the shards one
+    # device holds), for `device_count` devices of `device_kind` laid out as `mesh_shape` (data, fsdp, tensor).
+    device_kind: str = ""
+    device_count: int = 1
+    mesh_shape: str = ""
+    topology: str = ""  # a TPU slice compiled for without its chips (`reformer_jax.xla.tpu`), e.g. "v5e:4x4"
+    hbm_bytes: int = 0  # that chip's HBM (`tpu.HBM_PER_CHIP`); 0: unknown
+
+    @property
+    def fits(self) -> bool:
+        """The per-device peak fits the chip's HBM (True where the HBM is unknown)."""
+        return not self.hbm_bytes or self.peak_bytes <= self.hbm_bytes
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,7 +92,11 @@ class MemoryStats:
                 f"{mib(self.param_bytes)} + optimizer state {mib(self.optimizer_state_bytes)} + batch "
                 f"{mib(self.batch_bytes)} + activations and temporaries {mib(self.activation_bytes)} "
                 f"({self.peak_bytes / self.floor_bytes:.2f} x the floor {mib(self.floor_bytes)}) [XLA: argument {mib(self.argument_bytes)}, output {mib(self.output_bytes)}, alias "
-                f"{mib(self.alias_bytes)}, temp {mib(self.temp_bytes)}; jax {self.jax_version}, {self.backend}]")
+                f"{mib(self.alias_bytes)}, temp {mib(self.temp_bytes)}; jax {self.jax_version}, {self.backend}"
+                + (f", {self.device_count} x {self.device_kind}, mesh {self.mesh_shape}" if self.mesh_shape else "")
+                + (f", {self.topology}: {mib(self.peak_bytes)} of {mib(self.hbm_bytes)} HBM per chip "
+                   f"({'fits' if self.fits else 'does NOT fit'})" if self.topology else "")
+                + "]")
 
 
 def _abstract_key() -> jax.ShapeDtypeStruct:
@@ -75,14 +104,18 @@ def _abstract_key() -> jax.ShapeDtypeStruct:
 
 
 def lower_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
-                     optimizer: Optional[str] = "adafactor"):
+                     optimizer: Optional[str] = "adafactor", mesh: Any = None):
     """Lower the training step (or loss and gradients, optimizer=None) for abstract inputs.
 
+    With a jax Mesh (`reformer_jax.sharding.make_mesh`), the step is the sharded one main.py runs on it:
+    batch_size is then the global batch, split over data x fsdp.
     Returns (lowered, abstract_params, abstract_optimizer_state_or_None, abstract_batch).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer.")
     config.check_seq_len(seq_len)
+    if mesh is not None:
+        return _lower_sharded_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, mesh=mesh)
     batch = train.batch_spec(batch_size, seq_len)
     key = _abstract_key()
     if optimizer is None:
@@ -93,6 +126,28 @@ def lower_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
     tx = train.make_optimizer(optimizer)
     state = jax.eval_shape(lambda k: train.create_train_state(k, config, tx), key)
     lowered = train.jit_train_step(config).lower(state, batch, key)
+    return lowered, state.params, state.opt_state, batch
+
+
+def _lower_sharded_step(config: ModelConfig, *, batch_size: int, seq_len: int, optimizer: Optional[str], mesh):
+    from reformer_jax import sharding
+
+    shape = sharding.mesh_shape_of(mesh)
+    sharding.check_mesh_fits(shape, batch_size=batch_size, n_heads=config.n_heads, d_ff=config.d_ff,
+                             flag="mesh")
+    batch = sharding.abstract_batch(batch_size, seq_len, mesh)
+    key = jax.ShapeDtypeStruct((), _abstract_key().dtype, sharding=sharding.replicated(mesh))
+    state, state_sharding = sharding.abstract_train_state(config, train.make_optimizer(optimizer or "adafactor"),
+                                                          mesh)
+    if optimizer is None:
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+        fn = jax.jit(functools.partial(train.loss_and_grads, config=config),
+                     in_shardings=(state_sharding.params, sharding.batch_sharding(mesh), sharding.replicated(mesh),
+                                   sharding.replicated(mesh)),
+                     out_shardings=((sharding.replicated(mesh), sharding.replicated(mesh)), state_sharding.params))
+        return sharding.InMesh(fn, mesh).lower(state.params, batch, key, step), state.params, None, batch
+    lowered = sharding.jit_sharded_step(functools.partial(train.train_step, config=config), mesh,
+                                        state_sharding).lower(state, batch, key)
     return lowered, state.params, state.opt_state, batch
 
 
@@ -108,11 +163,17 @@ def floor_bytes(*, param_bytes: int, optimizer_state_bytes: int, batch_bytes: in
 
 
 def stats_from_analysis(analysis: Any, params: Any, opt_state: Any, batch: Any, backend: str, *,
-                        d_model: int) -> MemoryStats:
+                        d_model: int, mesh: Any = None, device_kind: Optional[str] = None) -> MemoryStats:
     """`MemoryStats` from a compiled step's `memory_analysis()` and the (abstract) step inputs.
 
     batch: the step's batch, its leaves [batch_size, seq_len] (for the floor's residual streams).
+    mesh: the jax Mesh of a sharded step, whose inputs carry their shardings: XLA's figures are then those of one
+      device's program, and the parameter, optimizer-state and batch bytes (and so the floor) those of one
+      device's shards.
     """
+    if mesh is not None:
+        return _per_device_stats(analysis, params, opt_state, batch, backend, d_model=d_model, mesh=mesh,
+                                 device_kind=device_kind)
     argument = int(analysis.argument_size_in_bytes)
     output = int(analysis.output_size_in_bytes)
     alias = int(analysis.alias_size_in_bytes)
@@ -131,28 +192,79 @@ def stats_from_analysis(analysis: Any, params: Any, opt_state: Any, batch: Any, 
         jax_version=jax.__version__, jaxlib_version=jaxlib.__version__, backend=backend)
 
 
+def _per_device_stats(analysis, params, opt_state, batch, backend, *, d_model, mesh, device_kind):
+    from reformer_jax.sharding import mesh_shape_of
+
+    whole = stats_from_analysis(analysis, params, opt_state, batch, backend, d_model=d_model)
+    param_bytes, batch_bytes = device_tree_bytes(params), device_tree_bytes(batch)
+    opt_bytes = device_tree_bytes(opt_state) if opt_state is not None else 0
+    batch_size, seq_len = _shard_shape(jax.tree.leaves(batch)[0])[:2]
+    devices = mesh.devices.flat
+    kind = device_kind or next(iter(devices)).device_kind
+    return dataclasses.replace(
+        whole, param_bytes=param_bytes, optimizer_state_bytes=opt_bytes, batch_bytes=batch_bytes,
+        activation_bytes=whole.peak_bytes - 2 * param_bytes - opt_bytes - batch_bytes,
+        floor_bytes=floor_bytes(param_bytes=param_bytes, optimizer_state_bytes=opt_bytes, batch_bytes=batch_bytes,
+                                batch_size=batch_size, seq_len=seq_len, d_model=d_model),
+        device_kind=kind, device_count=int(mesh.devices.size), mesh_shape=str(mesh_shape_of(mesh)))
+
+
+def topology_mesh(topology: str, mesh: Any = None):
+    """The jax Mesh over the chips of a TPU slice (`reformer_jax.xla.tpu`): `mesh` as a --mesh string or a
+    `sharding.MeshShape` (default: every chip on data); a MeshError or TopologyError (one line) if it cannot be."""
+    from reformer_jax.xla import tpu
+    from reformer_jax import sharding
+
+    devices = tpu.topology_devices(topology, flag="topology")
+    if isinstance(mesh, sharding.MeshShape):
+        shape = mesh
+        if shape.device_count != len(devices):
+            raise sharding.MeshError(f"mesh={shape} spans {shape.device_count} chips but {topology} has "
+                                     f"{len(devices)}; make the sizes multiply to {len(devices)}.")
+    else:
+        shape = sharding.parse_mesh(mesh, len(devices), flag="mesh")
+    return sharding.make_mesh(shape, devices)
+
+
 def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, optimizer: Optional[str] = "adafactor",
-                       extra_options: Optional[Dict[str, Any]] = None) -> Tuple[Any, MemoryStats]:
+                       extra_options: Optional[Dict[str, Any]] = None, mesh: Any = None,
+                       topology: Optional[str] = None) -> Tuple[Any, MemoryStats]:
     """(compiled step, its MemoryStats): `analyze_train_step` that also returns the executable.
 
     `extra_options` are added to the backend's measuring options (e.g. XLA dump flags for a live-range timeline).
     """
+    if topology is not None:
+        from reformer_jax.xla import tpu
+
+        mesh = topology_mesh(topology, mesh)
     lowered, params, opt_state, batch = lower_train_step(config, batch_size=batch_size, seq_len=seq_len,
-                                                         optimizer=optimizer)
-    backend = jax.default_backend()
+                                                         optimizer=optimizer, mesh=mesh)
+    backend = "tpu" if topology is not None else jax.default_backend()
     compiled = lowered.compile({**compiler_options(backend), **(extra_options or {})})
-    return compiled, stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend,
-                                         d_model=config.d_model)
+    stats = stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend,
+                                d_model=config.d_model, mesh=mesh)
+    if topology is not None:
+        stats = dataclasses.replace(stats, topology=topology, hbm_bytes=tpu.hbm_bytes(topology))
+    return compiled, stats
 
 
 def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
-                       optimizer: Optional[str] = "adafactor") -> MemoryStats:
+                       optimizer: Optional[str] = "adafactor", mesh: Any = None,
+                       topology: Optional[str] = None) -> MemoryStats:
     """Compile the real training step from abstract shapes and return XLA's memory figures.
 
     Args:
       config: the model.
-      batch_size, seq_len: the batch shape [batch_size, seq_len].
+      batch_size, seq_len: the batch shape [batch_size, seq_len] (with a mesh: the global batch).
       optimizer: "adafactor" | "adamw" for the full step (loss, gradients, update, donated state), or None for
         loss and gradients only (activation memory without the optimizer's temporaries).
+      mesh: a jax Mesh with axes data, fsdp, tensor (`reformer_jax.sharding.make_mesh`): the sharded step main.py
+        runs on it; every figure is then per device (the floor too: the shards each device must hold), and the
+        stats record the device kind, count and mesh shape.
+      topology: a TPU slice, e.g. "v5e:4x4" (`reformer_jax.xla.tpu`; needs libtpu): the step is compiled by the TPU
+        compiler for that slice's chips, here on any machine, and the figures are per chip, with the chip's HBM
+        (`MemoryStats.hbm_bytes`, `.fits`). `mesh` is then a --mesh string over the slice's chips (default: every
+        chip on data). Without libtpu, or for an unknown name, a `tpu.TopologyError` says what would work.
     """
-    return compile_train_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer)[1]
+    return compile_train_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, mesh=mesh,
+                              topology=topology)[1]

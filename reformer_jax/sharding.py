@@ -1,0 +1,391 @@
+"""The device mesh: axes data, fsdp and tensor, logical axis names for the training state, and ONE rules table.
+
+    --mesh=data:-1,fsdp:4,tensor:1       (-1: the devices the other axes leave; the default puts every device
+                                          on data, i.e. plain data parallelism)
+
+Every parameter dimension gets a logical name (`param_logical_axes`: embed, heads, kv, mlp, vocab, layers,
+positions), derived here from the parameter tree's paths in one place; the optimizer state's leaves take the names
+of the parameter they belong to (`state_shardings`). `LOGICAL_RULES` maps logical names to mesh axes:
+  batch -> (data, fsdp)     the batch is split over both
+  embed -> fsdp             parameters, gradients and optimizer state sharded (ZeRO-3 / FSDP style)
+  heads, mlp -> tensor      attention heads and the feed-forward width split (Megatron style)
+A dimension that its mesh axes do not divide stays whole (e.g. a 259-symbol vocabulary).
+
+GSPMD (jit with these shardings) places every ordinary op. The one-head-at-a-time attention core
+(`per_head_attention`, a lax.scan over heads under its own custom_vjp) cannot be split by propagation: a scan's
+iterations run on one device. `reformer_jax.kernels.head_parallel` runs it under shard_map over `tensor` instead, each
+device scanning its own heads, with one psum where the heads' outputs meet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+DEFAULT_MESH = "data:-1"
+
+# The rules table: logical axis name -> mesh axes (a tuple shards over their product; () keeps it whole).
+LOGICAL_RULES: Dict[str, Tuple[str, ...]] = {
+    "batch": BATCH_AXES,
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "kv": (),
+    "vocab": (),
+    "layers": (),
+    "positions": (),
+}
+
+
+class MeshError(ValueError):
+    """A --mesh value that cannot work; the message names the flag, the value and what would."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """Sizes of the mesh axes data, fsdp, tensor."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @property
+    def sizes(self) -> Tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    @property
+    def device_count(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    @property
+    def batch_ways(self) -> int:
+        """How many pieces the batch is cut into (data x fsdp)."""
+        return self.data * self.fsdp
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}:{size}" for name, size in zip(MESH_AXES, self.sizes))
+
+
+def parse_mesh(text: Optional[str], device_count: int, flag: str = "--mesh") -> MeshShape:
+    """'data:-1,fsdp:4,tensor:1' -> MeshShape for `device_count` devices; MeshError (one line) if it cannot be.
+
+    Axes left out have size 1; one axis may be -1 (the devices the others leave).
+    """
+    text = (text or DEFAULT_MESH).strip()
+    usage = f"expected axis:size pairs over {', '.join(MESH_AXES)}, e.g. {flag}=data:-1,fsdp:4,tensor:1"
+    sizes: Dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, value = part.partition(":")
+        name = name.strip()
+        if not sep or not name:
+            raise MeshError(f"{flag}={text} is invalid: {part!r} is not axis:size; {usage}.")
+        if name not in MESH_AXES:
+            raise MeshError(f"{flag}={text} names the unknown axis {name!r}; the axes are {', '.join(MESH_AXES)}.")
+        if name in sizes:
+            raise MeshError(f"{flag}={text} gives the axis {name!r} twice; give each axis once.")
+        try:
+            size = int(value)
+        except ValueError:
+            raise MeshError(f"{flag}={text} is invalid: the size of {name!r} is {value!r}; {usage}.") from None
+        if size == 0 or size < -1:
+            raise MeshError(f"{flag}={text} is invalid: the size of {name!r} is {size}; use a positive size or -1.")
+        sizes[name] = size
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise MeshError(f"{flag}={text} has more than one axis of size -1 ({', '.join(free)}); at most one may take "
+                        "the remaining devices.")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if device_count % fixed:
+            raise MeshError(f"{flag}={text}: the fixed axes ({fixed} devices) do not divide the {device_count} "
+                            f"devices; use sizes whose product divides {device_count}.")
+        sizes[free[0]] = device_count // fixed
+    shape = MeshShape(**{name: sizes.get(name, 1) for name in MESH_AXES})
+    if shape.device_count != device_count:
+        raise MeshError(f"{flag}={text} spans {shape.device_count} devices but there are {device_count}; make the "
+                        f"sizes multiply to {device_count} (or let one axis be -1).")
+    return shape
+
+
+def check_mesh_fits(shape: MeshShape, *, batch_size: int, n_heads: int, d_ff: Optional[int] = None,
+                    flag: str = "--mesh", text: Optional[str] = None) -> None:
+    """MeshError (one line) if data x fsdp does not divide the batch or tensor the heads (or the d_ff width)."""
+    given = f"{flag}={text or shape}"
+    if batch_size % shape.batch_ways:
+        raise MeshError(f"--batch_size={batch_size} is not divisible by the {shape.batch_ways} devices of the batch "
+                        f"axes data x fsdp ({given}); use a multiple of {shape.batch_ways}, or move devices to "
+                        "tensor.")
+    if n_heads % shape.tensor:
+        raise MeshError(f"{given}: tensor:{shape.tensor} does not divide the {n_heads} attention heads (--n_heads); "
+                        f"use a tensor size that divides {n_heads}.")
+    if d_ff is not None and d_ff % shape.tensor:
+        raise MeshError(f"{given}: tensor:{shape.tensor} does not divide the feed-forward width --d_ff={d_ff}; use "
+                        f"a tensor size that divides both {n_heads} and {d_ff}.")
+
+
+def make_mesh(shape: MeshShape, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """The jax Mesh (axes data, fsdp, tensor; Auto axis types: XLA propagates shardings and inserts collectives)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh(shape.sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_shape_of(mesh: Mesh) -> MeshShape:
+    return MeshShape(**{name: int(mesh.shape.get(name, 1)) for name in MESH_AXES})
+
+
+# --- logical axes of the training state -------------------------------------------------------------------------
+
+def _path_names(path) -> Tuple[str, ...]:
+    names = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                names.append(str(getattr(key, attribute)))
+                break
+    return tuple(names)
+
+
+def param_logical_axes(name_path: Tuple[str, ...], ndim: int) -> Tuple[Optional[str], ...]:
+    """Logical axis names of one parameter from its path in ReformerLM's "params" tree (see model.py, layers.py).
+
+    Layer stacks lead with "layers" (mixed stacks too: their leaves are stacked per attention type).
+    """
+    leaf = name_path[-1]
+    if leaf == "embed":  # [V, d]
+        names = ("vocab", "embed")
+    elif leaf == "pos_embed":  # [max_len, d]
+        names = ("positions", "embed")
+    elif leaf in ("axial_0", "axial_1"):  # [l1, 1, d1], [1, l2, d2]
+        names = ("positions", "positions", "embed")
+    elif leaf in ("qk", "v", "q", "k"):  # [n, d, h, k]
+        names = ("layers", "embed", "heads", "kv")
+    elif leaf == "out":  # [n, h, k, d]
+        names = ("layers", "heads", "kv", "embed")
+    elif leaf == "wi":  # [n, d, f]
+        names = ("layers", "embed", "mlp")
+    elif leaf == "wo":  # [n, f, d]
+        names = ("layers", "mlp", "embed")
+    elif leaf == "bi":  # [n, f]
+        names = ("layers", "mlp")
+    elif leaf in ("scale", "bias", "bo"):  # a stacked LayerNorm or output bias [n, d]
+        names = ("layers", "embed")
+    elif leaf in ("final_norm_scale", "final_norm_bias"):  # [w]
+        names = ("embed",)
+    elif leaf == "head_kernel":  # [w, V]
+        names = ("embed", "vocab")
+    elif leaf == "head_bias":  # [V]
+        names = ("vocab",)
+    else:
+        names = ()
+    if len(names) != ndim:  # an unknown leaf, or a shape this table does not describe: kept whole
+        return (None,) * ndim
+    return names
+
+
+def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh_shape: MeshShape) -> P:
+    """PartitionSpec from logical names by LOGICAL_RULES, skipping mesh axes of size 1, axes already used by an
+    earlier dimension and dimensions the axes do not divide."""
+    sizes = dict(zip(MESH_AXES, mesh_shape.sizes))
+    used, spec = set(), []
+    for name, dim in zip(names, shape):
+        axes = tuple(a for a in LOGICAL_RULES.get(name, ()) if sizes[a] > 1 and a not in used) if name else ()
+        if axes and dim % math.prod(sizes[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
+
+
+def _optimizer_leaf_names(shape: Tuple[int, ...], param_shape: Tuple[int, ...],
+                          param_names: Tuple[Optional[str], ...]) -> Tuple[Optional[str], ...]:
+    """Logical names of an optimizer-state leaf of the parameter `param_shape`: the same for a leaf of its shape
+    (Adam's moments), those of the remaining dimensions for a factored statistic (Adafactor's row / column
+    statistics drop one dimension), none for anything else (counts, placeholders)."""
+    if tuple(shape) == tuple(param_shape):
+        return param_names
+    if len(shape) == len(param_shape) - 1:
+        for dropped in range(len(param_shape)):
+            if tuple(np.delete(np.array(param_shape), dropped)) == tuple(shape):
+                return param_names[:dropped] + param_names[dropped + 1:]
+    return (None,) * len(shape)
+
+
+def state_logical_axes(state: Any) -> Any:
+    """A pytree like `state` (a TrainState or any tree holding "params") of logical-name tuples per leaf.
+
+    Parameters are named by `param_logical_axes`; an optimizer-state leaf whose path ends with a parameter's path
+    (optax mirrors the parameter tree inside its states) takes that parameter's names (`_optimizer_leaf_names`).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    params: Dict[Tuple[str, ...], Tuple[Tuple[int, ...], Tuple[Optional[str], ...]]] = {}
+    for path, leaf in leaves:
+        names = _path_names(path)
+        if "params" in names:
+            tail = names[names.index("params") + 1:]
+            params[tail] = (tuple(leaf.shape), param_logical_axes(tail, leaf.ndim))
+    out = []
+    for path, leaf in leaves:
+        names = _path_names(path)
+        if "params" in names:
+            out.append(params[names[names.index("params") + 1:]][1])
+            continue
+        match = next((params[tail] for tail in params if len(tail) and names[-len(tail):] == tail), None)
+        out.append(_optimizer_leaf_names(tuple(leaf.shape), *match) if match else (None,) * leaf.ndim)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs) by the logical axes and LOGICAL_RULES."""
+    shape = mesh_shape_of(mesh)
+    names = state_logical_axes(state)
+    return jax.tree.map(lambda leaf, n: NamedSharding(mesh, logical_to_spec(n, leaf.shape, shape)), state, names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[batch, ...] arrays split over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` laid out by `shardings` (a sharding per leaf, or one for all):
+    the largest shard of each leaf, summed."""
+    leaves = jax.tree.leaves(tree)
+    shards = (jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+              if not isinstance(shardings, jax.sharding.Sharding) else [shardings] * len(leaves))
+    total = 0
+    for leaf, sharding in zip(leaves, shards):
+        shard = sharding.shard_shape(tuple(leaf.shape))
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return int(total)
+
+
+# --- the sharded training state and step ------------------------------------------------------------------------
+
+def abstract_train_state(config, tx, mesh: Optional[Mesh] = None):
+    """(abstract TrainState with an int32 step, its shardings over `mesh` or None): shapes only, nothing
+    allocated. With a mesh, every leaf's ShapeDtypeStruct carries its sharding (as a restore target needs)."""
+    from reformer_jax.training import step as train
+
+    import jax.numpy as jnp
+
+    abstract = jax.eval_shape(lambda k: train.create_train_state(k, config, tx).replace(step=jnp.zeros((), jnp.int32)),
+                              jax.eval_shape(lambda: jax.random.key(0)))
+    if mesh is None:
+        return abstract, None
+    shardings = state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
+def abstract_batch(batch_size: int, seq_len: int, mesh: Optional[Mesh] = None):
+    """The step's abstract batch [batch_size, seq_len] (split over data x fsdp with a mesh)."""
+    from reformer_jax.training import step as train
+
+    batch = train.batch_spec(batch_size, seq_len)
+    if mesh is None:
+        return batch
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh)) for k, v in batch.items()}
+
+
+class InMesh:
+    """A jitted function traced, lowered and called with `mesh` in context (`jax.set_mesh`), where
+    `head_parallel` finds the tensor axis."""
+
+    def __init__(self, fn, mesh: Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args, **kwargs)
+
+    def eval_shape(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn.eval_shape(*args, **kwargs)
+
+
+def jit_sharded_step(step_fn, mesh: Mesh, state_sharding: Any, **jit_kwargs) -> InMesh:
+    """jit of step_fn(state, batch, key) -> (state, metrics): state laid out by `state_sharding` and donated,
+    batch over data x fsdp, key and metrics replicated."""
+    jitted = jax.jit(step_fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
+                     out_shardings=(state_sharding, replicated(mesh)), **jit_kwargs)
+    return InMesh(jitted, mesh)
+
+
+def _mesh_in_context() -> Optional[MeshShape]:
+    """The data / fsdp / tensor sizes of the mesh in context (`jax.set_mesh`), or None without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(mesh.axis_names) >= set(MESH_AXES):
+        return None
+    return MeshShape(**{name: int(mesh.shape[name]) for name in MESH_AXES})
+
+
+def _layer_specs(tree: Any, shape: MeshShape, gathered: bool) -> Any:
+    """PartitionSpecs of one layer's parameters (stacked ones without their layer axis): their shards, or with
+    `gathered` their layout while the layer runs (whole over fsdp, still split over tensor)."""
+    rules_shape = dataclasses.replace(shape, fsdp=1) if gathered else shape
+
+    def spec(path, leaf):
+        names = param_logical_axes(_path_names(path), leaf.ndim + 1)[1:]
+        return logical_to_spec(names, leaf.shape, rules_shape)
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def _constrain(tree: Any, specs: Any) -> Any:
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, specs)
+
+
+def gather_layer_params(tree: Any) -> Any:
+    """One layer's parameters gathered over fsdp for the layer to run (FSDP): an identity whose backward pass
+    reduce-scatters the gradients into the parameters' shards, layer by layer.
+
+    Without it XLA may keep the weights sharded and gather the batch instead (every device then computes every
+    sequence), or hold every layer's gradients whole until the end of the step. Without a mesh in context, or with
+    fsdp and tensor of size 1, the tree is returned as it is.
+    """
+    shape = _mesh_in_context()
+    if shape is None or (shape.fsdp == 1 and shape.tensor == 1):
+        return tree
+    gathered, sharded = _layer_specs(tree, shape, True), _layer_specs(tree, shape, False)
+
+    @jax.custom_vjp
+    def gather(tree):
+        return _constrain(tree, gathered)
+
+    gather.defvjp(lambda tree: (_constrain(tree, gathered), None), lambda _, grads: (_constrain(grads, sharded),))
+    return gather(tree)
+
+
+def shard_layer_grads(grads: Any) -> Any:
+    """One layer's parameter gradients pinned to the parameters' shards (what `gather_layer_params`'s backward
+    pass does, for a backward pass written by hand)."""
+    shape = _mesh_in_context()
+    if shape is None or (shape.fsdp == 1 and shape.tensor == 1):
+        return grads
+    return _constrain(grads, _layer_specs(grads, shape, False))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """An activation [batch, ...] kept split over data x fsdp (each device computes its own sequences)."""
+    shape = _mesh_in_context()
+    if shape is None or shape.batch_ways == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))

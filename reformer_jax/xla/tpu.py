@@ -1,0 +1,81 @@
+"""TPU slices without TPUs: the devices of any slice from libtpu's topology description, and each chip's HBM.
+
+    devices = topology_devices("v5e:4x4")          # 16 abstract chips; jit(...).lower(...).compile() for them
+                                                    # runs the real TPU compiler on this (CPU-only) machine
+
+Needs libtpu (`pip install "libtpu==0.0.42.*"`, the version jax 0.10.2's `tpu` extra pins); the compiled
+program's `memory_analysis()` is then the chip's own accounting. A topology's devices have no memory_stats(), so
+each generation's HBM per chip comes from HBM_PER_CHIP below.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+from typing import Dict, List, Tuple
+
+GIB = 2**30
+LIBTPU_PIP = 'pip install "libtpu==0.0.42.*"'
+
+# HBM per chip (bytes) by the generation prefix of a topology name, with the page that states it.
+HBM_PER_CHIP: Dict[str, Tuple[int, str]] = {
+    "v4": (32 * GIB, "https://cloud.google.com/tpu/docs/v4 (32 GiB HBM2 per chip)"),
+    "v5e": (16 * GIB, "https://cloud.google.com/tpu/docs/v5e (HBM capacity per chip: 16 GB)"),
+    "v5p": (95 * GIB, "https://cloud.google.com/tpu/docs/v5p (HBM capacity per chip: 95 GB)"),
+    "v6e": (32 * GIB, "https://cloud.google.com/tpu/docs/v6e (HBM capacity per chip: 32 GB)"),
+}
+EXAMPLES = ("v5e:1x1", "v5e:2x2", "v5e:4x4", "v5e:16x16", "v4:2x2x1", "v4:4x4x4", "v5p:2x2x1", "v5p:8x8x8",
+            "v6e:1x1", "v6e:16x16")
+_NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+class TopologyError(ValueError):
+    """A --topology that cannot be compiled for: libtpu missing, or an unknown name. One line, what would work."""
+
+
+def libtpu_available() -> bool:
+    """libtpu is importable (pip's wheel) or named by TPU_LIBRARY_PATH."""
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    return bool(path and os.path.exists(path)) or importlib.util.find_spec("libtpu") is not None
+
+
+def parse_topology(name: str, flag: str = "--topology") -> Tuple[str, Tuple[int, ...]]:
+    """'v5e:4x4' -> ('v5e', (4, 4)); TopologyError naming valid examples otherwise."""
+    match = _NAME.match(name.strip()) if isinstance(name, str) else None
+    if not match:
+        raise TopologyError(f"{flag}={name} is not a TPU topology name; expected GENERATION:AxB or AxBxC with "
+                            f"GENERATION one of {', '.join(HBM_PER_CHIP)}, e.g. {', '.join(EXAMPLES)}.")
+    return match.group(1), tuple(int(d) for d in match.group(2).split("x"))
+
+
+def chips(name: str) -> int:
+    return math.prod(parse_topology(name)[1])
+
+
+def hbm_bytes(name: str) -> int:
+    """HBM per chip of the topology's generation (HBM_PER_CHIP)."""
+    return HBM_PER_CHIP[parse_topology(name)[0]][0]
+
+
+def topology_devices(name: str, flag: str = "--topology") -> List:
+    """The abstract devices of the slice `name` (jax.experimental.topologies), one per chip."""
+    generation, dims = parse_topology(name, flag)
+    if not libtpu_available():
+        raise TopologyError(f"{flag}={name} needs libtpu to compile for TPUs on this machine: {LIBTPU_PIP} (or "
+                            "pip install -r requirements-tpu.txt).")
+    # Compiling only: no TPU VM's worker list to read, and no chips to lock (several processes may compile at once).
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    kwargs = {}
+    if math.prod(dims) < 4:  # smaller than a host's chips: the host is the slice
+        kwargs["chips_per_host_bounds"] = tuple(dims) + (1,) * (3 - len(dims))
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs).devices)
+    except Exception as error:  # libtpu's own message says which part it refused
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise TopologyError(f"{flag}={name} is not a slice libtpu knows ({reason}); valid examples: "
+                            f"{', '.join(EXAMPLES)}.") from None
