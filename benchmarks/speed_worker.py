@@ -128,13 +128,13 @@ def _sharded_step(config, tx, mesh, batch_size: int, seq_len: int):
 
     from reformer_jax.training import step as train
 
-    state_spec, state_sharding = sharding.abstract_train_state(config, tx, mesh)
+    state_spec, state_sharding = train.abstract_train_state(config, tx, mesh)
     init_fn = jax.jit(lambda k: train.create_train_state(k, config, tx).replace(step=jnp.zeros((), jnp.int32)),
                       out_shardings=state_sharding)
     step_fn = sharding.jit_sharded_step(functools.partial(train.train_step, config=config), mesh, state_sharding)
     key_spec = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                     sharding=sharding.replicated(mesh))
-    return init_fn, step_fn, state_spec, sharding.abstract_batch(batch_size, seq_len, mesh), key_spec
+    return init_fn, step_fn, state_spec, train.abstract_batch(batch_size, seq_len, mesh), key_spec
 
 
 def _flops(compiled) -> Any:

@@ -275,32 +275,6 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
 
 # --- the sharded training state and step ------------------------------------------------------------------------
 
-def abstract_train_state(config, tx, mesh: Optional[Mesh] = None):
-    """(abstract TrainState with an int32 step, its shardings over `mesh` or None): shapes only, nothing
-    allocated. With a mesh, every leaf's ShapeDtypeStruct carries its sharding (as a restore target needs)."""
-    from reformer_jax.training import step as train
-
-    import jax.numpy as jnp
-
-    abstract = jax.eval_shape(lambda k: train.create_train_state(k, config, tx).replace(step=jnp.zeros((), jnp.int32)),
-                              jax.eval_shape(lambda: jax.random.key(0)))
-    if mesh is None:
-        return abstract, None
-    shardings = state_shardings(abstract, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    return abstract, shardings
-
-
-def abstract_batch(batch_size: int, seq_len: int, mesh: Optional[Mesh] = None):
-    """The step's abstract batch [batch_size, seq_len] (split over data x fsdp with a mesh)."""
-    from reformer_jax.training import step as train
-
-    batch = train.batch_spec(batch_size, seq_len)
-    if mesh is None:
-        return batch
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh)) for k, v in batch.items()}
-
-
 class InMesh:
     """A jitted function traced, lowered and called with `mesh` in context (`jax.set_mesh`), where
     `head_parallel` finds the tensor axis."""

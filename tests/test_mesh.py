@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from reformer_jax import ModelConfig
-from reformer_jax.sharding import (LOGICAL_RULES, MeshError, MeshShape, abstract_train_state, check_mesh_fits,
-                                   make_mesh, parse_mesh, state_logical_axes)
-from reformer_jax.training.step import make_optimizer
+from reformer_jax.sharding import (LOGICAL_RULES, MeshError, MeshShape, check_mesh_fits, make_mesh, parse_mesh,
+                                   state_logical_axes)
+from reformer_jax.training.step import abstract_train_state, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=259, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=64, chunk_len=16, n_hashes=2)

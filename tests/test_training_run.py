@@ -157,9 +157,10 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         results.append((float(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params))))
     # data 2 x fsdp 2 x tensor 2: sharded parameters and optimizer state, the per-head core's heads over tensor
     from reformer_jax import sharding
+    from reformer_jax.training.step import abstract_train_state
     mesh = sharding.make_mesh(sharding.MeshShape(2, 2, 2), jax.devices())
     tx = make_optimizer("adafactor", 1e-2)
-    _, state_sharding = sharding.abstract_train_state(cfg, tx, mesh)
+    _, state_sharding = abstract_train_state(cfg, tx, mesh)
     init_fn, step_fn, _ = sharded_step_functions(cfg, tx, state_sharding, sharding.batch_sharding(mesh))
     state = init_fn(jax.random.key(0))
     for step in range(2):

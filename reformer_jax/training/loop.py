@@ -133,7 +133,7 @@ class _Steps:
 
     def __init__(self, config: ModelConfig, tx, mesh, skip_nonfinite: bool, lean_compile: bool):
         self.mesh = mesh
-        self.abstract_state, state_sharding = sharding_lib.abstract_train_state(config, tx, mesh)
+        self.abstract_state, state_sharding = train.abstract_train_state(config, tx, mesh)
         self.init, self.step, self.eval = sharded_step_functions(
             config, tx, state_sharding, sharding_lib.batch_sharding(mesh), skip_nonfinite, lean_compile)
         self._compiled: Dict[Tuple[int, int], Any] = {}
@@ -144,7 +144,7 @@ class _Steps:
         if (batch_size, seq_len) not in self._compiled:
             key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                        sharding=sharding_lib.replicated(self.mesh))
-            batch = sharding_lib.abstract_batch(batch_size, seq_len, self.mesh)
+            batch = train.abstract_batch(batch_size, seq_len, self.mesh)
             self._compiled[(batch_size, seq_len)] = self.step.lower(self.abstract_state, batch, key).compile()
         return self._compiled[(batch_size, seq_len)]
 
@@ -264,7 +264,7 @@ def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, c
         # The very executable the run calls: its own accounting, per device.
         stats = stats_from_analysis(step_fn.memory_analysis(), steps.abstract_state.params,
                                     steps.abstract_state.opt_state,
-                                    sharding_lib.abstract_batch(options.batch_size, options.seq_len, steps.mesh),
+                                    train.abstract_batch(options.batch_size, options.seq_len, steps.mesh),
                                     devices[0].platform, d_model=config.d_model, mesh=steps.mesh)
         _say(f"memory (compile-time, per device): {stats.summary()}")
     if state is None:

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+from jax.sharding import Mesh
 
+from reformer_jax import sharding
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.model.reformer_lm import ReformerLM, init_params
 
@@ -119,3 +121,23 @@ def batch_spec(batch_size: int, seq_len: int) -> Batch:
     return {"inputs": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
             "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
             "weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
+
+
+def abstract_train_state(config, tx, mesh: Optional[Mesh] = None):
+    """(abstract TrainState with an int32 step, its shardings over `mesh` or None): shapes only, nothing
+    allocated. With a mesh, every leaf's ShapeDtypeStruct carries its sharding (as a restore target needs)."""
+    abstract = jax.eval_shape(lambda k: create_train_state(k, config, tx).replace(step=jnp.zeros((), jnp.int32)),
+                              jax.eval_shape(lambda: jax.random.key(0)))
+    if mesh is None:
+        return abstract, None
+    shardings = sharding.state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
+def abstract_batch(batch_size: int, seq_len: int, mesh: Optional[Mesh] = None):
+    """The step's abstract batch [batch_size, seq_len] (split over data x fsdp with a mesh)."""
+    batch = batch_spec(batch_size, seq_len)
+    if mesh is None:
+        return batch
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh)) for k, v in batch.items()}

@@ -135,9 +135,9 @@ def _lower_sharded_step(config: ModelConfig, *, batch_size: int, seq_len: int, o
     shape = sharding.mesh_shape_of(mesh)
     sharding.check_mesh_fits(shape, batch_size=batch_size, n_heads=config.n_heads, d_ff=config.d_ff,
                              flag="mesh")
-    batch = sharding.abstract_batch(batch_size, seq_len, mesh)
+    batch = train.abstract_batch(batch_size, seq_len, mesh)
     key = jax.ShapeDtypeStruct((), _abstract_key().dtype, sharding=sharding.replicated(mesh))
-    state, state_sharding = sharding.abstract_train_state(config, train.make_optimizer(optimizer or "adafactor"),
+    state, state_sharding = train.abstract_train_state(config, train.make_optimizer(optimizer or "adafactor"),
                                                           mesh)
     if optimizer is None:
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
