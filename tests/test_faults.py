@@ -41,7 +41,8 @@ def _env(cache_dir=None, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     # LLVM -O0 halves the compile of every fresh run (XLA's HLO passes, hence the program's arithmetic, are the
     # ones of the default -O2 build; only the machine code is less optimised). Every run here uses it alike.
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="--xla_backend_optimization_level=0", **extra)
+    env.update({"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+                "XLA_FLAGS": "--xla_backend_optimization_level=0", **extra})
     if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -91,6 +92,26 @@ def test_same_seed_and_flags_give_bit_identical_losses_across_runs(reference, tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert _losses(tmp_path / "run") == _losses(reference) and len(_losses(reference)) == STEPS
     _assert_same_arrays(_saved_leaves(tmp_path / "run", STEPS), _saved_leaves(reference, STEPS))
+
+
+def test_reformer_reruns_are_bit_identical_with_xla_default_code_generation(tmp_path):
+    """The README's determinism claim on its default path: LSH hashing, dropout, reversible layers, sequential
+    rounds and heads, compiled with XLA's default optimisation level (no LLVM -O0) in two processes at once."""
+    flags = [f for f in RUN_FLAGS if not f.startswith(("--model=", "--steps=", "--checkpoint_every="))] + [
+        "--model=reformer", "--n_hashes=2", "--chunk_len=4", "--attention_dropout=0.1", "--steps=3",
+        "--checkpoint_every=3"]
+    env = _env(XLA_FLAGS="")  # overrides the suite's LLVM -O0
+    runs = [subprocess.Popen([sys.executable, str(RUNNER), *flags, f"--workdir={tmp_path / name}"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            for name in ("a", "b")]
+    for run in runs:
+        _, stderr = run.communicate(timeout=240)
+        assert run.returncode == 0, stderr[-3000:]
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 3
+    _assert_same_arrays(_saved_leaves(tmp_path / "a", 3), _saved_leaves(tmp_path / "b", 3))
+    model = json.loads((tmp_path / "a" / "run_settings.json").read_text())["model"]
+    assert (model["attention"], model["reversible"], model["n_hashes"], model["dropout"]) == ("lsh", True, 2, 0.1)
+    assert model["sequential_rounds"] and model["sequential_heads"]
 
 
 def _kill_when(workdir, env, at_step, delay):

@@ -65,7 +65,6 @@ def small(**overrides):
     return ModelConfig(**{**base, **overrides})
 
 
-@pytest.mark.slow  # an 18 s model compile; the default run keeps the LSH padding test below and the local core
 def test_right_padding_leaves_real_logits_of_local_and_full_layers_unchanged():
     config = small(attn_layers=("local", "full"), reversible=False, output_head="mean")  # the plain stack
     params = init_params(config, jax.random.key(0))

@@ -3,10 +3,11 @@
 The setup of the README's table (benchmarks.memory's defaults: length 4096, batch 1, d_model 512, 8 heads, d_ff
 2048, 6 layers, chunk 64, dropout 0.1, float32, the full Adafactor step). Nothing is allocated; five compiles.
 The margins, each beside the README's figure:
-- peak flat in hash rounds: 8 rounds within 1% of 2 (README: 237.8 MiB at 1 to 8 rounds), while all rounds at
-  once (sequential_rounds=False) grow by more than 30% from 2 to 8 rounds, so the test tells the two apart;
-- the Reformer's peak <= 0.05 x the Transformer's (target 3; README: 0.025);
-- the Reformer's peak <= 1.35 x its memory floor (README: 1.29; target 4a: 2);
+- peak flat in hash rounds: 8 rounds within 1% of 2 (measured +0.007%; README: 237.8 MiB at 1 to 8 rounds),
+  while all rounds at once (sequential_rounds=False) grow by more than 20% from 2 to 8 rounds (measured 1.37 x),
+  so the test tells the two apart;
+- the Reformer's peak <= 0.05 x the Transformer's (target 3; measured and README: 0.025);
+- the Reformer's peak <= 1.35 x its memory floor (measured and README: 1.29; target 4a: 2);
 - both variants' peaks within 2% of the README's table (237.8 and 9,549.9 MiB).
 Activation memory flat in depth and linear in length: tests/test_memory.py.
 """
@@ -47,7 +48,7 @@ def test_peak_is_flat_in_hash_rounds_and_all_rounds_at_once_is_not(stats):
     flat = stats["reformer"].peak_bytes / stats["reformer_2"].peak_bytes
     growing = stats["all_rounds_8"].peak_bytes / stats["all_rounds_2"].peak_bytes
     assert flat <= 1.01, f"8 rounds / 2 rounds = {flat:.4f}"
-    assert growing >= 1.3, f"all rounds at once: 8 rounds / 2 rounds = {growing:.4f}"
+    assert growing >= 1.2, f"all rounds at once: 8 rounds / 2 rounds = {growing:.4f}"
 
 
 def test_reformer_peak_is_at_most_a_twentieth_of_the_transformers(stats):
