@@ -76,7 +76,7 @@ class MemoryStats:
     device_count: int = 1
     mesh_shape: str = ""
     topology: str = ""  # a TPU slice compiled for without its chips (`reformer_jax.tpu`), e.g. "v5e:4x4"
-    hbm_bytes: int = 0  # that chip's HBM (`tpu.HBM_PER_CHIP`); 0: unknown
+    hbm_bytes: int = 0  # HBM per device of that slice (`tpu.HBM_PER_CHIP`, shared by a chip's devices); 0: unknown
 
     @property
     def fits(self) -> bool:
@@ -243,7 +243,8 @@ def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, op
     stats = stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend,
                                 d_model=config.d_model, mesh=mesh)
     if topology is not None:
-        stats = dataclasses.replace(stats, topology=topology, hbm_bytes=tpu.hbm_bytes(topology))
+        stats = dataclasses.replace(stats, topology=topology,
+                                    hbm_bytes=tpu.hbm_per_device(topology, int(mesh.devices.size)))
     return compiled, stats
 
 
