@@ -94,7 +94,7 @@ class MemoryStats:
                 f"({self.peak_bytes / self.floor_bytes:.2f} x the floor {mib(self.floor_bytes)}) [XLA: argument {mib(self.argument_bytes)}, output {mib(self.output_bytes)}, alias "
                 f"{mib(self.alias_bytes)}, temp {mib(self.temp_bytes)}; jax {self.jax_version}, {self.backend}"
                 + (f", {self.device_count} x {self.device_kind}, mesh {self.mesh_shape}" if self.mesh_shape else "")
-                + (f", {self.topology}: {mib(self.peak_bytes)} of {mib(self.hbm_bytes)} HBM per chip "
+                + (f", {self.topology}: {mib(self.peak_bytes)} of {mib(self.hbm_bytes)} HBM per device "
                    f"({'fits' if self.fits else 'does NOT fit'})" if self.topology else "")
                 + "]")
 
