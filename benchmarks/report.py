@@ -356,10 +356,11 @@ def mesh_section(results: str, rel: str) -> List[str]:
                        "what an idle machine gives (there, ours reached the speed-up of the table above).")
         plain, split = by_impl.get("ours"), by_impl.get("ours_tensor2")
         if plain and split and plain.get("median_step_s") and split.get("median_step_s"):
-            paired = speed.paired_speedups(split, plain)
+            paired = sorted(speed.paired_speedups(split, plain))
+            round_by_round = (f", {paired[len(paired) // 2]:.2f} x the one-device speed round by round"
+                              if paired else "")
             out.append(f"- Two host devices with the heads split (tensor2) against one: step "
-                       f"{split['median_step_s']:.2f} s against {plain['median_step_s']:.2f} s"
-                       + (f", {sorted(paired)[len(paired) // 2]:.2f} x the one-device speed round by round" if paired else "")
+                       f"{split['median_step_s']:.2f} s against {plain['median_step_s']:.2f} s{round_by_round}"
                        + (": faster" if split["median_step_s"] < plain["median_step_s"] else
                           ": slower, so main.py keeps one device (every device on data) as its CPU default") + ".")
     tpu_rows = _load(results, "tpu")
