@@ -287,13 +287,13 @@ def compile_only(config: ModelConfig) -> int:
         print(f"error: the TPU compiler refused the step for {FLAGS.topology} ({reason}); it does not fit: use a "
               "larger slice, more fsdp, a shorter --seq_len or a smaller --batch_size.", file=sys.stderr)
         return 1
-    print(f"memory (compile-time, per chip): {stats.summary()}", flush=True)
+    print(f"memory (compile-time, per device): {stats.summary()}", flush=True)
     if not stats.fits:
-        print(f"error: the step needs {stats.peak_bytes / 2**20:,.1f} MiB per chip, more than the "
-              f"{stats.hbm_bytes / 2**20:,.0f} MiB of HBM of a {FLAGS.topology.split(':')[0]} chip: use a larger "
-              "slice, more fsdp, a shorter --seq_len or a smaller --batch_size.", file=sys.stderr)
+        print(f"error: the step needs {stats.peak_bytes / 2**20:,.1f} MiB per device, more than the "
+              f"{stats.hbm_bytes / 2**20:,.0f} MiB of HBM each device of {FLAGS.topology} has: use a larger slice, "
+              "more fsdp, a shorter --seq_len or a smaller --batch_size.", file=sys.stderr)
         return 1
-    print(f"fits: {stats.peak_bytes / 2**20:,.1f} MiB of {stats.hbm_bytes / 2**20:,.0f} MiB HBM per chip")
+    print(f"fits: {stats.peak_bytes / 2**20:,.1f} MiB of {stats.hbm_bytes / 2**20:,.0f} MiB HBM per device")
     return 0
 
 

@@ -803,7 +803,8 @@ def run_tpu(settings: Settings) -> List[Row]:
             cpu_stats, _ = measure(settings, config, seq_len=settings.seq_len, optimizer=settings.optimizer_arg())
             row = make_row(settings, "tpu", model, config, settings.seq_len, settings.optimizer_arg(), cpu_stats, 0.0)
             row.update({"topology": topology, "tpu_device_kind": stats.device_kind if stats else None,
-                        "hbm_bytes": tpu.hbm_bytes(topology), "hbm_source": tpu.HBM_PER_CHIP[topology.split(":")[0]][1],
+                        "hbm_bytes": stats.hbm_bytes if stats else tpu.hbm_bytes(topology),
+                        "hbm_source": tpu.HBM_PER_CHIP[topology.split(":")[0]][1],
                         "tpu_peak_bytes": stats.peak_bytes if stats else None,
                         "tpu_peak_mib": round(stats.peak_bytes / MIB, 1) if stats else None,
                         "cpu_peak_mib": round(cpu_stats.peak_bytes / MIB, 1),

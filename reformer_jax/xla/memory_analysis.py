@@ -76,7 +76,7 @@ class MemoryStats:
     device_count: int = 1
     mesh_shape: str = ""
     topology: str = ""  # a TPU slice compiled for without its chips (`reformer_jax.xla.tpu`), e.g. "v5e:4x4"
-    hbm_bytes: int = 0  # that chip's HBM (`tpu.HBM_PER_CHIP`); 0: unknown
+    hbm_bytes: int = 0  # HBM per device of that slice (`tpu.HBM_PER_CHIP`, shared by a chip's devices); 0: unknown
 
     @property
     def fits(self) -> bool:

@@ -59,8 +59,15 @@ def hbm_bytes(name: str) -> int:
     return HBM_PER_CHIP[parse_topology(name)[0]][0]
 
 
+def hbm_per_device(name: str, n_devices: int) -> int:
+    """HBM of one device of the slice: a chip's HBM shared by its devices (a v4 chip shows as two devices, one per
+    TensorCore; v5e, v5p and v6e chips as one)."""
+    return hbm_bytes(name) * chips(name) // max(n_devices, 1)
+
+
 def topology_devices(name: str, flag: str = "--topology") -> List:
-    """The abstract devices of the slice `name` (jax.experimental.topologies), one per chip."""
+    """The abstract devices of the slice `name` (jax.experimental.topologies): one per chip, or one per TensorCore
+    where a chip has two without megacore (v4)."""
     generation, dims = parse_topology(name, flag)
     if not libtpu_available():
         raise TopologyError(f"{flag}={name} needs libtpu to compile for TPUs on this machine: {LIBTPU_PIP} (or "
