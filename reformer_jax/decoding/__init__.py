@@ -1,0 +1,10 @@
+"""Cached incremental decoding: a prefill fills per-layer caches of static shape, then one compiled step per token.
+
+    from reformer_jax.decoding import generate
+    tokens = generate(config, params, [prompt], max_new_tokens=200, rng=jax.random.key(0))
+
+Modules: `cache` (what each layer type keeps, its allocation and size), `decode` (prefill and the one-token step,
+on the parameters of `reformer_jax.model.ReformerLM`), `generate` (the sampling loop on the device and the API).
+"""
+
+from reformer_jax.decoding.generate import GenerateError, generate, score  # noqa: F401
