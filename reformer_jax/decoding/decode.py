@@ -8,7 +8,7 @@ step: one token per row at its own position -> that position's next-token logits
   writing its cache: full attention over the cached keys, local attention over the ring buffer of its look-back
   window, LSH attention over the positions of the newest token's chunk in every hash round (`cache.chunk_positions`,
   Hugging Face's cached LSH attention). A reversible stack runs forward only: y1 = x1 + F(x2), y2 = x2 + G(y1).
-  `step` handles one sequence; `generate` maps it over the batch with jax.vmap.
+  `step` handles one sequence; `generation` maps it over the batch with jax.vmap.
 
 Both take the config from `cache.decode_config` (bucket counts fixed, no dropout).
 """

@@ -79,8 +79,10 @@ def _decode_steps(config: ModelConfig, params, state: Dict[str, Any], n_steps: j
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(state["logits"], axis=-1), token[:, None], axis=-1)[:, 0]
         caches, logits = row_step(state["caches"], token, state["position"], state["full_until"],
                                   state["rotations"], positions)
-        return {**state, "caches": caches, "logits": logits, "position": state["position"] + 1, "t": t + 1,
-                "tokens": state["tokens"].at[:, t].set(token), "log_probs": state["log_probs"].at[:, t].set(log_prob)}
+        recorded = {"all_logits": state["all_logits"].at[:, t].set(state["logits"])} if "all_logits" in state else {}
+        return {**state, **recorded, "caches": caches, "logits": logits, "position": state["position"] + 1,
+                "t": t + 1, "tokens": state["tokens"].at[:, t].set(token),
+                "log_probs": state["log_probs"].at[:, t].set(log_prob)}
 
     end = state["t"] + n_steps
     return lax.while_loop(lambda s: s["t"] < end, body, state)
@@ -149,11 +151,12 @@ class Generation:
     """One batch of prompts being continued: `advance(n)` runs n more steps of the on-device loop.
 
     tokens() / log_probs(): [b, steps so far] of the new tokens and their log-probabilities under the model
-    (log_softmax of the logits, before temperature, top-k or top-p).
+    (log_softmax of the logits, before temperature, top-k or top-p). With keep_logits, logits() [b, steps, V]:
+    the logits each token was picked from (a [b, max_len, V] buffer, and a compilation of its own).
     """
 
     def __init__(self, config: ModelConfig, params, rows: List[np.ndarray], *, rng: jax.Array,
-                 lsh_rotations=None, forced: Optional[np.ndarray] = None):
+                 lsh_rotations=None, forced: Optional[np.ndarray] = None, keep_logits: bool = False):
         self.config = cfg = cache_lib.decode_config(config)
         self.params = params
         lengths = np.array([row.size for row in rows], np.int32)
@@ -177,6 +180,8 @@ class Generation:
                       "full_until": jnp.asarray(decode.full_until_per_row(cfg, lengths.tolist()), jnp.int32),
                       "rotations": rotations if rotations is not None else jnp.zeros((0,), jnp.float32),
                       "rng": self._sample_key}
+        if keep_logits:
+            self.state["all_logits"] = jnp.zeros((b, cfg.max_len, cfg.vocab_size), jnp.float32)
         self.lengths = lengths
         self.steps = 0
         self._sampling = None
@@ -199,6 +204,9 @@ class Generation:
 
     def log_probs(self) -> np.ndarray:
         return np.asarray(self.state["log_probs"][:, :self.steps])
+
+    def logits(self) -> np.ndarray:
+        return np.asarray(self.state["all_logits"][:, :self.steps])
 
 
 def generate(config: ModelConfig, params, prompts: Prompts, *, max_new_tokens: int, temperature: float = 1.0,

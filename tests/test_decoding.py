@@ -1,0 +1,128 @@
+"""Cached decoding: the step's logits equal the forward pass's, the LSH chunk lookup equals a sort, one compilation,
+batched prompts of different lengths, sampling settings and refusals."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from reformer_jax.config import ModelConfig
+from reformer_jax.decoding import cache as cache_lib
+from reformer_jax.decoding import generation as gen
+from reformer_jax.model import ReformerLM, init_params
+
+SMALL = dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=320, dropout=0.0, local_chunk_len=60)
+
+
+def _rel_err(got, expected):
+    return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+
+
+def _decoded_logits(config, params, tokens, prefix=1):
+    """Next-token logits at positions prefix - 1 .. l - 1 by cached decoding, feeding the given tokens."""
+    generation = gen.Generation(config, params, list(tokens[:, :prefix]), rng=jax.random.key(0),
+                                forced=tokens[:, prefix:], keep_logits=True)
+    generation.set_sampling(greedy=True, temperature=1.0, top_k=None, top_p=None, forced=True)
+    generation.advance(tokens.shape[1] - prefix)
+    return np.concatenate([generation.logits(), np.asarray(generation.state["logits"])[:, None]], axis=1)
+
+
+@pytest.mark.parametrize("reversible", [False, True], ids=["plain", "reversible"])
+@pytest.mark.parametrize("attention", ["full", "local"])
+def test_cached_logits_equal_the_forward_pass_at_every_position(attention, reversible):
+    config = ModelConfig(attention=attention, reversible=reversible, sequential_heads=reversible, **SMALL)
+    params = init_params(config, jax.random.key(1))
+    tokens = np.random.default_rng(0).integers(3, config.vocab_size, (2, 300)).astype(np.int32)
+    expected = np.asarray(ReformerLM(config).apply({"params": params}, jnp.asarray(tokens)))
+    for prefix in (1, 77):  # decoded from the first token, and after a prefill of 77 (padded to 120 / 128)
+        got = _decoded_logits(config, params, tokens, prefix)
+        assert got.shape == (2, 300 - prefix + 1, config.vocab_size)
+        assert _rel_err(got, expected[:, prefix - 1:]) < 1e-5
+
+
+def _sorted_window(buckets, position, chunk_len, n_before):
+    """Hugging Face's cached LSH lookup by brute force: stable sort of positions 0..position by bucket, the
+    chunk holding the newest position and the chunks before it, ranks modulo position + 1. [h, r, W]."""
+    h, r, _ = buckets.shape
+    out = np.zeros((h, r, (n_before + 1) * chunk_len), np.int64)
+    for i in range(h):
+        for j in range(r):
+            order = np.argsort(buckets[i, j, :position + 1], kind="stable")
+            rank = int(np.nonzero(order == position)[0][0])
+            start = (rank // chunk_len - n_before) * chunk_len
+            out[i, j] = order[np.mod(start + np.arange(out.shape[-1]), position + 1)]
+    return out
+
+
+@pytest.mark.parametrize("chunk_len,n_before", [(4, 1), (3, 2), (8, 0)])
+def test_lsh_chunk_lookup_equals_sorting_every_position(chunk_len, n_before):
+    rng = np.random.default_rng(chunk_len)
+    h, r, length, n_buckets = 2, 3, 40, 6
+    buckets = rng.integers(0, n_buckets, (h, r, length)).astype(np.uint8)
+    prompt = 5
+    index = cache_lib.new_bucket_index(jnp.asarray(buckets), jnp.int32(prompt), n_buckets)
+    stored = jnp.asarray(np.where(np.arange(length) < prompt, buckets, 0).astype(np.uint8))
+    insert = jax.jit(cache_lib.insert)
+    lookup = jax.jit(cache_lib.chunk_positions, static_argnames=("chunk_len", "n_chunks_before"))
+    for position in range(prompt, length):
+        new = jnp.asarray(buckets[:, :, position])
+        index, stored = insert(index, stored, new, jnp.int32(position))
+        window = lookup(index, stored, new, jnp.int32(position), chunk_len=chunk_len, n_chunks_before=n_before)
+        np.testing.assert_array_equal(np.asarray(window), _sorted_window(buckets, position, chunk_len, n_before),
+                                      err_msg=f"position {position}")
+
+
+@pytest.fixture(scope="module")
+def lsh_model():
+    config = ModelConfig(attn_layers=("local", "lsh"), n_layers=2, d_model=32, n_heads=2, d_ff=64, max_len=128,
+                         chunk_len=8, local_chunk_len=8, n_hashes=2, dropout=0.0)
+    return config, init_params(config, jax.random.key(2))
+
+
+def test_decode_step_compiles_once_for_every_prompt_length_and_setting(lsh_model):
+    config, params = lsh_model
+    prompts = [[5, 6, 7], [8] * 11], [[9] * 20, [4] * 2]
+    settings = [dict(greedy=True), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.5)]
+    before = gen.decode_step_compilations()
+    for i, (batch, setting) in enumerate(zip(prompts * 2, settings * 2)):
+        gen.generate(config, params, batch, max_new_tokens=3 + i, rng=jax.random.key(i), **setting)
+    assert gen.decode_step_compilations() == before + 1
+
+
+def test_batched_prompts_of_different_lengths_match_generating_each_alone():
+    config = ModelConfig(attention="full", reversible=True, **{**SMALL, "max_len": 64})
+    params = init_params(config, jax.random.key(3))
+    prompts = [[5, 9, 11, 4, 7, 8, 20], [33], [6, 6, 6, 6]]
+    together = gen.generate(config, params, prompts, max_new_tokens=12, greedy=True, rng=jax.random.key(0))
+    for row, prompt in zip(together, prompts):
+        alone = gen.generate(config, params, [prompt], max_new_tokens=12, greedy=True, rng=jax.random.key(0))
+        np.testing.assert_array_equal(row, alone[0])
+
+
+def test_sampling_settings(lsh_model):
+    config, params = lsh_model
+    prompt, key = [[5, 6, 7, 8, 9]], jax.random.key(4)
+    greedy = gen.generate(config, params, prompt, max_new_tokens=16, greedy=True, rng=key)
+    np.testing.assert_array_equal(gen.generate(config, params, prompt, max_new_tokens=16, top_k=1, rng=key), greedy)
+    np.testing.assert_array_equal(gen.generate(config, params, prompt, max_new_tokens=16, top_p=1e-6, rng=key), greedy)
+    first, log_probs = gen.generate(config, params, prompt, max_new_tokens=16, rng=key, return_log_probs=True)
+    np.testing.assert_array_equal(gen.generate(config, params, prompt, max_new_tokens=16, rng=key), first)
+    assert log_probs.shape == (1, 16) and np.all(log_probs <= 0)
+    other = gen.generate(config, params, prompt, max_new_tokens=16, rng=jax.random.key(5))
+    assert not np.array_equal(other, first)  # a near-uniform random model: another seed, other tokens
+
+
+@pytest.mark.parametrize("arguments,named", [
+    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[[5] * 120], max_new_tokens=9), "max_len=128"),
+    (dict(top_p=0.0), "top_p=0.0"), (dict(top_p=1.5), "top_p=1.5"),
+    (dict(temperature=0.0), "greedy=True"), (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(top_k=0), "top_k=0"), (dict(max_new_tokens=0), "max_new_tokens=0"),
+])
+def test_bad_arguments_are_refused_in_one_line(lsh_model, arguments, named):
+    config, params = lsh_model
+    arguments = {"prompts": [[5, 6]], "max_new_tokens": 4, **arguments}
+    with pytest.raises(gen.GenerateError, match=named.replace("[", r"\[").replace(".", r"\.")) as error:
+        gen.generate(config, params, arguments.pop("prompts"), rng=jax.random.key(0), **arguments)
+    assert "\n" not in str(error.value)
