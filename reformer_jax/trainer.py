@@ -27,7 +27,6 @@ from reformer_jax.checkpoint import (Checkpointer, WorkdirError, check_run_setti
 from reformer_jax.config import ModelConfig
 from reformer_jax.memory import compile_train_step
 from reformer_jax.run_log import MetricsLog, Progress, format_duration
-from reformer_jax.sampling import sample, sampling_window
 from reformer_jax.xla_options import step_compiler_options
 
 
@@ -318,19 +317,21 @@ def _diverged(metrics: Dict[str, float], step: int, checkpointer: Checkpointer) 
 
 
 def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) -> str:
-    """Generated text after a prompt from the validation split (or a copy-task example)."""
-    window = sampling_window(config, options.seq_len)
+    """Generated text after a prompt from the validation split (or a copy-task example), by cached decoding."""
+    from reformer_jax.decoding import generate
+
     rng = jax.random.key(options.seed + 20_000)
     if isinstance(dataset, data_lib.CopyTask):
-        half = window // 2
-        example = dataset.batch("validation", options.seed, 0, 1, window)["inputs"][0]
-        copied = sample(config, params, example[:half + 1], length=half - 1, window=window, rng=rng,
-                        temperature=1e-3)
+        length = min(options.seq_len, config.max_len)
+        half = length // 2
+        example = dataset.batch("validation", options.seed, 0, 1, length)["inputs"][0]
+        copied = generate(config, params, [example[:half + 1]], max_new_tokens=half - 1, greedy=True, rng=rng)[0]
         right = float(np.mean(copied == example[half + 1:]))
-        return f"copy task: {right:.1%} of {half - 1} symbols copied right by greedy sampling"
-    prompt = dataset.batch("validation", options.seed, 0, 1, 64)["inputs"][0]
-    tokens = sample(config, params, prompt, length=options.sample_len, window=window, rng=rng)
-    return data_lib.decode(prompt) + data_lib.decode(tokens)
+        return f"copy task: {right:.1%} of {half - 1} symbols copied right by greedy decoding"
+    prompt = dataset.batch("validation", options.seed, 0, 1, 64)["inputs"][0][:config.max_len - 1]
+    length = min(options.sample_len, config.max_len - prompt.size)
+    tokens = generate(config, params, [prompt], max_new_tokens=length, temperature=0.8, rng=rng)[0]
+    return f"[prompt]\n{data_lib.decode(prompt)}\n[generated, {length} tokens]\n{data_lib.decode(tokens)}"
 
 
 def _print_summary(summary: Dict[str, Any]) -> None:

@@ -120,11 +120,6 @@ def check_arguments(config: ModelConfig, prompts: Prompts, max_new_tokens: int, 
             raise GenerateError(f"prompt {i} holds token ids outside [0, {config.vocab_size}) (vocab_size).")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens={max_new_tokens!r} is invalid: expected a positive integer.")
-    longest = max(row.size for row in rows)
-    if longest + max_new_tokens > config.max_len:
-        raise GenerateError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is {longest + max_new_tokens} "
-                            f"positions, more than the model's max_len={config.max_len}; shorten the prompt or "
-                            f"generate at most {max(config.max_len - longest, 0)} tokens.")
     if not greedy and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                        or not temperature > 0):
         raise GenerateError(f"temperature={temperature!r} is invalid: expected a number > 0 (for the most likely "
@@ -133,6 +128,11 @@ def check_arguments(config: ModelConfig, prompts: Prompts, max_new_tokens: int, 
         raise GenerateError(f"top_k={top_k!r} is invalid: expected a positive integer, or None for every token.")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise GenerateError(f"top_p={top_p!r} is invalid: expected a probability in (0, 1], or None for 1.")
+    longest = max(row.size for row in rows)
+    if longest + max_new_tokens > config.max_len:
+        raise GenerateError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is {longest + max_new_tokens} "
+                            f"positions, more than the model's max_len={config.max_len}; shorten the prompt or "
+                            f"generate at most {max(config.max_len - longest, 0)} tokens.")
     return rows
 
 
