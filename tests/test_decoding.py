@@ -126,3 +126,20 @@ def test_bad_arguments_are_refused_in_one_line(lsh_model, arguments, named):
     with pytest.raises(gen.GenerateError, match=named.replace("[", r"\[").replace(".", r"\.")) as error:
         gen.generate(config, params, arguments.pop("prompts"), rng=jax.random.key(0), **arguments)
     assert "\n" not in str(error.value)
+
+
+def test_cli_refuses_a_workdir_without_a_checkpoint_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "run_settings.json").write_text('{"model": {}}')
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "reformer_jax.generate", f"--workdir={tmp_path}", "--prompt=ROMEO:"],
+                            cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines() == [
+        f"error: --workdir={tmp_path} holds no checkpoint (no {tmp_path / 'checkpoints'}); train it first "
+        "(python main.py --workdir=...) or pass a run that saved one."]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing created in the user's directory
