@@ -143,3 +143,31 @@ def test_cli_refuses_a_workdir_without_a_checkpoint_in_one_line(tmp_path):
         "(python main.py --workdir=...) or pass a run that saved one."]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()  # nothing created in the user's directory
+
+
+@pytest.mark.slow  # trains a model for 60 steps: about a minute on 2 cores
+def test_cached_decoding_scores_a_trained_lsh_model_within_two_percent_of_the_forward_pass(tmp_path):
+    """Bits per character of validation text: the training forward pass (LSH over whole sequences) and cached
+    decoding (Hugging Face's per-token chunk lookup) attend to different positions, and must still agree."""
+    import math
+
+    from corpus import corpus_path
+    from reformer_jax import data
+    from reformer_jax.evaluation import token_scores
+    from reformer_jax.trainer import TrainOptions, train_and_evaluate
+
+    dataset = data.load_dataset("text", seq_len=64, data_path=str(corpus_path(tmp_path)))
+    config = ModelConfig.preset("reformer", d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=64, chunk_len=16,
+                                n_hashes=2)
+    options = TrainOptions(workdir=str(tmp_path / "run"), steps=60, batch_size=8, seq_len=64, dataset="text",
+                           eval_every=0, sample_len=0, analyze_memory=False, learning_rate=5e-3, warmup_steps=5,
+                           checkpoint_every=0)
+    params = train_and_evaluate(config, options, dataset=dataset)["state"].params
+    batch = dataset.batch("validation", 0, 0, 8, 64)
+    forward, _ = token_scores(config, params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
+                              jax.random.key(1))
+    decoded = gen.score(config, params, batch["inputs"], rng=jax.random.key(2))  # scores tokens 1 .. 63
+    forward_bpc = -float(np.mean(np.asarray(forward)[:, :-1])) / math.log(2)
+    decoded_bpc = -float(np.mean(decoded)) / math.log(2)
+    assert forward_bpc < 6.0  # trained past uniform over bytes (8 bits)
+    assert abs(decoded_bpc / forward_bpc - 1) < 0.02, (forward_bpc, decoded_bpc)

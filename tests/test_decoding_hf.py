@@ -27,7 +27,10 @@ BASE = dict(hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_
 NEW_TOKENS = 64
 
 
-@pytest.mark.parametrize("prompt_len", [5, 8, 13, 24])
+SLOW = pytest.mark.slow  # the default run keeps one prompt length per model
+
+
+@pytest.mark.parametrize("prompt_len", [5, pytest.param(8, marks=SLOW), 13, pytest.param(24, marks=SLOW)])
 @pytest.mark.parametrize("layers", [("lsh", "lsh"), ("local", "lsh", "local", "lsh")], ids=["lsh", "mixed"])
 def test_greedy_generation_matches_hugging_face(layers, prompt_len, monkeypatch):
     torch.manual_seed(0)
