@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -40,6 +41,10 @@ flags.DEFINE_integer("sampler_max_context", 16384, "Longest context the window r
 flags.DEFINE_integer("transformer_sampler_max_context", 4096, "Longest context for the Transformer's sampler.")
 flags.DEFINE_integer("repeats", 2, "Alternating repetitions; the best time counts.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where generate.{json,csv,md,png} go.")
+flags.DEFINE_string("score_workdir", None, "Instead of the speed runs: score validation text of this main.py run "
+                    "by cached decoding and by the forward pass (generate_bpc.{json,md}).")
+flags.DEFINE_string("data_path", None, "The run's text file, for --score_workdir.")
+flags.DEFINE_integer("score_sequences", 8, "Validation sequences (of the run's seq_len) --score_workdir scores.")
 
 SIZES = dict(d_model=256, n_heads=4, d_head=64, d_ff=512, n_layers=4, chunk_len=64, n_hashes=2, vocab_size=259)
 
@@ -213,7 +218,7 @@ def run(contexts: List[int]) -> List[Dict[str, Any]]:
     for row in rows:
         row.update(cache)
         row.update(machine=measure.machine(), max_len=max_len, sizes=SIZES, model=list(reformer.layer_types),
-                   peers=_peer_versions(), cpu_shared=True)
+                   peers=_peer_versions(), cpu_shared=True, command=_command())
     return rows
 
 
@@ -286,8 +291,54 @@ def plot(rows: List[Dict[str, Any]]):
     return draw
 
 
+def score_run(workdir: str) -> List[Dict[str, Any]]:
+    """Bits per character of the same validation sequences of a main.py run: its training forward pass (as its
+    evaluation computes it) and cached decoding (prefill of the first token, then every token fed in turn)."""
+    from pathlib import Path
+
+    from reformer_jax import data
+    from reformer_jax.checkpoint import saved_run_settings
+    from reformer_jax.evaluation import token_scores
+    from reformer_jax.generate import load_run
+
+    config, params, source = load_run(Path(workdir))
+    settings = saved_run_settings(Path(workdir))
+    seq_len = settings["seq_len"]
+    dataset = data.load_dataset(settings["dataset"], seq_len=seq_len, data_path=FLAGS.data_path)
+    forward, decoded = [], []
+    for i in range(FLAGS.score_sequences // 4):
+        batch = dataset.batch("validation", settings["seed"], i, 4, seq_len)
+        log_probs, _ = token_scores(config, params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
+                                    jax.random.key(10_000 + i))
+        forward.append(np.asarray(log_probs)[:, :-1])  # the last position's target is not a decoded token
+        decoded.append(generation.score(config, params, batch["inputs"], rng=jax.random.key(i)))
+    forward_bpc = -float(np.mean(np.concatenate(forward))) / math.log(2)
+    decoded_bpc = -float(np.mean(np.concatenate(decoded))) / math.log(2)
+    return [{"run": source, "model": list(config.layer_types), "n_hashes": config.n_hashes,
+             "chunk_len": config.chunk_len, "seq_len": seq_len, "sequences": 4 * (FLAGS.score_sequences // 4),
+             "forward_bpc": forward_bpc, "cached_decoding_bpc": decoded_bpc,
+             "relative_difference": decoded_bpc / forward_bpc - 1, "machine": measure.machine(),
+             "command": _command()}]
+
+
+def _command() -> str:
+    return "python -m benchmarks.generate " + " ".join(sys.argv[1:])
+
+
 def main(argv):
     del argv
+    if FLAGS.score_workdir:
+        rows = score_run(FLAGS.score_workdir)
+        row = rows[0]
+        text = ("# Scoring a trained model by cached decoding\n\n" + output.markdown_table(rows, [
+            ("run", "run", ""), ("sequences", "sequences", "d"), ("seq_len", "tokens each", "d"),
+            ("forward_bpc", "forward pass bpc", ".4f"), ("cached_decoding_bpc", "cached decoding bpc", ".4f"),
+            ("relative_difference", "difference", "+.2%")]) + f"\nWithin 2%: "
+            f"{output.met(abs(row['relative_difference']) < 0.02)}.\n")
+        print(text)
+        for path in output.write_outputs(FLAGS.out_dir, "generate_bpc", rows, text):
+            print("wrote", path)
+        return
     contexts = [int(c) for c in FLAGS.contexts]
     rows = run(contexts)
     text = markdown(rows)

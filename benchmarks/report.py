@@ -259,6 +259,7 @@ def build(results: str, report_path: str) -> str:
       "check of it (see the runtime table). GPU runtime figures are still to come.")
     out.extend(speed_section(results, rel))
     out.extend(quality_section(results, rel))
+    out.extend(generation_section(results, rel))
     text = "\n".join(out) + "\n"
     atomic_write_text(report_path, text)
     return text
@@ -337,6 +338,22 @@ def quality_section(results: str, rel: str) -> List[str]:
             out.append(f"\n{spread}\nOther seeds: {commands}.\n")
         table = quality.markdown(task, rows, rows[0], rows[0]["command"])
         out.append("\n" + table.split("\n", 1)[1].lstrip("\n"))
+    return out
+
+
+def generation_section(results: str, rel: str) -> List[str]:
+    """Generation (benchmarks.generate): the speed table and the scoring check, as the driver wrote them."""
+    out: List[str] = []
+    for name, title in (("generate", "Generation speed"), ("generate_bpc", "Scoring by cached decoding")):
+        path = os.path.join(results, f"{name}.md")
+        rows = _load(results, name)
+        if not rows or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            body = f.read().split("\n", 1)[1].lstrip("\n")  # the driver's own title gives way to this one
+        out.append(f"\n## {title}\n")
+        out.append(f"`{rows[0].get('command', 'python -m benchmarks.generate')}` -> [`{name}.json`]({rel}/{name}.json)\n")
+        out.append(body)
     return out
 
 
