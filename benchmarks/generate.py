@@ -36,8 +36,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("contexts", ["1024", "4096", "16384", "65536"], "Prompt lengths (tokens).")
 flags.DEFINE_integer("new_tokens", 1000, "Tokens our cached decoding generates per measurement.")
 flags.DEFINE_integer("hf_tokens", 100, "Tokens Hugging Face generates per measurement (fewer above 4k: 30).")
-flags.DEFINE_integer("sampler_tokens", 4, "Tokens today's sampler generates per measurement.")
-flags.DEFINE_integer("sampler_max_context", 16384, "Longest context the window re-reading sampler is run at.")
+flags.DEFINE_integer("sampler_tokens", 3, "Tokens today's sampler generates per measurement.")
+flags.DEFINE_integer("transformer_tokens", 100, "Tokens the Transformer's cached decoding generates per measurement.")
+flags.DEFINE_integer("sampler_max_context", 65536, "Longest context the window re-reading sampler is run at.")
 flags.DEFINE_integer("transformer_sampler_max_context", 4096, "Longest context for the Transformer's sampler.")
 flags.DEFINE_integer("repeats", 2, "Alternating repetitions; the best time counts.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where generate.{json,csv,md,png} go.")
@@ -192,7 +193,7 @@ def run(contexts: List[int]) -> List[Dict[str, Any]]:
             if hf is not None:
                 theirs = hf_per_token(hf, prompt, hf_tokens)
                 measured.update(hf_s=theirs["per_token_s"], hf_prefill_s=theirs["prefill_s"])
-            transformer_ours = ours_per_token(transformer, transformer_params, prompt, FLAGS.new_tokens)
+            transformer_ours = ours_per_token(transformer, transformer_params, prompt, FLAGS.transformer_tokens)
             measured["transformer_s"] = transformer_ours["per_token_s"]
             if context <= FLAGS.transformer_sampler_max_context:
                 measured["transformer_sampler_s"] = sampler_per_token(transformer, transformer_params, prompt,
@@ -248,8 +249,8 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
              f"Model: {first['model']} (reversible), d_model {SIZES['d_model']}, {SIZES['n_heads']} heads of "
              f"{SIZES['d_head']}, d_ff {SIZES['d_ff']}, {SIZES['n_hashes']} hash rounds, chunks of "
              f"{SIZES['chunk_len']}, max_len {first['max_len']}; batch 1, greedy. Ours generates "
-             f"{first['new_tokens']} tokens per measurement, Hugging Face {first['hf_tokens']} (30% of that above "
-             f"4k), the sampler {first['sampler_tokens']}; best of {FLAGS.repeats} alternating runs, compilation "
+             f"{first['new_tokens']} tokens per measurement (the Transformer {FLAGS.transformer_tokens}), Hugging Face "
+             f"{first['hf_tokens']} (30% of that above 4k), the sampler {first['sampler_tokens']}; best of {FLAGS.repeats} alternating runs, compilation "
              f"and prefill excluded. Machine: {first['machine']['platform']}, {first['machine']['cpu_count']} CPUs "
              f"(shared with other jobs), jax {first['machine']['jax_version']}, {first['peers']}.", "",
              output.markdown_table(rows, columns)]
