@@ -15,9 +15,10 @@ decode step writes one position and reads what it attends to. Shapes per sequenc
 Why keys and values, not the layer inputs (trax and Hugging Face cache the layer-normed inputs, d floats per
 position, and project the gathered ones again at every step): a step of an LSH layer attends to n_r * W gathered
 positions (W = (n_chunks_before + 1) * chunk_len), and projecting them again costs 2 n_r W d h k multiply-adds per
-layer and token (for d 512, h 8, k 64, n_r 8, W 128: 537 M, about 40 x the rest of the layer's step), while
-keeping keys and values costs 2 h k floats per position instead of d, twice the memory. Full attention would
-re-project all L positions. `bytes_per_token` reports the memory side.
+layer and token (for d 512, h 8, k 64, n_r 8, W 128, d_ff 2048: 537 M, over 100 x the 3 M of the layer's
+projections and feed-forward), while keeping keys and values costs 2 h k floats per position instead of d, twice
+the memory. Full attention would re-project all L positions at every step. The choice is by this count, not by a
+timing of both; `bytes_per_token` reports the memory side.
 
 The bucket index (prev / next / first / last / counts) stores each hash round's positions as linked lists by
 bucket, in position order: the round's sorted order (by bucket, then position, as LSH attention sorts) is the
@@ -44,7 +45,8 @@ NONE = -1  # "no position" in the bucket index
 
 def decode_config(config: ModelConfig) -> ModelConfig:
     """The config decoding runs with: LSH bucket counts fixed at their max_len value (the prefill and every step
-    must hash into the same buckets, whatever the prompt's length), no dropout."""
+    must hash into the same buckets, whatever the prompt's length), no dropout. A model trained with the default
+    bucket count at a length below max_len hashed into fewer buckets in training; give it an explicit n_buckets."""
     changes: Dict[str, Any] = dict(dropout=0.0, attention_dropout=0.0, local_attention_dropout=0.0)
     if config.uses("lsh"):
         changes["n_buckets"] = config.resolved_n_buckets(config.max_len)
