@@ -3,14 +3,16 @@
 Every array is allocated once for `cache_len` positions (the model's max_len) when the prompt is prefilled; a
 decode step writes one position and reads what it attends to. Shapes per sequence (a batch adds a leading b axis):
 
-  full   keys, values [L, h, k]     every position's unit-normalised key (shared-QK) and value
-  local  keys, values [W, h, k]     ring buffer of the look-back window, W = (local_n_chunks_before + 1) *
+  full   keys, values [h, L, k]     every position's unit-normalised key (shared-QK) and value
+  local  keys, values [h, W, k]     ring buffer of the look-back window, W = (local_n_chunks_before + 1) *
                                     local_chunk_len, position q in slot q % W; keys already scaled by 1/sqrt(k)
-  lsh    keys, values [L, h, k]     as for full attention
+  lsh    keys, values [h, L, k]     as for full attention (head-major: a step's dot products read them in place)
          buckets      [h, r, L]     each position's bucket in every hash round
          prev, next   [h, r, L]     int32: the previous / next position in the same bucket (-1: none)
          first, last  [h, r, n_b]   int32: the first / last position of each bucket (-1: empty)
          counts       [h, r, n_b]   int32: positions per bucket
+         early_keys, early_values [h, E, k]   positions 0 .. E - 1 again, E = chunk_len + 1: a step attends to all
+                                    of them while Hugging Face would have no buckets yet (`decode._lsh_step`)
 
 Why keys and values, not the layer inputs (trax and Hugging Face cache the layer-normed inputs, d floats per
 position, and project the gathered ones again at every step): a step of an LSH layer attends to n_r * W gathered
@@ -63,16 +65,23 @@ def lsh_window(config: ModelConfig) -> int:
     return (config.n_chunks_before + 1) * config.chunk_len
 
 
+def early_positions(config: ModelConfig, cache_len: int) -> int:
+    """Positions an LSH layer's step may attend to all of (see `decode._lsh_step`): chunk_len + 1."""
+    return min(cache_len, config.chunk_len + 1)
+
+
 def cache_shapes(config: ModelConfig, kind: str, cache_len: int) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
     """{name: (shape, dtype)} of one layer's cache for one sequence (`decode_config`'s config)."""
     h, k = config.n_heads, config.d_head
     rows = local_window(config) if kind == "local" else cache_len
-    shapes = {"keys": ((rows, h, k), jnp.float32), "values": ((rows, h, k), jnp.float32)}
+    shapes = {"keys": ((h, rows, k), jnp.float32), "values": ((h, rows, k), jnp.float32)}
     if kind == "lsh":
         r, n_b = config.n_hashes, total_buckets(config.n_buckets)
         shapes.update(buckets=((h, r, cache_len), bucket_dtype(config.n_buckets)),
                       prev=((h, r, cache_len), jnp.int32), next=((h, r, cache_len), jnp.int32),
-                      first=((h, r, n_b), jnp.int32), last=((h, r, n_b), jnp.int32), counts=((h, r, n_b), jnp.int32))
+                      first=((h, r, n_b), jnp.int32), last=((h, r, n_b), jnp.int32), counts=((h, r, n_b), jnp.int32),
+                      early_keys=((h, early_positions(config, cache_len), k), jnp.float32),
+                      early_values=((h, early_positions(config, cache_len), k), jnp.float32))
     return shapes
 
 
@@ -82,7 +91,7 @@ def bytes_per_token(config: ModelConfig, kind: str) -> int:
         return 0
     per_position = 0
     for name, (shape, dtype) in cache_shapes(config, kind, cache_len=1).items():
-        if name not in ("first", "last", "counts"):
+        if name not in ("first", "last", "counts", "early_keys", "early_values"):
             per_position += math.prod(shape) * jnp.dtype(dtype).itemsize
     return per_position
 
@@ -130,14 +139,14 @@ def insert(index: Cache, buckets: jax.Array, new_buckets: jax.Array, position: j
     rows = jnp.arange(h)[:, None], jnp.arange(r)[None, :]
     b = new_buckets.astype(jnp.int32)
     tail = _at(index["last"], b)  # the bucket's last position before this one
-    prev = index["prev"].at[rows + (position,)].set(tail)
-    nxt = index["next"].at[rows + (position,)].set(NONE)
-    nxt = nxt.at[rows + (jnp.where(tail >= 0, tail, position),)].set(
-        jnp.where(tail >= 0, position, NONE))
-    first = index["first"].at[rows + (b,)].set(jnp.where(tail >= 0, _at(index["first"], b), position))
-    updated = {"prev": prev, "next": nxt, "first": first, "last": index["last"].at[rows + (b,)].set(position),
-               "counts": index["counts"].at[rows + (b,)].add(1)}
-    return updated, buckets.at[rows + (position,)].set(new_buckets.astype(buckets.dtype))
+    write = lambda table, where, value: table.at[rows + (where,)].set(value, mode="promise_in_bounds")  # noqa: E731
+    nxt = write(index["next"], position, NONE)
+    updated = {"prev": write(index["prev"], position, tail),
+               "next": write(nxt, jnp.where(tail >= 0, tail, position), jnp.where(tail >= 0, position, NONE)),
+               "first": write(index["first"], b, jnp.where(tail >= 0, _at(index["first"], b), position)),
+               "last": write(index["last"], b, position),
+               "counts": index["counts"].at[rows + (b,)].add(1, mode="promise_in_bounds")}
+    return updated, write(buckets, position, new_buckets.astype(buckets.dtype))
 
 
 def _neighbour_buckets(counts: jax.Array) -> Tuple[jax.Array, jax.Array]:

@@ -97,14 +97,17 @@ def _prefill_cache(config: ModelConfig, kind: str, attn_params: Params, x: jax.A
                    buckets: Optional[jax.Array], cache_len: int) -> cache_lib.Cache:
     """One layer's cache from its input x [b, P, d] (and, LSH, the forward pass's bucket ids [b, h, r, P])."""
     h = _normed(config, attn_params, x)
+    head_major = lambda rows: jnp.swapaxes(rows, 1, 2)  # noqa: E731  [b, P, h, k] -> [b, h, P, k]
     if kind == "local":
         keys = _project(config, h, attn_params["k"]) / jnp.sqrt(jnp.float32(config.d_head))
         width = cache_lib.local_window(config)
-        return {"keys": _ring(keys, lengths, width),
-                "values": _ring(_project(config, h, attn_params["v"]), lengths, width)}
-    cache = {"keys": _filled(normalize_keys(_project(config, h, attn_params["qk"])), cache_len, 1),
-             "values": _filled(_project(config, h, attn_params["v"]), cache_len, 1)}
+        return {"keys": head_major(_ring(keys, lengths, width)),
+                "values": head_major(_ring(_project(config, h, attn_params["v"]), lengths, width))}
+    cache = {"keys": _filled(head_major(normalize_keys(_project(config, h, attn_params["qk"]))), cache_len, 2),
+             "values": _filled(head_major(_project(config, h, attn_params["v"])), cache_len, 2)}
     if kind == "lsh":
+        early = cache_lib.early_positions(config, cache_len)
+        cache.update(early_keys=cache["keys"][:, :, :early], early_values=cache["values"][:, :, :early])
         n_b = total_buckets(config.n_buckets)
         dtype = cache_lib.cache_shapes(config, "lsh", 1)["buckets"][1]
         # Padded positions carry the padding bucket n_b; they are outside the index and overwritten later.
@@ -158,41 +161,56 @@ def _softmax_attend(dots: jax.Array, values: jax.Array, pattern: str) -> jax.Arr
     return jnp.einsum(pattern, jax.nn.softmax(dots, axis=-1), values)
 
 
+def _write(cache: jax.Array, position: jax.Array, row: jax.Array) -> jax.Array:
+    """cache [h, n, k] with row [h, k] at `position`: a dynamic-update-slice, which XLA updates in place in the
+    decode loop (an .at[].set scatter became a select over the whole cache and a copy of it per step)."""
+    return lax.dynamic_update_slice_in_dim(cache, row[:, None, :].astype(cache.dtype), position, axis=1)
+
+
+def _attend_all(qk, keys, values, position):
+    """Shared-QK attention of one query [h, k] to keys, values [h, n, k] at positions 0 .. n - 1, of which those
+    after `position` are masked and its own gets the self-mask score."""
+    seen = jnp.arange(keys.shape[1])
+    dots = jnp.einsum("hk,hlk->hl", qk, keys)
+    dots = jnp.where(seen > position, MASK_VALUE, jnp.where(seen == position, SELF_MASK_VALUE, dots))
+    return _softmax_attend(dots, values, "hl,hlk->hk")
+
+
 def _full_step(config, attn_params, cache, h, position):
     """Shared-QK attention of the newest position to every cached one. h [d] -> ([h, k], cache)."""
     qk, v = _project(config, h, attn_params["qk"]), _project(config, h, attn_params["v"])
-    keys = cache["keys"].at[position].set(normalize_keys(qk))
-    values = cache["values"].at[position].set(v)
-    seen = jnp.arange(keys.shape[0])
-    dots = jnp.einsum("hk,lhk->hl", qk, keys)
-    dots = jnp.where(seen > position, MASK_VALUE, jnp.where(seen == position, SELF_MASK_VALUE, dots))
-    return _softmax_attend(dots, values, "hl,lhk->hk"), {"keys": keys, "values": values}
+    keys, values = _write(cache["keys"], position, normalize_keys(qk)), _write(cache["values"], position, v)
+    return _attend_all(qk, keys, values, position), {"keys": keys, "values": values}
 
 
 def _local_step(config, attn_params, cache, h, position):
     """Local attention of the newest position to its look-back window in the ring buffer."""
-    width = cache["keys"].shape[0]
+    width = cache["keys"].shape[1]
     q = _project(config, h, attn_params["q"])
     k = _project(config, h, attn_params["k"]) / jnp.sqrt(jnp.float32(config.d_head))
     slot = position % width
-    keys = cache["keys"].at[slot].set(k)
-    values = cache["values"].at[slot].set(_project(config, h, attn_params["v"]))
+    keys, values = _write(cache["keys"], slot, k), _write(cache["values"], slot, _project(config, h, attn_params["v"]))
     held = position - jnp.mod(position - jnp.arange(width), width)  # the position each slot holds
     c = config.local_chunk_len
     start = jnp.maximum(0, (position // c - config.local_n_chunks_before) * c)
-    dots = jnp.where(held >= start, jnp.einsum("hk,whk->hw", q, keys), MASK_VALUE)
-    return _softmax_attend(dots, values, "hw,whk->hk"), {"keys": keys, "values": values}
+    dots = jnp.where(held >= start, jnp.einsum("hk,hwk->hw", q, keys), MASK_VALUE)
+    return _softmax_attend(dots, values, "hw,hwk->hk"), {"keys": keys, "values": values}
 
 
 def _lsh_step(config, attn_params, cache, h, position, full_until, rotations):
     """LSH attention of the newest position, hashed with the prefill's rotations [h, k, r, f / 2].
 
     Up to position `full_until` it attends to every position instead (Hugging Face does while it has no buckets
-    cached: prompts no longer than a chunk, until the sequence reaches a chunk); those positions are < chunk_len + 1.
+    cached: prompts no longer than a chunk, until the sequence reaches a chunk); those positions are <= chunk_len,
+    the cache's early_keys / early_values.
     """
     qk, v = _project(config, h, attn_params["qk"]), _project(config, h, attn_params["v"])
-    keys = cache["keys"].at[position].set(normalize_keys(qk))
-    values = cache["values"].at[position].set(v)
+    keys, values = _write(cache["keys"], position, normalize_keys(qk)), _write(cache["values"], position, v)
+    # The first positions also live in small arrays of their own: read from the big cache, XLA copied all of it
+    # at every step (to keep it for the read while writing it in place).
+    here = (jnp.arange(cache["early_keys"].shape[1]) == position)[None, :, None]
+    early_keys = jnp.where(here, normalize_keys(qk)[:, None], cache["early_keys"])
+    early_values = jnp.where(here, v[:, None], cache["early_values"])
     new_buckets = lsh_buckets(qk[None, :, None, :], None, n_hashes=config.n_hashes, n_buckets=config.n_buckets,
                               rotations=rotations)[0, :, :, 0]  # [h, r]
     index = {name: cache[name] for name in ("prev", "next", "first", "last", "counts")}
@@ -200,15 +218,14 @@ def _lsh_step(config, attn_params, cache, h, position, full_until, rotations):
     window = cache_lib.chunk_positions(index, buckets, new_buckets, position, chunk_len=config.chunk_len,
                                        n_chunks_before=config.n_chunks_before)  # [h, r, W]
     heads = jnp.arange(qk.shape[0])[:, None, None]
-    dots = jnp.einsum("hk,hrwk->hrw", qk, keys[window, heads])
+    dots = jnp.einsum("hk,hrwk->hrw", qk, keys[heads, window])
     dots = jnp.where(window == position, SELF_MASK_VALUE, dots)
     lse = jax.nn.logsumexp(dots, axis=-1)  # [h, r]
-    per_round = jnp.einsum("hrw,hrwk->hrk", jnp.exp(dots - lse[..., None]), values[window, heads])
+    per_round = jnp.einsum("hrw,hrwk->hrk", jnp.exp(dots - lse[..., None]), values[heads, window])
     out = jnp.einsum("hr,hrk->hk", jax.nn.softmax(lse, axis=-1), per_round)
-    early = min(keys.shape[0], config.chunk_len + 1)
-    early_out, _ = _full_step(config, attn_params, {"keys": keys[:early], "values": values[:early]}, h, position)
-    out = jnp.where(position <= full_until, early_out, out)
-    return out, {"keys": keys, "values": values, "buckets": buckets, **index}
+    out = jnp.where(position <= full_until, _attend_all(qk, early_keys, early_values, position), out)
+    return out, {"keys": keys, "values": values, "early_keys": early_keys, "early_values": early_values,
+                 "buckets": buckets, **index}
 
 
 def _attention_output(config: ModelConfig, kind: str, o: jax.Array, w_out: jax.Array) -> jax.Array:

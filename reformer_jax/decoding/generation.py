@@ -69,7 +69,15 @@ def _decode_steps(config: ModelConfig, params, state: Dict[str, Any], n_steps: j
     state["forced"][:, t] where sampling["forced"]), record it and its log-probability, and feed it through
     `decode.step`. The state's arrays keep their shapes, so this compiles once."""
     positions = decode.position_table(config, params)
-    row_step = jax.vmap(functools.partial(decode.step, config, params), in_axes=(0, 0, 0, 0, None, None))
+    one_row = functools.partial(decode.step, config, params)
+    if state["tokens"].shape[0] == 1:
+        # One row: its caches are carried without a batch axis (`Generation`), so XLA updates them in place; a
+        # reshape between the loop's carry and the step made it copy every cache at every step.
+        def row_step(caches, token, position, full_until, rotations, positions):
+            caches, logits = one_row(caches, token[0], position[0], full_until[0], rotations, positions)
+            return caches, logits[None]
+    else:
+        row_step = jax.vmap(one_row, in_axes=(0, 0, 0, 0, None, None))
 
     def body(state):
         t = state["t"]
@@ -79,10 +87,10 @@ def _decode_steps(config: ModelConfig, params, state: Dict[str, Any], n_steps: j
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(state["logits"], axis=-1), token[:, None], axis=-1)[:, 0]
         caches, logits = row_step(state["caches"], token, state["position"], state["full_until"],
                                   state["rotations"], positions)
-        recorded = {"all_logits": state["all_logits"].at[:, t].set(state["logits"])} if "all_logits" in state else {}
-        return {**state, **recorded, "caches": caches, "logits": logits, "position": state["position"] + 1,
-                "t": t + 1, "tokens": state["tokens"].at[:, t].set(token),
-                "log_probs": state["log_probs"].at[:, t].set(log_prob)}
+        write = lambda name, value: {name: state[name].at[:, t].set(value, mode="promise_in_bounds")}  # noqa: E731
+        recorded = write("all_logits", state["logits"]) if "all_logits" in state else {}
+        return {**state, **recorded, **write("tokens", token), **write("log_probs", log_prob), "caches": caches,
+                "logits": logits, "position": state["position"] + 1, "t": t + 1}
 
     end = state["t"] + n_steps
     return lax.while_loop(lambda s: s["t"] < end, body, state)
@@ -172,6 +180,8 @@ class Generation:
         rotations = _rotations(cfg, rotation_key, lsh_rotations)
         caches, logits = _prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths), rotations, cfg.max_len)
         b = len(rows)
+        if b == 1:  # carried without the batch axis (see `_decode_steps`)
+            caches = jax.tree.map(lambda x: x[0], caches)
         self.state = {"caches": caches, "logits": logits, "position": jnp.asarray(lengths), "t": jnp.int32(0),
                       "tokens": jnp.zeros((b, cfg.max_len), jnp.int32),
                       "log_probs": jnp.zeros((b, cfg.max_len), jnp.float32),
