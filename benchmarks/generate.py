@@ -215,7 +215,8 @@ def run(contexts: List[int]) -> List[Dict[str, Any]]:
     cache = {"ours_lsh_bytes_per_position_xla": xla_cache_bytes_per_position(reformer, params),
              "ours_lsh_bytes_per_position_layout": cache_lib.bytes_per_token(cache_lib.decode_config(reformer), "lsh"),
              "ours_local_bytes_per_position": 0,
-             **{f"hf_{kind}_bytes_per_position": value for kind, value in hf_cache_bytes_per_position(reformer).items()}}
+             **{f"hf_{kind}_bytes_per_position": value
+                for kind, value in hf_cache_bytes_per_position(reformer).items()}}
     for row in rows:
         row.update(cache)
         row.update(machine=measure.machine(), max_len=max_len, sizes=SIZES, model=list(reformer.layer_types),
@@ -249,9 +250,9 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
              f"Model: {first['model']} (reversible), d_model {SIZES['d_model']}, {SIZES['n_heads']} heads of "
              f"{SIZES['d_head']}, d_ff {SIZES['d_ff']}, {SIZES['n_hashes']} hash rounds, chunks of "
              f"{SIZES['chunk_len']}, max_len {first['max_len']}; batch 1, greedy. Ours generates "
-             f"{first['new_tokens']} tokens per measurement (the Transformer {FLAGS.transformer_tokens}), Hugging Face "
-             f"{first['hf_tokens']} (30% of that above 4k), the sampler {first['sampler_tokens']}; best of {FLAGS.repeats} alternating runs, compilation "
-             f"and prefill excluded. Machine: {first['machine']['platform']}, {first['machine']['cpu_count']} CPUs "
+             f"{first['new_tokens']} tokens per measurement (the Transformer {FLAGS.transformer_tokens}), Hugging "
+             f"Face {first['hf_tokens']} (30% of that above 4k), the sampler {first['sampler_tokens']}; best of "
+             f"{FLAGS.repeats} alternating runs, compilation and prefill excluded. Machine: {first['machine']['platform']}, {first['machine']['cpu_count']} CPUs "
              f"(shared with other jobs), jax {first['machine']['jax_version']}, {first['peers']}.", "",
              output.markdown_table(rows, columns)]
     if four_k is not None:

@@ -4,7 +4,8 @@
     tokens = generate(config, params, [prompt], max_new_tokens=200, rng=jax.random.key(0))
 
 Modules: `cache` (what each layer type keeps, its allocation and size), `decode` (prefill and the one-token step,
-on the parameters of `reformer_jax.model.ReformerLM`), `generation` (the sampling loop on the device and the API: generate, score).
+on the parameters of `reformer_jax.model.ReformerLM`), `generation` (the sampling loop on the device and the
+API: generate, score).
 """
 
 from reformer_jax.decoding.generation import GenerateError, generate, score  # noqa: F401

@@ -138,9 +138,9 @@ def check_arguments(config: ModelConfig, prompts: Prompts, max_new_tokens: int, 
         raise GenerateError(f"top_p={top_p!r} is invalid: expected a probability in (0, 1], or None for 1.")
     longest = max(row.size for row in rows)
     if longest + max_new_tokens > config.max_len:
-        raise GenerateError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is {longest + max_new_tokens} "
-                            f"positions, more than the model's max_len={config.max_len}; shorten the prompt or "
-                            f"generate at most {max(config.max_len - longest, 0)} tokens.")
+        raise GenerateError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is "
+                            f"{longest + max_new_tokens} positions, more than the model's max_len={config.max_len}; "
+                            f"shorten the prompt or generate at most {max(config.max_len - longest, 0)} tokens.")
     return rows
 
 
