@@ -253,7 +253,8 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
              f"{first['new_tokens']} tokens per measurement (the Transformer {FLAGS.transformer_tokens}), Hugging "
              f"Face {first['hf_tokens']} (30% of that above 4k), the sampler {first['sampler_tokens']}; best of "
              f"{FLAGS.repeats} alternating runs, compilation and prefill excluded. Machine: "
-             f"{first['machine']['platform']}, {first['machine']['cpu_count']} CPUs (shared with other jobs), jax {first['machine']['jax_version']}, {first['peers']}.", "",
+             f"{first['machine']['platform']}, {first['machine']['cpu_count']} CPUs (shared with other jobs), jax "
+             f"{first['machine']['jax_version']}, {first['peers']}.", "",
              output.markdown_table(rows, columns)]
     if four_k is not None:
         if "speedup_vs_sampler" in four_k:
