@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reformer_jax.model.hf_convert import (ConversionError, config_from_hf, from_hf, load_converted_config,
-                                           load_converted_params, load_hf_dir, save_converted)
+from reformer_jax.model.hf_convert import (ConversionError, config_from_fields, config_from_hf, from_hf,
+                                           load_converted_config, load_converted_params, load_hf_dir, save_converted)
 
-__all__ = ["ConversionError", "config_from_hf", "from_hf", "load_converted_config", "load_converted_params",
+__all__ = ["ConversionError", "config_from_fields", "config_from_hf", "from_hf", "load_converted_config", "load_converted_params",
            "load_hf_dir", "save_converted"]
 
 

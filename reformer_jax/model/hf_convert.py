@@ -239,13 +239,18 @@ def load_converted_config(directory: Path) -> ModelConfig:
         raise ConversionError(f"{directory} is not a converted checkpoint: expected {CONFIG_FILE} and {PARAMS_DIR}/ "
                               "written by `python -m reformer_jax.convert`.")
     try:
-        fields = json.loads(path.read_text())
-        for name in ("n_buckets", "axial_shape", "axial_dims", "attn_layers"):
-            if isinstance(fields.get(name), list):
-                fields[name] = tuple(fields[name])
-        return ModelConfig(**fields)
+        return config_from_fields(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError, TypeError, ValueError) as error:
         raise ConversionError(f"{path} does not hold a valid ModelConfig: {error}") from error
+
+
+def config_from_fields(fields: Dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from its fields as JSON saved them (lists where the config holds tuples)."""
+    fields = dict(fields)
+    for name in ("n_buckets", "axial_shape", "axial_dims", "attn_layers"):
+        if isinstance(fields.get(name), list):
+            fields[name] = tuple(fields[name])
+    return ModelConfig(**fields)
 
 
 def load_converted_params(directory: Path, target: Any) -> Any:

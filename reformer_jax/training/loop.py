@@ -31,7 +31,6 @@ from reformer_jax.model.config import ModelConfig
 from reformer_jax.xla.memory_analysis import stats_from_analysis
 from reformer_jax.training.run_log import MetricsLog, Progress, TensorBoardLog, format_duration, format_sample
 from reformer_jax.training.run_record import read_record, update_record
-from reformer_jax.decoding.window_sampler import sample, sampling_window
 from reformer_jax.xla.compiler_options import step_compiler_options
 
 
@@ -442,18 +441,21 @@ def _diverged(metrics: Dict[str, float], step: int, checkpointer: Checkpointer) 
 
 
 def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) -> str:
-    """A prompt from the validation split and the model's continuation, told apart (or a copy-task score)."""
-    window = sampling_window(config, options.seq_len)
+    """A prompt from the validation split and the model's continuation by cached decoding, told apart (or a
+    copy-task score)."""
+    from reformer_jax.decoding import generate
+
     rng = jax.random.key(options.seed + 20_000)
     if isinstance(dataset, data_lib.CopyTask):
-        half = window // 2
-        example = dataset.batch("validation", options.seed, 0, 1, window)["inputs"][0]
-        copied = sample(config, params, example[:half + 1], length=half - 1, window=window, rng=rng,
-                        temperature=1e-3)
+        length = min(options.seq_len, config.max_len)
+        half = length // 2
+        example = dataset.batch("validation", options.seed, 0, 1, length)["inputs"][0]
+        copied = generate(config, params, [example[:half + 1]], max_new_tokens=half - 1, greedy=True, rng=rng)[0]
         right = float(np.mean(copied == example[half + 1:]))
-        return f"copy task: {right:.1%} of {half - 1} symbols copied right by greedy sampling"
-    prompt = dataset.batch("validation", options.seed, 0, 1, 64)["inputs"][0]
-    tokens = sample(config, params, prompt, length=options.sample_len, window=window, rng=rng)
+        return f"copy task: {right:.1%} of {half - 1} symbols copied right by greedy decoding"
+    prompt = dataset.batch("validation", options.seed, 0, 1, 64)["inputs"][0][:config.max_len - 1]
+    length = min(options.sample_len, config.max_len - prompt.size)
+    tokens = generate(config, params, [prompt], max_new_tokens=length, temperature=0.8, rng=rng)[0]
     return format_sample(data_lib.decode(prompt), data_lib.decode(tokens))
 
 

@@ -1,0 +1,173 @@
+"""Cached decoding: the step's logits equal the forward pass's, the LSH chunk lookup equals a sort, one compilation,
+batched prompts of different lengths, sampling settings and refusals."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.decoding import cache as cache_lib
+from reformer_jax.decoding import generation as gen
+from reformer_jax.model.reformer_lm import ReformerLM, init_params
+
+SMALL = dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=320, dropout=0.0, local_chunk_len=60)
+
+
+def _rel_err(got, expected):
+    return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+
+
+def _decoded_logits(config, params, tokens, prefix=1):
+    """Next-token logits at positions prefix - 1 .. l - 1 by cached decoding, feeding the given tokens."""
+    generation = gen.Generation(config, params, list(tokens[:, :prefix]), rng=jax.random.key(0),
+                                forced=tokens[:, prefix:], keep_logits=True)
+    generation.set_sampling(greedy=True, temperature=1.0, top_k=None, top_p=None, forced=True)
+    generation.advance(tokens.shape[1] - prefix)
+    return np.concatenate([generation.logits(), np.asarray(generation.state["logits"])[:, None]], axis=1)
+
+
+@pytest.mark.parametrize("reversible", [False, True], ids=["plain", "reversible"])
+@pytest.mark.parametrize("attention", ["full", "local"])
+def test_cached_logits_equal_the_forward_pass_at_every_position(attention, reversible):
+    config = ModelConfig(attention=attention, reversible=reversible, sequential_heads=reversible, **SMALL)
+    params = init_params(config, jax.random.key(1))
+    tokens = np.random.default_rng(0).integers(3, config.vocab_size, (2, 300)).astype(np.int32)
+    expected = np.asarray(ReformerLM(config).apply({"params": params}, jnp.asarray(tokens)))
+    for prefix in (1, 77):  # decoded from the first token, and after a prefill of 77 (padded to 120 / 128)
+        got = _decoded_logits(config, params, tokens, prefix)
+        assert got.shape == (2, 300 - prefix + 1, config.vocab_size)
+        assert _rel_err(got, expected[:, prefix - 1:]) < 1e-5
+
+
+def _sorted_window(buckets, position, chunk_len, n_before):
+    """Hugging Face's cached LSH lookup by brute force: stable sort of positions 0..position by bucket, the
+    chunk holding the newest position and the chunks before it, ranks modulo position + 1. [h, r, W]."""
+    h, r, _ = buckets.shape
+    out = np.zeros((h, r, (n_before + 1) * chunk_len), np.int64)
+    for i in range(h):
+        for j in range(r):
+            order = np.argsort(buckets[i, j, :position + 1], kind="stable")
+            rank = int(np.nonzero(order == position)[0][0])
+            start = (rank // chunk_len - n_before) * chunk_len
+            out[i, j] = order[np.mod(start + np.arange(out.shape[-1]), position + 1)]
+    return out
+
+
+@pytest.mark.parametrize("chunk_len,n_before", [(4, 1), (3, 2), (8, 0)])
+def test_lsh_chunk_lookup_equals_sorting_every_position(chunk_len, n_before):
+    rng = np.random.default_rng(chunk_len)
+    h, r, length, n_buckets = 2, 3, 40, 6
+    buckets = rng.integers(0, n_buckets, (h, r, length)).astype(np.uint8)
+    prompt = 5
+    index = cache_lib.new_bucket_index(jnp.asarray(buckets), jnp.int32(prompt), n_buckets)
+    stored = jnp.asarray(np.where(np.arange(length) < prompt, buckets, 0).astype(np.uint8))
+    insert = jax.jit(cache_lib.insert)
+    lookup = jax.jit(cache_lib.chunk_positions, static_argnames=("chunk_len", "n_chunks_before"))
+    for position in range(prompt, length):
+        new = jnp.asarray(buckets[:, :, position])
+        index, stored = insert(index, stored, new, jnp.int32(position))
+        window = lookup(index, stored, new, jnp.int32(position), chunk_len=chunk_len, n_chunks_before=n_before)
+        np.testing.assert_array_equal(np.asarray(window), _sorted_window(buckets, position, chunk_len, n_before),
+                                      err_msg=f"position {position}")
+
+
+@pytest.fixture(scope="module")
+def lsh_model():
+    config = ModelConfig(attn_layers=("local", "lsh"), n_layers=2, d_model=32, n_heads=2, d_ff=64, max_len=128,
+                         chunk_len=8, local_chunk_len=8, n_hashes=2, dropout=0.0)
+    return config, init_params(config, jax.random.key(2))
+
+
+def test_decode_step_compiles_once_for_every_prompt_length_and_setting(lsh_model):
+    config, params = lsh_model
+    prompts = [[5, 6, 7], [8] * 11], [[9] * 20, [4] * 2]
+    settings = [dict(greedy=True), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.5)]
+    before = gen.decode_step_compilations()
+    for i, (batch, setting) in enumerate(zip(prompts * 2, settings * 2)):
+        gen.generate(config, params, batch, max_new_tokens=3 + i, rng=jax.random.key(i), **setting)
+    assert gen.decode_step_compilations() == before + 1
+
+
+def test_batched_prompts_of_different_lengths_match_generating_each_alone():
+    config = ModelConfig(attention="full", reversible=True, **{**SMALL, "max_len": 64})
+    params = init_params(config, jax.random.key(3))
+    prompts = [[5, 9, 11, 4, 7, 8, 20], [33], [6, 6, 6, 6]]
+    together = gen.generate(config, params, prompts, max_new_tokens=12, greedy=True, rng=jax.random.key(0))
+    for row, prompt in zip(together, prompts):
+        alone = gen.generate(config, params, [prompt], max_new_tokens=12, greedy=True, rng=jax.random.key(0))
+        np.testing.assert_array_equal(row, alone[0])
+
+
+def test_sampling_settings(lsh_model):
+    config, params = lsh_model
+    prompt, key = [[5, 6, 7, 8, 9]], jax.random.key(4)
+    greedy = gen.generate(config, params, prompt, max_new_tokens=16, greedy=True, rng=key)
+    np.testing.assert_array_equal(gen.generate(config, params, prompt, max_new_tokens=16, top_k=1, rng=key), greedy)
+    np.testing.assert_array_equal(gen.generate(config, params, prompt, max_new_tokens=16, top_p=1e-6, rng=key), greedy)
+    first, log_probs = gen.generate(config, params, prompt, max_new_tokens=16, rng=key, return_log_probs=True)
+    np.testing.assert_array_equal(gen.generate(config, params, prompt, max_new_tokens=16, rng=key), first)
+    assert log_probs.shape == (1, 16) and np.all(log_probs <= 0)
+    other = gen.generate(config, params, prompt, max_new_tokens=16, rng=jax.random.key(5))
+    assert not np.array_equal(other, first)  # a near-uniform random model: another seed, other tokens
+
+
+@pytest.mark.parametrize("arguments,named", [
+    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[[5] * 120], max_new_tokens=9), "max_len=128"),
+    (dict(top_p=0.0), "top_p=0.0"), (dict(top_p=1.5), "top_p=1.5"),
+    (dict(temperature=0.0), "greedy=True"), (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(top_k=0), "top_k=0"), (dict(max_new_tokens=0), "max_new_tokens=0"),
+])
+def test_bad_arguments_are_refused_in_one_line(lsh_model, arguments, named):
+    config, params = lsh_model
+    arguments = {"prompts": [[5, 6]], "max_new_tokens": 4, **arguments}
+    with pytest.raises(gen.GenerateError, match=named.replace("[", r"\[").replace(".", r"\.")) as error:
+        gen.generate(config, params, arguments.pop("prompts"), rng=jax.random.key(0), **arguments)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_refuses_a_workdir_without_a_checkpoint_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "run_settings.json").write_text('{"model": {}}')
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "reformer_jax.generate", f"--workdir={tmp_path}", "--prompt=ROMEO:"],
+                            cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines() == [
+        f"error: --workdir={tmp_path} holds no checkpoint (no {tmp_path / 'checkpoints'}); train it first "
+        "(python main.py --workdir=...) or pass a run that saved one."]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing created in the user's directory
+
+
+@pytest.mark.slow  # trains a model for 60 steps: about a minute on 2 cores
+def test_cached_decoding_scores_a_trained_lsh_model_within_two_percent_of_the_forward_pass(tmp_path):
+    """Bits per character of validation text: the training forward pass (LSH over whole sequences) and cached
+    decoding (Hugging Face's per-token chunk lookup) attend to different positions, and must still agree."""
+    import math
+
+    from corpus import corpus_path
+    from reformer_jax.training import data
+    from reformer_jax.training.evaluation import token_scores
+    from reformer_jax.training.loop import TrainOptions, train_and_evaluate
+
+    dataset = data.load_dataset("text", seq_len=64, data_path=str(corpus_path(tmp_path)))
+    config = ModelConfig.preset("reformer", d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=64, chunk_len=16,
+                                n_hashes=2)
+    options = TrainOptions(workdir=str(tmp_path / "run"), steps=60, batch_size=8, seq_len=64, dataset="text",
+                           eval_every=0, sample_len=0, analyze_memory=False, learning_rate=5e-3, warmup_steps=5,
+                           checkpoint_every=0)
+    params = train_and_evaluate(config, options, dataset=dataset)["state"].params
+    batch = dataset.batch("validation", 0, 0, 8, 64)
+    forward, _ = token_scores(config, params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
+                              jax.random.key(1))
+    decoded = gen.score(config, params, batch["inputs"], rng=jax.random.key(2))  # scores tokens 1 .. 63
+    forward_bpc = -float(np.mean(np.asarray(forward)[:, :-1])) / math.log(2)
+    decoded_bpc = -float(np.mean(decoded)) / math.log(2)
+    assert forward_bpc < 6.0  # trained past uniform over bytes (8 bits)
+    assert abs(decoded_bpc / forward_bpc - 1) < 0.02, (forward_bpc, decoded_bpc)
