@@ -19,6 +19,10 @@ import pytest
 if os.environ.get("REFORMER_TEST_FULL_OPT") != "1":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# The CPU backend, here and in every subprocess a test starts (main.py runs): with libtpu installed for the TPU
+# compile tests, jax would otherwise probe for TPU chips at start-up and log its failure to find them.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
