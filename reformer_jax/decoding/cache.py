@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reformer_jax.kernels.lsh import bucket_dtype
-from reformer_jax.model.config import ModelConfig, total_buckets
+from reformer_jax.kernels.lsh import bucket_dtype, total_buckets
+from reformer_jax.model.config import ModelConfig
 
 Cache = Dict[str, jax.Array]
 NONE = -1  # "no position" in the bucket index

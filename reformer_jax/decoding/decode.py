@@ -22,14 +22,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reformer_jax.model import layers
-
-from reformer_jax.kernels import output_head
-from reformer_jax.kernels.lsh import MASK_VALUE, SELF_MASK_VALUE, lsh_buckets, normalize_keys
-from reformer_jax.model.config import ModelConfig, total_buckets
 from reformer_jax.decoding import cache as cache_lib
-from reformer_jax.model.reformer_lm import PositionalEmbedding, layer_period
+from reformer_jax.kernels import output_head
+from reformer_jax.kernels.full import MASK_VALUE, SELF_MASK_VALUE, normalize_keys
+from reformer_jax.kernels.lsh import lsh_buckets, total_buckets
 from reformer_jax.kernels.reversible import to_grid
+from reformer_jax.model import layers
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.model.reformer_lm import PositionalEmbedding, head_spec, layer_period
 
 Params = Dict[str, Any]
 Caches = List[cache_lib.Cache]
@@ -152,7 +152,7 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
             streams = streams + feed_forward(streams)
     last = lambda s: jnp.take_along_axis(s, (lengths - 1)[:, None, None], axis=1)  # noqa: E731 [b, 1, d]
     streams = tuple(map(last, streams)) if cfg.reversible else last(streams)
-    return caches, output_head.head_logits(head_params(cfg, params), streams, cfg)[:, 0]
+    return caches, output_head.head_logits(head_params(cfg, params), streams, head_spec(cfg))[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def step(config: ModelConfig, params: Params, caches: Caches, token: jax.Array, 
             streams = streams + feed_forward(streams)
     as_rows = lambda s: s[None, None]  # noqa: E731
     streams = tuple(map(as_rows, streams)) if cfg.reversible else as_rows(streams)
-    return new_caches, output_head.head_logits(head_params(cfg, params), streams, cfg)[0, 0]
+    return new_caches, output_head.head_logits(head_params(cfg, params), streams, head_spec(cfg))[0, 0]
 
 
 def prefill_length(config: ModelConfig, longest: int, hf_compatible: bool) -> int:

@@ -255,9 +255,7 @@ class ReformerLM(nn.Module):
                 "kernel": self.embed.T if self.config.tie_embeddings else self.head_kernel, "bias": self.head_bias}
 
     def head_spec(self) -> output_head.HeadSpec:
-        cfg = self.config
-        return output_head.HeadSpec(combine=cfg.output_head, layer_norm_eps=cfg.layer_norm_eps,
-                                    dtype=cfg.compute_dtype)
+        return head_spec(self.config)
 
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
                  lsh_rotations=None) -> jax.Array:
@@ -282,6 +280,12 @@ class ReformerLM(nn.Module):
                                lsh_rotations=lsh_rotations)
         return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, spec=self.head_spec(),
                                               chunk_len=self.config.output_chunk_len)
+
+
+def head_spec(config: ModelConfig) -> output_head.HeadSpec:
+    """The output head's static settings for `config` (how the streams meet, LayerNorm eps, compute dtype)."""
+    return output_head.HeadSpec(combine=config.output_head, layer_norm_eps=config.layer_norm_eps,
+                                dtype=config.compute_dtype)
 
 
 def init_length(config: ModelConfig) -> int:
