@@ -369,8 +369,6 @@ GENERATION_NOTES = {
         "The Transformer's cached step reads its whole max_len key/value cache at every step (positions after "
         "the newest are masked), so it costs the same at every prompt length (here max_len 66560); its prefill "
         "holds a [heads, l, l] score matrix, which is why it runs only up to 4k.",
-        "A batch of more than one prompt decodes through jax.vmap of the one-sequence step; XLA then copies the "
-        "caches at every step (seen in the compiled loop), so batched decoding costs O(max_len) per step.",
     ],
     "generate_bpc": [
         "The run: `python main.py --model=reformer --d_model=128 --n_heads=4 --d_ff=256 --n_layers=3 --seq_len=512 "
