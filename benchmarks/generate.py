@@ -15,11 +15,10 @@ argument bytes between two cache lengths. Writes benchmarks/results/generate.{js
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
