@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks import measure, output
+from benchmarks import measure, output, targets
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.decoding import cache as cache_lib
 from reformer_jax.decoding import generation
@@ -246,8 +246,6 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
                (ms("transformer_s"), "Transformer ours ms/token", ".2f"),
                (ms("transformer_sampler_s"), "Transformer sampler ms/token", ".1f")]
     first = rows[0]
-    four_k = next((r for r in rows if r["context"] == 4096), None)
-    longest = rows[-1]
     lines = ["# Generation speed: cached decoding vs the window re-reading sampler vs Hugging Face", "",
              f"Model: {first['model']} (reversible), d_model {SIZES['d_model']}, {SIZES['n_heads']} heads of "
              f"{SIZES['d_head']}, d_ff {SIZES['d_ff']}, {SIZES['n_hashes']} hash rounds, chunks of "
@@ -258,15 +256,7 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
              f"{first['machine']['platform']}, {first['machine']['cpu_count']} CPUs (shared with other jobs), jax "
              f"{first['machine']['jax_version']}, {first['peers']}.", "",
              output.markdown_table(rows, columns)]
-    if four_k is not None:
-        if "speedup_vs_sampler" in four_k:
-            lines.append(f"- At a 4k prompt: {four_k['speedup_vs_sampler']:.1f} x the sampler's speed (target >= 20 x: "
-                         f"{output.met(four_k['speedup_vs_sampler'] >= 20)}).")
-        if "speedup_vs_hf" in four_k:
-            lines.append(f"- At a 4k prompt: {four_k['speedup_vs_hf']:.2f} x Hugging Face's cached generate (target "
-                         f">= 3 x: {output.met(four_k['speedup_vs_hf'] >= 3)}).")
-        lines.append(f"- Per-token time at {longest['context']} tokens: {longest['per_token_vs_4k']:.2f} x that at 4k "
-                     f"(target <= 1.5 x: {output.met(longest['per_token_vs_4k'] <= 1.5)}).")
+    lines += targets.generation_target_lines(rows)
     lines += ["", f"Cache bytes per position and layer: ours {first['ours_lsh_bytes_per_position_xla']:.0f} per LSH "
               f"layer (XLA's analysis of the decode loop; layout {first['ours_lsh_bytes_per_position_layout']}: "
               f"keys and values {8 * SIZES['d_model']}, bucket ids and the two links of the bucket index), 0 per "

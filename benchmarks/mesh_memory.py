@@ -89,30 +89,6 @@ def run_tensor():
     return rows
 
 
-def target_lines(rows):
-    """The two per-device memory targets, judged from the rows."""
-    lines = []
-    fsdp = next((r for r in rows if r["check"] == "fsdp" and r.get("bound_mib") is not None), None)
-    one = next((r for r in rows if r["check"] == "fsdp" and r["mesh"] == "data:1"), None)
-    if fsdp and one:
-        lines.append(f"fsdp {fsdp['device_count']} on {fsdp['device_count']} CPU devices, one sequence per device: "
-                     f"per-device peak {fsdp['peak_mib']:,.1f} MiB against the bound {fsdp['bound_mib']:,.1f} MiB "
-                     f"= 1.1 x ((parameters + gradients + optimizer state) {one['state_mib']:,.1f} MiB / "
-                     f"{fsdp['device_count']} + one device's activations {one['activation_mib']:,.1f} MiB + batch): "
-                     f"{'met' if fsdp['meets_bound'] else 'NOT met'} (one device: {one['peak_mib']:,.1f} MiB).")
-    split = next((r for r in rows if r["check"] == "tensor" and r.get("head_temporaries_ratio") is not None), None)
-    if split:
-        one = next(r for r in rows if r["check"] == "tensor" and r["mesh"] == "data:1" and r["n_heads"] == 8)
-        lines.append(f"tensor 2, LSH LM (all heads at once): the attention's temporaries of 4 heads (8 - 4 heads of "
-                     f"64) {split['head_temporaries_mib']:,.1f} MiB per device against "
-                     f"{one['head_temporaries_mib']:,.1f} MiB on one device = {split['head_temporaries_ratio']:.3f} x (target <= 0.5: "
-                     f"{'met' if split['halves'] else 'NOT met'}); all activations and temporaries "
-                     f"{split['activation_mib']:,.1f} against {one['activation_mib']:,.1f} MiB = "
-                     f"{split['activation_ratio']:.3f} x (the residual stream and LayerNorm outputs each layer "
-                     "stores stay whole on every device).")
-    return lines
-
-
 def markdown(rows) -> str:
     from benchmarks.output import markdown_table
 

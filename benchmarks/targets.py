@@ -201,3 +201,52 @@ def quality_target_lines(task: str, by_name: Dict[str, Row]) -> List[str]:
             settings = ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in full["by_eval_setting"].items())
             lines.append(f"Trained with full attention, evaluated with: {settings}.")
     return lines
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation (benchmarks.generate)
+
+
+def generation_target_lines(rows: Sequence[Row]) -> List[str]:
+    """Cached decoding against the window re-reading sampler and Hugging Face at a 4k prompt, and its per-token
+    time at the longest prompt against 4k."""
+    four_k = next((r for r in rows if r["context"] == 4096), None)
+    if four_k is None:
+        return ["No 4k-token prompt was timed: the generation targets cannot be judged."]
+    longest, lines = rows[-1], []
+    if "speedup_vs_sampler" in four_k:
+        lines.append(f"- At a 4k prompt: {four_k['speedup_vs_sampler']:.1f} x the sampler's speed (target >= 20 x: "
+                     f"{output.met(four_k['speedup_vs_sampler'] >= 20)}).")
+    if "speedup_vs_hf" in four_k:
+        lines.append(f"- At a 4k prompt: {four_k['speedup_vs_hf']:.2f} x Hugging Face's cached generate (target "
+                     f">= 3 x: {output.met(four_k['speedup_vs_hf'] >= 3)}).")
+    lines.append(f"- Per-token time at {longest['context']} tokens: {longest['per_token_vs_4k']:.2f} x that at 4k "
+                 f"(target <= 1.5 x: {output.met(longest['per_token_vs_4k'] <= 1.5)}).")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-device memory on a mesh (benchmarks.mesh_memory)
+
+
+def mesh_target_lines(rows: Sequence[Row]) -> List[str]:
+    """The two per-device memory targets on a device mesh (benchmarks.mesh_memory), judged from the rows."""
+    lines = []
+    fsdp = next((r for r in rows if r["check"] == "fsdp" and r.get("bound_mib") is not None), None)
+    one = next((r for r in rows if r["check"] == "fsdp" and r["mesh"] == "data:1"), None)
+    if fsdp and one:
+        lines.append(f"fsdp {fsdp['device_count']} on {fsdp['device_count']} CPU devices, one sequence per device: "
+                     f"per-device peak {fsdp['peak_mib']:,.1f} MiB against the bound {fsdp['bound_mib']:,.1f} MiB "
+                     f"= 1.1 x ((parameters + gradients + optimizer state) {one['state_mib']:,.1f} MiB / "
+                     f"{fsdp['device_count']} + one device's activations {one['activation_mib']:,.1f} MiB + batch): "
+                     f"{'met' if fsdp['meets_bound'] else 'NOT met'} (one device: {one['peak_mib']:,.1f} MiB).")
+    split = next((r for r in rows if r["check"] == "tensor" and r.get("head_temporaries_ratio") is not None), None)
+    if split:
+        one = next(r for r in rows if r["check"] == "tensor" and r["mesh"] == "data:1" and r["n_heads"] == 8)
+        lines.append(f"tensor 2, LSH LM (all heads at once): the attention's temporaries of 4 heads (8 - 4 heads of "
+                     f"64) {split['head_temporaries_mib']:,.1f} MiB per device against "
+                     f"{one['head_temporaries_mib']:,.1f} MiB on one device = {split['head_temporaries_ratio']:.3f} x (target <= 0.5: "
+                     f"{'met' if split['halves'] else 'NOT met'}); all activations and temporaries "
+                     f"{split['activation_mib']:,.1f} against {one['activation_mib']:,.1f} MiB = "
+                     f"{split['activation_ratio']:.3f} x (the residual stream and LayerNorm outputs each layer "
+                     "stores stay whole on every device).")
+    return lines

@@ -29,7 +29,7 @@ def sections(results: str, rel: str) -> List[str]:
                    "sharded training step (`analyze_train_step(..., mesh=...)`), every figure per device; the "
                    "seed's setup (d_model 512, 8 heads, d_ff 2048, 6 layers, 8 hash rounds, length 4096, "
                    "Adafactor, float32).\n")
-        out.extend(f"- {line}" for line in mesh_memory.target_lines(rows))
+        out.extend(f"- {line}" for line in targets.mesh_target_lines(rows))
         out.append("")
         out.append(mesh_memory.markdown(rows).split("\n\n")[0])
     peers = load(os.path.join(results, "mesh"), "speed_peers")
