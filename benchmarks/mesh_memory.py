@@ -105,8 +105,8 @@ def target_lines(rows):
         one = next(r for r in rows if r["check"] == "tensor" and r["mesh"] == "data:1" and r["n_heads"] == 8)
         lines.append(f"tensor 2, LSH LM (all heads at once): the attention's temporaries of 4 heads (8 - 4 heads of "
                      f"64) {split['head_temporaries_mib']:,.1f} MiB per device against "
-                     f"{one['head_temporaries_mib']:,.1f} MiB on one device = {split['head_temporaries_ratio']:.3f} x (target <= 0.5: "
-                     f"{'met' if split['halves'] else 'NOT met'}); all activations and temporaries "
+                     f"{one['head_temporaries_mib']:,.1f} MiB on one device = {split['head_temporaries_ratio']:.3f} x "
+                     f"(target <= 0.5: {'met' if split['halves'] else 'NOT met'}); all activations and temporaries "
                      f"{split['activation_mib']:,.1f} against {one['activation_mib']:,.1f} MiB = "
                      f"{split['activation_ratio']:.3f} x (the residual stream and LayerNorm outputs each layer "
                      "stores stay whole on every device).")
