@@ -273,14 +273,14 @@ def test_report_is_generated_from_the_results(results, tmp_path):
     path = tmp_path / "REPORT.md"
     text = report.build(results.out, str(path))
     assert path.read_text() == text
-    assert "GPU: not yet run" in text and "`pytest`" in text
+    assert "GPU: no results" in text and "`pytest`" in text
     for name in ("variants", "hashes", "layers", "seqlen", "timeline", "runtime"):
         assert f"/{name}.png)" in text
     with pytest.raises(SystemExit, match="missing results"):
         report.build(str(tmp_path), str(tmp_path / "R.md"))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_ordering_at_the_seed_setup(tmp_path):
     """The seed's setup itself (about a minute of compiles): Transformer above every other variant, Reformer least,
     its peak flat in hash rounds."""

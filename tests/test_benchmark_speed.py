@@ -53,7 +53,7 @@ def test_worker_compiles_our_step_and_skips_it_when_it_does_not_fit(capsys):
     assert payload["compile_peak_bytes"] > 1 and payload["compile_s"] > 0 and payload["param_count"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("peer", peers.PEERS)
 def test_peer_step_trains_the_same_batch(peer):
     if peers.missing_packages(peer):
@@ -79,7 +79,7 @@ def test_missing_peers_are_skipped_with_a_message(monkeypatch):
 
 
 # The default run times reformer_pytorch beside ours (Hugging Face's import alone takes ~5 s of CPU: slow run).
-@pytest.mark.parametrize("peer", [pytest.param("reformer_pytorch"), pytest.param("hf", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("peer", [pytest.param("reformer_pytorch"), pytest.param("hf", marks=pytest.mark.long)])
 def test_side_by_side_run_writes_rows_and_files(tmp_path, monkeypatch, peer):
     if peers.missing_packages(peer):
         pytest.skip(f"{peer} not installed")

@@ -145,7 +145,7 @@ def test_cli_refuses_a_workdir_without_a_checkpoint_in_one_line(tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # nothing created in the user's directory
 
 
-@pytest.mark.slow  # trains a model for 60 steps: about a minute on 2 cores
+@pytest.mark.long  # trains a model for 60 steps: about a minute on 2 cores
 def test_cached_decoding_scores_a_trained_lsh_model_within_two_percent_of_the_forward_pass(tmp_path):
     """Bits per character of validation text: the training forward pass (LSH over whole sequences) and cached
     decoding (Hugging Face's per-token chunk lookup) attend to different positions, and must still agree."""

@@ -28,7 +28,7 @@ NEW_TOKENS = 64
 
 
 LSH, MIXED = ("lsh", "lsh"), ("local", "lsh", "local", "lsh")
-SLOW = pytest.mark.slow
+SLOW = pytest.mark.long
 # The default run keeps one padded prompt of the LSH-only model and one short prompt of the mixed model.
 CASES = [pytest.param(layers, n, id=f"{name}-{n}", marks=() if (name, n) in (("lsh", 13), ("mixed", 5)) else SLOW)
          for name, layers in (("lsh", LSH), ("mixed", MIXED)) for n in (5, 8, 13, 24)]

@@ -101,7 +101,7 @@ def test_reformer_reruns_are_bit_identical_with_xla_default_code_generation(tmp_
         "--model=reformer", "--n_hashes=2", "--chunk_len=4", "--attention_dropout=0.1", "--steps=3",
         "--checkpoint_every=3"]
     env = _env(XLA_FLAGS="")  # overrides the suite's LLVM -O0
-    runs = [subprocess.Popen([sys.executable, str(RUNNER), *flags, f"--workdir={tmp_path / name}"], env=env,
+    runs = [subprocess.Popen([sys.executable, *RUNNER, *flags, f"--workdir={tmp_path / name}"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
             for name in ("a", "b")]
     for run in runs:

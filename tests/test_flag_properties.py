@@ -133,7 +133,7 @@ SMALL_CHOICES = {"seq_len": [16, 24, 32],
 
 
 # Slow run: two real main.py steps (~35 s on 2 cores); main.py's end-to-end test keeps one real run in the default.
-@pytest.mark.slow
+@pytest.mark.long
 @settings(max_examples=2, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["reformer", "lsh", "reversible", "transformer"]), _flag_args(SMALL_CHOICES))

@@ -94,7 +94,7 @@ def test_padding_content_never_reaches_real_tokens_in_lsh_layers_with_explicit_r
                            atol=1e-3)  # the mask does change what real tokens see
 
 
-@pytest.mark.slow  # two stack compiles (~35 s on the shared CPU)
+@pytest.mark.long  # two stack compiles (~35 s on the shared CPU)
 def test_mixed_reversible_stack_gradients_equal_plain_autodiff():
     """A (local, full) group, G chunked in place, dropout on: the full layer takes the fused per-head reverse
     step (as LSH layers do; the cheaper compile), the local one jax.vjp of its block."""

@@ -116,14 +116,14 @@ def mesh_runs(tmp_path_factory):
             "8->1": one[2], "1->8": back[0]}
 
 
-@pytest.mark.slow  # four processes (1, 2 and 8 CPU devices), about 3 minutes on 2 shared cores
+@pytest.mark.long  # four processes (1, 2 and 8 CPU devices), about 3 minutes on 2 shared cores
 @pytest.mark.parametrize("mesh", ["d2f2t2", "fsdp8", "tensor2"])
 def test_training_over_a_mesh_equals_one_device(mesh_runs, mesh):
     assert len(mesh_runs["one"][0]) == 20
     _assert_same_run(mesh_runs["one"], mesh_runs[mesh])
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("direction", ["8->1", "1->8"])
 def test_checkpoint_written_on_one_mesh_resumes_on_another(mesh_runs, direction):
     """The resumed run's metrics hold steps 1-4 from before the kill (the step-4 row rewritten) and 5-6 after."""

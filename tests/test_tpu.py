@@ -67,7 +67,7 @@ def test_compile_only_flags_are_refused_before_compiling():
 
 
 @needs_libtpu
-@pytest.mark.slow  # three TPU compilations in fresh processes, about a minute on 2 cores
+@pytest.mark.long  # three TPU compilations in fresh processes, about a minute on 2 cores
 def test_compile_only_exits_0_when_it_fits_and_1_when_it_does_not():
     small = _main("--seq_len=128", "--compile_only", "--topology=v5e:2x2", "--mesh=fsdp:4")
     assert small.returncode == 0 and "4 x TPU v5 lite" in small.stdout and "fits:" in small.stdout, small.stderr
