@@ -1,4 +1,5 @@
-"""The text the training tests read: tiny Shakespeare as the package ships it, written to a file they can pass."""
+"""What the training tests read: tiny Shakespeare as the package ships it, written to a file they can pass, and a
+dataset that stands for a run killed at a given step."""
 
 from pathlib import Path
 
@@ -11,3 +12,15 @@ def corpus_path(tmp_dir: Path) -> Path:
     if not path.exists():
         path.write_bytes(data.packaged_tiny_shakespeare())
     return path
+
+
+class CrashAt:
+    """A dataset that fails when asked for a given training step: a run killed after its last checkpoint."""
+
+    def __init__(self, inner, step):
+        self.inner, self.step, self.source = inner, step, inner.source
+
+    def batch(self, split, seed, step, batch_size, seq_len):
+        if split == "train" and step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+        return self.inner.batch(split, seed, step, batch_size, seq_len)

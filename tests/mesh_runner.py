@@ -1,5 +1,6 @@
 """Trains the tiny test model on N CPU devices over a --mesh, in its own process (XLA's host device count is fixed
-when jax starts): python tests/mesh_runner.py DEVICES OUT.npz RUN [RUN ...], each RUN mesh@workdir@steps[@crash_at].
+when jax starts): python -m tests.mesh_runner DEVICES OUT.npz RUN [RUN ...] from the repository root, each RUN
+mesh@workdir@steps[@crash_at].
 
 Writes, per run, its per-step losses and final parameters to OUT.npz (keys "<i>/losses", "<i>/params/<j>").
 crash_at: the run is killed (KeyboardInterrupt) when it asks for that step's batch, after its checkpoints.
@@ -10,8 +11,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))
 jax.config.update("jax_platforms", "cpu")
@@ -20,19 +20,10 @@ from reformer_jax import ModelConfig
 
 from reformer_jax.training import data  # noqa: E402
 from reformer_jax.training.loop import TrainOptions, train_and_evaluate  # noqa: E402
+from tests.corpus import CrashAt  # noqa: E402
 
 TINY = dict(vocab_size=259, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=64, chunk_len=16, n_hashes=2,
             dropout=0.1)
-
-
-class CrashAt:
-    def __init__(self, inner, step):
-        self.inner, self.step, self.source = inner, step, inner.source
-
-    def batch(self, split, seed, step, batch_size, seq_len):
-        if split == "train" and step == self.step:
-            raise KeyboardInterrupt("simulated kill")
-        return self.inner.batch(split, seed, step, batch_size, seq_len)
 
 
 def main():

@@ -83,8 +83,8 @@ def test_one_device_mesh_keeps_everything_whole():
 
 def _run(devices, out, *runs, model="reformer"):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MESH_TEST_MODEL": model}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "mesh_runner.py"), str(devices), str(out), *runs],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "tests.mesh_runner", str(devices), str(out), *runs],
+                            env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
     saved = np.load(out)
     return [(saved[f"{i}/losses"], [saved[f"{i}/params/{j}"] for j in range(len(

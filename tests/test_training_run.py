@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from corpus import corpus_path
+from corpus import CrashAt, corpus_path
 from reformer_jax import ModelConfig
 from reformer_jax.training import data
 from reformer_jax.training.checkpoint import CheckpointMismatch
@@ -56,23 +56,11 @@ def test_short_run_lowers_validation_loss(tmp_path, text_data):
     assert saved["steps"] == 40 and saved["val_loss"] == pytest.approx(evals[-1])
 
 
-class _CrashAt:
-    """A dataset that fails when asked for a given training step: a run killed after its last checkpoint."""
-
-    def __init__(self, inner, step):
-        self.inner, self.step, self.source = inner, step, inner.source
-
-    def batch(self, split, seed, step, batch_size, seq_len):
-        if split == "train" and step == self.step:
-            raise KeyboardInterrupt("simulated kill")
-        return self.inner.batch(split, seed, step, batch_size, seq_len)
-
-
 def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, text_data):
     cfg = tiny_config(dropout=0.1)
     straight = train_and_evaluate(cfg, options(tmp_path / "straight"), dataset=text_data)
     with pytest.raises(KeyboardInterrupt):
-        train_and_evaluate(cfg, options(tmp_path / "resumed"), dataset=_CrashAt(text_data, 4))  # after step 4
+        train_and_evaluate(cfg, options(tmp_path / "resumed"), dataset=CrashAt(text_data, 4))  # after step 4
     assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3, 4]
     resumed = train_and_evaluate(cfg, options(tmp_path / "resumed"), dataset=text_data)  # from the step-3 checkpoint
     assert int(resumed["state"].step) == 6

@@ -119,6 +119,16 @@ def _prefill_cache(config: ModelConfig, kind: str, attn_params: Params, x: jax.A
     return cache
 
 
+def _residual_update(cfg: ModelConfig, streams, f: jax.Array, feed_forward):
+    """One layer's residual update, as the model's forward pass makes it: the reversible pair (y1 = x1 + F,
+    y2 = x2 + G(y1), block outputs on the exact-reversal grid) or x + F, then + G. f: the attention block's output."""
+    if cfg.reversible:
+        y1 = streams[0] + to_grid(f, cfg.grid_bits)
+        return y1, streams[1] + to_grid(feed_forward(y1), cfg.grid_bits)
+    streams = streams + f
+    return streams + feed_forward(streams)
+
+
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
             rotations: Optional[jax.Array], cache_len: int):
     """Run the prompts through the model once and fill every layer's cache.
@@ -144,12 +154,7 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
         caches.append(_prefill_cache(cfg, kind, attn_params, x_in, lengths, buckets, cache_len))
         feed_forward = lambda y: layers.feed_forward_block(  # noqa: E731
             ff_params, y, config=cfg, dropout_rng=placeholder, deterministic=True)
-        if cfg.reversible:
-            y1 = streams[0] + to_grid(f, cfg.grid_bits)
-            streams = (y1, streams[1] + to_grid(feed_forward(y1), cfg.grid_bits))
-        else:
-            streams = streams + f
-            streams = streams + feed_forward(streams)
+        streams = _residual_update(cfg, streams, f, feed_forward)
     last = lambda s: jnp.take_along_axis(s, (lengths - 1)[:, None, None], axis=1)  # noqa: E731 [b, 1, d]
     streams = tuple(map(last, streams)) if cfg.reversible else last(streams)
     return caches, output_head.head_logits(head_params(cfg, params), streams, head_spec(cfg))[:, 0]
@@ -265,12 +270,7 @@ def step(config: ModelConfig, params: Params, caches: Caches, token: jax.Array, 
         f = _attention_output(cfg, kind, o, attn_params["out"])
         feed_forward = lambda y: layers.feed_forward_block(  # noqa: E731
             ff_params, y[None, None], config=cfg, dropout_rng=jax.random.key(0), deterministic=True)[0, 0]
-        if cfg.reversible:
-            y1 = streams[0] + to_grid(f, cfg.grid_bits)
-            streams = (y1, streams[1] + to_grid(feed_forward(y1), cfg.grid_bits))
-        else:
-            streams = streams + f
-            streams = streams + feed_forward(streams)
+        streams = _residual_update(cfg, streams, f, feed_forward)
     as_rows = lambda s: s[None, None]  # noqa: E731
     streams = tuple(map(as_rows, streams)) if cfg.reversible else as_rows(streams)
     return new_caches, output_head.head_logits(head_params(cfg, params), streams, head_spec(cfg))[0, 0]
