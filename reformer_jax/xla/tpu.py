@@ -14,7 +14,8 @@ import importlib.util
 import math
 import os
 import re
-from typing import Dict, List, Tuple
+import dataclasses
+from typing import Dict, List, Optional, Tuple
 
 GIB = 2**30
 LIBTPU_PIP = 'pip install "libtpu==0.0.42.*"'
@@ -59,15 +60,33 @@ def hbm_bytes(name: str) -> int:
     return HBM_PER_CHIP[parse_topology(name)[0]][0]
 
 
-def hbm_per_device(name: str, n_devices: int) -> int:
-    """HBM of one device of the slice: a chip's HBM shared by its devices (a v4 chip shows as two devices, one per
-    TensorCore; v5e, v5p and v6e chips as one)."""
-    return hbm_bytes(name) * chips(name) // max(n_devices, 1)
+# Chips with two TensorCores (v4, v5p) are compiled for as one device each ("megacore"), as they run in a pod.
+_MEGACORE = ("v4", "v5p")
+# The TPU compiler's out-of-memory refusal: "... required for HLO temporaries (23.78G) exceeds available HBM (15.75G)".
+_REFUSAL = re.compile(r"required for ([A-Za-z ]+?) \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclasses.dataclass(frozen=True)
+class HbmRefusal:
+    """The TPU compiler refused a program that does not fit one chip: what it needs and what the chip offers."""
+    what: str  # e.g. "HLO temporaries" (the compiler's words)
+    required_bytes: int
+    available_bytes: int  # the compiler's usable HBM per chip (a little under HBM_PER_CHIP: the runtime keeps some)
+
+
+def hbm_refusal(error: BaseException) -> Optional[HbmRefusal]:
+    """The out-of-memory figures in a TPU compile error (RESOURCE_EXHAUSTED), or None for any other error."""
+    match = _REFUSAL.search(str(error))
+    if not match:
+        return None
+    what, need, need_unit, have, have_unit = match.groups()
+    return HbmRefusal(what.strip(), int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit]))
 
 
 def topology_devices(name: str, flag: str = "--topology") -> List:
-    """The abstract devices of the slice `name` (jax.experimental.topologies): one per chip, or one per TensorCore
-    where a chip has two without megacore (v4)."""
+    """The abstract devices of the slice `name` (jax.experimental.topologies): one per chip (two-core v4 and v5p
+    chips in megacore mode, as pods run them)."""
     generation, dims = parse_topology(name, flag)
     if not libtpu_available():
         raise TopologyError(f"{flag}={name} needs libtpu to compile for TPUs on this machine: {LIBTPU_PIP} (or "
@@ -80,6 +99,8 @@ def topology_devices(name: str, flag: str = "--topology") -> List:
     kwargs = {}
     if math.prod(dims) < 4:  # smaller than a host's chips: the host is the slice
         kwargs["chips_per_host_bounds"] = tuple(dims) + (1,) * (3 - len(dims))
+    if generation in _MEGACORE:
+        kwargs["chip_config_name"] = "megacore"
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs).devices)
     except Exception as error:  # libtpu's own message says which part it refused
