@@ -70,13 +70,15 @@ flags.DEFINE_bool("lean_compile", False, "CPU: compile the steps without XLA's M
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
                   "logged) instead of stopping the run.")
 # --- devices ---------------------------------------------------------------------------------------------------
-flags.DEFINE_string("mesh", "data:-1", "Device mesh as axis:size pairs over data, fsdp and tensor, e.g. "
+flags.DEFINE_string("mesh", None, "Device mesh as axis:size pairs over data, fsdp and tensor, e.g. "
                     "data:-1,fsdp:4,tensor:2 (-1: the devices the other axes leave). fsdp shards the parameters, "
                     "gradients and optimizer state; tensor splits the attention heads and the feed-forward width; the "
-                    "batch goes over data x fsdp. Default: every device on data (data parallel).")
+                    "batch goes over data x fsdp. Default: on a CPU with 2 or more cores, tensor:2 over two host "
+                    "devices (a layer's heads on separate cores: the fastest CPU setting measured, docs/speed.md); "
+                    "on GPUs and TPUs, every device on data (data parallel).")
 flags.DEFINE_integer("host_devices", None, "CPU: split the host into this many devices (XLA's "
-                     "--xla_force_host_platform_device_count, set before jax starts), e.g. --host_devices=2 "
-                     "--mesh=tensor:2 runs two heads' attention on separate cores.")
+                     "--xla_force_host_platform_device_count, set before jax starts), e.g. --host_devices=8 "
+                     "--mesh=data:2,fsdp:2,tensor:2. Default: 2 with the default --mesh (see there), else 1.")
 flags.DEFINE_string("topology", None, "With --compile_only: a TPU slice to compile the job for on this machine, e.g. "
                     "v5e:16x16 (needs libtpu: pip install \"libtpu==0.0.42.*\"); --mesh then lays out its chips.")
 flags.DEFINE_bool("compile_only", False, "Compile the training step for --topology, print its per-chip memory "
@@ -249,17 +251,37 @@ def split_host_devices(count) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
-def check_mesh_flag(config: ModelConfig) -> None:
-    """--mesh against the devices, --batch_size and the model, before anything compiles."""
+CPU_DEFAULT_MESH, CPU_DEFAULT_DEVICES = "tensor:2", 2
+
+
+def cpu_default_applies(config: ModelConfig) -> bool:
+    """Neither --mesh nor --host_devices given, one process, 2+ cores and heads / d_ff that split in two: the host
+    is split into two devices. Whether they are used (CPU) or not (GPU, TPU) is known once jax has started."""
+    return (FLAGS.mesh is None and FLAGS.host_devices is None and FLAGS.num_processes is None
+            and not FLAGS.distributed and (os.cpu_count() or 1) >= CPU_DEFAULT_DEVICES
+            and config.n_heads % CPU_DEFAULT_DEVICES == 0 and config.d_ff % CPU_DEFAULT_DEVICES == 0)
+
+
+def resolve_mesh_flag(config: ModelConfig, cpu_default: bool) -> str:
+    """--mesh as given, else the default: tensor:2 on a CPU whose host was split for it, every device on data
+    elsewhere; then checked against the devices, --batch_size and the model, before anything compiles."""
     import jax
 
     from reformer_jax.sharding import MeshError, check_mesh_fits, parse_mesh
 
+    mesh = FLAGS.mesh
+    if mesh is None:
+        use_cpu_default = cpu_default and jax.default_backend() == "cpu"
+        mesh = CPU_DEFAULT_MESH if use_cpu_default else "data:-1"
+        if use_cpu_default:
+            print(f"mesh: {mesh} over {CPU_DEFAULT_DEVICES} host devices, the CPU default (a layer's heads on "
+                  "separate cores); --mesh=data:-1 --host_devices=1 runs on one device", flush=True)
     try:
-        shape = parse_mesh(FLAGS.mesh, jax.device_count())
-        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=FLAGS.mesh)
+        shape = parse_mesh(mesh, jax.device_count())
+        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=mesh)
     except MeshError as error:
         raise app.UsageError(str(error)) from None
+    return mesh
 
 
 def compile_only(config: ModelConfig) -> int:
@@ -273,8 +295,9 @@ def compile_only(config: ModelConfig) -> int:
 
     try:
         devices = tpu.topology_devices(FLAGS.topology)
-        shape = parse_mesh(FLAGS.mesh, len(devices))
-        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=FLAGS.mesh)
+        mesh = FLAGS.mesh or "data:-1"
+        shape = parse_mesh(mesh, len(devices))
+        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=mesh)
     except (tpu.TopologyError, MeshError) as error:
         raise app.UsageError(str(error)) from None
     print(f"compiling for {FLAGS.topology}: {len(devices)} x {devices[0].device_kind}, mesh {shape}, batch "
@@ -315,12 +338,13 @@ def main(argv):
         config = model_config_from_flags()
         if FLAGS.compile_only:
             return compile_only(config)
-        split_host_devices(FLAGS.host_devices)
+        cpu_default = cpu_default_applies(config)
+        split_host_devices(CPU_DEFAULT_DEVICES if cpu_default else FLAGS.host_devices)
     except app.UsageError as error:  # one line, no usage text (that is --help's)
         print(f"error: {error}", file=sys.stderr)
         return 2
     _initialize_distributed()
-    check_mesh_flag(config)
+    mesh = resolve_mesh_flag(config, cpu_default)
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.xla.compilation_cache import enable_compilation_cache
 
@@ -341,7 +365,7 @@ def main(argv):
         seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
         checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
         skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes,
-        lean_compile=FLAGS.lean_compile, mesh=FLAGS.mesh)
+        lean_compile=FLAGS.lean_compile, mesh=mesh)
     try:
         dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
                                         vocab_size=config.vocab_size)

@@ -13,6 +13,7 @@ Experiments (each writes NAME.json, NAME.csv, NAME.md and NAME.png in --out_dir)
   runtime   a few real steps per variant, each in its own process: device peak (GPU/TPU) or process RSS (CPU)
   floor     the memory-floor targets, measured, with pass/short (judged by benchmarks.targets)
   all       all of the above
+  tpu       the step compiled for TPU chips by libtpu on this machine (benchmarks/tpu_memory.py; not in all)
 
 Numbers are compile-time figures of the real training step (`reformer_jax.training.step.jit_train_step`, donated state,
 Adafactor unless --optimizer) for abstract inputs: peak = argument + output - alias + temp, in MiB (2^20 bytes).
@@ -33,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
-from benchmarks import cli, output, seed, targets
+from benchmarks import cli, output, seed, targets, tpu_memory
 from benchmarks.cli import DEFAULT_OUT_DIR, PRESETS, FlagError, log
 from benchmarks.output import MIB, Row
 from reformer_jax.model.sizes import SEED
@@ -83,7 +84,12 @@ class Settings:
     floor_speed_steps: int = 3
     floor_real_len: int = 2**17
     fast_compile: bool = False
-    topologies: Tuple[str, ...] = ("v5e:1x1",)
+    topologies: Tuple[str, ...] = ("v4:1x1x1", "v5e:1x1", "v5p:1x1x1", "v6e:1x1")
+    tpu_parts: Tuple[str, ...] = tpu_memory.PARTS
+    tpu_dtypes: Tuple[str, ...] = ("float32", "bfloat16")
+    fsdp_slices: Tuple[str, ...] = ("v4:2x2x4", "v5e:4x4", "v5p:2x2x4", "v6e:4x4")
+    tpu_long_slice: str = "v5e:2x2"
+    tpu_max_length: int = 2**24
     command: str = "python -m benchmarks.memory"
 
     def optimizer_arg(self, name: Optional[str] = None) -> Optional[str]:
@@ -160,18 +166,32 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=flag_values)
     flags.DEFINE_boolean("fast_compile", False, "LLVM -O0 (same memory figures, faster compiles; for tests).",
                          flag_values=flag_values)
-    flags.DEFINE_list("topologies", lst(d.topologies), "TPU slices of 'tpu', one chip each (e.g. v5e:1x1,v4:1x1x1,"
-                      "v5p:1x1x1,v6e:1x1); the variants at --seq_len on each, every chip on data.",
+    flags.DEFINE_list("topologies", lst(d.topologies), "One-chip TPU slices of 'tpu' (its seed and longest parts).",
                       flag_values=flag_values)
+    flags.DEFINE_list("tpu_parts", lst(d.tpu_parts), "Parts of 'tpu': seed (the variants at the seed's setup), "
+                      "longest (the longest sequence per chip), long (--floor_long_len tokens on --tpu_long_slice).",
+                      flag_values=flag_values)
+    flags.DEFINE_list("tpu_dtypes", lst(d.tpu_dtypes), "Compute dtypes of 'tpu' seed part.", flag_values=flag_values)
+    flags.DEFINE_list("tpu_fsdp_slices", lst(d.fsdp_slices), "TPU slices of 'tpu' longest part with fsdp over all "
+                      "their chips (one sequence per chip).", flag_values=flag_values)
+    flags.DEFINE_string("tpu_long_slice", d.tpu_long_slice, "TPU slice of 'tpu' long part (fsdp over its chips).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("tpu_max_length", d.tpu_max_length, "Longest sequence 'tpu' longest part compiles (a power "
+                         "of two).", flag_values=flag_values)
 
 
-def _topologies(values: Sequence[str]) -> Tuple[str, ...]:
+def _topologies(flag: str, values: Sequence[str], *, one_chip: bool) -> Tuple[str, ...]:
     from reformer_jax.xla import tpu
 
     try:
-        return tuple(tpu.parse_topology(v, flag="--topologies") and v for v in values)
+        names = tuple(tpu.parse_topology(v, flag=f"--{flag}") and v for v in values if v)
     except tpu.TopologyError as err:
         raise FlagError(str(err)) from None
+    for name in names:
+        if one_chip and tpu.chips(name) != 1:
+            raise FlagError(f"--{flag}={name} has {tpu.chips(name)} chips; its part compiles for one chip: e.g. "
+                            f"{name.split(':')[0]}:{'1x1' if name.count('x') == 1 else '1x1x1'}.")
+    return names
 
 
 def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Sequence[str]] = None) -> Settings:
@@ -202,8 +222,17 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         floor_layers=cli.int_list("floor_layers", fv.floor_layers, "2,12"),
         floor_lengths=cli.int_list("floor_lengths", fv.floor_lengths, "4096,65536"), floor_long_len=fv.floor_long_len,
         floor_speed_layers=fv.floor_speed_layers, floor_speed_steps=fv.floor_speed_steps,
-        floor_real_len=fv.floor_real_len, fast_compile=fv.fast_compile, topologies=_topologies(fv.topologies),
+        floor_real_len=fv.floor_real_len, fast_compile=fv.fast_compile,
+        topologies=_topologies("topologies", fv.topologies, one_chip=True),
+        tpu_parts=cli.subset("tpu_parts", fv.tpu_parts, tpu_memory.PARTS),
+        tpu_dtypes=cli.subset("tpu_dtypes", fv.tpu_dtypes, DTYPE_CHOICES),
+        fsdp_slices=_topologies("tpu_fsdp_slices", fv.tpu_fsdp_slices, one_chip=False),
+        tpu_long_slice=_topologies("tpu_long_slice", [fv.tpu_long_slice], one_chip=False)[0],
+        tpu_max_length=fv.tpu_max_length,
         command=cli.command("benchmarks.memory", argv))
+    if s.tpu_max_length < s.seq_len or s.tpu_max_length & (s.tpu_max_length - 1):
+        raise FlagError(f"--tpu_max_length={s.tpu_max_length} is invalid: expected a power of two >= --seq_len="
+                        f"{s.seq_len}, e.g. {2**24}.")
     for flag, pair in (("floor_hashes", s.floor_hashes), ("floor_layers", s.floor_layers)):
         if len(pair) != 2:
             raise FlagError(f"--{flag}={','.join(map(str, pair))}: expected exactly two values (small, large), "
@@ -779,57 +808,9 @@ def run_floor(settings: Settings) -> List[Row]:
 
 
 
-def run_tpu(settings: Settings) -> List[Row]:
-    """The variants at --seq_len compiled by the TPU compiler for one chip of each --topologies slice (libtpu),
-    beside XLA:CPU's figure (this run) and the seed's GPU figure: peak per chip against the chip's HBM."""
-    from reformer_jax.xla import tpu
-    from reformer_jax.xla.memory_analysis import compile_train_step
-
-    rows = []
-    for topology in settings.topologies:
-        for model in settings.models:
-            config = settings.config(model)
-            t = time.perf_counter()
-            log(f"  {model} on {topology} ...")
-            try:
-                _, stats = compile_train_step(config, batch_size=settings.batch_size, seq_len=settings.seq_len,
-                                              optimizer=settings.optimizer_arg(), topology=topology)
-                refused = None
-            except tpu.TopologyError:
-                raise
-            except Exception as error:  # the TPU compiler's out-of-memory refusal: it does not fit
-                stats, refused = None, str(error).strip().splitlines()[0][:300]
-            compile_s = time.perf_counter() - t
-            cpu_stats, _ = measure(settings, config, seq_len=settings.seq_len, optimizer=settings.optimizer_arg())
-            row = make_row(settings, "tpu", model, config, settings.seq_len, settings.optimizer_arg(), cpu_stats, 0.0)
-            row.update({"topology": topology, "tpu_device_kind": stats.device_kind if stats else None,
-                        "hbm_bytes": stats.hbm_bytes if stats else tpu.hbm_bytes(topology),
-                        "hbm_source": tpu.HBM_PER_CHIP[topology.split(":")[0]][1],
-                        "tpu_peak_bytes": stats.peak_bytes if stats else None,
-                        "tpu_peak_mib": round(stats.peak_bytes / MIB, 1) if stats else None,
-                        "cpu_peak_mib": round(cpu_stats.peak_bytes / MIB, 1),
-                        "seed_gpu_mb": seed.VARIANTS_MB.get(model) if at_seed_setup(settings) else None,
-                        "fits": bool(stats and stats.fits), "tpu_refused": refused,
-                        "tpu_compile_s": round(compile_s, 1)})
-            rows.append(row)
-    md = ("# The variants compiled for one TPU chip (libtpu's compiler, on this CPU-only machine)\n\n"
-          f"Command: `{settings.command}`. Batch {settings.batch_size} x {settings.seq_len}, "
-          f"{settings.optimizer}, {settings.dtype}; peak = XLA's memory analysis of the compiled step per chip. "
-          "HBM per chip from reformer_jax/xla/tpu.py (HBM_PER_CHIP, with its sources).\n\n"
-          + output.markdown_table(rows, [("model", "variant", "s"), ("topology", "topology", "s"),
-                                         ("tpu_device_kind", "device kind", "s"), ("hbm_bytes", "HBM MiB", "mib"),
-                                         ("tpu_peak_mib", "TPU peak MiB", ",.1f"),
-                                         ("cpu_peak_mib", "XLA:CPU peak MiB", ",.1f"),
-                                         ("seed_gpu_mb", "seed GPU MB", ""), ("fits", "fits", ""),
-                                         ("tpu_compile_s", "TPU compile s", ".1f")]) + "\n")
-    output.write_outputs(settings.out_dir, "tpu" if settings.dtype == "float32" else f"tpu_{settings.dtype}",
-                         rows, md)
-    return rows
-
-
 RUNNERS: Dict[str, Callable[[Settings], List[Row]]] = {
     "variants": run_variants, "hashes": run_hashes, "layers": run_layers, "seqlen": run_seqlen,
-    "timeline": run_timeline, "floor": run_floor, "runtime": run_runtime, "tpu": run_tpu,
+    "timeline": run_timeline, "floor": run_floor, "runtime": run_runtime, "tpu": tpu_memory.run_tpu,
 }
 
 

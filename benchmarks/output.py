@@ -79,6 +79,8 @@ def fmt(value: Any, spec: str) -> str:
         return f"{value / MIB:,.1f}"
     if spec == "gib":
         return f"{value / 2**30:,.2f}"
+    if spec == "code":
+        return f"`{value}`"
     if spec:
         return format(value, spec)
     return str(value)
@@ -87,7 +89,7 @@ def fmt(value: Any, spec: str) -> str:
 def markdown_table(rows: Sequence[Row], columns: Sequence[Column]) -> str:
     """A GitHub Markdown table. A column's key may be a function of the row."""
     header = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    rule = "| " + " | ".join("---" if spec in ("", "s") else "---:" for _, _, spec in columns) + " |"
+    rule = "| " + " | ".join("---" if spec in ("", "s", "code") else "---:" for _, _, spec in columns) + " |"
     lines = [header, rule]
     for row in rows:
         cells = []

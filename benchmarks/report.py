@@ -14,10 +14,10 @@ import sys
 from typing import Callable, List, Sequence
 
 from benchmarks.output import atomic_write_text
-from benchmarks.reporting import generation, memory, mesh, quality, speed
+from benchmarks.reporting import generation, memory, mesh, quality, speed, tpu
 
 Section = Callable[[str, str], List[str]]  # (results folder, its path relative to the report) -> markdown lines
-SECTIONS: Sequence[Section] = (memory.sections, speed.sections, mesh.sections, generation.sections,
+SECTIONS: Sequence[Section] = (memory.sections, speed.sections, mesh.sections, tpu.sections, generation.sections,
                                quality.sections)
 
 

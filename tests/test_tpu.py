@@ -77,3 +77,90 @@ def test_compile_only_exits_0_when_it_fits_and_1_when_it_does_not():
     large = _main("--model=transformer", "--seq_len=32768", "--batch_size=1", "--compile_only",
                   "--topology=v5e:1x1")
     assert large.returncode == 1 and "does not fit" in large.stderr
+
+
+def test_the_compilers_out_of_memory_figures_are_read():
+    error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                         "temporaries (23.78G) exceeds available HBM (15.75G).")
+    refusal = tpu.hbm_refusal(error)
+    assert refusal.what == "HLO temporaries"
+    assert refusal.required_bytes == int(23.78 * 2**30) and refusal.available_bytes == int(15.75 * 2**30)
+    assert tpu.hbm_refusal(RuntimeError("INVALID_ARGUMENT: something else")) is None
+
+
+@needs_libtpu
+def test_two_core_chips_compile_as_one_device_each():
+    """v4 and v5p chips have two TensorCores; pods run them as one device per chip (megacore)."""
+    one = tpu.topology_devices("v4:1x1x1")
+    assert len(one) == 1 and one[0].device_kind == "TPU v4"
+    assert len(tpu.topology_devices("v5p:2x2x1")) == 4
+
+
+# --- the TPU experiment of the memory driver (benchmarks/tpu_memory.py) ------------------------------------------
+
+DRIVER_SIZES = ["--d_model=32", "--n_heads=2", "--d_ff=64", "--n_layers=1", "--chunk_len=16", "--n_hashes=1",
+                "--vocab_size=64", "--seq_len=128"]
+
+
+def _driver_settings(*args):
+    from absl import flags
+
+    from benchmarks import memory
+
+    fv = flags.FlagValues()
+    memory.define_flags(fv)
+    argv = ["prog", "--experiment=tpu", *args]
+    fv(argv)
+    return memory.settings_from_flags(fv, argv)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topologies=v5e:2x2"], "--topologies=v5e:2x2 has 4 chips; its part compiles for one chip: e.g. v5e:1x1"),
+    (["--topologies=v7:1x1"], "--topologies=v7:1x1 is not a TPU topology name"),
+    (["--tpu_fsdp_slices=v5e:3"], "--tpu_fsdp_slices=v5e:3 is not a TPU topology name"),
+    (["--tpu_parts=seed,fastest"], "--tpu_parts=seed,fastest: unknown 'fastest'; expected a comma-separated subset"),
+    (["--tpu_dtypes=fp8"], "--tpu_dtypes=fp8: unknown 'fp8'"),
+    (["--tpu_max_length=100000"], "--tpu_max_length=100000 is invalid: expected a power of two >= --seq_len=4096"),
+])
+def test_tpu_experiment_flags_refused_before_compiling(args, message):
+    from benchmarks import memory
+
+    with pytest.raises(memory.FlagError) as error:
+        _driver_settings(*args)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@needs_libtpu
+def test_tpu_experiment_writes_each_part_and_merges_reruns(tmp_path):
+    """Tiny sizes: the seed part on one chip; the longest part on one chip and with fsdp over a 4-chip slice (every
+    length up to --tpu_max_length fits, so the search must climb to it); the long part; a rerun of one slice keeps
+    the other rows."""
+    import dataclasses
+
+    from benchmarks import memory
+    from benchmarks.output import read_json
+
+    out = str(tmp_path)
+    common = [*DRIVER_SIZES, f"--out_dir={out}", "--models=reformer", "--tpu_dtypes=float32"]
+    settings = _driver_settings(*common, "--tpu_parts=seed,longest,long", "--topologies=v5e:1x1",
+                                "--tpu_fsdp_slices=v5e:2x2", "--tpu_long_slice=v5e:2x2", "--floor_long_len=512",
+                                "--tpu_max_length=512")
+    memory.run(settings)
+    seed_rows = read_json(os.path.join(out, "tpu.json"))
+    assert [(r["model"], r["topology"], r["tpu_device_kind"], r["fits"]) for r in seed_rows] == [
+        ("reformer", "v5e:1x1", "TPU v5 lite", True)]
+    assert seed_rows[0]["tpu_peak_mib"] > 0 and seed_rows[0]["cpu_peak_mib"] > 0
+    assert "--topologies=v5e:1x1" in seed_rows[0]["row_command"] and "--tpu_parts=seed" in seed_rows[0]["row_command"]
+    longest = {r["mesh"]: r for r in read_json(os.path.join(out, "tpu_longest.json"))}
+    assert set(longest) == {"one chip", "fsdp:4"} and longest["fsdp:4"]["batch_size"] == 4
+    for row in longest.values():
+        assert row["power_of_two"] == row["longest"] == 512 and row["first_refused"] is None
+        assert row["probe_lengths"][0] == 128 and all(row["probe_fits"])
+    (long_row,) = read_json(os.path.join(out, "tpu_long.json"))
+    assert (long_row["seq_len"], long_row["mesh"], long_row["batch_size"], long_row["fits"]) == (512, "fsdp:4", 4, True)
+    for name in ("tpu", "tpu_longest", "tpu_long"):
+        assert os.path.exists(os.path.join(out, name + ".md")) and os.path.exists(os.path.join(out, name + ".csv"))
+    assert os.path.exists(os.path.join(out, "tpu.png")) and os.path.exists(os.path.join(out, "tpu_longest.png"))
+    # Rerun the seed part on another chip: the v5e row stays.
+    memory.run(dataclasses.replace(settings, tpu_parts=("seed",), topologies=("v6e:1x1",)))
+    assert [r["topology"] for r in read_json(os.path.join(out, "tpu.json"))] == ["v5e:1x1", "v6e:1x1"]

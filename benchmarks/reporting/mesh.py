@@ -1,6 +1,5 @@
-"""REPORT.md's mesh and TPU sections: per-device memory on a device mesh (benchmarks.mesh_memory), the CPU's
-cores split into devices beside Hugging Face (benchmarks.speed --out_dir=RESULTS/mesh), and the seed's variants
-compiled for TPU chips (benchmarks.memory --experiment=tpu)."""
+"""REPORT.md's mesh sections: per-device memory on a device mesh (benchmarks.mesh_memory) and the CPU's cores split
+into devices beside Hugging Face (benchmarks.speed --out_dir=RESULTS/mesh)."""
 
 from __future__ import annotations
 
@@ -46,7 +45,8 @@ def sections(results: str, rel: str) -> List[str]:
         out.extend(f"- {line}" for line in targets.peer_target_lines(peers))
         by_impl = {r["implementation"]: r for r in peers}
         main_hf = {r["implementation"]: r for r in (load(results, "speed_peers") or [])}.get("hf")
-        if main_hf and by_impl.get("hf", {}).get("median_step_s"):
+        hf_here = by_impl.get("hf", {}).get("median_step_s")
+        if main_hf and hf_here and hf_here > 1.5 * main_hf["median_step_s"]:
             out.append(f"- Caution: Hugging Face's step took {by_impl['hf']['median_step_s']:.1f} s here against "
                        f"{main_hf['median_step_s']:.1f} s in the less loaded run of the peer table above: torch's "
                        "threads suffer more than XLA's from an oversubscribed machine, so these ratios overstate "
@@ -58,20 +58,7 @@ def sections(results: str, rel: str) -> List[str]:
                               if paired else "")
             out.append(f"- Two host devices with the heads split (tensor2) against one: step "
                        f"{split['median_step_s']:.2f} s against {plain['median_step_s']:.2f} s{round_by_round}"
-                       + (": faster" if split["median_step_s"] < plain["median_step_s"] else
+                       + (": faster, so it is main.py's CPU default (--mesh unset on a CPU with 2 or more cores)"
+                          if split["median_step_s"] < plain["median_step_s"] else
                           ": slower, so main.py keeps one device (every device on data) as its CPU default") + ".")
-    tpu_rows = load(results, "tpu")
-    if tpu_rows:
-        first = tpu_rows[0]
-        out.append("\n## On a TPU slice, compiled on this machine\n")
-        out.append(f"Command: `{first['command']}` -> [`tpu.json`]({rel}/tpu.json). The TPU compiler (libtpu "
-                   f"0.0.42, jax {first['jax_version']}) compiled each step for one chip "
-                   "(`jax.experimental.topologies`) on this CPU-only machine; peak = its memory analysis per chip, "
-                   "HBM from `reformer_jax/tpu.py`'s table (with its sources); XLA:CPU's peak of the same step "
-                   "beside it. Batch 1 x 4096, the seed's sizes, Adafactor, float32.\n")
-        out.append(markdown_table(tpu_rows, [
-            ("model", "variant", "s"), ("topology", "topology", "s"), ("tpu_device_kind", "device kind", "s"),
-            ("hbm_bytes", "HBM MiB", "mib"), ("tpu_peak_mib", "TPU peak MiB", ",.1f"),
-            ("cpu_peak_mib", "XLA:CPU peak MiB", ",.1f"), ("seed_gpu_mb", "seed GPU MB", ""), ("fits", "fits", ""),
-            ("tpu_compile_s", "TPU compile s", ".1f")]))
     return out

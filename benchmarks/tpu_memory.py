@@ -1,0 +1,340 @@
+"""`benchmarks.memory --experiment=tpu`: the training step compiled by the TPU compiler (libtpu) on this machine.
+
+    python -m benchmarks.memory --experiment=tpu                          # every part below
+    python -m benchmarks.memory --experiment=tpu --tpu_parts=seed --topologies=v5e:1x1 --tpu_dtypes=float32
+
+Parts (--tpu_parts), each its own results file, rows merged by key so a part rerun for some slices keeps the rest:
+  seed     tpu.*: the variants at the seed's setup on one chip of each --topologies generation, for each
+           --tpu_dtypes compute dtype, beside XLA:CPU's figure of the same step and the seed's GPU figure
+  longest  tpu_longest.*: the longest power-of-two sequence each variant fits, then the longest multiple of the
+           chunk length (benchmarks.longest_fit), on one chip (--topologies) and with fsdp over the slices of
+           --tpu_fsdp_slices (one sequence per chip: batch = chips x --batch_size)
+  long     tpu_long.*: the Reformer at --floor_long_len tokens per sequence on --tpu_long_slice with fsdp over
+           all its chips
+
+A row fits when the TPU compiler accepts the program (it refuses, RESOURCE_EXHAUSTED, what does not fit its HBM)
+and the compiled peak is within the chip's HBM (`reformer_jax.xla.tpu.HBM_PER_CHIP`, with its sources).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from benchmarks import output, seed
+from benchmarks.cli import log
+from benchmarks.longest_fit import LongestFit, Probe, longest_fitting_length
+from benchmarks.output import MIB, Row
+
+PARTS = ("seed", "longest", "long")
+GENERATIONS = ("v4", "v5e", "v5p", "v6e")  # table order
+COLORS = {"v4": "#4c72b0", "v5e": "#dd8452", "v5p": "#55a868", "v6e": "#c44e52"}
+SEED_COLUMNS = [("model", "variant", "s"), ("topology", "topology", "s"), ("tpu_device_kind", "device kind", "s"),
+                ("dtype", "compute", "s"), ("hbm_mib", "HBM MiB", ",.0f"), ("tpu_peak_mib", "TPU peak MiB", ",.1f"),
+                ("cpu_peak_mib", "XLA:CPU peak MiB", ",.1f"), ("seed_gpu_mb", "seed GPU MB", ""),
+                ("fits", "fits", ""), ("tpu_compile_s", "compile s", ".1f"), ("row_command", "command", "code")]
+LONGEST_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
+                   ("batch_size", "batch", "d"), ("tpu_device_kind", "device kind", "s"),
+                   ("hbm_mib", "HBM MiB", ",.0f"), ("power_of_two", "longest 2^k", ",d"),
+                   ("power_of_two_peak_mib", "its peak MiB", ",.1f"), ("longest", "longest (chunk steps)", ",d"),
+                   ("longest_peak_mib", "its peak MiB", ",.1f"), ("first_refused", "next refused", ",d"),
+                   ("probes", "compiles", "d"), ("search_s", "search s", ".0f"), ("row_command", "command", "code")]
+LONG_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
+                ("batch_size", "batch", "d"), ("seq_len", "tokens per sequence", ",d"),
+                ("tpu_device_kind", "device kind", "s"), ("hbm_mib", "HBM MiB", ",.0f"),
+                ("tpu_peak_mib", "peak per chip MiB", ",.1f"), ("fits", "fits", ""),
+                ("tpu_compile_s", "compile s", ".1f"), ("row_command", "command", "code")]
+
+
+# The flags each part ignores, left out of its rows' commands.
+IGNORED = {"seed": ("tpu_fsdp_slices", "tpu_long_slice", "floor_long_len", "tpu_max_length"),
+           "longest": ("tpu_dtypes", "tpu_long_slice", "floor_long_len"),
+           "long": ("topologies", "tpu_fsdp_slices", "tpu_max_length", "tpu_dtypes", "models")}
+
+
+def row_command(settings, **flag_values: Any) -> str:
+    """The run's command narrowed to one row: `flag_values` replace (or add) those flags."""
+    drop = tuple(flag_values) + IGNORED[flag_values["tpu_parts"]]
+    words = [w for w in shlex.split(settings.command) if not any(w.startswith(f"--{name}=") for name in drop)]
+    return " ".join(words + [f"--{name}={value}" for name, value in flag_values.items()])
+
+
+def _compile(settings, model: str, topology: str, *, seq_len: int, batch_size: int, dtype: str,
+             mesh: Optional[str]) -> Tuple[Any, Optional[str], Probe, float]:
+    """(MemoryStats or None, the refusal's first line or None, the Probe, compile seconds) of one TPU compile. A
+    compile error other than the compiler's out-of-memory refusal is raised: it is a bug, not a measurement."""
+    from reformer_jax.xla import tpu
+    from reformer_jax.xla.memory_analysis import compile_train_step
+
+    config = settings.config(model, max_len=seq_len, dtype=dtype)
+    start = time.perf_counter()
+    try:
+        _, stats = compile_train_step(config, batch_size=batch_size, seq_len=seq_len,
+                                      optimizer=settings.optimizer_arg(), topology=topology, mesh=mesh)
+    except tpu.TopologyError:
+        raise
+    except Exception as error:
+        refusal = tpu.hbm_refusal(error)
+        if refusal is None:
+            raise
+        seconds = time.perf_counter() - start
+        reason = str(error).strip().splitlines()[0][:300]
+        return None, reason, Probe(seq_len, False, refusal.required_bytes, refusal.available_bytes), seconds
+    seconds = time.perf_counter() - start
+    return stats, None, Probe(seq_len, stats.fits, stats.peak_bytes), seconds
+
+
+def _base_row(settings, model: str, topology: str, dtype: str, stats) -> Row:
+    from benchmarks.measure import machine
+    from reformer_jax.xla import tpu
+
+    generation = tpu.parse_topology(topology)[0]
+    row: Row = {"model": model, "topology": topology, "generation": generation, "chips": tpu.chips(topology),
+                "dtype": dtype, "tpu_device_kind": stats.device_kind if stats else None,
+                "hbm_bytes": tpu.hbm_bytes(topology), "hbm_mib": tpu.hbm_bytes(topology) / MIB,
+                "hbm_source": tpu.HBM_PER_CHIP[generation][1], "d_model": settings.d_model,
+                "n_heads": settings.n_heads, "d_ff": settings.d_ff, "n_layers": settings.n_layers,
+                "n_hashes": settings.n_hashes, "chunk_len": settings.chunk_len, "vocab_size": settings.vocab_size,
+                "optimizer": settings.optimizer, "libtpu_version": _libtpu_version()}
+    row.update({k: v for k, v in machine().items() if k not in row})
+    row["command"] = settings.command
+    return row
+
+
+def _libtpu_version() -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def seed_rows(settings) -> List[Row]:
+    """The variants at --seq_len x --batch_size on one chip of each --topologies slice, per --tpu_dtypes."""
+    from benchmarks.memory import at_seed_setup, measure
+
+    rows = []
+    for topology in settings.topologies:
+        for dtype in settings.tpu_dtypes:
+            for model in settings.models:
+                stats, refused, _, seconds = _compile(settings, model, topology, seq_len=settings.seq_len,
+                                                      batch_size=settings.batch_size, dtype=dtype, mesh=None)
+                cpu_stats, _ = measure(settings, settings.config(model, dtype=dtype), seq_len=settings.seq_len,
+                                       optimizer=settings.optimizer_arg())
+                row = _base_row(settings, model, topology, dtype, stats)
+                row.update({"seq_len": settings.seq_len, "batch_size": settings.batch_size,
+                            "tpu_peak_bytes": stats.peak_bytes if stats else None,
+                            "tpu_peak_mib": round(stats.peak_bytes / MIB, 1) if stats else None,
+                            "cpu_peak_mib": round(cpu_stats.peak_bytes / MIB, 1),
+                            "seed_gpu_mb": seed.VARIANTS_MB.get(model) if at_seed_setup(settings) else None,
+                            "fits": bool(stats and stats.fits), "tpu_refused": refused,
+                            "tpu_compile_s": round(seconds, 1),
+                            "row_command": row_command(settings, experiment="tpu", tpu_parts="seed",
+                                                       topologies=topology, tpu_dtypes=dtype, models=model)})
+                log(f"  [tpu seed] {model} {dtype} on {topology}: "
+                    + (f"{row['tpu_peak_mib']:,.1f} MiB" if stats else f"refused ({refused})")
+                    + f" (XLA:CPU {row['cpu_peak_mib']:,.1f} MiB; compiled in {seconds:.0f} s)")
+                rows.append(row)
+    return rows
+
+
+def longest_rows(settings) -> List[Row]:
+    """For each variant: the longest sequence one chip of each --topologies slice fits, and each
+    --tpu_fsdp_slices slice with fsdp over all its chips (one sequence per chip)."""
+    from reformer_jax.xla import tpu
+
+    rows = []
+    layouts = [(t, None) for t in settings.topologies] + [(t, f"fsdp:{tpu.chips(t)}") for t in settings.fsdp_slices]
+    for topology, mesh in layouts:
+        batch = settings.batch_size * tpu.chips(topology)
+        for model in settings.models:
+            kinds: Dict[str, str] = {}
+            start = time.perf_counter()
+
+            def probe(length: int) -> Probe:
+                stats, _, result, seconds = _compile(settings, model, topology, seq_len=length, batch_size=batch,
+                                                     dtype=settings.dtype, mesh=mesh)
+                if stats:
+                    kinds["device_kind"] = stats.device_kind
+                log(f"  [tpu longest] {model} on {topology} ({mesh or 'one chip'}) at {length:,}: "
+                    + ("fits" if result.fits else "does not fit")
+                    + (f", {result.peak_bytes / MIB:,.1f} MiB" if result.peak_bytes else "")
+                    + f" ({seconds:.0f} s)")
+                return result
+
+            found = longest_fitting_length(probe, start=_power_at_most(settings.seq_len), step=settings.chunk_len,
+                                           capacity=tpu.hbm_bytes(topology), max_length=settings.tpu_max_length)
+            rows.append(_longest_row(settings, model, topology, mesh, batch, found, kinds.get("device_kind"),
+                                     time.perf_counter() - start))
+    return rows
+
+
+def _power_at_most(n: int) -> int:
+    return 2 ** int(math.floor(math.log2(n)))
+
+
+def _longest_row(settings, model, topology, mesh, batch, found: LongestFit, kind, seconds) -> Row:
+    row = _base_row(settings, model, topology, settings.dtype, None)
+    capacities = [p.capacity_bytes for p in found.probes if p.capacity_bytes]
+    mib = lambda b: round(b / MIB, 1) if b else None  # noqa: E731
+    flags = dict(experiment="tpu", tpu_parts="longest", models=model)
+    flags.update(dict(topologies=topology, tpu_fsdp_slices="") if mesh is None else
+                 dict(topologies="", tpu_fsdp_slices=topology))
+    row.update({"tpu_device_kind": kind, "mesh": mesh or "one chip", "batch_size": batch,
+                "compiler_hbm_bytes": capacities[-1] if capacities else None,
+                "power_of_two": found.power_of_two, "power_of_two_peak_mib": mib(found.peak_at(found.power_of_two)),
+                "power_of_two_refused": found.power_of_two_refused, "longest": found.longest,
+                "longest_peak_mib": mib(found.peak_at(found.longest)), "first_refused": found.first_refused,
+                "probes": len(found.probes), "search_s": round(seconds, 1),
+                "probe_lengths": [p.length for p in found.probes], "probe_fits": [p.fits for p in found.probes],
+                "probe_peak_bytes": [p.peak_bytes for p in found.probes], "max_length": settings.tpu_max_length,
+                "row_command": row_command(settings, **flags)})
+    return row
+
+
+def long_rows(settings) -> List[Row]:
+    """The Reformer at --floor_long_len tokens per sequence on --tpu_long_slice, fsdp over every chip."""
+    from reformer_jax.xla import tpu
+
+    topology = settings.tpu_long_slice
+    mesh = f"fsdp:{tpu.chips(topology)}"
+    batch = settings.batch_size * tpu.chips(topology)
+    stats, refused, _, seconds = _compile(settings, "reformer", topology, seq_len=settings.floor_long_len,
+                                          batch_size=batch, dtype=settings.dtype, mesh=mesh)
+    row = _base_row(settings, "reformer", topology, settings.dtype, stats)
+    row.update({"mesh": mesh, "batch_size": batch, "seq_len": settings.floor_long_len,
+                "tpu_peak_bytes": stats.peak_bytes if stats else None,
+                "tpu_peak_mib": round(stats.peak_bytes / MIB, 1) if stats else None,
+                "fits": bool(stats and stats.fits), "tpu_refused": refused, "tpu_compile_s": round(seconds, 1),
+                "row_command": row_command(settings, experiment="tpu", tpu_parts="long", tpu_long_slice=topology)})
+    log(f"  [tpu long] reformer x {settings.floor_long_len:,} tokens on {topology} ({mesh}): "
+        + (f"{row['tpu_peak_mib']:,.1f} MiB per chip" if stats else f"refused ({refused})"))
+    return [row]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables, plots and the results files
+
+
+def _order(row: Row) -> tuple:
+    models = list(seed.LABELS)
+    return (row.get("chips", 1) > 1, GENERATIONS.index(row["generation"]) if row.get("generation") in GENERATIONS
+            else 9, row.get("dtype", ""), models.index(row["model"]) if row["model"] in models else 9)
+
+
+def merge(old: Sequence[Row], new: Sequence[Row]) -> List[Row]:
+    """`new` replaces the rows of `old` with the same (variant, slice, mesh, dtype); the others are kept."""
+    key = lambda r: (r["model"], r["topology"], r.get("mesh"), r.get("dtype"))  # noqa: E731
+    replaced = {key(r) for r in new}
+    return sorted([r for r in old if key(r) not in replaced] + list(new), key=_order)
+
+
+def seed_markdown(rows: Sequence[Row]) -> str:
+    return output.markdown_table(rows, SEED_COLUMNS)
+
+
+def longest_markdown(rows: Sequence[Row]) -> str:
+    return output.markdown_table(rows, LONGEST_COLUMNS)
+
+
+def long_markdown(rows: Sequence[Row]) -> str:
+    return output.markdown_table(rows, LONG_COLUMNS)
+
+
+def _plot_seed(rows: Sequence[Row], path: str) -> None:
+    dtypes = sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32")
+    fig, axes = output.new_figure(6.5 * len(dtypes), 4.8, ncols=len(dtypes))
+    axes = axes if isinstance(axes, (list, tuple)) or hasattr(axes, "__len__") else [axes]
+    models = [m for m in seed.LABELS if any(r["model"] == m for r in rows)]
+    for ax, dtype in zip(axes, dtypes):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        gens = [g for g in GENERATIONS if any(r["generation"] == g for r in mine)]
+        width = 0.8 / max(len(gens), 1)
+        for i, gen in enumerate(gens):
+            by_model = {r["model"]: r for r in mine if r["generation"] == gen}
+            xs = [j + (i - (len(gens) - 1) / 2) * width for j in range(len(models))]
+            ax.bar(xs, [by_model.get(m, {}).get("tpu_peak_mib") or 0 for m in models], width, color=COLORS[gen],
+                   label=f"{gen} ({by_model[models[0]]['hbm_mib'] / 1024:.0f} GiB HBM)" if models[0] in by_model
+                   else gen)
+        cpu = {r["model"]: r["cpu_peak_mib"] for r in mine}
+        gpu = {r["model"]: r.get("seed_gpu_mb") for r in mine}
+        ax.scatter(range(len(models)), [cpu[m] for m in models], marker="o", color="black", zorder=3,
+                   label="XLA:CPU, same step")
+        if any(gpu.values()):
+            ax.scatter(range(len(models)), [gpu[m] or float("nan") for m in models], marker="x", color="black",
+                       s=60, zorder=3, label="seed's GPU figure (MB)")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels([seed.LABELS[m] for m in models], fontsize=8)
+        ax.set_ylabel("compiled peak per chip (MiB, log scale)")
+        ax.set_title(f"One TPU chip, the seed's setup, {dtype} compute", fontsize=10)
+        ax.legend(fontsize=7)
+    output.save_figure(path, fig)
+
+
+def _plot_longest(rows: Sequence[Row], path: str) -> None:
+    fig, ax = output.new_figure(10, 5)
+    models = [m for m in seed.LABELS if any(r["model"] == m for r in rows)]
+    layouts = sorted({(r["chips"] > 1, r["generation"], r["topology"]) for r in rows},
+                     key=lambda k: (k[0], GENERATIONS.index(k[1])))
+    width = 0.8 / max(len(layouts), 1)
+    for i, (sharded, gen, topology) in enumerate(layouts):
+        by_model = {r["model"]: r for r in rows if r["topology"] == topology}
+        xs = [j + (i - (len(layouts) - 1) / 2) * width for j in range(len(models))]
+        values = [by_model.get(m, {}).get("longest") or 0 for m in models]
+        ax.bar(xs, values, width, color=COLORS[gen], hatch="//" if sharded else None, edgecolor="white",
+               label=f"{topology}" + (f" (fsdp {by_model[models[0]]['chips']})" if sharded else " (one chip)"))
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels([seed.LABELS[m] for m in models])
+    ax.set_ylabel("longest sequence per chip (tokens, log2 scale)")
+    ax.set_title("The longest sequence each variant's training step fits on a TPU chip (compiled by libtpu)",
+                 fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    output.save_figure(path, fig)
+
+
+def write(settings, name: str, new_rows: List[Row]) -> List[Row]:
+    """Merge new_rows into out_dir/NAME.json and rewrite its CSV, MD and PNG; returns all rows."""
+    path = os.path.join(settings.out_dir, name + ".json")
+    rows = merge(output.read_json(path) if os.path.exists(path) else [], new_rows)
+    title, table, plot = {
+        "tpu": ("The variants at the seed's setup, compiled for one TPU chip", seed_markdown, _plot_seed),
+        "tpu_longest": ("The longest sequence per chip", longest_markdown, _plot_longest),
+        "tpu_long": ("A very long sequence on a TPU slice with fsdp", long_markdown, None),
+    }[name]
+    md = (f"# {title} (libtpu's compiler, on a CPU-only machine)\n\n{intro(rows)}\n\n{table(rows)}\n")
+    output.write_outputs(settings.out_dir, name, rows, md, (lambda p: plot(rows, p)) if plot else None)
+    return rows
+
+
+def intro(rows: Sequence[Row]) -> str:
+    first = rows[0]
+    return (f"Machine: {first['platform']}, {first['cpu_count']} CPUs; jax {first['jax_version']}, libtpu "
+            f"{first.get('libtpu_version')}. Sizes: d_model {first['d_model']}, {first['n_heads']} heads, d_ff "
+            f"{first['d_ff']}, {first['n_layers']} layers, {first['n_hashes']} hash rounds, chunk "
+            f"{first['chunk_len']}, vocabulary {first['vocab_size']}, {first['optimizer']}. Peak = XLA's memory "
+            "analysis of the compiled training step per chip (arguments + outputs - aliased + temporaries); a row "
+            "fits when the TPU compiler accepts the program and the peak is within the chip's HBM "
+            "(`reformer_jax/xla/tpu.py`, HBM_PER_CHIP, with its sources). Each row's command reproduces it.")
+
+
+def run_tpu(settings) -> List[Row]:
+    """The --tpu_parts of the TPU experiment; returns the rows measured in this run."""
+    from reformer_jax.xla import tpu
+
+    tpu.topology_devices(settings.topologies[0] if settings.topologies else settings.tpu_long_slice,
+                         flag="--topologies")  # no libtpu: one line, before anything compiles
+    measured: List[Row] = []
+    for part, name, runner in (("seed", "tpu", seed_rows), ("longest", "tpu_longest", longest_rows),
+                               ("long", "tpu_long", long_rows)):
+        if part in settings.tpu_parts:
+            rows = runner(settings)
+            if rows:
+                write(settings, name, rows)
+            measured.extend(rows)
+    return measured
