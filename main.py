@@ -313,10 +313,12 @@ def compile_only(config: ModelConfig) -> int:
     print(f"memory (compile-time, per device): {stats.summary()}", flush=True)
     if not stats.fits:
         print(f"error: the step needs {stats.peak_bytes / 2**20:,.1f} MiB per device, more than the "
-              f"{stats.hbm_bytes / 2**20:,.0f} MiB of HBM each device of {FLAGS.topology} has: use a larger slice, "
+              f"{stats.hbm_bytes / 2**20:,.0f} MiB of HBM the TPU compiler lets a program use on each chip of "
+              f"{FLAGS.topology}: use a larger slice, "
               "more fsdp, a shorter --seq_len or a smaller --batch_size.", file=sys.stderr)
         return 1
-    print(f"fits: {stats.peak_bytes / 2**20:,.1f} MiB of {stats.hbm_bytes / 2**20:,.0f} MiB HBM per device")
+    print(f"fits: {stats.peak_bytes / 2**20:,.1f} MiB of the {stats.hbm_bytes / 2**20:,.0f} MiB of HBM a program may use "
+          "per chip")
     return 0
 
 

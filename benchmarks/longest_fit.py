@@ -7,9 +7,9 @@
 A probe compiles the step at one length and says whether it fits, with the compiled peak (or, for a refusal, the
 bytes the compiler said it needed). Compiles cost seconds to minutes, so the search guesses where the peak
 crosses the capacity from the probes it has (a straight line through two of them: memory is close to affine
-in length for the linear-memory variants) and probes there, with a bisection after two guesses in a row that
-fail to halve the bracket, so it stays within a few times a plain bisection's probes and usually takes 2-4 per
-phase. The
+in length for the linear-memory variants) and probes there (the Illinois variant of regula falsi, so a curved peak converges
+from both sides), with a bisection after three guesses in a row that fail to halve the bracket: it stays within a
+few times a plain bisection's probes and usually takes 2-5 per phase. The
 answer is only ever a probed pair: a length that fit and the next one up that did not.
 """
 
@@ -61,19 +61,26 @@ class _Search:
                 self.capacity = result.capacity_bytes
         return self.seen[length].fits
 
-    def crossing(self, lo: int, hi: Optional[int]) -> Optional[float]:
+    def crossing(self, lo: int, hi: Optional[int], weights=(1.0, 1.0)) -> Optional[float]:
         """The length where a line through two probes reaches the capacity: the fitting probe `lo` and the refused
-        `hi` where it said what it needed, else the two longest fitting probes (extrapolation). None: no line."""
+        `hi` where it said what it needed (each one's distance from the capacity scaled by its weight: the
+        Illinois rule, so a curved peak does not pin the guesses to one end), else the two longest fitting probes
+        (extrapolation). None: no line."""
         below = self.seen[lo]
         above = self.seen.get(hi) if hi is not None else None
-        if above is None or above.peak_bytes is None:
-            fitting = sorted(p.length for p in self.seen.values() if p.fits and p.peak_bytes and p.length < lo)
-            if not fitting:
+        if above is not None and above.peak_bytes is not None and below.peak_bytes:
+            short = (self.capacity - below.peak_bytes) * weights[0]  # > 0: lo fits
+            over = (above.peak_bytes - self.capacity) * weights[1]
+            if short <= 0 or over <= 0:
                 return None
-            below, above = self.seen[fitting[-1]], below
-        if not (below.peak_bytes and above.peak_bytes) or above.peak_bytes <= below.peak_bytes:
+            return below.length + (above.length - below.length) * short / (short + over)
+        fitting = sorted(p.length for p in self.seen.values() if p.fits and p.peak_bytes and p.length < lo)
+        if not fitting or not below.peak_bytes:
             return None
-        slope = (above.peak_bytes - below.peak_bytes) / (above.length - below.length)
+        first = self.seen[fitting[-1]]
+        if below.peak_bytes <= first.peak_bytes:
+            return None
+        slope = (below.peak_bytes - first.peak_bytes) / (below.length - first.length)
         return below.length + (self.capacity - below.peak_bytes) / slope
 
 
@@ -81,15 +88,16 @@ def _bracket(search: _Search, lo: int, hi: Optional[int], *, to_length: Callable
              to_index: Callable[[float], int], top: int) -> tuple:
     """Shrink grid indices (lo fits, hi refused or None: unknown) until hi = lo + 1; returns (lo, hi or None)."""
     last_width, misses = None, 0  # misses: guesses in a row that did not halve the bracket
+    weights, last_moved = [1.0, 1.0], None
     while hi is None or hi - lo > 1:
         if hi is None and lo >= top:
             return lo, None
         ceiling = top if hi is None else hi - 1
-        guess = search.crossing(to_length(lo), None if hi is None else to_length(hi))
+        guess = search.crossing(to_length(lo), None if hi is None else to_length(hi), tuple(weights))
         width = None if hi is None else hi - lo
         if last_width is not None and width is not None:
             misses = misses + 1 if width > last_width / 2 else 0
-        if guess is not None and misses < 2:
+        if guess is not None and misses < 3:
             candidate = to_index(guess)
         elif hi is None:
             candidate = lo + 1
@@ -97,10 +105,16 @@ def _bracket(search: _Search, lo: int, hi: Optional[int], *, to_length: Callable
             candidate, misses = (lo + hi) // 2, 0
         candidate = min(max(candidate, lo + 1), ceiling)
         last_width = width
-        if search.fits(to_length(candidate)):
+        moved = 0 if search.fits(to_length(candidate)) else 1
+        if moved == 0:
             lo = candidate
         else:
             hi = candidate
+        # Illinois: the end that stayed put twice in a row counts half as far from the capacity, each time again.
+        weights[moved] = 1.0
+        if last_moved == moved:
+            weights[1 - moved] /= 2
+        last_moved = moved
     return lo, hi
 
 

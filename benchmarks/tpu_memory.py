@@ -12,12 +12,14 @@ Parts (--tpu_parts), each its own results file, rows merged by key so a part rer
   long     tpu_long.*: the Reformer at --floor_long_len tokens per sequence on --tpu_long_slice with fsdp over
            all its chips
 
-A row fits when the TPU compiler accepts the program (it refuses, RESOURCE_EXHAUSTED, what does not fit its HBM)
-and the compiled peak is within the chip's HBM (`reformer_jax.xla.tpu.HBM_PER_CHIP`, with its sources).
+A row fits when the TPU compiler accepts the program and the compiled peak is within the HBM the compiler lets a
+program use (`reformer_jax.xla.tpu.usable_hbm_bytes`, libtpu's own figure: 15.75 GiB of a v5e chip's 16). The
+compiler alone is not the judge: it accepts some programs whose own memory analysis exceeds that figure.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import shlex
@@ -33,18 +35,18 @@ PARTS = ("seed", "longest", "long")
 GENERATIONS = ("v4", "v5e", "v5p", "v6e")  # table order
 COLORS = {"v4": "#4c72b0", "v5e": "#dd8452", "v5p": "#55a868", "v6e": "#c44e52"}
 SEED_COLUMNS = [("model", "variant", "s"), ("topology", "topology", "s"), ("tpu_device_kind", "device kind", "s"),
-                ("dtype", "compute", "s"), ("hbm_mib", "HBM MiB", ",.0f"), ("tpu_peak_mib", "TPU peak MiB", ",.1f"),
+                ("dtype", "compute", "s"), ("usable_hbm_mib", "usable HBM MiB", ",.0f"), ("tpu_peak_mib", "TPU peak MiB", ",.1f"),
                 ("cpu_peak_mib", "XLA:CPU peak MiB", ",.1f"), ("seed_gpu_mb", "seed GPU MB", ""),
                 ("fits", "fits", ""), ("tpu_compile_s", "compile s", ".1f"), ("row_command", "command", "code")]
 LONGEST_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
                    ("batch_size", "batch", "d"), ("tpu_device_kind", "device kind", "s"),
-                   ("hbm_mib", "HBM MiB", ",.0f"), ("power_of_two", "longest 2^k", ",d"),
+                   ("usable_hbm_mib", "usable HBM MiB", ",.0f"), ("power_of_two", "longest 2^k", ",d"),
                    ("power_of_two_peak_mib", "its peak MiB", ",.1f"), ("longest", "longest (chunk steps)", ",d"),
                    ("longest_peak_mib", "its peak MiB", ",.1f"), ("first_refused", "next refused", ",d"),
                    ("probes", "compiles", "d"), ("search_s", "search s", ".0f"), ("row_command", "command", "code")]
 LONG_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
                 ("batch_size", "batch", "d"), ("seq_len", "tokens per sequence", ",d"),
-                ("tpu_device_kind", "device kind", "s"), ("hbm_mib", "HBM MiB", ",.0f"),
+                ("tpu_device_kind", "device kind", "s"), ("usable_hbm_mib", "usable HBM MiB", ",.0f"),
                 ("tpu_peak_mib", "peak per chip MiB", ",.1f"), ("fits", "fits", ""),
                 ("tpu_compile_s", "compile s", ".1f"), ("row_command", "command", "code")]
 
@@ -95,6 +97,8 @@ def _base_row(settings, model: str, topology: str, dtype: str, stats) -> Row:
     row: Row = {"model": model, "topology": topology, "generation": generation, "chips": tpu.chips(topology),
                 "dtype": dtype, "tpu_device_kind": stats.device_kind if stats else None,
                 "hbm_bytes": tpu.hbm_bytes(topology), "hbm_mib": tpu.hbm_bytes(topology) / MIB,
+                "usable_hbm_bytes": tpu.usable_hbm_bytes(topology),
+                "usable_hbm_mib": tpu.usable_hbm_bytes(topology) / MIB,
                 "hbm_source": tpu.HBM_PER_CHIP[generation][1], "d_model": settings.d_model,
                 "n_heads": settings.n_heads, "d_ff": settings.d_ff, "n_layers": settings.n_layers,
                 "n_hashes": settings.n_hashes, "chunk_len": settings.chunk_len, "vocab_size": settings.vocab_size,
@@ -139,6 +143,7 @@ def seed_rows(settings) -> List[Row]:
                     + (f"{row['tpu_peak_mib']:,.1f} MiB" if stats else f"refused ({refused})")
                     + f" (XLA:CPU {row['cpu_peak_mib']:,.1f} MiB; compiled in {seconds:.0f} s)")
                 rows.append(row)
+                write(settings, "tpu", [row])
     return rows
 
 
@@ -167,9 +172,11 @@ def longest_rows(settings) -> List[Row]:
                 return result
 
             found = longest_fitting_length(probe, start=_power_at_most(settings.seq_len), step=settings.chunk_len,
-                                           capacity=tpu.hbm_bytes(topology), max_length=settings.tpu_max_length)
+                                           capacity=tpu.usable_hbm_bytes(topology),
+                                           max_length=settings.tpu_max_length)
             rows.append(_longest_row(settings, model, topology, mesh, batch, found, kinds.get("device_kind"),
                                      time.perf_counter() - start))
+            write(settings, "tpu_longest", rows[-1:])  # a search takes minutes: keep each as it ends
     return rows
 
 
@@ -211,6 +218,7 @@ def long_rows(settings) -> List[Row]:
                 "tpu_peak_mib": round(stats.peak_bytes / MIB, 1) if stats else None,
                 "fits": bool(stats and stats.fits), "tpu_refused": refused, "tpu_compile_s": round(seconds, 1),
                 "row_command": row_command(settings, experiment="tpu", tpu_parts="long", tpu_long_slice=topology)})
+    write(settings, "tpu_long", [row])
     log(f"  [tpu long] reformer x {settings.floor_long_len:,} tokens on {topology} ({mesh}): "
         + (f"{row['tpu_peak_mib']:,.1f} MiB per chip" if stats else f"refused ({refused})"))
     return [row]
@@ -301,7 +309,15 @@ def _plot_longest(rows: Sequence[Row], path: str) -> None:
 def write(settings, name: str, new_rows: List[Row]) -> List[Row]:
     """Merge new_rows into out_dir/NAME.json and rewrite its CSV, MD and PNG; returns all rows."""
     path = os.path.join(settings.out_dir, name + ".json")
-    rows = merge(output.read_json(path) if os.path.exists(path) else [], new_rows)
+    os.makedirs(settings.out_dir, exist_ok=True)
+    with open(os.path.join(settings.out_dir, f".{name}.lock"), "w") as lock:  # parts may run in parallel processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = merge(output.read_json(path) if os.path.exists(path) else [], new_rows)
+        _write_files(settings, name, rows)
+    return rows
+
+
+def _write_files(settings, name: str, rows: List[Row]) -> None:
     title, table, plot = {
         "tpu": ("The variants at the seed's setup, compiled for one TPU chip", seed_markdown, _plot_seed),
         "tpu_longest": ("The longest sequence per chip", longest_markdown, _plot_longest),
@@ -309,7 +325,6 @@ def write(settings, name: str, new_rows: List[Row]) -> List[Row]:
     }[name]
     md = (f"# {title} (libtpu's compiler, on a CPU-only machine)\n\n{intro(rows)}\n\n{table(rows)}\n")
     output.write_outputs(settings.out_dir, name, rows, md, (lambda p: plot(rows, p)) if plot else None)
-    return rows
 
 
 def intro(rows: Sequence[Row]) -> str:
@@ -319,8 +334,9 @@ def intro(rows: Sequence[Row]) -> str:
             f"{first['d_ff']}, {first['n_layers']} layers, {first['n_hashes']} hash rounds, chunk "
             f"{first['chunk_len']}, vocabulary {first['vocab_size']}, {first['optimizer']}. Peak = XLA's memory "
             "analysis of the compiled training step per chip (arguments + outputs - aliased + temporaries); a row "
-            "fits when the TPU compiler accepts the program and the peak is within the chip's HBM "
-            "(`reformer_jax/xla/tpu.py`, HBM_PER_CHIP, with its sources). Each row's command reproduces it.")
+            "fits when the TPU compiler accepts the program and the peak is within the HBM the compiler lets a "
+            "program use, libtpu's own figure (`reformer_jax.xla.tpu.usable_hbm_bytes`; the chips' nominal HBM, "
+            "with sources, is `HBM_PER_CHIP`). Each row's command reproduces it.")
 
 
 def run_tpu(settings) -> List[Row]:
@@ -330,11 +346,7 @@ def run_tpu(settings) -> List[Row]:
     tpu.topology_devices(settings.topologies[0] if settings.topologies else settings.tpu_long_slice,
                          flag="--topologies")  # no libtpu: one line, before anything compiles
     measured: List[Row] = []
-    for part, name, runner in (("seed", "tpu", seed_rows), ("longest", "tpu_longest", longest_rows),
-                               ("long", "tpu_long", long_rows)):
+    for part, runner in (("seed", seed_rows), ("longest", longest_rows), ("long", long_rows)):
         if part in settings.tpu_parts:
-            rows = runner(settings)
-            if rows:
-                write(settings, name, rows)
-            measured.extend(rows)
+            measured.extend(runner(settings))  # each row is written to its part's files as it is measured
     return measured

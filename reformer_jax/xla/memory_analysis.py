@@ -76,11 +76,11 @@ class MemoryStats:
     device_count: int = 1
     mesh_shape: str = ""
     topology: str = ""  # a TPU slice compiled for without its chips (`reformer_jax.xla.tpu`), e.g. "v5e:4x4"
-    hbm_bytes: int = 0  # HBM per device of that slice (`tpu.HBM_PER_CHIP`, shared by a chip's devices); 0: unknown
+    hbm_bytes: int = 0  # HBM per chip of that slice the TPU compiler lets a program use (`tpu.usable_hbm_bytes`)
 
     @property
     def fits(self) -> bool:
-        """The per-device peak fits the chip's HBM (True where the HBM is unknown)."""
+        """The per-device peak fits the HBM the compiler lets a program use (True where it is unknown)."""
         return not self.hbm_bytes or self.peak_bytes <= self.hbm_bytes
 
     def to_dict(self) -> Dict[str, Any]:
@@ -244,7 +244,7 @@ def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, op
     stats = stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend,
                                 d_model=config.d_model, mesh=mesh)
     if topology is not None:
-        stats = dataclasses.replace(stats, topology=topology, hbm_bytes=tpu.hbm_bytes(topology))
+        stats = dataclasses.replace(stats, topology=topology, hbm_bytes=tpu.usable_hbm_bytes(topology))
     return compiled, stats
 
 
@@ -263,7 +263,7 @@ def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
         stats record the device kind, count and mesh shape.
       topology: a TPU slice, e.g. "v5e:4x4" (`reformer_jax.xla.tpu`; needs libtpu): the step is compiled by the TPU
         compiler for that slice's chips, here on any machine, and the figures are per chip, with the chip's HBM
-        (`MemoryStats.hbm_bytes`, `.fits`). `mesh` is then a --mesh string over the slice's chips (default: every
+        the compiler lets a program use (`MemoryStats.hbm_bytes`, `.fits`). `mesh` is then a --mesh string over the slice's chips (default: every
         chip on data). Without libtpu, or for an unknown name, a `tpu.TopologyError` says what would work.
     """
     return compile_train_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, mesh=mesh,

@@ -5,7 +5,8 @@
 
 Needs libtpu (`pip install "libtpu==0.0.42.*"`, the version jax 0.10.2's `tpu` extra pins); the compiled
 program's `memory_analysis()` is then the chip's own accounting. A topology's devices have no memory_stats(), so
-each generation's HBM per chip comes from HBM_PER_CHIP below.
+each generation's HBM per chip comes from HBM_PER_CHIP below, and what the compiler lets a program use of it
+from the compiler itself (`usable_hbm_bytes`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import math
 import os
 import re
 import dataclasses
+import functools
 from typing import Dict, List, Optional, Tuple
 
 GIB = 2**30
 LIBTPU_PIP = 'pip install "libtpu==0.0.42.*"'
 
-# HBM per chip (bytes) by the generation prefix of a topology name, with the page that states it.
+# Nominal HBM per chip (bytes) by the generation prefix of a topology name, with the page that states it (its "GB"
+# taken as GiB). Fitting is judged against what the compiler itself allows (`usable_hbm_bytes`): 15.75 GiB on v5e,
+# 30.75 on v4, 31.25 on v6e, and 95.74 on v5p (above the page's rounded 95).
 HBM_PER_CHIP: Dict[str, Tuple[int, str]] = {
     "v4": (32 * GIB, "https://cloud.google.com/tpu/docs/v4 (32 GiB HBM2 per chip)"),
     "v5e": (16 * GIB, "https://cloud.google.com/tpu/docs/v5e (HBM capacity per chip: 16 GB)"),
@@ -82,6 +86,34 @@ def hbm_refusal(error: BaseException) -> Optional[HbmRefusal]:
         return None
     what, need, need_unit, have, have_unit = match.groups()
     return HbmRefusal(what.strip(), int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit]))
+
+
+@functools.lru_cache(maxsize=None)
+def usable_hbm_bytes(name: str) -> int:
+    """HBM per chip the TPU compiler lets a program use (a little under HBM_PER_CHIP: the runtime keeps some),
+    read from libtpu itself: a program that needs twice the chip's HBM is compiled for one chip of the slice's
+    generation, and the compiler's refusal states what it has ("exceeds available HBM (15.75G)" on v5e)."""
+    import jax
+    import jax.numpy as jnp
+
+    generation, dims = parse_topology(name)
+    device = topology_devices(f"{generation}:{'x'.join('1' for _ in dims)}")[0]
+    one = jax.sharding.SingleDeviceSharding(device)
+    rows = 2 * hbm_bytes(name) // (4 * 4096)
+
+    def needs_twice_the_hbm(x):
+        cumulative = jnp.cumsum(jnp.broadcast_to(x, (rows, 4096)), axis=0)  # every row kept: each feeds the next
+        return cumulative[::7].sum() + cumulative[::5].sum()
+
+    try:
+        jax.jit(needs_twice_the_hbm, in_shardings=one, out_shardings=one).lower(
+            jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=one)).compile()
+    except Exception as error:  # the refusal is the measurement
+        refusal = hbm_refusal(error)
+        if refusal is not None:
+            return refusal.available_bytes
+        raise
+    raise AssertionError(f"libtpu compiled a program of {2 * hbm_bytes(name)} bytes for one {generation} chip")
 
 
 def topology_devices(name: str, flag: str = "--topology") -> List:
