@@ -1,5 +1,6 @@
 """main.py: every flag validation error names the flag and what would work, before anything compiles."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,13 @@ def test_main_job_end_to_end(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     out = result.stdout
-    assert "devices: 1 (cpu)" in out and "memory (compile-time, per device): peak" in out
+    # The CPU default: a layer's heads over two host devices where the machine has two cores (main.py --mesh).
+    if (os.cpu_count() or 1) >= 2:
+        assert "mesh: tensor:2 over 2 host devices, the CPU default" in out
+        assert "devices: 2 (cpu), mesh data:1,fsdp:1,tensor:2" in out
+    else:
+        assert "devices: 1 (cpu)" in out
+    assert "memory (compile-time, per device): peak" in out
     assert "step 3/3 | loss" in out and "validation loss" in out and "done: steps 1-3 in" in out and "sample:" in out
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
