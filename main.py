@@ -239,16 +239,25 @@ def validate_run_flags() -> None:
                              f"--num_processes={FLAGS.num_processes}.")
 
 
-def split_host_devices(count) -> None:
-    """--host_devices: the CPU backend starts with `count` devices. Must run before jax creates its backends."""
+def split_host_devices(count, default: bool = False) -> bool:
+    """--host_devices (or the CPU default's two): the CPU backend starts with `count` devices; False where it
+    cannot, because jax has already started (reading --init_from's checkpoint does): the default then stays on
+    one device, and a --host_devices given is refused."""
     if count is None:
-        return
+        return False
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", count)  # refused once the backends exist
+    except RuntimeError:
+        if default:
+            return False
+        raise app.UsageError(f"--host_devices={count} cannot be applied once jax has started (with --init_from); "
+                             "drop it to train on one device.") from None
     flag = "--xla_force_host_platform_device_count"
     os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
                                        + [f"{flag}={count}"])
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", count)
+    return True
 
 
 CPU_DEFAULT_MESH, CPU_DEFAULT_DEVICES = "tensor:2", 2
@@ -273,9 +282,6 @@ def resolve_mesh_flag(config: ModelConfig, cpu_default: bool) -> str:
     if mesh is None:
         use_cpu_default = cpu_default and jax.default_backend() == "cpu"
         mesh = CPU_DEFAULT_MESH if use_cpu_default else "data:-1"
-        if use_cpu_default:
-            print(f"mesh: {mesh} over {CPU_DEFAULT_DEVICES} host devices, the CPU default (a layer's heads on "
-                  "separate cores); --mesh=data:-1 --host_devices=1 runs on one device", flush=True)
     try:
         shape = parse_mesh(mesh, jax.device_count())
         check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=mesh)
@@ -340,8 +346,11 @@ def main(argv):
         config = model_config_from_flags()
         if FLAGS.compile_only:
             return compile_only(config)
-        cpu_default = cpu_default_applies(config)
-        split_host_devices(CPU_DEFAULT_DEVICES if cpu_default else FLAGS.host_devices)
+        cpu_default = False
+        if cpu_default_applies(config):
+            cpu_default = split_host_devices(CPU_DEFAULT_DEVICES, default=True)
+        else:
+            split_host_devices(FLAGS.host_devices)
     except app.UsageError as error:  # one line, no usage text (that is --help's)
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -266,14 +266,13 @@ def _plot_seed(rows: Sequence[Row], path: str) -> None:
             by_model = {r["model"]: r for r in mine if r["generation"] == gen}
             xs = [j + (i - (len(gens) - 1) / 2) * width for j in range(len(models))]
             ax.bar(xs, [by_model.get(m, {}).get("tpu_peak_mib") or 0 for m in models], width, color=COLORS[gen],
-                   label=f"{gen} ({by_model[models[0]]['hbm_mib'] / 1024:.0f} GiB HBM)" if models[0] in by_model
-                   else gen)
+                   label=f"{gen} ({next(iter(by_model.values()))['usable_hbm_mib'] / 1024:.2f} GiB usable)")
         cpu = {r["model"]: r["cpu_peak_mib"] for r in mine}
         gpu = {r["model"]: r.get("seed_gpu_mb") for r in mine}
-        ax.scatter(range(len(models)), [cpu[m] for m in models], marker="o", color="black", zorder=3,
-                   label="XLA:CPU, same step")
+        ax.scatter(range(len(models)), [cpu.get(m, math.nan) for m in models], marker="o", color="black",
+                   zorder=3, label="XLA:CPU, same step")
         if any(gpu.values()):
-            ax.scatter(range(len(models)), [gpu[m] or float("nan") for m in models], marker="x", color="black",
+            ax.scatter(range(len(models)), [gpu.get(m) or math.nan for m in models], marker="x", color="black",
                        s=60, zorder=3, label="seed's GPU figure (MB)")
         ax.set_yscale("log")
         ax.set_xticks(range(len(models)))
@@ -295,7 +294,7 @@ def _plot_longest(rows: Sequence[Row], path: str) -> None:
         xs = [j + (i - (len(layouts) - 1) / 2) * width for j in range(len(models))]
         values = [by_model.get(m, {}).get("longest") or 0 for m in models]
         ax.bar(xs, values, width, color=COLORS[gen], hatch="//" if sharded else None, edgecolor="white",
-               label=f"{topology}" + (f" (fsdp {by_model[models[0]]['chips']})" if sharded else " (one chip)"))
+               label=f"{topology}" + (" (fsdp over all its chips)" if sharded else " (one chip)"))
     ax.set_yscale("log", base=2)
     ax.set_xticks(range(len(models)))
     ax.set_xticklabels([seed.LABELS[m] for m in models])

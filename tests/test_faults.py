@@ -61,9 +61,12 @@ def _losses(workdir):
 
 
 def _saved_leaves(workdir, step):
-    """Every array of checkpoint `step`, read back without a target structure: {path: numpy array}."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.restore(Path(workdir).absolute() / "checkpoints" / str(step) / "default")
+    """Every array of checkpoint `step`, read back without a target structure onto this process's one device (the
+    runs may have saved it sharded over two host devices, main.py's CPU default): {path: numpy array}."""
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        tree = checkpointer.restore(Path(workdir).absolute() / "checkpoints" / str(step) / "default",
+                                    args=ocp.args.StandardRestore(fallback_sharding=one_device))
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
