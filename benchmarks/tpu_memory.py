@@ -231,7 +231,7 @@ def long_rows(settings) -> List[Row]:
 def _order(row: Row) -> tuple:
     models = list(seed.LABELS)
     return (row.get("chips", 1) > 1, GENERATIONS.index(row["generation"]) if row.get("generation") in GENERATIONS
-            else 9, row.get("dtype", ""), models.index(row["model"]) if row["model"] in models else 9)
+            else 9, row.get("dtype") != "float32", models.index(row["model"]) if row["model"] in models else 9)
 
 
 def merge(old: Sequence[Row], new: Sequence[Row]) -> List[Row]:

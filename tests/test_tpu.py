@@ -68,12 +68,17 @@ def test_compile_only_flags_are_refused_before_compiling():
 
 
 @needs_libtpu
+def test_compile_only_refuses_a_mesh_that_does_not_fit_the_slice():
+    wrong = _main("--seq_len=128", "--compile_only", "--topology=v5e:2x2", "--mesh=fsdp:8")
+    assert wrong.returncode == 2 and "--mesh=fsdp:8 spans 8 devices but there are 4" in wrong.stderr
+    assert "compiling for" not in wrong.stdout  # refused before the compile started
+
+
+@needs_libtpu
 @pytest.mark.long  # three TPU compilations in fresh processes, about a minute on 2 cores
 def test_compile_only_exits_0_when_it_fits_and_1_when_it_does_not():
     small = _main("--seq_len=128", "--compile_only", "--topology=v5e:2x2", "--mesh=fsdp:4")
     assert small.returncode == 0 and "4 x TPU v5 lite" in small.stdout and "fits:" in small.stdout, small.stderr
-    wrong = _main("--seq_len=128", "--compile_only", "--topology=v5e:2x2", "--mesh=fsdp:8")
-    assert wrong.returncode != 0 and "--mesh=fsdp:8 spans 8 devices but there are 4" in wrong.stderr
     # Full attention over 32768 tokens: the score matrices alone exceed a v5e chip's 16 GiB.
     large = _main("--model=transformer", "--seq_len=32768", "--batch_size=1", "--compile_only",
                   "--topology=v5e:1x1")
