@@ -47,7 +47,8 @@ LONGEST_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh
 LONG_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
                 ("batch_size", "batch", "d"), ("seq_len", "tokens per sequence", ",d"),
                 ("tpu_device_kind", "device kind", "s"), ("usable_hbm_mib", "usable HBM MiB", ",.0f"),
-                ("tpu_peak_mib", "peak per chip MiB", ",.1f"), ("fits", "fits", ""),
+                ("tpu_peak_mib", "peak per chip MiB", ",.1f"),
+                ("tpu_required_mib", "refused: temporaries MiB", ",.1f"), ("fits", "fits", ""),
                 ("tpu_compile_s", "compile s", ".1f"), ("row_command", "command", "code")]
 
 
@@ -210,13 +211,15 @@ def long_rows(settings) -> List[Row]:
     topology = settings.tpu_long_slice
     mesh = f"fsdp:{tpu.chips(topology)}"
     batch = settings.batch_size * tpu.chips(topology)
-    stats, refused, _, seconds = _compile(settings, "reformer", topology, seq_len=settings.floor_long_len,
-                                          batch_size=batch, dtype=settings.dtype, mesh=mesh)
+    stats, refused, probe, seconds = _compile(settings, "reformer", topology, seq_len=settings.floor_long_len,
+                                              batch_size=batch, dtype=settings.dtype, mesh=mesh)
     row = _base_row(settings, "reformer", topology, settings.dtype, stats)
     row.update({"mesh": mesh, "batch_size": batch, "seq_len": settings.floor_long_len,
                 "tpu_peak_bytes": stats.peak_bytes if stats else None,
                 "tpu_peak_mib": round(stats.peak_bytes / MIB, 1) if stats else None,
                 "fits": bool(stats and stats.fits), "tpu_refused": refused, "tpu_compile_s": round(seconds, 1),
+                # a refusal's figure: what the compiler said the temporaries alone need
+                "tpu_required_mib": None if stats else round(probe.peak_bytes / MIB, 1),
                 "row_command": row_command(settings, experiment="tpu", tpu_parts="long", tpu_long_slice=topology)})
     write(settings, "tpu_long", [row])
     log(f"  [tpu long] reformer x {settings.floor_long_len:,} tokens on {topology} ({mesh}): "
