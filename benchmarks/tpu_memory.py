@@ -43,7 +43,7 @@ LONGEST_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh
                    ("usable_hbm_mib", "usable HBM MiB", ",.0f"), ("power_of_two", "longest 2^k", ",d"),
                    ("power_of_two_peak_mib", "its peak MiB", ",.1f"), ("longest", "longest (chunk steps)", ",d"),
                    ("longest_peak_mib", "its peak MiB", ",.1f"), ("first_refused", "next refused", ",d"),
-                   ("probes", "compiles", "d"), ("search_s", "search s", ".0f"), ("row_command", "command", "code")]
+                   ("step", "step", ",d"), ("probes", "compiles", "d"), ("search_s", "search s", ".0f"), ("row_command", "command", "code")]
 LONG_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
                 ("batch_size", "batch", "d"), ("seq_len", "tokens per sequence", ",d"),
                 ("tpu_device_kind", "device kind", "s"), ("usable_hbm_mib", "usable HBM MiB", ",.0f"),
@@ -172,13 +172,29 @@ def longest_rows(settings) -> List[Row]:
                     + f" ({seconds:.0f} s)")
                 return result
 
-            found = longest_fitting_length(probe, start=_power_at_most(settings.seq_len), step=settings.chunk_len,
+            step = search_step(settings, model)
+            found = longest_fitting_length(probe, start=_power_at_most(settings.seq_len), step=step,
                                            capacity=tpu.usable_hbm_bytes(topology),
                                            max_length=settings.tpu_max_length)
             rows.append(_longest_row(settings, model, topology, mesh, batch, found, kinds.get("device_kind"),
                                      time.perf_counter() - start))
+            rows[-1]["step"] = step
             write(settings, "tpu_longest", rows[-1:])  # a search takes minutes: keep each as it ends
     return rows
+
+
+# LSH's default bucket count, 2 x length / chunk, is split into two even factors near its square root (trax's
+# rule); where length / chunk has no such split (an odd multiple of the chunk, or twice a prime), the hash has
+# n_buckets / 2 columns and its logits [length x rounds x n_buckets / 2] dwarf everything else, so memory jumps
+# up and down between neighbouring multiples of the chunk. On multiples of 32 chunks the count is 64 k, which
+# always splits with a factor of at least 32: memory grows smoothly there, and the search can bisect.
+LSH_STEP_CHUNKS = 32
+
+
+def search_step(settings, model: str) -> int:
+    """The granularity of the longest-length search: the chunk length for full attention, LSH_STEP_CHUNKS chunks
+    for the variants with LSH attention."""
+    return settings.chunk_len * (LSH_STEP_CHUNKS if settings.config(model).uses("lsh") else 1)
 
 
 def _power_at_most(n: int) -> int:

@@ -15,8 +15,12 @@ PARTS = (
      "machine and the seed's GPU figure.", tpu_memory.seed_markdown, "tpu.png"),
     ("tpu_longest", "On TPU chips: the longest sequence per chip",
      "For each variant and slice: the longest power-of-two sequence whose training step fits, then the longest "
-     "multiple of the chunk length (`benchmarks/longest_fit.py`: each probe a TPU compile; the answer is a probed "
-     "pair, the longest length that fit and the next chunk up that did not). One chip, then 16 chips with fsdp "
+     "multiple of the step (`benchmarks/longest_fit.py`: each probe a TPU compile; the answer is a probed pair, "
+     "the longest length that fit and the next step up that did not). The step is the chunk length (64) for full "
+     "attention and 32 chunks (2048) for the LSH variants: their default bucket count (2 x length / chunk, split "
+     "into two factors near its square root, as trax does) has no such split at many multiples of the chunk, and "
+     "there the hash alone needs more memory than the rest of the step (`search_step` in "
+     "`benchmarks/tpu_memory.py`). One chip, then 16 chips with fsdp "
      "over all of them and one sequence per chip.", tpu_memory.longest_markdown, "tpu_longest.png"),
     ("tpu_long", "On a TPU slice: a very long sequence with fsdp",
      "The Reformer's training step with one very long sequence per chip, fsdp over the slice.",
