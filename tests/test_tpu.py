@@ -179,3 +179,18 @@ def test_tpu_experiment_writes_each_part_and_merges_reruns(tmp_path):
     # Rerun the seed part on another chip: the v5e row stays.
     memory.run(dataclasses.replace(settings, tpu_parts=("seed",), topologies=("v6e:1x1",)))
     assert [r["topology"] for r in read_json(os.path.join(out, "tpu.json"))] == ["v5e:1x1", "v6e:1x1"]
+
+
+def test_longest_search_steps_where_the_default_bucket_count_splits():
+    """LSH variants search on multiples of 32 chunks, where 2 x length / chunk always splits into two even factors
+    (memory grows smoothly there); full attention on multiples of the chunk."""
+    from benchmarks import memory, tpu_memory
+    from reformer_jax.model.config import default_n_buckets
+
+    settings = memory.Settings()
+    assert tpu_memory.search_step(settings, "transformer") == tpu_memory.search_step(settings, "reversible") == 64
+    assert tpu_memory.search_step(settings, "lsh") == tpu_memory.search_step(settings, "reformer") == 2048
+    for length in range(2048 * 200, 2048 * 300, 2048):  # every multiple of the step splits, none of them badly
+        f1, f2 = default_n_buckets(length, 64)
+        assert f1 * f2 == length // 32 and min(f1, f2) >= 32
+    assert isinstance(default_n_buckets(2048 * 200 + 64, 64), int)  # an odd multiple of the chunk: no split
