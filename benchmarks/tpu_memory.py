@@ -173,7 +173,7 @@ def longest_rows(settings) -> List[Row]:
                 return result
 
             step = search_step(settings, model)
-            found = longest_fitting_length(probe, start=_power_at_most(settings.seq_len), step=step,
+            found = longest_fitting_length(probe, start=max(_power_at_most(settings.seq_len), step), step=step,
                                            capacity=tpu.usable_hbm_bytes(topology),
                                            max_length=settings.tpu_max_length)
             rows.append(_longest_row(settings, model, topology, mesh, batch, found, kinds.get("device_kind"),

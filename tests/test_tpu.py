@@ -159,7 +159,7 @@ def test_tpu_experiment_writes_each_part_and_merges_reruns(tmp_path):
     common = [*DRIVER_SIZES, f"--out_dir={out}", "--models=reformer", "--tpu_dtypes=float32"]
     settings = _driver_settings(*common, "--tpu_parts=seed,longest,long", "--topologies=v5e:1x1",
                                 "--tpu_fsdp_slices=v5e:2x2", "--tpu_long_slice=v5e:2x2", "--floor_long_len=512",
-                                "--tpu_max_length=512")
+                                "--tpu_max_length=2048")
     memory.run(settings)
     seed_rows = read_json(os.path.join(out, "tpu.json"))
     assert [(r["model"], r["topology"], r["tpu_device_kind"], r["fits"]) for r in seed_rows] == [
@@ -168,9 +168,9 @@ def test_tpu_experiment_writes_each_part_and_merges_reruns(tmp_path):
     assert "--topologies=v5e:1x1" in seed_rows[0]["row_command"] and "--tpu_parts=seed" in seed_rows[0]["row_command"]
     longest = {r["mesh"]: r for r in read_json(os.path.join(out, "tpu_longest.json"))}
     assert set(longest) == {"one chip", "fsdp:4"} and longest["fsdp:4"]["batch_size"] == 4
-    for row in longest.values():
-        assert row["power_of_two"] == row["longest"] == 512 and row["first_refused"] is None
-        assert row["probe_lengths"][0] == 128 and all(row["probe_fits"])
+    for row in longest.values():  # LSH: 32-chunk steps (512 tokens), from the first step up to --tpu_max_length
+        assert row["step"] == 512 and row["probe_lengths"][0] == 512 and all(row["probe_fits"])
+        assert row["power_of_two"] == row["longest"] == 2048 and row["first_refused"] is None
     (long_row,) = read_json(os.path.join(out, "tpu_long.json"))
     assert (long_row["seq_len"], long_row["mesh"], long_row["batch_size"], long_row["fits"]) == (512, "fsdp:4", 4, True)
     for name in ("tpu", "tpu_longest", "tpu_long"):
