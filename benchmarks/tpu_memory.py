@@ -81,10 +81,12 @@ def _compile(settings, model: str, topology: str, *, seq_len: int, batch_size: i
         raise
     except Exception as error:
         refusal = tpu.hbm_refusal(error)
-        if refusal is None:
+        if refusal is None and "RESOURCE_EXHAUSTED" not in str(error):
             raise
         seconds = time.perf_counter() - start
         reason = str(error).strip().splitlines()[0][:300]
+        if refusal is None:  # out of memory in a wording without figures
+            return None, reason, Probe(seq_len, False), seconds
         return None, reason, Probe(seq_len, False, refusal.required_bytes, refusal.available_bytes), seconds
     seconds = time.perf_counter() - start
     return stats, None, Probe(seq_len, stats.fits, stats.peak_bytes), seconds

@@ -91,6 +91,11 @@ def test_the_compilers_out_of_memory_figures_are_read():
     refusal = tpu.hbm_refusal(error)
     assert refusal.what == "HLO temporaries"
     assert refusal.required_bytes == int(23.78 * 2**30) and refusal.available_bytes == int(15.75 * 2**30)
+    other = tpu.hbm_refusal(RuntimeError(
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in memory "
+        "space hbm. Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 6.01M."))
+    assert other.available_bytes == int(15.75 * 2**30)
+    assert other.required_bytes == int(15.75 * 2**30) + int(6.01 * 2**20)
     assert tpu.hbm_refusal(RuntimeError("INVALID_ARGUMENT: something else")) is None
 
 

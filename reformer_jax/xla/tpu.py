@@ -66,9 +66,17 @@ def hbm_bytes(name: str) -> int:
 
 # Chips with two TensorCores (v4, v5p) are compiled for as one device each ("megacore"), as they run in a pod.
 _MEGACORE = ("v4", "v5p")
-# The TPU compiler's out-of-memory refusal: "... required for HLO temporaries (23.78G) exceeds available HBM (15.75G)".
-_REFUSAL = re.compile(r"required for ([A-Za-z ]+?) \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+# The TPU compiler's out-of-memory refusals (RESOURCE_EXHAUSTED), in its two wordings:
+#   "... required for HLO temporaries (23.78G) exceeds available HBM (15.75G)."
+#   "... Ran out of memory in memory space hbm. Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 6.01M."
+_SIZE = r"([\d.]+)([KMGT]?)"
+_REQUIRED = re.compile(rf"required for ([A-Za-z ]+?) \({_SIZE}\) exceeds available HBM \({_SIZE}\)")
+_EXCEEDED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm\. Exceeded hbm capacity by {_SIZE}")
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * _UNITS[unit])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +89,16 @@ class HbmRefusal:
 
 def hbm_refusal(error: BaseException) -> Optional[HbmRefusal]:
     """The out-of-memory figures in a TPU compile error (RESOURCE_EXHAUSTED), or None for any other error."""
-    match = _REFUSAL.search(str(error))
-    if not match:
-        return None
-    what, need, need_unit, have, have_unit = match.groups()
-    return HbmRefusal(what.strip(), int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit]))
+    text = str(error)
+    match = _REQUIRED.search(text)
+    if match:
+        what, need, need_unit, have, have_unit = match.groups()
+        return HbmRefusal(what.strip(), _bytes(need, need_unit), _bytes(have, have_unit))
+    match = _EXCEEDED.search(text)
+    if match:
+        _, _, have, have_unit, over, over_unit = match.groups()
+        return HbmRefusal("the program", _bytes(have, have_unit) + _bytes(over, over_unit), _bytes(have, have_unit))
+    return None
 
 
 @functools.lru_cache(maxsize=None)
