@@ -151,6 +151,7 @@ def test_tpu_experiment_flags_refused_before_compiling(args, message):
 
 
 @needs_libtpu
+@pytest.mark.long  # eleven TPU compilations, about a minute on 2 cores
 def test_tpu_experiment_writes_each_part_and_merges_reruns(tmp_path):
     """Tiny sizes: the seed part on one chip; the longest part on one chip and with fsdp over a 4-chip slice (every
     length up to --tpu_max_length fits, so the search must climb to it); the long part; a rerun of one slice keeps
