@@ -49,14 +49,12 @@ class _Search:
     def __init__(self, probe: Callable[[int], Probe], capacity: int):
         self._probe = probe
         self.capacity = capacity
-        self.seen: Dict[int, Probe] = {}
-        self.order: List[Probe] = []
+        self.seen: Dict[int, Probe] = {}  # in probing order
 
     def fits(self, length: int) -> bool:
         if length not in self.seen:
             result = self._probe(length)
             self.seen[length] = result
-            self.order.append(result)
             if result.capacity_bytes:  # the compiler's own figure beats the nominal one
                 self.capacity = result.capacity_bytes
         return self.seen[length].fits
@@ -140,15 +138,15 @@ def longest_fitting_length(probe: Callable[[int], Probe], *, start: int, step: i
     exp = int(math.log2(start))
     while not search.fits(2**exp):  # the start itself does not fit: halve until something does
         if exp == low_exp:
-            return LongestFit(None, None, None, step, search.order)
+            return LongestFit(None, None, None, step, list(search.seen.values()))
         exp -= 1
     refused_exp = next((e for e in range(exp + 1, top_exp + 1) if 2**e in search.seen), None)
     lo_exp, hi_exp = _bracket(search, exp, refused_exp, to_length=lambda e: 2**e,
                               to_index=lambda length: int(math.floor(math.log2(max(length, 1)))), top=top_exp)
     power = 2**lo_exp
     if hi_exp is None:
-        return LongestFit(power, None, power, None, search.order)
+        return LongestFit(power, None, power, None, list(search.seen.values()))
     # Second phase: multiples of step in [power, 2 * power].
     lo, hi = _bracket(search, power // step, 2 * power // step, to_length=lambda i: i * step,
                       to_index=lambda length: int(length // step), top=2 * power // step)
-    return LongestFit(power, 2**hi_exp, lo * step, hi * step, search.order)
+    return LongestFit(power, 2**hi_exp, lo * step, hi * step, list(search.seen.values()))
