@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 from absl import app, flags, logging
 
@@ -61,7 +61,7 @@ flags.DEFINE_string("compilation_cache_dir", None, "Keep compiled steps in this 
 flags.DEFINE_string("init_from", None, "Fine-tune: start from the latest checkpoint's parameters of a main.py "
                     "--workdir (its model; model flags given override fields that keep the shapes, such as "
                     "--dropout) with a new optimizer state and schedule, or from a converted checkpoint (python -m "
-                    "reformer_jax.model.hf_convert --out=DIR; no model flags).")
+                    "reformer_jax.convert --out=DIR; no model flags), whose tokenizer the run then uses.")
 flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
 flags.DEFINE_float("time_limit_minutes", None, "Stop after this much wall time (compilation included), evaluated and "
                    "checkpointed, even before --steps; rerun the same command to continue.")
@@ -104,28 +104,24 @@ def _config_from_init_from() -> ModelConfig:
     """The model of --init_from: a main.py workdir's (model flags given override its fields; a model whose
     parameter shapes differ is refused) or a converted checkpoint's (no model flags), checked against --seq_len."""
     from reformer_jax.training import saved_run
-    from reformer_jax.model.hf_convert import ConversionError, load_converted_config
 
     given = [name for name in MODEL_FLAGS if FLAGS[name].present]
     try:
-        if saved_run.is_run_workdir(FLAGS.init_from):
+        source = saved_run.open_model(FLAGS.init_from, flag="--init_from")
+        if source.is_run:
             if FLAGS["model"].present:
                 raise app.UsageError(f"--init_from={FLAGS.init_from} fixes the model; drop --model (model flags such "
                                      "as --dropout or --n_hashes may still change what keeps the shapes).")
-            source = saved_run.open_run(FLAGS.init_from, flag="--init_from")
             config = saved_run.model_config(source.settings["model"], **_model_overrides(given))
             saved_run.check_same_shapes(source, config)
         else:
-            if not os.path.exists(FLAGS.init_from):
-                raise app.UsageError(f"--init_from={FLAGS.init_from} does not exist; pass a main.py --workdir or a "
-                                     "converted checkpoint (python -m reformer_jax.convert --out=DIR).")
             if given or FLAGS["model"].present:
                 names = ", ".join(f"--{name}" for name in given) or "--model"
                 raise app.UsageError(f"--init_from={FLAGS.init_from} (a converted checkpoint) fixes the model; drop "
                                      f"{names}.")
-            config = load_converted_config(FLAGS.init_from)
+            config = source.config
         config.check_seq_len(FLAGS.seq_len)
-    except (ConversionError, saved_run.SavedRunError) as error:
+    except saved_run.SavedRunError as error:
         raise app.UsageError(str(error) if str(error).startswith("--init_from") else
                              f"--init_from={FLAGS.init_from}: {error}")
     except ValueError as error:
@@ -263,31 +259,53 @@ def split_host_devices(count, default: bool = False) -> bool:
 CPU_DEFAULT_MESH, CPU_DEFAULT_DEVICES = "tensor:2", 2
 
 
+def users_device_count() -> Optional[str]:
+    """The CPU device count the user set through JAX's own settings (XLA_FLAGS' host platform device count, or
+    JAX_NUM_CPU_DEVICES), as they wrote it; None where they set none."""
+    for part in os.environ.get("XLA_FLAGS", "").split():
+        if part.startswith("--xla_force_host_platform_device_count"):
+            return f"XLA_FLAGS {part}"
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return f"JAX_NUM_CPU_DEVICES={os.environ['JAX_NUM_CPU_DEVICES']}"
+    return None
+
+
 def cpu_default_applies(config: ModelConfig) -> bool:
-    """Neither --mesh nor --host_devices given, one process, 2+ cores and heads / d_ff that split in two: the host
-    is split into two devices. Whether they are used (CPU) or not (GPU, TPU) is known once jax has started."""
-    return (FLAGS.mesh is None and FLAGS.host_devices is None and FLAGS.num_processes is None
-            and not FLAGS.distributed and (os.cpu_count() or 1) >= CPU_DEFAULT_DEVICES
+    """Neither --mesh, --host_devices nor a device count of the user's own (XLA_FLAGS, JAX_NUM_CPU_DEVICES) given,
+    one process, 2+ cores and heads / d_ff that split in two: the host is split into two devices. Whether they are
+    used (CPU) or not (GPU, TPU) is known once jax has started."""
+    return (FLAGS.mesh is None and FLAGS.host_devices is None and users_device_count() is None
+            and FLAGS.num_processes is None and not FLAGS.distributed and (os.cpu_count() or 1) >= CPU_DEFAULT_DEVICES
             and config.n_heads % CPU_DEFAULT_DEVICES == 0 and config.d_ff % CPU_DEFAULT_DEVICES == 0)
 
 
-def resolve_mesh_flag(config: ModelConfig, cpu_default: bool) -> str:
-    """--mesh as given, else the default: tensor:2 on a CPU whose host was split for it, every device on data
-    elsewhere; then checked against the devices, --batch_size and the model, before anything compiles."""
+def resolve_mesh_flag(config: ModelConfig, cpu_default: bool) -> Tuple[str, str]:
+    """(--mesh as given, else the default: tensor:2 on a CPU whose host was split for it, every device on data
+    elsewhere; what chose the devices and the mesh, for the header), checked against the devices, --batch_size
+    and the model, before anything compiles."""
     import jax
 
     from reformer_jax.sharding import MeshError, check_mesh_fits, parse_mesh
 
     mesh = FLAGS.mesh
+    use_cpu_default = mesh is None and cpu_default and jax.default_backend() == "cpu"
     if mesh is None:
-        use_cpu_default = cpu_default and jax.default_backend() == "cpu"
         mesh = CPU_DEFAULT_MESH if use_cpu_default else "data:-1"
+    if FLAGS.host_devices is not None:
+        devices = f"--host_devices={FLAGS.host_devices}"
+    elif use_cpu_default:
+        devices = "the CPU default (two host devices)"
+    else:
+        devices = users_device_count() or ("jax's devices" if jax.process_count() == 1 else
+                                           f"{jax.process_count()} processes")
+    chosen = f"devices from {devices}; mesh from " + ("--mesh" if FLAGS.mesh else
+                                                     "the CPU default" if use_cpu_default else "the default")
     try:
         shape = parse_mesh(mesh, jax.device_count())
         check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=mesh)
     except MeshError as error:
         raise app.UsageError(str(error)) from None
-    return mesh
+    return mesh, chosen
 
 
 def compile_only(config: ModelConfig) -> int:
@@ -355,7 +373,11 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         return 2
     _initialize_distributed()
-    mesh = resolve_mesh_flag(config, cpu_default)
+    try:
+        mesh, chosen = resolve_mesh_flag(config, cpu_default)
+    except app.UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.xla.compilation_cache import enable_compilation_cache
 
@@ -376,11 +398,9 @@ def main(argv):
         seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
         checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
         skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes,
-        lean_compile=FLAGS.lean_compile, mesh=mesh)
+        lean_compile=FLAGS.lean_compile, mesh=mesh, devices_chosen_by=chosen)
     try:
-        dataset = data_lib.load_dataset(FLAGS.dataset, seq_len=FLAGS.seq_len, data_path=FLAGS.data_path,
-                                        vocab_size=config.vocab_size)
-        train_and_evaluate(config, options, dataset=dataset)
+        train_and_evaluate(config, options)
     except (data_lib.DataError, CheckpointMismatch, CheckpointError, TrainingDiverged, SavedRunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

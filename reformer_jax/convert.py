@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from reformer_jax.model.hf_convert import (ConversionError, config_from_fields, config_from_hf, from_hf,
-                                           load_converted_config, load_converted_params, load_hf_dir, save_converted)
+                                           load_converted_config, load_converted_params, load_converted_tokenizer,
+                                           load_hf_dir, save_converted, tokenizer_for_hf)
 
-__all__ = ["ConversionError", "config_from_fields", "config_from_hf", "from_hf", "load_converted_config", "load_converted_params",
-           "load_hf_dir", "save_converted"]
+__all__ = ["ConversionError", "config_from_fields", "config_from_hf", "from_hf", "load_converted_config",
+           "load_converted_params", "load_converted_tokenizer", "load_hf_dir", "save_converted", "tokenizer_for_hf"]
 
 
 def main(argv) -> int:
@@ -30,12 +31,14 @@ def main(argv) -> int:
     try:
         state_dict, hf_config = load_hf_dir(Path(FLAGS.hf_dir))
         config, params = from_hf(state_dict, hf_config)
-        save_converted(config, params, Path(FLAGS.out))
+        tokenizer = tokenizer_for_hf(hf_config)
+        save_converted(config, params, Path(FLAGS.out), tokenizer=tokenizer)
     except ConversionError as error:
         print(f"error: {error}")
         return 1
     print(f"converted {FLAGS.hf_dir} -> {FLAGS.out}: {config.n_layers} layers {list(config.layer_types)}, "
-          f"d_model {config.d_model}, vocab {config.vocab_size}, max_len {config.max_len}")
+          f"d_model {config.d_model}, vocab {config.vocab_size}, max_len {config.max_len}, tokenizer "
+          f"{tokenizer.name if tokenizer else 'none (ids only)'}")
     return 0
 
 

@@ -4,13 +4,14 @@
     python -m reformer_jax.evaluate --workdir=runs/default --split=train --batches=16
     python -m reformer_jax.evaluate --workdir=runs/default --data_path=play.txt  # a whole file, window after window
     python -m reformer_jax.evaluate --workdir=runs/default --n_hashes=8 --step=200
+    python -m reformer_jax.evaluate --init_from=converted/enwik8 --data_path=enwik8.txt   # a converted checkpoint
 
 The latest checkpoint unless --step is given. With --split (default validation) the batches are the ones training
 evaluated on (the same windows and hash keys, --batches of them: by default as many as training used), so the
 figure at a checkpoint's step equals the validation figure training logged there. With --data_path every window of
---seq_len in the file is scored once. --n_hashes sets the LSH rounds at evaluation (more rounds: closer to full
+--seq_len in the file is scored once, in the model's own tokenization. --n_hashes sets the LSH rounds at evaluation (more rounds: closer to full
 attention). Each evaluation is added to workdir/summary.json under "evaluations" (the same evaluation repeated
-replaces its entry); nothing else in the workdir is written.
+replaces its entry); nothing else in the workdir is written, and nothing in a converted checkpoint.
 """
 
 from __future__ import annotations
@@ -29,75 +30,88 @@ SPLITS = ("validation", "train")
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "The main.py --workdir of the run to evaluate (required).")
+    flags.DEFINE_string("workdir", None, "The main.py --workdir of the run to evaluate.")
+    flags.DEFINE_string("init_from", None, "A converted checkpoint (python -m reformer_jax.convert --out=DIR) to "
+                        "score instead of a run: needs --data_path.")
     flags.DEFINE_string("data_path", None, "Score every window of this text file (instead of --split).")
     flags.DEFINE_enum("split", None, list(SPLITS), "Score the run's own data: the batches of this split that "
                       "training evaluated on (default: validation).")
-    flags.DEFINE_integer("n_hashes", None, "LSH hash rounds at evaluation (default: the run's).")
+    flags.DEFINE_integer("n_hashes", None, "LSH hash rounds at evaluation (default: the model's).")
     flags.DEFINE_integer("step", None, "The checkpoint to evaluate (default: the latest).")
     flags.DEFINE_integer("batches", None, "Batches to score (default: as many as training's validation used; all "
                          "of the file with --data_path).")
+    flags.DEFINE_integer("seq_len", None, "With --init_from: tokens per scored window (default: the model's "
+                         "max_len, at most 4096).")
 
 
 def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = "validation",
-                 n_hashes: Optional[int] = None, step: Optional[int] = None,
-                 batches: Optional[int] = None) -> Dict[str, Any]:
-    """Score checkpoint `step` (default the latest) of the run in `workdir`; returns the entry added to its record.
+                 n_hashes: Optional[int] = None, step: Optional[int] = None, batches: Optional[int] = None,
+                 seq_len: Optional[int] = None, flag: str = "--workdir") -> Dict[str, Any]:
+    """Score checkpoint `step` (default the latest) of the run in `workdir`, or the converted checkpoint there
+    (`flag="--init_from"`, with `data_path`); returns the evaluation, added to a run's record.
 
     Raises SavedRunError or DataError with a one-line message naming the flag at fault.
     """
     import jax
 
+    from reformer_jax import sharding as sharding_lib
     from reformer_jax.training import data as data_lib
     from reformer_jax.training import saved_run
     from reformer_jax.training import step as train
     from reformer_jax.training import loop as trainer
     from reformer_jax.training.run_record import read_record, update_record, with_evaluation
 
-    run = saved_run.open_run(workdir)
-    step = run.checkpoint_step(step)
-    settings, config = run.settings, run.config
+    model = saved_run.open_run(workdir) if flag == "--workdir" else saved_run.open_model(workdir, flag=flag)
+    step = model.checkpoint_step(step)
+    config = model.config
     if n_hashes is not None:
         if not config.uses("lsh"):
-            raise saved_run.SavedRunError(f"--n_hashes={n_hashes}: the model of --workdir={workdir} has no LSH "
+            raise saved_run.SavedRunError(f"--n_hashes={n_hashes}: the model of {flag}={workdir} has no LSH "
                                           "attention layer; leave --n_hashes out.")
         try:
             config = config.replace(n_hashes=n_hashes)
         except ValueError as error:
             raise saved_run.SavedRunError(str(error).replace("ModelConfig.", "--")) from None
-    batch_size, seq_len, seed = settings["batch_size"], settings["seq_len"], settings["seed"]
-    record = read_record(workdir)
+    if model.is_run:
+        settings = model.settings
+        batch_size, seed = settings["batch_size"], settings["seed"]
+        seq_len = settings["seq_len"]
+    else:
+        batch_size, seed = 1, 0
+        seq_len = seq_len or min(config.max_len, 4096)
+        try:
+            config.check_seq_len(seq_len)
+        except ValueError as error:
+            raise saved_run.SavedRunError(f"--seq_len={seq_len}: {str(error).replace('ModelConfig.', '--')}") from None
+        if data_path is None:
+            raise data_lib.DataError(f"{flag}={workdir} is a converted checkpoint, which has no data of its own; pass "
+                                     "--data_path=FILE to score a text file.")
+    copy_task = model.tokenizer is None
     if data_path is not None:
-        if settings["dataset"] == "synthetic":
+        if copy_task:
             raise data_lib.DataError(f"--data_path={data_path}: the run was trained on the copy task, not on text; "
                                      "use --split.")
         source = str(Path(data_path).absolute())
-        source_batches = data_lib.consecutive_batches(data_lib.read_text_tokens(Path(data_path)), batch_size,
-                                                      seq_len, batches)
+        tokens = data_lib.read_text_tokens(Path(data_path), model.tokenizer)
+        source_batches = data_lib.consecutive_batches(tokens, batch_size, seq_len, batches)
     else:
-        if settings["dataset"] == "text" and not record.get("data"):
-            raise data_lib.DataError(f"--workdir={workdir}: the run's text file is not in its record; pass "
-                                     "--data_path=FILE to score a file.")
-        dataset = data_lib.load_dataset(settings["dataset"], seq_len=seq_len, vocab_size=config.vocab_size,
-                                        data_path=record.get("data") if settings["dataset"] != "synthetic" else None)
-        batches = batches or int(record.get("eval_batches", 4))
+        dataset = data_lib.reopen(model.data, seq_len=seq_len, tokenizer=model.tokenizer, flag=flag)
+        batches = batches or int(read_record(workdir).get("eval_batches", settings.get("eval_batches", 4)))
         source = f"{split} split of {dataset.source}"
         source_batches = (dataset.batch(split, seed, i, batch_size, seq_len) for i in range(batches))
 
-    devices = jax.devices()
-    if batch_size % len(devices):
-        raise saved_run.SavedRunError(f"the run's batch size {batch_size} is not divisible by the {len(devices)} "
-                                      "devices here; evaluate on a machine with a device count dividing it.")
-    replicated, data_sharding = trainer.data_parallel_shardings(devices)
-    params = saved_run.restore_params(run, step, sharding=replicated)
-    tx = train.make_optimizer(settings["optimizer"], settings["learning_rate"])  # unused by the evaluation step
+    devices = jax.local_devices()[:1]  # one device: any mesh the run trained on reads onto it
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshShape(), devices)
+    replicated, data_sharding = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
+    params = saved_run.restore_params(model, step, sharding=replicated)
+    tx = train.make_optimizer("adamw")  # unused by the evaluation step
     eval_fn = trainer.sharded_step_functions(config, tx, replicated, data_sharding)[2]
     scores = trainer.evaluate_batches(eval_fn, params, source_batches, seed, data_sharding)
     entry = {"step": step, "data": source, "n_hashes": config.n_hashes if config.uses("lsh") else None,
              "batches": batches, "tokens": int(scores["val_tokens"]), "loss": scores["val_loss"],
-             "bpc": scores["val_bpc"], "accuracy": scores["val_accuracy"],
-             "copy_task": settings["dataset"] == "synthetic"}
-    update_record(workdir, {"evaluations": with_evaluation(read_record(workdir), entry)})
+             "bpc": scores["val_bpc"], "accuracy": scores["val_accuracy"], "copy_task": copy_task}
+    if model.is_run:
+        update_record(workdir, {"evaluations": with_evaluation(read_record(workdir), entry)})
     return entry
 
 
@@ -121,20 +135,26 @@ def main(argv) -> int:
 
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
-    if not FLAGS.workdir:
-        raise cli.UsageError("--workdir=DIR is required: the main.py --workdir of the run to evaluate.")
+    if (FLAGS.workdir is None) == (FLAGS.init_from is None):
+        raise cli.UsageError("pass one of --workdir=DIR (a main.py run) and --init_from=DIR (a converted checkpoint, "
+                             "with --data_path=FILE).")
+    if FLAGS.seq_len is not None and FLAGS.workdir:
+        raise cli.UsageError(f"--seq_len={FLAGS.seq_len} is for --init_from: a run is scored at its own length.")
     if FLAGS.data_path and FLAGS.split:
         raise cli.UsageError(f"--data_path={FLAGS.data_path} and --split={FLAGS.split} exclude each other; give one.")
-    for name in ("n_hashes", "batches", "step"):
+    for name in ("n_hashes", "batches", "step", "seq_len"):
         if FLAGS[name].value is not None and FLAGS[name].value < (0 if name == "step" else 1):
             raise cli.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
     try:
-        entry = evaluate_run(FLAGS.workdir, data_path=FLAGS.data_path, split=FLAGS.split or "validation",
-                             n_hashes=FLAGS.n_hashes, step=FLAGS.step, batches=FLAGS.batches)
+        entry = evaluate_run(FLAGS.workdir or FLAGS.init_from, data_path=FLAGS.data_path,
+                             split=FLAGS.split or "validation", n_hashes=FLAGS.n_hashes, step=FLAGS.step,
+                             batches=FLAGS.batches, seq_len=FLAGS.seq_len,
+                             flag="--workdir" if FLAGS.workdir else "--init_from")
     except (SavedRunError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(describe(entry) + f"; recorded in {Path(FLAGS.workdir) / SUMMARY_FILE}", flush=True)
+    where = f"; recorded in {Path(FLAGS.workdir) / SUMMARY_FILE}" if FLAGS.workdir else ""
+    print(describe(entry) + where, flush=True)
     return 0 if math.isfinite(entry["loss"]) else 1
 
 

@@ -260,6 +260,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def global_key(seed: int, mesh: Mesh) -> jax.Array:
+    """jax.random.key(seed) replicated over `mesh`, made from host data that every process computes alike: with
+    several processes, device_put cannot place a value on devices another process owns."""
+    data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    return jax.random.wrap_key_data(jax.make_array_from_callback(data.shape, replicated(mesh), lambda i: data[i]))
+
+
 def per_device_bytes(tree: Any, shardings: Any) -> int:
     """Bytes one device holds of `tree` laid out by `shardings` (a sharding per leaf, or one for all):
     the largest shard of each leaf, summed."""

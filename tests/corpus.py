@@ -19,6 +19,7 @@ class CrashAt:
 
     def __init__(self, inner, step):
         self.inner, self.step, self.source = inner, step, inner.source
+        self.origin = getattr(inner, "origin", None)
 
     def batch(self, split, seed, step, batch_size, seq_len):
         if split == "train" and step == self.step:

@@ -36,6 +36,7 @@ import numpy as np
 from reformer_jax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"  # our ModelConfig, written next to the orbax params
+TOKENIZER_FILE = "tokenizer.json"  # the checkpoint's tokenization (reformer_jax.tokenizers.from_dict)
 PARAMS_DIR = "params"
 HF_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu"}  # jax.nn.gelu is the tanh form, Hugging Face's gelu_new
 
@@ -213,8 +214,17 @@ def load_hf_dir(hf_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     raise ConversionError(f"--hf_dir={hf_dir} has neither model.safetensors nor pytorch_model.bin.")
 
 
-def save_converted(config: ModelConfig, params: Any, out: Path) -> None:
-    """Write OUT/config.json and OUT/params (orbax) into a temporary directory, then rename it to OUT."""
+def tokenizer_for_hf(hf_config: Mapping[str, Any]):
+    """The tokenizer of a Hugging Face Reformer checkpoint: bytes after `vocab_size - 256` special ids (enwik8:
+    byte + 2), or None where the vocabulary is not bytes."""
+    from reformer_jax import tokenizers
+
+    return tokenizers.for_hf_vocabulary(int(_get(hf_config, "vocab_size")), _get(hf_config, "pad_token_id", 0))
+
+
+def save_converted(config: ModelConfig, params: Any, out: Path, tokenizer: Any = None) -> None:
+    """Write OUT/config.json, OUT/tokenizer.json (when the vocabulary is text) and OUT/params (orbax) into a
+    temporary directory, then rename it to OUT."""
     import orbax.checkpoint as ocp
 
     out = Path(out).absolute()
@@ -226,6 +236,8 @@ def save_converted(config: ModelConfig, params: Any, out: Path) -> None:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, params)
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            (staging / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict(), indent=2, sort_keys=True) + "\n")
         os.replace(staging, out)
     finally:
         if staging.exists():
@@ -242,6 +254,19 @@ def load_converted_config(directory: Path) -> ModelConfig:
         return config_from_fields(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError, TypeError, ValueError) as error:
         raise ConversionError(f"{path} does not hold a valid ModelConfig: {error}") from error
+
+
+def load_converted_tokenizer(directory: Path):
+    """The tokenizer recorded by `save_converted` (None where the checkpoint's vocabulary is not text)."""
+    from reformer_jax import tokenizers
+
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return tokenizers.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} is unreadable ({error}).") from error
 
 
 def config_from_fields(fields: Dict[str, Any]) -> ModelConfig:

@@ -155,6 +155,16 @@ def shape_differences(saved: Dict[str, Tuple], expected: Dict[str, Tuple], limit
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+
+
+def _is_layout_error(error: Exception) -> bool:
+    """orbax's refusal to place arrays on devices other than the writer's: the data is fine, the target is not."""
+    text = str(error).lower()
+    return any(words in text for words in ("topology mismatch", "addressable devices"))
+
+
 class Checkpointer:
     """Latest-k orbax checkpoints of a TrainState under workdir/checkpoints.
 
@@ -225,11 +235,19 @@ class Checkpointer:
             raise CheckpointError(f"the checkpoint {step_dir} is of another model or optimizer: "
                                   + "; ".join(differences) + ". Resume it with the settings it was trained with "
                                   "(see run_settings.json), or pass a new --workdir.")
+        # Every leaf gets a layout on the devices here (a leaf without one: this process's first device), so orbax
+        # reshards whatever mesh wrote the checkpoint instead of asking for the writer's devices.
+        first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or first), target)
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as error:
+            if _is_layout_error(error):
+                raise CheckpointError(
+                    f"the checkpoint {step_dir} is intact but could not be laid out on the devices of this process "
+                    f"({type(error).__name__}: {_first_line(error)}); read it with a target laid out on these "
+                    "devices (reformer_jax.training.saved_run.restore_params does).") from error
             raise self._damaged(step, error) from error
 
     def _damaged(self, step: int, error: Exception) -> "CheckpointError":
@@ -238,9 +256,8 @@ class Checkpointer:
         fix = (f"To resume from the previous checkpoint (step {earlier[-1]}), move the damaged one aside: mv "
                f"{step_dir} {step_dir}.damaged" if earlier else
                "No earlier checkpoint exists: pass a new --workdir to start over")
-        reason = str(error).splitlines()[0][:300] if str(error) else ""
         return CheckpointError(f"the checkpoint {step_dir} cannot be read: it is truncated or corrupted "
-                               f"({type(error).__name__}: {reason}). Nothing was overwritten. {fix}.")
+                               f"({type(error).__name__}: {_first_line(error)}). Nothing was overwritten. {fix}.")
 
     def close(self) -> None:
         try:

@@ -1,6 +1,8 @@
-"""Data: byte-level tokens, the tiny Shakespeare corpus, any UTF-8 text, and the paper's synthetic copy task.
+"""Data: the tiny Shakespeare corpus, any text file, and the paper's synthetic copy task; where a run's data came
+from (`DataSource`, recorded in run_settings.json so evaluate and generate reopen it).
 
-Tokens: each UTF-8 byte b becomes b + 3; pad 0, eos 1, bos 2; vocabulary 259.
+Text is turned into ids by the run's tokenizer (`reformer_jax.tokenizers`; this project's runs: byte b is id b + 3;
+pad 0, eos 1, bos 2; vocabulary 259).
 
 Batches are a pure function of (seed, step): batch s of a run is the same whether the run went straight through
 or was resumed from a checkpoint, so a resumed run reproduces the uninterrupted one exactly.
@@ -18,9 +20,11 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
-BYTE_OFFSET = 3
-BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
+from reformer_jax import tokenizers
+
+PAD_ID, EOS_ID, BOS_ID = tokenizers.BYTES.pad_id, tokenizers.BYTES.eos_id, tokenizers.BYTES.bos_id
+BYTE_OFFSET = tokenizers.BYTES.offset
+BYTE_VOCAB_SIZE = tokenizers.BYTES.vocab_size
 
 TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -35,21 +39,7 @@ class DataError(ValueError):
     """A data file that cannot be used, with what to do about it."""
 
 
-def encode(text: str) -> np.ndarray:
-    """UTF-8 text -> int32 token ids (byte + 3)."""
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + BYTE_OFFSET
-
-
-def encode_bytes(data: bytes) -> np.ndarray:
-    """Raw bytes (any, not only valid UTF-8: the model is byte-level) -> int32 token ids."""
-    return np.frombuffer(data, np.uint8).astype(np.int32) + BYTE_OFFSET
-
-
-def decode(tokens) -> str:
-    """Token ids -> text; special ids are dropped and invalid UTF-8 is replaced, never an error."""
-    ids = np.asarray(tokens).reshape(-1)
-    ids = ids[(ids >= BYTE_OFFSET) & (ids < BYTE_VOCAB_SIZE)] - BYTE_OFFSET
-    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+encode, encode_bytes, decode = tokenizers.BYTES.encode, tokenizers.BYTES.encode_bytes, tokenizers.BYTES.decode
 
 
 def _tiny_shakespeare_checked(raw: bytes, where: str) -> bytes:
@@ -67,6 +57,21 @@ def packaged_tiny_shakespeare() -> bytes:
     return _tiny_shakespeare_checked(lzma.decompress(packed), "the packaged tiny Shakespeare")
 
 
+def _read_file(data_path: str, flag: str = "--data_path") -> bytes:
+    """A data file's bytes; DataError (naming `flag`) if it is missing, not a file, or empty."""
+    path = Path(data_path).expanduser()
+    if not path.exists():
+        raise DataError(f"{flag}={data_path} does not exist.")
+    if path.is_dir():
+        raise DataError(f"{flag}={data_path} is not a regular file: it is a directory; pass a text file.")
+    if not path.is_file():
+        raise DataError(f"{flag}={data_path} is not a regular file; pass a text file.")
+    raw = path.read_bytes()
+    if not raw:
+        raise DataError(f"{flag}={data_path} is empty.")
+    return raw
+
+
 def tiny_shakespeare(data_path: Optional[str] = None) -> Tuple[bytes, str]:
     """(the corpus's bytes, where they came from): --data_path if given, else the copy shipped with the package.
 
@@ -75,29 +80,54 @@ def tiny_shakespeare(data_path: Optional[str] = None) -> Tuple[bytes, str]:
     way to train on another (or an edited) file is --dataset=text --data_path=FILE.
     """
     if not data_path:
-        return packaged_tiny_shakespeare(), "tiny Shakespeare (the copy packaged with reformer_jax)"
+        return packaged_tiny_shakespeare(), PACKAGED_LABEL
     path = Path(data_path).expanduser()
     if not path.exists():
         raise DataError(f"--data_path={data_path} does not exist. Pass the path of {TINY_SHAKESPEARE_FILE}, or omit "
                         "--data_path to use the copy shipped with reformer_jax.")
-    if not path.is_file():
-        raise DataError(f"--data_path={data_path} is not a regular file (a directory?); pass the path of "
-                        f"{TINY_SHAKESPEARE_FILE}.")
-    return _tiny_shakespeare_checked(path.read_bytes(), str(path)), str(path)
+    return _tiny_shakespeare_checked(_read_file(data_path), str(path)), str(path)
 
 
-def read_text_tokens(path: Path) -> np.ndarray:
-    """All bytes of a file as tokens. Non-UTF-8 bytes are fine: the model is byte-level."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"--data_path={path} is a directory; pass a text file.")
-    if not path.exists():
-        raise DataError(f"--data_path={path} does not exist.")
-    tokens = encode_bytes(path.read_bytes())
-    if tokens.size == 0:
-        raise DataError(f"--data_path={path} is empty.")
-    return tokens
+def read_text_tokens(path: Path, tokenizer: tokenizers.Tokenizer = tokenizers.BYTES) -> np.ndarray:
+    """All bytes of a file as tokens. Non-UTF-8 bytes are fine for byte tokenizers."""
+    return tokenizer.encode_bytes(_read_file(str(path)))
 
+
+PACKAGED_LABEL = "tiny Shakespeare (the copy packaged with reformer_jax)"
+COPY_TASK_LABEL = "synthetic copy task (0 w 0 w)"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Where a run's data came from, as run_settings.json records it (`to_dict`): enough to reopen the same data.
+
+    kind "packaged": the tiny Shakespeare copy shipped with reformer_jax, by name and sha256;
+    kind "file": a file by absolute path and sha256 (--data_path);
+    kind "synthetic": the copy task, by its vocabulary.
+    """
+
+    kind: str
+    dataset: str  # the --dataset it was read as: tiny_shakespeare, text or synthetic
+    sha256: Optional[str] = None
+    path: Optional[str] = None
+    vocab_size: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        return {"packaged": PACKAGED_LABEL, "synthetic": COPY_TASK_LABEL}.get(self.kind, self.path or "")
+
+    def to_dict(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: Dict[str, object]) -> "DataSource":
+        try:
+            source = cls(**record)
+        except TypeError as error:
+            raise DataError(f"the recorded data source {record!r} is not one this version reads ({error}).") from None
+        if source.kind not in ("packaged", "file", "synthetic"):
+            raise DataError(f"the recorded data source {record!r} has an unknown kind {source.kind!r}.")
+        return source
 
 @dataclasses.dataclass(frozen=True)
 class TextData:
@@ -105,12 +135,14 @@ class TextData:
 
     train: np.ndarray
     validation: np.ndarray
-    source: str
+    source: str  # a label for people
+    origin: Optional[DataSource] = None  # what reopens it
 
     @classmethod
-    def from_tokens(cls, tokens: np.ndarray, seq_len: int, source: str) -> "TextData":
+    def from_tokens(cls, tokens: np.ndarray, seq_len: int, source: str,
+                    origin: Optional[DataSource] = None) -> "TextData":
         split = int(round(len(tokens) * (1 - VALIDATION_FRACTION)))
-        data = cls(train=tokens[:split], validation=tokens[split:], source=source)
+        data = cls(train=tokens[:split], validation=tokens[split:], source=source, origin=origin)
         shortest = min(len(data.train), len(data.validation))
         if shortest < seq_len + 1:
             raise DataError(f"{source} has {len(tokens)} tokens: its validation split ({len(data.validation)}) or "
@@ -138,7 +170,11 @@ class CopyTask:
     """
 
     vocab_size: int
-    source: str = "synthetic copy task (0 w 0 w)"
+    source: str = COPY_TASK_LABEL
+
+    @property
+    def origin(self) -> DataSource:
+        return DataSource(kind="synthetic", dataset="synthetic", vocab_size=self.vocab_size)
 
     def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int) -> Batch:
         if seq_len % 2 or seq_len < 4:
@@ -171,19 +207,45 @@ def consecutive_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_b
         yield {"inputs": inputs, "targets": targets, "weights": weights}
 
 
-def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vocab_size: int = BYTE_VOCAB_SIZE):
-    """The dataset behind --dataset: an object with .batch(split, seed, step, batch_size, seq_len) and .source."""
+def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vocab_size: int = BYTE_VOCAB_SIZE,
+                 tokenizer: tokenizers.Tokenizer = tokenizers.BYTES):
+    """The dataset behind --dataset: an object with .batch(split, seed, step, batch_size, seq_len), .source (a label)
+    and .origin (the DataSource that reopens it), its text encoded by `tokenizer`."""
     if name == "synthetic":
         return CopyTask(vocab_size=vocab_size)
-    if vocab_size < BYTE_VOCAB_SIZE and name in ("tiny_shakespeare", "text"):
-        raise DataError(f"--vocab_size={vocab_size} is too small for byte-level text; use {BYTE_VOCAB_SIZE}.")
+    if name not in DATASETS:
+        raise DataError(f"--dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}.")
+    if vocab_size < tokenizer.vocab_size:
+        raise DataError(f"--vocab_size={vocab_size} is too small for {tokenizer.name} text; use "
+                        f"{tokenizer.vocab_size}.")
     if name == "tiny_shakespeare":
         raw, source = tiny_shakespeare(data_path)
-        return TextData.from_tokens(encode_bytes(raw), seq_len, source=source)
-    if name == "text":
-        if not data_path:
-            raise DataError("--dataset=text needs --data_path=FILE (any UTF-8 text).")
-        path = Path(data_path).expanduser()
+    elif not data_path:
+        raise DataError("--dataset=text needs --data_path=FILE (any UTF-8 text).")
     else:
-        raise DataError(f"--dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}.")
-    return TextData.from_tokens(read_text_tokens(path), seq_len, source=str(path))
+        raw, source = _read_file(data_path), str(Path(data_path).expanduser())
+    sha256 = hashlib.sha256(raw).hexdigest()
+    origin = (DataSource(kind="packaged", dataset=name, sha256=sha256) if not data_path else
+              DataSource(kind="file", dataset=name, sha256=sha256, path=str(Path(source).absolute())))
+    return TextData.from_tokens(tokenizer.encode_bytes(raw), seq_len, source=source, origin=origin)
+
+
+def reopen(record: Dict[str, object], *, seq_len: int, tokenizer: Optional[tokenizers.Tokenizer] = tokenizers.BYTES,
+           flag: str = "--workdir"):
+    """The dataset a run recorded (`DataSource.to_dict`), the same bytes or a DataError saying what changed."""
+    source = DataSource.from_dict(record)
+    if source.kind == "synthetic":
+        return CopyTask(vocab_size=int(source.vocab_size))
+    if source.kind == "packaged":
+        raw = packaged_tiny_shakespeare()
+    else:
+        if not Path(source.path).is_file():
+            raise DataError(f"{flag}: the run's data file {source.path} no longer exists; put it back, or pass "
+                            "--data_path=FILE to score another file.")
+        raw = Path(source.path).read_bytes()
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != source.sha256:
+        raise DataError(f"{flag}: the run's data {source.label} has sha256 {actual}, not the {source.sha256} it was "
+                        "trained on (the file changed); pass --data_path=FILE to score it as a new file.")
+    return TextData.from_tokens(tokenizer.encode_bytes(raw), seq_len, source=source.label if source.kind == "packaged"
+                                else source.path, origin=source)

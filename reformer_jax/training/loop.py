@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from reformer_jax import sharding as sharding_lib
+from reformer_jax import tokenizers
 from reformer_jax.training import data as data_lib
 from reformer_jax.training import saved_run
 from reformer_jax.training import step as train
@@ -70,17 +71,27 @@ class TrainOptions:
     # The device mesh, e.g. "data:-1,fsdp:4,tensor:1" (`reformer_jax.sharding`); None: every device on data. Not a
     # run setting: a checkpoint resumes on another mesh.
     mesh: Optional[str] = None
+    # What chose the devices and the mesh (a flag, a default, the user's XLA_FLAGS), for the header line.
+    devices_chosen_by: Optional[str] = None
 
     @property
     def total_schedule_steps(self) -> int:
         return self.schedule_steps or self.steps
 
-    def run_settings(self, config: ModelConfig) -> Dict[str, Any]:
-        """What must not change when a run is resumed."""
+    def run_settings(self, config: ModelConfig, tokenizer: Optional[tokenizers.Tokenizer] = None,
+                     data: Optional[data_lib.DataSource] = None) -> Dict[str, Any]:
+        """What must not change when a run is resumed, and what reopens the run: its tokenizer and its data."""
         return {"model": config.to_dict(), "optimizer": self.optimizer, "learning_rate": self.learning_rate,
                 "schedule_steps": self.total_schedule_steps, "warmup_steps": self.warmup_steps,
                 "clip_norm": self.clip_norm, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "dataset": self.dataset, "seed": self.seed, "init_from": self.init_from}
+                "dataset": self.dataset, "seed": self.seed, "init_from": self.init_from,
+                "tokenizer": tokenizer.to_dict() if tokenizer else None, "data": data.to_dict() if data else None}
+
+    def tokenizer(self) -> Optional[tokenizers.Tokenizer]:
+        """The run's tokenizer: --init_from's model's, else bytes + 3 for text (none for the copy task)."""
+        if self.init_from:
+            return saved_run.open_model(self.init_from).tokenizer
+        return None if self.dataset == "synthetic" else tokenizers.BYTES
 
 
 def data_parallel_shardings(devices) -> Tuple[NamedSharding, NamedSharding]:
@@ -205,7 +216,8 @@ def evaluate_batches(eval_fn, params, batches, seed: int, sharding: NamedShardin
     key(seed + 10_000 + i)."""
     totals: Dict[str, float] = {}
     for i, batch in enumerate(batches):
-        metrics = jax.device_get(eval_fn(params, global_batch(batch, sharding), jax.random.key(seed + 10_000 + i)))
+        key = sharding_lib.global_key(seed + 10_000 + i, sharding.mesh)
+        metrics = jax.device_get(eval_fn(params, global_batch(batch, sharding), key))
         weight = float(metrics["tokens"])
         for name in ("loss", "accuracy"):
             totals[name] = totals.get(name, 0.0) + float(metrics[name]) * weight
@@ -219,7 +231,8 @@ def evaluate_batches(eval_fn, params, batches, seed: int, sharding: NamedShardin
 
 def _describe(config: ModelConfig, dataset, options: TrainOptions, devices, mesh) -> None:
     _say(f"devices: {len(devices)} ({devices[0].platform}), {_mesh_line(mesh)}"
-         + (f", processes: {jax.process_count()}" if jax.process_count() > 1 else ""))
+         + (f", processes: {jax.process_count()}" if jax.process_count() > 1 else "")
+         + (f" [{options.devices_chosen_by}]" if options.devices_chosen_by else ""))
     kinds = "/".join(sorted(set(config.layer_types)))
     _say(f"model: {'reversible ' if config.reversible else ''}{kinds} attention, {config.n_layers} "
          f"layers, d_model {config.d_model}, {config.n_heads} heads of {config.d_head}, d_ff {config.d_ff}"
@@ -227,20 +240,16 @@ def _describe(config: ModelConfig, dataset, options: TrainOptions, devices, mesh
     _say(f"data: {dataset.source}; batch {options.batch_size} x {options.seq_len} tokens")
 
 
-def _initial_params(init_from: str, config: ModelConfig, params: Any, mesh) -> Tuple[Any, str]:
+def _initial_params(init_from: str, config: ModelConfig, params: Any) -> Tuple[Any, str]:
     """The parameters of a main.py workdir's latest checkpoint, or of a converted checkpoint, laid out as `params`
     (their shardings on the run's mesh); and where they came from."""
-    if saved_run.is_run_workdir(init_from):
-        source = saved_run.open_run(init_from, flag="--init_from")
-        saved_run.check_same_shapes(source, config)
-        restored = saved_run.restore_params(source, sharding=sharding_lib.replicated(mesh))
-        origin = str(source.workdir.absolute() / "checkpoints" / str(source.steps[-1]))
-        _say(f"parameters from {origin} (a new optimizer state and schedule)")
-        placed = jax.device_put(saved_run.params_into(restored, params), jax.tree.map(lambda x: x.sharding, params))
-        return placed, origin
-    from reformer_jax.model.hf_convert import load_converted_params
-    _say(f"parameters from {init_from}")
-    return load_converted_params(init_from, params), str(Path(init_from).absolute())
+    source = saved_run.open_model(init_from)
+    saved_run.check_same_shapes(source, config)
+    restored = saved_run.restore_params(source, sharding=jax.tree.map(lambda x: x.sharding, params))
+    origin = (str(source.path.absolute() / "checkpoints" / str(source.steps[-1])) if source.is_run
+              else str(source.path.absolute()))
+    _say(f"parameters from {origin} (a new optimizer state and schedule)")
+    return restored, origin
 
 
 def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, checkpointer: Checkpointer,
@@ -269,7 +278,7 @@ def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, c
     if state is None:
         state = steps.init(seed_key)
         if options.init_from:
-            params, origin = _initial_params(options.init_from, config, state.params, steps.mesh)
+            params, origin = _initial_params(options.init_from, config, state.params)
             state = state.replace(params=params)
         if _is_main_process():
             write_json_atomic(workdir / RUN_SETTINGS_FILE, settings)
@@ -282,13 +291,18 @@ VALIDATION_KEYS = ("val_loss", "val_bpc", "val_accuracy", "val_step")
 def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=None) -> Dict[str, Any]:
     """Train `config` as `options` say; returns the run's record (workdir/summary.json) with "state" added.
 
+    `dataset`: default the one `options` names, its text encoded by the run's tokenizer (`options.tokenizer()`).
     A workdir whose checkpoint already reached `options.steps` is left exactly as it is: one line says so, nothing
     is compiled or written, and the record and the restored state are returned.
     """
     invocation_started = time.perf_counter()  # the run's wall time counts compilation and evaluation too
     workdir = Path(options.workdir)
     ensure_writable_workdir(workdir)
-    settings = options.run_settings(config)
+    tokenizer = options.tokenizer()
+    if dataset is None:
+        dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
+                                        vocab_size=config.vocab_size, tokenizer=tokenizer or tokenizers.BYTES)
+    settings = options.run_settings(config, tokenizer, getattr(dataset, "origin", None))
     check_run_settings(workdir, settings)
     devices = jax.devices()
     mesh_shape = sharding_lib.parse_mesh(options.mesh, len(devices))
@@ -299,7 +313,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                             options.lean_compile, mesh_shape)
     eval_fn = steps.eval
     data_sharding = sharding_lib.batch_sharding(steps.mesh)
-    seed_key = jax.device_put(jax.random.key(options.seed), sharding_lib.replicated(steps.mesh))
+    seed_key = sharding_lib.global_key(options.seed, steps.mesh)
     checkpointer = Checkpointer(workdir)
     start_step = checkpointer.latest_step() or 0
     if start_step >= options.steps:
@@ -311,9 +325,6 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
              "changed; pass a larger --steps to continue the run.")
         return {**read_record(workdir), "state": state}
     try:
-        if dataset is None:
-            dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
-                                            vocab_size=config.vocab_size)
         state, step_fn, compile_seconds, origin = _start(config, options, dataset, workdir, checkpointer,
                                                           start_step, steps, seed_key, settings)
     except BaseException:  # nothing was trained: leave the checkpoints as they were
@@ -415,8 +426,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
         if board:
             board.close()
 
-    sample_text = (_sample_text(config, state.params, dataset, options)
-                   if options.sample_len and _is_main_process() else None)
+    sample_text = _sample_text(config, state.params, dataset, options, tokenizer) if options.sample_len else None
     summary = record(int(state.step))
     if sample_text is not None:
         summary["sample"] = sample_text
@@ -440,11 +450,18 @@ def _diverged(metrics: Dict[str, float], step: int, checkpointer: Checkpointer) 
         "new --workdir with a lower --learning_rate or --clip_norm.")
 
 
-def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) -> str:
+def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions, tokenizer) -> Optional[str]:
     """A prompt from the validation split and the model's continuation by cached decoding, told apart (or a
-    copy-task score)."""
+    copy-task score); decoded on process 0 alone (None elsewhere), from the parameters gathered to each host."""
     from reformer_jax.decoding import generate
 
+    if jax.process_count() > 1:  # every process takes part in the gather; one decodes on its own first device
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if not _is_main_process():
+        return None
+    params = jax.device_put(params, jax.local_devices()[0])
     rng = jax.random.key(options.seed + 20_000)
     if isinstance(dataset, data_lib.CopyTask):
         length = min(options.seq_len, config.max_len)
@@ -456,7 +473,7 @@ def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions) ->
     prompt = dataset.batch("validation", options.seed, 0, 1, 64)["inputs"][0][:config.max_len - 1]
     length = min(options.sample_len, config.max_len - prompt.size)
     tokens = generate(config, params, [prompt], max_new_tokens=length, temperature=0.8, rng=rng)[0]
-    return format_sample(data_lib.decode(prompt), data_lib.decode(tokens))
+    return format_sample(tokenizer.decode(prompt), tokenizer.decode(tokens))
 
 
 def _print_summary(summary: Dict[str, Any], invocation_steps: Tuple[int, int], invocation_seconds: float) -> None:
