@@ -36,13 +36,14 @@ class LoadError(ValueError):
 
 def _stream_text(tokenizer):
     """A writer of token blocks to stdout in the model's own tokenization (a character split over two blocks
-    prints whole; special ids print nothing)."""
+    prints whole; special ids print nothing); `write.finish()` flushes a character left incomplete."""
     decode = tokenizer.stream_decoder()
 
-    def write(tokens):
-        sys.stdout.write(decode(tokens))
+    def write(tokens, final=False):
+        sys.stdout.write(decode(tokens, final=final))
         sys.stdout.flush()
 
+    write.finish = lambda: write([], final=True)
     return write
 
 
@@ -80,9 +81,11 @@ def run() -> int:
     print(FLAGS.prompt)
     print("=== generated ===", flush=True)
     started = time.perf_counter()
+    write = _stream_text(tokenizer)
     generation.generate(config, params, rows, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                         top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy, rng=jax.random.key(FLAGS.seed),
-                        on_tokens=_stream_text(tokenizer), stream_every=max(1, FLAGS.stream_every))
+                        on_tokens=write, stream_every=max(1, FLAGS.stream_every))
+    write.finish()
     seconds = time.perf_counter() - started
     print()
     print(f"=== {FLAGS.max_new_tokens} tokens in {seconds:.1f} s, compilation included "

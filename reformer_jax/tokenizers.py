@@ -56,10 +56,11 @@ class ByteTokenizer:
         """Ids -> text; special ids are dropped and invalid UTF-8 is replaced, never an error."""
         return self._bytes(ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> Callable[[Any], str]:
-        """A decoder of successive id blocks: a character split over two blocks comes out whole."""
+    def stream_decoder(self) -> Callable[..., str]:
+        """A decoder of successive id blocks, `decode(ids, final=False)`: a character split over two blocks comes out
+        whole; the last call (final=True) flushes an incomplete one as U+FFFD, as `decode` of all the ids does."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda ids: decoder.decode(self._bytes(ids))
+        return lambda ids, final=False: decoder.decode(self._bytes(ids), final=final)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"kind": "bytes", "name": self.name, "offset": self.offset, "pad_id": self.pad_id,

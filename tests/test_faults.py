@@ -268,7 +268,7 @@ class _PoisonAt:
     """The copy task with NaN loss weights in training batch `step` (0-based)."""
 
     def __init__(self, step):
-        self.step, self.source = step, TASK.source
+        self.step, self.source, self.origin = step, TASK.source, TASK.origin
 
     def batch(self, split, seed, step, batch_size, seq_len):
         batch = TASK.batch(split, seed, step, batch_size, seq_len)

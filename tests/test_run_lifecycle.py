@@ -47,19 +47,23 @@ def _rows(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run of 4 steps trained in two invocations (--steps=2, then --steps=4) with the record after each."""
+@pytest.fixture(scope="module", params=["cpu_default", "one_device"])
+def run(tmp_path_factory, request):
+    """A run of 4 steps trained in two invocations (--steps=2, then --steps=4) with the record after each: on
+    main.py's CPU default (two host devices, tensor:2), and on one device (--mesh=data:1)."""
     root = tmp_path_factory.mktemp("lifecycle")
     env = _env(root / "cache")
     corpus = corpus_path(root)
     workdir = root / "run"
     args = [*TINY, f"--data_path={corpus}", f"--workdir={workdir}"]
+    args += ["--mesh=data:1"] if request.param == "one_device" else []
     first = _run([*args, "--steps=2", "--noanalyze_memory"], env)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
     after_first = json.loads((workdir / "summary.json").read_text())
     second = _run([*args, "--steps=4"], env)
     assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    devices = "devices: 2 (cpu), mesh data:1,fsdp:1,tensor:2" if request.param == "cpu_default" else "devices: 1 (cpu)"
+    assert devices in first.stdout, first.stdout
     return dict(workdir=workdir, env=env, args=[*args, "--steps=4"], corpus=corpus, first=first, second=second,
                 after_first=after_first, root=root)
 
@@ -204,6 +208,22 @@ def test_evaluate_gives_the_validation_bpc_training_logged_and_records_it(run):
     assert {(e["step"], e["n_hashes"]) for e in kept} >= {(2, 2), (4, 2), (4, 4)}
 
 
+def test_generate_continues_the_run_as_the_library_does(run):
+    """The command line's text is the library's tokens from the run's latest parameters, decoded."""
+    from reformer_jax import tokenizers
+    from reformer_jax.decoding import generate
+    from reformer_jax.training import saved_run
+
+    result = _run([f"--workdir={run['workdir']}", "--prompt=ROMEO:", "--max_new_tokens=12", "--seed=3"], run["env"],
+                  module="reformer_jax.generate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = saved_run.open_run(str(run["workdir"]))
+    tokens = generate(model.config, saved_run.restore_params(model), [tokenizers.BYTES.encode("ROMEO:")],
+                      max_new_tokens=12, rng=jax.random.key(3))[0]
+    printed = result.stdout.split("=== generated ===\n", 1)[1]
+    assert printed.rstrip("\n") == tokenizers.BYTES.decode(tokens).rstrip("\n")
+
+
 def test_evaluate_refuses_a_missing_step_in_one_line(run):
     result = _run([f"--workdir={run['workdir']}", "--step=3"], run["env"], module="reformer_jax.evaluate")
     assert result.returncode == 1 and result.stderr.count("\n") == 1
@@ -242,8 +262,8 @@ def test_fine_tuning_from_a_workdir_starts_from_exactly_its_parameters(run, fine
     init_fn, step_fn, _ = trainer.sharded_step_functions(tuned.config, tx, replicated, data_sharding)
     key = jax.random.key(settings["seed"])
     state = init_fn(key)
-    state = state.replace(params=saved_run.params_into(saved_run.restore_params(source, sharding=replicated),
-                                                       state.params))
+    state = state.replace(params=saved_run.restore_params(source, sharding=jax.tree.map(lambda x: x.sharding,
+                                                                                       state.params)))
     from reformer_jax.training import data
 
     dataset = data.load_dataset("text", seq_len=64, data_path=str(run["corpus"]))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -357,7 +359,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
 
     log = MetricsLog(workdir / "metrics.jsonl", start_step) if _is_main_process() else None
     board = TensorBoardLog(workdir, start_step) if _is_main_process() else None
-    progress = Progress(options.steps, start_step)
+    progress = Progress(options.steps, start_step, stream=sys.stdout if _is_main_process() else io.StringIO())
     done, saves = start_step, 0
     try:
         for step in range(start_step, options.steps):

@@ -1,0 +1,231 @@
+"""README.md's journeys as a user types them: every shell command in its ```bash blocks runs as typed, with the
+defaults, in a scratch copy of the working tree.
+
+Commands that read what an earlier one wrote form a chain (the training run and the tools that read its workdir;
+the Hugging Face conversion and what reads the converted directory; ...); a chain's commands run in README order in
+one scratch copy, and chains, which share nothing, run as separate tests. The only change to a command is a smaller
+`--steps=` appended to a training job (a later flag wins). A command that cannot run here is listed in NOT_RUN with
+the reason; a new README command that is neither run nor listed fails `test_every_readme_command_is_run_or_listed`.
+
+`reformer-enwik8/` is the one input a reader brings (a download of google/reformer-enwik8): here it is a small
+model saved by transformers' `save_pretrained` in the enwik8 layout (vocabulary 258, byte b = token b + 2), and
+what our tools print is checked against what PyTorch computes with that model.
+"""
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+STEPS = 3  # appended to every training command: enough for a checkpoint, a validation and a sample
+
+# Commands not run here, by their leading words, with the reason.
+NOT_RUN = {
+    "pip install": "installs packages: .ci/run makes exactly this install before it runs the suite",
+    "python -m pytest": "the test suite itself (this test is part of it)",
+}
+
+
+def chain_of(command: str) -> str:
+    """Which chain a README command belongs to: the commands that read what it writes are in the same one."""
+    if "enwik8" in command:
+        return "hf"
+    if "--compile_only" in command:
+        return "tpu"
+    if "--host_devices" in command or "--mesh=" in command:
+        return "mesh"
+    if "--dataset=synthetic" in command:
+        return "copy"
+    return "train"
+
+
+def readme_commands():
+    """[(line number, argv)] of every command in README.md's ```bash blocks, in order (`a && b` is two)."""
+    commands, in_block = [], False
+    lines = README.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.startswith("```"):
+            in_block = line.strip() == "```bash" if not in_block else False
+            continue
+        if not in_block or not line.strip():
+            continue
+        words = shlex.split(line, comments=True)
+        while "&&" in words:
+            cut = words.index("&&")
+            commands.append((number, words[:cut]))
+            words = words[cut + 1:]
+        if words:
+            commands.append((number, words))
+    return commands
+
+
+def not_run_reason(argv):
+    text = " ".join(argv)
+    return next((reason for start, reason in NOT_RUN.items() if text.startswith(start)), None)
+
+
+def is_training(argv) -> bool:
+    return argv[:2] == ["python", "main.py"] and not {"--help", "--compile_only"} & set(argv)
+
+
+def run_as_typed(argv, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    while argv and re.fullmatch(r"[A-Z_]+=.*", argv[0]):  # VAR=value python ...
+        name, _, value = argv[0].partition("=")
+        env[name], argv = value, argv[1:]
+    assert argv[0] == "python", argv
+    argv = [sys.executable, *argv[1:]] + ([f"--steps={STEPS}"] if is_training(argv) else [])
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_every_readme_command_is_run_or_listed():
+    commands = readme_commands()
+    assert len(commands) >= 15, commands  # the parser found the blocks
+    for number, argv in commands:
+        assert not_run_reason(argv) or argv[0] == "python", (
+            f"README.md:{number}: {' '.join(argv)} is neither run by this test nor listed in NOT_RUN with a reason")
+    run = [argv for _, argv in commands if not not_run_reason(argv)]
+    assert {chain_of(" ".join(argv)) for argv in run} == set(CHAINS)
+
+
+def scratch_copy(tmp_path: Path) -> Path:
+    """The working tree as a user's clone has it (tracked and untracked, not ignored, files)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    scratch = tmp_path / "clone"
+    for name in listed:
+        source = ROOT / name
+        if source.is_file():
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, scratch / name)
+    return scratch
+
+
+# --- what each chain's commands must show, beyond exit status 0 ---------------------------------------------------
+
+def check_train(argv, result, scratch):
+    text = " ".join(argv)
+    if argv[1:3] == ["-m", "reformer_jax.evaluate"]:  # the run's own validation split, as training scored it
+        evaluation = json.loads((scratch / "runs/default/summary.json").read_text())["evaluations"][-1]
+        logged = [json.loads(line) for line in (scratch / "runs/default/metrics.jsonl").read_text().splitlines()]
+        at_step = [row["val_bpc"] for row in logged if row["step"] == evaluation["step"] and "val_bpc" in row]
+        assert evaluation["data"].startswith("validation split of tiny Shakespeare"), evaluation
+        assert at_step and math.isclose(evaluation["bpc"], at_step[0], rel_tol=1e-6), (evaluation, at_step)
+    elif argv[1:3] == ["-m", "reformer_jax.generate"]:
+        continuation = result.stdout.split("=== generated ===\n", 1)[1]
+        assert len(continuation.strip()) > 0, result.stdout
+    elif argv[1:3] == ["-m", "reformer_jax.plot"]:
+        assert (scratch / "curves.png").stat().st_size > 10_000
+    elif "--init_from=runs/default" in text:
+        settings = json.loads((scratch / "runs/readme/run_settings.json").read_text())
+        assert settings["data"]["kind"] == "file" and settings["data"]["path"] == str(scratch / "README.md")
+        assert settings["tokenizer"]["offset"] == 3
+        assert "parameters from" in result.stdout and "runs/default/checkpoints" in result.stdout
+    elif text == "python main.py --model=reformer --n_hashes=4":
+        assert "devices: 2 (cpu)" in result.stdout and "the CPU default" in result.stdout, result.stdout
+
+
+def check_mesh(argv, result, scratch):
+    if "--host_devices=8" in argv:
+        assert "devices: 8 (cpu), mesh data:2,fsdp:2,tensor:2" in result.stdout, result.stdout
+
+
+def check_tpu(argv, result, scratch):
+    assert "fits:" in result.stdout, result.stdout
+
+
+def check_copy(argv, result, scratch):
+    assert json.loads((scratch / "runs/copy/run_settings.json").read_text())["tokenizer"] is None
+
+
+ENWIK8_STAND_IN = dict(vocab_size=258, attn_layers=["local", "local"], hidden_size=16, num_attention_heads=2,
+                       attention_head_size=8, feed_forward_size=32, local_attn_chunk_length=64,
+                       local_num_chunks_before=1, axial_pos_embds=True, axial_pos_shape=[64, 64],
+                       axial_pos_embds_dim=[8, 8], max_position_embeddings=4096, is_decoder=True, hidden_act="relu",
+                       hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0, pad_token_id=0,
+                       eos_token_id=None)
+
+
+def hf_stand_in(directory: Path):
+    """A small ReformerModelWithLMHead in the enwik8 layout, saved as a reader's download is (local attention
+    only, so PyTorch and we compute the same tokens without sharing hash rotations)."""
+    torch = pytest.importorskip("torch") if os.environ.get("CI") != "true" else __import__("torch")
+    transformers = pytest.importorskip("transformers") if os.environ.get("CI") != "true" else __import__(
+        "transformers")
+    torch.manual_seed(0)
+    model = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(**ENWIK8_STAND_IN)).eval()
+    model.save_pretrained(directory)
+    return torch, model
+
+
+def enwik8_encode(text: str):
+    return [b + 2 for b in text.encode("utf-8")]
+
+
+def enwik8_decode(ids) -> str:
+    return bytes(i - 2 for i in ids if i >= 2).decode("utf-8", errors="replace")
+
+
+def check_hf(argv, result, scratch, torch, model):
+    text = " ".join(argv)
+    if argv[1:3] == ["-m", "reformer_jax.generate"]:
+        prompt = next(a.split("=", 1)[1] for a in argv if a.startswith("--prompt="))
+        n_new = 200  # generate's default --max_new_tokens
+        ids = torch.tensor([enwik8_encode(prompt)])
+        with torch.no_grad():
+            for _ in range(n_new):  # greedy, one full forward per token (no cache: nothing to disagree about)
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        expected = enwik8_decode(ids[0, len(prompt.encode()):].tolist())
+        continuation = result.stdout.split("=== generated ===\n", 1)[1]
+        assert continuation.rstrip("\n") == expected.rstrip("\n"), (continuation, expected)
+    elif argv[1:3] == ["-m", "reformer_jax.evaluate"]:
+        tokens = enwik8_encode((scratch / "README.md").read_text())
+        windows = [tokens[i * 4096:i * 4096 + 4097] for i in range((len(tokens) - 1) // 4096)]  # consecutive
+        with torch.no_grad():  # every window's 4096 next-token targets, in float64 from PyTorch's logits
+            nats = sum(float(torch.nn.functional.cross_entropy(model(torch.tensor([w[:-1]])).logits[0].double(),
+                                                               torch.tensor(w[1:]), reduction="sum"))
+                       for w in windows)
+        expected_bpc = nats / (len(windows) * 4096) / math.log(2)
+        printed = float(re.search(r"([0-9.]+) bits per character", result.stdout).group(1))
+        assert abs(printed - expected_bpc) < 1e-3, (printed, expected_bpc)  # printed to 4 decimals
+    elif argv[1:3] == ["main.py", "--init_from=converted/enwik8"]:
+        settings = json.loads((scratch / "runs/enwik8/run_settings.json").read_text())
+        assert settings["tokenizer"]["offset"] == 2 and settings["data"]["kind"] == "packaged", settings
+    elif "reformer_jax.convert" in text:
+        assert json.loads((scratch / "converted/enwik8/tokenizer.json").read_text())["offset"] == 2
+
+
+CHAINS = {"train": check_train, "copy": check_copy, "mesh": check_mesh, "tpu": check_tpu, "hf": check_hf}
+
+
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_readme_commands_run_as_typed(chain, tmp_path):
+    scratch = scratch_copy(tmp_path)
+    extra = ()
+    if chain == "hf":
+        extra = hf_stand_in(scratch / "reformer-enwik8")
+    if chain == "tpu":
+        from reformer_jax.xla import tpu
+
+        if not tpu.libtpu_available() and os.environ.get("CI") != "true":
+            pytest.skip("libtpu is not installed (requirements-tpu.txt)")
+    ran = 0
+    for number, argv in readme_commands():
+        if not_run_reason(argv) or chain_of(" ".join(argv)) != chain:
+            continue
+        result = run_as_typed(list(argv), scratch)
+        where = f"README.md:{number}: {' '.join(argv)}"
+        assert result.returncode == 0, f"{where} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        CHAINS[chain](argv, result, scratch, *extra)
+        ran += 1
+    assert ran >= 1
