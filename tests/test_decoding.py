@@ -1,6 +1,8 @@
 """Cached decoding: the step's logits equal the forward pass's, the LSH chunk lookup equals a sort, one compilation,
 batched prompts of different lengths, sampling settings and refusals."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -73,6 +75,76 @@ def test_lsh_chunk_lookup_equals_sorting_every_position(chunk_len, n_before):
                                       err_msg=f"position {position}")
 
 
+def _reference_lsh_step(h, wqk, wv, rotations, position, *, chunk_len, n_before, full_until):
+    """Hugging Face's cached LSH attention of `position`, float64 numpy, from the normalised layer inputs
+    h [L, d] of positions 0 .. position: shared-QK keys of unit length, buckets argmax([xR, -xR]) per head and
+    round; per round, positions 0 .. position stably sorted by bucket, the chunk holding `position` and the
+    n_before chunks before it (ranks modulo position + 1); own score -1e5; rounds combined by the softmax of
+    their logsumexps. Up to full_until every position 0 .. position instead. -> ([h, k], buckets [h, r, L])."""
+    qk = np.einsum("ld,dhk->hlk", h, wqk)
+    v = np.einsum("ld,dhk->hlk", h, wv)
+    keys = qk / np.linalg.norm(qk, axis=-1, keepdims=True)
+    rotated = np.einsum("hlk,hkrn->hrln", qk, rotations)
+    buckets = np.argmax(np.concatenate([rotated, -rotated], axis=-1), axis=-1)
+    n_heads, n_rounds = buckets.shape[:2]
+    width = (n_before + 1) * chunk_len
+    out = np.zeros((n_heads, qk.shape[-1]))
+    for i in range(n_heads):
+        if position <= full_until:
+            windows = [np.arange(position + 1)]
+        else:
+            windows = []
+            for r in range(n_rounds):
+                order = np.argsort(buckets[i, r, :position + 1], kind="stable")
+                rank = int(np.nonzero(order == position)[0][0])
+                start = (rank // chunk_len - n_before) * chunk_len
+                windows.append(order[np.mod(start + np.arange(width), position + 1)])
+        scores = [np.where(w == position, -1e5, keys[i, w] @ qk[i, position]) for w in windows]
+        lse = np.array([np.log(np.sum(np.exp(s - s.max()))) + s.max() for s in scores])
+        weights = np.exp(lse - lse.max()) / np.sum(np.exp(lse - lse.max()))
+        for weight, s, w, round_lse in zip(weights, scores, windows, lse):
+            out[i] += weight * np.exp(s - round_lse) @ v[i, w]
+    return out, buckets
+
+
+@pytest.mark.parametrize("prompt_len", [3, 10], ids=["shorter-than-a-chunk", "longer"])
+def test_lsh_decode_step_equals_an_independent_float64_reference(prompt_len):
+    """The cached LSH step's attention output at every position after the prompt, against
+    `_reference_lsh_step` (shares no code with the library); 3 hash rounds, chunks of 4, one chunk back."""
+    from reformer_jax.decoding import decode
+
+    config = cache_lib.decode_config(ModelConfig(attention="lsh", n_layers=1, d_model=32, n_heads=2, d_ff=64,
+                                                 max_len=40, chunk_len=4, n_hashes=3, n_buckets=4, dropout=0.0))
+    params = init_params(config, jax.random.key(11))
+    attn_params, _ = decode.layer_params(config, params, 0)
+    rotations = gen._rotations(config, jax.random.key(12), None)  # [1, h, k, r, n_b / 2]
+    rng = np.random.default_rng(prompt_len)
+    prompt = rng.integers(3, config.vocab_size, prompt_len).astype(np.int32)
+    padded = decode.prefill_length(config, prompt_len, True)
+    caches, _ = jax.jit(decode.prefill, static_argnums=(0, 5))(
+        config, params, jnp.asarray(np.pad(prompt, (0, padded - prompt_len)))[None], jnp.asarray([prompt_len]),
+        rotations, config.max_len)
+    cache = jax.tree.map(lambda x: x[0], caches[0])
+    full_until = decode.hf_full_until(config, prompt_len)
+    x = params["embed"][prompt] + decode.position_table(config, params)[:prompt_len]
+    h = [np.asarray(decode._normed(config, attn_params, x), np.float64)]  # the prompt's normalised inputs
+    h.append(rng.standard_normal((config.max_len - prompt_len, config.d_model)).astype(np.float32))
+    h = np.concatenate(h)
+    step = jax.jit(functools.partial(decode._lsh_step, config))
+    as64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    worst = 0.0
+    for position in range(prompt_len, config.max_len):
+        out, cache = step(attn_params, cache, jnp.asarray(h[position], jnp.float32), jnp.int32(position),
+                          jnp.int32(full_until), rotations[0])
+        expected, buckets = _reference_lsh_step(h[:position + 1].astype(np.float64), as64(attn_params["qk"]),
+                                                as64(attn_params["v"]), as64(rotations[0]), position,
+                                                chunk_len=config.chunk_len, n_before=config.n_chunks_before,
+                                                full_until=full_until)
+        np.testing.assert_array_equal(np.asarray(cache["buckets"])[..., :position + 1], buckets)
+        worst = max(worst, _rel_err(np.asarray(out, np.float64), expected))
+    assert worst <= 1e-5, f"the step's output differs from the reference by {worst:.2e} of its largest value"
+
+
 @pytest.fixture(scope="module")
 def lsh_model():
     config = ModelConfig(attn_layers=("local", "lsh"), n_layers=2, d_model=32, n_heads=2, d_ff=64, max_len=128,
@@ -90,14 +162,33 @@ def test_decode_step_compiles_once_for_every_prompt_length_and_setting(lsh_model
     assert gen.decode_step_compilations() == before + 1
 
 
-def test_batched_prompts_of_different_lengths_match_generating_each_alone():
-    config = ModelConfig(attention="full", reversible=True, **{**SMALL, "max_len": 64})
+BATCHED = {  # every attention type the step has, and a mixed stack; chunks of 8
+    "full": dict(attention="full", reversible=True),
+    "local": dict(attention="local", local_chunk_len=8),
+    "lsh": dict(attention="lsh", chunk_len=8, n_hashes=2, n_buckets=4),
+    "mixed": dict(attn_layers=("local", "lsh"), n_layers=2, chunk_len=8, local_chunk_len=8, n_hashes=2, n_buckets=4),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCHED))
+def test_batched_prompts_of_different_lengths_match_generating_each_alone(name):
+    """Greedy tokens exactly, and the logits they were picked from within 1e-5 of their largest value."""
+    config = ModelConfig(**{**SMALL, "max_len": 64, "n_layers": 1, **BATCHED[name]})
     params = init_params(config, jax.random.key(3))
-    prompts = [[5, 9, 11, 4, 7, 8, 20], [33], [6, 6, 6, 6]]
-    together = gen.generate(config, params, prompts, max_new_tokens=12, greedy=True, rng=jax.random.key(0))
-    for row, prompt in zip(together, prompts):
-        alone = gen.generate(config, params, [prompt], max_new_tokens=12, greedy=True, rng=jax.random.key(0))
-        np.testing.assert_array_equal(row, alone[0])
+    # 21 tokens: past a local layer's 16-slot window (its ring buffer wraps); 5: shorter than a chunk.
+    prompts = [np.random.default_rng(0).integers(3, config.vocab_size, 21), np.array([33, 6, 6, 6, 6])]
+
+    def decoded(rows):
+        generation = gen.Generation(config, params, rows, rng=jax.random.key(0), keep_logits=True)
+        generation.set_sampling(greedy=True, temperature=1.0, top_k=None, top_p=None)
+        generation.advance(12)
+        return generation.tokens(), generation.logits()
+
+    tokens, logits = decoded(prompts)
+    for row, prompt in enumerate(prompts):
+        alone_tokens, alone_logits = decoded([prompt])
+        np.testing.assert_array_equal(tokens[row], alone_tokens[0], err_msg=f"prompt {row}")
+        assert _rel_err(logits[row], alone_logits[0]) <= 1e-5, f"prompt {row}"
 
 
 def test_sampling_settings(lsh_model):
