@@ -80,6 +80,59 @@ def test_evaluate_batches_weights_tokens(models):
     assert scores["accuracy"] == pytest.approx(7 / 20)
 
 
+def _numpy_scores(logits, targets, weights):
+    """Weighted sums of float64 numpy cross-entropy (nats) and argmax accuracy of logits [b, l, V]."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return np.array([(nll * weights).sum(), ((logits.argmax(-1) == targets) * weights).sum(), weights.sum()])
+
+
+def test_validation_scores_are_numpy_cross_entropy_of_the_models_logits(models):
+    """The loop's validation (`loop.evaluate_batches` over the jitted `eval_step`, as main.py and evaluate score a
+    run; batch i hashed with key(seed + 10_000 + i)) and `evaluation.evaluate_batches` (batch i hashed with
+    fold_in(rng, i)): loss, accuracy and bits per character of three weighted batches equal a float64 numpy
+    cross-entropy of `ReformerLM(config).apply`'s logits under the same hash keys, to 1e-5."""
+    import functools
+    import math
+
+    from reformer_jax import sharding
+    from reformer_jax.training import loop
+    from reformer_jax.training.step import eval_step
+
+    config, params = models["lsh"]
+    rng = np.random.default_rng(6)
+    batches = []
+    for i in range(3):
+        tokens, targets = _tokens(10 + i)
+        batches.append({"inputs": tokens, "targets": targets,
+                        "weights": rng.choice([0.0, 0.5, 1.0], size=tokens.shape).astype(np.float32)})
+    logits_fn = jax.jit(lambda tokens, key: ReformerLM(config).apply({"params": params}, tokens, deterministic=True,
+                                                                     rngs={"lsh": key}))
+
+    def expected(keys):
+        sums = sum(_numpy_scores(logits_fn(b["inputs"], key), b["targets"], b["weights"])
+                   for b, key in zip(batches, keys))
+        loss = sums[0] / sums[2]
+        return {"loss": loss, "accuracy": sums[1] / sums[2], "bpc": loss / math.log(2), "tokens": sums[2]}
+
+    seed = 3
+    mesh = sharding.make_mesh(sharding.MeshShape(), jax.devices()[:1])
+    got = loop.evaluate_batches(jax.jit(functools.partial(eval_step, config=config)), params, batches, seed,
+                                sharding.batch_sharding(mesh))
+    want = expected([jax.random.key(seed + 10_000 + i) for i in range(3)])
+    for name in ("loss", "accuracy", "bpc", "tokens"):
+        assert got[f"val_{name}"] == pytest.approx(want[name], rel=1e-5), name
+    rng_key = jax.random.key(seed)
+    got = evaluation.evaluate_batches(config, params, batches, rng_key)
+    want = expected([jax.random.fold_in(rng_key, i) for i in range(3)])
+    for name in ("loss", "accuracy", "bpc"):
+        assert got[name] == pytest.approx(want[name], rel=1e-5), name
+    # The hash keys matter (an LSH model): other keys give another loss than the reference's.
+    assert abs(expected([jax.random.key(99 + i) for i in range(3)])["loss"] / want["loss"] - 1) > 1e-4
+
+
 def test_bad_positions_are_refused(models):
     config, params = models["lsh"]
     tokens, targets = _tokens(1)
