@@ -45,7 +45,8 @@ flags.DEFINE_integer("repeats", 2, "Alternating repetitions; the best time count
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where generate.{json,csv,md,png} go.")
 flags.DEFINE_string("score_workdir", None, "Instead of the speed runs: score validation text of this main.py run "
                     "by cached decoding and by the forward pass (generate_bpc.{json,md}).")
-flags.DEFINE_string("data_path", None, "The run's text file, for --score_workdir.")
+flags.DEFINE_string("data_path", None, "For --score_workdir: a text file to score (default: the data the run "
+                    "recorded).")
 flags.DEFINE_integer("score_sequences", 8, "Validation sequences (of the run's seq_len) --score_workdir scores.")
 
 SIZES = dict(d_model=256, n_heads=4, d_head=64, d_ff=512, n_layers=4, chunk_len=64, n_hashes=2, vocab_size=259)
@@ -289,17 +290,15 @@ def plot(rows: List[Dict[str, Any]]):
 def score_run(workdir: str) -> List[Dict[str, Any]]:
     """Bits per character of the same validation sequences of a main.py run: its training forward pass (as its
     evaluation computes it) and cached decoding (prefill of the first token, then every token fed in turn)."""
-    from pathlib import Path
-
     from reformer_jax.training import data
-    from reformer_jax.training.checkpoint import saved_run_settings
+    from reformer_jax.training import saved_run
     from reformer_jax.training.evaluation import token_scores
-    from reformer_jax.generate import load_run
 
-    config, params, source = load_run(Path(workdir))
-    settings = saved_run_settings(Path(workdir))
+    model = saved_run.open_run(workdir)
+    config, params, source, settings = model.config, saved_run.restore_params(model), model.describe(), model.settings
     seq_len = settings["seq_len"]
-    dataset = data.load_dataset(settings["dataset"], seq_len=seq_len, data_path=FLAGS.data_path)
+    dataset = (data.load_dataset(settings["dataset"], seq_len=seq_len, data_path=FLAGS.data_path) if FLAGS.data_path
+               else data.reopen(model.data, seq_len=seq_len, tokenizer=model.tokenizer, flag="--score_workdir"))
     forward, decoded = [], []
     for i in range(FLAGS.score_sequences // 4):
         batch = dataset.batch("validation", settings["seed"], i, 4, seq_len)

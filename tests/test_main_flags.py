@@ -129,3 +129,23 @@ def test_user_mistakes_exit_nonzero_without_traceback(tmp_path):
     missing = subprocess.run([sys.executable, str(REPO / "main.py"), f"--data_path={tmp_path / 'none.txt'}"],
                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("how", ["XLA_FLAGS", "--host_devices"])
+def test_the_users_device_count_wins_over_the_cpu_default(tmp_path, how):
+    """A device count the user set (JAX's own XLA_FLAGS, or --host_devices) is kept, with data:-1 over it, and the
+    header says which setting chose the devices."""
+    env = dict(os.environ)
+    args = ["--model=transformer", "--dataset=synthetic", "--d_model=32", "--n_heads=2", "--d_ff=64", "--n_layers=1",
+            "--seq_len=16", "--batch_size=8", "--steps=1", "--eval_every=0", "--sample_len=0",
+            "--noanalyze_memory", f"--workdir={tmp_path / 'run'}"]
+    if how == "XLA_FLAGS":
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+        chosen = "devices from XLA_FLAGS --xla_force_host_platform_device_count=8; mesh from the default"
+    else:
+        args.append("--host_devices=8")
+        chosen = "devices from --host_devices=8; mesh from the default"
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "devices: 8 (cpu), mesh data:8,fsdp:1,tensor:1" in result.stdout and chosen in result.stdout, result.stdout
