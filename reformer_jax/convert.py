@@ -31,7 +31,7 @@ def main(argv) -> int:
     try:
         state_dict, hf_config = load_hf_dir(Path(FLAGS.hf_dir))
         config, params = from_hf(state_dict, hf_config)
-        tokenizer = tokenizer_for_hf(hf_config)
+        tokenizer = tokenizer_for_hf(hf_config, Path(FLAGS.hf_dir))
         save_converted(config, params, Path(FLAGS.out), tokenizer=tokenizer)
     except ConversionError as error:
         print(f"error: {error}")

@@ -6,6 +6,7 @@
 
 - `BYTES` (this project's runs): byte b is token b + 3; pad 0, eos 1, bos 2; vocabulary 259.
 - `ENWIK8_BYTES` (Hugging Face's google/reformer-enwik8): byte b is token b + 2; pad 0; vocabulary 258.
+- `SentencePieceTokenizer` (google/reformer-crime-and-punishment's `spiece.model`, vocabulary 320).
 
 A tokenizer is recorded as a small dict (`to_dict`) next to the model (run_settings.json of a main.py run,
 tokenizer.json of a converted checkpoint), and everything that turns text into ids (training data, generate,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 
@@ -70,20 +71,86 @@ class ByteTokenizer:
 BYTES = ByteTokenizer(offset=3, pad_id=0, eos_id=1, bos_id=2, name="bytes")
 ENWIK8_BYTES = ByteTokenizer(offset=2, pad_id=0, name="enwik8 bytes")
 
-Tokenizer = ByteTokenizer  # the interface: encode, encode_bytes, decode, stream_decoder, vocab_size, special ids
+
+class SentencePieceTokenizer:
+    """A sentencepiece model (google/reformer-crime-and-punishment's `spiece.model`), read with the `sentencepiece`
+    library (`pip install ".[hf]"`). Recorded with the model's bytes, so a record is complete on its own."""
+
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
+        try:
+            import sentencepiece
+        except ImportError as error:
+            raise TokenizerError("this model's tokenizer is a sentencepiece model, which needs the sentencepiece "
+                                 "package: pip install sentencepiece (or reformer_jax[hf]).") from error
+        self.model_proto, self.name = bytes(model_proto), name
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=self.model_proto)
+        special = lambda i: i if i >= 0 else None  # noqa: E731 (sentencepiece says -1 for "none")
+        self.pad_id, self.eos_id, self.bos_id = special(self._sp.pad_id()), special(self._sp.eos_id()), special(
+            self._sp.bos_id())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), np.int32)
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        return self.encode(data.decode("utf-8", errors="replace"))
+
+    def _pieces(self, ids):
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return [i for i in ids if 0 <= i < self.vocab_size and not self._sp.is_control(i)]
+
+    def _text(self, pieces, first: bool) -> str:
+        """Pieces joined, "▁" read as a space, the text's leading space dropped (as sentencepiece and Hugging Face's
+        Metaspace decoder do); an unknown piece reads as its own name, "<unk>", as Hugging Face decodes it."""
+        text = "".join(self._sp.id_to_piece(i) for i in pieces).replace("\u2581", " ")
+        return text[1:] if first and text.startswith(" ") else text
+
+    def decode(self, ids) -> str:
+        """Ids -> text; control ids (eos, bos, pad) are dropped."""
+        return self._text(self._pieces(ids), first=True)
+
+    def stream_decoder(self) -> Callable[..., str]:
+        """Successive id blocks -> the text each adds; together, `decode` of all of them."""
+        started = [False]
+
+        def decode(ids, final=False):
+            pieces = self._pieces(ids)
+            text = self._text(pieces, first=not started[0])
+            started[0] = started[0] or bool(pieces)
+            return text
+
+        return decode
+
+    def to_dict(self) -> Dict[str, Any]:
+        import base64
+
+        return {"kind": "sentencepiece", "name": self.name, "model": base64.b64encode(self.model_proto).decode()}
+
+
+Tokenizer = Union[ByteTokenizer, SentencePieceTokenizer]  # encode, decode, stream_decoder, vocab_size, special ids
 
 
 def from_dict(record: Optional[Dict[str, Any]]) -> Optional[Tokenizer]:
     """The tokenizer a record describes (None for None: a model of symbols, such as the copy task's)."""
     if record is None:
         return None
-    if not isinstance(record, dict) or record.get("kind") != "bytes":
-        raise TokenizerError(f"tokenizer record {record!r} is not one this version reads (expected kind 'bytes').")
+    kind = record.get("kind") if isinstance(record, dict) else None
     try:
-        return ByteTokenizer(offset=int(record["offset"]), pad_id=record.get("pad_id"), eos_id=record.get("eos_id"),
-                             bos_id=record.get("bos_id"), name=record.get("name", "bytes"))
+        if kind == "bytes":
+            return ByteTokenizer(offset=int(record["offset"]), pad_id=record.get("pad_id"),
+                                 eos_id=record.get("eos_id"), bos_id=record.get("bos_id"),
+                                 name=record.get("name", "bytes"))
+        if kind == "sentencepiece":
+            import base64
+
+            return SentencePieceTokenizer(base64.b64decode(record["model"]), name=record.get("name", "sentencepiece"))
     except (KeyError, TypeError, ValueError) as error:
-        raise TokenizerError(f"tokenizer record {record!r} is incomplete ({error}).") from None
+        raise TokenizerError(f"the tokenizer record (kind {kind!r}) is incomplete or damaged ({error}).") from None
+    raise TokenizerError(f"a tokenizer record of kind {kind!r} is not one this version reads (expected 'bytes' or "
+                         "'sentencepiece').")
 
 
 def for_hf_vocabulary(vocab_size: int, pad_id: Optional[int] = 0) -> Optional[Tokenizer]:

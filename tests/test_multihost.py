@@ -47,14 +47,14 @@ def main_py(args, cwd):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def two_processes(tmp_path, workdir, steps, mesh=None, host_devices=None):
+def two_processes(tmp_path, workdir, steps, mesh=None, host_devices=None, sizes=SMALL):
     """BUILD.md's two commands, on a free port, with the small sizes, --steps and the workdir given."""
     port = free_port()
     procs = []
     for line in build_md_example():
         args = [a.replace("23456", str(port)) for a in line]
         args = [a for a in args if not (a.startswith("--workdir=") or (mesh and a.startswith("--mesh=")))]
-        args += SMALL + [f"--workdir={workdir}", f"--steps={steps}"] + ([f"--mesh={mesh}"] if mesh else [])
+        args += sizes + [f"--workdir={workdir}", f"--steps={steps}"] + ([f"--mesh={mesh}"] if mesh else [])
         args += [f"--host_devices={host_devices}"] if host_devices else []
         procs.append(main_py(args, tmp_path))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -85,8 +85,12 @@ def test_two_processes_train_as_one(tmp_path, uninterrupted, mesh, shape):
 
 
 def test_build_md_example_with_two_devices_per_process_then_resumed_in_one(tmp_path, uninterrupted):
-    out = two_processes(tmp_path, tmp_path / "run", 4, host_devices=2)
+    """With validation and the closing sample as main.py does them by default (the parameters gathered from both
+    processes, decoded on process 0)."""
+    defaults = [a for a in SMALL if a not in ("--eval_every=0", "--sample_len=0")]
+    out = two_processes(tmp_path, tmp_path / "run", 4, host_devices=2, sizes=defaults)
     assert "devices: 4 (cpu), mesh data:2,fsdp:2,tensor:1" in out, out
+    assert "step 4: validation loss" in out and "copy task:" in out, out
     assert losses(tmp_path / "run")[4] == pytest.approx(uninterrupted[4], rel=1e-5)
     one_process(tmp_path, tmp_path / "run", 10)  # the checkpoint of two processes, resumed in one
     assert losses(tmp_path / "run")[10] == pytest.approx(uninterrupted[10], rel=1e-5)

@@ -214,12 +214,29 @@ def load_hf_dir(hf_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     raise ConversionError(f"--hf_dir={hf_dir} has neither model.safetensors nor pytorch_model.bin.")
 
 
-def tokenizer_for_hf(hf_config: Mapping[str, Any]):
-    """The tokenizer of a Hugging Face Reformer checkpoint: bytes after `vocab_size - 256` special ids (enwik8:
-    byte + 2), or None where the vocabulary is not bytes."""
+SPIECE_FILE = "spiece.model"  # a Hugging Face Reformer's sentencepiece vocabulary (crime-and-punishment)
+
+
+def tokenizer_for_hf(hf_config: Mapping[str, Any], hf_dir: Any = None):
+    """The tokenizer of a Hugging Face Reformer checkpoint: its spiece.model where `hf_dir` has one (whose
+    vocabulary must be the model's), else bytes after `vocab_size - 256` special ids (enwik8: byte + 2), else
+    None (a vocabulary of ids only)."""
     from reformer_jax import tokenizers
 
-    return tokenizers.for_hf_vocabulary(int(_get(hf_config, "vocab_size")), _get(hf_config, "pad_token_id", 0))
+    vocab_size = int(_get(hf_config, "vocab_size"))
+    spiece = Path(hf_dir) / SPIECE_FILE if hf_dir is not None else None
+    if spiece is not None and spiece.is_file():
+        try:
+            tokenizer = tokenizers.SentencePieceTokenizer(spiece.read_bytes())
+        except tokenizers.TokenizerError as error:
+            raise ConversionError(f"{spiece}: {error}") from error
+        except Exception as error:  # sentencepiece's own parse error
+            raise ConversionError(f"{spiece} is not a sentencepiece model ({error}).") from error
+        if tokenizer.vocab_size != vocab_size:
+            raise ConversionError(f"{spiece} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+                                  f"{vocab_size}; they belong to different checkpoints.")
+        return tokenizer
+    return tokenizers.for_hf_vocabulary(vocab_size, _get(hf_config, "pad_token_id", 0))
 
 
 def save_converted(config: ModelConfig, params: Any, out: Path, tokenizer: Any = None) -> None:
