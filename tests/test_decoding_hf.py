@@ -24,6 +24,9 @@ import jax.numpy as jnp  # noqa: E402
 from reformer_jax.model.hf_convert import from_hf  # noqa: E402
 from reformer_jax.decoding.generation import Generation  # noqa: E402
 
+# One worker: the cases of a model share its compiled decode steps and prefills.
+pytestmark = pytest.mark.xdist_group("test_decoding_hf")
+
 BASE = dict(hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64, vocab_size=30,
             lsh_attn_chunk_length=8, local_attn_chunk_length=8, num_hashes=2, num_buckets=4, is_decoder=True,
             axial_pos_shape=(8, 16), axial_pos_embds_dim=(16, 16), max_position_embeddings=128,
