@@ -1,7 +1,8 @@
 """Convert a Hugging Face Reformer checkpoint for reformer_jax, from the command line or from Python.
 
     python -m reformer_jax.convert --hf_dir=DIR --out=OUT    # DIR: config.json + model.safetensors or
-                                                             #      pytorch_model.bin, downloaded by the user
+                                                             #      pytorch_model.bin (+ spiece.model)
+    python -m reformer_jax.convert --hf_id=google/reformer-enwik8 --out=OUT   # fetched (needs a network)
     python main.py --init_from=OUT ...                       # train or fine-tune from the converted weights
 
 The conversion itself lives in `reformer_jax.model.hf_convert`; its public functions are re-exported here.
@@ -9,6 +10,7 @@ The conversion itself lives in `reformer_jax.model.hf_convert`; its public funct
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from reformer_jax.model.hf_convert import (ConversionError, config_from_fields, config_from_hf, from_hf,
@@ -19,6 +21,26 @@ __all__ = ["ConversionError", "config_from_fields", "config_from_hf", "from_hf",
            "load_converted_params", "load_converted_tokenizer", "load_hf_dir", "save_converted", "tokenizer_for_hf"]
 
 
+HF_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "spiece.model"]
+
+
+def fetch_hf(hf_id: str) -> Path:
+    """The files of Hugging Face model `hf_id` (config, weights, sentencepiece vocabulary), fetched with
+    huggingface_hub into its cache; ConversionError in one line where they cannot be fetched."""
+    try:
+        import huggingface_hub
+    except ImportError as error:
+        raise ConversionError(f"--hf_id={hf_id} needs huggingface_hub (pip install \".[hf]\"); or download the "
+                              "model yourself and pass --hf_dir=DIR.") from error
+    try:
+        return Path(huggingface_hub.snapshot_download(hf_id, allow_patterns=HF_FILES))
+    except Exception as error:  # no network, an unknown id, a gated model: the hub's own exception types vary
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"--hf_id={hf_id} cannot be fetched here ({type(error).__name__}: {reason}); download "
+                              "it where a network exists (config.json, model.safetensors or pytorch_model.bin, "
+                              "spiece.model) and pass --hf_dir=DIR.") from error
+
+
 def main(argv) -> int:
     from absl import flags, logging
 
@@ -26,17 +48,20 @@ def main(argv) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO level
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.hf_dir or not FLAGS.out:
-        raise SystemExit("usage: python -m reformer_jax.convert --hf_dir=DIR --out=DIR")
+    if bool(FLAGS.hf_dir) == bool(FLAGS.hf_id) or not FLAGS.out:
+        print("error: pass --out=DIR and one of --hf_dir=DIR (a directory as save_pretrained writes it) and "
+              "--hf_id=google/reformer-enwik8 (fetched with huggingface_hub).", file=sys.stderr)
+        return 2
     try:
-        state_dict, hf_config = load_hf_dir(Path(FLAGS.hf_dir))
+        hf_dir = Path(FLAGS.hf_dir) if FLAGS.hf_dir else fetch_hf(FLAGS.hf_id)
+        state_dict, hf_config = load_hf_dir(hf_dir)
         config, params = from_hf(state_dict, hf_config)
-        tokenizer = tokenizer_for_hf(hf_config, Path(FLAGS.hf_dir))
+        tokenizer = tokenizer_for_hf(hf_config, hf_dir)
         save_converted(config, params, Path(FLAGS.out), tokenizer=tokenizer)
     except ConversionError as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"converted {FLAGS.hf_dir} -> {FLAGS.out}: {config.n_layers} layers {list(config.layer_types)}, "
+    print(f"converted {hf_dir} -> {FLAGS.out}: {config.n_layers} layers {list(config.layer_types)}, "
           f"d_model {config.d_model}, vocab {config.vocab_size}, max_len {config.max_len}, tokenizer "
           f"{tokenizer.name if tokenizer else 'none (ids only)'}")
     return 0
@@ -45,6 +70,9 @@ def main(argv) -> int:
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("hf_dir", None, "Hugging Face Reformer directory (config.json + weights).")
+    flags.DEFINE_string("hf_dir", None, "A Hugging Face Reformer directory as save_pretrained writes it (config.json; "
+                        "model.safetensors or pytorch_model.bin; spiece.model when the vocabulary is sentencepiece).")
+    flags.DEFINE_string("hf_id", None, "A Hugging Face model id (e.g. google/reformer-enwik8) to fetch with "
+                        "huggingface_hub instead of --hf_dir (needs a network).")
     flags.DEFINE_string("out", None, "Directory to create with config.json and the orbax params.")
     app.run(main)

@@ -7,9 +7,10 @@ one scratch copy, and chains, which share nothing, run as separate tests. The on
 `--steps=` appended to a training job (a later flag wins). A command that cannot run here is listed in NOT_RUN with
 the reason; a new README command that is neither run nor listed fails `test_every_readme_command_is_run_or_listed`.
 
-`reformer-enwik8/` is the one input a reader brings (a download of google/reformer-enwik8): here it is a small
-model saved by transformers' `save_pretrained` in the enwik8 layout (vocabulary 258, byte b = token b + 2), and
-what our tools print is checked against what PyTorch computes with that model.
+`reformer-enwik8/` and `reformer-crime-and-punishment/` are the inputs a reader brings (downloads of the
+pretrained checkpoints): here they are small models saved by transformers' `save_pretrained` in those layouts
+(vocabulary 258, byte b = token b + 2; a sentencepiece vocabulary of 320 in spiece.model), and what our tools print
+is checked against what PyTorch computes with them, decoded by their own tokenizers.
 """
 
 import json
@@ -38,7 +39,7 @@ NOT_RUN = {
 
 def chain_of(command: str) -> str:
     """Which chain a README command belongs to: the commands that read what it writes are in the same one."""
-    if "enwik8" in command:
+    if "enwik8" in command or "crime" in command:
         return "hf"
     if "--compile_only" in command:
         return "tpu"
@@ -152,48 +153,64 @@ def check_copy(argv, result, scratch):
     assert json.loads((scratch / "runs/copy/run_settings.json").read_text())["tokenizer"] is None
 
 
-ENWIK8_STAND_IN = dict(vocab_size=258, attn_layers=["local", "local"], hidden_size=16, num_attention_heads=2,
-                       attention_head_size=8, feed_forward_size=32, local_attn_chunk_length=64,
-                       local_num_chunks_before=1, axial_pos_embds=True, axial_pos_shape=[64, 64],
-                       axial_pos_embds_dim=[8, 8], max_position_embeddings=4096, is_decoder=True, hidden_act="relu",
-                       hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0, pad_token_id=0,
-                       eos_token_id=None)
+STAND_IN = dict(hidden_size=16, num_attention_heads=2, attention_head_size=8, feed_forward_size=32,
+                attn_layers=["local", "local"], local_attn_chunk_length=64, local_num_chunks_before=1,
+                axial_pos_embds=True, axial_pos_shape=[64, 64], axial_pos_embds_dim=[8, 8],
+                max_position_embeddings=4096, is_decoder=True, hidden_act="relu", hidden_dropout_prob=0.0,
+                local_attention_probs_dropout_prob=0.0)
+ENWIK8_STAND_IN = dict(STAND_IN, vocab_size=258, pad_token_id=0, eos_token_id=None)
+CRIME_STAND_IN = dict(STAND_IN, vocab_size=320, pad_token_id=0, eos_token_id=1)
 
 
-def hf_stand_in(directory: Path):
-    """A small ReformerModelWithLMHead in the enwik8 layout, saved as a reader's download is (local attention
-    only, so PyTorch and we compute the same tokens without sharing hash rotations)."""
-    torch = pytest.importorskip("torch") if os.environ.get("CI") != "true" else __import__("torch")
-    transformers = pytest.importorskip("transformers") if os.environ.get("CI") != "true" else __import__(
-        "transformers")
-    torch.manual_seed(0)
-    model = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(**ENWIK8_STAND_IN)).eval()
-    model.save_pretrained(directory)
-    return torch, model
+def _peer(name):
+    return __import__(name) if os.environ.get("CI") == "true" else pytest.importorskip(name)
 
 
-def enwik8_encode(text: str):
-    return [b + 2 for b in text.encode("utf-8")]
+def hf_stand_ins(scratch: Path):
+    """Small ReformerModelWithLMHead models saved as a reader's downloads are: `reformer-enwik8/` (vocabulary 258,
+    byte b = token b + 2) and `reformer-crime-and-punishment/` (a sentencepiece vocabulary of 320, trained here on
+    this repository's README, saved as its spiece.model). Local attention only, so PyTorch and we compute the same
+    tokens without sharing hash rotations. Returns (torch, {name: (model, encode, decode)})."""
+    torch, transformers, spm = _peer("torch"), _peer("transformers"), _peer("sentencepiece")
+    models = {}
+    for name, config in (("enwik8", ENWIK8_STAND_IN), ("crime", CRIME_STAND_IN)):
+        torch.manual_seed(0)
+        models[name] = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(**config)).eval()
+    models["enwik8"].save_pretrained(scratch / "reformer-enwik8")
+    crime = scratch / "reformer-crime-and-punishment"
+    models["crime"].save_pretrained(crime)
+    import io
+
+    vocabulary = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(README.read_text().splitlines()), model_writer=vocabulary,
+                                   vocab_size=320, model_type="bpe", character_coverage=1.0, pad_id=-1, unk_id=0,
+                                   bos_id=-1, eos_id=1, minloglevel=2)
+    (crime / "spiece.model").write_bytes(vocabulary.getvalue())
+    pieces = transformers.ReformerTokenizer.from_pretrained(str(crime))
+    return torch, {
+        "enwik8": (models["enwik8"], lambda text: [b + 2 for b in text.encode("utf-8")],
+                   lambda ids: bytes(i - 2 for i in ids if i >= 2).decode("utf-8", errors="replace")),
+        "crime": (models["crime"], lambda text: pieces.encode(text, add_special_tokens=False),
+                  lambda ids: pieces.decode([i for i in ids if i != pieces.eos_token_id])),
+    }
 
 
-def enwik8_decode(ids) -> str:
-    return bytes(i - 2 for i in ids if i >= 2).decode("utf-8", errors="replace")
-
-
-def check_hf(argv, result, scratch, torch, model):
+def check_hf(argv, result, scratch, torch, models):
     text = " ".join(argv)
+    name = "crime" if "crime" in text else "enwik8"
+    model, encode, decode = models[name]
     if argv[1:3] == ["-m", "reformer_jax.generate"]:
         prompt = next(a.split("=", 1)[1] for a in argv if a.startswith("--prompt="))
         n_new = 200  # generate's default --max_new_tokens
-        ids = torch.tensor([enwik8_encode(prompt)])
+        ids = torch.tensor([encode(prompt)])
         with torch.no_grad():
             for _ in range(n_new):  # greedy, one full forward per token (no cache: nothing to disagree about)
                 ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        expected = enwik8_decode(ids[0, len(prompt.encode()):].tolist())
+        expected = decode(ids[0, len(encode(prompt)):].tolist())
         continuation = result.stdout.split("=== generated ===\n", 1)[1]
         assert continuation.rstrip("\n") == expected.rstrip("\n"), (continuation, expected)
     elif argv[1:3] == ["-m", "reformer_jax.evaluate"]:
-        tokens = enwik8_encode((scratch / "README.md").read_text())
+        tokens = encode((scratch / "README.md").read_text())
         windows = [tokens[i * 4096:i * 4096 + 4097] for i in range((len(tokens) - 1) // 4096)]  # consecutive
         with torch.no_grad():  # every window's 4096 next-token targets, in float64 from PyTorch's logits
             nats = sum(float(torch.nn.functional.cross_entropy(model(torch.tensor([w[:-1]])).logits[0].double(),
@@ -201,12 +218,14 @@ def check_hf(argv, result, scratch, torch, model):
                        for w in windows)
         expected_bpc = nats / (len(windows) * 4096) / math.log(2)
         printed = float(re.search(r"([0-9.]+) bits per character", result.stdout).group(1))
-        assert abs(printed - expected_bpc) < 1e-3, (printed, expected_bpc)  # printed to 4 decimals
+        assert printed == pytest.approx(expected_bpc, rel=1e-4), (printed, expected_bpc)  # printed to 4 decimals
     elif argv[1:3] == ["main.py", "--init_from=converted/enwik8"]:
         settings = json.loads((scratch / "runs/enwik8/run_settings.json").read_text())
         assert settings["tokenizer"]["offset"] == 2 and settings["data"]["kind"] == "packaged", settings
     elif "reformer_jax.convert" in text:
-        assert json.loads((scratch / "converted/enwik8/tokenizer.json").read_text())["offset"] == 2
+        record = json.loads((scratch / "converted" / name / "tokenizer.json").read_text())
+        assert record["kind"] == ("sentencepiece" if name == "crime" else "bytes"), record
+        assert name == "crime" or record["offset"] == 2
 
 
 CHAINS = {"train": check_train, "copy": check_copy, "mesh": check_mesh, "tpu": check_tpu, "hf": check_hf}
@@ -217,7 +236,7 @@ def test_readme_commands_run_as_typed(chain, tmp_path):
     scratch = scratch_copy(tmp_path)
     extra = ()
     if chain == "hf":
-        extra = hf_stand_in(scratch / "reformer-enwik8")
+        extra = hf_stand_ins(scratch)
     if chain == "tpu":
         from reformer_jax.xla import tpu
 
