@@ -31,7 +31,7 @@ jax.config.update("jax_platforms", "cpu")
 # subprocesses. Heavier cases inside these modules carry @pytest.mark.slow themselves.
 FAST_TIER_MODULES = {
     "test_attention", "test_local_attention", "test_per_head_attention", "test_gradient_references",
-    "test_reversible", "test_model", "test_config", "test_model_flags", "test_data", "test_decoding",
+    "test_reversible", "test_model", "test_config", "test_model_flags", "test_data", "test_decoding", "test_sampling",
 }
 
 

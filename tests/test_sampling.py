@@ -129,7 +129,8 @@ def test_generated_log_probs_are_the_models_log_softmax_before_temperature():
     from, unscaled (the model's probability, as documented), not those of the tempered sampling distribution."""
     config = ModelConfig(attention="full", d_model=32, n_heads=2, d_ff=64, n_layers=1, max_len=32, dropout=0.0)
     params = init_params(config, jax.random.key(7))
-    generation = gen.Generation(config, params, [np.array([5, 9, 11]), np.array([7])], rng=jax.random.key(8), keep_logits=True)
+    prompts = [np.array([5, 9, 11]), np.array([7])]
+    generation = gen.Generation(config, params, prompts, rng=jax.random.key(8), keep_logits=True)
     temperature, top_k = 0.5, 5
     generation.set_sampling(greedy=False, temperature=temperature, top_k=top_k, top_p=None)
     generation.advance(12)
