@@ -125,8 +125,8 @@ def _log_softmax(x):
 
 
 def test_generated_log_probs_are_the_models_log_softmax_before_temperature():
-    """`generate(..., return_log_probs=True)`'s log-probabilities: log_softmax of the logits each token was drawn
-    from, unscaled (the model's probability, as documented), not those of the tempered sampling distribution."""
+    """`Generation.log_probs` (what `generate(..., return_log_probs=True)` returns): log_softmax of the logits each
+    token was drawn from, unscaled (the model's probability, as documented), not the tempered distribution's."""
     config = ModelConfig(attention="full", d_model=32, n_heads=2, d_ff=64, n_layers=1, max_len=32, dropout=0.0)
     params = init_params(config, jax.random.key(7))
     prompts = [np.array([5, 9, 11]), np.array([7])]
