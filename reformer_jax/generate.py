@@ -28,6 +28,8 @@ flags.DEFINE_float("top_p", None, "Sample among the most likely tokens whose pro
 flags.DEFINE_bool("greedy", False, "Always pick the most likely token.")
 flags.DEFINE_integer("seed", 0, "Seed of the sampling draws and the LSH hash rotations.")
 flags.DEFINE_integer("stream_every", 16, "Tokens decoded on the device between two prints.")
+flags.DEFINE_bool("stop_at_eos", None, "Stop at the model's end-of-sequence id (default: on for a converted "
+                  "checkpoint whose tokenizer has one, off for a main.py run, whose text has none).")
 
 
 class LoadError(ValueError):
@@ -72,6 +74,7 @@ def run() -> int:
     rows = generation.check_arguments(config, [prompt], FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k,
                                       FLAGS.top_p, FLAGS.greedy)
     import jax
+    import numpy as np
 
     how = "greedy" if FLAGS.greedy else (f"temperature {FLAGS.temperature:g}" + (f", top-k {FLAGS.top_k}" if FLAGS.top_k
                                          else "") + (f", top-p {FLAGS.top_p:g}" if FLAGS.top_p else ""))
@@ -82,14 +85,30 @@ def run() -> int:
     print("=== generated ===", flush=True)
     started = time.perf_counter()
     write = _stream_text(tokenizer)
-    generation.generate(config, params, rows, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                        top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy, rng=jax.random.key(FLAGS.seed),
-                        on_tokens=write, stream_every=max(1, FLAGS.stream_every))
+    stop_at_eos = (not model.is_run) if FLAGS.stop_at_eos is None else FLAGS.stop_at_eos
+    eos_id = tokenizer.eos_id if stop_at_eos else None
+    shown_all = [False]
+
+    def show(block):  # the text up to the end-of-sequence id, nothing after it
+        row = np.asarray(block)[0]
+        if shown_all[0]:
+            return
+        if eos_id is not None and (row == eos_id).any():
+            row, shown_all[0] = row[:int(np.flatnonzero(row == eos_id)[0])], True
+        write(row)
+
+    tokens = generation.generate(
+        config, params, rows, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p, greedy=FLAGS.greedy, rng=jax.random.key(FLAGS.seed), on_tokens=show,
+        stream_every=max(1, FLAGS.stream_every), eos_id=eos_id,
+        pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
     write.finish()
+    stopped = eos_id is not None and eos_id in tokens[0]
     seconds = time.perf_counter() - started
     print()
-    print(f"=== {FLAGS.max_new_tokens} tokens in {seconds:.1f} s, compilation included "
-          f"({FLAGS.max_new_tokens / seconds:.1f} tokens/s) ===", file=sys.stderr)
+    made = int(np.flatnonzero(tokens[0] == eos_id)[0]) + 1 if stopped else FLAGS.max_new_tokens
+    print(f"=== {made} tokens{' (stopped at the end-of-sequence id)' if stopped else ''} in {seconds:.1f} s, "
+          f"compilation included ({made / seconds:.1f} tokens/s) ===", file=sys.stderr)
     return 0
 
 

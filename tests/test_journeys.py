@@ -204,8 +204,10 @@ def check_hf(argv, result, scratch, torch, models):
         n_new = 200  # generate's default --max_new_tokens
         ids = torch.tensor([encode(prompt)])
         with torch.no_grad():
-            for _ in range(n_new):  # greedy, one full forward per token (no cache: nothing to disagree about)
+            for _ in range(n_new):  # greedy, one full forward per token (no cache: nothing to disagree about),
                 ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+                if int(ids[0, -1]) == model.config.eos_token_id:  # to the end-of-sequence id, as HF's generate
+                    break
         expected = decode(ids[0, len(encode(prompt)):].tolist())
         continuation = result.stdout.split("=== generated ===\n", 1)[1]
         assert continuation.rstrip("\n") == expected.rstrip("\n"), (continuation, expected)

@@ -222,7 +222,8 @@ class Generation:
 def generate(config: ModelConfig, params, prompts: Prompts, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, greedy: bool = False,
              rng: jax.Array, return_log_probs: bool = False, lsh_rotations=None,
-             on_tokens: Optional[Callable[[np.ndarray], None]] = None, stream_every: int = 32):
+             on_tokens: Optional[Callable[[np.ndarray], None]] = None, stream_every: int = 32,
+             eos_id: Optional[int] = None, pad_id: int = 0):
     """Continue each prompt by max_new_tokens tokens.
 
     Args:
@@ -240,20 +241,58 @@ def generate(config: ModelConfig, params, prompts: Prompts, *, max_new_tokens: i
         drawing them (e.g. those of another implementation).
       on_tokens: called with each new block of tokens [b, n] as it is generated (the loop then runs
         `stream_every` steps per call on the device).
+      eos_id: stop a row at this id (it is kept; the row's later tokens are `pad_id`, log-probabilities 0, as
+        Hugging Face's generate fills finished rows), and stop decoding once every row has stopped (checked every
+        `stream_every` steps).
 
     Returns tokens [b, max_new_tokens] int32 (and log-probabilities [b, max_new_tokens] float32).
     Raises GenerateError (before anything is compiled) for an argument it cannot use.
     """
     rows = check_arguments(config, prompts, max_new_tokens, temperature, top_k, top_p, greedy)
+    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+        raise GenerateError(f"eos_id={eos_id} is outside the vocabulary [0, {config.vocab_size}).")
     generation = Generation(config, params, rows, rng=rng, lsh_rotations=lsh_rotations)
     generation.set_sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
-    if on_tokens is None:
+    if on_tokens is None and eos_id is None:
         generation.advance(max_new_tokens)
+        tokens, log_probs = generation.tokens(), generation.log_probs()
     else:
-        while generation.steps < max_new_tokens:
-            on_tokens(generation.advance(min(stream_every, max_new_tokens - generation.steps)))
-    tokens = generation.tokens()
-    return (tokens, generation.log_probs()) if return_log_probs else tokens
+        finished = np.zeros(len(rows), bool)
+        while generation.steps < max_new_tokens and not finished.all():
+            start = generation.steps
+            block = generation.advance(min(stream_every, max_new_tokens - start))
+            if eos_id is not None:
+                block, finished = _after_eos(block, finished, eos_id, pad_id)
+            if on_tokens is not None:
+                on_tokens(block)
+        tokens, log_probs = _finished_rows(generation, max_new_tokens, eos_id, pad_id)
+    return (tokens, log_probs) if return_log_probs else tokens
+
+
+def _after_eos(block: np.ndarray, finished: np.ndarray, eos_id: int, pad_id: int):
+    """A block [b, n] with every token after a row's first eos (in this block or an earlier one) set to pad_id;
+    and which rows have now finished."""
+    block = block.copy()
+    for row in range(block.shape[0]):
+        if finished[row]:
+            block[row] = pad_id
+            continue
+        hits = np.flatnonzero(block[row] == eos_id)
+        if hits.size:
+            block[row, hits[0] + 1:] = pad_id
+    return block, finished | (block == eos_id).any(axis=1)
+
+
+def _finished_rows(generation: "Generation", max_new_tokens: int, eos_id: Optional[int], pad_id: int):
+    """tokens, log_probs [b, max_new_tokens]: the steps decoded, each row padded after its eos (log-prob 0)."""
+    tokens, log_probs = generation.tokens(), generation.log_probs()
+    missing = max_new_tokens - tokens.shape[1]
+    tokens = np.pad(tokens, ((0, 0), (0, missing)), constant_values=pad_id)
+    log_probs = np.pad(log_probs, ((0, 0), (0, missing)))
+    if eos_id is not None:
+        after = np.cumsum(tokens == eos_id, axis=1) - (tokens == eos_id) > 0  # strictly after the first eos
+        tokens, log_probs = np.where(after, pad_id, tokens), np.where(after, 0.0, log_probs)
+    return tokens, log_probs
 
 
 def score(config: ModelConfig, params, tokens: np.ndarray, *, rng: jax.Array, prefix: int = 1,
