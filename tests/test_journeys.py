@@ -213,12 +213,13 @@ def check_hf(argv, result, scratch, torch, models):
         assert continuation.rstrip("\n") == expected.rstrip("\n"), (continuation, expected)
     elif argv[1:3] == ["-m", "reformer_jax.evaluate"]:
         tokens = encode((scratch / "README.md").read_text())
-        windows = [tokens[i * 4096:i * 4096 + 4097] for i in range((len(tokens) - 1) // 4096)]  # consecutive
-        with torch.no_grad():  # every window's 4096 next-token targets, in float64 from PyTorch's logits
+        windows = [tokens[i:i + 4097] for i in range(0, len(tokens) - 1, 4096)]  # consecutive; the last one short
+        assert len(windows[-1]) < 4097  # (PyTorch pads it to a multiple of the chunk length itself)
+        with torch.no_grad():  # every target once, in float64 from PyTorch's logits
             nats = sum(float(torch.nn.functional.cross_entropy(model(torch.tensor([w[:-1]])).logits[0].double(),
                                                                torch.tensor(w[1:]), reduction="sum"))
                        for w in windows)
-        expected_bpc = nats / (len(windows) * 4096) / math.log(2)
+        expected_bpc = nats / (len(tokens) - 1) / math.log(2)
         printed = float(re.search(r"([0-9.]+) bits per character", result.stdout).group(1))
         assert printed == pytest.approx(expected_bpc, rel=1e-4), (printed, expected_bpc)  # printed to 4 decimals
     elif argv[1:3] == ["main.py", "--init_from=converted/enwik8"]:

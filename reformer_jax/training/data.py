@@ -190,21 +190,31 @@ class CopyTask:
                 "weights": weights}
 
 
-def consecutive_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: Optional[int] = None):
+def consecutive_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: Optional[int] = None,
+                        pad_id: int = 0):
     """The whole token stream as consecutive, non-overlapping windows of seq_len targets, `batch_size` per batch
-    (the last batch's missing rows have weight 0); at most `max_batches` batches. Yields Batch dicts."""
-    n_windows = (len(tokens) - 1) // seq_len
-    if n_windows < 1:
-        raise DataError(f"{len(tokens)} tokens are fewer than one window of {seq_len} + 1; use a longer text.")
+    (the last batch's missing rows have weight 0); at most `max_batches` batches. Yields Batch dicts.
+
+    Every target is scored once: a text that does not fill its last window (or is shorter than one) ends in a
+    window padded with `pad_id`, weight 0 and, in that batch only, an "attention_mask" [b, l] (True = real token)
+    that keeps the padding out of attention, as Hugging Face pads in evaluation."""
+    n_targets = len(tokens) - 1
+    if n_targets < 1:
+        raise DataError(f"{len(tokens)} tokens are too few to score: a text needs at least two.")
+    n_windows = -(-n_targets // seq_len)
     n_batches = -(-n_windows // batch_size)
     for b in range(n_batches if max_batches is None else min(n_batches, max_batches)):
-        inputs = np.zeros((batch_size, seq_len), np.int32)
-        targets = np.zeros((batch_size, seq_len), np.int32)
+        inputs = np.full((batch_size, seq_len), pad_id, np.int32)
+        targets = np.full((batch_size, seq_len), pad_id, np.int32)
         weights = np.zeros((batch_size, seq_len), np.float32)
+        mask = np.ones((batch_size, seq_len), bool)  # rows left empty stay unmasked zeros of weight 0
         for row, w in enumerate(range(b * batch_size, min((b + 1) * batch_size, n_windows))):
             window = tokens[w * seq_len:w * seq_len + seq_len + 1]
-            inputs[row], targets[row], weights[row] = window[:-1], window[1:], 1.0
-        yield {"inputs": inputs, "targets": targets, "weights": weights}
+            n = len(window) - 1
+            inputs[row, :n], targets[row, :n], weights[row, :n] = window[:-1], window[1:], 1.0
+            mask[row, n:] = False
+        batch = {"inputs": inputs, "targets": targets, "weights": weights}
+        yield {**batch, "attention_mask": mask} if not mask.all() else batch
 
 
 def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vocab_size: int = BYTE_VOCAB_SIZE,

@@ -8,6 +8,7 @@ A batch is a dict of [b, l] arrays:
   targets int32   the next token at each position
   weights float32 1 where the position counts in the loss (0 for padding, or for the unscored half of the
                   synthetic copy task)
+  attention_mask  optional bool, True = a real token (a text's last, padded window in evaluation)
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def metrics_from_sums(sums: Dict[str, jax.Array]) -> Tuple[jax.Array, Metrics]:
 
 def loss_fn(params: Any, batch: Batch, rngs: Dict[str, jax.Array], *, config: ModelConfig,
             deterministic: bool = False) -> Tuple[jax.Array, Metrics]:
-    """Weighted mean next-token cross-entropy and metrics; the logits are formed `output_chunk_len` at a time."""
+    """Weighted mean next-token cross-entropy and metrics; the logits are formed `output_chunk_len` at a time. A
+    batch may carry an "attention_mask" [b, l] (True = real token) that keeps padding out of attention."""
     sums = ReformerLM(config).apply({"params": params}, batch["inputs"], batch["targets"], batch["weights"],
-                                    deterministic=deterministic, rngs=rngs, method=ReformerLM.loss_terms)
+                                    deterministic=deterministic, attention_mask=batch.get("attention_mask"),
+                                    rngs=rngs, method=ReformerLM.loss_terms)
     return metrics_from_sums(sums)
 
 
