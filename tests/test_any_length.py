@@ -40,3 +40,27 @@ def test_a_padded_masked_window_scores_as_the_text_alone(attention):
     assert float(got["tokens"]) == 48
     np.testing.assert_allclose(float(got["loss"]), float(expected["loss"]), rtol=1e-6)
     assert float(got["accuracy"]) == float(expected["accuracy"])
+
+
+@pytest.mark.parametrize("layers", [("lsh", "lsh"), ("local", "lsh")])
+def test_forward_pads_any_length_and_masks_the_padding(layers):
+    """A length off the chunk grid gives the logits of the same tokens padded by hand and masked; the real tokens'
+    logits do not depend on what the padding holds."""
+    from reformer_jax.model.reformer_lm import ReformerLM
+
+    config = ModelConfig(attn_layers=layers, n_layers=2, d_model=32, n_heads=2, d_ff=64, max_len=64, chunk_len=8,
+                         local_chunk_len=8, n_hashes=2, n_buckets=4, dropout=0.0)
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(3, config.vocab_size, (2, 29)))
+    assert config.padded_length(29) == 32
+    rngs = {"lsh": jax.random.key(5)}
+    logits = ReformerLM(config).apply({"params": params}, tokens, rngs=rngs)
+    assert logits.shape == (2, 29, config.vocab_size)
+    for filler in (0, 7):
+        by_hand = jnp.pad(tokens, ((0, 0), (0, 3)), constant_values=filler)
+        mask = jnp.arange(32)[None] < 29
+        expected = ReformerLM(config).apply({"params": params}, by_hand, attention_mask=jnp.broadcast_to(mask, (2, 32)),
+                                            rngs=rngs)[:, :29]
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="longer than the model's ModelConfig.max_len=64"):
+        config.padded_length(65)

@@ -229,10 +229,10 @@ def test_cli_refuses_a_workdir_without_a_checkpoint_in_one_line(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-m", "reformer_jax.generate", f"--workdir={tmp_path}", "--prompt=ROMEO:"],
                             cwd=repo, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stdout.strip().splitlines() == [
-        f"error: --workdir={tmp_path} holds no checkpoint (no {tmp_path / 'checkpoints'}); train it first "
-        "(python main.py --workdir=...) or pass a run that saved one."]
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: --workdir={tmp_path} is not a main.py workdir: expected run_settings.json and checkpoints/ in it "
+        "(pass the --workdir a training run used)."]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()  # nothing created in the user's directory
 

@@ -346,6 +346,18 @@ class ModelConfig:
             return self.n_buckets
         return default_n_buckets(seq_len, self.chunk_len)
 
+    def padded_length(self, length: int) -> int:
+        """The shortest length >= `length` the model runs on (a multiple of the LSH chunk, and at most or a multiple
+        of the local chunk): what `ReformerLM.__call__` pads a sequence to. A ValueError if it exceeds max_len."""
+        multiple = self.chunk_len if self.uses("lsh") else 1
+        if self.uses("local") and length > self.local_chunk_len:
+            multiple = math.lcm(multiple, self.local_chunk_len)
+        padded = -(-max(length, 1) // multiple) * multiple
+        if padded > self.max_len:
+            raise ValueError(f"a sequence of {length} tokens (padded to {padded}, a multiple of the chunk lengths) is "
+                             f"longer than the model's ModelConfig.max_len={self.max_len} positions; shorten it.")
+        return padded
+
     def check_seq_len(self, seq_len: int) -> None:
         """Raise a ValueError naming the length if the model cannot run on sequences of this length."""
         if not isinstance(seq_len, int) or seq_len < 1:

@@ -259,17 +259,26 @@ class ReformerLM(nn.Module):
 
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
                  lsh_rotations=None) -> jax.Array:
-        """tokens [b, l] -> logits [b, l, V].
+        """tokens [b, l] -> logits [b, l, V], for any length l up to max_len.
 
+        A length the attention layers cannot run on (not a multiple of the chunk lengths) is padded at the end to
+        `config.padded_length(l)` and the padding masked, as Hugging Face pads in evaluation; the logits of the l
+        tokens are returned.
         attention_mask: optional [b, l] (1 / True = real token, 0 / False = padding): padded keys are masked in
           every layer and padded positions get their own bucket in LSH layers (Hugging Face's semantics), so the
           real tokens' logits do not depend on the padding's content.
         lsh_rotations: optional explicit hash projections [LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2]
           instead of random ones (needs an explicit `n_buckets`); then no 'lsh' RNG stream is needed.
         """
+        length = tokens.shape[-1] if tokens.ndim == 2 else None
+        padded = self.config.padded_length(length) if length else length
+        if padded != length:
+            mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+            attention_mask = jnp.pad(mask, ((0, 0), (0, padded - length)))
+            tokens = jnp.pad(tokens, ((0, 0), (0, padded - length)))
         streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
                                lsh_rotations=lsh_rotations)
-        return output_head.head_logits(self.head_params(), streams, self.head_spec())
+        return output_head.head_logits(self.head_params(), streams, self.head_spec())[:, :length]
 
     def loss_terms(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array, *,
                    deterministic: bool = True, attention_mask=None, lsh_rotations=None):
