@@ -38,8 +38,28 @@ def parse_flags(argv: List[str]) -> List[str]:
         sys.exit(0 if exit_.code == 1 else exit_.code)
 
 
+def quiet_absent_tpu() -> None:
+    """With libtpu installed (the `tpu` extra, or the test requirements) on a machine without TPU chips, jax would
+    probe for them at start-up and print libtpu's failure to find them; there, unless JAX_PLATFORMS says
+    otherwise, jax is told to use its other backends. A TPU VM (its /dev/accel* or /dev/vfio chips) is left alone."""
+    import glob
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    platforms = [platform for platform, plugins in (("cuda", ("jax_cuda12_plugin", "jax_cuda13_plugin")),
+                                                   ("rocm", ("jax_rocm7_plugin", "jax_rocm_plugin")))
+                 if any(importlib.util.find_spec(plugin) is not None for plugin in plugins)]
+    os.environ["JAX_PLATFORMS"] = ",".join(platforms + ["cpu"])  # for subprocesses; jax read it when imported:
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
+
 def run(main: Callable[[List[str]], int]) -> None:
     """app.run with `parse_flags`; `main` returns the exit status, and an app.UsageError it raises is one line."""
+    quiet_absent_tpu()
 
     def checked(argv: List[str]) -> int:
         try:

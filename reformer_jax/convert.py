@@ -68,11 +68,13 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from reformer_jax import cli
 
     flags.DEFINE_string("hf_dir", None, "A Hugging Face Reformer directory as save_pretrained writes it (config.json; "
                         "model.safetensors or pytorch_model.bin; spiece.model when the vocabulary is sentencepiece).")
     flags.DEFINE_string("hf_id", None, "A Hugging Face model id (e.g. google/reformer-enwik8) to fetch with "
                         "huggingface_hub instead of --hf_dir (needs a network).")
     flags.DEFINE_string("out", None, "Directory to create with config.json and the orbax params.")
-    app.run(main)
+    cli.run(main)

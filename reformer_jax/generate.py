@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A main.py run directory: the model of its run_settings.json, the parameters "
@@ -127,4 +127,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from reformer_jax import cli
+
+    cli.run(main)
