@@ -6,7 +6,7 @@
 
 Every ModelConfig field is a flag (generated from the dataclass); a model flag left unset keeps the preset's value.
 The defaults are sized for a CPU (under 10 minutes on 2 cores); --sizes=seed gives the seed's setup (d_model 512,
-8 heads, d_ff 2048, 6 layers, length 4096, batch 1), see reformer_jax/sizes.py. Rerunning the same command resumes
+8 heads, d_ff 2048, 6 layers, length 4096, batch 1), see reformer_jax/model/sizes.py. Rerunning the same command resumes
 from the latest checkpoint in --workdir; a larger --steps continues the run; a finished run is left as it is.
 """
 
@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "reformer", list(PRESETS), "Model variant: a ModelConfig preset. transformer = full "
                   "attention + ordinary residual; lsh = LSH attention + ordinary residual; reversible = full "
                   "attention + reversible layers; reformer = LSH + reversible + chunked feed-forward.")
-flags.DEFINE_enum("sizes", None, list(sizes.NAMED), "Named sizes (reformer_jax/sizes.py) for --d_model, --n_heads, "
+flags.DEFINE_enum("sizes", None, list(sizes.NAMED), "Named sizes (reformer_jax/model/sizes.py) for --d_model, --n_heads, "
                   "--d_ff, --n_layers, --seq_len and --batch_size (each flag given still wins); unset: cpu.")
 flags.DEFINE_integer("seq_len", sizes.CPU.seq_len, "Tokens per training sequence (a multiple of --chunk_len for LSH "
                      "models).")

@@ -80,7 +80,11 @@ def is_training(argv) -> bool:
 
 
 def run_as_typed(argv, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+    # The commands of a chain share JAX's persistent compilation cache (as --compilation_cache_dir would): a step
+    # compiled by one command is loaded by the next. The commands themselves are as typed.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cwd / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     while argv and re.fullmatch(r"[A-Z_]+=.*", argv[0]):  # VAR=value python ...
         name, _, value = argv[0].partition("=")
         env[name], argv = value, argv[1:]
