@@ -31,8 +31,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "reformer", list(PRESETS), "Model variant: a ModelConfig preset. transformer = full "
                   "attention + ordinary residual; lsh = LSH attention + ordinary residual; reversible = full "
                   "attention + reversible layers; reformer = LSH + reversible + chunked feed-forward.")
-flags.DEFINE_enum("sizes", None, list(sizes.NAMED), "Named sizes (reformer_jax/model/sizes.py) for --d_model, --n_heads, "
-                  "--d_ff, --n_layers, --seq_len and --batch_size (each flag given still wins); unset: cpu.")
+flags.DEFINE_enum("sizes", None, list(sizes.NAMED), "Named sizes (reformer_jax/model/sizes.py) for --d_model, "
+                  "--n_heads, --d_ff, --n_layers, --seq_len and --batch_size (each flag given still wins); unset: cpu.")
 flags.DEFINE_integer("seq_len", sizes.CPU.seq_len, "Tokens per training sequence (a multiple of --chunk_len for LSH "
                      "models).")
 flags.DEFINE_integer("batch_size", sizes.CPU.batch_size, "Sequences per step, over all devices (a multiple of the "

@@ -255,7 +255,8 @@ def test_readme_commands_run_as_typed(chain, tmp_path):
             continue
         result = run_as_typed(list(argv), scratch)
         where = f"README.md:{number}: {' '.join(argv)}"
-        assert result.returncode == 0, f"{where} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (f"{where} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                                        f"{result.stderr[-3000:]}")
         CHAINS[chain](argv, result, scratch, *extra)
         ran += 1
     assert ran >= 1
