@@ -10,8 +10,9 @@ The latest checkpoint unless --step is given. With --split (default validation) 
 evaluated on (the same windows and hash keys, --batches of them: by default as many as training used), so the
 figure at a checkpoint's step equals the validation figure training logged there. With --data_path every target
 of the file is scored once, in windows of --seq_len tokens of the model's own tokenization (the last one padded and
-masked). --n_hashes sets the LSH rounds at evaluation (more rounds: closer to full attention). Each evaluation is added to workdir/summary.json under "evaluations" (the same evaluation repeated
-replaces its entry); nothing else in the workdir is written, and nothing in a converted checkpoint.
+masked). --n_hashes sets the LSH rounds at evaluation (more rounds: closer to full attention). Each evaluation is
+added to workdir/summary.json under "evaluations" (the same evaluation repeated replaces its entry); nothing else in
+the workdir is written, and nothing in a converted checkpoint.
 """
 
 from __future__ import annotations
