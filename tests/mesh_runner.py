@@ -1,11 +1,12 @@
 """Trains the tiny test model on N CPU devices over a --mesh, in its own process (XLA's host device count is fixed
 when jax starts): python -m tests.mesh_runner DEVICES OUT.npz RUN [RUN ...] from the repository root, each RUN
-mesh@workdir@steps[@crash_at].
+mesh@workdir@steps[@crash_at], trained on the first devices of the process (as many as the mesh spans).
 
 Writes, per run, its per-step losses and final parameters to OUT.npz (keys "<i>/losses", "<i>/params/<j>").
 crash_at: the run is killed (KeyboardInterrupt) when it asks for that step's batch, after its checkpoints.
 """
 
+import math
 import os
 import sys
 
@@ -33,9 +34,10 @@ def main():
     for i, run in enumerate(sys.argv[3:]):
         mesh, workdir, steps, *crash = run.split("@")
         config = ModelConfig.preset(os.environ.get("MESH_TEST_MODEL", "reformer"), **TINY)
+        device_count = math.prod(int(part.split(":")[1]) for part in mesh.split(","))  # the first N devices
         options = TrainOptions(workdir=workdir, steps=int(steps), batch_size=8, seq_len=64, eval_every=0,
                                checkpoint_every=3, sample_len=0, analyze_memory=False, learning_rate=3e-3,
-                               warmup_steps=2, mesh=mesh)
+                               warmup_steps=2, mesh=mesh, device_count=device_count)
         try:
             summary = train_and_evaluate(config, options, dataset=CrashAt(task, int(crash[0])) if crash else task)
         except KeyboardInterrupt:

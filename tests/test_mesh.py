@@ -130,6 +130,18 @@ def test_checkpoint_written_on_one_mesh_resumes_on_another(mesh_runs, direction)
     _assert_same_run(mesh_runs["six"], mesh_runs[direction])
 
 
+def test_checkpoint_resumes_on_another_mesh_in_one_process(tmp_path):
+    """One process split into 8 host devices: a run killed after its step-3 checkpoint on data:2,fsdp:2,tensor:2
+    resumes on one device, and one killed on one device resumes on the 8; each ends as 6 uninterrupted steps on one
+    device do (losses at every step, final parameters)."""
+    runs = _run(8, tmp_path / "out.npz", f"data:1@{tmp_path}/six@6", f"data:2,fsdp:2,tensor:2@{tmp_path}/from8@6@4",
+                f"data:1@{tmp_path}/from8@6", f"data:1@{tmp_path}/from1@6@4",
+                f"data:2,fsdp:2,tensor:2@{tmp_path}/from1@6")
+    assert runs[1] is None and runs[3] is None  # the two killed runs
+    _assert_same_run(runs[0], runs[2])  # 8 devices -> 1
+    _assert_same_run(runs[0], runs[4])  # 1 device -> 8
+
+
 def test_main_refuses_a_bad_mesh_before_compiling_in_one_line(tmp_path):
     """The host split into 8 devices (--host_devices); a bad --mesh exits non-zero naming the flag, no traceback,
     before any step is compiled (no workdir is created). The other refusals are `parse_mesh`'s and

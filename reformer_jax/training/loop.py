@@ -75,6 +75,16 @@ class TrainOptions:
     mesh: Optional[str] = None
     # What chose the devices and the mesh (a flag, a default, the user's XLA_FLAGS), for the header line.
     devices_chosen_by: Optional[str] = None
+    # Train on the first `device_count` of jax.devices() (None: all of them), e.g. one device of a host split into
+    # eight. Not a run setting either: a checkpoint resumes on any devices.
+    device_count: Optional[int] = None
+
+    def devices(self) -> list:
+        """The devices the run uses."""
+        every = jax.devices()
+        if self.device_count is not None and not 1 <= self.device_count <= len(every):
+            raise ValueError(f"device_count={self.device_count} is invalid: there are {len(every)} devices.")
+        return every[:self.device_count] if self.device_count else every
 
     @property
     def total_schedule_steps(self) -> int:
@@ -259,7 +269,7 @@ def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, c
     """Describe the run, compile its step (and report that executable's memory analysis), and restore its state
     (or create it, from --init_from if given). Returns (state, the compiled step, its compile seconds, where the
     initial parameters came from or None)."""
-    devices = jax.devices()
+    devices = options.devices()
     _describe(config, dataset, options, devices, steps.mesh)
     if start_step:  # restored into this mesh's layout, checked against the checkpoint before anything compiles
         state, origin = checkpointer.restore(start_step, steps.abstract_state), None
@@ -306,7 +316,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                                         vocab_size=config.vocab_size, tokenizer=tokenizer or tokenizers.BYTES)
     settings = options.run_settings(config, tokenizer, getattr(dataset, "origin", None))
     check_run_settings(workdir, settings)
-    devices = jax.devices()
+    devices = options.devices()
     mesh_shape = sharding_lib.parse_mesh(options.mesh, len(devices))
     sharding_lib.check_mesh_fits(mesh_shape, batch_size=options.batch_size, n_heads=config.n_heads,
                                  d_ff=config.d_ff, text=options.mesh)
