@@ -124,9 +124,9 @@ def _log_softmax(x):
     return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
 
 
-def test_generated_log_probs_are_the_models_log_softmax_before_temperature():
+def test_generated_log_probs_are_the_log_softmax_of_the_scaled_logits():
     """`Generation.log_probs` (what `generate(..., return_log_probs=True)` returns): log_softmax of the logits each
-    token was drawn from, unscaled (the model's probability, as documented), not the tempered distribution's."""
+    token was drawn from, divided by the temperature (before top-k), not of the unscaled logits."""
     config = ModelConfig(attention="full", d_model=32, n_heads=2, d_ff=64, n_layers=1, max_len=32, dropout=0.0)
     params = init_params(config, jax.random.key(7))
     prompts = [np.array([5, 9, 11]), np.array([7])]
@@ -136,8 +136,8 @@ def test_generated_log_probs_are_the_models_log_softmax_before_temperature():
     generation.advance(12)
     tokens, log_probs, logits = generation.tokens(), generation.log_probs(), generation.logits()
     picked = lambda table: np.take_along_axis(table, tokens[..., None], axis=-1)[..., 0]  # noqa: E731
-    np.testing.assert_allclose(log_probs, picked(_log_softmax(logits)), rtol=0, atol=1e-5)
-    tempered = picked(_log_softmax(logits / temperature))
-    assert np.max(np.abs(tempered - log_probs)) > 1e-2  # the check above tells the two apart
+    np.testing.assert_allclose(log_probs, picked(_log_softmax(logits / temperature)), rtol=0, atol=1e-5)
+    unscaled = picked(_log_softmax(logits))
+    assert np.max(np.abs(unscaled - log_probs)) > 1e-2  # the check above tells the two apart
     ranks = np.sum(logits > np.take_along_axis(logits, tokens[..., None], axis=-1), axis=-1)
     assert np.all(ranks < top_k)  # and each token was among the top 5

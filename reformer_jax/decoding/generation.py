@@ -84,7 +84,10 @@ def _decode_steps(config: ModelConfig, params, state: Dict[str, Any], n_steps: j
         sampled = sample_tokens(state["logits"], jax.random.fold_in(state["rng"], t), sampling["greedy"],
                                 sampling["temperature"], sampling["top_k"], sampling["top_p"])
         token = jnp.where(sampling["forced"], state["forced"][:, t], sampled)
-        log_prob = jnp.take_along_axis(jax.nn.log_softmax(state["logits"], axis=-1), token[:, None], axis=-1)[:, 0]
+        # The token's log-probability under the tempered distribution it is drawn from (before top-k / top-p cut
+        # it down); greedy and forced decoding run at temperature 1: the model's own log-probability.
+        tempered = state["logits"] / sampling["temperature"]
+        log_prob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], axis=-1)[:, 0]
         caches, logits = row_step(state["caches"], token, state["position"], state["full_until"],
                                   state["rotations"], positions)
         write = lambda name, value: {name: state[name].at[:, t].set(value, mode="promise_in_bounds")}  # noqa: E731
@@ -158,8 +161,8 @@ def _rotations(config: ModelConfig, key: jax.Array, given: Optional[jax.Array]) 
 class Generation:
     """One batch of prompts being continued: `advance(n)` runs n more steps of the on-device loop.
 
-    tokens() / log_probs(): [b, steps so far] of the new tokens and their log-probabilities under the model
-    (log_softmax of the logits, before temperature, top-k or top-p). With keep_logits, logits() [b, steps, V]:
+    tokens() / log_probs(): [b, steps so far] of the new tokens and their log-probabilities: log_softmax of the
+    logits divided by the temperature (before top-k or top-p); at temperature 1, greedy or forced, the model's own. With keep_logits, logits() [b, steps, V]:
     the logits each token was picked from (a [b, max_len, V] buffer, and a compilation of its own).
     """
 
@@ -236,7 +239,8 @@ def generate(config: ModelConfig, params, prompts: Prompts, *, max_new_tokens: i
         probabilities add up to top_p, in (0, 1] (None: 1).
       greedy: pick the most likely token (temperature, top_k and top_p are then ignored).
       rng: a jax.random key: the hash rotations of LSH layers and every sampling draw come from it.
-      return_log_probs: also return each new token's log-probability under the model ([b, max_new_tokens]).
+      return_log_probs: also return each new token's log-probability ([b, max_new_tokens]): log_softmax of the
+        logits divided by `temperature` (before top_k / top_p); greedy decoding: the model's own.
       lsh_rotations: explicit hash rotations [LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2] instead of
         drawing them (e.g. those of another implementation).
       on_tokens: called with each new block of tokens [b, n] as it is generated (the loop then runs
