@@ -9,7 +9,6 @@ import importlib
 import io
 import os
 
-import numpy as np
 import pytest
 
 from reformer_jax import tokenizers

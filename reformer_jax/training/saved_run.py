@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 
 from reformer_jax import tokenizers
 from reformer_jax.model import hf_convert
