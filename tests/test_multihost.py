@@ -77,26 +77,28 @@ def uninterrupted(tmp_path_factory):
     return losses(tmp / "run")
 
 
-@pytest.mark.parametrize("mesh, shape", [("data:2", "data:2,fsdp:1,tensor:1"), ("fsdp:2", "data:1,fsdp:2,tensor:1")])
-def test_two_processes_train_as_one(tmp_path, uninterrupted, mesh, shape):
-    out = two_processes(tmp_path, tmp_path / "run", 4, mesh=mesh)
-    assert f"devices: 2 (cpu), mesh {shape}" in out and "processes: 2" in out, out
+def test_two_processes_train_as_one_over_data(tmp_path, uninterrupted):
+    out = two_processes(tmp_path, tmp_path / "run", 4, mesh="data:2")
+    assert "devices: 2 (cpu), mesh data:2,fsdp:1,tensor:1" in out and "processes: 2" in out, out
     assert losses(tmp_path / "run")[4] == pytest.approx(uninterrupted[4], rel=1e-5)
 
 
-def test_build_md_example_with_two_devices_per_process_then_resumed_in_one(tmp_path, uninterrupted):
-    """With validation and the closing sample as main.py does them by default (the parameters gathered from both
-    processes, decoded on process 0)."""
-    defaults = [a for a in SMALL if a not in ("--eval_every=0", "--sample_len=0")]
-    out = two_processes(tmp_path, tmp_path / "run", 4, host_devices=2, sizes=defaults)
-    assert "devices: 4 (cpu), mesh data:2,fsdp:2,tensor:1" in out, out
-    assert "step 4: validation loss" in out and "copy task:" in out, out
+def test_two_processes_over_fsdp_then_resumed_in_one(tmp_path, uninterrupted):
+    """fsdp shards the parameters over both processes; their checkpoint, resumed by one process on one device."""
+    out = two_processes(tmp_path, tmp_path / "run", 4, mesh="fsdp:2")
+    assert "devices: 2 (cpu), mesh data:1,fsdp:2,tensor:1" in out and "processes: 2" in out, out
     assert losses(tmp_path / "run")[4] == pytest.approx(uninterrupted[4], rel=1e-5)
-    one_process(tmp_path, tmp_path / "run", 10)  # the checkpoint of two processes, resumed in one
+    one_process(tmp_path, tmp_path / "run", 10)
     assert losses(tmp_path / "run")[10] == pytest.approx(uninterrupted[10], rel=1e-5)
 
 
-def test_one_process_checkpoint_resumes_in_two(tmp_path, uninterrupted):
+def test_one_process_checkpoint_resumed_by_build_md_example_with_two_devices_per_process(tmp_path, uninterrupted):
+    """BUILD.md's two commands with --host_devices=2 (data:2,fsdp:2 over 4 devices), validating and sampling at the
+    end as main.py does by default (the parameters gathered from both processes, decoded on process 0), continue a
+    checkpoint one process wrote."""
     one_process(tmp_path, tmp_path / "run", 4)
-    two_processes(tmp_path, tmp_path / "run", 10)
+    defaults = [a for a in SMALL if a not in ("--eval_every=0", "--sample_len=0")]
+    out = two_processes(tmp_path, tmp_path / "run", 10, host_devices=2, sizes=defaults)
+    assert "devices: 4 (cpu), mesh data:2,fsdp:2,tensor:1" in out and "resumed from" in out, out
+    assert "step 10: validation loss" in out and "copy task:" in out, out
     assert losses(tmp_path / "run")[10] == pytest.approx(uninterrupted[10], rel=1e-5)
