@@ -373,11 +373,7 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         return 2
     _initialize_distributed()
-    try:
-        mesh, chosen = resolve_mesh_flag(config, cpu_default)
-    except app.UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    mesh, chosen = resolve_mesh_flag(config, cpu_default)  # a bad mesh: UsageError, one line from cli.run
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.xla.compilation_cache import enable_compilation_cache
 

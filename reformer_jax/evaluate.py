@@ -98,7 +98,7 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
         source_batches = data_lib.consecutive_batches(tokens, batch_size, seq_len, batches, pad_id=pad_id)
     else:
         dataset = data_lib.reopen(model.data, seq_len=seq_len, tokenizer=model.tokenizer, flag=flag)
-        batches = batches or int(read_record(workdir).get("eval_batches", settings.get("eval_batches", 4)))
+        batches = batches or int(read_record(workdir).get("eval_batches", 4))
         source = f"{split} split of {dataset.source}"
         source_batches = (dataset.batch(split, seed, i, batch_size, seq_len) for i in range(batches))
 

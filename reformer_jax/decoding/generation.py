@@ -162,8 +162,9 @@ class Generation:
     """One batch of prompts being continued: `advance(n)` runs n more steps of the on-device loop.
 
     tokens() / log_probs(): [b, steps so far] of the new tokens and their log-probabilities: log_softmax of the
-    logits divided by the temperature (before top-k or top-p); at temperature 1, greedy or forced, the model's own. With keep_logits, logits() [b, steps, V]:
-    the logits each token was picked from (a [b, max_len, V] buffer, and a compilation of its own).
+    logits divided by the temperature (before top-k or top-p); at temperature 1, greedy or forced, the model's own.
+    With keep_logits, logits() [b, steps, V]: the logits each token was picked from (a [b, max_len, V] buffer, and
+    a compilation of its own).
     """
 
     def __init__(self, config: ModelConfig, params, rows: List[np.ndarray], *, rng: jax.Array,
@@ -264,39 +265,24 @@ def generate(config: ModelConfig, params, prompts: Prompts, *, max_new_tokens: i
         finished = np.zeros(len(rows), bool)
         while generation.steps < max_new_tokens and not finished.all():
             start = generation.steps
-            block = generation.advance(min(stream_every, max_new_tokens - start))
-            if eos_id is not None:
-                block, finished = _after_eos(block, finished, eos_id, pad_id)
+            generation.advance(min(stream_every, max_new_tokens - start))
+            tokens, _ = _padded_after_eos(generation.tokens(), generation.log_probs(), eos_id, pad_id)
+            finished = (tokens == eos_id).any(axis=1)
             if on_tokens is not None:
-                on_tokens(block)
-        tokens, log_probs = _finished_rows(generation, max_new_tokens, eos_id, pad_id)
+                on_tokens(tokens[:, start:])
+        missing = max_new_tokens - generation.steps  # every row stopped early: the rest is padding
+        tokens, log_probs = _padded_after_eos(np.pad(generation.tokens(), ((0, 0), (0, missing)),
+                                                     constant_values=pad_id),
+                                              np.pad(generation.log_probs(), ((0, 0), (0, missing))), eos_id, pad_id)
     return (tokens, log_probs) if return_log_probs else tokens
 
 
-def _after_eos(block: np.ndarray, finished: np.ndarray, eos_id: int, pad_id: int):
-    """A block [b, n] with every token after a row's first eos (in this block or an earlier one) set to pad_id;
-    and which rows have now finished."""
-    block = block.copy()
-    for row in range(block.shape[0]):
-        if finished[row]:
-            block[row] = pad_id
-            continue
-        hits = np.flatnonzero(block[row] == eos_id)
-        if hits.size:
-            block[row, hits[0] + 1:] = pad_id
-    return block, finished | (block == eos_id).any(axis=1)
-
-
-def _finished_rows(generation: "Generation", max_new_tokens: int, eos_id: Optional[int], pad_id: int):
-    """tokens, log_probs [b, max_new_tokens]: the steps decoded, each row padded after its eos (log-prob 0)."""
-    tokens, log_probs = generation.tokens(), generation.log_probs()
-    missing = max_new_tokens - tokens.shape[1]
-    tokens = np.pad(tokens, ((0, 0), (0, missing)), constant_values=pad_id)
-    log_probs = np.pad(log_probs, ((0, 0), (0, missing)))
-    if eos_id is not None:
-        after = np.cumsum(tokens == eos_id, axis=1) - (tokens == eos_id) > 0  # strictly after the first eos
-        tokens, log_probs = np.where(after, pad_id, tokens), np.where(after, 0.0, log_probs)
-    return tokens, log_probs
+def _padded_after_eos(tokens: np.ndarray, log_probs: np.ndarray, eos_id: Optional[int], pad_id: int):
+    """tokens, log_probs [b, n] with every position strictly after a row's first eos set to pad_id (log-prob 0)."""
+    if eos_id is None:
+        return tokens, log_probs
+    after = np.cumsum(tokens == eos_id, axis=1) - (tokens == eos_id) > 0
+    return np.where(after, pad_id, tokens), np.where(after, 0.0, log_probs)
 
 
 def score(config: ModelConfig, params, tokens: np.ndarray, *, rng: jax.Array, prefix: int = 1,

@@ -169,12 +169,10 @@ def restore_params(model: SavedModel, step: Optional[int] = None, sharding: Any 
         except Exception as error:  # orbax and tensorstore raise many types; the message says what failed
             raise SavedRunError(f"{model.flag}={model.path}: its params/ cannot be read ({type(error).__name__}: "
                                 f"{str(error).splitlines()[0][:300] if str(error) else ''}).") from error
-    state = abstract_state(model)
-    if isinstance(sharding, jax.sharding.Sharding):
-        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
-    else:  # a tree of shardings for the parameters; the optimizer state (read, then dropped) goes on one device
-        first = default_sharding()
-        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=first), state)
+    one_for_all = isinstance(sharding, jax.sharding.Sharding)
+    # With a tree of shardings for the parameters, the optimizer state (read, then dropped) goes on one device.
+    state = abstract_state(model, sharding if one_for_all else default_sharding())
+    if not one_for_all:
         state = state.replace(params=_with_shardings(state.params, sharding))
     checkpointer = Checkpointer(model.path, read_only=True)
     try:
