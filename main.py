@@ -314,7 +314,7 @@ def compile_only(config: ModelConfig) -> int:
 
     jax.config.update("jax_platforms", "cpu")  # the TPU compiler runs through the topology, not a TPU backend
     from reformer_jax.xla import tpu
-    from reformer_jax.xla.memory_analysis import compile_train_step
+    from reformer_jax.memory import compile_train_step
     from reformer_jax.sharding import MeshError, check_mesh_fits, parse_mesh
 
     try:

@@ -263,7 +263,7 @@ _CACHE: Dict[Tuple[Any, ...], Tuple[Any, float]] = {}
 
 def measure(settings: Settings, config, *, seq_len: int, optimizer: Optional[str]) -> Tuple[Any, float]:
     """(MemoryStats, compile seconds) of the step, memoised within this process (`all` shares compilations)."""
-    from reformer_jax.xla.memory_analysis import compile_train_step as compile_step
+    from reformer_jax.memory import compile_train_step as compile_step
 
     key = (config, settings.batch_size, seq_len, optimizer, settings.fast_compile)
     if key not in _CACHE:
@@ -529,7 +529,7 @@ def run_seqlen(settings: Settings) -> List[Row]:
 
 def run_timeline(settings: Settings) -> List[Row]:
     from reformer_jax.xla import timeline
-    from reformer_jax.xla.memory_analysis import compile_train_step as compile_step
+    from reformer_jax.memory import compile_train_step as compile_step
 
     rows = []
     root = settings.dump_dir or tempfile.mkdtemp(prefix="xla_dump_")

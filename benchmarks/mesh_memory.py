@@ -34,7 +34,7 @@ def _measure(model: str, mesh_text: str, devices: int, batch_size: int, **overri
     import jax
 
     from reformer_jax import ModelConfig
-    from reformer_jax.xla.memory_analysis import analyze_train_step
+    from reformer_jax.memory import analyze_train_step
     from reformer_jax.sharding import make_mesh, parse_mesh
 
     config = ModelConfig.preset(model, **{**SEED, **overrides})

@@ -70,7 +70,7 @@ def _compile(settings, model: str, topology: str, *, seq_len: int, batch_size: i
     """(MemoryStats or None, the refusal's first line or None, the Probe, compile seconds) of one TPU compile. A
     compile error other than the compiler's out-of-memory refusal is raised: it is a bug, not a measurement."""
     from reformer_jax.xla import tpu
-    from reformer_jax.xla.memory_analysis import compile_train_step
+    from reformer_jax.memory import compile_train_step
 
     config = settings.config(model, max_len=seq_len, dtype=dtype)
     start = time.perf_counter()

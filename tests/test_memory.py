@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from reformer_jax import ModelConfig
-from reformer_jax.xla.memory_analysis import MemoryStats, analyze_train_step, tree_bytes
+from reformer_jax.memory import analyze_train_step
+from reformer_jax.xla.memory_analysis import MemoryStats, tree_bytes
 from reformer_jax.model.reformer_lm import init_params
 
 

@@ -15,7 +15,7 @@ Activation memory flat in depth and linear in length: tests/test_memory.py.
 import pytest
 
 from benchmarks.memory import Settings
-from reformer_jax.xla.memory_analysis import analyze_train_step
+from reformer_jax.memory import analyze_train_step
 
 # Its module-scoped fixture compiles five steps: keep the module on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_memory_claims")

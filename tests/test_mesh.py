@@ -164,7 +164,7 @@ sys.path.insert(0, {repo!r})
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 from reformer_jax import ModelConfig
-from reformer_jax.xla.memory_analysis import analyze_train_step
+from reformer_jax.memory import analyze_train_step
 from reformer_jax.sharding import MeshShape, make_mesh
 config = ModelConfig.preset("reformer", **{tiny!r})
 one = analyze_train_step(config, batch_size=4, seq_len=64, mesh=make_mesh(MeshShape(1, 1, 1), jax.devices()[:1]))

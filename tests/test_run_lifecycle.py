@@ -246,7 +246,9 @@ def fine_tuned(run):
 def test_fine_tuning_from_a_workdir_starts_from_exactly_its_parameters(run, fine_tuned):
     from reformer_jax.training import saved_run
     from reformer_jax.training import step as train
+    from reformer_jax import sharding
     from reformer_jax.training import loop as trainer
+    from reformer_jax.training.step_builder import build_train_step
 
     assert fine_tuned["source_unchanged"]
     assert f"parameters from {run['workdir'].absolute() / 'checkpoints' / '4'}" in fine_tuned["result"].stdout
@@ -255,11 +257,13 @@ def test_fine_tuning_from_a_workdir_starts_from_exactly_its_parameters(run, fine
     assert settings["learning_rate"] == 1e-3 and settings["schedule_steps"] == 1  # its own optimizer and schedule
     # The new run's first step, replayed here from the source's latest parameters, gives its checkpoint exactly.
     devices = jax.devices()
-    replicated, data_sharding = trainer.data_parallel_shardings(devices)
+    mesh = sharding.make_mesh(sharding.MeshShape(data=len(devices)), devices)
+    data_sharding = sharding.batch_sharding(mesh)
     tx = train.make_optimizer(settings["optimizer"], settings["learning_rate"],
                               schedule_steps=settings["schedule_steps"], warmup_steps=settings["warmup_steps"],
                               clip_norm=settings["clip_norm"])
-    init_fn, step_fn, _ = trainer.sharded_step_functions(tuned.config, tx, replicated, data_sharding)
+    built = build_train_step(tuned.config, optimizer=tx, mesh=mesh, guarded=True)
+    init_fn, step_fn = built.init, built.step
     key = jax.random.key(settings["seed"])
     state = init_fn(key)
     state = state.replace(params=saved_run.restore_params(source, sharding=jax.tree.map(lambda x: x.sharding,

@@ -11,7 +11,7 @@ import pytest
 from reformer_jax import ModelConfig
 
 from reformer_jax.xla import tpu
-from reformer_jax.xla.memory_analysis import analyze_train_step
+from reformer_jax.memory import analyze_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=64, d_model=32, n_heads=2, d_ff=64, n_layers=1, max_len=128, chunk_len=16, n_hashes=1)

@@ -128,15 +128,17 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     from reformer_jax import ModelConfig
     from reformer_jax.training import data
     from reformer_jax.training.step import make_optimizer
-    from reformer_jax.training.loop import data_parallel_shardings, global_batch, sharded_step_functions
+    from reformer_jax import sharding
+    from reformer_jax.training.loop import global_batch
+    from reformer_jax.training.step_builder import build_train_step
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig.preset("reformer", **{tiny!r})
     task = data.CopyTask(vocab_size=259)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        replicated, batch_sharding = data_parallel_shardings(devices)
-        init_fn, step_fn, _ = sharded_step_functions(cfg, make_optimizer("adafactor", 1e-2), replicated,
-                                                     batch_sharding)
+        mesh = sharding.make_mesh(sharding.MeshShape(data=len(devices)), devices)
+        built = build_train_step(cfg, optimizer=make_optimizer("adafactor", 1e-2), mesh=mesh, guarded=True)
+        init_fn, step_fn, batch_sharding = built.init, built.step, sharding.batch_sharding(mesh)
         state = init_fn(jax.random.key(0))
         for step in range(2):
             batch = global_batch(task.batch("train", 0, step, 8, 64), batch_sharding)
@@ -144,12 +146,9 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         assert len(state.params["embed"].sharding.device_set) == len(devices)
         results.append((float(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params))))
     # data 2 x fsdp 2 x tensor 2: sharded parameters and optimizer state, the per-head core's heads over tensor
-    from reformer_jax import sharding
-    from reformer_jax.training.step import abstract_train_state
     mesh = sharding.make_mesh(sharding.MeshShape(2, 2, 2), jax.devices())
-    tx = make_optimizer("adafactor", 1e-2)
-    _, state_sharding = abstract_train_state(cfg, tx, mesh)
-    init_fn, step_fn, _ = sharded_step_functions(cfg, tx, state_sharding, sharding.batch_sharding(mesh))
+    built = build_train_step(cfg, optimizer=make_optimizer("adafactor", 1e-2), mesh=mesh, guarded=True)
+    init_fn, step_fn = built.init, built.step
     state = init_fn(jax.random.key(0))
     for step in range(2):
         batch = global_batch(task.batch("train", 0, step, 8, 64), sharding.batch_sharding(mesh))

@@ -7,7 +7,8 @@ import numpy as np
 from benchmarks import speed
 from reformer_jax import ModelConfig
 from reformer_jax.training import step as train
-from reformer_jax.training.loop import data_parallel_shardings, sharded_step_functions
+from reformer_jax import sharding
+from reformer_jax.training.step_builder import build_train_step
 from reformer_jax.xla.compiler_options import CPU_STEP_OPTIONS, LEAN_CPU_OPTIONS, step_compiler_options
 
 
@@ -40,8 +41,9 @@ def test_lean_step_computes_what_the_default_step_computes():
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((2, 32), np.float32)}
     results = []
     for lean in (False, True):
-        init_fn, step_fn, _ = sharded_step_functions(config, tx, *data_parallel_shardings(jax.devices()[:1]),
-                                                     lean_compile=lean)
+        mesh = sharding.make_mesh(sharding.MeshShape(), jax.devices()[:1])
+        built = build_train_step(config, optimizer=tx, mesh=mesh, guarded=True, lean_compile=lean)
+        init_fn, step_fn = built.init, built.step
         state = init_fn(jax.random.key(0))
         losses = []
         for _ in range(3):

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -28,13 +27,12 @@ from reformer_jax import tokenizers
 from reformer_jax.training import data as data_lib
 from reformer_jax.training import saved_run
 from reformer_jax.training import step as train
+from reformer_jax.training import step_builder
 from reformer_jax.training.checkpoint import (RUN_SETTINGS_FILE, Checkpointer, WorkdirError, check_run_settings,
                                      ensure_writable_workdir, refuse_to_overwrite_a_run, write_json_atomic)
 from reformer_jax.model.config import ModelConfig
-from reformer_jax.xla.memory_analysis import stats_from_analysis
 from reformer_jax.training.run_log import MetricsLog, Progress, TensorBoardLog, format_duration, format_sample
 from reformer_jax.training.run_record import read_record, update_record
-from reformer_jax.xla.compiler_options import step_compiler_options
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,81 +104,18 @@ class TrainOptions:
         return None if self.dataset == "synthetic" else tokenizers.BYTES
 
 
-def data_parallel_shardings(devices) -> Tuple[NamedSharding, NamedSharding]:
-    """(replicated, batch-sharded) shardings over a mesh with every one of `devices` on "data"."""
-    mesh = sharding_lib.make_mesh(sharding_lib.MeshShape(data=len(devices)), devices)
-    return sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
-
-
-def guarded_train_step(state, batch, rng, *, config: ModelConfig, skip_nonfinite: bool = False):
-    """`train.train_step` plus metrics["finite"] (loss and gradient norm finite).
-
-    With `skip_nonfinite`, a non-finite step keeps the parameters and optimizer state and only counts the step,
-    so the data order and random keys of later steps stay those of (seed, step).
-    """
-    new_state, metrics = train.train_step(state, batch, rng, config=config)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    if skip_nonfinite:
-        kept = new_state.replace(params=state.params, opt_state=state.opt_state)
-        new_state = jax.tree.map(lambda updated, old: jnp.where(finite, updated, old), new_state, kept)
-    return new_state, {**metrics, "finite": finite}
-
-
-def sharded_step_functions(config: ModelConfig, tx, state_sharding: Any, data_sharding: NamedSharding,
-                           skip_nonfinite: bool = False, lean_compile: bool = False):
-    """Jitted (init, train_step, eval_step) over data_sharding's mesh: the state laid out by `state_sharding` (one
-    sharding for every leaf, e.g. replicated, or a TrainState of shardings: `sharding.state_shardings`) and
-    donated, the batch split over data x fsdp, compiled with `compiler_options.step_compiler_options(lean=...)`.
-    They trace and run with the mesh in context, so the per-head attention splits its heads over `tensor`."""
-    options = step_compiler_options(lean=lean_compile)
-    mesh = data_sharding.mesh
-    replicated = sharding_lib.replicated(mesh)
-    params_sharding = getattr(state_sharding, "params", state_sharding)
-    # A strongly typed step counter, as a restored checkpoint has: a resumed run then calls the same compiled step
-    # (flax's TrainState.create(step=0) is weakly typed, and a different input type means another compilation).
-    init_fn = jax.jit(lambda key: train.create_train_state(key, config, tx).replace(step=jnp.zeros((), jnp.int32)),
-                      out_shardings=state_sharding, compiler_options=options)
-    step_fn = sharding_lib.jit_sharded_step(
-        functools.partial(guarded_train_step, config=config, skip_nonfinite=skip_nonfinite), mesh, state_sharding,
-        compiler_options=options)
-    eval_fn = jax.jit(functools.partial(train.eval_step, config=config),
-                      in_shardings=(params_sharding, data_sharding, replicated), out_shardings=replicated,
-                      compiler_options=options)
-    return sharding_lib.InMesh(init_fn, mesh), step_fn, sharding_lib.InMesh(eval_fn, mesh)
-
-
-class _Steps:
-    """A run's mesh, abstract (sharded) state and jitted (init, train step, eval step), and compiled train steps
-    by batch shape (`compiled_step`)."""
-
-    def __init__(self, config: ModelConfig, tx, mesh, skip_nonfinite: bool, lean_compile: bool):
-        self.mesh = mesh
-        self.abstract_state, state_sharding = train.abstract_train_state(config, tx, mesh)
-        self.init, self.step, self.eval = sharded_step_functions(
-            config, tx, state_sharding, sharding_lib.batch_sharding(mesh), skip_nonfinite, lean_compile)
-        self._compiled: Dict[Tuple[int, int], Any] = {}
-
-    def compiled_step(self, batch_size: int, seq_len: int):
-        """The train step compiled ahead of time for [batch_size, seq_len] batches: the executable the run calls,
-        whose `memory_analysis()` the run reports."""
-        if (batch_size, seq_len) not in self._compiled:
-            key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                                       sharding=sharding_lib.replicated(self.mesh))
-            batch = train.abstract_batch(batch_size, seq_len, self.mesh)
-            self._compiled[(batch_size, seq_len)] = self.step.lower(self.abstract_state, batch, key).compile()
-        return self._compiled[(batch_size, seq_len)]
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled_steps(config: ModelConfig, optimizer: str, learning_rate: float, schedule_steps: int,
                     warmup_steps: Optional[int], clip_norm: float, devices: tuple, skip_nonfinite: bool,
-                    lean_compile: bool = False, mesh_shape: Optional[sharding_lib.MeshShape] = None) -> _Steps:
-    """Step functions per (model, optimizer, devices, mesh): a second run in the same process (a resume, a sweep)
+                    lean_compile: bool = False,
+                    mesh_shape: Optional[sharding_lib.MeshShape] = None) -> step_builder.TrainStep:
+    """The run's step per (model, optimizer, devices, mesh): a second run in the same process (a resume, a sweep)
     reuses the compiled executables instead of compiling again."""
     tx = train.make_optimizer(optimizer, learning_rate, schedule_steps=schedule_steps, warmup_steps=warmup_steps,
                               clip_norm=clip_norm)
     mesh = sharding_lib.make_mesh(mesh_shape or sharding_lib.MeshShape(data=len(devices)), list(devices))
-    return _Steps(config, tx, mesh, skip_nonfinite, lean_compile)
+    return step_builder.build_train_step(config, optimizer=tx, mesh=mesh, guarded=True, skip_nonfinite=skip_nonfinite,
+                                         lean_compile=lean_compile)
 
 
 def _mesh_line(mesh) -> str:
@@ -265,7 +200,7 @@ def _initial_params(init_from: str, config: ModelConfig, params: Any) -> Tuple[A
 
 
 def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, checkpointer: Checkpointer,
-           start_step: int, steps: "_Steps", seed_key, settings: Dict[str, Any]):
+           start_step: int, steps: step_builder.TrainStep, seed_key, settings: Dict[str, Any]):
     """Describe the run, compile its step (and report that executable's memory analysis), and restore its state
     (or create it, from --init_from if given). Returns (state, the compiled step, its compile seconds, where the
     initial parameters came from or None)."""
@@ -278,14 +213,11 @@ def _start(config: ModelConfig, options: TrainOptions, dataset, workdir: Path, c
         refuse_to_overwrite_a_run(workdir, options.checkpoint_every)
         state, origin = None, None
     compile_started = time.perf_counter()
-    step_fn = steps.compiled_step(options.batch_size, options.seq_len)
+    step_fn = steps.compile(options.batch_size, options.seq_len)
     compile_seconds = time.perf_counter() - compile_started
     if options.analyze_memory:
         # The very executable the run calls: its own accounting, per device.
-        stats = stats_from_analysis(step_fn.memory_analysis(), steps.abstract_state.params,
-                                    steps.abstract_state.opt_state,
-                                    train.abstract_batch(options.batch_size, options.seq_len, steps.mesh),
-                                    devices[0].platform, d_model=config.d_model, mesh=steps.mesh)
+        stats = steps.memory_of(step_fn, options.batch_size, options.seq_len)
         _say(f"memory (compile-time, per device): {stats.summary()}")
     if state is None:
         state = steps.init(seed_key)
@@ -323,7 +255,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     steps = _compiled_steps(config, options.optimizer, options.learning_rate, options.total_schedule_steps,
                             options.warmup_steps, options.clip_norm, tuple(devices), options.skip_nonfinite,
                             options.lean_compile, mesh_shape)
-    eval_fn = steps.eval
+    eval_fn = steps.evaluate
     data_sharding = sharding_lib.batch_sharding(steps.mesh)
     seed_key = sharding_lib.global_key(options.seed, steps.mesh)
     checkpointer = Checkpointer(workdir)

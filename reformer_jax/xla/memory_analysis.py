@@ -1,8 +1,9 @@
-"""Compile-time memory analysis of the real training step, from abstract shapes only.
+"""XLA's compile-time memory figures of a compiled training step, read into `MemoryStats`.
 
-`analyze_train_step` lowers and compiles the step main.py trains with (or, with optimizer=None, the loss and
-gradients alone) for `jax.ShapeDtypeStruct` inputs, so nothing is allocated: a 1M-token configuration can be
-measured on a laptop. It reads XLA's `compiled.memory_analysis()`:
+The step is built and compiled from abstract shapes by `reformer_jax.training.step_builder` (`analyze_train_step`,
+public as `reformer_jax.memory`), so nothing is allocated: a 1M-token configuration can be measured on a laptop.
+This module knows nothing of the model or the training step (it sits below `training/`); it reads
+`compiled.memory_analysis()`:
 
   peak_bytes       = argument + output - alias + temp           (MaxText's headline figure)
   activation_bytes = peak - parameters - their gradients - optimizer state - batch
@@ -16,7 +17,6 @@ measurement (`reformer_jax.xla.compiler_options`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,9 +24,6 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from reformer_jax.model.config import ModelConfig
-from reformer_jax.model.reformer_lm import init_params
-from reformer_jax.training import step as train
 from reformer_jax.xla.compiler_options import step_compiler_options
 
 
@@ -99,58 +96,6 @@ class MemoryStats:
                 + "]")
 
 
-def _abstract_key() -> jax.ShapeDtypeStruct:
-    return jax.eval_shape(lambda: jax.random.key(0))
-
-
-def lower_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
-                     optimizer: Optional[str] = "adafactor", mesh: Any = None):
-    """Lower the training step (or loss and gradients, optimizer=None) for abstract inputs.
-
-    With a jax Mesh (`reformer_jax.sharding.make_mesh`), the step is the sharded one main.py runs on it:
-    batch_size is then the global batch, split over data x fsdp.
-    Returns (lowered, abstract_params, abstract_optimizer_state_or_None, abstract_batch).
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer.")
-    config.check_seq_len(seq_len)
-    if mesh is not None:
-        return _lower_sharded_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, mesh=mesh)
-    batch = train.batch_spec(batch_size, seq_len)
-    key = _abstract_key()
-    if optimizer is None:
-        params = jax.eval_shape(functools.partial(init_params, config), key)
-        step = jax.ShapeDtypeStruct((), jnp.int32)
-        fn = jax.jit(functools.partial(train.loss_and_grads, config=config))
-        return fn.lower(params, batch, key, step), params, None, batch
-    tx = train.make_optimizer(optimizer)
-    state = jax.eval_shape(lambda k: train.create_train_state(k, config, tx), key)
-    lowered = train.jit_train_step(config).lower(state, batch, key)
-    return lowered, state.params, state.opt_state, batch
-
-
-def _lower_sharded_step(config: ModelConfig, *, batch_size: int, seq_len: int, optimizer: Optional[str], mesh):
-    from reformer_jax import sharding
-
-    shape = sharding.mesh_shape_of(mesh)
-    sharding.check_mesh_fits(shape, batch_size=batch_size, n_heads=config.n_heads, d_ff=config.d_ff,
-                             flag="mesh")
-    batch = train.abstract_batch(batch_size, seq_len, mesh)
-    key = jax.ShapeDtypeStruct((), _abstract_key().dtype, sharding=sharding.replicated(mesh))
-    state, state_sharding = train.abstract_train_state(config, train.make_optimizer(optimizer or "adafactor"),
-                                                          mesh)
-    if optimizer is None:
-        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
-        fn = jax.jit(functools.partial(train.loss_and_grads, config=config),
-                     in_shardings=(state_sharding.params, sharding.batch_sharding(mesh), sharding.replicated(mesh),
-                                   sharding.replicated(mesh)),
-                     out_shardings=((sharding.replicated(mesh), sharding.replicated(mesh)), state_sharding.params))
-        return sharding.InMesh(fn, mesh).lower(state.params, batch, key, step), state.params, None, batch
-    lowered = sharding.jit_sharded_step(functools.partial(train.train_step, config=config), mesh,
-                                        state_sharding).lower(state, batch, key)
-    return lowered, state.params, state.opt_state, batch
-
-
 # The floor's activation allowance: four [b, l, d_model] float32 tensors (two residual streams, two cotangents).
 FLOOR_STREAMS = 4
 
@@ -207,64 +152,3 @@ def _per_device_stats(analysis, params, opt_state, batch, backend, *, d_model, m
         floor_bytes=floor_bytes(param_bytes=param_bytes, optimizer_state_bytes=opt_bytes, batch_bytes=batch_bytes,
                                 batch_size=batch_size, seq_len=seq_len, d_model=d_model),
         device_kind=kind, device_count=int(mesh.devices.size), mesh_shape=str(mesh_shape_of(mesh)))
-
-
-def topology_mesh(topology: str, mesh: Any = None):
-    """The jax Mesh over the chips of a TPU slice (`reformer_jax.xla.tpu`): `mesh` as a --mesh string or a
-    `sharding.MeshShape` (default: every chip on data); a MeshError or TopologyError (one line) if it cannot be."""
-    from reformer_jax.xla import tpu
-    from reformer_jax import sharding
-
-    devices = tpu.topology_devices(topology, flag="topology")
-    if isinstance(mesh, sharding.MeshShape):
-        shape = mesh
-        if shape.device_count != len(devices):
-            raise sharding.MeshError(f"mesh={shape} spans {shape.device_count} chips but {topology} has "
-                                     f"{len(devices)}; make the sizes multiply to {len(devices)}.")
-    else:
-        shape = sharding.parse_mesh(mesh, len(devices), flag="mesh")
-    return sharding.make_mesh(shape, devices)
-
-
-def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, optimizer: Optional[str] = "adafactor",
-                       extra_options: Optional[Dict[str, Any]] = None, mesh: Any = None,
-                       topology: Optional[str] = None) -> Tuple[Any, MemoryStats]:
-    """(compiled step, its MemoryStats): `analyze_train_step` that also returns the executable.
-
-    `extra_options` are added to the backend's measuring options (e.g. XLA dump flags for a live-range timeline).
-    """
-    if topology is not None:
-        from reformer_jax.xla import tpu
-
-        mesh = topology_mesh(topology, mesh)
-    lowered, params, opt_state, batch = lower_train_step(config, batch_size=batch_size, seq_len=seq_len,
-                                                         optimizer=optimizer, mesh=mesh)
-    backend = "tpu" if topology is not None else jax.default_backend()
-    compiled = lowered.compile({**compiler_options(backend), **(extra_options or {})})
-    stats = stats_from_analysis(compiled.memory_analysis(), params, opt_state, batch, backend,
-                                d_model=config.d_model, mesh=mesh)
-    if topology is not None:
-        stats = dataclasses.replace(stats, topology=topology, hbm_bytes=tpu.usable_hbm_bytes(topology))
-    return compiled, stats
-
-
-def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
-                       optimizer: Optional[str] = "adafactor", mesh: Any = None,
-                       topology: Optional[str] = None) -> MemoryStats:
-    """Compile the real training step from abstract shapes and return XLA's memory figures.
-
-    Args:
-      config: the model.
-      batch_size, seq_len: the batch shape [batch_size, seq_len] (with a mesh: the global batch).
-      optimizer: "adafactor" | "adamw" for the full step (loss, gradients, update, donated state), or None for
-        loss and gradients only (activation memory without the optimizer's temporaries).
-      mesh: a jax Mesh with axes data, fsdp, tensor (`reformer_jax.sharding.make_mesh`): the sharded step main.py
-        runs on it; every figure is then per device (the floor too: the shards each device must hold), and the
-        stats record the device kind, count and mesh shape.
-      topology: a TPU slice, e.g. "v5e:4x4" (`reformer_jax.xla.tpu`; needs libtpu): the step is compiled by the TPU
-        compiler for that slice's chips, here on any machine, and the figures are per chip, with the chip's HBM
-        the compiler lets a program use (`MemoryStats.hbm_bytes`, `.fits`). `mesh` is then a --mesh string over the slice's chips (default: every
-        chip on data). Without libtpu, or for an unknown name, a `tpu.TopologyError` says what would work.
-    """
-    return compile_train_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, mesh=mesh,
-                              topology=topology)[1]
