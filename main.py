@@ -8,351 +8,23 @@ Every ModelConfig field is a flag (generated from the dataclass); a model flag l
 The defaults are sized for a CPU (under 10 minutes on 2 cores); --sizes=seed gives the seed's setup (d_model 512,
 8 heads, d_ff 2048, 6 layers, length 4096, batch 1), see reformer_jax/model/sizes.py. Rerunning the same command resumes
 from the latest checkpoint in --workdir; a larger --steps continues the run; a finished run is left as it is.
+
+Flags -> configs (reformer_jax/job_flags.py) -> one library call (`reformer_jax.training.loop.train_and_evaluate`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, Optional, Tuple
 
 from absl import app, flags, logging
 
-from reformer_jax import cli
-from reformer_jax.training import data as data_lib
-from reformer_jax.model import sizes
-from reformer_jax.model.config import PRESETS, ModelConfig
-from reformer_jax.model_flags import define_model_flags, parse_value
-from reformer_jax.training.step import OPTIMIZERS
+from reformer_jax import cli, job_flags
+# Checked and read here; tests and scripts reach them as main.<name>.
+from reformer_jax.job_flags import MODEL_FLAGS, model_config_from_flags, validate_run_flags  # noqa: F401
 
 FLAGS = flags.FLAGS
-
-# --- the run ---------------------------------------------------------------------------------------------------
-flags.DEFINE_enum("model", "reformer", list(PRESETS), "Model variant: a ModelConfig preset. transformer = full "
-                  "attention + ordinary residual; lsh = LSH attention + ordinary residual; reversible = full "
-                  "attention + reversible layers; reformer = LSH + reversible + chunked feed-forward.")
-flags.DEFINE_enum("sizes", None, list(sizes.NAMED), "Named sizes (reformer_jax/model/sizes.py) for --d_model, "
-                  "--n_heads, --d_ff, --n_layers, --seq_len and --batch_size (each flag given still wins); unset: cpu.")
-flags.DEFINE_integer("seq_len", sizes.CPU.seq_len, "Tokens per training sequence (a multiple of --chunk_len for LSH "
-                     "models).")
-flags.DEFINE_integer("batch_size", sizes.CPU.batch_size, "Sequences per step, over all devices (a multiple of the "
-                     "mesh's data x fsdp).")
-flags.DEFINE_integer("steps", 300, "Train until this many optimizer steps are done (a rerun with a larger value "
-                     "continues the same run).")
-flags.DEFINE_integer("schedule_steps", None, "Length of the warm-up + cosine learning-rate schedule (default: "
-                     "--steps, or the saved run's value when resuming).")
-flags.DEFINE_integer("warmup_steps", None, "Linear warm-up steps (default: 10% of the schedule, at most 1000).")
-flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
-flags.DEFINE_enum("optimizer", "adafactor", list(OPTIMIZERS), "adafactor (the seed's choice) or adamw.")
-flags.DEFINE_float("clip_norm", 1.0, "Clip gradients to this global norm.")
-flags.DEFINE_enum("dataset", "tiny_shakespeare", list(data_lib.DATASETS), "tiny_shakespeare (byte-level), "
-                  "synthetic (the paper's copy task 0 w 0 w, runs offline) or text (any file at --data_path).")
-flags.DEFINE_string("data_path", None, "Path of the text file (tiny_shakespeare: default the copy packaged with "
-                    "reformer_jax, checked by sha256).")
-flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics.jsonl and summary.json.")
-flags.DEFINE_integer("eval_every", 100, "Evaluate on the validation split every this many steps and at the end "
-                     "(0: never).")
-flags.DEFINE_integer("eval_batches", 4, "Validation batches per evaluation.")
-flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every this many steps (and always at the end).")
-flags.DEFINE_integer("seed", 0, "Seed of the parameters, data order, hashing and dropout.")
-flags.DEFINE_integer("sample_len", 200, "Characters of text generated at the end (0: none).")
-flags.DEFINE_string("compilation_cache_dir", None, "Keep compiled steps in this directory (JAX's persistent "
-                    "compilation cache): a rerun with the same model and shapes loads them instead of compiling.")
-flags.DEFINE_string("init_from", None, "Fine-tune: start from the latest checkpoint's parameters of a main.py "
-                    "--workdir (its model; model flags given override fields that keep the shapes, such as "
-                    "--dropout) with a new optimizer state and schedule, or from a converted checkpoint (python -m "
-                    "reformer_jax.convert --out=DIR; no model flags), whose tokenizer the run then uses.")
-flags.DEFINE_bool("analyze_memory", True, "Print the compiled step's memory analysis before training.")
-flags.DEFINE_float("time_limit_minutes", None, "Stop after this much wall time (compilation included), evaluated and "
-                   "checkpointed, even before --steps; rerun the same command to continue.")
-flags.DEFINE_bool("lean_compile", False, "CPU: compile the steps without XLA's MLIR fusion emitters: a few hundred "
-                  "MB less peak RSS while compiling, slower steps (reformer_jax/xla/compiler_options.py).")
-flags.DEFINE_bool("skip_nonfinite", False, "Skip a batch whose loss or gradients are NaN/Inf (parameters unchanged, "
-                  "logged) instead of stopping the run.")
-# --- devices ---------------------------------------------------------------------------------------------------
-flags.DEFINE_string("mesh", None, "Device mesh as axis:size pairs over data, fsdp and tensor, e.g. "
-                    "data:-1,fsdp:4,tensor:2 (-1: the devices the other axes leave). fsdp shards the parameters, "
-                    "gradients and optimizer state; tensor splits the attention heads and the feed-forward width; the "
-                    "batch goes over data x fsdp. Default: on a CPU with 2 or more cores, tensor:2 over two host "
-                    "devices (a layer's heads on separate cores: the fastest CPU setting measured, docs/speed.md); "
-                    "on GPUs and TPUs, every device on data (data parallel).")
-flags.DEFINE_integer("host_devices", None, "CPU: split the host into this many devices (XLA's "
-                     "--xla_force_host_platform_device_count, set before jax starts), e.g. --host_devices=8 "
-                     "--mesh=data:2,fsdp:2,tensor:2. Default: 2 with the default --mesh (see there), else 1.")
-flags.DEFINE_string("topology", None, "With --compile_only: a TPU slice to compile the job for on this machine, e.g. "
-                    "v5e:16x16 (needs libtpu: pip install \"libtpu==0.0.42.*\"); --mesh then lays out its chips.")
-flags.DEFINE_bool("compile_only", False, "Compile the training step for --topology, print its per-chip memory "
-                  "analysis against the chip's HBM and exit: 0 if it fits, 1 if not. Trains nothing.")
-# --- several hosts ---------------------------------------------------------------------------------------------
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs "
-                    "(jax.distributed.initialize). Omit on one host; on Cloud TPU and SLURM it is auto-detected "
-                    "with --distributed.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU pods, "
-                  "SLURM) even without --coordinator_address.")
-
-# --- every ModelConfig field (None: the preset's value), generated from the dataclass -----------------------------
-MODEL_FLAGS = define_model_flags(
-    ModelConfig, defaults={name: getattr(sizes.CPU, name) for name in ("d_model", "n_heads", "d_ff", "n_layers")},
-    extra_help={"max_len": "Unset: --seq_len.", "vocab_size": "The copy task draws its symbols below it.",
-                "stream_grid_bits": "See benchmarks/results/reversible_drift.md."})
-SIZE_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size")
-
-
-def _config_from_init_from() -> ModelConfig:
-    """The model of --init_from: a main.py workdir's (model flags given override its fields; a model whose
-    parameter shapes differ is refused) or a converted checkpoint's (no model flags), checked against --seq_len."""
-    from reformer_jax.training import saved_run
-
-    given = [name for name in MODEL_FLAGS if FLAGS[name].present]
-    try:
-        source = saved_run.open_model(FLAGS.init_from, flag="--init_from")
-        if source.is_run:
-            if FLAGS["model"].present:
-                raise app.UsageError(f"--init_from={FLAGS.init_from} fixes the model; drop --model (model flags such "
-                                     "as --dropout or --n_hashes may still change what keeps the shapes).")
-            config = saved_run.model_config(source.settings["model"], **_model_overrides(given))
-            saved_run.check_same_shapes(source, config)
-        else:
-            if given or FLAGS["model"].present:
-                names = ", ".join(f"--{name}" for name in given) or "--model"
-                raise app.UsageError(f"--init_from={FLAGS.init_from} (a converted checkpoint) fixes the model; drop "
-                                     f"{names}.")
-            config = source.config
-        config.check_seq_len(FLAGS.seq_len)
-    except saved_run.SavedRunError as error:
-        raise app.UsageError(str(error) if str(error).startswith("--init_from") else
-                             f"--init_from={FLAGS.init_from}: {error}")
-    except ValueError as error:
-        raise app.UsageError(f"--init_from={FLAGS.init_from}: {_blame_given_flag(str(error))}")
-    return config
-
-
-def _model_overrides(names) -> Dict[str, Any]:
-    """The ModelConfig fields the model flags `names` set (None values: the preset's)."""
-    try:
-        return {name: parse_value(ModelConfig, name, FLAGS[name].value) for name in names
-                if FLAGS[name].value is not None}
-    except ValueError as error:
-        raise app.UsageError(str(error)) from None
-
-
-def apply_named_sizes() -> None:
-    """--sizes=NAME: its values for the size flags not given on the command line."""
-    if FLAGS.sizes:
-        named = sizes.NAMED[FLAGS.sizes]
-        for name in SIZE_FLAGS:
-            if not FLAGS[name].present:
-                FLAGS[name].value = getattr(named, name)
-
-
-def model_config_from_flags() -> ModelConfig:
-    """The ModelConfig the flags describe; a bad value raises UsageError naming the flag."""
-    if FLAGS.init_from:
-        return _config_from_init_from()
-    overrides = _model_overrides(MODEL_FLAGS)
-    overrides.setdefault("max_len", FLAGS.seq_len)
-    try:
-        config = ModelConfig.preset(FLAGS.model, **overrides)
-        config.check_seq_len(FLAGS.seq_len)
-    except ValueError as error:
-        raise app.UsageError(_blame_given_flag(str(error)))
-    return config
-
-
-def _given(name: str) -> bool:
-    return FLAGS[name].present > 0
-
-
-def _blame_given_flag(message: str) -> str:
-    """ModelConfig's message about a field, reworded to name the flag the user gave (not a derived field)."""
-    message = message.replace("ModelConfig.", "--")
-    if FLAGS.max_len is None:  # max_len is --seq_len's value: name the flag the user gave
-        message = message.replace("--max_len=", "--seq_len=")
-    if message.startswith("--d_head=None is invalid"):  # d_head derives from d_model // n_heads
-        blamed = "d_model" if _given("d_model") or not _given("n_heads") else "n_heads"
-        divisors = [h for h in range(1, min(FLAGS.d_model, 64) + 1) if FLAGS.d_model % h == 0][-4:]
-        return (f"--{blamed}={FLAGS[blamed].value} is invalid: --d_model={FLAGS.d_model} is not divisible by "
-                f"--n_heads={FLAGS.n_heads}; use --n_heads dividing it (e.g. {', '.join(map(str, divisors))}) or "
-                "give --d_head.")
-    if message.startswith("--tie_embeddings=True is invalid") and not _given("tie_embeddings"):
-        return ("--output_head=concat is invalid with tied embeddings (the default): the 'concat' head has width "
-                "2 * d_model and cannot be tied to the embedding; add --notie_embeddings or use --output_head=mean.")
-    return message
-
-
-def validate_run_flags() -> None:
-    """Range checks of the run's flags (the model's are ModelConfig's), before anything is compiled."""
-    apply_named_sizes()
-    positive = ("seq_len", "batch_size", "steps", "eval_batches")
-    non_negative = ("eval_every", "checkpoint_every", "sample_len", "seed")
-    for name in positive:
-        if FLAGS[name].value < 1:
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
-    for name in non_negative:
-        if FLAGS[name].value < 0:
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected an integer >= 0.")
-    for name in ("schedule_steps", "warmup_steps"):
-        if FLAGS[name].value is not None and FLAGS[name].value < 1:
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
-    for name in ("learning_rate", "clip_norm", "time_limit_minutes"):
-        if FLAGS[name].value is not None and not 0 < FLAGS[name].value < float("inf"):
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive number (finite).")
-    if FLAGS.dataset == "synthetic" and (FLAGS.seq_len % 2 or FLAGS.seq_len < 4):
-        raise app.UsageError(f"--seq_len={FLAGS.seq_len} is invalid for --dataset=synthetic: the copy task needs "
-                             "an even length >= 4.")
-    vocab = FLAGS.vocab_size
-    if vocab is not None and FLAGS.dataset == "synthetic" and vocab < 2:
-        raise app.UsageError(f"--vocab_size={vocab} is invalid for --dataset=synthetic: the copy task needs at least "
-                             "one symbol besides 0 (--vocab_size >= 2).")
-    if vocab is not None and FLAGS.dataset != "synthetic" and vocab < data_lib.BYTE_VOCAB_SIZE:
-        raise app.UsageError(f"--vocab_size={vocab} is too small for byte-level --dataset={FLAGS.dataset}; use "
-                             f"{data_lib.BYTE_VOCAB_SIZE} (or leave it unset).")
-    if FLAGS.compilation_cache_dir is not None:
-        from reformer_jax.xla.compilation_cache import check_cache_dir
-
-        try:
-            check_cache_dir(FLAGS.compilation_cache_dir)
-        except ValueError as error:
-            raise app.UsageError(str(error)) from None
-    if FLAGS.dataset == "text" and not FLAGS.data_path:
-        raise app.UsageError("--dataset=text needs --data_path=FILE.")
-    if (FLAGS.num_processes is None) != (FLAGS.process_id is None) or (
-            FLAGS.num_processes is not None and not FLAGS.coordinator_address):
-        raise app.UsageError("multi-host runs need --coordinator_address, --num_processes and --process_id together "
-                             "(or --distributed for auto-detection on Cloud TPU and SLURM).")
-    if FLAGS.compile_only and not FLAGS.topology:
-        raise app.UsageError("--compile_only needs --topology=SLICE (e.g. --topology=v5e:16x16): it compiles the job "
-                             "for a TPU slice without running it.")
-    if FLAGS.topology and not FLAGS.compile_only:
-        raise app.UsageError(f"--topology={FLAGS.topology} is for --compile_only (this machine cannot train on the "
-                             "slice); add --compile_only.")
-    if FLAGS.host_devices is not None and FLAGS.host_devices < 1:
-        raise app.UsageError(f"--host_devices={FLAGS.host_devices} is invalid: expected a positive integer.")
-    if FLAGS.num_processes is not None and not 0 <= FLAGS.process_id < FLAGS.num_processes:
-        raise app.UsageError(f"--process_id={FLAGS.process_id} is invalid: expected 0 <= process_id < "
-                             f"--num_processes={FLAGS.num_processes}.")
-
-
-def split_host_devices(count, default: bool = False) -> bool:
-    """--host_devices (or the CPU default's two): the CPU backend starts with `count` devices; False where it
-    cannot, because jax has already started (reading --init_from's checkpoint does): the default then stays on
-    one device, and a --host_devices given is refused."""
-    if count is None:
-        return False
-    import jax
-
-    try:
-        jax.config.update("jax_num_cpu_devices", count)  # refused once the backends exist
-    except RuntimeError:
-        if default:
-            return False
-        raise app.UsageError(f"--host_devices={count} cannot be applied once jax has started (with --init_from); "
-                             "drop it to train on one device.") from None
-    flag = "--xla_force_host_platform_device_count"
-    os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-                                       + [f"{flag}={count}"])
-    return True
-
-
-CPU_DEFAULT_MESH, CPU_DEFAULT_DEVICES = "tensor:2", 2
-
-
-def users_device_count() -> Optional[str]:
-    """The CPU device count the user set through JAX's own settings (XLA_FLAGS' host platform device count, or
-    JAX_NUM_CPU_DEVICES), as they wrote it; None where they set none."""
-    for part in os.environ.get("XLA_FLAGS", "").split():
-        if part.startswith("--xla_force_host_platform_device_count"):
-            return f"XLA_FLAGS {part}"
-    if os.environ.get("JAX_NUM_CPU_DEVICES"):
-        return f"JAX_NUM_CPU_DEVICES={os.environ['JAX_NUM_CPU_DEVICES']}"
-    return None
-
-
-def cpu_default_applies(config: ModelConfig) -> bool:
-    """Neither --mesh, --host_devices nor a device count of the user's own (XLA_FLAGS, JAX_NUM_CPU_DEVICES) given,
-    one process, 2+ cores and heads / d_ff that split in two: the host is split into two devices. Whether they are
-    used (CPU) or not (GPU, TPU) is known once jax has started."""
-    return (FLAGS.mesh is None and FLAGS.host_devices is None and users_device_count() is None
-            and FLAGS.num_processes is None and not FLAGS.distributed and (os.cpu_count() or 1) >= CPU_DEFAULT_DEVICES
-            and config.n_heads % CPU_DEFAULT_DEVICES == 0 and config.d_ff % CPU_DEFAULT_DEVICES == 0)
-
-
-def resolve_mesh_flag(config: ModelConfig, cpu_default: bool) -> Tuple[str, str]:
-    """(--mesh as given, else the default: tensor:2 on a CPU whose host was split for it, every device on data
-    elsewhere; what chose the devices and the mesh, for the header), checked against the devices, --batch_size
-    and the model, before anything compiles."""
-    import jax
-
-    from reformer_jax.sharding import MeshError, check_mesh_fits, parse_mesh
-
-    mesh = FLAGS.mesh
-    use_cpu_default = mesh is None and cpu_default and jax.default_backend() == "cpu"
-    if mesh is None:
-        mesh = CPU_DEFAULT_MESH if use_cpu_default else "data:-1"
-    if FLAGS.host_devices is not None:
-        devices = f"--host_devices={FLAGS.host_devices}"
-    elif use_cpu_default:
-        devices = "the CPU default (two host devices)"
-    else:
-        devices = users_device_count() or ("jax's devices" if jax.process_count() == 1 else
-                                           f"{jax.process_count()} processes")
-    chosen = f"devices from {devices}; mesh from " + ("--mesh" if FLAGS.mesh else
-                                                     "the CPU default" if use_cpu_default else "the default")
-    try:
-        shape = parse_mesh(mesh, jax.device_count())
-        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=mesh)
-    except MeshError as error:
-        raise app.UsageError(str(error)) from None
-    return mesh, chosen
-
-
-def compile_only(config: ModelConfig) -> int:
-    """--compile_only: the job's training step compiled for --topology's chips over --mesh; 0 if it fits."""
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")  # the TPU compiler runs through the topology, not a TPU backend
-    from reformer_jax.xla import tpu
-    from reformer_jax.memory import compile_train_step
-    from reformer_jax.sharding import MeshError, check_mesh_fits, parse_mesh
-
-    try:
-        devices = tpu.topology_devices(FLAGS.topology)
-        mesh = FLAGS.mesh or "data:-1"
-        shape = parse_mesh(mesh, len(devices))
-        check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=mesh)
-    except (tpu.TopologyError, MeshError) as error:
-        raise app.UsageError(str(error)) from None
-    print(f"compiling for {FLAGS.topology}: {len(devices)} x {devices[0].device_kind}, mesh {shape}, batch "
-          f"{FLAGS.batch_size} x {FLAGS.seq_len} tokens", flush=True)
-    try:
-        _, stats = compile_train_step(config, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-                                      optimizer=FLAGS.optimizer, topology=FLAGS.topology, mesh=shape)
-    except Exception as error:  # the TPU compiler's own refusal, e.g. RESOURCE_EXHAUSTED: it does not fit
-        reason = str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
-        print(f"error: the TPU compiler refused the step for {FLAGS.topology} ({reason}); it does not fit: use a "
-              "larger slice, more fsdp, a shorter --seq_len or a smaller --batch_size.", file=sys.stderr)
-        return 1
-    print(f"memory (compile-time, per device): {stats.summary()}", flush=True)
-    if not stats.fits:
-        print(f"error: the step needs {stats.peak_bytes / 2**20:,.1f} MiB per device, more than the "
-              f"{stats.hbm_bytes / 2**20:,.0f} MiB of HBM the TPU compiler lets a program use on each chip of "
-              f"{FLAGS.topology}: use a larger slice, "
-              "more fsdp, a shorter --seq_len or a smaller --batch_size.", file=sys.stderr)
-        return 1
-    print(f"fits: {stats.peak_bytes / 2**20:,.1f} MiB of the {stats.hbm_bytes / 2**20:,.0f} MiB of HBM a program may use "
-          "per chip")
-    return 0
-
-
-def _initialize_distributed() -> None:
-    import jax
-
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
+flags.adopt_module_key_flags(job_flags)  # --help lists the job's flags as main.py's own
 
 
 def main(argv):
@@ -363,41 +35,26 @@ def main(argv):
         validate_run_flags()
         config = model_config_from_flags()
         if FLAGS.compile_only:
-            return compile_only(config)
-        cpu_default = False
-        if cpu_default_applies(config):
-            cpu_default = split_host_devices(CPU_DEFAULT_DEVICES, default=True)
-        else:
-            split_host_devices(FLAGS.host_devices)
+            return job_flags.compile_only(config)
+        host_was_split = job_flags.apply_device_flags(config)
     except app.UsageError as error:  # one line, no usage text (that is --help's)
         print(f"error: {error}", file=sys.stderr)
         return 2
-    _initialize_distributed()
-    mesh, chosen = resolve_mesh_flag(config, cpu_default)  # a bad mesh: UsageError, one line from cli.run
+    job_flags.initialize_distributed()
+    options = job_flags.train_options(config, host_was_split)
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.xla.compilation_cache import enable_compilation_cache
 
         enable_compilation_cache(FLAGS.compilation_cache_dir)
 
-    from reformer_jax.training.checkpoint import CheckpointError, CheckpointMismatch, saved_run_settings
+    from reformer_jax.training.checkpoint import CheckpointError, CheckpointMismatch
+    from reformer_jax.training.data import DataError
+    from reformer_jax.training.loop import TrainingDiverged, train_and_evaluate
     from reformer_jax.training.saved_run import SavedRunError
-    from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and_evaluate
 
-    schedule_steps = FLAGS.schedule_steps
-    saved = saved_run_settings(FLAGS.workdir)
-    if schedule_steps is None and saved:  # resuming with a larger --steps keeps the run's schedule
-        schedule_steps = saved.get("schedule_steps")
-    options = TrainOptions(
-        workdir=FLAGS.workdir, steps=FLAGS.steps, schedule_steps=schedule_steps, warmup_steps=FLAGS.warmup_steps,
-        learning_rate=FLAGS.learning_rate, optimizer=FLAGS.optimizer, clip_norm=FLAGS.clip_norm,
-        batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dataset=FLAGS.dataset, data_path=FLAGS.data_path,
-        seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
-        checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
-        skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes,
-        lean_compile=FLAGS.lean_compile, mesh=mesh, devices_chosen_by=chosen)
     try:
         train_and_evaluate(config, options)
-    except (data_lib.DataError, CheckpointMismatch, CheckpointError, TrainingDiverged, SavedRunError) as error:
+    except (DataError, CheckpointMismatch, CheckpointError, TrainingDiverged, SavedRunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except ValueError as error:  # e.g. a batch size the device count does not divide

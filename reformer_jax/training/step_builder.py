@@ -224,6 +224,30 @@ def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, op
     return compiled, stats
 
 
+class DoesNotFit(RuntimeError):
+    """The TPU compiler refused to compile the step for a slice (e.g. RESOURCE_EXHAUSTED): it does not fit."""
+
+
+def compile_for_topology(config: ModelConfig, *, batch_size: int, seq_len: int, topology: str, mesh: Any = None,
+                         optimizer: str = "adafactor") -> MemoryStats:
+    """The step compiled by the TPU compiler for the chips of `topology` over `mesh` (a mesh string or MeshShape;
+    default every chip on data), here on any machine: its per-chip MemoryStats (`.fits`: within the HBM a program
+    may use). A bad slice or mesh raises TopologyError / MeshError before anything compiles; a compiler refusal
+    raises DoesNotFit with the compiler's first line."""
+    mesh = topology_mesh(topology, mesh)
+    built = build_train_step(config, optimizer=optimizer, mesh=mesh, backend="tpu")
+    _check_batch(built, batch_size, seq_len)
+    try:
+        compiled = built.compile(batch_size, seq_len)
+    except Exception as error:  # the compiler's own refusal: the program cannot be laid out in the chip's HBM
+        text = str(error).strip()
+        raise DoesNotFit(text.splitlines()[0][:400] if text else type(error).__name__) from error
+    from reformer_jax.xla import tpu
+
+    return dataclasses.replace(built.memory_of(compiled, batch_size, seq_len), topology=topology,
+                               hbm_bytes=tpu.usable_hbm_bytes(topology))
+
+
 def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
                        optimizer: Optional[str] = "adafactor", mesh: Any = None,
                        topology: Optional[str] = None) -> MemoryStats:
@@ -247,5 +271,5 @@ def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
                               topology=topology)[1]
 
 
-__all__ = ["TrainStep", "build_train_step", "compile_train_step", "analyze_train_step", "topology_mesh",
-           "guarded_train_step", "StepBuildError"]
+__all__ = ["TrainStep", "build_train_step", "compile_train_step", "analyze_train_step", "compile_for_topology",
+           "topology_mesh", "guarded_train_step", "StepBuildError", "DoesNotFit"]
