@@ -323,6 +323,18 @@ def _eval_configs(fv, config) -> List[Tuple[str, Any]]:
         (f"lsh-{h}", _with_attention(config, "lsh", n_hashes=h)) for h in _int_values("eval_hashes", fv.eval_hashes)]
 
 
+def _scores(config, params, batches, rng) -> Dict[str, float]:
+    """Loss, bits per token and accuracy of `batches` under `config`; batch i hashed with fold_in(rng, i), so every
+    configuration sees the same keys."""
+    import jax
+
+    from reformer_jax.training import evaluation
+    from reformer_jax.training.step_builder import build_train_step
+
+    return evaluation.evaluate_batches(build_train_step(config).evaluate, params, batches,
+                                       lambda i: jax.random.fold_in(rng, i))
+
+
 def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[str, Any]:
     """Every final score of one trained model (see the module docstring)."""
     import jax
@@ -334,12 +346,11 @@ def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[s
     batches = _validation_batches(fv, dataset, plan, fv.eval_batches)
     scores: Dict[str, Any] = {"eval_tokens": int(sum(b["weights"].sum() for b in batches))}
     settings = _eval_configs(fv, config)
-    scores["by_eval_setting"] = {name: evaluation.evaluate_batches(c, _eval_params(c, params), batches, rng)
-                                 for name, c in settings}
+    scores["by_eval_setting"] = {name: _scores(c, _eval_params(c, params), batches, rng) for name, c in settings}
     # The as-trained score is one of the settings (the same config, batches and keys) unless --eval_hashes skips it.
     trained = next((name for name, c in settings if c == config), None)
     scores["final"] = (scores["by_eval_setting"][trained] if trained else
-                       evaluation.evaluate_batches(config, params, batches, rng))
+                       _scores(config, params, batches, rng))
     if plan.task == "shakespeare":
         n = fv.influence_sequences
         first = dataset.batch("validation", fv.seed, 2000, n, plan.seq_len)

@@ -80,6 +80,7 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
     from reformer_jax import sharding as sharding_lib
     from reformer_jax.training import data as data_lib
     from reformer_jax.training import saved_run
+    from reformer_jax.training import evaluation
     from reformer_jax.training import step_builder
     from reformer_jax.training import loop as trainer
     from reformer_jax.training.run_record import read_record, update_record, with_evaluation
@@ -152,10 +153,11 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
         return compiled(params, batch, key) if same else eval_fn(params, batch, key)
 
     started = time.perf_counter()
-    scores = trainer.evaluate_batches(run_step, params, source_batches, seed, data_sharding)
+    scores = evaluation.evaluate_batches(run_step, params, source_batches, trainer.validation_key(seed, mesh),
+                                         data_sharding)
     memory["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    entry = {**described, "tokens": int(scores["val_tokens"]), "loss": scores["val_loss"],
-             "bpc": scores["val_bpc"], "accuracy": scores["val_accuracy"], "copy_task": copy_task,
+    entry = {**described, "tokens": int(scores["tokens"]), "loss": scores["loss"],
+             "bpc": scores["bpc"], "accuracy": scores["accuracy"], "copy_task": copy_task,
              "memory": memory, "seconds": {"compile": compile_seconds, "score": time.perf_counter() - started}}
     if model.is_run:
         update_record(workdir, {"evaluations": with_evaluation(read_record(workdir), entry)})

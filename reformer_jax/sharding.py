@@ -267,6 +267,14 @@ def global_key(seed: int, mesh: Mesh) -> jax.Array:
     return jax.random.wrap_key_data(jax.make_array_from_callback(data.shape, replicated(mesh), lambda i: data[i]))
 
 
+def global_batch(batch: Dict[str, np.ndarray], sharding: NamedSharding) -> Dict[str, jax.Array]:
+    """This process's rows of the (identically generated) global batch -> one global array each, laid out by
+    `sharding` ({name: [global batch, ...]} numpy on every process)."""
+    n, i = jax.process_count(), jax.process_index()
+    rows = batch["inputs"].shape[0] // n
+    return {k: jax.make_array_from_process_local_data(sharding, v[i * rows:(i + 1) * rows]) for k, v in batch.items()}
+
+
 def per_device_bytes(tree: Any, shardings: Any) -> int:
     """Bytes one device holds of `tree` laid out by `shardings` (a sharding per leaf, or one for all):
     the largest shard of each leaf, summed."""

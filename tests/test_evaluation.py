@@ -1,5 +1,7 @@
 """reformer_jax.training.evaluation: the future's influence and the truncated (future-masked) score."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from reformer_jax import ModelConfig
 from reformer_jax.model.reformer_lm import ReformerLM, init_params
 from reformer_jax.training import evaluation
+from reformer_jax.training.step import eval_step
 
 LENGTH = 64
 
@@ -73,8 +76,9 @@ def test_evaluate_batches_weights_tokens(models):
     targets[0, :4], targets[1, 3:6] = predicted[0, :4], predicted[1, 3:6]
     weights = np.zeros(tokens.shape, np.float32)
     weights[:, :10] = 1.0
-    scores = evaluation.evaluate_batches(config, params, [{"inputs": tokens, "targets": targets,
-                                                           "weights": weights}], jax.random.key(0))
+    eval_fn = jax.jit(functools.partial(eval_step, config=config))
+    scores = evaluation.evaluate_batches(eval_fn, params, [{"inputs": tokens, "targets": targets, "weights": weights}],
+                                         lambda i: jax.random.fold_in(jax.random.key(0), i))
     log_probs = evaluation.token_log_probs(config, params, tokens, targets, rng)
     np.testing.assert_allclose(scores["loss"], -log_probs[:, :10].mean(), rtol=1e-5)
     assert scores["accuracy"] == pytest.approx(7 / 20)
@@ -90,16 +94,22 @@ def _numpy_scores(logits, targets, weights):
 
 
 def test_validation_scores_are_numpy_cross_entropy_of_the_models_logits(models):
-    """The loop's validation (`loop.evaluate_batches` over the jitted `eval_step`, as main.py and evaluate score a
-    run; batch i hashed with key(seed + 10_000 + i)) and `evaluation.evaluate_batches` (batch i hashed with
-    fold_in(rng, i)): loss, accuracy and bits per character of three weighted batches equal a float64 numpy
+    """The loop's validation (`loop.evaluate` over the built step's `evaluate`, as main.py and evaluate score a
+    run; batch i hashed with key(seed + 10_000 + i)) and `evaluation.evaluate_batches` with other keys (batch i
+    hashed with fold_in(rng, i)): loss, accuracy and bits per character of three weighted batches equal a float64 numpy
     cross-entropy of `ReformerLM(config).apply`'s logits under the same hash keys, to 1e-5."""
-    import functools
     import math
 
     from reformer_jax import sharding
     from reformer_jax.training import loop
-    from reformer_jax.training.step import eval_step
+    from reformer_jax.training.step_builder import build_train_step
+
+    class Batches:  # a dataset whose validation batches are `batches`
+        def __init__(self, batches):
+            self.batches = batches
+
+        def batch(self, split, seed, i, batch_size, seq_len):
+            return self.batches[i]
 
     config, params = models["lsh"]
     rng = np.random.default_rng(6)
@@ -119,15 +129,17 @@ def test_validation_scores_are_numpy_cross_entropy_of_the_models_logits(models):
 
     seed = 3
     mesh = sharding.make_mesh(sharding.MeshShape(), jax.devices()[:1])
-    got = loop.evaluate_batches(jax.jit(functools.partial(eval_step, config=config)), params, batches, seed,
-                                sharding.batch_sharding(mesh))
+    got = loop.evaluate(build_train_step(config, mesh=mesh).evaluate, params, Batches(batches),
+                        loop.TrainOptions(workdir="unused", seed=seed, eval_batches=3, batch_size=2, seq_len=batches[0]["inputs"].shape[1]),
+                        sharding.batch_sharding(mesh))
     want = expected([jax.random.key(seed + 10_000 + i) for i in range(3)])
     for name in ("loss", "accuracy", "bpc", "tokens"):
         assert got[f"val_{name}"] == pytest.approx(want[name], rel=1e-5), name
     rng_key = jax.random.key(seed)
-    got = evaluation.evaluate_batches(config, params, batches, rng_key)
+    got = evaluation.evaluate_batches(jax.jit(functools.partial(eval_step, config=config)), params, batches,
+                                      lambda i: jax.random.fold_in(rng_key, i))
     want = expected([jax.random.fold_in(rng_key, i) for i in range(3)])
-    for name in ("loss", "accuracy", "bpc"):
+    for name in ("loss", "accuracy", "bpc", "tokens"):
         assert got[name] == pytest.approx(want[name], rel=1e-5), name
     # The hash keys matter (an LSH model): other keys give another loss than the reference's.
     assert abs(expected([jax.random.key(99 + i) for i in range(3)])["loss"] / want["loss"] - 1) > 1e-4

@@ -247,7 +247,6 @@ def test_fine_tuning_from_a_workdir_starts_from_exactly_its_parameters(run, fine
     from reformer_jax.training import saved_run
     from reformer_jax.training import step as train
     from reformer_jax import sharding
-    from reformer_jax.training import loop as trainer
     from reformer_jax.training.step_builder import build_train_step
 
     assert fine_tuned["source_unchanged"]
@@ -271,7 +270,7 @@ def test_fine_tuning_from_a_workdir_starts_from_exactly_its_parameters(run, fine
     from reformer_jax.training import data
 
     dataset = data.load_dataset("text", seq_len=64, data_path=str(run["corpus"]))
-    batch = trainer.global_batch(dataset.batch("train", settings["seed"], 0, 4, 64), data_sharding)
+    batch = sharding.global_batch(dataset.batch("train", settings["seed"], 0, 4, 64), data_sharding)
     state, _ = step_fn(state, batch, key)
     expected = jax.tree.leaves(jax.device_get(state.params))
     saved = jax.tree.leaves(jax.device_get(saved_run.restore_params(tuned, 1)))

@@ -129,7 +129,6 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     from reformer_jax.training import data
     from reformer_jax.training.step import make_optimizer
     from reformer_jax import sharding
-    from reformer_jax.training.loop import global_batch
     from reformer_jax.training.step_builder import build_train_step
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig.preset("reformer", **{tiny!r})
@@ -141,7 +140,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         init_fn, step_fn, batch_sharding = built.init, built.step, sharding.batch_sharding(mesh)
         state = init_fn(jax.random.key(0))
         for step in range(2):
-            batch = global_batch(task.batch("train", 0, step, 8, 64), batch_sharding)
+            batch = sharding.global_batch(task.batch("train", 0, step, 8, 64), batch_sharding)
             state, metrics = step_fn(state, batch, jax.random.key(1))
         assert len(state.params["embed"].sharding.device_set) == len(devices)
         results.append((float(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params))))
@@ -151,7 +150,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     init_fn, step_fn = built.init, built.step
     state = init_fn(jax.random.key(0))
     for step in range(2):
-        batch = global_batch(task.batch("train", 0, step, 8, 64), sharding.batch_sharding(mesh))
+        batch = sharding.global_batch(task.batch("train", 0, step, 8, 64), sharding.batch_sharding(mesh))
         state, metrics = step_fn(state, batch, jax.random.key(1))
     assert tuple(state.params["layers"]["attention"]["qk"].sharding.spec) == (None, "fsdp", "tensor")
     results.append((float(metrics["loss"]), jax.tree.leaves(jax.device_get(state.params))))

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from reformer_jax.model.config import ModelConfig
+from reformer_jax.sharding import global_batch
 from reformer_jax.model.reformer_lm import ReformerLM
 
 LOG2 = math.log(2)
@@ -123,17 +124,20 @@ def honest_bpc(config: ModelConfig, params: Any, tokens: np.ndarray, targets: np
             "positions": int(positions.size)}
 
 
-def evaluate_batches(config: ModelConfig, params: Any, batches: Sequence[Dict[str, np.ndarray]],
-                     rng: jax.Array) -> Dict[str, float]:
-    """Weighted mean loss (nats), bits per token and accuracy over `batches` ({"inputs", "targets", "weights"}),
-    deterministic; batch i hashes with fold_in(rng, i), so every configuration sees the same keys."""
-    loss_sum = correct_sum = weight_sum = 0.0
+def evaluate_batches(eval_fn: Callable, params: Any, batches: Iterable[Dict[str, np.ndarray]],
+                     keys: Callable[[int], jax.Array], sharding: Any = None) -> Dict[str, float]:
+    """Weighted means over `batches` of eval_fn(params, batch, keys(i)) -> {"loss", "accuracy", "tokens"} (the
+    jitted `step.eval_step`, or a built step's `evaluate`): {"loss" (nats per token), "bpc", "accuracy",
+    "tokens"}. With a `sharding`, batch i is this process's rows of the global batch laid out by it."""
+    totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0.0}
     for i, batch in enumerate(batches):
-        log_probs, correct = (np.asarray(x) for x in token_scores(config, params, batch["inputs"], batch["targets"],
-                                                                  jax.random.fold_in(rng, i)))
-        weights = batch["weights"]
-        loss_sum -= float((log_probs * weights).sum())
-        correct_sum += float((correct * weights).sum())
-        weight_sum += float(weights.sum())
-    weight_sum = max(weight_sum, 1.0)
-    return {"loss": loss_sum / weight_sum, "bpc": loss_sum / weight_sum / LOG2, "accuracy": correct_sum / weight_sum}
+        if sharding is not None:
+            batch = global_batch(batch, sharding)
+        metrics = jax.device_get(eval_fn(params, batch, keys(i)))
+        weight = float(metrics["tokens"])
+        totals["loss"] += float(metrics["loss"]) * weight
+        totals["accuracy"] += float(metrics["accuracy"]) * weight
+        totals["tokens"] += weight
+    tokens = max(totals["tokens"], 1.0)
+    loss = totals["loss"] / tokens
+    return {"loss": loss, "bpc": loss / LOG2, "accuracy": totals["accuracy"] / tokens, "tokens": totals["tokens"]}

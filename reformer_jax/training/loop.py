@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from reformer_jax import sharding as sharding_lib
 from reformer_jax import tokenizers
 from reformer_jax.training import data as data_lib
+from reformer_jax.training import evaluation
 from reformer_jax.training import saved_run
 from reformer_jax.training import step as train
 from reformer_jax.training import step_builder
@@ -132,13 +133,6 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def global_batch(batch: Dict[str, np.ndarray], sharding: NamedSharding) -> Dict[str, jax.Array]:
-    """This process's rows of the (identically generated) global batch -> one global, sharded array each."""
-    n, i = jax.process_count(), jax.process_index()
-    rows = batch["inputs"].shape[0] // n
-    return {k: jax.make_array_from_process_local_data(sharding, v[i * rows:(i + 1) * rows]) for k, v in batch.items()}
-
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -152,28 +146,18 @@ def _runtime_memory_line() -> str:
 
 def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSharding,
              split: str = "validation") -> Dict[str, float]:
-    """Mean loss and accuracy over the same `eval_batches` batches of `split` every time (fixed hash keys)."""
+    """{"val_loss", "val_accuracy", "val_bpc", "val_tokens"} over the same `eval_batches` batches of `split` every
+    time, batch i hashed with key(seed + 10_000 + i) (`validation_key`)."""
     batches = (dataset.batch(split, options.seed, i, options.batch_size, options.seq_len)
                for i in range(options.eval_batches))
-    return evaluate_batches(eval_fn, params, batches, options.seed, sharding)
+    scores = evaluation.evaluate_batches(eval_fn, params, batches, validation_key(options.seed, sharding.mesh),
+                                         sharding)
+    return {f"val_{name}": value for name, value in scores.items()}
 
 
-def evaluate_batches(eval_fn, params, batches, seed: int, sharding: NamedSharding) -> Dict[str, float]:
-    """{"val_loss", "val_accuracy", "val_bpc", "val_tokens"}: weighted means over `batches`, batch i hashed with
-    key(seed + 10_000 + i)."""
-    totals: Dict[str, float] = {}
-    for i, batch in enumerate(batches):
-        key = sharding_lib.global_key(seed + 10_000 + i, sharding.mesh)
-        metrics = jax.device_get(eval_fn(params, global_batch(batch, sharding), key))
-        weight = float(metrics["tokens"])
-        for name in ("loss", "accuracy"):
-            totals[name] = totals.get(name, 0.0) + float(metrics[name]) * weight
-        totals["tokens"] = totals.get("tokens", 0.0) + weight
-    tokens = totals.pop("tokens", 0.0)
-    result = {f"val_{name}": value / max(tokens, 1.0) for name, value in totals.items()}
-    result["val_bpc"] = result["val_loss"] / math.log(2)
-    result["val_tokens"] = tokens
-    return result
+def validation_key(seed: int, mesh):
+    """Batch i of a validation is hashed with key(seed + 10_000 + i), the same on every process: i -> key."""
+    return lambda i: sharding_lib.global_key(seed + 10_000 + i, mesh)
 
 
 def _describe(config: ModelConfig, dataset, options: TrainOptions, devices, mesh) -> None:
@@ -305,7 +289,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     done, saves = start_step, 0
     try:
         for step in range(start_step, options.steps):
-            batch = global_batch(dataset.batch("train", options.seed, step, options.batch_size, options.seq_len),
+            batch = sharding_lib.global_batch(dataset.batch("train", options.seed, step, options.batch_size, options.seq_len),
                                   data_sharding)
             step_started = time.perf_counter()
             state, metrics = step_fn(state, batch, seed_key)
