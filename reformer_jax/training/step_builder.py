@@ -130,7 +130,8 @@ def _check_batch(built: TrainStep, batch_size: int, seq_len: int) -> None:
 def build_train_step(config: ModelConfig, *, optimizer: Union[str, optax.GradientTransformation] = "adafactor",
                      mesh: Any = None, guarded: bool = False, skip_nonfinite: bool = False,
                      gradients_only: bool = False, lean_compile: bool = False,
-                     backend: Optional[str] = None, lsh_rotations: Any = None) -> TrainStep:
+                     backend: Optional[str] = None, lsh_rotations: Any = None,
+                     compiler_options: Optional[Dict[str, Any]] = None) -> TrainStep:
     """The training step of `config`.
 
     Args:
@@ -145,10 +146,11 @@ def build_train_step(config: ModelConfig, *, optimizer: Union[str, optax.Gradien
       backend: the backend the options are chosen for (default: jax's; "tpu" when compiling for a topology).
       lsh_rotations: fixed hash rotations [LSH layers, h, k, n_hashes, f / 2] for `evaluate` (a converted seeded
         checkpoint's, `SavedModel.lsh_rotations_for`) instead of rotations drawn from its key.
+      compiler_options: XLA options instead of the executed steps' own (a benchmark compiling with XLA's defaults).
     """
     tx = train.make_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
     backend = backend or jax.default_backend()
-    options = step_compiler_options(backend, lean=lean_compile)
+    options = step_compiler_options(backend, lean=lean_compile) if compiler_options is None else compiler_options
     if mesh is None:
         abstract_state = jax.eval_shape(lambda k: train.create_train_state(k, config, tx), _abstract_key())
         state_sharding = None
