@@ -5,19 +5,19 @@
 
 Random weights at the published configuration (`reformer_jax.model.sizes.HF_ENWIK8`): Hugging Face's
 ReformerModelWithLMHead built with torch seed 0 and written with save_pretrained. Each side runs once, in its own
-process (so each peak RSS is one process's, read with os.wait4): (a) Hugging Face's forward in eval mode under
-torch.no_grad on the first seq_len tokens of the text, labels = inputs (seq_len - 1 targets; use_cache=False, the
-generation cache is not wanted); (b) `python -m reformer_jax.convert` of the saved model, then
-`reformer_jax.evaluate.evaluate_run`, what `python -m reformer_jax.evaluate --init_from --data_path --seq_len` runs,
-on the same text: the first seq_len + 1 bytes of the packaged tiny Shakespeare (seq_len targets); (c) the same
-evaluation step compiled for one chip of each --topologies slice. hash_seed is None: each side draws its own LSH
-rotations, so the two losses agree in scale, not in value.
+process (its peak RSS read with os.wait4): (a) Hugging Face's forward in eval mode under torch.no_grad on the first
+seq_len tokens, labels = inputs (seq_len - 1 targets; use_cache=False: no generation cache); (b)
+`python -m reformer_jax.convert` of the saved model, then `reformer_jax.evaluate.evaluate_run` (what
+`python -m reformer_jax.evaluate --init_from --data_path --seq_len` runs) on the same text, the first seq_len + 1
+bytes of the packaged tiny Shakespeare (seq_len targets); (c) that evaluation step compiled for one chip of each
+--topologies slice. hash_seed is None: each side draws its own LSH rotations, so the losses agree in scale only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,12 +29,16 @@ from absl import app, flags
 
 from benchmarks import cli, output
 
-flags.DEFINE_integer("seq_len", 65536, "Tokens of the one window scored (a multiple of 256, at most 65,536).")
-flags.DEFINE_list("topologies", "v5e:1x1,v4:1x1x1", "TPU slices whose one chip the evaluation step is compiled for.")
-flags.DEFINE_string("out_dir", cli.DEFAULT_OUT_DIR, "Where hf_enwik8_<seq_len>.json / .md are written.")
-flags.DEFINE_enum("worker", None, ["hf", "ours", "tpu"], "Internal: run one side in this process.")
-flags.DEFINE_string("dir", None, "Internal: the working directory of the workers.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:  # only when run: REPORT.md's builder imports this module beside other drivers
+    flags.DEFINE_integer("seq_len", 65536, "Tokens of the one window scored (a multiple of 256, at most 65,536).")
+    flags.DEFINE_list("topologies", "v5e:1x1,v4:1x1x1", "TPU slices whose one chip the evaluation step is compiled "
+                      "for.")
+    flags.DEFINE_string("out_dir", cli.DEFAULT_OUT_DIR, "Where hf_enwik8_<seq_len>.json / .md are written.")
+    flags.DEFINE_enum("worker", None, ["hf", "ours", "tpu"], "Internal: run one side in this process.")
+    flags.DEFINE_string("dir", None, "Internal: the working directory of the workers.")
 
 
 def worker(side: str, directory: str, seq_len: int) -> dict:
@@ -86,26 +90,50 @@ def run_child(argv: list, worker: bool = True) -> dict:
     return row
 
 
-def versions() -> dict:
-    names = ("jax", "jaxlib", "libtpu", "torch", "transformers")
-    return {name: metadata.version(name) if importlib.util.find_spec(name) else None for name in names}
+COLUMNS = [("side", "process", ""), ("wall_seconds", "wall s", ".1f"), ("compute_seconds", "run s", ".1f"),
+           ("compile_seconds", "compile s", ".1f"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
+           ("eval_step_peak_bytes", "compile-time peak MiB", "mib"), ("loss", "loss (nats)", ".4f"),
+           ("bpc", "bits / char", ".4f"), ("targets", "targets", ","), ("error", "error", "")]
+
+
+def table(result: dict) -> str:
+    """The processes side by side, then the evaluation step's per-chip peak on each TPU slice."""
+    mib = lambda n: output.fmt(n, "mib")  # noqa: E731
+    chips = "; ".join(f"{t} ({m['device_kind']}): {mib(m['eval_step_peak_bytes'])} MiB of {mib(m['hbm_bytes'])} MiB "
+                      f"usable HBM, {'fits' if m['fits'] else 'does NOT fit'}" if isinstance(m, dict) else f"{t}: {m}"
+                      for t, m in result["tpu"].items())
+    return (output.markdown_table(result["rows"], COLUMNS)
+            + "\nwall s: the whole process (imports, building or reading the model, compiling); run s: Hugging "
+            "Face's forward, or our scoring of the window, compilation excluded; compile-time peak: XLA's memory "
+            "analysis of our evaluation step on this CPU (argument + output - alias + temp).\n\n"
+            f"The evaluation step compiled for one TPU chip (per-chip compile-time peak): {chips}.\n")
+
+
+def summary(result: dict) -> str:
+    """What the rows say, in a paragraph (a side that failed is named with its error)."""
+    hf, _, ours = result["rows"]
+    failed = [f"{row['side']} failed ({row['error']})" for row in (hf, ours) if "error" in row]
+    if failed:
+        return "; ".join(failed) + "."
+    return (f"At {result['seq_len']:,} tokens (batch 1), Hugging Face's forward took {hf['compute_seconds']:.0f} s "
+            f"and its process peaked at {hf['peak_rss_bytes'] / 2**30:.2f} GiB RSS; ours compiled in "
+            f"{ours['compile_seconds']:.0f} s and scored in {ours['compute_seconds']:.0f} s "
+            f"({hf['compute_seconds'] / ours['compute_seconds']:.2f} x faster, compilation excluded; "
+            f"{hf['compute_seconds'] / (ours['compile_seconds'] + ours['compute_seconds']):.2f} x with it), peaking "
+            f"at {ours['peak_rss_bytes'] / 2**30:.2f} GiB RSS ({ours['peak_rss_bytes'] / hf['peak_rss_bytes']:.2f} x "
+            f"Hugging Face's), of which XLA's compile-time peak of the step is "
+            f"{ours['eval_step_peak_bytes'] / 2**30:.2f} GiB. The losses, {hf['loss']:.4f} and {ours['loss']:.4f} nats "
+            f"per target, differ by {abs(hf['loss'] - ours['loss']):.4f}: both models have the same random weights, "
+            "but each side draws its own LSH rotations (hash_seed None) and Hugging Face scores one target fewer, "
+            "so only their scale is comparable. The machine was shared with other jobs (1-minute load average "
+            f"{result['load_average']['before'][0]} before, {result['load_average']['after'][0]} after, on "
+            f"{result['machine']['cpu_count']} CPUs): the seconds are what a busy machine gave, not an idle one's.")
 
 
 def markdown(result: dict) -> str:
-    mib, rows = output.fmt, result["rows"]
-    table = output.markdown_table(rows, [
-        ("side", "process", ""), ("wall_seconds", "wall s", ".1f"), ("compute_seconds", "forward / scoring s", ".1f"),
-        ("compile_seconds", "compile s", ".1f"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
-        ("eval_step_peak_bytes", "compile-time peak MiB", "mib"), ("loss", "loss (nats)", ".4f"),
-        ("bpc", "bits per char", ".4f"), ("targets", "targets", ","), ("error", "error", "")])
-    chips = "; ".join(f"{t} ({m.get('device_kind')}): {mib(m.get('eval_step_peak_bytes'), 'mib')} MiB of "
-                      f"{mib(m.get('hbm_bytes'), 'mib')} MiB usable HBM, {'fits' if m.get('fits') else 'does NOT fit'}"
-                      if isinstance(m, dict) else f"{t}: {m}" for t, m in result["tpu"].items())
     return (f"# google/reformer-enwik8's configuration at {result['seq_len']:,} tokens: Hugging Face against ours\n\n"
-            f"{__doc__.split(chr(10) + chr(10), 2)[2].strip()}\n\n{table}\n"
-            f"Evaluation step compiled for one TPU chip (per-chip compile-time peak): {chips}.\n\n"
-            f"Machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs, load average "
-            f"{result['load_average']['before']} before and {result['load_average']['after']} after (shared); "
+            f"{__doc__.split(chr(10) + chr(10), 2)[2].strip()}\n\n{table(result)}\n{summary(result)}\n\n"
+            f"Machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs; "
             f"{', '.join(f'{k} {v}' for k, v in result['versions'].items())}.\nCommand: `{result['command']}`\n")
 
 
@@ -133,8 +161,9 @@ def main(argv) -> None:
         cli.log(f"Hugging Face forward at {FLAGS.seq_len:,} tokens ...")
         hf = {"side": "Hugging Face forward (torch, eval, no_grad)", **run_child(me + ["--worker=hf"])}
         cli.log("convert ...")
-        convert = {"side": "python -m reformer_jax.convert", **run_child(
-            [sys.executable, "-m", "reformer_jax.convert", f"--hf_dir={directory}/hf", f"--out={directory}/converted"], worker=False)}
+        convert = {"side": "python -m reformer_jax.convert", **run_child([
+            sys.executable, "-m", "reformer_jax.convert", f"--hf_dir={directory}/hf", f"--out={directory}/converted"],
+            worker=False)}
         cli.log("ours ...")
         ours = {"side": "reformer_jax evaluate (jax, CPU)", **run_child(me + ["--worker=ours"])}
         cli.log("TPU compiles ...")
@@ -145,11 +174,13 @@ def main(argv) -> None:
                     eval_step_peak_bytes=ours["memory"]["eval_step_peak_bytes"])
     for row in (hf, ours):
         if row.get("loss") is not None:
-            row["bpc"] = row["loss"] / 0.6931471805599453
+            row["bpc"] = row["loss"] / math.log(2)
     result = {"seq_len": FLAGS.seq_len, "rows": [hf, convert, ours],
               "tpu": {t: chips.get(t, chips.get("error")) for t in FLAGS.topologies},
-              "machine": machine(), "versions": versions(), "load_average": {"before": load_before,
-                                                                              "after": [round(x, 2) for x in os.getloadavg()]},
+              "machine": machine(),
+              "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
+              "versions": {name: metadata.version(name) if importlib.util.find_spec(name) else None
+                           for name in ("jax", "jaxlib", "libtpu", "torch", "transformers")},
               "command": cli.command("benchmarks.hf_enwik8", sys.argv), "git_commit": cli.git_commit()}
     base = os.path.join(FLAGS.out_dir, f"hf_enwik8_{FLAGS.seq_len}")
     output.atomic_write_text(base + ".json", json.dumps(result, indent=1) + "\n")
@@ -158,4 +189,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -55,6 +55,24 @@ def sections(results: str, rel: str) -> List[str]:
                    f"{first['seq_len']}, batch {first['batch_size']}, {first['n_layers']} layers, "
                    f"{first['n_hashes']} hash rounds, chunk {first['chunk_len']} (`benchmarks.step_profile`).\n")
         out.append(step_profile.markdown(rows))
+    out.extend(hf_enwik8_section(results, rel))
     return out
+
+
+def hf_enwik8_section(results: str, rel: str) -> List[str]:
+    """Evaluation at google/reformer-enwik8's configuration and length against Hugging Face (benchmarks.hf_enwik8),
+    where results/hf_enwik8_65536.json exists."""
+    from benchmarks import hf_enwik8
+
+    result = load(results, "hf_enwik8_65536")
+    if not result:
+        return []
+    return ["\n## google/reformer-enwik8's configuration at 65,536 tokens: evaluation against Hugging Face\n",
+            f"Command: `{result['command']}` -> [`hf_enwik8_65536.json`]({rel}/hf_enwik8_65536.json). Machine: "
+            f"{result['machine']['platform']}, {result['machine']['cpu_count']} CPUs; "
+            f"{', '.join(f'{k} {v}' for k, v in result['versions'].items())}. Random weights at the published "
+            "configuration (`reformer_jax.model.sizes.HF_ENWIK8`), one window of tiny Shakespeare, batch 1, each "
+            "side once in its own process (`benchmarks/hf_enwik8.py`).\n", hf_enwik8.table(result),
+            hf_enwik8.summary(result)]
 
 
