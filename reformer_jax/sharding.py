@@ -275,19 +275,6 @@ def global_batch(batch: Dict[str, np.ndarray], sharding: NamedSharding) -> Dict[
     return {k: jax.make_array_from_process_local_data(sharding, v[i * rows:(i + 1) * rows]) for k, v in batch.items()}
 
 
-def per_device_bytes(tree: Any, shardings: Any) -> int:
-    """Bytes one device holds of `tree` laid out by `shardings` (a sharding per leaf, or one for all):
-    the largest shard of each leaf, summed."""
-    leaves = jax.tree.leaves(tree)
-    shards = (jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-              if not isinstance(shardings, jax.sharding.Sharding) else [shardings] * len(leaves))
-    total = 0
-    for leaf, sharding in zip(leaves, shards):
-        shard = sharding.shard_shape(tuple(leaf.shape))
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return int(total)
-
-
 # --- the sharded training state and step ------------------------------------------------------------------------
 
 class InMesh:

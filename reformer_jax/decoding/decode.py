@@ -29,7 +29,7 @@ from reformer_jax.kernels.lsh import lsh_buckets, total_buckets
 from reformer_jax.kernels.reversible import to_grid
 from reformer_jax.model import layers
 from reformer_jax.model.config import ModelConfig
-from reformer_jax.model.reformer_lm import PositionalEmbedding, head_spec, layer_period
+from reformer_jax.model.reformer_lm import PositionalEmbedding, layer_period, output_head_spec
 
 Params = Dict[str, Any]
 Caches = List[cache_lib.Cache]
@@ -157,7 +157,7 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
         streams = _residual_update(cfg, streams, f, feed_forward)
     last = lambda s: jnp.take_along_axis(s, (lengths - 1)[:, None, None], axis=1)  # noqa: E731 [b, 1, d]
     streams = tuple(map(last, streams)) if cfg.reversible else last(streams)
-    return caches, output_head.head_logits(head_params(cfg, params), streams, head_spec(cfg))[:, 0]
+    return caches, output_head.head_logits(head_params(cfg, params), streams, output_head_spec(cfg))[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def step(config: ModelConfig, params: Params, caches: Caches, token: jax.Array, 
         streams = _residual_update(cfg, streams, f, feed_forward)
     as_rows = lambda s: s[None, None]  # noqa: E731
     streams = tuple(map(as_rows, streams)) if cfg.reversible else as_rows(streams)
-    return new_caches, output_head.head_logits(head_params(cfg, params), streams, head_spec(cfg))[0, 0]
+    return new_caches, output_head.head_logits(head_params(cfg, params), streams, output_head_spec(cfg))[0, 0]
 
 
 def prefill_length(config: ModelConfig, longest: int, hf_compatible: bool) -> int:

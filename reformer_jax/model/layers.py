@@ -56,8 +56,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic:
     return jnp.where(dropout_mask(rate, rng, salt, x.shape), x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def head_spec(config: ModelConfig, seq_len: int, deterministic: bool, attention_type: Optional[str] = None,
-              grid_bits: int = 0) -> per_head.HeadSpec:
+def attention_core_spec(config: ModelConfig, seq_len: int, deterministic: bool, attention_type: Optional[str] = None,
+                        grid_bits: int = 0) -> per_head.HeadSpec:
     """The static settings of the one-head-at-a-time attention core for this config, length, layer type
     ("full" or "lsh"; default config.attention) and reversible stack's grid (0: none)."""
     return per_head.HeadSpec(
@@ -149,7 +149,7 @@ def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.
     if (attention_type or config.attention) == "local":
         raise ValueError("attention_block_reverse: local attention has no per-head path; differentiate "
                          "attention_block by jax.vjp.")
-    spec = head_spec(config, x.shape[1], deterministic, attention_type, grid_bits)
+    spec = attention_core_spec(config, x.shape[1], deterministic, attention_type, grid_bits)
     keep, rate = _output_keep(config, dropout_rng, x.shape, deterministic)
     with jax.named_scope("attention_block_reverse"):
         return head_parallel.reverse_by_heads(spec, params, x, y, dy, dx, buckets,
@@ -160,7 +160,7 @@ def _attention_per_head(params, x, *, config, kind, lsh_rng, weights_rng, determ
                         attention_mask, keep=None, rate=0.0, grid_bits=0):
     """One head at a time (`reformer_jax.kernels.per_head`); attention_mask (already real-first) only sets the pad bucket;
     keep, rate: the block's output dropout, applied per head (on a stream grid)."""
-    spec = head_spec(config, x.shape[1], deterministic, kind, grid_bits)
+    spec = attention_core_spec(config, x.shape[1], deterministic, kind, grid_bits)
     if spec.lsh and buckets is None:
         if rotations is None:
             rotations = lsh.random_rotations(lsh_rng, n_heads=config.n_heads, d_head=config.d_head,

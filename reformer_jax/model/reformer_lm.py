@@ -254,9 +254,6 @@ class ReformerLM(nn.Module):
         return {"norm": {"scale": self.final_norm_scale, "bias": self.final_norm_bias},
                 "kernel": self.embed.T if self.config.tie_embeddings else self.head_kernel, "bias": self.head_bias}
 
-    def head_spec(self) -> output_head.HeadSpec:
-        return head_spec(self.config)
-
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
                  lsh_rotations=None) -> jax.Array:
         """tokens [b, l] -> logits [b, l, V], for any length l up to max_len.
@@ -278,7 +275,7 @@ class ReformerLM(nn.Module):
             tokens = jnp.pad(tokens, ((0, 0), (0, padded - length)))
         streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
                                lsh_rotations=lsh_rotations)
-        return output_head.head_logits(self.head_params(), streams, self.head_spec())[:, :length]
+        return output_head.head_logits(self.head_params(), streams, output_head_spec(self.config))[:, :length]
 
     def loss_terms(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array, *,
                    deterministic: bool = True, attention_mask=None, lsh_rotations=None):
@@ -287,11 +284,11 @@ class ReformerLM(nn.Module):
         lsh_rotations as for `__call__`."""
         streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
                                lsh_rotations=lsh_rotations)
-        return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, spec=self.head_spec(),
+        return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, spec=output_head_spec(self.config),
                                               chunk_len=self.config.output_chunk_len)
 
 
-def head_spec(config: ModelConfig) -> output_head.HeadSpec:
+def output_head_spec(config: ModelConfig) -> output_head.HeadSpec:
     """The output head's static settings for `config` (how the streams meet, LayerNorm eps, compute dtype)."""
     return output_head.HeadSpec(combine=config.output_head, layer_norm_eps=config.layer_norm_eps,
                                 dtype=config.compute_dtype)
