@@ -13,6 +13,7 @@ from typing import Any, Dict, Tuple
 
 from absl import app, flags
 
+from reformer_jax.errors import SettingError
 from reformer_jax.model import sizes
 from reformer_jax.model.config import PRESETS, ModelConfig
 from reformer_jax.model_flags import define_model_flags, parse_value
@@ -120,7 +121,7 @@ def _config_from_init_from() -> ModelConfig:
         raise app.UsageError(str(error) if str(error).startswith("--init_from") else
                              f"--init_from={FLAGS.init_from}: {error}")
     except ValueError as error:
-        raise app.UsageError(f"--init_from={FLAGS.init_from}: {_blame_given_flag(str(error))}")
+        raise app.UsageError(f"--init_from={FLAGS.init_from}: {_blame_given_flag(error)}")
     return config
 
 
@@ -152,7 +153,7 @@ def model_config_from_flags() -> ModelConfig:
         config = ModelConfig.preset(FLAGS.model, **overrides)
         config.check_seq_len(FLAGS.seq_len)
     except ValueError as error:
-        raise app.UsageError(_blame_given_flag(str(error)))
+        raise app.UsageError(_blame_given_flag(error))
     return config
 
 
@@ -160,43 +161,27 @@ def _given(name: str) -> bool:
     return FLAGS[name].present > 0
 
 
-def _blame_given_flag(message: str) -> str:
-    """ModelConfig's message about a field, reworded to name the flag the user gave (not a derived field)."""
-    message = message.replace("ModelConfig.", "--")
-    if FLAGS.max_len is None:  # max_len is --seq_len's value: name the flag the user gave
-        message = message.replace("--max_len=", "--seq_len=")
-    if message.startswith("--d_head=None is invalid"):  # d_head derives from d_model // n_heads
+def _blame_given_flag(error: ValueError) -> str:
+    """A setting's error (`SettingError`) in the flags the user gave: a derived field is blamed on its source."""
+    if not isinstance(error, SettingError):
+        return str(error)
+    if error.field == "d_head" and error.value is None:  # d_head derives from d_model // n_heads
         blamed = "d_model" if _given("d_model") or not _given("n_heads") else "n_heads"
         divisors = [h for h in range(1, min(FLAGS.d_model, 64) + 1) if FLAGS.d_model % h == 0][-4:]
         return (f"--{blamed}={FLAGS[blamed].value} is invalid: --d_model={FLAGS.d_model} is not divisible by "
                 f"--n_heads={FLAGS.n_heads}; use --n_heads dividing it (e.g. {', '.join(map(str, divisors))}) or "
                 "give --d_head.")
-    if message.startswith("--tie_embeddings=True is invalid") and not _given("tie_embeddings"):
+    if error.field == "tie_embeddings" and not _given("tie_embeddings"):
         return ("--output_head=concat is invalid with tied embeddings (the default): the 'concat' head has width "
                 "2 * d_model and cannot be tied to the embedding; add --notie_embeddings or use --output_head=mean.")
-    return message
+    # max_len is --seq_len's value unless given: name the flag the user gave
+    return error.as_flags({} if FLAGS.max_len is not None else {"max_len": "seq_len"})
 
 
 def validate_run_flags() -> None:
     """Range checks of the run's flags (the model's are ModelConfig's), before anything is compiled."""
     apply_named_sizes()
-    positive = ("seq_len", "batch_size", "steps", "eval_batches")
-    non_negative = ("eval_every", "checkpoint_every", "sample_len", "seed")
-    for name in positive:
-        if FLAGS[name].value < 1:
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
-    for name in non_negative:
-        if FLAGS[name].value < 0:
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected an integer >= 0.")
-    for name in ("schedule_steps", "warmup_steps"):
-        if FLAGS[name].value is not None and FLAGS[name].value < 1:
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
-    for name in ("learning_rate", "clip_norm", "time_limit_minutes"):
-        if FLAGS[name].value is not None and not 0 < FLAGS[name].value < float("inf"):
-            raise app.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive number (finite).")
-    if FLAGS.dataset == "synthetic" and (FLAGS.seq_len % 2 or FLAGS.seq_len < 4):
-        raise app.UsageError(f"--seq_len={FLAGS.seq_len} is invalid for --dataset=synthetic: the copy task needs "
-                             "an even length >= 4.")
+    run_options()  # the run's own values, checked by TrainOptions
     vocab = FLAGS.vocab_size
     if vocab is not None and FLAGS.dataset == "synthetic" and vocab < 2:
         raise app.UsageError(f"--vocab_size={vocab} is invalid for --dataset=synthetic: the copy task needs at least "
@@ -211,8 +196,6 @@ def validate_run_flags() -> None:
             check_cache_dir(FLAGS.compilation_cache_dir)
         except ValueError as error:
             raise app.UsageError(str(error)) from None
-    if FLAGS.dataset == "text" and not FLAGS.data_path:
-        raise app.UsageError("--dataset=text needs --data_path=FILE.")
     if (FLAGS.num_processes is None) != (FLAGS.process_id is None) or (
             FLAGS.num_processes is not None and not FLAGS.coordinator_address):
         raise app.UsageError("multi-host runs need --coordinator_address, --num_processes and --process_id together "
@@ -316,21 +299,28 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def train_options(config: ModelConfig, host_was_split: bool):
-    """The run's TrainOptions from the flags (a resumed run keeps its saved schedule unless --schedule_steps)."""
-    from reformer_jax.training.checkpoint import saved_run_settings
+def run_options(**resolved):
+    """TrainOptions from the flags (`resolved`: the values main fills in once jax has started); a value
+    TrainOptions refuses is a one-line UsageError naming its flag."""
     from reformer_jax.training.loop import TrainOptions
+
+    names = ("workdir", "steps", "schedule_steps", "warmup_steps", "learning_rate", "optimizer", "clip_norm",
+             "batch_size", "seq_len", "dataset", "data_path", "seed", "eval_every", "eval_batches", "checkpoint_every",
+             "sample_len", "analyze_memory", "skip_nonfinite", "init_from", "time_limit_minutes", "lean_compile")
+    try:
+        return TrainOptions(**{**{name: FLAGS[name].value for name in names}, **resolved})
+    except SettingError as error:
+        raise app.UsageError(error.as_flags()) from None
+
+
+def train_options(config: ModelConfig, host_was_split: bool):
+    """The run's TrainOptions: the flags, the mesh and devices resolved, and a resumed run's saved schedule
+    (unless --schedule_steps)."""
+    from reformer_jax.training.checkpoint import saved_run_settings
 
     mesh, chosen = resolve_mesh_flag(config, host_was_split)  # a bad mesh: UsageError, one line from cli.run
     schedule_steps = FLAGS.schedule_steps
     saved = saved_run_settings(FLAGS.workdir)
     if schedule_steps is None and saved:  # resuming with a larger --steps keeps the run's schedule
         schedule_steps = saved.get("schedule_steps")
-    return TrainOptions(
-        workdir=FLAGS.workdir, steps=FLAGS.steps, schedule_steps=schedule_steps, warmup_steps=FLAGS.warmup_steps,
-        learning_rate=FLAGS.learning_rate, optimizer=FLAGS.optimizer, clip_norm=FLAGS.clip_norm,
-        batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dataset=FLAGS.dataset, data_path=FLAGS.data_path,
-        seed=FLAGS.seed, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
-        checkpoint_every=FLAGS.checkpoint_every, sample_len=FLAGS.sample_len, analyze_memory=FLAGS.analyze_memory,
-        skip_nonfinite=FLAGS.skip_nonfinite, init_from=FLAGS.init_from, time_limit_minutes=FLAGS.time_limit_minutes,
-        lean_compile=FLAGS.lean_compile, mesh=mesh, devices_chosen_by=chosen)
+    return run_options(schedule_steps=schedule_steps, mesh=mesh, devices_chosen_by=chosen)

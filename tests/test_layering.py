@@ -9,7 +9,8 @@ PACKAGES = ("reformer_jax", "benchmarks")
 
 # Lowest first; a module may import its own layer's modules and any lower layer's, never a higher one's.
 LAYERS = (
-    ("foundations", ("reformer_jax.kernels", "reformer_jax.sharding", "reformer_jax.tokenizers", "reformer_jax.xla")),
+    ("foundations", ("reformer_jax.kernels", "reformer_jax.sharding", "reformer_jax.tokenizers", "reformer_jax.xla",
+                     "reformer_jax.errors")),
     ("model", ("reformer_jax.model",)),
     ("decoding", ("reformer_jax.decoding",)),
     ("training", ("reformer_jax.training",)),

@@ -24,6 +24,8 @@ from typing import Any, Optional, Tuple, Union
 
 import jax.numpy as jnp
 
+from reformer_jax.errors import SettingError
+
 ATTENTION_TYPES = ("full", "lsh", "local")
 POS_EMBEDDINGS = ("absolute", "axial")
 OUTPUT_HEADS = ("mean", "concat")
@@ -46,7 +48,7 @@ FACTORISE_BUCKETS_ABOVE = 128
 
 
 def _fail(field: str, value: Any, valid: str) -> None:
-    raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {valid}.")
+    raise SettingError("ModelConfig", field, value, f"is invalid: {valid}.")
 
 
 def _factor_pair(n: int) -> Optional[Tuple[int, int]]:
@@ -361,14 +363,16 @@ class ModelConfig:
     def check_seq_len(self, seq_len: int) -> None:
         """Raise a ValueError naming the length if the model cannot run on sequences of this length."""
         if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len={seq_len!r} is invalid: expected a positive integer.")
+            raise SettingError("", "seq_len", seq_len, "is invalid: expected a positive integer.")
         if seq_len > self.max_len:
-            raise ValueError(f"seq_len={seq_len} is longer than ModelConfig.max_len={self.max_len}; raise max_len "
-                             "or shorten the sequences.")
+            raise SettingError("", "seq_len", seq_len, f"is longer than ModelConfig.max_len={self.max_len}; raise "
+                               "max_len or shorten the sequences.")
         if self.uses("lsh") and seq_len % self.chunk_len:
-            raise ValueError(f"seq_len={seq_len} is not a multiple of ModelConfig.chunk_len={self.chunk_len}, "
-                             f"which LSH attention needs; e.g. seq_len={max(1, seq_len // self.chunk_len) * self.chunk_len}.")
+            raise SettingError("", "seq_len", seq_len, f"is not a multiple of ModelConfig.chunk_len={self.chunk_len}, "
+                               "which LSH attention needs; e.g. "
+                               f"seq_len={max(1, seq_len // self.chunk_len) * self.chunk_len}.")
         c = self.local_chunk_len
         if self.uses("local") and seq_len > c and seq_len % c:
-            raise ValueError(f"seq_len={seq_len} is neither at most nor a multiple of ModelConfig.local_chunk_len={c}, "
-                             f"which local attention needs; e.g. seq_len={max(1, seq_len // c) * c}.")
+            raise SettingError("", "seq_len", seq_len, f"is neither at most nor a multiple of "
+                               f"ModelConfig.local_chunk_len={c}, which local attention needs; e.g. "
+                               f"seq_len={max(1, seq_len // c) * c}.")

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 
 from reformer_jax import sharding as sharding_lib
 from reformer_jax import tokenizers
+from reformer_jax.errors import SettingError
 from reformer_jax.training import data as data_lib
 from reformer_jax.training import evaluation
 from reformer_jax.training import saved_run
@@ -36,13 +37,17 @@ from reformer_jax.training.run_log import MetricsLog, Progress, TensorBoardLog, 
 from reformer_jax.training.run_record import read_record, update_record
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainOptions:
-    """Everything about a run except the model."""
+    """Everything about a run except the model; checked when made (`SettingError`)."""
 
     workdir: str
     steps: int = 1000
@@ -77,6 +82,33 @@ class TrainOptions:
     # Train on the first `device_count` of jax.devices() (None: all of them), e.g. one device of a host split into
     # eight. Not a run setting either: a checkpoint resumes on any devices.
     device_count: Optional[int] = None
+
+    def __post_init__(self):
+        """Every value checked when the options are made, before anything compiles: a SettingError (one line)."""
+        def fail(field, text, shown=None):
+            raise SettingError("TrainOptions", field, getattr(self, field), text, shown)
+
+        for name in ("seq_len", "batch_size", "steps", "eval_batches"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "is invalid: expected a positive integer.")
+        for name in ("eval_every", "checkpoint_every", "sample_len", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "is invalid: expected an integer >= 0.")
+        for name in ("schedule_steps", "warmup_steps", "device_count"):
+            if getattr(self, name) is not None and (not _is_int(getattr(self, name)) or getattr(self, name) < 1):
+                fail(name, "is invalid: expected a positive integer.")
+        for name in ("learning_rate", "clip_norm", "time_limit_minutes"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                fail(name, "is invalid: expected a positive number (finite).")
+        if self.optimizer not in train.OPTIMIZERS:
+            fail("optimizer", f"is invalid: expected one of {', '.join(train.OPTIMIZERS)}.")
+        if self.dataset not in data_lib.DATASETS:
+            fail("dataset", f"is invalid: expected one of {', '.join(data_lib.DATASETS)}.")
+        if self.dataset == "synthetic" and (self.seq_len % 2 or self.seq_len < 4):
+            fail("seq_len", "is invalid for TrainOptions.dataset=synthetic: the copy task needs an even length >= 4.")
+        if self.dataset == "text" and not self.data_path:
+            fail("dataset", "needs TrainOptions.data_path=FILE, the text to train on.", shown="text")
 
     def devices(self) -> list:
         """The devices the run uses."""
