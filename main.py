@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
-from reformer_jax import cli, job_flags
+from reformer_jax import cli, errors, job_flags
 # Checked and read here; tests and scripts reach them as main.<name>.
 from reformer_jax.job_flags import MODEL_FLAGS, model_config_from_flags, validate_run_flags  # noqa: F401
 
@@ -28,6 +28,11 @@ flags.adopt_module_key_flags(job_flags)  # --help lists the job's flags as main.
 
 
 def main(argv):
+    with errors.flag_names():  # the library's messages name the flags of this command line
+        return _train(argv)
+
+
+def _train(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO level
     try:
         if len(argv) > 1:

@@ -13,6 +13,8 @@ from typing import Callable, List
 
 from absl import app, flags
 
+from reformer_jax import errors
+
 
 class UsageError(app.UsageError):
     """A bad flag value; its message is the one line the user sees."""
@@ -63,7 +65,8 @@ def run(main: Callable[[List[str]], int]) -> None:
 
     def checked(argv: List[str]) -> int:
         try:
-            return main(argv)
+            with errors.flag_names():  # the library's messages name this command line's flags
+                return main(argv)
         except app.UsageError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

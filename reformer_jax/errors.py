@@ -12,6 +12,7 @@ parses the text.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Mapping, Optional
 
@@ -36,3 +37,30 @@ class SettingError(ValueError):
 
         text = re.sub(r"\b[A-Z][A-Za-z]*\.([a-z_][a-z0-9_]*)\b", lambda m: flag(m.group(1)), self.text)
         return f"{flag(self.field)}={self.shown if value is None else repr(value)} {text}"
+
+
+# --- how a message names a setting ---------------------------------------------------------------------------------
+
+_RUN_SETTINGS = frozenset({"workdir", "steps", "schedule_steps", "warmup_steps", "learning_rate", "optimizer",
+                           "clip_norm", "batch_size", "seq_len", "dataset", "data_path", "seed", "eval_every",
+                           "eval_batches", "checkpoint_every", "sample_len", "skip_nonfinite", "init_from",
+                           "time_limit_minutes", "mesh"})
+_flag_names = [0]  # > 0 while a command line runs (`flag_names`)
+
+
+@contextlib.contextmanager
+def flag_names():
+    """While a command line runs: the library's messages name settings as its flags (`--workdir`)."""
+    _flag_names[0] += 1
+    try:
+        yield
+    finally:
+        _flag_names[0] -= 1
+
+
+def setting(field: str) -> str:
+    """How a message names the setting `field`: `--field` inside `flag_names()` (a command line), else
+    `TrainOptions.field` for a run's setting or the bare argument name."""
+    if _flag_names[0]:
+        return f"--{field}"
+    return f"TrainOptions.{field}" if field in _RUN_SETTINGS else field

@@ -262,14 +262,15 @@ def main(argv) -> int:
             raise cli.UsageError(f"--{name}={FLAGS[name].value} is invalid: expected a positive integer.")
     if FLAGS.topology is not None:
         try:
-            tpu.parse_topology(FLAGS.topology)
+            tpu.parse_topology(FLAGS.topology, flag="--topology")
         except tpu.TopologyError as error:
             raise cli.UsageError(str(error)) from None
         import jax
 
         jax.config.update("jax_platforms", "cpu")  # the TPU compiler runs through the topology, not a TPU backend
         try:
-            tpu.topology_devices(FLAGS.topology)  # a slice libtpu does not know fails here, before anything compiles
+            # a slice libtpu does not know fails here, before anything compiles
+            tpu.topology_devices(FLAGS.topology, flag="--topology")
         except tpu.TopologyError as error:
             if not tpu.libtpu_available():  # the machine lacks libtpu: not a bad flag value
                 print(f"error: {error}", file=sys.stderr)

@@ -263,7 +263,7 @@ def compile_only(config: ModelConfig) -> int:
     from reformer_jax.training.step_builder import DoesNotFit, compile_for_topology
 
     try:
-        devices = tpu.topology_devices(FLAGS.topology)
+        devices = tpu.topology_devices(FLAGS.topology, flag="--topology")
         mesh = FLAGS.mesh or "data:-1"
         shape = parse_mesh(mesh, len(devices))
         check_mesh_fits(shape, batch_size=FLAGS.batch_size, n_heads=config.n_heads, d_ff=config.d_ff, text=mesh)

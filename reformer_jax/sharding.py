@@ -3,9 +3,12 @@
     --mesh=data:-1,fsdp:4,tensor:1       (-1: the devices the other axes leave; the default puts every device
                                           on data, i.e. plain data parallelism)
 
-Every parameter dimension gets a logical name (`param_logical_axes`: embed, heads, kv, mlp, vocab, layers,
-positions), derived here from the parameter tree's paths in one place; the optimizer state's leaves take the names
-of the parameter they belong to (`state_shardings`). `LOGICAL_RULES` maps logical names to mesh axes:
+Every parameter dimension has a logical name (embed, heads, kv, mlp, vocab, layers, positions), declared by the
+model where it creates the parameter (`reformer_jax.model.reformer_lm.param_logical_axes(config)` reads them back
+as a tree of name tuples); the functions here take that tree as an argument, and a parameter it gives no names (or
+a number of names other than its number of dimensions) is an error naming the parameter, never silently
+replicated. The optimizer state's leaves take the names of the parameter they belong to (`state_shardings`).
+`LOGICAL_RULES` maps logical names to mesh axes:
   batch -> (data, fsdp)     the batch is split over both
   embed -> fsdp             parameters, gradients and optimizer state sharded (ZeRO-3 / FSDP style)
   heads, mlp -> tensor      attention heads and the feed-forward width split (Megatron style)
@@ -26,6 +29,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from reformer_jax.errors import setting
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -73,11 +78,13 @@ class MeshShape:
         return ",".join(f"{name}:{size}" for name, size in zip(MESH_AXES, self.sizes))
 
 
-def parse_mesh(text: Optional[str], device_count: int, flag: str = "--mesh") -> MeshShape:
-    """'data:-1,fsdp:4,tensor:1' -> MeshShape for `device_count` devices; MeshError (one line) if it cannot be.
+def parse_mesh(text: Optional[str], device_count: int, flag: Optional[str] = None) -> MeshShape:
+    """'data:-1,fsdp:4,tensor:1' -> MeshShape for `device_count` devices; MeshError (one line, naming `flag`:
+    default the mesh setting) if it cannot be.
 
     Axes left out have size 1; one axis may be -1 (the devices the others leave).
     """
+    flag = flag or setting("mesh")
     text = (text or DEFAULT_MESH).strip()
     usage = f"expected axis:size pairs over {', '.join(MESH_AXES)}, e.g. {flag}=data:-1,fsdp:4,tensor:1"
     sizes: Dict[str, int] = {}
@@ -115,18 +122,20 @@ def parse_mesh(text: Optional[str], device_count: int, flag: str = "--mesh") -> 
 
 
 def check_mesh_fits(shape: MeshShape, *, batch_size: int, n_heads: int, d_ff: Optional[int] = None,
-                    flag: str = "--mesh", text: Optional[str] = None) -> None:
+                    flag: Optional[str] = None, text: Optional[str] = None) -> None:
     """MeshError (one line) if data x fsdp does not divide the batch or tensor the heads (or the d_ff width)."""
-    given = f"{flag}={text or shape}"
+    given = f"{flag or setting('mesh')}={text or shape}"
     if batch_size % shape.batch_ways:
-        raise MeshError(f"--batch_size={batch_size} is not divisible by the {shape.batch_ways} devices of the batch "
-                        f"axes data x fsdp ({given}); use a multiple of {shape.batch_ways}, or move devices to "
-                        "tensor.")
+        raise MeshError(f"{setting('batch_size')}={batch_size} is not divisible by the {shape.batch_ways} devices of "
+                        f"the batch axes data x fsdp ({given}); use a multiple of {shape.batch_ways}, or move devices "
+                        "to tensor.")
     if n_heads % shape.tensor:
-        raise MeshError(f"{given}: tensor:{shape.tensor} does not divide the {n_heads} attention heads (--n_heads); "
+        raise MeshError(f"{given}: tensor:{shape.tensor} does not divide the {n_heads} attention heads "
+                        f"({setting('n_heads')}); "
                         f"use a tensor size that divides {n_heads}.")
     if d_ff is not None and d_ff % shape.tensor:
-        raise MeshError(f"{given}: tensor:{shape.tensor} does not divide the feed-forward width --d_ff={d_ff}; use "
+        raise MeshError(f"{given}: tensor:{shape.tensor} does not divide the feed-forward width "
+                        f"{setting('d_ff')}={d_ff}; use "
                         f"a tensor size that divides both {n_heads} and {d_ff}.")
 
 
@@ -152,40 +161,35 @@ def _path_names(path) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def param_logical_axes(name_path: Tuple[str, ...], ndim: int) -> Tuple[Optional[str], ...]:
-    """Logical axis names of one parameter from its path in ReformerLM's "params" tree (see model.py, layers.py).
+def _is_names(x) -> bool:
+    """A leaf of a logical-axes tree: a tuple of names (None: a dimension no rule applies to)."""
+    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
 
-    Layer stacks lead with "layers" (mixed stacks too: their leaves are stacked per attention type).
-    """
-    leaf = name_path[-1]
-    if leaf == "embed":  # [V, d]
-        names = ("vocab", "embed")
-    elif leaf == "pos_embed":  # [max_len, d]
-        names = ("positions", "embed")
-    elif leaf in ("axial_0", "axial_1"):  # [l1, 1, d1], [1, l2, d2]
-        names = ("positions", "positions", "embed")
-    elif leaf in ("qk", "v", "q", "k"):  # [n, d, h, k]
-        names = ("layers", "embed", "heads", "kv")
-    elif leaf == "out":  # [n, h, k, d]
-        names = ("layers", "heads", "kv", "embed")
-    elif leaf == "wi":  # [n, d, f]
-        names = ("layers", "embed", "mlp")
-    elif leaf == "wo":  # [n, f, d]
-        names = ("layers", "mlp", "embed")
-    elif leaf == "bi":  # [n, f]
-        names = ("layers", "mlp")
-    elif leaf in ("scale", "bias", "bo"):  # a stacked LayerNorm or output bias [n, d]
-        names = ("layers", "embed")
-    elif leaf in ("final_norm_scale", "final_norm_bias"):  # [w]
-        names = ("embed",)
-    elif leaf == "head_kernel":  # [w, V]
-        names = ("embed", "vocab")
-    elif leaf == "head_bias":  # [V]
-        names = ("vocab",)
-    else:
-        names = ()
-    if len(names) != ndim:  # an unknown leaf, or a shape this table does not describe: kept whole
-        return (None,) * ndim
+
+def _axes_by_path(param_axes: Any) -> Dict[Tuple[str, ...], Tuple[Optional[str], ...]]:
+    """{parameter path: its names} from a tree of name tuples shaped like the parameters."""
+    flat = jax.tree_util.tree_flatten_with_path(param_axes, is_leaf=_is_names)[0]
+    return {_path_names(path): names for path, names in flat}
+
+
+def _declared(axes: Dict[Tuple[str, ...], Tuple[Optional[str], ...]], path: Tuple[str, ...],
+              shape: Tuple[int, ...]) -> Tuple[Optional[str], ...]:
+    """The logical names of the parameter at `path`; a ValueError naming it if it has none, too few or too many,
+    or a name LOGICAL_RULES does not know."""
+    where = "/".join(path)
+    if path not in axes:
+        raise ValueError(f"parameter {where} (shape {shape}) has no declared logical axes (the axes tree names "
+                         f"{len(axes)} other parameters); declare them where the parameter is created "
+                         "(nn.with_logical_partitioning or nn.LogicallyPartitioned) and pass the axes read from "
+                         "that model (reformer_lm.param_logical_axes).")
+    names = tuple(axes[path])
+    if len(names) != len(shape):
+        raise ValueError(f"parameter {where} (shape {shape}) has the logical axes {names}: {len(names)} names for "
+                         f"{len(shape)} dimensions; declare one name per dimension.")
+    unknown = [n for n in names if n is not None and n not in LOGICAL_RULES]
+    if unknown:
+        raise ValueError(f"parameter {where} has the logical axes {names}: {', '.join(map(repr, unknown))} is not "
+                         f"in LOGICAL_RULES; use one of {', '.join(LOGICAL_RULES)} (or None).")
     return names
 
 
@@ -220,19 +224,22 @@ def _optimizer_leaf_names(shape: Tuple[int, ...], param_shape: Tuple[int, ...],
     return (None,) * len(shape)
 
 
-def state_logical_axes(state: Any) -> Any:
+def state_logical_axes(state: Any, param_axes: Any) -> Any:
     """A pytree like `state` (a TrainState or any tree holding "params") of logical-name tuples per leaf.
 
-    Parameters are named by `param_logical_axes`; an optimizer-state leaf whose path ends with a parameter's path
-    (optax mirrors the parameter tree inside its states) takes that parameter's names (`_optimizer_leaf_names`).
+    param_axes: the parameters' logical axes, a tree like state's "params" of name tuples
+      (`reformer_jax.model.reformer_lm.param_logical_axes(config)`); a parameter it does not name is a ValueError.
+    An optimizer-state leaf whose path ends with a parameter's path (optax mirrors the parameter tree inside its
+    states) takes that parameter's names (`_optimizer_leaf_names`).
     """
+    declared = _axes_by_path(param_axes)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     params: Dict[Tuple[str, ...], Tuple[Tuple[int, ...], Tuple[Optional[str], ...]]] = {}
     for path, leaf in leaves:
         names = _path_names(path)
         if "params" in names:
             tail = names[names.index("params") + 1:]
-            params[tail] = (tuple(leaf.shape), param_logical_axes(tail, leaf.ndim))
+            params[tail] = (tuple(leaf.shape), _declared(declared, tail, tuple(leaf.shape)))
     out = []
     for path, leaf in leaves:
         names = _path_names(path)
@@ -244,10 +251,11 @@ def state_logical_axes(state: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs) by the logical axes and LOGICAL_RULES."""
+def state_shardings(state: Any, mesh: Mesh, param_axes: Any) -> Any:
+    """NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs) by the parameters' logical axes
+    (`param_axes`, see `state_logical_axes`) and LOGICAL_RULES."""
     shape = mesh_shape_of(mesh)
-    names = state_logical_axes(state)
+    names = state_logical_axes(state, param_axes)
     return jax.tree.map(lambda leaf, n: NamedSharding(mesh, logical_to_spec(n, leaf.shape, shape)), state, names)
 
 
@@ -313,13 +321,15 @@ def _mesh_in_context() -> Optional[MeshShape]:
     return MeshShape(**{name: int(mesh.shape[name]) for name in MESH_AXES})
 
 
-def _layer_specs(tree: Any, shape: MeshShape, gathered: bool) -> Any:
-    """PartitionSpecs of one layer's parameters (stacked ones without their layer axis): their shards, or with
-    `gathered` their layout while the layer runs (whole over fsdp, still split over tensor)."""
+def _layer_specs(tree: Any, axes: Any, shape: MeshShape, gathered: bool) -> Any:
+    """PartitionSpecs of one layer's parameters (stacked ones without their layer axis; `axes`: their logical
+    names, a tree like `tree`): their shards, or with `gathered` their layout while the layer runs (whole over
+    fsdp, still split over tensor)."""
     rules_shape = dataclasses.replace(shape, fsdp=1) if gathered else shape
+    declared = _axes_by_path(axes)
 
     def spec(path, leaf):
-        names = param_logical_axes(_path_names(path), leaf.ndim + 1)[1:]
+        names = _declared(declared, _path_names(path), tuple(leaf.shape))
         return logical_to_spec(names, leaf.shape, rules_shape)
 
     return jax.tree_util.tree_map_with_path(spec, tree)
@@ -329,9 +339,10 @@ def _constrain(tree: Any, specs: Any) -> Any:
     return jax.tree.map(jax.lax.with_sharding_constraint, tree, specs)
 
 
-def gather_layer_params(tree: Any) -> Any:
+def gather_layer_params(tree: Any, axes: Any) -> Any:
     """One layer's parameters gathered over fsdp for the layer to run (FSDP): an identity whose backward pass
-    reduce-scatters the gradients into the parameters' shards, layer by layer.
+    reduce-scatters the gradients into the parameters' shards, layer by layer. `axes`: the parameters' logical
+    names, a tree like `tree` of name tuples (`reformer_jax.model.reformer_lm.layer_logical_axes`).
 
     Without it XLA may keep the weights sharded and gather the batch instead (every device then computes every
     sequence), or hold every layer's gradients whole until the end of the step. Without a mesh in context, or with
@@ -340,7 +351,7 @@ def gather_layer_params(tree: Any) -> Any:
     shape = _mesh_in_context()
     if shape is None or (shape.fsdp == 1 and shape.tensor == 1):
         return tree
-    gathered, sharded = _layer_specs(tree, shape, True), _layer_specs(tree, shape, False)
+    gathered, sharded = _layer_specs(tree, axes, shape, True), _layer_specs(tree, axes, shape, False)
 
     @jax.custom_vjp
     def gather(tree):
@@ -350,13 +361,13 @@ def gather_layer_params(tree: Any) -> Any:
     return gather(tree)
 
 
-def shard_layer_grads(grads: Any) -> Any:
+def shard_layer_grads(grads: Any, axes: Any) -> Any:
     """One layer's parameter gradients pinned to the parameters' shards (what `gather_layer_params`'s backward
-    pass does, for a backward pass written by hand)."""
+    pass does, for a backward pass written by hand); `axes` as for `gather_layer_params`."""
     shape = _mesh_in_context()
     if shape is None or (shape.fsdp == 1 and shape.tensor == 1):
         return grads
-    return _constrain(grads, _layer_specs(grads, shape, False))
+    return _constrain(grads, _layer_specs(grads, axes, shape, False))
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

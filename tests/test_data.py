@@ -17,7 +17,7 @@ def test_bytes_round_trip_with_offset_and_specials():
 
 
 def test_explicit_missing_path_is_an_error_not_a_fallback(tmp_path):
-    with pytest.raises(data.DataError, match=r"--data_path=.*nope.txt does not exist"):
+    with pytest.raises(data.DataError, match=r"TrainOptions.data_path=.*nope.txt does not exist"):
         data.load_dataset("tiny_shakespeare", seq_len=8, data_path=str(tmp_path / "nope.txt"))
     with pytest.raises(data.DataError, match="is not a regular file"):
         data.tiny_shakespeare(str(tmp_path))
@@ -51,7 +51,7 @@ def test_an_explicit_path_wins_and_a_wrong_checksum_is_refused(tmp_path, monkeyp
         data.load_dataset("tiny_shakespeare", seq_len=8, data_path=str(damaged))
     message = str(err.value)
     assert f"{damaged} has sha256 {hashlib.sha256(damaged.read_bytes()).hexdigest()}" in message
-    assert "--dataset=text --data_path=FILE" in message  # the explicit way to use it anyway
+    assert "TrainOptions.dataset=text TrainOptions.data_path=FILE" in message  # the explicit way to use it anyway
     assert len(data.load_dataset("text", seq_len=8, data_path=str(damaged)).train) > 0
 
 
@@ -92,7 +92,7 @@ def test_unusable_text_files(tmp_path, content, message):
 def test_directory_and_missing_text_paths(tmp_path):
     with pytest.raises(data.DataError, match="is a directory"):
         data.load_dataset("text", seq_len=8, data_path=str(tmp_path))
-    with pytest.raises(data.DataError, match="needs --data_path"):
+    with pytest.raises(data.DataError, match="needs TrainOptions.data_path"):
         data.load_dataset("text", seq_len=8)
     with pytest.raises(data.DataError, match="unknown"):
         data.load_dataset("wikipedia", seq_len=8)

@@ -188,7 +188,7 @@ def uninterrupted(tmp_path_factory):
 def test_workdir_under_a_regular_file_is_refused_before_compiling(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a directory")
     monkeypatch.setattr(trainer, "_compiled_steps", lambda *a: pytest.fail("compiled before checking the workdir"))
-    with pytest.raises(WorkdirError, match=r"--workdir=.*file/run cannot be written \(Not a directory"):
+    with pytest.raises(WorkdirError, match=r"TrainOptions.workdir=.*file/run cannot be written \(Not a directory"):
         train_and_evaluate(tiny_config(), options(tmp_path / "file" / "run"), dataset=TASK)
 
 

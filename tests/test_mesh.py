@@ -13,6 +13,7 @@ import pytest
 from reformer_jax import ModelConfig
 from reformer_jax.sharding import (LOGICAL_RULES, MeshError, MeshShape, check_mesh_fits, make_mesh, parse_mesh,
                                    state_logical_axes)
+from reformer_jax.model.reformer_lm import param_logical_axes
 from reformer_jax.training.step import abstract_train_state, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def test_mesh_spec_is_parsed(text, devices, expected):
 
 
 @pytest.mark.parametrize("text, devices, message", [
-    ("data:4,fsdp:3", 8, "--mesh=data:4,fsdp:3 spans 12 devices but there are 8"),
+    ("data:4,fsdp:3", 8, "TrainOptions.mesh=data:4,fsdp:3 spans 12 devices but there are 8"),
     ("data:-1,pipe:2", 8, "names the unknown axis 'pipe'; the axes are data, fsdp, tensor"),
     ("data:-1,fsdp:3", 8, "the fixed axes (3 devices) do not divide the 8 devices"),
     ("data:-1,fsdp:-1", 8, "more than one axis of size -1"),
@@ -41,11 +42,11 @@ def test_bad_mesh_spec_is_refused_in_one_line(text, devices, message):
 
 
 def test_mesh_that_does_not_divide_the_batch_heads_or_width_is_refused():
-    with pytest.raises(MeshError, match=r"--batch_size=6 is not divisible by the 4 devices of the batch axes"):
+    with pytest.raises(MeshError, match=r"TrainOptions.batch_size=6 is not divisible by the 4 devices of the batch axes"):
         check_mesh_fits(MeshShape(2, 2, 2), batch_size=6, n_heads=8, d_ff=64)
-    with pytest.raises(MeshError, match=r"tensor:4 does not divide the 2 attention heads \(--n_heads\)"):
+    with pytest.raises(MeshError, match=r"tensor:4 does not divide the 2 attention heads \(n_heads\)"):
         check_mesh_fits(MeshShape(2, 1, 4), batch_size=8, n_heads=2, d_ff=64)
-    with pytest.raises(MeshError, match=r"tensor:4 does not divide the feed-forward width --d_ff=66"):
+    with pytest.raises(MeshError, match=r"tensor:4 does not divide the feed-forward width d_ff=66"):
         check_mesh_fits(MeshShape(2, 1, 4), batch_size=8, n_heads=4, d_ff=66)
     check_mesh_fits(MeshShape(2, 2, 2), batch_size=4, n_heads=2, d_ff=64)
 
@@ -56,7 +57,7 @@ def test_mesh_that_does_not_divide_the_batch_heads_or_width_is_refused():
 def test_every_parameter_and_optimizer_moment_has_logical_axes(name, overrides, optimizer):
     config = ModelConfig.preset(name, **{**TINY, **overrides})
     state, _ = abstract_train_state(config, make_optimizer(optimizer))
-    axes = state_logical_axes(state)
+    axes = state_logical_axes(state, param_logical_axes(config))
     flat_state = jax.tree_util.tree_flatten_with_path(state)[0]
     flat_axes = jax.tree_util.tree_structure(state).flatten_up_to(axes)
     assert len(flat_state) == len(flat_axes)

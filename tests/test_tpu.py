@@ -25,7 +25,7 @@ needs_libtpu = pytest.mark.skipif(not tpu.libtpu_available() and os.environ.get(
 def test_unknown_topology_names_list_valid_examples(name):
     with pytest.raises(tpu.TopologyError) as error:
         tpu.topology_devices(name)
-    assert f"--topology={name} is not a TPU topology name" in str(error.value)
+    assert f"topology={name} is not a TPU topology name" in str(error.value)
     assert "v5e:16x16" in str(error.value) and "\n" not in str(error.value)
 
 

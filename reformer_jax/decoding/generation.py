@@ -134,7 +134,7 @@ def check_arguments(config: ModelConfig, prompts: Prompts, max_new_tokens: int, 
     if not greedy and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                        or not temperature > 0):
         raise GenerateError(f"temperature={temperature!r} is invalid: expected a number > 0 (for the most likely "
-                            "token at every step use greedy decoding instead: greedy=True, --greedy).")
+                            "token at every step use greedy decoding instead: greedy=True).")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise GenerateError(f"top_k={top_k!r} is invalid: expected a positive integer, or None for every token.")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):

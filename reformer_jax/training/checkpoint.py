@@ -14,6 +14,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from reformer_jax.errors import setting
+
 RUN_SETTINGS_FILE = "run_settings.json"
 
 
@@ -68,13 +70,14 @@ def check_run_settings(workdir: Path, settings: Dict[str, Any]) -> Optional[Dict
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointMismatch(f"{path} is unreadable ({error}); move the workdir away or pass another "
-                                 "--workdir.") from error
+                                 f"{setting('workdir')}.") from error
     saved_flat, now_flat = _flatten(saved), _flatten(settings)
     differences = [f"{key}: saved {saved_flat.get(key)!r}, now {now_flat.get(key)!r}"
                    for key in sorted(set(saved_flat) | set(now_flat)) if saved_flat.get(key) != now_flat.get(key)]
     if differences:
-        raise CheckpointMismatch(f"--workdir={workdir} holds a run with other settings ("
-                                 + "; ".join(differences) + "). Pass a new --workdir, or the saved settings to "
+        raise CheckpointMismatch(f"{setting('workdir')}={workdir} holds a run with other settings ("
+                                 + "; ".join(differences) + f"). Pass a new {setting('workdir')}, or the saved "
+                                 "settings to "
                                  "resume it.")
     return saved
 
@@ -96,7 +99,7 @@ def ensure_writable_workdir(workdir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise WorkdirError(f"--workdir={workdir} cannot be written ({error.strerror or error}: "
+        raise WorkdirError(f"{setting('workdir')}={workdir} cannot be written ({error.strerror or error}: "
                            f"{error.filename or workdir}); pass a directory you can create and write to.") from error
 
 
@@ -118,9 +121,10 @@ def refuse_to_overwrite_a_run(workdir: Path, checkpoint_every: int) -> None:
                 continue
     reached = max(steps, default=0)
     if (workdir / "summary.json").exists() or (checkpoint_every and reached > 2 * checkpoint_every):
-        raise WorkdirError(f"--workdir={workdir} holds a run that reached step {reached} but no checkpoint is left in "
+        raise WorkdirError(f"{setting('workdir')}={workdir} holds a run that reached step {reached} but no "
+                           "checkpoint is left in "
                            f"{workdir / 'checkpoints'}; refusing to start over and overwrite it. Restore its "
-                           "checkpoints, or pass a new --workdir.")
+                           f"checkpoints, or pass a new {setting('workdir')}.")
 
 
 def _leaf_path(path) -> str:
@@ -234,7 +238,7 @@ class Checkpointer:
         if differences:
             raise CheckpointError(f"the checkpoint {step_dir} is of another model or optimizer: "
                                   + "; ".join(differences) + ". Resume it with the settings it was trained with "
-                                  "(see run_settings.json), or pass a new --workdir.")
+                                  f"(see run_settings.json), or pass a new {setting('workdir')}.")
         # Every leaf gets a layout on the devices here (a leaf without one: this process's first device), so orbax
         # reshards whatever mesh wrote the checkpoint instead of asking for the writer's devices.
         first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -255,7 +259,7 @@ class Checkpointer:
         step_dir = self.directory / str(step)
         fix = (f"To resume from the previous checkpoint (step {earlier[-1]}), move the damaged one aside: mv "
                f"{step_dir} {step_dir}.damaged" if earlier else
-               "No earlier checkpoint exists: pass a new --workdir to start over")
+               f"No earlier checkpoint exists: pass a new {setting('workdir')} to start over")
         return CheckpointError(f"the checkpoint {step_dir} cannot be read: it is truncated or corrupted "
                                f"({type(error).__name__}: {_first_line(error)}). Nothing was overwritten. {fix}.")
 

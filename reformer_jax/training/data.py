@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from reformer_jax import tokenizers
+from reformer_jax.errors import setting
 
 PAD_ID, EOS_ID, BOS_ID = tokenizers.BYTES.pad_id, tokenizers.BYTES.eos_id, tokenizers.BYTES.bos_id
 BYTE_OFFSET = tokenizers.BYTES.offset
@@ -46,8 +47,9 @@ def _tiny_shakespeare_checked(raw: bytes, where: str) -> bytes:
     actual = hashlib.sha256(raw).hexdigest()
     if actual != TINY_SHAKESPEARE_SHA256:
         raise DataError(f"{where} has sha256 {actual}, not tiny Shakespeare's {TINY_SHAKESPEARE_SHA256}: it is another "
-                        "file or a damaged copy. To train on it anyway pass --dataset=text --data_path=FILE; omit "
-                        "--data_path to use the copy shipped with reformer_jax.")
+                        f"file or a damaged copy. To train on it anyway pass {setting('dataset')}=text "
+                        f"{setting('data_path')}=FILE; omit "
+                        f"{setting('data_path')} to use the copy shipped with reformer_jax.")
     return raw
 
 
@@ -57,8 +59,10 @@ def packaged_tiny_shakespeare() -> bytes:
     return _tiny_shakespeare_checked(lzma.decompress(packed), "the packaged tiny Shakespeare")
 
 
-def _read_file(data_path: str, flag: str = "--data_path") -> bytes:
-    """A data file's bytes; DataError (naming `flag`) if it is missing, not a file, or empty."""
+def _read_file(data_path: str, flag: Optional[str] = None) -> bytes:
+    """A data file's bytes; DataError (naming `flag`, default the data_path setting) if it is missing, not a file,
+    or empty."""
+    flag = flag or setting("data_path")
     path = Path(data_path).expanduser()
     if not path.exists():
         raise DataError(f"{flag}={data_path} does not exist.")
@@ -83,8 +87,9 @@ def tiny_shakespeare(data_path: Optional[str] = None) -> Tuple[bytes, str]:
         return packaged_tiny_shakespeare(), PACKAGED_LABEL
     path = Path(data_path).expanduser()
     if not path.exists():
-        raise DataError(f"--data_path={data_path} does not exist. Pass the path of {TINY_SHAKESPEARE_FILE}, or omit "
-                        "--data_path to use the copy shipped with reformer_jax.")
+        raise DataError(f"{setting('data_path')}={data_path} does not exist. Pass the path of "
+                        f"{TINY_SHAKESPEARE_FILE}, or omit "
+                        f"{setting('data_path')} to use the copy shipped with reformer_jax.")
     return _tiny_shakespeare_checked(_read_file(data_path), str(path)), str(path)
 
 
@@ -146,9 +151,10 @@ class TextData:
         shortest = min(len(data.train), len(data.validation))
         if shortest < seq_len + 1:
             raise DataError(f"{source} has {len(tokens)} tokens: its validation split ({len(data.validation)}) or "
-                            f"training split ({len(data.train)}) is shorter than one sequence of --seq_len={seq_len} "
+                            f"training split ({len(data.train)}) is shorter than one sequence of "
+                            f"{setting('seq_len')}={seq_len} "
                             f"plus one target; use a longer text (at least {10 * (seq_len + 1)} bytes) or a "
-                            "shorter --seq_len.")
+                            f"shorter {setting('seq_len')}.")
         return data
 
     def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int) -> Batch:
@@ -178,7 +184,7 @@ class CopyTask:
 
     def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int) -> Batch:
         if seq_len % 2 or seq_len < 4:
-            raise DataError(f"--seq_len={seq_len}: the copy task needs an even length >= 4.")
+            raise DataError(f"{setting('seq_len')}={seq_len}: the copy task needs an even length >= 4.")
         half = seq_len // 2
         rng = np.random.default_rng([seed, 2 if split == "train" else 3, step])
         w = rng.integers(1, self.vocab_size, size=(batch_size, half - 1))
@@ -224,14 +230,14 @@ def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vo
     if name == "synthetic":
         return CopyTask(vocab_size=vocab_size)
     if name not in DATASETS:
-        raise DataError(f"--dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}.")
+        raise DataError(f"{setting('dataset')}={name!r} is unknown; expected one of {', '.join(DATASETS)}.")
     if vocab_size < tokenizer.vocab_size:
-        raise DataError(f"--vocab_size={vocab_size} is too small for {tokenizer.name} text; use "
+        raise DataError(f"{setting('vocab_size')}={vocab_size} is too small for {tokenizer.name} text; use "
                         f"{tokenizer.vocab_size}.")
     if name == "tiny_shakespeare":
         raw, source = tiny_shakespeare(data_path)
     elif not data_path:
-        raise DataError("--dataset=text needs --data_path=FILE (any UTF-8 text).")
+        raise DataError(f"{setting('dataset')}=text needs {setting('data_path')}=FILE (any UTF-8 text).")
     else:
         raw, source = _read_file(data_path), str(Path(data_path).expanduser())
     sha256 = hashlib.sha256(raw).hexdigest()
@@ -241,8 +247,10 @@ def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vo
 
 
 def reopen(record: Dict[str, object], *, seq_len: int, tokenizer: Optional[tokenizers.Tokenizer] = tokenizers.BYTES,
-           flag: str = "--workdir"):
-    """The dataset a run recorded (`DataSource.to_dict`), the same bytes or a DataError saying what changed."""
+           flag: Optional[str] = None):
+    """The dataset a run recorded (`DataSource.to_dict`), the same bytes or a DataError saying what changed; `flag`
+    names the run's directory in messages (default: the workdir setting)."""
+    flag = flag or setting("workdir")
     source = DataSource.from_dict(record)
     if source.kind == "synthetic":
         return CopyTask(vocab_size=int(source.vocab_size))
@@ -251,11 +259,11 @@ def reopen(record: Dict[str, object], *, seq_len: int, tokenizer: Optional[token
     else:
         if not Path(source.path).is_file():
             raise DataError(f"{flag}: the run's data file {source.path} no longer exists; put it back, or pass "
-                            "--data_path=FILE to score another file.")
+                            f"{setting('data_path')}=FILE to score another file.")
         raw = Path(source.path).read_bytes()
     actual = hashlib.sha256(raw).hexdigest()
     if actual != source.sha256:
         raise DataError(f"{flag}: the run's data {source.label} has sha256 {actual}, not the {source.sha256} it was "
-                        "trained on (the file changed); pass --data_path=FILE to score it as a new file.")
+                        f"trained on (the file changed); pass {setting('data_path')}=FILE to score it as a new file.")
     return TextData.from_tokens(tokenizer.encode_bytes(raw), seq_len, source=source.label if source.kind == "packaged"
                                 else source.path, origin=source)

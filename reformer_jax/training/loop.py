@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from reformer_jax import sharding as sharding_lib
 from reformer_jax import tokenizers
-from reformer_jax.errors import SettingError
+from reformer_jax.errors import SettingError, setting
 from reformer_jax.training import data as data_lib
 from reformer_jax.training import evaluation
 from reformer_jax.training import saved_run
@@ -281,8 +281,9 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             state = checkpointer.restore(start_step, steps.abstract_state)
         finally:
             checkpointer.close()
-        _say(f"--workdir={workdir} is at step {start_step} (--steps={options.steps}): nothing to train, nothing "
-             "changed; pass a larger --steps to continue the run.")
+        _say(f"{setting('workdir')}={workdir} is at step {start_step} ({setting('steps')}={options.steps}): nothing "
+             "to train, nothing "
+             f"changed; pass a larger {setting('steps')} to continue the run.")
         return {**read_record(workdir), "state": state}
     try:
         state, step_fn, compile_seconds, origin = _start(config, options, dataset, workdir, checkpointer,
@@ -321,8 +322,8 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     done, saves = start_step, 0
     try:
         for step in range(start_step, options.steps):
-            batch = sharding_lib.global_batch(dataset.batch("train", options.seed, step, options.batch_size, options.seq_len),
-                                  data_sharding)
+            batch = sharding_lib.global_batch(
+                dataset.batch("train", options.seed, step, options.batch_size, options.seq_len), data_sharding)
             step_started = time.perf_counter()
             state, metrics = step_fn(state, batch, seed_key)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -339,7 +340,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                     raise _diverged(metrics, done, checkpointer)
                 skipped.append(done)
                 progress.message(f"step {done}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}: "
-                                 "batch skipped, parameters unchanged (--skip_nonfinite)")
+                                 f"batch skipped, parameters unchanged ({setting('skip_nonfinite')})")
             row = {"step": done, **metrics, "bpc": metrics["loss"] / math.log(2),
                    "learning_rate": float(schedule(step)), "step_seconds": seconds,
                    "tokens_per_sec": tokens_per_step / seconds, "elapsed": time.perf_counter() - started}
@@ -375,7 +376,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     except OSError as error:  # metrics.jsonl (checkpoint failures raise CheckpointError)
         checkpointer.wait_until_finished()
         last = checkpointer.latest_step()
-        raise WorkdirError(f"writing to --workdir={workdir} failed at step {done} ({error}); "
+        raise WorkdirError(f"writing to {setting('workdir')}={workdir} failed at step {done} ({error}); "
                            + (f"the last complete checkpoint (step {last}) is intact" if last else
                               "no checkpoint exists yet")
                            + ". Free disk space or fix permissions, then rerun the same command to resume.") from error
@@ -406,8 +407,9 @@ def _diverged(metrics: Dict[str, float], step: int, checkpointer: Checkpointer) 
     return TrainingDiverged(
         f"{what} at step {step}; stopping. The last checkpoint "
         + (f"(step {last}) in {checkpointer.directory} is intact." if last else "does not exist yet.")
-        + " Rerun the same command with --skip_nonfinite to resume from it and skip such batches, or start a "
-        "new --workdir with a lower --learning_rate or --clip_norm.")
+        + f" Rerun the same command with {setting('skip_nonfinite')} to resume from it and skip such batches, or "
+        "start a "
+        f"new {setting('workdir')} with a lower {setting('learning_rate')} or {setting('clip_norm')}.")
 
 
 def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions, tokenizer) -> Optional[str]:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
+from reformer_jax.errors import setting
 from reformer_jax.training.checkpoint import CheckpointError, write_json_atomic
 
 SUMMARY_FILE = "summary.json"
@@ -27,9 +28,10 @@ def read_record(workdir: Path) -> Dict[str, Any]:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path} is unreadable ({error}); move it aside (it is rebuilt from the next "
-                              "invocation's figures) or pass another --workdir.") from error
+                              f"invocation's figures) or pass another {setting('workdir')}.") from error
     if not isinstance(record, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; move it aside or pass another --workdir.")
+        raise CheckpointError(f"{path} does not hold a JSON object; move it aside or pass another "
+                              f"{setting('workdir')}.")
     return record
 
 

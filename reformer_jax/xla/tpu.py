@@ -46,7 +46,7 @@ def libtpu_available() -> bool:
     return bool(path and os.path.exists(path)) or importlib.util.find_spec("libtpu") is not None
 
 
-def parse_topology(name: str, flag: str = "--topology") -> Tuple[str, Tuple[int, ...]]:
+def parse_topology(name: str, flag: str = "topology") -> Tuple[str, Tuple[int, ...]]:
     """'v5e:4x4' -> ('v5e', (4, 4)); TopologyError naming valid examples otherwise."""
     match = _NAME.match(name.strip()) if isinstance(name, str) else None
     if not match:
@@ -129,7 +129,7 @@ def usable_hbm_bytes(name: str) -> int:
     raise AssertionError(f"libtpu compiled a program of {2 * hbm_bytes(name)} bytes for one {generation} chip")
 
 
-def topology_devices(name: str, flag: str = "--topology") -> List:
+def topology_devices(name: str, flag: str = "topology") -> List:
     """The abstract devices of the slice `name` (jax.experimental.topologies): one per chip (two-core v4 and v5p
     chips in megacore mode, as pods run them)."""
     generation, dims = parse_topology(name, flag)
