@@ -5,7 +5,9 @@
     python -m reformer_jax.convert --hf_id=google/reformer-enwik8 --out=OUT   # fetched (needs a network)
     python main.py --init_from=OUT ...                       # train or fine-tune from the converted weights
 
-The conversion itself lives in `reformer_jax.model.hf_convert`; its public functions are re-exported here.
+A checkpoint whose config sets `hash_seed` gets Hugging Face's fixed LSH hash rotations recorded beside it
+(lsh_rotations.npy, computed with torch), which generate and evaluate then use. The conversion itself lives in
+`reformer_jax.model.hf_convert`; its public functions are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import sys
 from pathlib import Path
 
 from reformer_jax.model.hf_convert import (ConversionError, config_from_fields, config_from_hf, from_hf,
-                                           load_converted_config, load_converted_params, load_converted_tokenizer,
-                                           load_hf_dir, save_converted, tokenizer_for_hf)
+                                           hf_lsh_rotations, load_converted_config, load_converted_params,
+                                           load_converted_rotations, load_converted_tokenizer, load_hf_dir,
+                                           save_converted, tokenizer_for_hf)
 
-__all__ = ["ConversionError", "config_from_fields", "config_from_hf", "from_hf", "load_converted_config",
-           "load_converted_params", "load_converted_tokenizer", "load_hf_dir", "save_converted", "tokenizer_for_hf"]
+__all__ = ["ConversionError", "config_from_fields", "config_from_hf", "convert_dir", "from_hf", "hf_lsh_rotations",
+           "load_converted_config", "load_converted_params", "load_converted_rotations", "load_converted_tokenizer",
+           "load_hf_dir", "save_converted", "tokenizer_for_hf"]
 
 
 HF_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "spiece.model"]
@@ -41,6 +45,30 @@ def fetch_hf(hf_id: str) -> Path:
                               "spiece.model) and pass --hf_dir=DIR.") from error
 
 
+def convert_dir(hf_dir: Path, out: Path) -> str:
+    """Convert the Hugging Face Reformer in `hf_dir` into the new directory `out`; returns a one-line summary.
+
+    A config with hash_seed gets Hugging Face's hash rotations recorded (`hf_lsh_rotations`); without torch they
+    cannot be computed, and a one-line note on stderr says so (the conversion goes on without them). Raises
+    ConversionError naming what it cannot convert."""
+    state_dict, hf_config = load_hf_dir(hf_dir)
+    config, params = from_hf(state_dict, hf_config)
+    tokenizer = tokenizer_for_hf(hf_config, hf_dir)
+    try:
+        rotations = hf_lsh_rotations(hf_config)
+    except ImportError:  # the draw is torch's own generator: without torch it cannot be reproduced
+        rotations = None
+        print(f"note: hash_seed={hf_config.get('hash_seed')} fixes Hugging Face's LSH hash rotations, but they "
+              "cannot be reproduced without torch (pip install torch); converted without them, so generate and "
+              "evaluate will draw their own.", file=sys.stderr)
+    save_converted(config, params, out, tokenizer=tokenizer, lsh_rotations=rotations)
+    return (f"converted {hf_dir} -> {out}: {config.n_layers} layers {list(config.layer_types)}, d_model "
+            f"{config.d_model}, vocab {config.vocab_size}, max_len {config.max_len}, tokenizer "
+            f"{tokenizer.name if tokenizer else 'none (ids only)'}"
+            + (f", Hugging Face's hash rotations (hash_seed {hf_config['hash_seed']})" if rotations is not None
+               else ""))
+
+
 def main(argv) -> int:
     from absl import flags, logging
 
@@ -54,16 +82,10 @@ def main(argv) -> int:
         return 2
     try:
         hf_dir = Path(FLAGS.hf_dir) if FLAGS.hf_dir else fetch_hf(FLAGS.hf_id)
-        state_dict, hf_config = load_hf_dir(hf_dir)
-        config, params = from_hf(state_dict, hf_config)
-        tokenizer = tokenizer_for_hf(hf_config, hf_dir)
-        save_converted(config, params, Path(FLAGS.out), tokenizer=tokenizer)
+        print(convert_dir(hf_dir, Path(FLAGS.out)))
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"converted {hf_dir} -> {FLAGS.out}: {config.n_layers} layers {list(config.layer_types)}, "
-          f"d_model {config.d_model}, vocab {config.vocab_size}, max_len {config.max_len}, tokenizer "
-          f"{tokenizer.name if tokenizer else 'none (ids only)'}")
     return 0
 
 

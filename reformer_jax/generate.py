@@ -26,7 +26,8 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature, > 0 (use --greedy 
 flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
 flags.DEFINE_float("top_p", None, "Sample among the most likely tokens whose probabilities add up to this, in (0, 1].")
 flags.DEFINE_bool("greedy", False, "Always pick the most likely token.")
-flags.DEFINE_integer("seed", 0, "Seed of the sampling draws and the LSH hash rotations.")
+flags.DEFINE_integer("seed", 0, "Seed of the sampling draws and the LSH hash rotations (a converted checkpoint's "
+                     "recorded rotations, where it has them, are used instead).")
 flags.DEFINE_integer("stream_every", 16, "Tokens decoded on the device between two prints.")
 flags.DEFINE_bool("stop_at_eos", None, "Stop at the model's end-of-sequence id (default: on for a converted "
                   "checkpoint whose tokenizer has one, off for a main.py run, whose text has none).")
@@ -99,8 +100,8 @@ def run() -> int:
 
     tokens = generation.generate(
         config, params, rows, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-        top_p=FLAGS.top_p, greedy=FLAGS.greedy, rng=jax.random.key(FLAGS.seed), on_tokens=show,
-        stream_every=max(1, FLAGS.stream_every), eos_id=eos_id,
+        top_p=FLAGS.top_p, greedy=FLAGS.greedy, rng=jax.random.key(FLAGS.seed), lsh_rotations=model.lsh_rotations,
+        on_tokens=show, stream_every=max(1, FLAGS.stream_every), eos_id=eos_id,
         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
     write.finish()
     stopped = eos_id is not None and eos_id in tokens[0]

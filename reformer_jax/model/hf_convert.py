@@ -19,6 +19,14 @@ Mapping (Hugging Face Linear weights are [out, in]; ours are [in, ...]):
   lm_head.decoder.{weight,bias} [V, 2d]                            -> head_kernel [2d, V], head_bias
 where j counts the layers of layer i's type. `lm_head.bias` is accepted and not used: Hugging Face's forward
 adds `lm_head.decoder.bias` (older checkpoints tie the two).
+
+Hash rotations: Hugging Face's LSH layers draw random rotations at every call. With `hash_seed` set in its config,
+every draw is torch.manual_seed(hash_seed) then torch.randn([h, k, num_hashes, sum(num_buckets factors) / 2]) in
+float32 (on the CPU), the same for every call and every LSH layer. `hf_lsh_rotations` computes that draw (it needs
+torch) and `save_converted` records it as OUT/lsh_rotations.npy, one copy per LSH layer stacked,
+[LSH layers, h, k, n_hashes, f / 2]: the `lsh_rotations` argument of `ReformerLM` and of decoding as it is, so a
+reader hands it over unchanged. With hash_seed None (the published checkpoints) nothing is recorded and every
+reader draws its own rotations from its seed.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -38,6 +46,7 @@ from reformer_jax.model.config import ModelConfig
 CONFIG_FILE = "config.json"  # our ModelConfig, written next to the orbax params
 TOKENIZER_FILE = "tokenizer.json"  # the checkpoint's tokenization (reformer_jax.tokenizers.from_dict)
 PARAMS_DIR = "params"
+ROTATIONS_FILE = "lsh_rotations.npy"  # a seeded checkpoint's hash rotations (see the module docstring)
 HF_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu"}  # jax.nn.gelu is the tanh form, Hugging Face's gelu_new
 
 
@@ -184,6 +193,36 @@ def from_hf(state_dict: Mapping[str, Any], hf_config: Any) -> Tuple[ModelConfig,
     return config, jax.tree.map(lambda x: jnp.asarray(x, config.params_dtype), params)
 
 
+def lsh_rotations_shape(config: ModelConfig) -> Tuple[int, ...]:
+    """[LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2]: the shape of a model's explicit hash rotations."""
+    factors = config.n_buckets if isinstance(config.n_buckets, tuple) else (config.n_buckets or 0,)
+    return (config.layer_types.count("lsh"), config.n_heads, config.d_head, config.n_hashes,
+            sum(int(f) // 2 for f in factors))
+
+
+def hf_lsh_rotations(hf_config: Any) -> Optional[np.ndarray]:
+    """The hash rotations a Hugging Face Reformer whose config sets `hash_seed` draws at every call, one copy per
+    LSH layer: [LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2] float32, as `ReformerLM` takes them. None
+    when hash_seed is None (each call draws anew) or no layer is LSH.
+
+    Hugging Face reseeds torch's global generator with hash_seed and draws torch.randn of [h, k, n_hashes, f / 2] in
+    the attention's dtype (float32); the same stream is drawn here from a generator of our own, so torch's global
+    state is left as it was. The draw is the one on the CPU (a CUDA device's generator gives other numbers).
+    Raises ImportError without torch.
+    """
+    config = config_from_hf(hf_config)
+    seed = _get(hf_config, "hash_seed")
+    if seed is None or not config.uses("lsh"):
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConversionError(f"hash_seed={seed!r} is not supported: expected an integer or null.")
+    import torch
+
+    shape = lsh_rotations_shape(config)
+    draw = torch.randn(shape[1:], generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float32)
+    return np.stack([draw.numpy()] * shape[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 
@@ -239,14 +278,19 @@ def tokenizer_for_hf(hf_config: Mapping[str, Any], hf_dir: Any = None):
     return tokenizers.for_hf_vocabulary(vocab_size, _get(hf_config, "pad_token_id", 0))
 
 
-def save_converted(config: ModelConfig, params: Any, out: Path, tokenizer: Any = None) -> None:
-    """Write OUT/config.json, OUT/tokenizer.json (when the vocabulary is text) and OUT/params (orbax) into a
-    temporary directory, then rename it to OUT."""
+def save_converted(config: ModelConfig, params: Any, out: Path, tokenizer: Any = None,
+                   lsh_rotations: Optional[np.ndarray] = None) -> None:
+    """Write OUT/config.json, OUT/tokenizer.json (when the vocabulary is text), OUT/lsh_rotations.npy (when given:
+    [LSH layers, h, k, n_hashes, f / 2], see `hf_lsh_rotations`) and OUT/params (orbax) into a temporary directory,
+    then rename it to OUT."""
     import orbax.checkpoint as ocp
 
     out = Path(out).absolute()
     if out.exists():
         raise ConversionError(f"--out={out} exists; pass a new directory (nothing is overwritten).")
+    if lsh_rotations is not None and tuple(np.shape(lsh_rotations)) != lsh_rotations_shape(config):
+        raise ConversionError(f"lsh_rotations have shape {tuple(np.shape(lsh_rotations))}; expected "
+                              f"{lsh_rotations_shape(config)} ([LSH layers, h, k, n_hashes, f / 2]) for this config.")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -255,6 +299,8 @@ def save_converted(config: ModelConfig, params: Any, out: Path, tokenizer: Any =
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             (staging / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict(), indent=2, sort_keys=True) + "\n")
+        if lsh_rotations is not None:
+            np.save(staging / ROTATIONS_FILE, np.asarray(lsh_rotations, np.float32))
         os.replace(staging, out)
     finally:
         if staging.exists():
@@ -284,6 +330,23 @@ def load_converted_tokenizer(directory: Path):
         return tokenizers.from_dict(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError) as error:
         raise ConversionError(f"{path} is unreadable ({error}).") from error
+
+
+def load_converted_rotations(directory: Path, config: ModelConfig) -> Optional[np.ndarray]:
+    """The hash rotations recorded by `save_converted`, [LSH layers, h, k, n_hashes, f / 2] float32, or None where
+    none were (the readers then draw their own); an unreadable or misshapen file raises ConversionError."""
+    path = Path(directory) / ROTATIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        rotations = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path} is unreadable ({error}).") from error
+    if rotations.shape != lsh_rotations_shape(config) or rotations.dtype != np.float32:
+        raise ConversionError(f"{path} holds {rotations.dtype} {rotations.shape}; expected float32 "
+                              f"{lsh_rotations_shape(config)} ([LSH layers, h, k, n_hashes, f / 2]) for its "
+                              f"{CONFIG_FILE}.")
+    return rotations
 
 
 def config_from_fields(fields: Dict[str, Any]) -> ModelConfig:

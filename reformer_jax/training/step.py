@@ -85,12 +85,13 @@ def metrics_from_sums(sums: Dict[str, jax.Array]) -> Tuple[jax.Array, Metrics]:
 
 
 def loss_fn(params: Any, batch: Batch, rngs: Dict[str, jax.Array], *, config: ModelConfig,
-            deterministic: bool = False) -> Tuple[jax.Array, Metrics]:
+            deterministic: bool = False, lsh_rotations=None) -> Tuple[jax.Array, Metrics]:
     """Weighted mean next-token cross-entropy and metrics; the logits are formed `output_chunk_len` at a time. A
-    batch may carry an "attention_mask" [b, l] (True = real token) that keeps padding out of attention."""
+    batch may carry an "attention_mask" [b, l] (True = real token) that keeps padding out of attention.
+    lsh_rotations: optional fixed hash rotations [LSH layers, h, k, n_hashes, f / 2] instead of drawn ones."""
     sums = ReformerLM(config).apply({"params": params}, batch["inputs"], batch["targets"], batch["weights"],
                                     deterministic=deterministic, attention_mask=batch.get("attention_mask"),
-                                    rngs=rngs, method=ReformerLM.loss_terms)
+                                    lsh_rotations=lsh_rotations, rngs=rngs, method=ReformerLM.loss_terms)
     return metrics_from_sums(sums)
 
 
@@ -108,9 +109,10 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: Model
     return state.apply_gradients(grads=grads), metrics
 
 
-def eval_step(params: Any, batch: Batch, rng: jax.Array, *, config: ModelConfig) -> Metrics:
-    """Loss and accuracy without dropout (LSH models still hash with `rng`)."""
-    _, metrics = loss_fn(params, batch, {"lsh": rng}, config=config, deterministic=True)
+def eval_step(params: Any, batch: Batch, rng: jax.Array, *, config: ModelConfig, lsh_rotations=None) -> Metrics:
+    """Loss and accuracy without dropout (LSH models still hash with rotations drawn from `rng`, or with the fixed
+    `lsh_rotations` [LSH layers, h, k, n_hashes, f / 2] of a converted seeded checkpoint)."""
+    _, metrics = loss_fn(params, batch, {"lsh": rng}, config=config, deterministic=True, lsh_rotations=lsh_rotations)
     return metrics
 
 
