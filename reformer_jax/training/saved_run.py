@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 
+from reformer_jax.errors import setting
 from reformer_jax import tokenizers
 from reformer_jax.model import hf_convert
 from reformer_jax.model.config import ModelConfig
@@ -52,7 +53,7 @@ class SavedModel:
     tokenizer: Optional[tokenizers.Tokenizer]  # None: a model of symbols (the copy task)
     settings: Optional[Dict[str, Any]] = None  # run_settings.json of a run; None for a converted checkpoint
     steps: Tuple[int, ...] = ()  # a run's complete checkpoints, ascending
-    flag: str = "--workdir"  # how the user named it, for messages
+    flag: str = "workdir"  # how the user named it, for messages
     # [LSH layers, h, k, n_hashes, f / 2] float32: the recorded hash rotations of a converted seeded checkpoint
     lsh_rotations: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -79,14 +80,15 @@ class SavedModel:
         """`step` if it is checkpointed, else the latest (None for a converted checkpoint)."""
         if not self.is_run:
             if step is not None:
-                raise SavedRunError(f"--step={step}: {self.flag}={self.path} is a converted checkpoint, which has no "
-                                    "steps; leave --step out.")
+                raise SavedRunError(f"{setting('step')}={step}: {self.flag}={self.path} is a converted checkpoint, "
+                                    f"which has no steps; leave {setting('step')} out.")
             return None
         if step is None:
             return self.steps[-1]
         if step not in self.steps:
-            raise SavedRunError(f"--step={step}: {self.path / 'checkpoints'} holds steps "
-                                f"{', '.join(map(str, self.steps))}; pass one of them (or omit --step for the latest).")
+            raise SavedRunError(f"{setting('step')}={step}: {self.path / 'checkpoints'} holds steps "
+                                f"{', '.join(map(str, self.steps))}; pass one of them (or omit {setting('step')} "
+                                "for the latest).")
         return step
 
     def describe(self, step: Optional[int] = None) -> str:
@@ -100,13 +102,14 @@ def model_config(fields: Dict[str, Any], **overrides: Any) -> ModelConfig:
     return hf_convert.config_from_fields({**fields, **overrides})
 
 
-def open_run(workdir: str, flag: str = "--workdir") -> SavedModel:
-    """A main.py workdir: its settings, model, tokenizer and complete checkpoints; SavedRunError (naming `flag`)
-    if it is not usable."""
+def open_run(workdir: str, flag: Optional[str] = None) -> SavedModel:
+    """A main.py workdir: its settings, model, tokenizer and complete checkpoints; SavedRunError (naming `flag`,
+    default the workdir setting) if it is not usable."""
+    flag = flag or setting("workdir")
     path = Path(workdir)
     if not is_run_workdir(path):
         raise SavedRunError(f"{flag}={workdir} is not a main.py workdir: expected {RUN_SETTINGS_FILE} and "
-                            "checkpoints/ in it (pass the --workdir a training run used).")
+                            f"checkpoints/ in it (pass the {setting('workdir')} a training run used).")
     try:
         settings = json.loads((path / RUN_SETTINGS_FILE).read_text())
         config = model_config(settings["model"])
@@ -120,17 +123,19 @@ def open_run(workdir: str, flag: str = "--workdir") -> SavedModel:
         checkpointer.close()
     if not steps:
         raise SavedRunError(f"{flag}={workdir} holds no complete checkpoint yet; train it first (python main.py "
-                            f"--workdir={workdir}).")
+                            f"{setting('workdir')}={workdir}).")
     return SavedModel(path=path, config=config, tokenizer=tokenizer, settings=settings, steps=tuple(steps), flag=flag)
 
 
-def open_model(path: str, flag: str = "--init_from") -> SavedModel:
-    """A main.py workdir or a converted checkpoint, whichever `path` is; SavedRunError naming `flag` otherwise."""
+def open_model(path: str, flag: Optional[str] = None) -> SavedModel:
+    """A main.py workdir or a converted checkpoint, whichever `path` is; SavedRunError naming `flag` (default the
+    init_from setting) otherwise."""
+    flag = flag or setting("init_from")
     if is_run_workdir(path):
         return open_run(path, flag=flag)
     if not Path(path).exists():
-        raise SavedRunError(f"{flag}={path} does not exist; pass a main.py --workdir or a converted checkpoint "
-                            "(python -m reformer_jax.convert --out=DIR).")
+        raise SavedRunError(f"{flag}={path} does not exist; pass a main.py {setting('workdir')} or a converted "
+                            "checkpoint (the output directory of python -m reformer_jax.convert).")
     try:
         config = hf_convert.load_converted_config(Path(path))
         tokenizer = hf_convert.load_converted_tokenizer(Path(path))
@@ -150,9 +155,10 @@ def abstract_state(run: SavedModel, sharding: Any = None):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
-def check_same_shapes(model: SavedModel, config: ModelConfig, flag: str = "--init_from") -> None:
+def check_same_shapes(model: SavedModel, config: ModelConfig, flag: Optional[str] = None) -> None:
     """SavedRunError naming the parameter arrays whose shape or dtype differ between the saved model and `config`
     (computed abstractly: nothing is allocated, compiled or read but the settings)."""
+    flag = flag or setting("init_from")
     differences = shape_differences(leaf_shapes(abstract_params(model.config)), leaf_shapes(abstract_params(config)))
     if differences:
         raise SavedRunError(f"{flag}={model.path} has parameters of other shapes than this model's: "
