@@ -6,8 +6,8 @@
 Every parameter dimension has a logical name (embed, heads, kv, mlp, vocab, layers, positions), declared by the
 model where it creates the parameter (`reformer_jax.model.reformer_lm.param_logical_axes(config)` reads them back
 as a tree of name tuples); the functions here take that tree as an argument, and a parameter it gives no names (or
-a number of names other than its number of dimensions) is an error naming the parameter, never silently
-replicated. The optimizer state's leaves take the names of the parameter they belong to (`state_shardings`).
+a number of names other than its number of dimensions) is an error naming the parameter. The optimizer state's
+leaves take the names of the parameter they belong to (`state_shardings`).
 `LOGICAL_RULES` maps logical names to mesh axes:
   batch -> (data, fsdp)     the batch is split over both
   embed -> fsdp             parameters, gradients and optimizer state sharded (ZeRO-3 / FSDP style)

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from reformer_jax import ModelConfig
+from reformer_jax.model.reformer_lm import param_logical_axes
 from reformer_jax.sharding import MESH_AXES, state_shardings
 from reformer_jax.training.step import abstract_train_state, make_optimizer
 
@@ -71,13 +72,15 @@ def _param_specs(shardings):
 
 @pytest.fixture(scope="module")
 def state():
-    return abstract_train_state(ModelConfig.preset("reformer", **CONFIG), make_optimizer("adamw"))[0]
+    """(the abstract TrainState, its parameters' logical axes)."""
+    config = ModelConfig.preset("reformer", **CONFIG)
+    return abstract_train_state(config, make_optimizer("adamw"))[0], param_logical_axes(config)
 
 
 @pytest.mark.parametrize("axis", MESH_AXES)
 def test_each_parameter_kind_is_laid_out_by_its_mesh_axis(state, axis):
     mesh = AbstractMesh(tuple(2 if name == axis else 1 for name in MESH_AXES), MESH_AXES)
-    shardings = state_shardings(state, mesh)
+    shardings = state_shardings(state[0], mesh, state[1])
     specs = _param_specs(shardings)
     assert set(specs) == set(EXPECTED)  # every parameter is one of the kinds above
     wrong = {name: (spec, expected_spec(name, axis)) for name, spec in specs.items()

@@ -7,6 +7,9 @@ Parameters of all layers are stacked on a leading axis n (for `lax.scan`):
   attention:    norm {scale, bias} [n, d], qk [n, d, h, k], v [n, d, h, k], out [n, h, k, d]
                 (local attention layers: q, k, v [n, d, h, k] instead of qk, v)
   feed_forward: norm {scale, bias} [n, d], wi [n, d, f], bi [n, f], wo [n, f, d], bo [n, d]
+Their initialisers declare each one's logical axes (n: layers, d: embed, h: heads, k: kv, f: mlp) as they create
+it (`init_*_params_with_axes`: `nn.LogicallyPartitioned` leaves); `reformer_jax.sharding` maps those names to mesh
+axes.
 """
 
 from __future__ import annotations
@@ -260,14 +263,21 @@ def feed_forward_block(params: Params, x: jax.Array, *, config: ModelConfig, dro
 # Stacked parameter initialisers (leading axis = layer)
 
 
+def _axes(value: jax.Array, *names: str) -> nn.LogicallyPartitioned:
+    """`value` with the logical names of its dimensions."""
+    return nn.LogicallyPartitioned(value, names)
+
+
 def _norm_params(n_layers: int, width: int, dtype) -> Params:
-    return {"scale": jnp.ones((n_layers, width), dtype), "bias": jnp.zeros((n_layers, width), dtype)}
+    return {"scale": _axes(jnp.ones((n_layers, width), dtype), "layers", "embed"),
+            "bias": _axes(jnp.zeros((n_layers, width), dtype), "layers", "embed")}
 
 
-def init_attention_params(rng: jax.Array, config: ModelConfig, attention_type: Optional[str] = None,
-                          n_layers: Optional[int] = None) -> Params:
+def init_attention_params_with_axes(rng: jax.Array, config: ModelConfig, attention_type: Optional[str] = None,
+                                    n_layers: Optional[int] = None) -> Params:
     """Stacked attention parameters of `n_layers` (default all) layers of one type (Glorot-uniform, as trax's
-    Dense): shared-QK layers ("full", "lsh") have qk and v, local layers separate q, k and v."""
+    Dense), each an `nn.LogicallyPartitioned` naming its axes: shared-QK layers ("full", "lsh") have qk and v,
+    local layers separate q, k and v."""
     n = config.n_layers if n_layers is None else n_layers
     d, h, k = config.d_model, config.n_heads, config.d_head
     dtype = config.params_dtype
@@ -275,21 +285,34 @@ def init_attention_params(rng: jax.Array, config: ModelConfig, attention_type: O
     out_proj = nn.initializers.xavier_uniform(in_axis=(1, 2), out_axis=3, batch_axis=(0,))
     names = ("q", "k", "v") if (attention_type or config.attention) == "local" else ("qk", "v")
     rngs = jax.random.split(rng, len(names) + 1)
-    params = {"norm": _norm_params(n, d, dtype), "out": out_proj(rngs[-1], (n, h, k, d), dtype)}
-    params.update({name: in_proj(r, (n, d, h, k), dtype) for name, r in zip(names, rngs)})
+    params = {"norm": _norm_params(n, d, dtype),
+              "out": _axes(out_proj(rngs[-1], (n, h, k, d), dtype), "layers", "heads", "kv", "embed")}
+    params.update({name: _axes(in_proj(r, (n, d, h, k), dtype), "layers", "embed", "heads", "kv")
+                   for name, r in zip(names, rngs)})
     return params
 
 
-def init_feed_forward_params(rng: jax.Array, config: ModelConfig) -> Params:
-    """Stacked feed-forward parameters for all layers."""
+def init_feed_forward_params_with_axes(rng: jax.Array, config: ModelConfig) -> Params:
+    """Stacked feed-forward parameters for all layers, each an `nn.LogicallyPartitioned` naming its axes."""
     n, d, f = config.n_layers, config.d_model, config.d_ff
     dtype = config.params_dtype
     dense = nn.initializers.xavier_uniform(in_axis=1, out_axis=2, batch_axis=(0,))
     r_in, r_out = jax.random.split(rng)
     return {
         "norm": _norm_params(n, d, dtype),
-        "wi": dense(r_in, (n, d, f), dtype),
-        "bi": jnp.zeros((n, f), dtype),
-        "wo": dense(r_out, (n, f, d), dtype),
-        "bo": jnp.zeros((n, d), dtype),
+        "wi": _axes(dense(r_in, (n, d, f), dtype), "layers", "embed", "mlp"),
+        "bi": _axes(jnp.zeros((n, f), dtype), "layers", "mlp"),
+        "wo": _axes(dense(r_out, (n, f, d), dtype), "layers", "mlp", "embed"),
+        "bo": _axes(jnp.zeros((n, d), dtype), "layers", "embed"),
     }
+
+
+def init_attention_params(rng: jax.Array, config: ModelConfig, attention_type: Optional[str] = None,
+                          n_layers: Optional[int] = None) -> Params:
+    """`init_attention_params_with_axes` as plain arrays."""
+    return nn.unbox(init_attention_params_with_axes(rng, config, attention_type, n_layers))
+
+
+def init_feed_forward_params(rng: jax.Array, config: ModelConfig) -> Params:
+    """`init_feed_forward_params_with_axes` as plain arrays."""
+    return nn.unbox(init_feed_forward_params_with_axes(rng, config))

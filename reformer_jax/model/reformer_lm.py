@@ -7,6 +7,8 @@ Parameters ("params" collection, nothing else):
   layers {attention, feed_forward} stacked on a leading layer axis (see `reformer_jax.model.layers`);
   final_norm {scale, bias} [w]; head {kernel [w, V] (untied only), bias [V]}, w = d (or 2d for "concat").
 RNG streams: "params" (init), "lsh" (hash rotations, LSH models), "dropout" (when deterministic=False).
+Every parameter declares its logical axes where it is created (`nn.with_logical_partitioning` here, boxed leaves
+from `layers`' initialisers); `param_logical_axes(config)` reads them back, and `init_params` returns plain arrays.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ class PositionalEmbedding(nn.Module):
         cfg = self.config
         init = nn.initializers.normal(stddev=0.02)
         if cfg.pos_embedding == "absolute":
-            return self.param("pos_embed", init, (cfg.max_len, cfg.d_model), cfg.params_dtype)[:length]
+            return self.param("pos_embed", nn.with_logical_partitioning(init, ("positions", "embed")),
+                              (cfg.max_len, cfg.d_model), cfg.params_dtype)[:length]
         (l1, l2), (d1, d2) = cfg.axial_shape, cfg.axial_dims
         # Axial: [l1, 1, d1] and [1, l2, d2] broadcast to [l1, l2, d1 + d2], flattened row-major to [l, d].
-        a0 = self.param("axial_0", init, (l1, 1, d1), cfg.params_dtype)
-        a1 = self.param("axial_1", init, (1, l2, d2), cfg.params_dtype)
+        axial = nn.with_logical_partitioning(init, ("positions", "positions", "embed"))
+        a0 = self.param("axial_0", axial, (l1, 1, d1), cfg.params_dtype)
+        a1 = self.param("axial_1", axial, (1, l2, d2), cfg.params_dtype)
         table = jnp.concatenate([jnp.broadcast_to(a0, (l1, l2, d1)), jnp.broadcast_to(a1, (l1, l2, d2))], axis=-1)
         return table.reshape(l1 * l2, d1 + d2)[:length]
 
@@ -58,7 +62,7 @@ def layer_period(layer_types) -> int:
 def _init_mixed_attention(rng: jax.Array, config: ModelConfig):
     """Attention parameters of a mixed stack: {type: that type's layers stacked in order}."""
     types = sorted(set(config.layer_types))
-    return {t: layers.init_attention_params(r, config, t, n_layers=config.layer_types.count(t))
+    return {t: layers.init_attention_params_with_axes(r, config, t, n_layers=config.layer_types.count(t))
             for t, r in zip(types, jax.random.split(rng, len(types)))}
 
 
@@ -79,8 +83,10 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
 
     # On a mesh (`reformer_jax.sharding`): each layer's parameters gathered over fsdp where it runs and its
     # gradients reduce-scattered into their shards; the activations stay split over the batch.
+    attention_axes, feed_forward_axes = layer_logical_axes(cfg, kind)
+
     def attention_fn(p, x, inputs, buckets):
-        p, x = sharding.gather_layer_params(p), sharding.constrain_batch(x)
+        p, x = sharding.gather_layer_params(p, attention_axes), sharding.constrain_batch(x)
         key, rotations = _key_of(inputs), (inputs["rotations"] if isinstance(inputs, dict) else None)
         return layers.attention_block(p, x, config=cfg, lsh_rng=key[0], dropout_rng=key[1],
                                       deterministic=deterministic, buckets=buckets, attention_type=kind,
@@ -88,16 +94,16 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
                                       grid_bits=cfg.grid_bits)
 
     def feed_forward_fn(p, x, inputs, chunk_index):
-        return layers.feed_forward_block(sharding.gather_layer_params(p), sharding.constrain_batch(x), config=cfg,
-                                         dropout_rng=_key_of(inputs)[1], deterministic=deterministic,
-                                         chunk_index=chunk_index)
+        p, x = sharding.gather_layer_params(p, feed_forward_axes), sharding.constrain_batch(x)
+        return layers.feed_forward_block(p, x, config=cfg, dropout_rng=_key_of(inputs)[1],
+                                         deterministic=deterministic, chunk_index=chunk_index)
 
     def attention_reverse_fn(p, x, y, dy, dx, inputs, buckets):
         x_prev, grads, dx = layers.attention_block_reverse(
-            sharding.gather_layer_params(p), sharding.constrain_batch(x), y, dy, dx, config=cfg,
+            sharding.gather_layer_params(p, attention_axes), sharding.constrain_batch(x), y, dy, dx, config=cfg,
             dropout_rng=_key_of(inputs)[1], deterministic=deterministic, buckets=buckets, attention_type=kind,
             grid_bits=cfg.grid_bits)
-        return x_prev, sharding.shard_layer_grads(grads), dx
+        return x_prev, sharding.shard_layer_grads(grads, attention_axes), dx
 
     fused = cfg.sequential_heads and kind != "local" and attention_mask is None
     return attention_fn, feed_forward_fn, attention_reverse_fn if fused else None
@@ -130,9 +136,9 @@ class LayerStack(nn.Module):
                   for kind in set(types)}
         feed_forward_fn = blocks[types[0]][1]
 
-        feed_forward = self.param("feed_forward", layers.init_feed_forward_params, cfg)
+        feed_forward = self.param("feed_forward", layers.init_feed_forward_params_with_axes, cfg)
         if period == 1:
-            attention = self.param("attention", layers.init_attention_params, cfg, types[0])
+            attention = self.param("attention", layers.init_attention_params_with_axes, cfg, types[0])
             attention_fn, _, reverse_fn = blocks[types[0]]
         else:
             by_type = self.param("attention", _init_mixed_attention, cfg)
@@ -171,17 +177,22 @@ class ReformerLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed = self.param("embed", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+        embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        self.embed = self.param("embed", nn.with_logical_partitioning(embed_init, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
         self.positions = PositionalEmbedding(cfg)
         self.layers = LayerStack(cfg)
         width = 2 * cfg.d_model if cfg.output_head == "concat" else cfg.d_model
-        self.final_norm_scale = self.param("final_norm_scale", nn.initializers.ones, (width,), cfg.params_dtype)
-        self.final_norm_bias = self.param("final_norm_bias", nn.initializers.zeros, (width,), cfg.params_dtype)
-        if not cfg.tie_embeddings:
-            self.head_kernel = self.param("head_kernel", nn.initializers.xavier_uniform(), (width, cfg.vocab_size),
+        along = nn.with_logical_partitioning  # an initialiser whose parameter names its axes
+        self.final_norm_scale = self.param("final_norm_scale", along(nn.initializers.ones, ("embed",)), (width,),
+                                           cfg.params_dtype)
+        self.final_norm_bias = self.param("final_norm_bias", along(nn.initializers.zeros, ("embed",)), (width,),
                                           cfg.params_dtype)
-        self.head_bias = self.param("head_bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
+        if not cfg.tie_embeddings:
+            self.head_kernel = self.param("head_kernel", along(nn.initializers.xavier_uniform(), ("embed", "vocab")),
+                                          (width, cfg.vocab_size), cfg.params_dtype)
+        self.head_bias = self.param("head_bias", along(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+                                    cfg.params_dtype)
 
     def _stream_keys(self, deterministic: bool, draws_rotations: bool):
         """Per-layer [n_layers, 2] keys (hashing, dropout) and the embedding's dropout key."""
@@ -299,9 +310,57 @@ def init_length(config: ModelConfig) -> int:
     return config.chunk_len if config.uses("lsh") else 1
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def init_params(config: ModelConfig, rng: jax.Array):
-    """Fresh parameters for `config` ({"params": ...} contents), traced on the shortest valid input."""
+def _init_with_axes(config: ModelConfig, rng: jax.Array):
+    """The "params" collection as created: every leaf an `nn.LogicallyPartitioned` (its value and axis names),
+    traced on the shortest valid input."""
     tokens = jnp.zeros((1, init_length(config)), jnp.int32)
     params_rng, lsh_rng = jax.random.split(rng)
     return ReformerLM(config).init({"params": params_rng, "lsh": lsh_rng}, tokens)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Fresh parameters for `config` ({"params": ...} contents): plain arrays."""
+    return nn.unbox(_init_with_axes(config, rng))
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def declared_axes(boxed):
+    """A parameter tree whose leaves are `nn.LogicallyPartitioned` -> the same tree of logical-name tuples.
+
+    A ValueError naming the parameter's path if a leaf declares no axes, or a number of names other than its
+    number of dimensions.
+    """
+    def names(path, leaf):
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            raise ValueError(f"parameter {where} (shape {tuple(leaf.shape)}) declares no logical axes; create it "
+                             "with nn.with_logical_partitioning(init, names) or return nn.LogicallyPartitioned(value, "
+                             "names) from its initialiser.")
+        if len(leaf.names) != leaf.value.ndim:
+            raise ValueError(f"parameter {where} declares the logical axes {tuple(leaf.names)} for its "
+                             f"{leaf.value.ndim} dimensions (shape {tuple(leaf.value.shape)}); name each dimension "
+                             "once.")
+        return tuple(leaf.names)
+
+    return jax.tree_util.tree_map_with_path(names, boxed, is_leaf=_is_box)
+
+
+def param_logical_axes(config: ModelConfig):
+    """The logical axis names of every parameter of `config`: a tree like `init_params(config, rng)` whose leaves
+    are tuples (one name per dimension: vocab, embed, heads, kv, mlp, layers, positions), as each parameter
+    declares them where it is created. Shapes only: nothing is computed or allocated."""
+    return declared_axes(jax.eval_shape(functools.partial(_init_with_axes, config), jax.random.key(0)))
+
+
+def layer_logical_axes(config: ModelConfig, attention_type: str):
+    """(attention, feed_forward): the logical axes of one layer's parameters as its blocks receive them (a layer of
+    `attention_type`), trees of name tuples: those the stacked initialisers declare, less the leading layer axis."""
+    key = jax.random.key(0)
+    one_layer = lambda init: jax.tree.map(  # noqa: E731
+        lambda names: names[1:], declared_axes(jax.eval_shape(init)), is_leaf=lambda x: isinstance(x, tuple))
+    return (one_layer(lambda: layers.init_attention_params_with_axes(key, config, attention_type)),
+            one_layer(lambda: layers.init_feed_forward_params_with_axes(key, config)))

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from reformer_jax import sharding
 from reformer_jax.model.config import ModelConfig
-from reformer_jax.model.reformer_lm import ReformerLM, init_params
+from reformer_jax.model.reformer_lm import ReformerLM, init_params, param_logical_axes
 
 OPTIMIZERS = ("adafactor", "adamw")
 Batch = Dict[str, jax.Array]
@@ -135,7 +135,7 @@ def abstract_train_state(config, tx, mesh: Optional[Mesh] = None):
                               jax.eval_shape(lambda: jax.random.key(0)))
     if mesh is None:
         return abstract, None
-    shardings = sharding.state_shardings(abstract, mesh)
+    shardings = sharding.state_shardings(abstract, mesh, param_logical_axes(config))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     return abstract, shardings
 
