@@ -2,10 +2,13 @@
 
     python -m reformer_jax.generate --workdir=runs/default --prompt="ROMEO:" --max_new_tokens=500
     python -m reformer_jax.generate --init_from=converted/ --prompt="The " --greedy
+    python -m reformer_jax.generate --init_from=converted/ --prompt="The " --num_beams=4 --max_new_tokens=50
 
 --workdir: a main.py run (its run_settings.json and latest checkpoint); --init_from: a converted Hugging Face
 checkpoint (python -m reformer_jax.convert). Text is encoded and decoded by the tokenizer recorded with the model
-(this project's runs: byte + 3; google/reformer-enwik8: byte + 2). Errors are one line.
+(this project's runs: byte + 3; google/reformer-enwik8: byte + 2). --num_beams=N > 1 searches N beams as Hugging
+Face's generate(num_beams=N) does and prints the best continuation when it is done (no streaming, no sampling
+flags). Errors are one line.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ flags.DEFINE_bool("greedy", False, "Always pick the most likely token.")
 flags.DEFINE_integer("seed", 0, "Seed of the sampling draws and the LSH hash rotations (a converted checkpoint's "
                      "recorded rotations, where it has them, are used instead).")
 flags.DEFINE_integer("stream_every", 16, "Tokens decoded on the device between two prints.")
+flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (Hugging Face's generate(num_beams=N)): the "
+                     "most likely continuation found, printed when done; 1: sample (or --greedy) token by token.")
 flags.DEFINE_bool("stop_at_eos", None, "Stop at the model's end-of-sequence id (default: on for a converted "
                   "checkpoint whose tokenizer has one, off for a main.py run, whose text has none).")
 
@@ -54,6 +59,7 @@ def run() -> int:
     from reformer_jax.training import saved_run
     from reformer_jax.training.checkpoint import CheckpointError
     from reformer_jax.decoding import generation
+    from reformer_jax.decoding.beam_search import beam_search
 
     if (FLAGS.workdir is None) == (FLAGS.init_from is None):
         raise LoadError("pass exactly one of --workdir=DIR (a main.py run) and --init_from=DIR (a converted "
@@ -61,6 +67,14 @@ def run() -> int:
     if not FLAGS.prompt:
         raise generation.GenerateError(f"--prompt={FLAGS.prompt!r} is empty: give at least one character to "
                                        "continue, e.g. --prompt='ROMEO:'.")
+    beams = FLAGS.num_beams
+    if beams < 1:
+        raise generation.GenerateError(f"--num_beams={beams} is invalid: expected a positive integer (1 decodes token "
+                                       "by token; 4 searches four beams).")
+    sampling = [f"--{name}={FLAGS[name].value}" for name in ("temperature", "top_k", "top_p") if FLAGS[name].present]
+    if beams > 1 and sampling:
+        raise generation.GenerateError(f"--num_beams={beams} searches for the most likely continuation and does not "
+                                       f"sample: drop {' '.join(sampling)} (or sample with --num_beams=1).")
     try:
         model = (saved_run.open_run(FLAGS.workdir) if FLAGS.workdir else
                  saved_run.open_model(FLAGS.init_from, flag="--init_from"))
@@ -79,6 +93,7 @@ def run() -> int:
 
     how = "greedy" if FLAGS.greedy else (f"temperature {FLAGS.temperature:g}" + (f", top-k {FLAGS.top_k}" if FLAGS.top_k
                                          else "") + (f", top-p {FLAGS.top_p:g}" if FLAGS.top_p else ""))
+    how = f"beam search, {beams} beams" if beams > 1 else how
     print(f"model: {source}, tokenizer {tokenizer.name}; {len(prompt)} prompt tokens, {FLAGS.max_new_tokens} new "
           f"({how})", file=sys.stderr)
     print("=== prompt ===")
@@ -98,11 +113,18 @@ def run() -> int:
             row, shown_all[0] = row[:int(np.flatnonzero(row == eos_id)[0])], True
         write(row)
 
-    tokens = generation.generate(
-        config, params, rows, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-        top_p=FLAGS.top_p, greedy=FLAGS.greedy, rng=jax.random.key(FLAGS.seed), lsh_rotations=model.lsh_rotations,
-        on_tokens=show, stream_every=max(1, FLAGS.stream_every), eos_id=eos_id,
-        pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    if beams > 1:  # the best beam is known only at the end: shown then
+        tokens = beam_search(
+            config, params, rows, num_beams=beams, max_new_tokens=FLAGS.max_new_tokens, rng=jax.random.key(FLAGS.seed),
+            eos_id=eos_id, pad_id=pad_id, lsh_rotations=model.lsh_rotations)
+        show(tokens)
+    else:
+        tokens = generation.generate(
+            config, params, rows, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+            top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy, rng=jax.random.key(FLAGS.seed),
+            lsh_rotations=model.lsh_rotations, on_tokens=show, stream_every=max(1, FLAGS.stream_every),
+            eos_id=eos_id, pad_id=pad_id)
     write.finish()
     stopped = eos_id is not None and eos_id in tokens[0]
     seconds = time.perf_counter() - started
