@@ -196,6 +196,8 @@ def validate_run_flags() -> None:
             check_cache_dir(FLAGS.compilation_cache_dir)
         except ValueError as error:
             raise app.UsageError(str(error)) from None
+    if FLAGS.dataset == "text" and not FLAGS.data_path:
+        raise app.UsageError("--dataset=text needs --data_path=FILE.")
     if (FLAGS.num_processes is None) != (FLAGS.process_id is None) or (
             FLAGS.num_processes is not None and not FLAGS.coordinator_address):
         raise app.UsageError("multi-host runs need --coordinator_address, --num_processes and --process_id together "

@@ -166,7 +166,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
                                              analyze_memory=False), dataset=task)
         raise AssertionError("a batch of 3 on 8 devices was accepted")
     except ValueError as error:
-        assert "--batch_size=3 is not divisible by the 8 devices" in str(error), error
+        assert "TrainOptions.batch_size=3 is not divisible by the 8 devices" in str(error), error
     print("OK", [r[0] for r in results])
 """)
 

@@ -107,8 +107,6 @@ class TrainOptions:
             fail("dataset", f"is invalid: expected one of {', '.join(data_lib.DATASETS)}.")
         if self.dataset == "synthetic" and (self.seq_len % 2 or self.seq_len < 4):
             fail("seq_len", "is invalid for TrainOptions.dataset=synthetic: the copy task needs an even length >= 4.")
-        if self.dataset == "text" and not self.data_path:
-            fail("dataset", "needs TrainOptions.data_path=FILE, the text to train on.", shown="text")
 
     def devices(self) -> list:
         """The devices the run uses."""
