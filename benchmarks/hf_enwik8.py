@@ -125,9 +125,11 @@ def summary(result: dict) -> str:
             f"{ours['eval_step_peak_bytes'] / 2**30:.2f} GiB. The losses, {hf['loss']:.4f} and {ours['loss']:.4f} nats "
             f"per target, differ by {abs(hf['loss'] - ours['loss']):.4f}: both models have the same random weights, "
             "but each side draws its own LSH rotations (hash_seed None) and Hugging Face scores one target fewer, "
-            "so only their scale is comparable. The machine was shared with other jobs (1-minute load average "
-            f"{result['load_average']['before'][0]} before, {result['load_average']['after'][0]} after, on "
-            f"{result['machine']['cpu_count']} CPUs): the seconds are what a busy machine gave, not an idle one's.")
+            "so only their scale is comparable. The machine was shared with other jobs (1-, 5- and 15-minute load "
+            f"averages {'/'.join(map(str, result['load_average']['before']))} before and "
+            f"{'/'.join(map(str, result['load_average']['after']))} after, on {result['machine']['cpu_count']} "
+            "CPUs): the seconds, and so their ratio, are what a busy machine gave, not an idle one's; the peak RSS "
+            "figures do not depend on the load.")
 
 
 def markdown(result: dict) -> str:
