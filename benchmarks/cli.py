@@ -1,19 +1,25 @@
-"""The command-line layer every benchmark driver shares: where results go, flag checks, logging, provenance.
+"""The command-line layer every benchmark driver shares: settings as flags, flag checks, logging, provenance.
 
-A driver defines its absl flags, turns them into a frozen Settings with these checks (each raises `FlagError`
-naming the flag, the value given and what would work, before anything is compiled), and records in every result
-row the command and the checkout that produced it.
+A driver writes its settings once, as a frozen dataclass whose docstring's "Attributes:" table is the flags' help
+(a model field without an entry takes ModelConfig's own); `define_flags` makes one flag per field and
+`settings_from_flags` turns them back into the dataclass, each bad value a one-line `FlagError` naming the flag,
+the value and what would work, before anything is compiled. Every result row records the command that made it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+from absl import flags
+
+from reformer_jax.model.config import ModelConfig
+from reformer_jax.model_flags import field_docs
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
-PRESETS = ("transformer", "lsh", "reversible", "reformer")
 
 
 class FlagError(ValueError):
@@ -53,24 +59,18 @@ def subset(flag: str, values: Sequence[str], valid: Sequence[str]) -> Tuple[str,
     return chosen
 
 
-def presets(flag: str, values: Sequence[str]) -> Tuple[str, ...]:
-    """A comma-separated list of the four model presets."""
-    return subset(flag, values, PRESETS)
-
-
 def one_of(flag: str, value: str, valid: Sequence[str]) -> str:
     if value not in valid:
         raise FlagError(f"--{flag}={value!r} is unknown; expected one of {', '.join(valid)}.")
     return value
 
 
-def at_least(fv, names: Sequence[str], minimum: int, defaults) -> None:
-    """Every flag in `names` is an integer >= minimum (`defaults`: the Settings whose values the error quotes)."""
-    for name in names:
-        value = getattr(fv, name)
-        if value is None or value < minimum:
-            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise FlagError(f"--{name}={value} is invalid: expected {kind} (default {getattr(defaults, name)}).")
+def in_flags(error: Exception, rename: Optional[Dict[str, str]] = None) -> str:
+    """A library error's message in the driver's flag names (`SettingError.as_flags`: ModelConfig.n_heads ->
+    --n_heads, or the flag `rename` maps a field to)."""
+    from reformer_jax.errors import SettingError
+
+    return error.as_flags(rename) if isinstance(error, SettingError) else str(error)
 
 
 def cache_dir(path: str) -> str:
@@ -85,6 +85,45 @@ def cache_dir(path: str) -> str:
         raise FlagError(str(err)) from None
 
 
+def define_flags(cls: type, flag_values: flags.FlagValues) -> None:
+    """One flag per field of the Settings dataclass `cls` (but `command`), typed by its default: a tuple is a
+    comma-separated list."""
+    docs = {**field_docs(ModelConfig), **field_docs(cls)}
+    kinds = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float, tuple: flags.DEFINE_list}
+    for field in dataclasses.fields(cls):
+        if field.name != "command":
+            default = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+            kinds.get(type(field.default), flags.DEFINE_string)(field.name, default, docs.get(field.name, field.name),
+                                                                flag_values=flag_values)
+
+
+def settings_from_flags(cls: type, fv: flags.FlagValues, module: str, argv: Optional[Sequence[str]], *,
+                        choices: Dict[str, Sequence[str]], minimum: Dict[str, Optional[int]],
+                        parse: Optional[Dict[str, Callable[[Any], Any]]] = None):
+    """The Settings the flags give, every value checked: `choices` (a list flag: a subset of them), integers at
+    least `minimum.get(name, 1)` (None: unchecked), lists of integers (their default's type) and the `parse`
+    functions of the others (which raise FlagError)."""
+    values: Dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        name, default = field.name, field.default
+        if name == "command":
+            continue
+        value = fv[name].value
+        if parse and name in parse:
+            value = parse[name](value)
+        elif isinstance(default, tuple):
+            value = (subset(name, value, choices[name]) if name in choices else
+                     int_list(name, value, ",".join(map(str, default))) if default and isinstance(default[0], int)
+                     else tuple(value))
+        elif name in choices:
+            one_of(name, value, choices[name])
+        elif type(default) is int and minimum.get(name, 1) is not None and (value is None or value < minimum.get(name, 1)):
+            kind = "a positive integer" if minimum.get(name, 1) == 1 else f"an integer >= {minimum[name]}"
+            raise FlagError(f"--{name}={value} is invalid: expected {kind} (default {default}).")
+        values[name] = value
+    return cls(**values, command=command(module, argv))
+
+
 def command(module: str, argv: Optional[Sequence[str]]) -> str:
     """The command line that reproduces this run, as every result row records it."""
     return " ".join([f"python -m {module}"] + list((argv or [])[1:]))
@@ -97,3 +136,4 @@ def git_commit() -> Optional[str]:
                               capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+

@@ -1,8 +1,5 @@
-"""Result files of the benchmarks: JSON rows, CSV, a Markdown table and a PNG, each written atomically.
-
-A result file is written to a temporary file in the same directory and moved into place with `os.replace`, so an
-interrupted run never leaves a half-written result behind.
-"""
+"""Result files of the benchmarks: JSON rows, CSV, a Markdown table and a PNG, each written atomically (through a
+temporary file in the same directory and `os.replace`, so an interrupted run never leaves half a file)."""
 
 from __future__ import annotations
 
@@ -21,7 +18,6 @@ Column = Tuple[Any, str, str]
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and os.replace (never a half-written file)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -48,17 +44,11 @@ def read_json(path: str) -> List[Row]:
         return json.load(f)
 
 
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
-
-
 def write_csv(path: str, rows: List[Row]) -> None:
     """Scalar fields of every row (lists such as timeline curves stay in the JSON only)."""
     columns: List[str] = []
     for row in rows:
-        for key, value in row.items():
-            if key not in columns and _scalar(value):
-                columns.append(key)
+        columns += [k for k, v in row.items() if k not in columns and (v is None or isinstance(v, (str, int, float)))]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -75,29 +65,30 @@ def met(ok: bool) -> str:
 def fmt(value: Any, spec: str) -> str:
     if value is None:
         return "n/a"
-    if spec == "mib":
-        return f"{value / MIB:,.1f}"
-    if spec == "gib":
-        return f"{value / 2**30:,.2f}"
+    if spec in ("mib", "gib"):
+        return f"{value / MIB:,.1f}" if spec == "mib" else f"{value / 2**30:,.2f}"
     if spec == "code":
         return f"`{value}`"
-    if spec:
-        return format(value, spec)
-    return str(value)
+    return format(value, spec) if spec else str(value)
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[Column]) -> str:
     """A GitHub Markdown table. A column's key may be a function of the row."""
-    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    rule = "| " + " | ".join("---" if spec in ("", "s", "code") else "---:" for _, _, spec in columns) + " |"
-    lines = [header, rule]
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "| " + " | ".join("---" if spec in ("", "s", "code") else "---:" for _, _, spec in columns) + " |"]
     for row in rows:
-        cells = []
-        for key, _, spec in columns:
-            value = key(row) if callable(key) else row.get(key)
-            cells.append(fmt(value, spec))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(fmt(key(row) if callable(key) else row.get(key), spec)
+                                       for key, _, spec in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, height), squeeze=True)
 
 
 def save_figure(path: str, fig) -> None:
@@ -110,13 +101,11 @@ def save_figure(path: str, fig) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1):
-    import matplotlib
+def backend_name(name: str) -> str:
+    """A result's file name: NAME on CPU, NAME_<backend> elsewhere (GPU results sit beside the CPU ones)."""
+    import jax
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, ncols, figsize=(width, height), squeeze=True)
+    return name if jax.default_backend() == "cpu" else f"{name}_{jax.default_backend()}"
 
 
 def write_outputs(out_dir: str, name: str, rows: List[Row], markdown: str,
@@ -126,8 +115,6 @@ def write_outputs(out_dir: str, name: str, rows: List[Row], markdown: str,
     write_json(base + ".json", rows)
     write_csv(base + ".csv", rows)
     atomic_write_text(base + ".md", markdown)
-    paths = [base + ".json", base + ".csv", base + ".md"]
     if plot is not None:
         plot(base + ".png")
-        paths.append(base + ".png")
-    return paths
+    return [base + ext for ext in (".json", ".csv", ".md") + ((".png",) if plot is not None else ())]
