@@ -1,22 +1,18 @@
-"""Training-speed benchmark driver: our jitted step, the PyTorch Reformers beside it, and a length sweep.
+"""Training-speed benchmark driver: our step, the PyTorch Reformers beside it, and length sweeps.
 
-    python -m benchmarks.speed                                   # ours at configuration P, both LSH settings
+    python -m benchmarks.speed                                   # ours at configuration P, every --ours setting
     python -m benchmarks.speed --compare=peers                   # + Hugging Face and reformer-pytorch, same run
     python -m benchmarks.speed --sweep=length                    # four variants, lengths 1024 .. 65536
     python -m benchmarks.speed --profile --ours=default          # where our step's time goes (one trace)
     python -m benchmarks.speed --compilation_cache_dir=~/.cache/reformer_jax/xla   # reuse compiled steps
 
-Every implementation runs in its own worker process (`benchmarks.speed_worker`), so its peak RSS (ru_maxrss,
-compilation included) is its own. Workers are started one after the other (compilations never overlap), run
-`--warmup_steps` untimed steps, and then stay alive while the driver alternates timing rounds between them
-(each round a different one goes first), so drift of a shared machine hits all of them alike. A step is timed to
-completion (`block_until_ready` for JAX, a synchronous loss for torch); the figure is the median step.
-
-The default sizes are configuration P (vocab 259, d_model 256, 4 heads of 64, d_ff 1024,
-6 layers, length 4096, batch 1, 8 hash rounds, chunk 64), dropout 0 and absolute positions, as the peers run.
-Outputs in --out_dir: speed.*, speed_peers.*, speed_length.* or speed_profile.* (.json rows with machine and
-versions, .csv, .md, .png); a non-CPU backend adds its name (speed_length_gpu.json). `--profile` traces
-`--profile_steps` steps of each --ours setting and sorts the ops' time by kind (`benchmarks.step_profile`).
+Every implementation runs in its own worker process (`benchmarks.speed_worker`; ours is `build_train_step`'s
+step), so its peak RSS (ru_maxrss, compilation included) is its own. Workers are started one after the other
+(compilations never overlap), run --warmup_steps untimed steps, and then stay alive while the driver alternates
+timing rounds between them (each round a different one goes first), so drift of a shared machine hits all of them
+alike. A step is timed to completion; the figure is the median step. The default sizes are configuration P
+(`reformer_jax.model.sizes.SPEED_P`), dropout 0 and absolute positions, as the peers run. Outputs in --out_dir:
+speed.*, speed_peers.*, speed_length.*, speed_linearity.* or speed_profile.*; a non-CPU backend adds its name.
 """
 
 from __future__ import annotations
@@ -34,37 +30,29 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from absl import app, flags
 
 from benchmarks import cli, output, peers, seed
-from benchmarks.cli import DEFAULT_OUT_DIR, PRESETS, FlagError, log
+from benchmarks.cli import DEFAULT_OUT_DIR, FlagError, log
 from benchmarks.output import MIB, Row
+from reformer_jax.model.config import POS_EMBEDDINGS, PRESETS
 from reformer_jax.model.sizes import SPEED_P
 
-COMPARE_CHOICES = ("none", "peers")
-SWEEP_CHOICES = ("none", "length", "linearity")
-# Settings of our step timed side by side: the config's default, and the knobs that trade speed for memory.
-# "default": hash rounds and heads one at a time (the Reformer preset); "all_at_once": every round and head
-# together (faster per step where memory allows); "rounds_only": rounds one at a time, all heads together;
-# "lean_compile": the default model compiled without XLA:CPU's fusion emitters; "xla_defaults": the default model
-# compiled with XLA's own defaults instead of the steps' options (reformer_jax/xla/compiler_options.py).
-OURS_SETTINGS = {"default": {}, "all_at_once": {"sequential_rounds": False, "sequential_heads": False},
-                 "rounds_only": {"sequential_heads": False}, "bfloat16": {"dtype": "bfloat16"}, "lean_compile": {},
-                 "xla_defaults": {}, "tensor2": {}}
-LEAN_SETTINGS = ("lean_compile",)  # settings compiled with step_compiler_options(lean=True)
-XLA_DEFAULT_SETTINGS = ("xla_defaults",)  # settings compiled with no options at all
-# Settings run over a device mesh: (main.py's --mesh, --host_devices). tensor2: the host split into two CPU devices,
-# each running half the heads of the one-head-at-a-time core (two chunk products at once on two cores).
-MESH_SETTINGS = {"tensor2": ("tensor:2", 2)}
-SETTING_NOTES = {
-    "default": "hash rounds and heads one at a time, compiled with the steps' options (on CPU: YNNPACK fusions off)",
-    "all_at_once": "all hash rounds and heads at once (sequential_rounds and sequential_heads off)",
-    "rounds_only": "hash rounds one at a time, heads all at once",
-    "lean_compile": "the default, compiled also without XLA:CPU's fusion emitters (main.py --lean_compile)",
-    "bfloat16": "the default with bfloat16 compute (float32 parameters and residual streams)",
-    "xla_defaults": "the default compiled with XLA's own default options (on CPU: YNNPACK fusions on)",
-    "tensor2": "the default on two host devices, heads split over them (main.py --host_devices=2 --mesh=tensor:2)"}
-POS_EMBEDDINGS = ("absolute", "axial")
-
-
-# Markdown columns of the two tables (benchmarks.report draws the same tables from the JSON).
+# Settings of our step timed side by side: (ModelConfig overrides, how it is compiled, what it is). Compiled with
+# the steps' own options unless "lean" (main.py --lean_compile) or "xla" (no options: XLA's defaults); "tensor2"
+# runs over two host devices with the heads split (main.py --host_devices=2 --mesh=tensor:2).
+OURS_SETTINGS = {
+    "default": ({}, "", "hash rounds and heads one at a time, compiled with the steps' options (on CPU: YNNPACK "
+                "fusions off)"),
+    "all_at_once": ({"sequential_rounds": False, "sequential_heads": False}, "",
+                    "all hash rounds and heads at once (sequential_rounds and sequential_heads off)"),
+    "rounds_only": ({"sequential_heads": False}, "", "hash rounds one at a time, heads all at once"),
+    "bfloat16": ({"dtype": "bfloat16"}, "", "the default with bfloat16 compute (float32 parameters and residual "
+                 "streams)"),
+    "lean_compile": ({}, "lean", "the default, compiled also without XLA:CPU's fusion emitters (main.py "
+                     "--lean_compile)"),
+    "xla_defaults": ({}, "xla", "the default compiled with XLA's own default options (on CPU: YNNPACK fusions on)"),
+    "tensor2": ({}, "", "the default on two host devices, heads split over them (main.py --host_devices=2 "
+                "--mesh=tensor:2)")}
+SETTING_NOTES = {name: note for name, (_, _, note) in OURS_SETTINGS.items()}
+MESH_SETTINGS = {"tensor2": ("tensor:2", 2)}  # (main.py's --mesh, --host_devices)
 SPEED_COLUMNS = [
     ("label", "implementation", "s"), ("median_step_s", "s / step", ".3f"), ("tokens_per_s", "tokens / s", ",.0f"),
     ("hf_over_this_step", "speed-up over HF", ".2f"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
@@ -81,6 +69,38 @@ LENGTH_COLUMNS = [
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """One run of the driver: what it times and how; a flag per field.
+
+    Attributes:
+      out_dir: Where speed*.json/.csv/.md/.png are written.
+      compare: peers: also time Hugging Face's ReformerModelWithLMHead and reformer_pytorch.ReformerLM (each when
+        installed) at the same sizes.
+      sweep: length: the presets in --models at --lengths, one length after the other, seconds per token;
+        linearity: each preset in --models at every --lengths in the same timing rounds (all alive at once).
+      model: Our preset timed without --sweep.
+      ours: Settings of our step timed side by side (benchmarks.speed.OURS_SETTINGS).
+      seq_len: Sequence length.
+      batch_size: Batch size.
+      dropout: Dropout of our blocks (0, as the peers are run).
+      pos_embedding: Our positional embedding: absolute (as the peers are run) or axial.
+      models: Presets of --sweep=length and --sweep=linearity.
+      lengths: Lengths of --sweep=length and --sweep=linearity.
+      warmup_steps: Untimed steps after compiling.
+      rounds: Timing rounds (alternating between implementations).
+      steps_per_round: Timed steps per implementation per round.
+      sweep_rounds: Timing rounds per length in --sweep=length and --sweep=linearity.
+      merge: --sweep=length: keep the rows of OUT_DIR/speed_length.json for the (preset, length) pairs this run
+        does not time (each row records its own command).
+      memory_fraction: A sweep skips a step (and the variant's longer ones) whose compile-time peak exceeds what
+        the steps already running leave of this fraction of the machine's RAM.
+      compilation_cache_dir: JAX persistent compilation cache directory (empty: off).
+      fast_compile: LLVM -O0: faster compiles, slower steps (for tests only, never for reported figures).
+      torch_threads: torch.set_num_threads for the peers (0: torch's default).
+      profile: Instead of timing rounds: trace --profile_steps steps of each --ours setting and sort the ops' time
+        by kind (benchmarks.step_profile) -> speed_profile.*.
+      profile_steps: --profile: steps timed untraced and then traced.
+    """
+
     out_dir: str = DEFAULT_OUT_DIR
     compare: str = "none"
     sweep: str = "none"
@@ -116,126 +136,59 @@ class Settings:
         """Our preset at these sizes (max_len = the row's length), with one of OURS_SETTINGS applied."""
         from reformer_jax import ModelConfig
 
-        fields = dict(vocab_size=self.vocab_size, d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff,
-                      n_layers=self.n_layers, max_len=seq_len, n_hashes=self.n_hashes, chunk_len=self.chunk_len,
-                      dropout=self.dropout, pos_embedding=self.pos_embedding)
-        fields.update(OURS_SETTINGS[setting])
-        return ModelConfig.preset(model, **fields)
+        fields = {k: getattr(self, k) for k in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "n_hashes",
+                                                "chunk_len", "dropout", "pos_embedding")}
+        return ModelConfig.preset(model, **fields, max_len=seq_len, **OURS_SETTINGS[setting][0])
 
     def peer_sizes(self, seq_len: int) -> Dict[str, Any]:
-        """The sizes a peer builds (benchmarks.peers), from our reformer preset at this length."""
+        """The sizes a peer builds (benchmarks.peers), from our reformer preset at this length. The feed-forward
+        chunk is ours (capped at the length), or 0 (off) where it does not divide the length: Hugging Face refuses
+        a ragged last chunk."""
         config = self.config("reformer", seq_len)
-        return {"vocab_size": self.vocab_size, "d_model": self.d_model, "n_heads": self.n_heads,
-                "d_head": config.d_head, "d_ff": self.d_ff, "n_layers": self.n_layers, "seq_len": seq_len,
-                "batch_size": self.batch_size, "n_hashes": self.n_hashes, "chunk_len": self.chunk_len,
-                "n_buckets": config.resolved_n_buckets(seq_len), "ff_chunk_len": _ff_chunk(config.ff_chunk_len, seq_len)}
-
-
-def _ff_chunk(ff_chunk_len: int, seq_len: int) -> int:
-    """The feed-forward chunk a peer uses: ours (capped at the length, as layers.feed_forward_block does); 0 (off)
-    where it does not divide the length, since Hugging Face refuses a ragged last chunk."""
-    chunk = min(ff_chunk_len, seq_len)
-    return chunk if chunk and seq_len % chunk == 0 else 0
+        ff_chunk = min(config.ff_chunk_len, seq_len)
+        return {**{k: getattr(self, k) for k in ("vocab_size", "d_model", "n_heads")}, "d_head": config.d_head,
+                **{k: getattr(self, k) for k in ("d_ff", "n_layers")}, "seq_len": seq_len,
+                **{k: getattr(self, k) for k in ("batch_size", "n_hashes", "chunk_len")},
+                "n_buckets": config.resolved_n_buckets(seq_len),
+                "ff_chunk_len": ff_chunk if ff_chunk and seq_len % ff_chunk == 0 else 0}
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    d = Settings()
-    lst = lambda xs: ",".join(str(x) for x in xs)  # noqa: E731
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("out_dir", d.out_dir, "Where speed*.json/.csv/.md/.png are written.", **fv)
-    flags.DEFINE_string("compare", d.compare, "peers: also time Hugging Face's ReformerModelWithLMHead and "
-                        "reformer_pytorch.ReformerLM (each when installed) at the same sizes.", **fv)
-    flags.DEFINE_string("sweep", d.sweep, "length: the presets in --models at --lengths, one length after the "
-                        "other, seconds per token; linearity: each preset in --models at every --lengths in the same "
-                        "timing rounds (all alive at once), so the per-token ratios between lengths (target 3) are "
-                        "side by side, not minutes apart.", **fv)
-    flags.DEFINE_string("model", d.model, f"Our preset timed without --sweep: one of {', '.join(PRESETS)}.", **fv)
-    flags.DEFINE_list("ours", lst(d.ours), f"Settings of our step timed side by side: {', '.join(OURS_SETTINGS)}.",
-                      **fv)
-    for name, help_ in [("vocab_size", "Vocabulary."), ("d_model", "Model width."), ("n_heads", "Attention heads."),
-                        ("d_ff", "Feed-forward width."), ("n_layers", "Layers."), ("seq_len", "Sequence length."),
-                        ("batch_size", "Batch size."), ("n_hashes", "LSH hash rounds."),
-                        ("chunk_len", "LSH chunk length."), ("warmup_steps", "Untimed steps after compiling."),
-                        ("rounds", "Timing rounds (alternating between implementations)."),
-                        ("steps_per_round", "Timed steps per implementation per round."),
-                        ("sweep_rounds", "Timing rounds per length in --sweep=length and --sweep=linearity.")]:
-        flags.DEFINE_integer(name, getattr(d, name), help_, **fv)
-    flags.DEFINE_float("dropout", d.dropout, "Dropout of our blocks (0, as the peers are run).", **fv)
-    flags.DEFINE_string("pos_embedding", d.pos_embedding, "Our positional embedding: absolute (as the peers are "
-                        "run) or axial.", **fv)
-    flags.DEFINE_list("models", lst(d.models), "Presets of --sweep=length and --sweep=linearity.", **fv)
-    flags.DEFINE_list("lengths", lst(d.lengths), "Lengths of --sweep=length and --sweep=linearity.", **fv)
-    flags.DEFINE_boolean("merge", d.merge, "--sweep=length: keep the rows of OUT_DIR/speed_length.json for the "
-                         "(preset, length) pairs this run does not time (each row records its own command), e.g. "
-                         "to time one length again with a larger --memory_fraction.", **fv)
-    flags.DEFINE_float("memory_fraction", d.memory_fraction, "--sweep=length skips a step (and the variant's "
-                       "longer ones) whose compile-time peak exceeds what the variants already running at that "
-                       "length leave of this fraction of the machine's RAM; --sweep=linearity skips a (preset, "
-                       "length) whose peak exceeds what the shorter ones already running leave of it.", **fv)
-    flags.DEFINE_string("compilation_cache_dir", d.compilation_cache_dir, "JAX persistent compilation cache "
-                        "directory (empty: off). A later run with the same step loads it instead of compiling.", **fv)
-    flags.DEFINE_boolean("fast_compile", d.fast_compile, "LLVM -O0: faster compiles, slower steps (for tests "
-                         "only, never for reported figures).", **fv)
-    flags.DEFINE_integer("torch_threads", d.torch_threads, "torch.set_num_threads for the peers (0: torch's "
-                         "default).", **fv)
-    flags.DEFINE_boolean("profile", d.profile, "Instead of timing rounds: trace --profile_steps steps of each "
-                         "--ours setting and sort the ops' time by kind (chunk products, matmuls, sorts, gathers, "
-                         "...) -> speed_profile.*.", **fv)
-    flags.DEFINE_integer("profile_steps", d.profile_steps, "--profile: steps timed untraced and then traced.", **fv)
+    cli.define_flags(Settings, flag_values)
 
 
 def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Sequence[str]] = None) -> Settings:
     """Validated Settings; raises FlagError (naming the flag, the value and what would work) before compiling."""
-    for name, choices in (("compare", COMPARE_CHOICES), ("sweep", SWEEP_CHOICES), ("model", PRESETS),
-                          ("pos_embedding", POS_EMBEDDINGS)):
-        cli.one_of(name, getattr(fv, name), choices)
-    cli.at_least(fv, ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size", "n_hashes",
-                      "chunk_len", "rounds", "steps_per_round", "sweep_rounds", "profile_steps"), 1, Settings())
-    cli.at_least(fv, ("warmup_steps", "torch_threads"), 0, Settings())
-    if not 0 < fv.memory_fraction <= 1:
-        raise FlagError(f"--memory_fraction={fv.memory_fraction} is invalid: expected a fraction in (0, 1].")
-    if not 0 <= fv.dropout < 1:
-        raise FlagError(f"--dropout={fv.dropout} is invalid: expected a rate in [0, 1).")
-    if fv.merge and fv.sweep != "length":
-        raise FlagError(f"--merge keeps rows of a --sweep=length run; it does nothing with --sweep={fv.sweep}.")
-    if fv.compare != "none" and fv.sweep != "none":
-        raise FlagError(f"--compare={fv.compare} and --sweep={fv.sweep} are separate runs; give one of them.")
-    if fv.profile and (fv.compare != "none" or fv.sweep != "none"):
-        raise FlagError(f"--profile profiles our step alone; drop --compare={fv.compare} / --sweep={fv.sweep} (the "
+    s = cli.settings_from_flags(
+        Settings, fv, "benchmarks.speed", argv,
+        choices={"compare": ("none", "peers"), "sweep": ("none", "length", "linearity"), "model": PRESETS,
+                 "pos_embedding": POS_EMBEDDINGS, "ours": tuple(OURS_SETTINGS), "models": PRESETS},
+        minimum={"warmup_steps": 0, "torch_threads": 0}, parse={"compilation_cache_dir": cli.cache_dir})
+    if not 0 < s.memory_fraction <= 1:
+        raise FlagError(f"--memory_fraction={s.memory_fraction} is invalid: expected a fraction in (0, 1].")
+    if not 0 <= s.dropout < 1:
+        raise FlagError(f"--dropout={s.dropout} is invalid: expected a rate in [0, 1).")
+    if s.merge and s.sweep != "length":
+        raise FlagError(f"--merge keeps rows of a --sweep=length run; it does nothing with --sweep={s.sweep}.")
+    if s.compare != "none" and s.sweep != "none":
+        raise FlagError(f"--compare={s.compare} and --sweep={s.sweep} are separate runs; give one of them.")
+    if s.profile and (s.compare != "none" or s.sweep != "none"):
+        raise FlagError(f"--profile profiles our step alone; drop --compare={s.compare} / --sweep={s.sweep} (the "
                         "peers' steps are not XLA programs).")
-    cache_dir = cli.cache_dir(fv.compilation_cache_dir)
-    s = Settings(
-        out_dir=fv.out_dir, compare=fv.compare, sweep=fv.sweep, model=fv.model,
-        ours=cli.subset("ours", fv.ours, tuple(OURS_SETTINGS)), vocab_size=fv.vocab_size, d_model=fv.d_model,
-        n_heads=fv.n_heads, d_ff=fv.d_ff, n_layers=fv.n_layers, seq_len=fv.seq_len, batch_size=fv.batch_size,
-        n_hashes=fv.n_hashes, chunk_len=fv.chunk_len, dropout=fv.dropout, pos_embedding=fv.pos_embedding,
-        models=cli.presets("models", fv.models), lengths=cli.int_list("lengths", fv.lengths, "1024,4096"),
-        warmup_steps=fv.warmup_steps, rounds=fv.rounds, steps_per_round=fv.steps_per_round,
-        sweep_rounds=fv.sweep_rounds, merge=fv.merge, memory_fraction=fv.memory_fraction,
-        compilation_cache_dir=cache_dir, fast_compile=fv.fast_compile, torch_threads=fv.torch_threads,
-        profile=fv.profile, profile_steps=fv.profile_steps,
-        command=cli.command("benchmarks.speed", argv))
-    check_settings(s)
-    return s
-
-
-def check_settings(s: Settings) -> None:
-    """Every configuration the run will build, built now: a bad combination fails before the first compile."""
-    lengths = s.lengths if s.sweep != "none" else (s.seq_len,)
-    models = s.models if s.sweep != "none" else (s.model,)
-    for length in lengths:
+    for length in s.lengths if s.sweep != "none" else (s.seq_len,):  # every configuration the run will build
         if length % s.chunk_len:
             raise FlagError(f"length {length} is not a multiple of --chunk_len={s.chunk_len}, which LSH attention "
                             f"needs; e.g. {max(1, length // s.chunk_len) * s.chunk_len}.")
         try:
-            for model in models:
+            for model in s.models if s.sweep != "none" else (s.model,):
                 for setting in s.ours:
                     s.config(model, length, setting).check_seq_len(length)
         except ValueError as err:
-            raise FlagError(f"the size flags give an invalid model: {err}") from None
+            raise FlagError(f"the size flags give an invalid model: {cli.in_flags(err)}") from None
     if s.compare == "peers" and s.d_ff % s.d_model:
         raise FlagError(f"--d_ff={s.d_ff} must be a multiple of --d_model={s.d_model} for reformer_pytorch "
                         f"(its ff_mult); e.g. --d_ff={4 * s.d_model}.")
+    return s
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,10 +199,7 @@ class Worker:
     """One implementation's worker process (benchmarks.speed_worker) and the step times it reported."""
 
     def __init__(self, name: str, spec: Dict[str, Any]):
-        from benchmarks.speed_worker import parse_line
-
-        self.name, self.spec, self._parse = name, spec, parse_line
-        self.proc = None
+        self.name, self.spec, self.proc = name, spec, None
         self.step_s: List[float] = []
         self.facts: Dict[str, Any] = {}
         self.skipped: Optional[str] = None
@@ -257,8 +207,7 @@ class Worker:
     def start(self) -> None:
         """Launch the process (it compiles and warms up at once)."""
         repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.speed_worker", json.dumps(self.spec)],
@@ -267,6 +216,8 @@ class Worker:
 
     def read(self, *kinds: str) -> Tuple[str, Dict[str, Any]]:
         """The next message of one of these kinds (other lines on stdout, e.g. library warnings, are skipped)."""
+        from benchmarks.speed_worker import parse_line
+
         while True:
             line = self.proc.stdout.readline()
             if not line:
@@ -275,7 +226,7 @@ class Worker:
                 raise RuntimeError(f"speed worker {self.name} ended (exit {self.proc.returncode}) before sending "
                                    f"{'/'.join(kinds)}; its stderr ended with:\n{self._stderr.read()[-3000:]}")
             try:
-                kind, payload = self._parse(line)
+                kind, payload = parse_line(line)
             except ValueError:
                 continue
             if kind == "ERROR":
@@ -304,8 +255,7 @@ class Worker:
     def finish(self) -> None:
         if self.skipped is None:
             self.send("quit")
-            _, payload = self.read("DONE")
-            self.facts.update(payload)
+            self.facts.update(self.read("DONE")[1])
             self.proc.wait()
         self._stderr.close()
 
@@ -348,20 +298,19 @@ def time_group(workers: List[Worker], settings: Settings, rounds: int,
 
 def ours_spec(settings: Settings, model: str, seq_len: int, setting: str,
               memory_limit: Optional[int] = None) -> Dict[str, Any]:
-    from reformer_jax.xla.compiler_options import step_compiler_options
-
+    """A worker's spec of our step: the config and the XLA options it is compiled with."""
     import jax
 
-    backend = jax.default_backend()
-    options = {} if setting in XLA_DEFAULT_SETTINGS else step_compiler_options(backend, lean=setting in LEAN_SETTINGS)
+    from reformer_jax.xla.compiler_options import step_compiler_options
+
+    compiled_as = OURS_SETTINGS[setting][1]
+    options = {} if compiled_as == "xla" else step_compiler_options(jax.default_backend(), lean=compiled_as == "lean")
     mesh, host_devices = MESH_SETTINGS.get(setting, (None, None))
     return {"impl": "ours", "config": settings.config(model, seq_len, setting).to_dict(), "mesh": mesh,
-            "host_devices": host_devices,
-            "sizes": {"vocab_size": settings.vocab_size}, "batch_size": settings.batch_size, "seq_len": seq_len,
-            "warmup_steps": settings.warmup_steps, "memory_limit_bytes": memory_limit,
-            "compilation_cache_dir": settings.compilation_cache_dir or None,
-            "compiler_options": {**options,
-                                 **({"xla_backend_optimization_level": 0} if settings.fast_compile else {})}}
+            "host_devices": host_devices, "sizes": {"vocab_size": settings.vocab_size},
+            "batch_size": settings.batch_size, "seq_len": seq_len, "warmup_steps": settings.warmup_steps,
+            "memory_limit_bytes": memory_limit, "compilation_cache_dir": settings.compilation_cache_dir or None,
+            "compiler_options": {**options, **({"xla_backend_optimization_level": 0} if settings.fast_compile else {})}}
 
 
 def peer_spec(settings: Settings, peer: str, seq_len: int) -> Dict[str, Any]:
@@ -374,32 +323,21 @@ def make_row(settings: Settings, experiment: str, worker: Worker, *, implementat
     from benchmarks.measure import machine
 
     median = statistics.median(worker.step_s) if worker.step_s else None
-    tokens = settings.batch_size * seq_len
+    tokens, rss = settings.batch_size * seq_len, worker.facts.get("ru_maxrss_bytes")
     row: Row = {
         "experiment": experiment, "implementation": implementation, "label": label, "model": model,
-        "seq_len": seq_len, "batch_size": settings.batch_size, "vocab_size": settings.vocab_size,
-        "d_model": settings.d_model, "n_heads": settings.n_heads, "d_ff": settings.d_ff,
-        "n_layers": settings.n_layers, "n_hashes": settings.n_hashes, "chunk_len": settings.chunk_len,
+        "seq_len": seq_len, **{k: getattr(settings, k) for k in ("batch_size", "vocab_size", "d_model", "n_heads",
+                                                                 "d_ff", "n_layers", "n_hashes", "chunk_len")},
         "config": worker.spec.get("config") or worker.spec.get("sizes"),
         "compiler_options": worker.spec.get("compiler_options"),
         "median_step_s": median, "tokens_per_s": tokens / median if median else None,
         "s_per_token": median / tokens if median else None, "step_s": worker.step_s,
-        "timed_steps": len(worker.step_s), "skipped": worker.skipped,
-        "peak_rss_bytes": worker.facts.get("ru_maxrss_bytes"),
-        "peak_rss_mib": round(worker.facts["ru_maxrss_bytes"] / MIB, 1) if worker.facts.get("ru_maxrss_bytes") else None,
-        "loadavg_before": load[0], "loadavg_after": load[1],
-    }
+        "timed_steps": len(worker.step_s), "skipped": worker.skipped, "peak_rss_bytes": rss,
+        "peak_rss_mib": round(rss / MIB, 1) if rss else None, "loadavg_before": load[0], "loadavg_after": load[1]}
     row.update({k: v for k, v in worker.facts.items() if k not in ("ru_maxrss_bytes", "pid")})
     row.update({k: v for k, v in machine().items() if k not in row})
     row["command"] = settings.command
     return row
-
-
-def _out(name: str) -> str:
-    import jax
-
-    backend = jax.default_backend()
-    return name if backend == "cpu" else f"{name}_{backend}"
 
 
 def command_text(rows: Sequence[Row]) -> str:
@@ -423,6 +361,12 @@ def _header(rows: List[Row], title: str) -> str:
             f"is each implementation's own process (ru_maxrss, compilation included).\n\n")
 
 
+def _plot(path: str, draw, width: float, height: float, ncols: int = 1) -> None:
+    fig, axes = output.new_figure(width, height, ncols=ncols)
+    draw(fig, axes)
+    output.save_figure(path, fig)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Runs
 
@@ -444,24 +388,16 @@ def available_peers() -> Tuple[List[str], List[str]]:
 def run_speed(settings: Settings) -> List[Row]:
     """Our step (each --ours setting) and, with --compare=peers, the installed peers, alternating rounds."""
     experiment = "peers" if settings.compare == "peers" else "speed"
-    entries: List[Tuple[str, str]] = []
+    entries = [("ours" if s == "default" else f"ours_{s}",
+                f"reformer_jax ({settings.model}{'' if s == 'default' else ', ' + s})") for s in settings.ours]
     notes: List[str] = []
-    for setting in settings.ours:
-        name = "ours" if setting == "default" else f"ours_{setting}"
-        label = f"reformer_jax ({settings.model}{'' if setting == 'default' else ', ' + setting})"
-        entries.append((name, label))
     if settings.compare == "peers":
         available, notes = available_peers()
         entries.extend((peer, peers.PEER_LABELS[peer]) for peer in available)
     load_before = os.getloadavg()[0]
-    workers = []
-    for name, _ in entries:
-        if name.startswith("ours"):
-            setting = "default" if name == "ours" else name[len("ours_"):]
-            spec = ours_spec(settings, settings.model, settings.seq_len, setting)
-        else:
-            spec = peer_spec(settings, name, settings.seq_len)
-        workers.append(Worker(name, spec))
+    workers = [Worker(name, ours_spec(settings, settings.model, settings.seq_len, name[5:] or "default")
+                      if name.startswith("ours") else peer_spec(settings, name, settings.seq_len))
+               for name, _ in entries]
     log(f"== {experiment}: {', '.join(n for n, _ in entries)} at length {settings.seq_len}, {settings.rounds} "
         f"rounds ==")
     time_group(workers, settings, settings.rounds)
@@ -474,18 +410,17 @@ def run_speed(settings: Settings) -> List[Row]:
                                     if reference and row["median_step_s"] else None)
         row["rss_over_hf"] = (row["peak_rss_bytes"] / reference["peak_rss_bytes"]
                               if reference and row["peak_rss_bytes"] else None)
-    md = _header(rows, "Training speed: reformer_jax" + (" against the PyTorch Reformers" if experiment == "peers"
-                                                           else ""))
-    md += (f"Sizes: vocab {settings.vocab_size}, d_model {settings.d_model}, {settings.n_heads} heads, d_ff "
-           f"{settings.d_ff}, {settings.n_layers} layers, length {settings.seq_len}, batch {settings.batch_size}, "
-           f"{settings.n_hashes} hash rounds, chunk {settings.chunk_len}, dropout {settings.dropout}, float32 "
-           f"parameters, Adafactor.\n\n")
-    md += "Our settings: " + "; ".join(f"{setting}: {SETTING_NOTES[setting]}" for setting in settings.ours) + ".\n\n"
-    md += output.markdown_table(rows, SPEED_COLUMNS)
-    md += "".join(f"\n{n}\n" for n in notes)
+    s = settings
+    md = (_header(rows, "Training speed: reformer_jax" + (" against the PyTorch Reformers" if experiment == "peers"
+                                                          else ""))
+          + f"Sizes: vocab {s.vocab_size}, d_model {s.d_model}, {s.n_heads} heads, d_ff {s.d_ff}, {s.n_layers} "
+            f"layers, length {s.seq_len}, batch {s.batch_size}, {s.n_hashes} hash rounds, chunk {s.chunk_len}, "
+            f"dropout {s.dropout}, float32 parameters, Adafactor.\n\n"
+          + "Our settings: " + "; ".join(f"{setting}: {SETTING_NOTES[setting]}" for setting in s.ours) + ".\n\n"
+          + output.markdown_table(rows, SPEED_COLUMNS) + "".join(f"\n{n}\n" for n in notes))
 
-    def plot(path):
-        fig, (ax1, ax2) = output.new_figure(11, 4.2, ncols=2)
+    def draw(fig, axes):
+        ax1, ax2 = axes
         names = [r["label"].replace(" (", "\n(") for r in rows]
         ax1.barh(names, [r["median_step_s"] or 0 for r in rows], color="tab:blue")
         ax1.set_xlabel("seconds per training step (median)")
@@ -495,37 +430,21 @@ def run_speed(settings: Settings) -> List[Row]:
         for ax in (ax1, ax2):
             ax.grid(axis="x", alpha=0.3)
             ax.invert_yaxis()
-        fig.suptitle(f"Training step at length {settings.seq_len} ({rows[0]['backend'] if rows else ''})",
-                     fontsize=10)
-        output.save_figure(path, fig)
+        fig.suptitle(f"Training step at length {s.seq_len} ({rows[0]['backend'] if rows else ''})", fontsize=10)
 
-    name = "speed_peers" if experiment == "peers" else "speed"
-    output.write_outputs(settings.out_dir, _out(name), rows, md, plot)
+    output.write_outputs(s.out_dir, output.backend_name("speed_peers" if experiment == "peers" else "speed"), rows, md,
+                         lambda path: _plot(path, draw, 11, 4.2, ncols=2))
     return rows
-
-
-def merged_rows(path: str, new_rows: List[Row]) -> List[Row]:
-    """new_rows plus the rows of the sweep JSON at `path` (if any) for (preset, length) pairs new_rows lack."""
-    if not os.path.exists(path):
-        return list(new_rows)
-    with open(path) as f:
-        old_rows = json.load(f)
-    fresh = {(r["model"], r["seq_len"]) for r in new_rows}
-    kept = [r for r in old_rows if (r["model"], r["seq_len"]) not in fresh]
-    log(f"--merge: kept {len(kept)} of the {len(old_rows)} rows in {path}")
-    return kept + list(new_rows)
 
 
 def run_length_sweep(settings: Settings) -> List[Row]:
     """The presets in --models at each length (alternating rounds), until a preset no longer fits in memory."""
     import psutil
 
-    ram = psutil.virtual_memory().total
+    budget = int(psutil.virtual_memory().total * settings.memory_fraction)
     stopped: Dict[str, str] = {}
-    rows: List[Row] = []
-    setting = settings.ours[0]
-    budget = int(ram * settings.memory_fraction)
     last_peak: Dict[str, int] = {}
+    rows: List[Row] = []
     for length in settings.lengths:
         # The smallest step (at the previous length) starts first, so a large one cannot crowd the others out.
         models = sorted((m for m in settings.models if m not in stopped), key=lambda m: last_peak.get(m, 0))
@@ -534,7 +453,7 @@ def run_length_sweep(settings: Settings) -> List[Row]:
         log(f"== length {length}: {', '.join(models)} (compile-time peaks together at most {budget / 2**30:.1f} "
             "GiB) ==")
         load_before = os.getloadavg()[0]
-        workers = [Worker(m, ours_spec(settings, m, length, setting)) for m in models]
+        workers = [Worker(m, ours_spec(settings, m, length, settings.ours[0])) for m in models]
         time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
         load = (load_before, os.getloadavg()[0])
         for model, worker in zip(models, workers):
@@ -543,28 +462,29 @@ def run_length_sweep(settings: Settings) -> List[Row]:
                 stopped[model] = f"stopped at length {length}: {worker.skipped}"
             rows.append(make_row(settings, "length", worker, implementation="ours", label=seed.LABELS[model],
                                  model=model, seq_len=length, load=load))
-    if settings.merge:
-        rows = merged_rows(os.path.join(settings.out_dir, _out("speed_length") + ".json"), rows)
+    path = os.path.join(settings.out_dir, output.backend_name("speed_length") + ".json")
+    if settings.merge and os.path.exists(path):  # keep the (preset, length) pairs this run did not time
+        old_rows = output.read_json(path)
+        fresh = {(r["model"], r["seq_len"]) for r in rows}
+        kept = [r for r in old_rows if (r["model"], r["seq_len"]) not in fresh]
+        log(f"--merge: kept {len(kept)} of the {len(old_rows)} rows in {path}")
+        rows = kept + rows
     return write_length_sweep(settings, rows)
 
 
 def run_linearity(settings: Settings) -> List[Row]:
-    """Each preset in --models at every --lengths, all workers alive and timed in the same alternating rounds.
-
-    The length sweep times one length after another, so a ratio between lengths mixes in the machine's drift over
-    the minutes between them; here every round times every length once, and `linearity_target_lines` judges the
-    per-token ratio both as a ratio of medians and round by round.
-    """
+    """Each preset in --models at every --lengths, all workers alive and timed in the same alternating rounds, so a
+    ratio between lengths is free of the machine's drift over the minutes between them (target 3,
+    `targets.linearity_target_lines`)."""
     import psutil
 
     budget = int(psutil.virtual_memory().total * settings.memory_fraction)
-    setting = settings.ours[0]
     # Shortest first: the long steps' compile-time peaks are checked against what the short ones leave.
     cells = [(model, length) for length in sorted(settings.lengths) for model in settings.models]
     log(f"== {', '.join(settings.models)} at {', '.join(map(str, sorted(settings.lengths)))} in the same rounds "
         f"(compile-time peaks together at most {budget / 2**30:.1f} GiB) ==")
     load_before = os.getloadavg()[0]
-    workers = [Worker(f"{model} {length}", ours_spec(settings, model, length, setting)) for model, length in cells]
+    workers = [Worker(f"{m} {n}", ours_spec(settings, m, n, settings.ours[0])) for m, n in cells]
     time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
     load = (load_before, os.getloadavg()[0])
     rows = [make_row(settings, "linearity", worker, implementation="ours", label=seed.LABELS[model], model=model,
@@ -576,23 +496,21 @@ def run_linearity(settings: Settings) -> List[Row]:
 def write_length_sweep(settings: Settings, rows: List[Row], name: str = "speed_length",
                        title: str = "Training speed against length: the four variants") -> List[Row]:
     """NAME.{json,csv,md,png} in settings.out_dir from a sweep's rows (sorted, per-token ratios added)."""
-    setting = settings.ours[0]
+    s = settings
     rows.sort(key=lambda r: (r["seq_len"], PRESETS.index(r["model"])))
     timed = [r for r in rows if r["median_step_s"]]
     for row in timed:  # per-token cost relative to the same preset at the shortest timed length
         base = min((r for r in timed if r["model"] == row["model"]), key=lambda r: r["seq_len"])
         row["s_per_token_over_shortest"] = row["s_per_token"] / base["s_per_token"]
-    md = _header(rows, title)
-    md += (f"Sizes: d_model {settings.d_model}, {settings.n_heads} heads, d_ff {settings.d_ff}, {settings.n_layers} "
-           f"layers, batch {settings.batch_size}, {settings.n_hashes} hash rounds, chunk {settings.chunk_len}, "
-           f"LSH setting {setting}. A length is skipped (and longer ones for that variant) when its compile-time "
-           f"peak exceeds what the variants already running at that length leave of the run's --memory_fraction "
-           f"of the machine's RAM (default {Settings.memory_fraction:.0%}; the commands say where another was "
-           "given), smallest step first.\n\n")
-    md += output.markdown_table(rows, LENGTH_COLUMNS)
+    md = (_header(rows, title)
+          + f"Sizes: d_model {s.d_model}, {s.n_heads} heads, d_ff {s.d_ff}, {s.n_layers} layers, batch "
+            f"{s.batch_size}, {s.n_hashes} hash rounds, chunk {s.chunk_len}, LSH setting {s.ours[0]}. A length is "
+            f"skipped (and longer ones for that variant) when its compile-time peak exceeds what the variants "
+            f"already running at that length leave of the run's --memory_fraction of the machine's RAM (default "
+            f"{Settings.memory_fraction:.0%}; the commands say where another was given), smallest step first.\n\n"
+          + output.markdown_table(rows, LENGTH_COLUMNS))
 
-    def plot(path):
-        fig, ax = output.new_figure(7.5, 4.8)
+    def draw(fig, ax):
         for model in PRESETS:  # every preset with rows, also those a --merge run kept
             points = [(r["seq_len"], r["s_per_token"] * 1e6) for r in timed if r["model"] == model]
             if points:
@@ -604,9 +522,8 @@ def write_length_sweep(settings: Settings, rows: List[Row], name: str = "speed_l
         ax.set_title(f"Seconds per token against length ({rows[0]['backend'] if rows else ''})", fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
-        output.save_figure(path, fig)
 
-    output.write_outputs(settings.out_dir, _out(name), rows, md, plot)
+    output.write_outputs(s.out_dir, output.backend_name(name), rows, md, lambda path: _plot(path, draw, 7.5, 4.8))
     return rows
 
 
@@ -629,33 +546,26 @@ def run_profile(settings: Settings) -> List[Row]:
         finally:
             worker.kill()
         row: Row = {"experiment": "profile", "setting": setting, "model": settings.model,
-                    "seq_len": settings.seq_len, "batch_size": settings.batch_size, "n_layers": settings.n_layers,
-                    "n_hashes": settings.n_hashes, "chunk_len": settings.chunk_len, "config": spec["config"],
-                    "compiler_options": spec["compiler_options"], "compile_s": worker.facts.get("compile_s"),
-                    "xla_flops": worker.facts.get("flops"), **profile}
+                    **{k: getattr(settings, k) for k in ("seq_len", "batch_size", "n_layers", "n_hashes",
+                                                         "chunk_len")},
+                    "config": spec["config"], "compiler_options": spec["compiler_options"],
+                    "compile_s": worker.facts.get("compile_s"), "xla_flops": worker.facts.get("flops"), **profile}
         row.update({k: v for k, v in machine().items() if k not in row})
         row["command"] = settings.command
         rows.append(row)
         log(f"  {setting}: {profile['untraced_step_s']:.3f} s per step, {profile['busy_cores']:.2f} cores busy")
-    output.write_outputs(settings.out_dir, _out("speed_profile"), rows, profile_markdown(rows),
-                         lambda path: step_profile.plot(rows, path))
-    return rows
-
-
-def profile_markdown(rows: Sequence[Row]) -> str:
-    """speed_profile.md: what was profiled, where and how, then `step_profile.markdown`'s tables."""
-    from benchmarks import step_profile
-
     first, config = rows[0], rows[0]["config"]
-    return (f"# Where the training step's time goes\n\n{command_text(rows)}. Machine: {first['platform']}, "
-            f"{first['cpu_count']} CPUs, backend {first['backend']}; jax {first['jax_version']}, jaxlib "
-            f"{first['jaxlib_version']}. Sizes: vocab {config['vocab_size']}, d_model {config['d_model']}, "
-            f"{config['n_heads']} heads, d_ff {config['d_ff']}, {first['n_layers']} layers, length "
-            f"{first['seq_len']}, batch {first['batch_size']}, {first['n_hashes']} hash rounds, chunk "
-            f"{first['chunk_len']}; preset {first['model']}. Settings: "
-            + "; ".join(f"{r['setting']}: {SETTING_NOTES[r['setting']]}" for r in rows) + ". The settings are "
-            "profiled one after another, not in alternating rounds: compare their breakdowns, not their step times "
-            "(speed_peers.md times them side by side).\n\n" + step_profile.markdown(rows))
+    md = (f"# Where the training step's time goes\n\n{command_text(rows)}. Machine: {first['platform']}, "
+          f"{first['cpu_count']} CPUs, backend {first['backend']}; jax {first['jax_version']}, jaxlib "
+          f"{first['jaxlib_version']}. Sizes: vocab {config['vocab_size']}, d_model {config['d_model']}, "
+          f"{config['n_heads']} heads, d_ff {config['d_ff']}, {first['n_layers']} layers, length "
+          f"{first['seq_len']}, batch {first['batch_size']}, {first['n_hashes']} hash rounds, chunk "
+          f"{first['chunk_len']}; preset {first['model']}. Settings: "
+          + "; ".join(f"{r['setting']}: {SETTING_NOTES[r['setting']]}" for r in rows) + ". The settings are "
+          "profiled one after another, not in alternating rounds: compare their breakdowns, not their step times "
+          "(speed_peers.md times them side by side).\n\n" + step_profile.markdown(rows))
+    output.write_outputs(settings.out_dir, output.backend_name("speed_profile"), rows, md, lambda path: step_profile.plot(rows, path))
+    return rows
 
 
 def run(settings: Settings) -> List[Row]:

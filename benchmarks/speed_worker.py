@@ -2,11 +2,11 @@
 
     python -m benchmarks.speed_worker '{"impl": "ours" | "hf" | "reformer_pytorch", ...}'
 
-The worker builds the step (ours: lowers and compiles `reformer_jax.training.step.jit_train_step`; peers: builds the
-torch model and optimizer), runs the warm-up steps and prints `SPEED_READY {json}`. It then reads commands from
-stdin, one a line:
+The worker builds the step (ours: `build_train_step`, compiled with the spec's XLA options, over the spec's mesh;
+peers: the torch model and optimizer, benchmarks.peers), runs the warm-up steps and prints `SPEED_READY {json}`.
+It then reads commands from stdin, one a line:
   run N      run N steps, each timed to completion (block_until_ready), and print `SPEED_TIMES {json}`
-  profile N  ours only: profile N steps and probe the step's matmul shapes (benchmarks.step_profile), print
+  profile N  ours only: profile N steps (reformer_jax.xla.profile) and probe its matmul shapes, print
              `SPEED_PROFILE {json}`
   quit       print `SPEED_DONE {json}` with the process's peak RSS (ru_maxrss: compilation included) and exit
 so the driver can alternate rounds between implementations that stay alive. A step whose compile-time peak
@@ -20,6 +20,8 @@ import os
 import sys
 import time
 from typing import Any, Callable, Dict, Tuple
+
+from benchmarks.measure import ru_maxrss_bytes
 
 PREFIX = "SPEED_"
 
@@ -40,59 +42,49 @@ def tokens_for(spec: Dict[str, Any]):
     """The same pseudo-random batch for every implementation: int32 [b, l + 1] in [3, vocab)."""
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    return rng.integers(3, spec["sizes"]["vocab_size"], size=(spec["batch_size"], spec["seq_len"] + 1),
-                        dtype=np.int32)
+    return np.random.default_rng(0).integers(3, spec["sizes"]["vocab_size"],
+                                             size=(spec["batch_size"], spec["seq_len"] + 1), dtype=np.int32)
 
 
 def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any]]:
     """Compile reformer_jax's training step; (step function, facts: compile_s, compile-time peak, cache hits)."""
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
-    from reformer_jax.training import step as train
+    from reformer_jax import sharding
+    from reformer_jax.model.hf_convert import config_from_fields
+    from reformer_jax.training.step_builder import build_train_step
     from reformer_jax.xla.compilation_cache import CacheHits, enable_compilation_cache
-    from reformer_jax.model.config import ModelConfig
-    from reformer_jax.xla.memory_analysis import stats_from_analysis
 
     if spec.get("compilation_cache_dir"):
         enable_compilation_cache(spec["compilation_cache_dir"])
-    config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    config = config_from_fields(spec["config"])
     batch_size, seq_len = spec["batch_size"], spec["seq_len"]
     config.check_seq_len(seq_len)
-    mesh = _mesh(spec)
+    mesh = None
+    if spec.get("mesh"):  # the host is split into its devices here, before jax starts its backends
+        if spec.get("host_devices"):
+            jax.config.update("jax_num_cpu_devices", int(spec["host_devices"]))
+        mesh = sharding.make_mesh(sharding.parse_mesh(spec["mesh"], jax.device_count()))
     with CacheHits() as hits:
         t = time.perf_counter()
-        tx = train.make_optimizer("adafactor")
-        if mesh is None:
-            init_fn = jax.jit(lambda k: train.create_train_state(k, config, tx))
-            key_spec = jax.eval_shape(lambda: jax.random.key(0))
-            state_spec = jax.eval_shape(init_fn, key_spec)
-            batch_spec = train.batch_spec(batch_size, seq_len)
-            step_fn = train.jit_train_step(config)
-        else:  # the sharded step main.py runs on this mesh
-            init_fn, step_fn, state_spec, batch_spec, key_spec = _sharded_step(config, tx, mesh, batch_size, seq_len)
-        compiled = step_fn.lower(state_spec, batch_spec, key_spec).compile(spec.get("compiler_options") or None)
+        built = build_train_step(config, mesh=mesh, compiler_options=spec.get("compiler_options") or {})
+        compiled = built.compile(batch_size, seq_len)
         compile_s = time.perf_counter() - t
-        init = init_fn.lower(key_spec).compile()
-    stats = stats_from_analysis(compiled.memory_analysis(), state_spec.params, state_spec.opt_state, batch_spec,
-                                jax.default_backend(), d_model=config.d_model, mesh=mesh)
+        abstract_state, abstract_batch, abstract_key = built.abstract_inputs(batch_size, seq_len)
+        init = built.init.lower(abstract_key).compile()
+    stats = built.memory_of(compiled, batch_size, seq_len)
     facts = {"compile_s": round(compile_s, 3), "compile_peak_bytes": stats.peak_bytes, "cache_hits": hits.count,
-             "param_count": int(sum(x.size for x in jax.tree.leaves(state_spec.params))),
+             "param_count": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
              "flops": _flops(compiled)}
     limit = spec.get("memory_limit_bytes")
     if limit is not None and stats.peak_bytes > limit:
         return None, facts
     tokens = tokens_for(spec)
-    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-             "weights": jnp.ones((batch_size, seq_len), jnp.float32)}
-    key = jax.random.key(1)
-    if mesh is not None:
-        from reformer_jax import sharding
-
-        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-        key = jax.device_put(key, sharding.replicated(mesh))
-    box = {"state": init(jax.device_put(jax.random.key(0), key.sharding))}
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch_size, seq_len), np.float32)}
+    batch = jax.device_put(batch, abstract_batch["inputs"].sharding)
+    key = jax.device_put(jax.random.key(1), abstract_key.sharding)
+    box = {"state": init(jax.device_put(jax.random.key(0), abstract_key.sharding))}
 
     def step() -> float:
         box["state"], metrics = compiled(box["state"], batch, key)
@@ -101,40 +93,6 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
 
     step.compiled, step.config = compiled, config  # for the profile command
     return step, facts
-
-
-def _mesh(spec: Dict[str, Any]):
-    """The spec's device mesh ("mesh": "tensor:2", "host_devices": 2), or None for the one-device step. The host is
-    split into its devices here, before jax starts its backends."""
-    if not spec.get("mesh"):
-        return None
-    import jax
-
-    from reformer_jax import sharding
-
-    if spec.get("host_devices"):
-        jax.config.update("jax_num_cpu_devices", int(spec["host_devices"]))
-    return sharding.make_mesh(sharding.parse_mesh(spec["mesh"], jax.device_count()))
-
-
-def _sharded_step(config, tx, mesh, batch_size: int, seq_len: int):
-    """(init, train step, abstract state, batch and key) of the training step sharded over `mesh`."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from reformer_jax import sharding
-
-    from reformer_jax.training import step as train
-
-    state_spec, state_sharding = train.abstract_train_state(config, tx, mesh)
-    init_fn = jax.jit(lambda k: train.create_train_state(k, config, tx).replace(step=jnp.zeros((), jnp.int32)),
-                      out_shardings=state_sharding)
-    step_fn = sharding.jit_sharded_step(functools.partial(train.train_step, config=config), mesh, state_sharding)
-    key_spec = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                                    sharding=sharding.replicated(mesh))
-    return init_fn, step_fn, state_spec, train.abstract_batch(batch_size, seq_len, mesh), key_spec
 
 
 def _flops(compiled) -> Any:
@@ -155,16 +113,9 @@ def build_peer(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
     step = peers.build(spec["impl"], spec["sizes"], tokens_for(spec), threads=spec.get("torch_threads"))
     import torch
 
-    facts = {"compile_s": None, "setup_s": round(time.perf_counter() - t, 3), "param_count": step.parameter_count(),
-             "torch_threads": torch.get_num_threads(), **peers.peer_versions(spec["impl"])}
-    return step, facts
-
-
-def ru_maxrss_bytes() -> int:
-    import resource
-
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(value if sys.platform == "darwin" else value * 1024)
+    return step, {"compile_s": None, "setup_s": round(time.perf_counter() - t, 3),
+                  "param_count": step.parameter_count(), "torch_threads": torch.get_num_threads(),
+                  **peers.peer_versions(spec["impl"])}
 
 
 def serve(spec: Dict[str, Any], commands=sys.stdin) -> int:
@@ -191,8 +142,9 @@ def serve(spec: Dict[str, Any], commands=sys.stdin) -> int:
             emit("TIMES", {"step_s": times, "loss": loss})
         elif words[:1] == ["profile"] and len(words) == 2 and hasattr(step, "compiled"):
             from benchmarks import step_profile
+            from reformer_jax.xla.profile import profile_step
 
-            summary = step_profile.profile_step(step, step.compiled.as_text(), int(words[1]))
+            summary = profile_step(step, step.compiled.as_text(), int(words[1]))
             summary["probes"] = step_profile.probe_matmuls(step.config, spec["seq_len"], spec["batch_size"],
                                                            spec.get("compiler_options") or None)
             emit("PROFILE", summary)

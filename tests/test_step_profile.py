@@ -1,4 +1,4 @@
-"""The step profiler (benchmarks.step_profile, `benchmarks.speed --profile`): the HLO parser and op kinds on a
+"""The step profiler (reformer_jax.xla.profile; `benchmarks.speed --profile`): the HLO parser and op kinds on a
 real compiled module, exclusive times from nested trace events, and the whole profile of a tiny step.
 
 No timing is asserted: only that the ops are found, sorted into kinds and added up consistently.
@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import speed, step_profile
-from benchmarks.reporting import speed as speed_report
-from benchmarks.step_profile import HloOp
+from benchmarks import report, speed
+from reformer_jax.xla import profile as step_profile
+from reformer_jax.xla.profile import HloOp
 from tests.test_benchmark_speed import TINY
 
 
@@ -42,7 +42,7 @@ def test_parser_finds_the_kinds_and_flops_of_a_compiled_module():
 
 
 def test_instruction_lines_with_tuple_types_and_fusions():
-    op = step_profile._parse_instruction(
+    op = step_profile.parse_instruction(
         "  ROOT %tuple.3 = (s32[], f32[2,3]{1,0}, /*index=2*/f32[4]{0}) tuple(%a.1, %b.2, %c), metadata={x=1}")
     assert (op.name, op.opcode, op.dims, op.operands) == ("tuple.3", "tuple", (), ("a.1", "b.2", "c"))
     fusion = HloOp("f", "fusion", (4,), "f32[4]", frozenset({"parameter", "exponential", "reduce"}),
@@ -51,7 +51,7 @@ def test_instruction_lines_with_tuple_types_and_fusions():
     assert step_profile.op_kind(fusion._replace(inner=frozenset({"parameter", "concatenate", "slice"}))) == "movement"
     assert step_profile.op_kind(fusion._replace(attrs=", kind=kCustom, calls=%ynn")) == "library"
     assert step_profile.op_kind(HloOp("w", "while", (), "()", frozenset(), "", ())) == "control"
-    assert step_profile._parse_instruction("ENTRY %main (p: f32[2]) -> f32[2] {") is None
+    assert step_profile.parse_instruction("ENTRY %main (p: f32[2]) -> f32[2] {") is None
 
 
 def test_exclusive_times_subtract_nested_ops_on_the_same_thread():
@@ -100,5 +100,5 @@ def test_profile_of_a_tiny_reformer_step_writes_its_files(tmp_path):
     markdown = (tmp_path / "speed_profile.md").read_text()
     assert "| batched matmuls (attention chunk products) |" in markdown and "Command: `pytest`" in markdown
     assert (tmp_path / "speed_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    section = "\n".join(speed_report.sections(str(tmp_path), "results"))
+    section = "\n".join(report.sections(str(tmp_path), "results"))
     assert "## Where the training step's time goes" in section and "(results/speed_profile.json)" in section
