@@ -66,67 +66,69 @@ def hash_by_heads(spec: per_head.HeadSpec, params: Params, x: jax.Array, rotatio
                         (params, _param_specs(params)), (x, P()), (rotations, P(TENSOR)))
 
 
-def _forward(spec, params, x, buckets, keys, keep, rate):
+def _forward(spec, params, x, buckets, keys, keep, rate, key_mask=None):
     """The block output of every head, each device running its own: [b, l, d], one psum."""
-    local = lambda p, x, buckets, keys, keep: lax.psum(  # noqa: E731
-        per_head.attention_by_heads(spec, p, x, buckets, keys, keep, rate), TENSOR)
+    local = lambda p, x, buckets, keys, keep, key_mask: lax.psum(  # noqa: E731
+        per_head.attention_by_heads(spec, p, x, buckets, keys, keep, rate, key_mask), TENSOR)
     return _over_tensor(local, P(), (params, _param_specs(params)), (x, P()), (buckets, P(None, TENSOR)),
-                        (keys, P(TENSOR)), (keep, P()))
+                        (keys, P(TENSOR)), (keep, P()), (key_mask, P()))
 
 
-def _reverse(spec, params, x, y, dy, buckets, keys, keep, rate):
+def _reverse(spec, params, x, y, dy, buckets, keys, keep, rate, key_mask=None):
     """(-F(x) or None without y, dF/dparams . dy, dF/dx . dy) of every head, each device running its own."""
-    def local(p, x, dy, buckets, keys, keep):
+    def local(p, x, dy, buckets, keys, keep, key_mask):
         zeros = jnp.zeros_like(x)
         minus_f, grads, dx = per_head.reverse_by_heads(spec, p, x, zeros if y is not None else None, dy, zeros,
-                                                       buckets, keys, keep, rate)
+                                                       buckets, keys, keep, rate, key_mask)
         grads = {**grads, "norm": lax.psum(grads["norm"], TENSOR)}  # LayerNorm: a sum over all heads
         return (None if minus_f is None else lax.psum(minus_f, TENSOR)), grads, lax.psum(dx, TENSOR)
 
     return _over_tensor(local, (None if y is None else P(), _param_specs(params), P()),
                         (params, _param_specs(params)), (x, P()), (dy, P()), (buckets, P(None, TENSOR)),
-                        (keys, P(TENSOR)), (keep, P()))
+                        (keys, P(TENSOR)), (keep, P()), (key_mask, P()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
-def _attention_over_tensor(spec, params, x, buckets, keys, keep, rate):
-    return _forward(spec, params, x, buckets, keys, keep, rate)
+def _attention_over_tensor(spec, params, x, buckets, keys, keep, rate, key_mask):
+    return _forward(spec, params, x, buckets, keys, keep, rate, key_mask)
 
 
-def _attention_fwd(spec, params, x, buckets, keys, keep, rate):
-    return _forward(spec, params, x, buckets, keys, keep, rate), (params, x, buckets, keys, keep)
+def _attention_fwd(spec, params, x, buckets, keys, keep, rate, key_mask):
+    return _forward(spec, params, x, buckets, keys, keep, rate, key_mask), (params, x, buckets, keys, keep, key_mask)
 
 
 def _attention_bwd(spec, rate, residuals, dy):
-    params, x, buckets, keys, keep = residuals
-    _, grads, dx = _reverse(spec, params, x, None, dy, buckets, keys, keep, rate)
-    return grads, dx, None, None, None
+    params, x, buckets, keys, keep, key_mask = residuals
+    _, grads, dx = _reverse(spec, params, x, None, dy, buckets, keys, keep, rate, key_mask)
+    return grads, dx, None, None, None, None
 
 
 _attention_over_tensor.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention_by_heads(spec: per_head.HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
-                       dropout_rng: jax.Array, keep: Optional[jax.Array] = None, rate: float = 0.0) -> jax.Array:
+                       dropout_rng: jax.Array, keep: Optional[jax.Array] = None, rate: float = 0.0,
+                       key_mask: Optional[jax.Array] = None) -> jax.Array:
     """`per_head.attention_by_heads` with the heads over `tensor`: x [b, l, d] -> [b, l, d]."""
     if tensor_ways() == 1:
-        return per_head.attention_by_heads(spec, params, x, buckets, dropout_rng, keep, rate)
+        return per_head.attention_by_heads(spec, params, x, buckets, dropout_rng, keep, rate, key_mask)
     if buckets is not None:
         buckets = lax.stop_gradient(buckets)
     return _attention_over_tensor(spec, params, x, buckets, per_head.head_keys(dropout_rng, params["qk"].shape[1]),
-                                  keep, float(rate))
+                                  keep, float(rate), key_mask)
 
 
 def reverse_by_heads(spec: per_head.HeadSpec, params: Params, x: jax.Array, y: jax.Array, dy: jax.Array,
                      dx: jax.Array, buckets: Optional[jax.Array], dropout_rng: jax.Array,
-                     keep: Optional[jax.Array] = None, rate: float = 0.0) -> Tuple[jax.Array, Params, jax.Array]:
+                     keep: Optional[jax.Array] = None, rate: float = 0.0,
+                     key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, Params, jax.Array]:
     """`per_head.reverse_by_heads` with the heads over `tensor`: (y - F(x), dF/dparams . dy, dx + dF/dx . dy).
 
     Each device subtracts its heads' outputs from a zero buffer and adds their dF/dx into another; one psum each
     joins them.
     """
     if tensor_ways() == 1:
-        return per_head.reverse_by_heads(spec, params, x, y, dy, dx, buckets, dropout_rng, keep, rate)
+        return per_head.reverse_by_heads(spec, params, x, y, dy, dx, buckets, dropout_rng, keep, rate, key_mask)
     keys = per_head.head_keys(dropout_rng, params["qk"].shape[1])
-    minus_f, grads, dx_heads = _reverse(spec, params, x, y, dy, buckets, keys, keep, rate)
+    minus_f, grads, dx_heads = _reverse(spec, params, x, y, dy, buckets, keys, keep, rate, key_mask)
     return y + minus_f, grads, dx + dx_heads

@@ -1,13 +1,17 @@
 """LSH attention (sort-based, shared QK) as pure JAX functions with hand-written gradients.
 
 Axes (used in every einsum here): b batch, h heads, l length, k d_head, r hash rounds, n chunks (over all rounds),
-c chunk length, s keys seen by one chunk ((n_chunks_before + 1) * c).
+c chunk length, s keys seen by one chunk ((n_chunks_before + 1 + n_chunks_after) * c).
 
 Reference semantics (the paper's LSH attention as trax and Hugging Face implement it):
-- scores, keys, the self mask and the causal mask are full attention's (`reformer_jax.kernels.full`);
+- scores, keys, the self mask, the causal mask and the padding mask are full attention's
+  (`reformer_jax.kernels.full`);
 - LSH: sort each round by (bucket, position), chunk the concatenation of all rounds, let each chunk attend to
-  itself and `n_chunks_before` previous chunks (wrapping around from the first chunk of all to the last), unsort,
-  and combine the rounds weighted by the softmax over rounds of each round's logsumexp.
+  itself, `n_chunks_before` previous chunks and `n_chunks_after` following ones (wrapping around: the first chunk
+  of all looks back to the last, the last looks ahead to the first), unsort, and combine the rounds weighted by
+  the softmax over rounds of each round's logsumexp. A key seen through two chunks counts twice (no
+  duplicate correction, as in Hugging Face);
+- padding (`key_mask`): padded positions go to an extra bucket after every real one, and padded keys are masked.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reformer_jax.kernels.full import at_least_f32, attention_dropout, check_qkv, mask_scores, masked, normalize_keys
+from reformer_jax.kernels.full import (at_least_f32, attention_dropout, as_key_mask, check_qkv, mask_scores, masked,
+                                      normalize_keys)
 
 BLOCK_ROWS = 4096  # query rows per block of LSH chunk attention (`_attend_extended_chunks`)
 
@@ -127,16 +132,29 @@ class _LSHSpec(NamedTuple):
     n_chunks_before: int
     causal: bool
     dropout_rate: float
+    n_chunks_after: int = 0
 
 
-def look_back(x: jax.Array, n_before: int) -> jax.Array:
-    """Keys a chunk sees: [b, h, n, c, ...] -> [b, h, n, (n_before + 1) * c, ...], previous chunks first.
+def look_adjacent(x: jax.Array, n_before: int, n_after: int = 0) -> jax.Array:
+    """Keys a chunk sees: [b, h, n, c, ...] -> [b, h, n, (n_before + 1 + n_after) * c, ...].
 
-    Chunk j sees chunks j - n_before .. j of the concatenation of all rounds; the first chunks wrap around to
-    the last ones (trax, Hugging Face).
+    Chunk j sees chunks j - n_before .. j + n_after of the concatenation of all rounds, in that order (Hugging
+    Face's `_look_adjacent`); the first chunks wrap around to the last ones and the last to the first.
     """
-    parts = [jnp.roll(x, shift, axis=2) for shift in range(n_before, 0, -1)] + [x]
+    parts = ([jnp.roll(x, shift, axis=2) for shift in range(n_before, 0, -1)] + [x]
+             + [jnp.roll(x, -shift, axis=2) for shift in range(1, n_after + 1)])
     return jnp.concatenate(parts, axis=3)
+
+
+def with_pad_bucket(buckets: jax.Array, mask: jax.Array, n_buckets: Buckets) -> jax.Array:
+    """Bucket ids [b, h, r, l] with padded positions (mask [b, l] False) in the extra bucket
+    total_buckets(n_buckets), which sorts them after every real position of each round (Hugging Face).
+
+    The ids widen to the type that holds the extra bucket (e.g. uint8 -> uint16 at 256 buckets). Idempotent.
+    """
+    n = total_buckets(n_buckets)
+    wide = buckets.astype(bucket_dtype(n + 1))
+    return jnp.where(mask[:, None, None, :], wide, jnp.asarray(n, wide.dtype))
 
 
 def _sort_by_bucket(buckets: jax.Array) -> Tuple[jax.Array, jax.Array]:
@@ -182,16 +200,18 @@ _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: jax.Array, seen_pos: jax.Array,
-                   spec: _LSHSpec, dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+                   spec: _LSHSpec, dropout_rng: jax.Array,
+                   seen_valid: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
     """Shared-QK attention of each chunk to the keys it sees.
 
     sq [b, h, n, c, k] queries at original positions q_pos [b, h, n, c]; seen_k / seen_v [b, h, n, s, k] the
-    unit-normalised keys and the values each chunk sees, at positions seen_pos [b, h, n, s].
+    unit-normalised keys and the values each chunk sees, at positions seen_pos [b, h, n, s]; seen_valid
+    [b, h, n, s] bool (None: no padding) False where a seen key is padding.
     Returns (out [b, h, n, c, k_v], row_max [b, h, n, c, 1], row_sum [b, h, n, c, 1]): the row's largest score
     m and sum of exp(s - m), so its logsumexp is m + log(row_sum).
     """
     dots = jnp.einsum("bhnqk,bhnsk->bhnqs", sq, seen_k)
-    dots = mask_scores(dots, q_pos[..., :, None], seen_pos[..., None, :], spec.causal)
+    dots = mask_scores(dots, q_pos[..., :, None], seen_pos[..., None, :], spec.causal, _keys_axis(seen_valid))
     # softmax from the row max, not exp(dots - lse): near SELF_MASK_VALUE (-1e5) float32 spacing is 0.008,
     # so a rounded lse would leave a self-only row summing to 0.99 instead of 1.
     row_max = lax.stop_gradient(jnp.max(dots, axis=-1, keepdims=True))
@@ -201,21 +221,33 @@ def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: j
     return jnp.einsum("bhnqs,bhnsk->bhnqk", probs, seen_v), row_max, row_sum
 
 
-def chunks_per_block(n_chunks: int, chunk_len: int, n_before: int, block_rows: Optional[int] = None) -> int:
+def _keys_axis(seen_valid: Optional[jax.Array]) -> Optional[jax.Array]:
+    """seen_valid [..., s] -> [..., 1, s], broadcasting over a chunk's query rows (None stays None)."""
+    return None if seen_valid is None else seen_valid[..., None, :]
+
+
+def chunks_per_block(n_chunks: int, chunk_len: int, n_before: int, block_rows: Optional[int] = None,
+                     n_after: int = 0) -> int:
     """Chunks attended together in one block: the largest divisor of n_chunks with at most `block_rows` query
-    rows (default BLOCK_ROWS), and more than n_before chunks (a block's look-back stays in the block before it);
-    n_chunks (one block) when no divisor qualifies."""
+    rows (default BLOCK_ROWS), and more than max(n_before, n_after) chunks (a block's look-back stays in the
+    block before it, its look-ahead in the block after it); n_chunks (one block) when no divisor qualifies."""
     block_rows = BLOCK_ROWS if block_rows is None else block_rows
     fitting = [d for d in range(1, n_chunks + 1) if n_chunks % d == 0 and d * chunk_len <= block_rows]
     best = max(fitting, default=n_chunks)
-    return best if best > n_before else n_chunks
+    return best if best > max(n_before, n_after) else n_chunks
 
 
-def _seen(x: jax.Array, n_before: int) -> jax.Array:
-    """The rows each of the last n chunks sees: [b, h, n_before + n, c, ...] -> [b, h, n, (n_before + 1) c, ...],
-    the n_before chunks before it first, then its own."""
-    n = x.shape[2] - n_before
-    return jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1)], axis=3)
+def _seen(x: jax.Array, n_before: int, n_after: int = 0) -> jax.Array:
+    """The rows each of the middle n chunks sees: [b, h, n_before + n + n_after, c, ...] ->
+    [b, h, n, (n_before + 1 + n_after) c, ...], the n_before chunks before it first, then its own, then the
+    n_after chunks after it (the order of `look_adjacent`)."""
+    n = x.shape[2] - n_before - n_after
+    return jnp.concatenate([x[:, :, i:i + n] for i in range(n_before + 1 + n_after)], axis=3)
+
+
+def _own(x: jax.Array, n_before: int, n_after: int) -> jax.Array:
+    """The middle chunks of extended rows [b, h, n_before + n + n_after, ...] -> [b, h, n, ...]."""
+    return x[:, :, n_before:x.shape[2] - n_after]
 
 
 def _to_blocks(x: jax.Array, per_block: int) -> jax.Array:
@@ -228,46 +260,81 @@ def _from_blocks(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (x.shape[0] * x.shape[3],) + x.shape[4:])
 
 
-def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, spec: _LSHSpec,
-                            dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """`_attend_chunks` of m chunks that follow n_before look-back chunks, one block of chunks at a time.
+def _concat_chunks(*parts):
+    """Row arrays [b, h, n_i, ...] (pytrees of them, None leaves allowed) joined along the chunk axis."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=2), *parts)
 
-    ext_q / ext_v [b, h, n_before + m, c, k] sorted query/key and value rows, ext_pos [b, h, n_before + m, c]
-    their original positions; chunk n_before + j attends to itself and the n_before chunks before it.
+
+def _block_look_ahead(rows, blocks, n_before: int, n_after: int):
+    """The n_after chunks after each block: the first ones of the next block, and for the last block the
+    n_after chunks after all m. rows: extended rows [b, h, n_before + m + n_after, ...]; blocks: their middle m
+    chunks as `_to_blocks` gives them [m / B, b, h, B, ...]. Returns [m / B, b, h, n_after, ...] (pytrees)."""
+    return jax.tree.map(lambda x, blk: jnp.concatenate(
+        [blk[1:, :, :, :n_after], x[:, :, x.shape[2] - n_after:][None]], axis=0), rows, blocks)
+
+
+def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, spec: _LSHSpec,
+                            dropout_rng: jax.Array,
+                            ext_valid: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+    """`_attend_chunks` of m chunks between n_before look-back and n_after look-ahead chunks, one block of
+    chunks at a time.
+
+    ext_q / ext_v [b, h, n_before + m + n_after, c, k] sorted query/key and value rows, ext_pos
+    [b, h, n_before + m + n_after, c] their original positions, ext_valid (same shape, bool, or None) False at
+    padded positions; chunk n_before + j attends to itself, the n_before chunks before it and the n_after after.
     Returns (out [b, h, m, c, k_v], row_max, row_sum [b, h, m, c, 1]) as `_attend_chunks`.
 
     Why blocks: every buffer of a block ([B, c, s] scores, the look-back copies of keys and values) has the
     same size at any length, so at long lengths they stay in cache as they do at short ones (at 65536 tokens
     a whole round's [64 x 64] x [64 x 128] chunk products ran 24% slower per chunk than at 4096). A `lax.scan`
     over the blocks carries the last n_before chunks of one block into the next as its look-back, so no rows
-    are sliced twice; `_extended_chunks_backward` walks the same blocks backwards. One block (every length up
-    to BLOCK_ROWS) is the plain whole-round computation.
+    are sliced twice; a block's look-ahead (the first n_after chunks of the next block) is sliced in advance;
+    `_extended_chunks_backward` walks the same blocks backwards. One block (every length up to BLOCK_ROWS) is
+    the plain whole-round computation.
     """
-    n_before, c = spec.n_chunks_before, spec.chunk_len
-    m = ext_q.shape[2] - n_before
-    per_block = chunks_per_block(m, c, n_before)
+    n_before, n_after, c = spec.n_chunks_before, spec.n_chunks_after, spec.chunk_len
+    m = ext_q.shape[2] - n_before - n_after
+    per_block = chunks_per_block(m, c, n_before, n_after=n_after)
 
-    def attend(ext_q, ext_v, ext_pos, rng):  # [b, h, n_before + B, c, ...] -> the B chunks' (out, max, sum)
-        seen = functools.partial(_seen, n_before=n_before)
-        return _attend_chunks(ext_q[:, :, n_before:], ext_pos[:, :, n_before:], seen(normalize_keys(ext_q)),
-                              seen(ext_v), seen(ext_pos), spec, rng)
+    def attend(ext_q, ext_v, ext_pos, ext_valid, rng):  # [b, h, n_before + B + n_after, c, ...] -> B chunks'
+        seen = functools.partial(_seen, n_before=n_before, n_after=n_after)
+        own = functools.partial(_own, n_before=n_before, n_after=n_after)
+        return _attend_chunks(own(ext_q), own(ext_pos), seen(normalize_keys(ext_q)), seen(ext_v), seen(ext_pos),
+                              spec, rng, None if ext_valid is None else seen(ext_valid))
 
+    rows = (ext_q, ext_v, ext_pos, ext_valid)
     if per_block == m:
-        return attend(ext_q, ext_v, ext_pos, dropout_rng)
-    def attend_block(look_back, block):
-        *rows, j = block
-        ext = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(look_back, rows))
-        return tuple(x[:, :, per_block:] for x in ext), attend(*ext, jax.random.fold_in(dropout_rng, j))
+        return attend(*rows, dropout_rng)
 
-    head = tuple(x[:, :, :n_before] for x in (ext_q, ext_v, ext_pos))
-    blocks = tuple(_to_blocks(x[:, :, n_before:], per_block) for x in (ext_q, ext_v, ext_pos))
-    _, per_row = lax.scan(attend_block, head, blocks + (jnp.arange(m // per_block),))
+    def attend_block(look_back, block):
+        own, ahead, j = block
+        ext = _concat_chunks(look_back, own)
+        next_look_back = jax.tree.map(lambda x: x[:, :, per_block:], ext)
+        if n_after:
+            ext = _concat_chunks(ext, ahead)
+        return next_look_back, attend(*ext, jax.random.fold_in(dropout_rng, j))
+
+    head = jax.tree.map(lambda x: x[:, :, :n_before], rows)
+    blocks = jax.tree.map(lambda x: _to_blocks(x[:, :, n_before:n_before + m], per_block), rows)
+    aheads = _block_look_ahead(rows, blocks, n_before, n_after) if n_after else None
+    _, per_row = lax.scan(attend_block, head, (blocks, aheads, jnp.arange(m // per_block)))
     return tuple(_from_blocks(x) for x in per_row)
 
 
+def _sorted_valid(key_mask: Optional[jax.Array], positions: jax.Array) -> Optional[jax.Array]:
+    """key_mask [b, l] bool at sorted original positions [b, h, ...] -> [b, h, ...] bool (None: no mask)."""
+    if key_mask is None:
+        return None
+    b, h = positions.shape[:2]
+    flat = positions.reshape(b, h, -1)
+    valid = jnp.take_along_axis(jnp.broadcast_to(key_mask[:, None, :], (b, h, key_mask.shape[-1])), flat, axis=-1)
+    return valid.reshape(positions.shape)
+
+
 def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
-                dropout_rng: jax.Array) -> jax.Array:
+                dropout_rng: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
     """LSH attention given bucket ids, by plain differentiable JAX ops. Returns [b, h, l, k_v] (at least float32).
+    key_mask [b, l] bool (None: no padding) masks padded keys.
 
     The custom_vjp below runs this in the forward pass and recomputes it (under jax.vjp) in the backward pass.
     """
@@ -287,9 +354,11 @@ def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
     q_pos = flat_order.reshape(b, h, n_chunks, c)
 
     with jax.named_scope("lsh_chunk_attention"):
+        adjacent = functools.partial(look_adjacent, n_before=spec.n_chunks_before, n_after=spec.n_chunks_after)
+        q_valid = _sorted_valid(key_mask, q_pos)
         out, row_max, row_sum = _attend_chunks(
-            sq, q_pos, look_back(normalize_keys(sq), spec.n_chunks_before), look_back(sv, spec.n_chunks_before),
-            look_back(q_pos, spec.n_chunks_before), spec, dropout_rng)
+            sq, q_pos, adjacent(normalize_keys(sq)), adjacent(sv), adjacent(q_pos), spec, dropout_rng,
+            None if q_valid is None else adjacent(q_valid))
         lse = row_max + jnp.log(row_sum)  # each chunk row's weight when combining rounds
 
     with jax.named_scope("lsh_unsort_combine"):
@@ -300,21 +369,21 @@ def _lsh_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, buckets: jax.Array,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lsh_attention_recomputed(spec, qk, v, buckets, dropout_rng):
-    return _lsh_attend(spec, qk, v, buckets, dropout_rng)
+def _lsh_attention_recomputed(spec, qk, v, buckets, dropout_rng, key_mask=None):
+    return _lsh_attend(spec, qk, v, buckets, dropout_rng, key_mask)
 
 
-def _lsh_forward(spec, qk, v, buckets, dropout_rng):
+def _lsh_forward(spec, qk, v, buckets, dropout_rng, key_mask=None):
     # Keep only the inputs (qk and v are alive anyway as the layer's projections) and the compact bucket ids;
     # no [chunk, keys] score matrix survives the forward pass.
-    return _lsh_attend(spec, qk, v, buckets, dropout_rng), (qk, v, buckets, dropout_rng)
+    return _lsh_attend(spec, qk, v, buckets, dropout_rng, key_mask), (qk, v, buckets, dropout_rng, key_mask)
 
 
 def _lsh_backward(spec, residuals, g):
-    qk, v, buckets, dropout_rng = residuals
-    _, vjp = jax.vjp(lambda q, w: _lsh_attend(spec, q, w, buckets, dropout_rng), qk, v)
+    qk, v, buckets, dropout_rng, key_mask = residuals
+    _, vjp = jax.vjp(lambda q, w: _lsh_attend(spec, q, w, buckets, dropout_rng, key_mask), qk, v)
     dqk, dv = vjp(g)
-    return dqk, dv, None, None
+    return dqk, dv, None, None, None
 
 
 _lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
@@ -327,7 +396,9 @@ _lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
 #   out = sum_r w_r out_r,  w_r = exp(lse_r) / sum_s exp(lse_s),
 # accumulated online (like a streaming softmax) from each round's row maximum and row sum, so only one round's
 # sorted rows are alive at a time (`_rounds_forward`). The look-back of a round's first chunk reaches the
-# previous round's last chunk, as in the all-rounds path, through the carried sort order (`_RoundRows.tail`).
+# previous round's last chunk, as in the all-rounds path, through the carried sort order (`_RoundRows.tail`);
+# the look-ahead of its last chunk reaches the next round's first chunk (`_RoundRows.front`, from the next
+# round's sort, made one step early and carried: `_scan_rounds`).
 # Backward: with p the round's attention weights, ds = w_r p * (g . v - g . out) is the gradient of the scores
 # s = q . k (the softmax's own term and the lse's cancel into the combined output's), and w_r p = exp(s - top) /
 # total with the forward's `top` and `total`. So each round recomputes only its scores, never its output or
@@ -335,33 +406,66 @@ _lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
 
 
 class _RoundRows(NamedTuple):
-    """Round r's sort: `order` / `inverse` [b, h, l] and the look-back `tail` [b, h, n_before * c] (the previous
-    round's last rows), all original positions; `positions` [b, h, n_before + m, c] of the extended rows."""
+    """Round r's sort: `order` / `inverse` [b, h, l], the look-back `tail` [b, h, n_before * c] (the previous
+    round's last rows) and the look-ahead `front` [b, h, n_after * c] (the next round's first rows; None when
+    n_after = 0), all original positions; `positions` [b, h, n_before + m + n_after, c] of the extended rows."""
 
     order: jax.Array
     inverse: jax.Array
     tail: jax.Array
     positions: jax.Array
+    front: Optional[jax.Array] = None
 
 
-def _round_rows(spec: _LSHSpec, buckets: jax.Array, r: jax.Array, previous: jax.Array) -> _RoundRows:
-    """Round r's rows in look-back order: the previous round's last n_before chunks (of the last round for
-    r = 0), then this round's chunks, exactly the look-back across the concatenated rounds of `_lsh_attend`.
-    `previous` [b, h, l] is round r - 1's sorted order (the loops over rounds carry it from one round to the
-    next, so each round is sorted once per loop): no round's vectors are ever needed besides round r's."""
-    b, h, n_hashes, length = buckets.shape
-    c, n_before = spec.chunk_len, spec.n_chunks_before
-    order, inverse = _sort_by_bucket(lax.dynamic_index_in_dim(buckets, r, axis=2, keepdims=False))  # [b, h, l]
+def _round_rows(spec: _LSHSpec, order: jax.Array, inverse: jax.Array, previous: jax.Array,
+                following: Optional[jax.Array] = None) -> _RoundRows:
+    """Round r's rows in look-adjacent order: the previous round's last n_before chunks (of the last round for
+    r = 0), this round's chunks, then the next round's first n_after chunks (of round 0 for the last round),
+    exactly the adjacent chunks across the concatenated rounds of `_lsh_attend`.
+    order / inverse [b, h, l]: round r's sort; previous / following [b, h, l]: the sorted orders of rounds r - 1
+    and r + 1 (following: only with n_after > 0). No round's vectors are ever needed besides round r's."""
+    b, h, length = order.shape
+    c, n_before, n_after = spec.chunk_len, spec.n_chunks_before, spec.n_chunks_after
     tail = previous[..., length - n_before * c:]
-    positions = jnp.concatenate([tail, order], axis=-1).reshape(b, h, n_before + length // c, c)
-    return _RoundRows(order, inverse, tail, positions)
+    front = following[..., :n_after * c] if n_after else None
+    parts = [tail, order] + ([front] if n_after else [])
+    positions = jnp.concatenate(parts, axis=-1).reshape(b, h, n_before + length // c + n_after, c)
+    return _RoundRows(order, inverse, tail, positions, front)
+
+
+def _scan_rounds(spec: _LSHSpec, buckets: jax.Array, step, init):
+    """lax.scan over the rounds r of carry = step(carry, rows, r), each round given its `_RoundRows`; returns the
+    final carry. Each round is sorted once per loop (plus the last round's sort up front, round 0's look-back):
+    the loop carries round r - 1's order to round r, and with a look-ahead it sorts round r + 1 one step early
+    and carries that sort to the next step."""
+    n_hashes = buckets.shape[2]
+    sort = lambda r: _sort_by_bucket(lax.dynamic_index_in_dim(buckets, r, axis=2, keepdims=False))  # noqa: E731
+    if not spec.n_chunks_after:
+        def body(state, r):
+            carry, previous = state
+            order, inverse = sort(r)  # [b, h, l]
+            return (step(carry, _round_rows(spec, order, inverse, previous), r), order), None
+
+        init_sorts = _last_round_order(buckets)
+    else:
+        def body(state, r):
+            carry, (previous, (order, inverse)) = state
+            following = sort((r + 1) % n_hashes)
+            rows = _round_rows(spec, order, inverse, previous, following[0])
+            return (step(carry, rows, r), (order, following)), None
+
+        init_sorts = (_last_round_order(buckets), _sort_by_bucket(buckets[:, :, 0]))
+    return lax.scan(body, (init, init_sorts), jnp.arange(n_hashes))[0][0]
 
 
 def _gather_extended(x: jax.Array, rows: _RoundRows) -> jax.Array:
-    """x [b, h, l, k] -> its extended rows [b, h, n_before + m, c, k] (at least float32): the look-back tail by
-    a plain gather, this round's rows (a permutation) by `_permute_rows`."""
+    """x [b, h, l, k] -> its extended rows [b, h, n_before + m + n_after, c, k] (at least float32): the
+    look-back tail and the look-ahead front by a plain gather, this round's rows (a permutation) by
+    `_permute_rows`."""
     x = at_least_f32(x)
     parts = [jnp.take_along_axis(x, rows.tail[..., None], axis=2), _permute_rows(x, rows.order, rows.inverse)]
+    if rows.front is not None:
+        parts.append(jnp.take_along_axis(x, rows.front[..., None], axis=2))
     return jnp.concatenate(parts, axis=2).reshape(rows.positions.shape + (x.shape[-1],))
 
 
@@ -371,28 +475,32 @@ def _last_round_order(buckets: jax.Array) -> jax.Array:
 
 
 def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
-                  dropout_rng: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+                  dropout_rng: jax.Array,
+                  key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Round r of LSH attention alone, on its `_round_rows`: (out_r [b, h, l, k_v], row_max_r, row_sum_r
     [b, h, l]) as `_attend_chunks` gives them, unsorted.
 
-    The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1.
+    The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1, and
+    after its last chunk the first `n_chunks_after` chunks of round r + 1. key_mask [b, l] bool or None.
     Not differentiated: `_round_backward` is its gradient.
     """
     b, h, length, _ = qk.shape
     ext_q, ext_v = _gather_extended(qk, rows), _gather_extended(v, rows)
     out, row_max, row_sum = _attend_extended_chunks(ext_q, ext_v, rows.positions, spec,
-                                                    jax.random.fold_in(dropout_rng, r))
+                                                    jax.random.fold_in(dropout_rng, r),
+                                                    _sorted_valid(key_mask, rows.positions))
     unsort = lambda x: _permute_rows(x.reshape(b, h, length, -1), rows.inverse, rows.order)  # noqa: E731
     return unsort(out), unsort(row_max)[..., 0], unsort(row_sum)[..., 0]
 
 
 def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.Array, g_dot_out: jax.Array,
-                 top: jax.Array, total: jax.Array, spec: _LSHSpec, rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+                 top: jax.Array, total: jax.Array, spec: _LSHSpec, rng: jax.Array,
+                 ext_valid: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
     """Gradient of the rounds-combined output with respect to one block's extended rows, flash-style.
 
-    ext_q / ext_v [b, h, n_before + B, c, k] and ext_pos as in `_attend_extended_chunks`; for the B chunks'
-    query rows: g [b, h, B, c, k_v] the output cotangent, g_dot_out [b, h, B, c] = g . out (the combined
-    output), and top / total [b, h, B, c] the forward's largest score over all rounds and its normaliser
+    ext_q / ext_v [b, h, n_before + B + n_after, c, k], ext_pos and ext_valid as in `_attend_extended_chunks`;
+    for the B chunks' query rows: g [b, h, B, c, k_v] the output cotangent, g_dot_out [b, h, B, c] = g . out
+    (the combined output), and top / total [b, h, B, c] the forward's largest score over all rounds and its normaliser
     sum_r row_sum_r exp(row_max_r - top) (`_rounds_forward`).
     Returns (d ext_q, d ext_v), shaped like ext_q and ext_v.
 
@@ -404,13 +512,15 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
     it matters: from a rounded logsumexp near -1e5 (float32 spacing 0.008) such a row's weights would be 0.4%
     off.
     """
-    n_before = spec.n_chunks_before
-    seen = functools.partial(_seen, n_before=n_before)
-    q, q_pos = ext_q[:, :, n_before:], ext_pos[:, :, n_before:]
+    n_before, n_after = spec.n_chunks_before, spec.n_chunks_after
+    n_adjacent = n_before + n_after
+    seen = functools.partial(_seen, n_before=n_before, n_after=n_after)
+    q, q_pos = _own(ext_q, n_before, n_after), _own(ext_pos, n_before, n_after)
     keys, keys_vjp = jax.vjp(normalize_keys, ext_q)
     seen_k, seen_v, seen_pos = seen(keys), seen(ext_v), seen(ext_pos)
+    k_valid = _keys_axis(None if ext_valid is None else seen(ext_valid))
     dots = mask_scores(jnp.einsum("bhnqk,bhnsk->bhnqs", q, seen_k), q_pos[..., :, None], seen_pos[..., None, :],
-                        spec.causal)
+                        spec.causal, k_valid)
     # w p = exp(s - lse_r) exp(lse_r - top) / total = exp(s - top) / total: no row maximum or sum to recompute;
     # exp(s - top) <= 1, as top >= every score of the row.
     weighted = jnp.exp(dots - top[..., None]) * (1.0 / total[..., None])  # [b, h, B, c, s]
@@ -418,53 +528,63 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
     d_seen_v = jnp.einsum("bhnqs,bhnqk->bhnsk", attention_dropout(weighted, spec.dropout_rate, rng), g)
     g_dot_v = attention_dropout(jnp.einsum("bhnqk,bhnsk->bhnqs", g, seen_v), spec.dropout_rate, rng)
     d_dots = weighted * (g_dot_v - g_dot_out[..., None])
-    d_dots = jnp.where(masked(q_pos[..., :, None], seen_pos[..., None, :], spec.causal), 0.0, d_dots)
+    d_dots = jnp.where(masked(q_pos[..., :, None], seen_pos[..., None, :], spec.causal, k_valid), 0.0, d_dots)
     d_q = jnp.einsum("bhnqs,bhnsk->bhnqk", d_dots, seen_k)
     d_seen_k = jnp.einsum("bhnqs,bhnqk->bhnsk", d_dots, q)
 
-    def unseen(d):  # adjoint of `seen`: [b, h, n, s, k] -> [b, h, n_before + n, c, k], one fused sum of pads
-        parts = jnp.split(d, n_before + 1, axis=3)
-        widths = lambda i: [(0, 0)] * 2 + [(i, n_before - i)] + [(0, 0)] * (d.ndim - 3)  # noqa: E731
+    def unseen(d):  # adjoint of `seen`: [b, h, n, s, k] -> [b, h, n_before + n + n_after, c, k], a sum of pads
+        parts = jnp.split(d, n_adjacent + 1, axis=3)
+        widths = lambda i: [(0, 0)] * 2 + [(i, n_adjacent - i)] + [(0, 0)] * (d.ndim - 3)  # noqa: E731
         return sum(jnp.pad(part, widths(i)) for i, part in enumerate(parts))
 
-    d_ext_q = keys_vjp(unseen(d_seen_k))[0] + jnp.pad(d_q, [(0, 0)] * 2 + [(n_before, 0)] + [(0, 0)] * 2)
+    d_ext_q = keys_vjp(unseen(d_seen_k))[0] + jnp.pad(d_q, [(0, 0)] * 2 + [(n_before, n_after)] + [(0, 0)] * 2)
     return d_ext_q, unseen(d_seen_v)
 
 
 def _extended_chunks_backward(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec: _LSHSpec,
-                              rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+                              rng: jax.Array, ext_valid: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
     """`_chunk_grads` over the blocks of `_attend_extended_chunks` (same blocks, same dropout keys).
 
-    A reversed `lax.scan` carries each block's gradient for its look-back chunks into the block before it.
+    A reversed `lax.scan` carries each block's gradient for its look-back chunks into the block before it; a
+    block's gradient for its look-ahead chunks (the next block's first ones, already visited) comes out of the
+    scan and is added afterwards.
     """
-    n_before, c = spec.n_chunks_before, spec.chunk_len
-    m = ext_q.shape[2] - n_before
-    per_block = chunks_per_block(m, c, n_before)
+    n_before, n_after, c = spec.n_chunks_before, spec.n_chunks_after, spec.chunk_len
+    m = ext_q.shape[2] - n_before - n_after
+    per_block = chunks_per_block(m, c, n_before, n_after=n_after)
     if per_block == m:
-        return _chunk_grads(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec, rng)
-    extended = (ext_q, ext_v, ext_pos)
+        return _chunk_grads(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec, rng, ext_valid)
+    extended = (ext_q, ext_v, ext_pos, ext_valid)
     # The n_before chunks before each block (the last ones of the block before it, or the head).
-    look_backs = tuple(_to_blocks(x[:, :, :m], per_block)[:, :, :, :n_before] for x in extended)
-    rows = tuple(_to_blocks(x[:, :, n_before:], per_block) for x in extended)
+    look_backs = jax.tree.map(lambda x: _to_blocks(x[:, :, :m], per_block)[:, :, :, :n_before], extended)
+    rows = jax.tree.map(lambda x: _to_blocks(x[:, :, n_before:n_before + m], per_block), extended)
+    aheads = _block_look_ahead(extended, rows, n_before, n_after) if n_after else None
 
     def block_grads(d_next, xs):  # d_next: block j + 1's gradient for our last n_before chunks
-        look_back, own, query_rows, j = xs
-        ext = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(look_back, own))
-        d_q, d_v = _chunk_grads(*ext, *query_rows, spec, jax.random.fold_in(rng, j))
-        d_own = tuple(d[:, :, n_before:].at[:, :, per_block - n_before:].add(nxt)
+        look_back, own, ahead, query_rows, j = xs
+        ext = _concat_chunks(look_back, own, ahead) if n_after else _concat_chunks(look_back, own)
+        ext_q, ext_v, ext_pos, ext_valid = ext
+        d_q, d_v = _chunk_grads(ext_q, ext_v, ext_pos, *query_rows, spec, jax.random.fold_in(rng, j), ext_valid)
+        d_own = tuple(d[:, :, n_before:n_before + per_block].at[:, :, per_block - n_before:].add(nxt)
                       for d, nxt in zip((d_q, d_v), d_next))
-        return (d_q[:, :, :n_before], d_v[:, :, :n_before]), d_own
+        d_ahead = tuple(d[:, :, n_before + per_block:] for d in (d_q, d_v)) if n_after else None
+        return (d_q[:, :, :n_before], d_v[:, :, :n_before]), (d_own, d_ahead)
 
     zeros = (jnp.zeros_like(ext_q[:, :, :n_before]), jnp.zeros_like(ext_v[:, :, :n_before]))
     query_rows = tuple(_to_blocks(x, per_block) for x in (g, g_dot_out, top, total))
-    d_head, d_rows = lax.scan(block_grads, zeros, (look_backs, rows, query_rows, jnp.arange(m // per_block)),
-                              reverse=True)
-    return tuple(jnp.concatenate([head, _from_blocks(d)], axis=2) for head, d in zip(d_head, d_rows))
+    d_head, (d_rows, d_aheads) = lax.scan(
+        block_grads, zeros, (look_backs, rows, aheads, query_rows, jnp.arange(m // per_block)), reverse=True)
+    if not n_after:
+        return tuple(jnp.concatenate([head, _from_blocks(d)], axis=2) for head, d in zip(d_head, d_rows))
+    # Block j's look-ahead is block j + 1's first n_after chunks; the last block's, the rows after all m.
+    d_rows = tuple(d.at[1:, :, :, :n_after].add(a[:-1]) for d, a in zip(d_rows, d_aheads))
+    return tuple(jnp.concatenate([head, _from_blocks(d), a[-1]], axis=2)
+                 for head, d, a in zip(d_head, d_rows, d_aheads))
 
 
 def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
                     dropout_rng: jax.Array, g: jax.Array, g_dot_out: jax.Array, top: jax.Array,
-                    total: jax.Array) -> Tuple[jax.Array, jax.Array]:
+                    total: jax.Array, key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
     """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`)."""
     b, h, length, _ = qk.shape
     m, c = length // spec.chunk_len, spec.chunk_len
@@ -473,11 +593,11 @@ def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRow
     by_chunk = lambda x: _permute_rows(x, rows.order, rows.inverse).reshape((b, h, m, c) + x.shape[3:])  # noqa: E731
     d_ext_q, d_ext_v = _extended_chunks_backward(
         ext_q, ext_v, rows.positions, by_chunk(g), by_chunk(g_dot_out), by_chunk(top), by_chunk(total), spec,
-        jax.random.fold_in(dropout_rng, r))
+        jax.random.fold_in(dropout_rng, r), _sorted_valid(key_mask, rows.positions))
     return gather_vjp((d_ext_q, d_ext_v))
 
 
-def _rounds_forward(spec, qk, v, buckets, dropout_rng):
+def _rounds_forward(spec, qk, v, buckets, dropout_rng, key_mask=None):
     """All rounds, one at a time, combined online by their logsumexp lse_r = row_max_r + log(row_sum_r).
 
     Returns (out [b, h, l, k_v], top [b, h, l], total [b, h, l]): top = max_r row_max_r, the largest score of
@@ -487,49 +607,45 @@ def _rounds_forward(spec, qk, v, buckets, dropout_rng):
     """
     b, h, length, _ = qk.shape
 
-    def add_round(carry, r):
-        acc, top, total, previous = carry
-        rows = _round_rows(spec, buckets, r, previous)
-        out_r, max_r, sum_r = _round_attend(spec, qk, v, rows, r, dropout_rng)
+    def add_round(carry, rows, r):
+        acc, top, total = carry
+        out_r, max_r, sum_r = _round_attend(spec, qk, v, rows, r, dropout_rng, key_mask)
         new_top = jnp.maximum(top, max_r)
         scale, weight = jnp.exp(top - new_top), sum_r * jnp.exp(max_r - new_top)
-        return (acc * scale[..., None] + out_r * weight[..., None], new_top, total * scale + weight,
-                rows.order), None
+        return acc * scale[..., None] + out_r * weight[..., None], new_top, total * scale + weight
 
     f32 = jnp.promote_types(qk.dtype, jnp.float32)
     init = (jnp.zeros((b, h, length, v.shape[-1]), jnp.promote_types(v.dtype, jnp.float32)),
-            jnp.full((b, h, length), -jnp.inf, f32), jnp.zeros((b, h, length), f32), _last_round_order(buckets))
+            jnp.full((b, h, length), -jnp.inf, f32), jnp.zeros((b, h, length), f32))
     with jax.named_scope("lsh_rounds"):
-        acc, top, total, _ = lax.scan(add_round, init, jnp.arange(buckets.shape[2]))[0]
+        acc, top, total = _scan_rounds(spec, buckets, add_round, init)
     return acc / total[..., None], top, total
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lsh_attention_by_rounds(spec, qk, v, buckets, dropout_rng):
-    return _rounds_forward(spec, qk, v, buckets, dropout_rng)[0]
+def _lsh_attention_by_rounds(spec, qk, v, buckets, dropout_rng, key_mask=None):
+    return _rounds_forward(spec, qk, v, buckets, dropout_rng, key_mask)[0]
 
 
-def _by_rounds_fwd(spec, qk, v, buckets, dropout_rng):
-    out, top, total = _rounds_forward(spec, qk, v, buckets, dropout_rng)
-    return out, (qk, v, buckets, dropout_rng, out, top, total)
+def _by_rounds_fwd(spec, qk, v, buckets, dropout_rng, key_mask=None):
+    out, top, total = _rounds_forward(spec, qk, v, buckets, dropout_rng, key_mask)
+    return out, (qk, v, buckets, dropout_rng, key_mask, out, top, total)
 
 
 def _by_rounds_bwd(spec, residuals, g):
     """Each round's gradient in turn (`_round_backward`): out = sum_r w_r out_r with w = softmax_r(lse_r), so
     d out_r = w_r g and d lse_r = w_r (g . out_r - g . out); only the scores are recomputed."""
-    qk, v, buckets, dropout_rng, out, top, total = residuals
+    qk, v, buckets, dropout_rng, key_mask, out, top, total = residuals
     g_dot_out = jnp.sum(g * out, axis=-1)
 
-    def round_grads(carry, r):
-        dqk, dv, previous = carry
-        rows = _round_rows(spec, buckets, r, previous)
-        dq_r, dv_r = _round_backward(spec, qk, v, rows, r, dropout_rng, g, g_dot_out, top, total)
-        return (dqk + dq_r, dv + dv_r, rows.order), None
+    def round_grads(carry, rows, r):
+        dqk, dv = carry
+        dq_r, dv_r = _round_backward(spec, qk, v, rows, r, dropout_rng, g, g_dot_out, top, total, key_mask)
+        return dqk + dq_r, dv + dv_r
 
-    init = (jnp.zeros_like(qk), jnp.zeros_like(v), _last_round_order(buckets))
     with jax.named_scope("lsh_rounds_backward"):
-        (dqk, dv, _), _ = lax.scan(round_grads, init, jnp.arange(buckets.shape[2]))
-    return dqk, dv, None, None
+        dqk, dv = _scan_rounds(spec, buckets, round_grads, (jnp.zeros_like(qk), jnp.zeros_like(v)))
+    return dqk, dv, None, None, None
 
 
 _lsh_attention_by_rounds.defvjp(_by_rounds_fwd, _by_rounds_bwd)
@@ -543,7 +659,8 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
                   chunk_len: int, n_chunks_before: int = 1, causal: bool = True,
                   buckets: Optional[jax.Array] = None, rotations: Optional[jax.Array] = None,
                   dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                  sequential_rounds: bool = True) -> jax.Array:
+                  sequential_rounds: bool = True, n_chunks_after: int = 0,
+                  key_mask: Optional[jax.Array] = None) -> jax.Array:
     """Sort-based LSH attention: qk, v [b, h, l, k] -> [b, h, l, k] (v's dtype).
 
     Args:
@@ -561,7 +678,15 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
       sequential_rounds: process one hash round at a time, in the forward and the backward pass, combining rounds
         with a running logsumexp: peak memory no longer grows with n_hashes (the default; False: all rounds at
         once). Same result up to float rounding
-        (dropout masks are drawn per round instead, so they differ). Needs n_chunks_before <= length / chunk_len.
+        (dropout masks are drawn per round instead, so they differ). Needs n_chunks_before and n_chunks_after
+        <= length / chunk_len.
+      n_chunks_after: following chunks each chunk attends to (across rounds, wrapping around from the last chunk
+        of all to the first); > 0 for bidirectional (causal=False) attention, as Hugging Face's
+        lsh_num_chunks_after.
+      key_mask: [b, l] bool, False for padding (Hugging Face's attention_mask): padded positions are put in an
+        extra bucket (id total_buckets(n_buckets), also when `buckets` are given: `with_pad_bucket`), which sorts
+        them after every real position of each round, and padded keys score MASK_VALUE. Real positions' outputs
+        then do not depend on the padded tokens.
 
     The gradient is a `jax.custom_vjp` that recomputes the chunked attention from (qk, v, buckets) instead of
     storing score matrices: memory kept for the backward pass is O(b h l k) plus n_r * l small integers. With
@@ -575,6 +700,9 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
                          f"sequence or choose a chunk_len dividing it.")
     if n_chunks_before < 0:
         raise ValueError(f"lsh_attention: n_chunks_before={n_chunks_before} must be >= 0.")
+    if n_chunks_after < 0:
+        raise ValueError(f"lsh_attention: n_chunks_after={n_chunks_after} must be >= 0.")
+    key_mask = as_key_mask(key_mask, b, length, "lsh_attention")
     if n_hashes < 1:
         raise ValueError(f"lsh_attention: n_hashes={n_hashes} must be >= 1.")
     if buckets is None:
@@ -582,26 +710,37 @@ def lsh_attention(qk: jax.Array, v: jax.Array, rng: Optional[jax.Array], *, n_ha
     elif buckets.shape != (b, h, n_hashes, length):
         raise ValueError(f"lsh_attention: buckets have shape {buckets.shape}; expected {(b, h, n_hashes, length)} "
                          "([batch, heads, n_hashes, length]).")
+    if key_mask is not None:
+        buckets = with_pad_bucket(buckets, key_mask, n_buckets)
     if dropout_rate and dropout_rng is None:
         raise ValueError("lsh_attention: dropout_rate > 0 needs a dropout_rng.")
     if dropout_rng is None:
         dropout_rng = jax.random.key(0)  # unused placeholder: custom_vjp arguments must be arrays
     spec = _LSHSpec(chunk_len=chunk_len, n_chunks_before=n_chunks_before, causal=causal,
-                    dropout_rate=float(dropout_rate))
-    if sequential_rounds and n_chunks_before > length // chunk_len:
-        raise ValueError(f"lsh_attention: sequential_rounds needs n_chunks_before={n_chunks_before} <= chunks per "
-                         f"round ({length // chunk_len}); use sequential_rounds=False.")
+                    dropout_rate=float(dropout_rate), n_chunks_after=n_chunks_after)
+    for name, value in (("n_chunks_before", n_chunks_before), ("n_chunks_after", n_chunks_after)):
+        if sequential_rounds and value > length // chunk_len:
+            raise ValueError(f"lsh_attention: sequential_rounds needs {name}={value} <= chunks per round "
+                             f"({length // chunk_len}); use sequential_rounds=False.")
     core = _lsh_attention_by_rounds if sequential_rounds else _lsh_attention_recomputed
     with jax.named_scope("lsh_attention"):
-        out = core(spec, qk, v, lax.stop_gradient(buckets), dropout_rng)
+        out = core(spec, qk, v, lax.stop_gradient(buckets), dropout_rng, key_mask)
     return out.astype(v.dtype)
 
 
 def lsh_attention_reference(qk: jax.Array, v: jax.Array, buckets: jax.Array, *, chunk_len: int,
-                            n_chunks_before: int = 1, causal: bool = True) -> jax.Array:
+                            n_chunks_before: int = 1, causal: bool = True, n_chunks_after: int = 0,
+                            key_mask: Optional[jax.Array] = None, n_buckets: Optional[Buckets] = None) -> jax.Array:
     """The same computation as `lsh_attention` with given buckets, differentiated by plain autodiff.
 
-    For tests and for reading: it is what the custom_vjp must agree with.
+    For tests and for reading: it is what the custom_vjp must agree with. With a key_mask, `n_buckets` names the
+    extra bucket of padded positions (`with_pad_bucket`).
     """
-    spec = _LSHSpec(chunk_len=chunk_len, n_chunks_before=n_chunks_before, causal=causal, dropout_rate=0.0)
-    return _lsh_attend(spec, qk, v, buckets, jax.random.key(0)).astype(v.dtype)
+    if key_mask is not None:
+        if n_buckets is None:
+            raise ValueError("lsh_attention_reference: a key_mask needs n_buckets (padded positions go to bucket "
+                             "total_buckets(n_buckets)).")
+        buckets = with_pad_bucket(buckets, key_mask, n_buckets)
+    spec = _LSHSpec(chunk_len=chunk_len, n_chunks_before=n_chunks_before, causal=causal, dropout_rate=0.0,
+                    n_chunks_after=n_chunks_after)
+    return _lsh_attend(spec, qk, v, buckets, jax.random.key(0), key_mask).astype(v.dtype)

@@ -7,6 +7,12 @@ positions to the end of every round exactly as before, real positions keep their
 mask and the sort compare), and every padded key now lies after every real query, so the causal mask gives it
 MASK_VALUE. So a padding mask costs two gathers per layer and no change to the memory-critical cores.
 
+Without a causal mask (bidirectional attention) nothing puts the padded keys out of reach, so the cores take the
+mask itself: `key_mask=` of `lsh.lsh_attention` (which also puts padded positions in the extra bucket,
+`with_pad_bucket`), `full.shared_qk_attention`, `local.local_attention` and the per-head core
+(`per_head.attention_by_heads`); no reordering is needed there. Either way a padded token changes no output of
+a real position.
+
 Shapes: mask [b, l] bool (True = real token); order [b, l] int32.
 """
 
@@ -17,7 +23,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from reformer_jax.kernels.lsh import bucket_dtype, total_buckets
+from reformer_jax.kernels.lsh import with_pad_bucket  # noqa: F401  (the extra bucket, defined beside the sort)
 
 
 def real_first_order(mask: jax.Array) -> Tuple[jax.Array, jax.Array]:
@@ -33,12 +39,3 @@ def take_positions(x: jax.Array, order: jax.Array, axis: int) -> jax.Array:
     index = order.reshape(order.shape[:1] + (1,) * (axis - 1) + order.shape[1:] + (1,) * (x.ndim - axis - 1))
     return jnp.take_along_axis(x, index, axis=axis)
 
-
-def with_pad_bucket(buckets: jax.Array, mask: jax.Array, n_buckets) -> jax.Array:
-    """Bucket ids [b, h, r, l] with padded positions in the extra bucket total_buckets(n_buckets).
-
-    The ids widen to the type that holds the extra bucket (e.g. uint8 -> uint16 at 256 buckets).
-    """
-    n = total_buckets(n_buckets)
-    wide = buckets.astype(bucket_dtype(n + 1))
-    return jnp.where(mask[:, None, None, :], wide, jnp.asarray(n, wide.dtype))

@@ -63,6 +63,7 @@ class HeadSpec(NamedTuple):
     layer_norm_eps: float
     dtype: Any  # compute dtype
     grid_bits: int = 0  # k of the reversible stack's grid: each head's share of the output rounded to 2^-k
+    n_chunks_after: int = 0  # LSH chunks after each chunk it attends to (bidirectional attention)
 
 
 class _Blocks:
@@ -103,17 +104,19 @@ def _project(spec: HeadSpec, x: jax.Array, norm: Params, w: jax.Array) -> jax.Ar
 
 
 def _attend(spec: HeadSpec, qk: jax.Array, v: jax.Array, buckets: Optional[jax.Array],
-            dropout_rng: jax.Array) -> jax.Array:
-    """One head's attention: qk, v [b, l, k], buckets [b, r, l] -> [b, l, k] float32."""
+            dropout_rng: jax.Array, key_mask: Optional[jax.Array] = None) -> jax.Array:
+    """One head's attention: qk, v [b, l, k], buckets [b, r, l], key_mask [b, l] bool or None -> [b, l, k]
+    float32."""
     qk, v = qk[:, None], v[:, None]
     if spec.lsh:
         o = lsh.lsh_attention(qk, v, None, n_hashes=spec.n_hashes, n_buckets=spec.n_buckets,
                                chunk_len=spec.chunk_len, n_chunks_before=spec.n_chunks_before, causal=spec.causal,
                                buckets=buckets[:, None], dropout_rate=spec.dropout_rate, dropout_rng=dropout_rng,
-                               sequential_rounds=spec.sequential_rounds)
+                               sequential_rounds=spec.sequential_rounds, n_chunks_after=spec.n_chunks_after,
+                               key_mask=key_mask)
     else:
         o = full.shared_qk_attention(qk, v, causal=spec.causal, dropout_rate=spec.dropout_rate,
-                                     dropout_rng=dropout_rng)
+                                     dropout_rng=dropout_rng, key_mask=key_mask)
     return o[:, 0].astype(jnp.float32)
 
 
@@ -176,12 +179,12 @@ def hash_by_heads(spec: HeadSpec, params: Params, x: jax.Array, rotations: jax.A
 
 
 def _forward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array], dropout_rng: jax.Array,
-             keep: Optional[jax.Array], rate: float) -> jax.Array:
+             keep: Optional[jax.Array], rate: float, key_mask: Optional[jax.Array] = None) -> jax.Array:
     w_qk, w_v, w_out, head_buckets, keys = _head_inputs(params, buckets, dropout_rng)
 
     def one_head(w_qk, w_v, head_buckets, key):
         qk, v = _project(spec, x, params["norm"], w_qk), _project(spec, x, params["norm"], w_v)
-        return _attend(spec, qk, v, head_buckets, key).astype(spec.dtype)
+        return _attend(spec, qk, v, head_buckets, key, key_mask).astype(spec.dtype)
 
     with jax.named_scope("attention_heads"):
         if not spec.grid_bits:
@@ -204,14 +207,14 @@ def _forward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax
 
 def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
                     dropout_rng: jax.Array, dy: jax.Array, dx: jax.Array, y: Optional[jax.Array] = None,
-                    keep: Optional[jax.Array] = None, rate: float = 0.0):
+                    keep: Optional[jax.Array] = None, rate: float = 0.0, key_mask: Optional[jax.Array] = None):
     """The backward pass of Dropout(attention_core(x)) for the cotangent dy, one head at a time.
 
     Each head's output is recomputed under jax.vjp from x and the bucket ids; its contribution to dx is pushed
     through the LayerNorm backward and added to `dx` [b, l, d] in place, block by block. When y is given, each
     head's (dropped-out) output is subtracted from y in place: a reversible layer's input recovered from its
     output without computing the block's output separately.
-    keep [b, l, d] bool / rate: the block's output dropout mask (None: no dropout).
+    keep [b, l, d] bool / rate: the block's output dropout mask (None: no dropout); key_mask [b, l] bool: padding.
     Returns (dx + dF/dx . dy, parameter gradients, y - F(x) or None).
     """
     blocks, norm_of, norm = _Blocks(x.shape[1]), _norm_fn(spec), params["norm"]
@@ -222,7 +225,7 @@ def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optio
         w_qk, w_v, w_out, head_buckets, key = inputs
         w_out_c = w_out.astype(spec.dtype)
         qk, v = _project(spec, x, norm, w_qk), _project(spec, x, norm, w_v)
-        o, attend_vjp = jax.vjp(lambda a, b: _attend(spec, a, b, head_buckets, key), qk, v)  # [b, l, k]
+        o, attend_vjp = jax.vjp(lambda a, b: _attend(spec, a, b, head_buckets, key, key_mask), qk, v)  # [b, l, k]
 
         def output_block(carry, i):  # this head's share of the output projection, its cotangent and of y
             do, d_out, y = carry
@@ -260,27 +263,29 @@ def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optio
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
-def _attention_by_heads(spec, params, x, buckets, dropout_rng, keep, rate):  # gradient: _bwd below
-    return _forward(spec, params, x, buckets, dropout_rng, keep, rate)
+def _attention_by_heads(spec, params, x, buckets, dropout_rng, keep, rate, key_mask):  # gradient: _bwd below
+    return _forward(spec, params, x, buckets, dropout_rng, keep, rate, key_mask)
 
 
-def _fwd(spec, params, x, buckets, dropout_rng, keep, rate):
+def _fwd(spec, params, x, buckets, dropout_rng, keep, rate, key_mask):
     # Only the inputs are kept: no [b, h, l, k] projection and no LayerNorm output survives the forward pass.
-    return _forward(spec, params, x, buckets, dropout_rng, keep, rate), (params, x, buckets, dropout_rng, keep)
+    return (_forward(spec, params, x, buckets, dropout_rng, keep, rate, key_mask),
+            (params, x, buckets, dropout_rng, keep, key_mask))
 
 
 def _bwd(spec, rate, residuals, dy):
-    params, x, buckets, dropout_rng, keep = residuals
+    params, x, buckets, dropout_rng, keep, key_mask = residuals
     dx, grads, _ = _heads_backward(spec, params, x, buckets, dropout_rng, dy, jnp.zeros_like(x), keep=keep,
-                                   rate=rate)
-    return grads, dx, None, None, None
+                                   rate=rate, key_mask=key_mask)
+    return grads, dx, None, None, None, None
 
 
 _attention_by_heads.defvjp(_fwd, _bwd)
 
 
 def attention_by_heads(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax.Array],
-                       dropout_rng: jax.Array, keep: Optional[jax.Array] = None, rate: float = 0.0) -> jax.Array:
+                       dropout_rng: jax.Array, keep: Optional[jax.Array] = None, rate: float = 0.0,
+                       key_mask: Optional[jax.Array] = None) -> jax.Array:
     """sum_h Attention_h(LayerNorm(x)) W_out[h], one head at a time: x [b, l, d] float32 -> [b, l, d] float32.
 
     With keep [b, l, d] bool and rate, the block's output dropout is applied too; on the grid (spec.grid_bits)
@@ -292,23 +297,30 @@ def attention_by_heads(spec: HeadSpec, params: Params, x: jax.Array, buckets: Op
       x: the block input (the residual stream).
       buckets: LSH bucket ids [b, h, r, l] (from `hash_by_heads` or a reversible stack); None for full attention.
       dropout_rng: key of the attention-weight dropout (one mask per head is derived from it).
+      keep, rate: the block's output dropout (see above).
+      key_mask: [b, l] bool, False for padding: padded keys are masked (LSH: padded positions also go to the
+        extra bucket, see `lsh.lsh_attention`); what a bidirectional (causal=False) block needs.
     """
     buckets = _checked_buckets(spec, params, x, buckets, "attention_by_heads: LSH attention needs the bucket ids "
                                "(see hash_by_heads).")
-    return _attention_by_heads(spec, params, x, lax.stop_gradient(buckets), dropout_rng, keep, float(rate))
+    key_mask = full.as_key_mask(key_mask, x.shape[0], x.shape[1], "attention_by_heads")
+    return _attention_by_heads(spec, params, x, lax.stop_gradient(buckets), dropout_rng, keep, float(rate),
+                               key_mask)
 
 
 def reverse_by_heads(spec: HeadSpec, params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, dx: jax.Array,
                      buckets: Optional[jax.Array], dropout_rng: jax.Array, keep: Optional[jax.Array] = None,
-                     rate: float = 0.0) -> Tuple[jax.Array, Params, jax.Array]:
+                     rate: float = 0.0, key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, Params, jax.Array]:
     """A reversible layer's attention step backwards: y = x_prev + attention_by_heads(x, keep, rate).
 
     Returns (x_prev, parameter gradients, dx + dF/dx . dy) for the cotangent dy of y, computing each head once
     and updating y's and dx's buffers in place (the generic route, jax.vjp of the block, would compute the
     block's output first and recompute every head again for its backward pass). keep [b, l, d] bool and rate:
-    the block's output dropout mask, or None.
+    the block's output dropout mask, or None; key_mask [b, l] bool: padding, as in `attention_by_heads`.
     """
     buckets = _checked_buckets(spec, params, x, buckets, "reverse_by_heads: LSH attention needs the forward "
                                "pass's bucket ids.")
-    dx, grads, x_prev = _heads_backward(spec, params, x, buckets, dropout_rng, dy, dx, y=y, keep=keep, rate=rate)
+    key_mask = full.as_key_mask(key_mask, x.shape[0], x.shape[1], "reverse_by_heads")
+    dx, grads, x_prev = _heads_backward(spec, params, x, buckets, dropout_rng, dy, dx, y=y, keep=keep, rate=rate,
+                                        key_mask=key_mask)
     return x_prev, grads, dx
