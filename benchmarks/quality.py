@@ -4,24 +4,16 @@
     python -m benchmarks.quality --task=shakespeare --budget_minutes=15
     python -m benchmarks.quality --task=synthetic
 
-Every variant is trained by main.py's own training loop (`reformer_jax.training.loop.train_and_evaluate`) with the same
+Every model is trained by main.py's own loop (`reformer_jax.training.loop.train_and_evaluate`) with the same
 steps, seed and data order, each stopped at --budget_minutes of wall time (compilation included) if it has not
-finished by then. Runs live in --workdir/<task>/<variant>: rerunning the command resumes unfinished runs and
-re-evaluates finished ones without training them again.
-
-shakespeare: byte-level tiny Shakespeare (validation = the last 10%, never trained on); the four variants of
-  the seed plus the Reformer at more hash rounds, and (--mixed_reformer) a Reformer in Hugging Face's layout,
-  local and LSH layers alternating, reported beside the targets. After training, each model is scored on
-  --eval_batches validation batches with the training hash rounds and with every --eval_hashes value (the train x
-  eval rounds table); the causal subtlety of LSH is measured twice: how far log-probabilities at or before a split
-  move when every later token is replaced (`future_influence`), and bits per character at sampled positions scored
-  with the future masked (`honest_bpc`: hashing cannot see later tokens) beside the usual score at the same positions.
-synthetic: the duplication task 0 w 0 w (paper section 5): one layer, accuracy on the copied half; trained with
-  full attention and with LSH at each --synthetic_train_hashes, each evaluated with full attention and LSH at every
-  --eval_hashes (the paper's Table 2).
-
-Outputs in --out_dir: quality_<task>.json (one row per trained model: config, steps, curve, every score, command,
-machine), .csv, .md and .png (learning curves against step and wall time); benchmarks.report adds them to REPORT.md.
+finished by then. Runs live in --workdir/<task>/<variant>: a rerun resumes unfinished runs and rescores finished
+ones. shakespeare: byte-level tiny Shakespeare (validation: the last 10%), the seed's four variants, the Reformer
+at more hash rounds and (--mixed_reformer) in Hugging Face's local/LSH layout; each scored with every --eval_hashes,
+with how far later tokens move earlier log-probabilities (`future_influence`) and the bits per character with the
+future masked (`honest_bpc`). synthetic: the duplication task 0 w 0 w (paper section 5), one layer, full attention
+and LSH at each --synthetic_train_hashes, each evaluated with every setting (the paper's Table 2).
+Outputs in --out_dir: quality_<task>.json (one row per model: config, curve, every score, command, machine), .csv,
+.md and .png (learning curves against step and wall time).
 """
 
 from __future__ import annotations
@@ -39,20 +31,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from absl import app, flags
 
 from benchmarks import cli, output
-# The memory driver's FlagError (a bad flag value, found before anything is compiled), as the speed driver uses.
 from benchmarks.cli import DEFAULT_OUT_DIR, FlagError
 from benchmarks.output import Row
 from reformer_jax.model.sizes import QUALITY_COPY, QUALITY_SHAKESPEARE
 
 TASKS = ("shakespeare", "synthetic")
-LOG2 = math.log(2)
-HEADS = ("untied", "tied")
 BUDGET_SPENT = "budget_spent.json"  # in a run's workdir: it stopped at --budget_minutes (a rerun does not extend it)
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """The driver's flags, on `fv` (tests pass their own FlagValues)."""
     on = dict(flag_values=fv)
+    s, c = QUALITY_SHAKESPEARE, QUALITY_COPY
     flags.DEFINE_enum("task", "all", TASKS + ("all",), "Which task to run (all: shakespeare, then synthetic).", **on)
     flags.DEFINE_float("budget_minutes", 15.0, "Wall-time limit of each variant's training, compilation included; a "
                        "variant still short of --steps then stops and reports the step it reached.", **on)
@@ -61,55 +51,44 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "WORKDIR/<task>/<variant>; a rerun resumes them.", **on)
     flags.DEFINE_enum("dataset", "tiny_shakespeare", ["tiny_shakespeare", "text"], "The shakespeare task's text: tiny "
                       "Shakespeare (checked by sha256) or any file (--dataset=text --data_path=FILE).", **on)
-    flags.DEFINE_string("data_path", None, "Path of the text (tiny_shakespeare: default the copy packaged with "
-                        "reformer_jax).", **on)
-    flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (the same for every "
-                         "variant).", **on)
-    # shakespeare sizes
-    flags.DEFINE_integer("steps", 2300, "shakespeare: optimizer steps per variant.", **on)
-    flags.DEFINE_integer("seq_len", QUALITY_SHAKESPEARE.seq_len, "shakespeare: tokens per sequence (a multiple of --chunk_len).", **on)
-    flags.DEFINE_integer("batch_size", QUALITY_SHAKESPEARE.batch_size, "shakespeare: sequences per step.", **on)
-    flags.DEFINE_integer("d_model", QUALITY_SHAKESPEARE.d_model, "shakespeare: width of the residual streams.", **on)
-    flags.DEFINE_integer("n_heads", QUALITY_SHAKESPEARE.n_heads, "Attention heads (both tasks).", **on)
-    flags.DEFINE_integer("d_ff", QUALITY_SHAKESPEARE.d_ff, "shakespeare: feed-forward width.", **on)
-    flags.DEFINE_integer("n_layers", QUALITY_SHAKESPEARE.n_layers, "shakespeare: layers.", **on)
-    flags.DEFINE_integer("chunk_len", QUALITY_SHAKESPEARE.chunk_len, "LSH chunk length (both tasks).", **on)
+    flags.DEFINE_string("data_path", None, "Path of the text (tiny_shakespeare: default the packaged copy).", **on)
+    flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (every variant's).", **on)
+    for name, default, help_ in [
+            ("steps", 2300, "shakespeare: optimizer steps per variant."),
+            ("seq_len", s.seq_len, "shakespeare: tokens per sequence (a multiple of --chunk_len)."),
+            ("batch_size", s.batch_size, "shakespeare: sequences per step."),
+            ("d_model", s.d_model, "shakespeare: width of the residual streams."),
+            ("n_heads", s.n_heads, "Attention heads (both tasks)."), ("d_ff", s.d_ff, "shakespeare: feed-forward width."),
+            ("n_layers", s.n_layers, "shakespeare: layers."), ("chunk_len", s.chunk_len, "LSH chunk length (both tasks)."),
+            ("eval_every", 100, "shakespeare: validation points on the learning curve every this many steps."),
+            ("eval_batches", 8, "Validation batches of the final scores (the curve uses 2)."),
+            ("influence_sequences", 4, "shakespeare: validation sequences of the future-influence and future-masked "
+                                       "measurements."),
+            ("honest_positions", 32, "shakespeare: positions scored with the future masked, per sequence."),
+            ("synthetic_steps", 1500, "synthetic: optimizer steps per model."),
+            ("synthetic_d_model", c.d_model, "synthetic: width of the residual streams."),
+            ("synthetic_d_ff", c.d_ff, "synthetic: feed-forward width."),
+            ("synthetic_seq_len", c.seq_len, "synthetic: sequence length (0 w 0 w; even, a multiple of --chunk_len)."),
+            ("synthetic_batch_size", c.batch_size, "synthetic: sequences per step."),
+            ("synthetic_vocab_size", c.vocab_size, "synthetic: symbols (w is drawn from 1..vocab-1)."),
+            ("synthetic_eval_every", 100, "synthetic: validation points on the learning curve.")]:
+        flags.DEFINE_integer(name, default, help_, **on)
     flags.DEFINE_list("train_hashes", ["4", "8"], "shakespeare: hash rounds of the Reformer runs; the LSH LM uses the "
                       "first.", **on)
-    flags.DEFINE_enum("head", "untied", HEADS, "shakespeare: the output head of every model. untied: its own "
-                      "projection; the reversible models concatenate their two streams into it (trax, Hugging "
-                      "Face). tied: the presets' default, the token embedding, the reversible streams averaged.",
-                      **on)
+    flags.DEFINE_enum("head", "untied", ("untied", "tied"), "shakespeare: the output head of every model. untied: its "
+                      "own projection, the reversible models concatenating their two streams (trax, Hugging Face); "
+                      "tied: the presets' default, the token embedding, the reversible streams averaged.", **on)
     flags.DEFINE_boolean("mixed_reformer", True, "shakespeare: also train the Reformer in Hugging Face's / trax's "
-                         "enwik8 layout, local attention and LSH layers alternating (attn_layers local, lsh, ...), "
-                         "with the first --train_hashes rounds: reformer-N-local. Reported beside the targets, which "
-                         "are judged on the all-LSH Reformers (the seed's).", **on)
+                         "enwik8 layout, local and LSH layers alternating, with the first --train_hashes rounds "
+                         "(reformer-N-local); reported beside the targets, which are judged on the all-LSH ones.", **on)
     flags.DEFINE_list("variants", None, "shakespeare: train only these models (names as in the tables: transformer, "
-                      "lsh-4, reversible, reformer-4, reformer-8, reformer-4-local with the default "
-                      "--train_hashes); default all.", **on)
+                      "lsh-4, reversible, reformer-4, reformer-8, reformer-4-local by default); default all.", **on)
     flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (AdamW, warm-up + cosine; both tasks).", **on)
-    flags.DEFINE_integer("eval_every", 100, "shakespeare: validation points on the learning curve every this many "
-                         "steps.", **on)
-    flags.DEFINE_integer("eval_batches", 8, "Validation batches of the final scores (the curve uses 2).", **on)
     flags.DEFINE_list("eval_hashes", ["1", "2", "4", "8"], "Hash rounds the trained models are evaluated with.", **on)
-    flags.DEFINE_integer("influence_sequences", 4, "shakespeare: validation sequences of the future-influence and "
-                         "future-masked measurements.", **on)
-    flags.DEFINE_integer("honest_positions", 32, "shakespeare: positions scored with the future masked, per "
-                         "sequence.", **on)
-    # synthetic sizes
-    flags.DEFINE_integer("synthetic_steps", 1500, "synthetic: optimizer steps per model.", **on)
-    flags.DEFINE_integer("synthetic_d_model", QUALITY_COPY.d_model, "synthetic: width of the residual streams.", **on)
-    flags.DEFINE_integer("synthetic_d_ff", QUALITY_COPY.d_ff, "synthetic: feed-forward width.", **on)
-    flags.DEFINE_integer("synthetic_seq_len", QUALITY_COPY.seq_len, "synthetic: sequence length (0 w 0 w; even, a multiple of "
-                         "--chunk_len).", **on)
-    flags.DEFINE_integer("synthetic_batch_size", QUALITY_COPY.batch_size, "synthetic: sequences per step.", **on)
-    flags.DEFINE_integer("synthetic_vocab_size", QUALITY_COPY.vocab_size, "synthetic: symbols (w is drawn from 1..vocab-1).", **on)
     flags.DEFINE_list("synthetic_train_hashes", ["full", "1", "2", "4"], "synthetic: the models trained: 'full' "
                       "(full attention) and/or LSH hash rounds.", **on)
-    flags.DEFINE_enum("synthetic_pos_embedding", "absolute", ["absolute", "axial"], "synthetic: positional "
-                      "embedding (with axial ones the one-layer full-attention model stalled at 82% here; with "
-                      "absolute ones it copied 100% by step 300).", **on)
-    flags.DEFINE_integer("synthetic_eval_every", 100, "synthetic: validation points on the learning curve.", **on)
+    flags.DEFINE_enum("synthetic_pos_embedding", "absolute", ["absolute", "axial"], "synthetic: positional embedding "
+                      "(with axial ones the one-layer full-attention model stalled at 82% here).", **on)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,35 +124,21 @@ class TaskPlan:
     vocab_size: int
 
 
-def _positive(name: str, value) -> None:
-    if value is None or not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
-        raise FlagError(f"--{name}={value} is invalid: expected a positive number.")
-
-
 def _int_values(name: str, values: Sequence[str], allowed_words: Tuple[str, ...] = ()) -> Tuple[Any, ...]:
     out: List[Any] = []
-    for v in values:
-        text = str(v).strip()
-        if text in allowed_words:
-            out.append(text)
-            continue
+    for text in (str(v).strip() for v in values):
         try:
             number = int(text)
         except ValueError:
             number = 0
-        if number < 1:
+        if text not in allowed_words and number < 1:
             words = "".join(f"'{w}' or " for w in allowed_words)
             raise FlagError(f"--{name}={','.join(map(str, values))}: {text!r} is invalid; expected {words}positive "
-                            "integers separated by commas, e.g. " + f"--{name}={','.join(allowed_words + ('4',))}.")
-        out.append(number)
+                            f"integers separated by commas, e.g. --{name}={','.join(allowed_words + ('4',))}.")
+        out.append(text if text in allowed_words else number)
     if not out:
         raise FlagError(f"--{name} is empty; give at least one value.")
     return tuple(out)
-
-
-def _shared_sizes(fv, max_len: int, d_model: int, d_ff: int) -> Dict[str, Any]:
-    return {"d_model": d_model, "n_heads": fv.n_heads, "d_ff": d_ff, "chunk_len": fv.chunk_len,
-            "max_len": max_len, "dropout": 0.0}
 
 
 def head_overrides(head: str, reversible: bool) -> Dict[str, Any]:
@@ -186,13 +151,13 @@ def head_overrides(head: str, reversible: bool) -> Dict[str, Any]:
 def shakespeare_plan(fv) -> TaskPlan:
     """The four variants at the shakespeare sizes, the Reformer once per --train_hashes value."""
     hashes = _int_values("train_hashes", fv.train_hashes)
-    sizes = {**_shared_sizes(fv, fv.seq_len, fv.d_model, fv.d_ff), "n_layers": fv.n_layers}
+    sizes = {"d_model": fv.d_model, "n_heads": fv.n_heads, "d_ff": fv.d_ff, "chunk_len": fv.chunk_len,
+             "max_len": fv.seq_len, "dropout": 0.0, "n_layers": fv.n_layers}
     plain, reversible = ({**sizes, **head_overrides(fv.head, r)} for r in (False, True))
     variants = [Variant("transformer", "transformer", tuple(plain.items())),
                 Variant(f"lsh-{hashes[0]}", "lsh", tuple({**plain, "n_hashes": hashes[0]}.items())),
                 Variant("reversible", "reversible", tuple(reversible.items()))]
-    variants += [Variant(f"reformer-{h}", "reformer", tuple({**reversible, "n_hashes": h}.items()))
-                 for h in hashes]
+    variants += [Variant(f"reformer-{h}", "reformer", tuple({**reversible, "n_hashes": h}.items())) for h in hashes]
     if fv.mixed_reformer:
         if fv.n_layers % 2:
             raise FlagError(f"--n_layers={fv.n_layers} is odd: --mixed_reformer alternates local and LSH layers; use "
@@ -213,27 +178,26 @@ def shakespeare_plan(fv) -> TaskPlan:
 
 def synthetic_plan(fv) -> TaskPlan:
     """One-layer models of the copy task: full attention and LSH at each --synthetic_train_hashes value."""
-    sizes = {**_shared_sizes(fv, fv.synthetic_seq_len, fv.synthetic_d_model, fv.synthetic_d_ff), "n_layers": QUALITY_COPY.n_layers,
-             "vocab_size": fv.synthetic_vocab_size, "pos_embedding": fv.synthetic_pos_embedding}
-    variants = []
-    for h in _int_values("synthetic_train_hashes", fv.synthetic_train_hashes, ("full",)):
-        if h == "full":
-            variants.append(Variant("full", "transformer", tuple(sizes.items())))
-        else:
-            variants.append(Variant(f"lsh-{h}", "lsh", tuple({**sizes, "n_hashes": h}.items())))
-    return TaskPlan("synthetic", tuple(variants), fv.synthetic_steps, fv.synthetic_seq_len,
-                    fv.synthetic_batch_size, fv.synthetic_eval_every, "synthetic", None,
-                    fv.synthetic_vocab_size)
+    sizes = {"d_model": fv.synthetic_d_model, "n_heads": fv.n_heads, "d_ff": fv.synthetic_d_ff,
+             "chunk_len": fv.chunk_len, "max_len": fv.synthetic_seq_len, "dropout": 0.0,
+             "n_layers": QUALITY_COPY.n_layers, "vocab_size": fv.synthetic_vocab_size,
+             "pos_embedding": fv.synthetic_pos_embedding}
+    variants = [Variant("full", "transformer", tuple(sizes.items())) if h == "full" else
+                Variant(f"lsh-{h}", "lsh", tuple({**sizes, "n_hashes": h}.items()))
+                for h in _int_values("synthetic_train_hashes", fv.synthetic_train_hashes, ("full",))]
+    return TaskPlan("synthetic", tuple(variants), fv.synthetic_steps, fv.synthetic_seq_len, fv.synthetic_batch_size,
+                    fv.synthetic_eval_every, "synthetic", None, fv.synthetic_vocab_size)
 
 
 def check_flags(fv) -> List[TaskPlan]:
     """The tasks' plans; raises FlagError naming the flag for any bad value (no compilation happens here)."""
-    _positive("budget_minutes", fv.budget_minutes)
-    for name in ("steps", "seq_len", "batch_size", "d_model", "n_heads", "d_ff", "n_layers", "chunk_len",
-                 "eval_every", "eval_batches", "influence_sequences", "honest_positions", "synthetic_steps",
-                 "synthetic_d_model", "synthetic_d_ff",
-                 "synthetic_seq_len", "synthetic_batch_size", "synthetic_eval_every", "learning_rate"):
-        _positive(name, fv[name].value)
+    for name in ("budget_minutes", "steps", "seq_len", "batch_size", "d_model", "n_heads", "d_ff", "n_layers",
+                 "chunk_len", "eval_every", "eval_batches", "influence_sequences", "honest_positions",
+                 "synthetic_steps", "synthetic_d_model", "synthetic_d_ff", "synthetic_seq_len",
+                 "synthetic_batch_size", "synthetic_eval_every", "learning_rate"):
+        value = fv[name].value
+        if value is None or not value > 0 or not math.isfinite(value):
+            raise FlagError(f"--{name}={value} is invalid: expected a positive number.")
     _int_values("eval_hashes", fv.eval_hashes)
     if fv.honest_positions > fv.seq_len:
         raise FlagError(f"--honest_positions={fv.honest_positions} is more than --seq_len={fv.seq_len}.")
@@ -242,16 +206,15 @@ def check_flags(fv) -> List[TaskPlan]:
                         f"{fv.synthetic_vocab_size}: the copy task needs an even length and at least 2 symbols.")
     if fv.dataset == "text" and not fv.data_path:
         raise FlagError("--dataset=text needs --data_path=FILE.")
-    tasks = TASKS if fv.task == "all" else (fv.task,)
-    plans = [shakespeare_plan(fv) if task == "shakespeare" else synthetic_plan(fv) for task in tasks]
+    plans = [shakespeare_plan(fv) if task == "shakespeare" else synthetic_plan(fv)
+             for task in (TASKS if fv.task == "all" else (fv.task,))]
     for plan in plans:
-        prefix = "synthetic_" if plan.task == "synthetic" else ""
         for variant in plan.variants:
             try:
                 variant.config().check_seq_len(plan.seq_len)
             except ValueError as error:  # e.g. a length the LSH chunks do not divide
-                raise FlagError(f"--{prefix}seq_len={plan.seq_len} ({variant.name}): "
-                                + str(error).replace("ModelConfig.", "--")) from None
+                raise FlagError(f"--{'synthetic_' if plan.task == 'synthetic' else ''}seq_len={plan.seq_len} "
+                                f"({variant.name}): " + cli.in_flags(error)) from None
     return plans
 
 
@@ -263,18 +226,17 @@ def _options(fv, plan: TaskPlan, variant: Variant):
     from reformer_jax.training.loop import TrainOptions
 
     workdir = os.path.join(fv.workdir, plan.task, variant.name)
-    steps = plan.steps
-    spent = os.path.join(workdir, BUDGET_SPENT)
+    steps, spent = plan.steps, os.path.join(workdir, BUDGET_SPENT)
     if os.path.exists(spent):  # the run stopped at its time limit before: a rerun only scores it again
         with open(spent) as f:
             steps = json.load(f)["steps"]
         print(f"{workdir} stopped at its time limit (step {steps}) before; scoring it as it is (delete the directory "
               "to train it again).", flush=True)
-    return TrainOptions(workdir=workdir, steps=steps, schedule_steps=plan.steps,
-                        learning_rate=fv.learning_rate, optimizer="adamw", batch_size=plan.batch_size,
-                        seq_len=plan.seq_len, dataset=plan.dataset, data_path=plan.data_path, seed=fv.seed,
-                        eval_every=plan.eval_every, eval_batches=2, checkpoint_every=plan.eval_every, sample_len=0,
-                        analyze_memory=False, time_limit_minutes=fv.budget_minutes)
+    return TrainOptions(workdir=workdir, steps=steps, schedule_steps=plan.steps, learning_rate=fv.learning_rate,
+                        optimizer="adamw", batch_size=plan.batch_size, seq_len=plan.seq_len, dataset=plan.dataset,
+                        data_path=plan.data_path, seed=fv.seed, eval_every=plan.eval_every, eval_batches=2,
+                        checkpoint_every=plan.eval_every, sample_len=0, analyze_memory=False,
+                        time_limit_minutes=fv.budget_minutes)
 
 
 def learning_curve(workdir: str) -> List[Dict[str, float]]:
@@ -282,21 +244,12 @@ def learning_curve(workdir: str) -> List[Dict[str, float]]:
     loss and bits, and the validation scores where an evaluation ran."""
     points, minutes = [], 0.0
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
+        for row in map(json.loads, f):
             minutes += row["step_seconds"] / 60
-            point = {"step": row["step"], "minutes": minutes, "loss": row["loss"], "bpc": row["bpc"],
-                     "accuracy": row.get("accuracy")}
-            for key in ("val_loss", "val_bpc", "val_accuracy"):
-                if key in row:
-                    point[key] = row[key]
-            points.append(point)
+            points.append({"step": row["step"], "minutes": minutes, "loss": row["loss"], "bpc": row["bpc"],
+                           "accuracy": row.get("accuracy"),
+                           **{k: row[k] for k in ("val_loss", "val_bpc", "val_accuracy") if k in row}})
     return points
-
-
-def _validation_batches(fv, dataset, plan: TaskPlan, count: int):
-    """The final scores' validation batches: the same windows for every model and every evaluation setting."""
-    return [dataset.batch("validation", fv.seed, 1000 + i, plan.batch_size, plan.seq_len) for i in range(count)]
 
 
 def _with_attention(config, kind: str, **changes):
@@ -323,44 +276,36 @@ def _eval_configs(fv, config) -> List[Tuple[str, Any]]:
         (f"lsh-{h}", _with_attention(config, "lsh", n_hashes=h)) for h in _int_values("eval_hashes", fv.eval_hashes)]
 
 
-def _scores(config, params, batches, rng) -> Dict[str, float]:
-    """Loss, bits per token and accuracy of `batches` under `config`; batch i hashed with fold_in(rng, i), so every
-    configuration sees the same keys."""
-    import jax
-
-    from reformer_jax.training import evaluation
-    from reformer_jax.training.step_builder import build_train_step
-
-    return evaluation.evaluate_batches(build_train_step(config).evaluate, params, batches,
-                                       lambda i: jax.random.fold_in(rng, i))
-
-
 def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[str, Any]:
     """Every final score of one trained model (see the module docstring)."""
     import jax
 
     from reformer_jax.training import evaluation
+    from reformer_jax.training.step_builder import build_train_step
 
-    config = variant.config()
-    rng = jax.random.key(fv.seed + 30_000)
-    batches = _validation_batches(fv, dataset, plan, fv.eval_batches)
-    scores: Dict[str, Any] = {"eval_tokens": int(sum(b["weights"].sum() for b in batches))}
+    def scores(config, params):  # batch i hashed with fold_in(rng, i): every configuration sees the same keys
+        return evaluation.evaluate_batches(build_train_step(config).evaluate, params, batches,
+                                           lambda i: jax.random.fold_in(rng, i))
+
+    config, rng = variant.config(), jax.random.key(fv.seed + 30_000)
+    # The same validation windows for every model and every evaluation setting.
+    batches = [dataset.batch("validation", fv.seed, 1000 + i, plan.batch_size, plan.seq_len)
+               for i in range(fv.eval_batches)]
+    result: Dict[str, Any] = {"eval_tokens": int(sum(b["weights"].sum() for b in batches))}
     settings = _eval_configs(fv, config)
-    scores["by_eval_setting"] = {name: _scores(c, _eval_params(c, params), batches, rng) for name, c in settings}
+    result["by_eval_setting"] = {name: scores(c, _eval_params(c, params)) for name, c in settings}
     # The as-trained score is one of the settings (the same config, batches and keys) unless --eval_hashes skips it.
     trained = next((name for name, c in settings if c == config), None)
-    scores["final"] = (scores["by_eval_setting"][trained] if trained else
-                       _scores(config, params, batches, rng))
+    result["final"] = result["by_eval_setting"][trained] if trained else scores(config, params)
     if plan.task == "shakespeare":
         n = fv.influence_sequences
-        first = dataset.batch("validation", fv.seed, 2000, n, plan.seq_len)
-        other = dataset.batch("validation", fv.seed, 2001, n, plan.seq_len)
-        scores["future_influence"] = evaluation.future_influence(
+        first, other = (dataset.batch("validation", fv.seed, 2000 + i, n, plan.seq_len) for i in (0, 1))
+        result["future_influence"] = evaluation.future_influence(
             config, params, first["inputs"], first["targets"], other["inputs"], plan.seq_len // 2, rng)
         positions = evaluation.sample_positions(plan.seq_len, fv.honest_positions, n, fv.seed)
-        scores["future_masked"] = evaluation.honest_bpc(config, params, first["inputs"], first["targets"], positions,
+        result["future_masked"] = evaluation.honest_bpc(config, params, first["inputs"], first["targets"], positions,
                                                         rng)
-    return scores
+    return result
 
 
 def run_variant(fv, plan: TaskPlan, variant: Variant, dataset) -> Row:
@@ -383,74 +328,52 @@ def run_variant(fv, plan: TaskPlan, variant: Variant, dataset) -> Row:
                 "tokens_per_step": plan.batch_size * plan.seq_len, "final_train_loss": summary.get("train_loss"),
                 **scores, "scoring_seconds": time.perf_counter() - started, "curve": curve,
                 "config": variant.config().to_dict(), "optimizer": "adamw", "learning_rate": fv.learning_rate}
-    print(f"[{plan.task}] {variant.name}: {_row_line(row)}", flush=True)
+    final, line = row["final"], f"{row['steps']} steps in {row['train_minutes']:.1f} min; "
+    if plan.task == "synthetic":
+        line += "copied-half accuracy " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in row["by_eval_setting"].items())
+    else:
+        masked = row["future_masked"]
+        line += (f"validation {final['bpc']:.3f} bpc; future masked {masked['truncated_bpc']:.3f} vs {masked['bpc']:.3f}"
+                 f" bpc at the same {masked['positions']} positions; future influence mean |d log p| "
+                 f"{row['future_influence']['mean_abs_delta_nats']:.2e} nats")
+    print(f"[{plan.task}] {variant.name}: {line}", flush=True)
     return row
-
-
-def _row_line(row: Row) -> str:
-    final = row["final"]
-    if row["task"] == "synthetic":
-        settings = ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in row["by_eval_setting"].items())
-        return f"{row['steps']} steps in {row['train_minutes']:.1f} min; copied-half accuracy {settings}"
-    text = f"{row['steps']} steps in {row['train_minutes']:.1f} min; validation {final['bpc']:.3f} bpc"
-    masked = row["future_masked"]
-    return (text + f"; future masked {masked['truncated_bpc']:.3f} vs {masked['bpc']:.3f} bpc at the same "
-            f"{masked['positions']} positions; future influence mean |d log p| "
-            f"{row['future_influence']['mean_abs_delta_nats']:.2e} nats")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 
 
-def _eval_columns(rows: Sequence[Row]) -> List[str]:
-    columns: List[str] = []
-    for row in rows:
-        columns += [k for k in row["by_eval_setting"] if k not in columns]
-    return columns
-
-
-def _head_sentence(rows: Sequence[Row]) -> str:
-    """How the models' output heads were set (the --head flag), from the rows' configs."""
+def markdown(plan_task: str, rows: Sequence[Row], machine: Dict[str, Any], command: str) -> str:
+    """The task's tables: final scores, then trained x evaluated attention."""
     heads = sorted({(r["config"]["reversible"], r["config"]["output_head"], r["config"]["tie_embeddings"])
                     for r in rows})
     words = {("mean", True): "tied to the token embedding", ("mean", False): "an untied projection",
              ("concat", False): "an untied projection of both streams concatenated"}
-    return "Output heads: " + "; ".join(f"{'reversible' if rev else 'other'} models {words[(head, tied)]}"
-                                        for rev, head, tied in heads) + "."
-
-
-def markdown(plan_task: str, rows: Sequence[Row], machine: Dict[str, Any], command: str) -> str:
-    """The task's tables: final scores, then trained x evaluated attention."""
-    from benchmarks.output import markdown_table
-
-    steps = rows[0]["steps_planned"]
     lines = [f"# Quality: {plan_task}\n", f"Command: `{command}`. Machine: {machine['platform']}, "
              f"{machine['cpu_count']} CPUs, backend {machine['backend']}; jax {machine['jax_version']}, jaxlib "
-             f"{machine['jaxlib_version']}. Same seed, data order and {steps} planned steps for every model; budget "
-             f"{rows[0]['budget_minutes']:g} min of wall time each (compilation included). {_head_sentence(rows)}\n"]
+             f"{machine['jaxlib_version']}. Same seed, data order and {rows[0]['steps_planned']} planned steps for "
+             f"every model; budget {rows[0]['budget_minutes']:g} min of wall time each (compilation included). "
+             "Output heads: " + "; ".join(f"{'reversible' if rev else 'other'} models {words[(head, tied)]}"
+                                          for rev, head, tied in heads) + ".\n"]
+    columns = [("variant", "model", ""), ("steps", "steps", "d"), ("train_minutes", "train min", ".1f")]
     if plan_task == "shakespeare":
-        columns = [("variant", "model", ""), ("steps", "steps", "d"), ("train_minutes", "train min", ".1f"),
-                   (lambda r: r["final"]["bpc"], f"val bpc ({rows[0]['eval_tokens']:,} tokens)", ".3f"),
-                   (lambda r: r["future_masked"]["bpc"], "bpc at sampled positions", ".3f"),
-                   (lambda r: r["future_masked"]["truncated_bpc"], "same, future masked", ".3f"),
-                   (lambda r: r["future_influence"]["mean_abs_delta_nats"], "future influence mean |d log p| (nats)",
-                    ".2e"),
-                   (lambda r: r["future_influence"]["mean_delta_bpc"], "future influence mean d bpc", "+.4f")]
-        lines.append(markdown_table(rows, columns))
-        lines.append("\nValidation bits per character by the attention used at evaluation (rows: as trained):\n")
-        key = "bpc"
+        columns += [(lambda r: r["final"]["bpc"], f"val bpc ({rows[0]['eval_tokens']:,} tokens)", ".3f"),
+                    (lambda r: r["future_masked"]["bpc"], "bpc at sampled positions", ".3f"),
+                    (lambda r: r["future_masked"]["truncated_bpc"], "same, future masked", ".3f"),
+                    (lambda r: r["future_influence"]["mean_abs_delta_nats"],
+                     "future influence mean |d log p| (nats)", ".2e"),
+                    (lambda r: r["future_influence"]["mean_delta_bpc"], "future influence mean d bpc", "+.4f")]
+        key, spec, caption = "bpc", ".3f", "Validation bits per character by the attention used at evaluation (rows: " \
+                                           "as trained):"
     else:
-        columns = [("variant", "model", ""), ("steps", "steps", "d"), ("train_minutes", "train min", ".1f"),
-                   (lambda r: r["final"]["accuracy"], "copied-half accuracy (as trained)", ".1%")]
-        lines.append(markdown_table(rows, columns))
-        lines.append("\nCopied-half accuracy by the attention used at evaluation (rows: as trained; the paper's "
-                     "Table 2):\n")
-        key = "accuracy"
-    settings = _eval_columns(rows)
-    spec = ".3f" if key == "bpc" else ".1%"
-    lines.append(markdown_table(rows, [("variant", "trained", "")] + [
-        (lambda r, s=s: r["by_eval_setting"].get(s, {}).get(key), f"eval {s}", spec) for s in settings]))
+        columns += [(lambda r: r["final"]["accuracy"], "copied-half accuracy (as trained)", ".1%")]
+        key, spec, caption = "accuracy", ".1%", ("Copied-half accuracy by the attention used at evaluation (rows: as "
+                                                 "trained; the paper's Table 2):")
+    settings = list(dict.fromkeys(k for r in rows for k in r["by_eval_setting"]))
+    lines += [output.markdown_table(rows, columns), f"\n{caption}\n", output.markdown_table(rows, [
+        ("variant", "trained", "")] + [(lambda r, s=s: r["by_eval_setting"].get(s, {}).get(key), f"eval {s}", spec)
+                                       for s in settings])]
     return "\n".join(lines)
 
 
@@ -469,14 +392,13 @@ def seed_spread(runs: Sequence[Sequence[Row]]) -> str:
     models = [m for m in by_seed[seeds[0]] if all(m in by_seed[s] for s in seeds)]
     if "transformer" not in models or len(seeds) < 2:
         return ""
-    header = "| model | " + " | ".join(f"seed {s}: bpc | seed {s}: gap" for s in seeds) + " | gap: mean (range) |"
-    lines = [header, "| --- | " + " | ".join("---: | ---:" for _ in seeds) + " | ---: |"]
+    lines = ["| model | " + " | ".join(f"seed {s}: bpc | seed {s}: gap" for s in seeds) + " | gap: mean (range) |",
+             "| --- | " + " | ".join("---: | ---:" for _ in seeds) + " | ---: |"]
     for m in models:
         bpc = [by_seed[s][m]["final"]["bpc"] for s in seeds]
         gaps = [b / by_seed[s]["transformer"]["final"]["bpc"] - 1 for b, s in zip(bpc, seeds)]
-        cells = " | ".join(f"{b:.3f} | {g:+.1%}" for b, g in zip(bpc, gaps))
         summary = "" if m == "transformer" else f"{statistics.mean(gaps):+.1%} ({min(gaps):+.1%} to {max(gaps):+.1%})"
-        lines.append(f"| {m} | {cells} | {summary} |")
+        lines.append(f"| {m} | " + " | ".join(f"{b:.3f} | {g:+.1%}" for b, g in zip(bpc, gaps)) + f" | {summary} |")
     steps = sorted({by_seed[s][m]["steps"] for s in seeds for m in models})
     return (f"Validation bpc ({', '.join(map(str, steps))} steps) of the same models trained with other seeds "
             "(parameters, data order, hashing); gap = bpc / the Transformer's of the same seed - 1:\n\n"
@@ -508,23 +430,18 @@ def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:
     output.save_figure(path, fig)
 
 
-def write_task_outputs(fv, task: str, rows: List[Row], command: str, git_commit: Optional[str]) -> List[str]:
-    from benchmarks.measure import machine
-
-    info = {**machine(), "git_commit": git_commit}
-    for row in rows:
-        row.update(command=command, **info)
-    return output.write_outputs(fv.out_dir, f"quality_{task}", rows, markdown(task, rows, info, command),
-                                plot=lambda path: plot_curves(path, task, rows))
-
-
 def run_task(fv, plan: TaskPlan, command: str, git_commit: Optional[str]) -> List[Row]:
+    from benchmarks.measure import machine
     from reformer_jax.training import data as data_lib
 
     dataset = data_lib.load_dataset(plan.dataset, seq_len=plan.seq_len, data_path=plan.data_path,
                                     vocab_size=plan.vocab_size)
     rows = [run_variant(fv, plan, variant, dataset) for variant in plan.variants]
-    for path in write_task_outputs(fv, plan.task, rows, command, git_commit):
+    info = {**machine(), "git_commit": git_commit}
+    for row in rows:
+        row.update(command=command, **info)
+    for path in output.write_outputs(fv.out_dir, f"quality_{plan.task}", rows, markdown(plan.task, rows, info, command),
+                                     plot=lambda path: plot_curves(path, plan.task, rows)):
         print(f"wrote {path}")
     return rows
 
@@ -542,8 +459,7 @@ def main(argv: Sequence[str]) -> int:
     from reformer_jax.training.checkpoint import CheckpointError, CheckpointMismatch
 
     logging.set_verbosity(logging.WARNING)
-    command = cli.command("benchmarks.quality", sys.argv)
-    git_commit = cli.git_commit()  # read now: the checkout may move on while the tasks run
+    command, git_commit = cli.command("benchmarks.quality", sys.argv), cli.git_commit()  # the commit read now
     try:
         for plan in plans:
             run_task(flags.FLAGS, plan, command, git_commit)
