@@ -41,6 +41,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from reformer_jax.errors import setting
 from reformer_jax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"  # our ModelConfig, written next to the orbax params
@@ -231,7 +232,7 @@ def load_hf_dir(hf_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(state_dict of numpy arrays, config dict) from a Hugging Face model directory."""
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
-        raise ConversionError(f"--hf_dir={hf_dir} has no config.json; expected a Hugging Face model directory "
+        raise ConversionError(f"{setting('hf_dir')}={hf_dir} has no config.json; expected a Hugging Face model directory "
                               "(config.json and model.safetensors or pytorch_model.bin).")
     hf_config = json.loads(config_path.read_text())
     if hf_config.get("model_type") != "reformer":
@@ -250,7 +251,7 @@ def load_hf_dir(hf_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             raise ConversionError(f"{binary} is a PyTorch pickle and needs torch to read; install torch or convert "
                                   "it to model.safetensors.") from error
         return torch.load(str(binary), map_location="cpu", weights_only=True), hf_config
-    raise ConversionError(f"--hf_dir={hf_dir} has neither model.safetensors nor pytorch_model.bin.")
+    raise ConversionError(f"{setting('hf_dir')}={hf_dir} has neither model.safetensors nor pytorch_model.bin.")
 
 
 SPIECE_FILE = "spiece.model"  # a Hugging Face Reformer's sentencepiece vocabulary (crime-and-punishment)
@@ -287,7 +288,7 @@ def save_converted(config: ModelConfig, params: Any, out: Path, tokenizer: Any =
 
     out = Path(out).absolute()
     if out.exists():
-        raise ConversionError(f"--out={out} exists; pass a new directory (nothing is overwritten).")
+        raise ConversionError(f"{setting('out')}={out} exists; pass a new directory (nothing is overwritten).")
     if lsh_rotations is not None and tuple(np.shape(lsh_rotations)) != lsh_rotations_shape(config):
         raise ConversionError(f"lsh_rotations have shape {tuple(np.shape(lsh_rotations))}; expected "
                               f"{lsh_rotations_shape(config)} ([LSH layers, h, k, n_hashes, f / 2]) for this config.")
