@@ -2,15 +2,15 @@
 
     python -m benchmarks.generate                      # prompts of 1k, 4k, 16k and 64k tokens
     python -m benchmarks.generate --contexts=1024,4096 --new_tokens=200
+    python -m benchmarks.generate --score_workdir=RUN --data_path=FILE   # bpc of a run: cached decoding vs forward
 
 One model, built at random in Hugging Face (LSH and local layers alternating, as its checkpoints) and converted, so
-all three run the same weights: ours (`reformer_jax.decoding`), today's sampler (`reformer_jax.decoding.window_sampler`, one
-forward pass over the context per token) and Hugging Face's `generate(use_cache=True)`, side by side at each
-prompt length, alternating, best of --repeats (the sampler's per-token work is one forward pass over a window
-holding the whole context, timed as such). A Transformer (full attention, same sizes) runs ours and the
-sampler as far as the sampler fits. Per-token times exclude the prefill (reported on its own) and compilation.
-Cache bytes per position and layer come from XLA's analysis of the compiled decode loop: the growth of its
-argument bytes between two cache lengths. Writes benchmarks/results/generate.{json,csv,md,png}.
+all three run the same weights: ours (`reformer_jax.decoding`), the window sampler (`decoding.window_sampler`, one
+forward pass over a window holding the whole context per token) and Hugging Face's `generate(use_cache=True)`,
+side by side at each prompt length, alternating, best of --repeats. A Transformer (full attention, same sizes) runs
+ours and the sampler as far as the sampler fits. Per-token times exclude the prefill (reported on its own) and
+compilation. Cache bytes per position and layer: the growth of the decode loop's state (the argument of its
+compiled loop) between two cache lengths. Writes generate.{json,csv,md,png} in --out_dir.
 """
 
 from __future__ import annotations
@@ -25,52 +25,41 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks import measure, output, targets
-from reformer_jax.model.config import ModelConfig
+from benchmarks import cli, measure, output, targets
 from reformer_jax.decoding import cache as cache_lib
 from reformer_jax.decoding import generation
+from reformer_jax.model.config import ModelConfig
 from reformer_jax.model.reformer_lm import init_params
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("contexts", ["1024", "4096", "16384", "65536"], "Prompt lengths (tokens).")
-flags.DEFINE_integer("new_tokens", 1000, "Tokens our cached decoding generates per measurement.")
-flags.DEFINE_integer("hf_tokens", 100, "Tokens Hugging Face generates per measurement (fewer above 4k: 30).")
-flags.DEFINE_integer("sampler_tokens", 3, "Tokens today's sampler generates per measurement.")
-flags.DEFINE_integer("transformer_tokens", 100, "Tokens the Transformer's cached decoding generates per measurement.")
-flags.DEFINE_integer("sampler_max_context", 16384, "Longest context the window re-reading sampler is run at.")
-flags.DEFINE_integer("transformer_sampler_max_context", 4096, "Longest context for the Transformer's sampler.")
-flags.DEFINE_integer("transformer_max_context", 4096, "Longest context for the Transformer's cached decoding (its "
-                     "prefill holds a [heads, l, l] score matrix: 4 GiB per layer at 16k).")
-flags.DEFINE_integer("repeats", 2, "Alternating repetitions; the best time counts.")
-flags.DEFINE_string("out_dir", "benchmarks/results", "Where generate.{json,csv,md,png} go.")
-flags.DEFINE_string("score_workdir", None, "Instead of the speed runs: score validation text of this main.py run "
-                    "by cached decoding and by the forward pass (generate_bpc.{json,md}).")
-flags.DEFINE_string("data_path", None, "For --score_workdir: a text file to score (default: the data the run "
-                    "recorded).")
-flags.DEFINE_integer("score_sequences", 8, "Validation sequences (of the run's seq_len) --score_workdir scores.")
-
 SIZES = dict(d_model=256, n_heads=4, d_head=64, d_ff=512, n_layers=4, chunk_len=64, n_hashes=2, vocab_size=259)
 
 
-def _max_len(contexts: List[int]) -> int:
-    longest = max(contexts) + FLAGS.new_tokens
-    return -(-longest // 1024) * 1024
+def define_flags() -> None:
+    flags.DEFINE_list("contexts", ["1024", "4096", "16384", "65536"], "Prompt lengths (tokens).")
+    for name, default, help_ in [
+            ("new_tokens", 1000, "Tokens our cached decoding generates per measurement."),
+            ("hf_tokens", 100, "Tokens Hugging Face generates per measurement (above 4k: 30% of them)."),
+            ("sampler_tokens", 3, "Tokens the window sampler generates per measurement."),
+            ("transformer_tokens", 100, "Tokens the Transformer's cached decoding generates per measurement."),
+            ("sampler_max_context", 16384, "Longest context the window re-reading sampler is run at."),
+            ("transformer_sampler_max_context", 4096, "Longest context for the Transformer's sampler."),
+            ("transformer_max_context", 4096, "Longest context for the Transformer's cached decoding (its prefill "
+                                              "holds a [heads, l, l] score matrix: 4 GiB per layer at 16k)."),
+            ("repeats", 2, "Alternating repetitions; the best time counts."),
+            ("score_sequences", 8, "Validation sequences (of the run's seq_len) --score_workdir scores.")]:
+        flags.DEFINE_integer(name, default, help_)
+    flags.DEFINE_string("out_dir", cli.DEFAULT_OUT_DIR, "Where generate.{json,csv,md,png} go.")
+    flags.DEFINE_string("score_workdir", None, "Instead of the speed runs: score validation text of this main.py run "
+                        "by cached decoding and by the forward pass (generate_bpc.{json,md}).")
+    flags.DEFINE_string("data_path", None, "For --score_workdir: a text file to score (default: the run's data).")
 
 
 def reformer_config(max_len: int) -> ModelConfig:
     n_buckets = ModelConfig(attention="lsh", max_len=max_len, chunk_len=SIZES["chunk_len"]).resolved_n_buckets(max_len)
-    return ModelConfig(
-        vocab_size=SIZES["vocab_size"], d_model=SIZES["d_model"], n_heads=SIZES["n_heads"], d_head=SIZES["d_head"],
-        d_ff=SIZES["d_ff"], n_layers=SIZES["n_layers"], max_len=max_len, attn_layers=("local", "lsh") * 2,
-        reversible=True, n_hashes=SIZES["n_hashes"], chunk_len=SIZES["chunk_len"], n_buckets=n_buckets,
-        local_chunk_len=SIZES["chunk_len"], sequential_rounds=False, dropout=0.0, pos_embedding="axial",
-        output_head="concat", tie_embeddings=False, layer_norm_eps=1e-12)
-
-
-def transformer_config(max_len: int) -> ModelConfig:
-    return ModelConfig.preset("transformer", vocab_size=SIZES["vocab_size"], d_model=SIZES["d_model"],
-                              n_heads=SIZES["n_heads"], d_ff=SIZES["d_ff"], n_layers=SIZES["n_layers"],
-                              max_len=max_len, dropout=0.0)
+    return ModelConfig(**SIZES, max_len=max_len, attn_layers=("local", "lsh") * 2, reversible=True,
+                       n_buckets=n_buckets, local_chunk_len=SIZES["chunk_len"], sequential_rounds=False, dropout=0.0,
+                       pos_embedding="axial", output_head="concat", tie_embeddings=False, layer_norm_eps=1e-12)
 
 
 def hf_model(config: ModelConfig):
@@ -81,49 +70,48 @@ def hf_model(config: ModelConfig):
     except ImportError:
         return None
     torch.manual_seed(0)
-    buckets = list(config.n_buckets) if isinstance(config.n_buckets, tuple) else config.n_buckets
     hf_config = transformers.ReformerConfig(
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_attention_heads=config.n_heads,
         attention_head_size=config.d_head, feed_forward_size=config.d_ff, attn_layers=list(config.layer_types),
         is_decoder=True, axial_pos_embds=True, axial_pos_shape=config.axial_shape,
         axial_pos_embds_dim=config.axial_dims, max_position_embeddings=config.max_len, num_hashes=config.n_hashes,
-        lsh_attn_chunk_length=config.chunk_len, local_attn_chunk_length=config.local_chunk_len, num_buckets=buckets,
+        lsh_attn_chunk_length=config.chunk_len, local_attn_chunk_length=config.local_chunk_len,
+        num_buckets=list(config.n_buckets) if isinstance(config.n_buckets, tuple) else config.n_buckets,
         lsh_num_chunks_before=1, local_num_chunks_before=1, hidden_dropout_prob=0.0,
         lsh_attention_probs_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0, hidden_act="relu",
         pad_token_id=0, eos_token_id=1, hash_seed=0)
     return transformers.ReformerModelWithLMHead(hf_config).float().eval()
 
 
+def _generation(config, params, prompt) -> generation.Generation:
+    g = generation.Generation(config, params, [prompt], rng=jax.random.key(0))
+    g.set_sampling(greedy=True, temperature=1.0, top_k=None, top_p=None)
+    return g
+
+
 def ours_per_token(config, params, prompt, n_tokens: int) -> Dict[str, float]:
     """(prefill seconds, seconds per generated token) of cached decoding, after a compile-only warm-up."""
-    def start():
-        g = generation.Generation(config, params, [prompt], rng=jax.random.key(0))
-        g.set_sampling(greedy=True, temperature=1.0, top_k=None, top_p=None)
-        jax.block_until_ready(g.state)
-        return g
-
-    warm = start()
-    warm.advance(2)
+    _generation(config, params, prompt).advance(2)
     started = time.perf_counter()
-    g = start()
-    prefill = time.perf_counter() - started
-    started = time.perf_counter()
+    g = _generation(config, params, prompt)
+    jax.block_until_ready(g.state)
+    prefill, started = time.perf_counter() - started, time.perf_counter()
     g.advance(n_tokens)
     jax.block_until_ready(g.state["tokens"])
     return {"prefill_s": prefill, "per_token_s": (time.perf_counter() - started) / n_tokens}
 
 
 def sampler_per_token(config, params, prompt, n_tokens: int) -> float:
-    """Seconds per token of today's sampler at a context of len(prompt) tokens: its per-token work, one forward
-    pass over a window holding the context (`sampling._next_token`), timed after a warm-up."""
-    from reformer_jax.decoding.window_sampler import _next_token
+    """Seconds per token of the window sampler at a context of len(prompt) tokens: its per-token work, one forward
+    pass over a window holding the context (`window_sampler.next_token`), timed after a warm-up."""
+    from reformer_jax.decoding.window_sampler import next_token
 
     buffer = jnp.asarray(np.asarray(prompt, np.int32)[None])
     position, temperature = jnp.int32(len(prompt) - 1), jnp.float32(0.8)
-    jax.block_until_ready(_next_token(config, params, buffer, position, jax.random.key(0), temperature))
+    jax.block_until_ready(next_token(config, params, buffer, position, jax.random.key(0), temperature))
     started = time.perf_counter()
     for i in range(n_tokens):
-        jax.block_until_ready(_next_token(config, params, buffer, position, jax.random.key(i), temperature))
+        jax.block_until_ready(next_token(config, params, buffer, position, jax.random.key(i), temperature))
     return (time.perf_counter() - started) / n_tokens
 
 
@@ -136,47 +124,37 @@ def hf_per_token(model, prompt, n_tokens: int) -> Dict[str, float]:
     with torch.no_grad():
         started = time.perf_counter()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
+        prefill, started = time.perf_counter() - started, time.perf_counter()
         model.generate(ids, max_new_tokens=n_tokens + 1, min_new_tokens=n_tokens + 1, **kwargs)
     return {"prefill_s": prefill, "per_token_s": max(time.perf_counter() - started - prefill, 1e-9) / n_tokens}
 
 
-def xla_cache_bytes_per_position(config: ModelConfig, params) -> float:
-    """Growth of the compiled decode loop's argument bytes per cache position (XLA's memory analysis), divided
-    by the layers whose cache grows with the length, minus the loop's own per-position buffers (tokens,
-    log-probabilities, forced tokens: 12 bytes)."""
+def cache_bytes_per_position(config: ModelConfig) -> float:
+    """Growth of the decode state's bytes (the compiled decode loop's argument, parameters aside) per cache
+    position, divided by the layers whose cache grows with the length, minus the loop's own per-position buffers
+    (tokens, log-probabilities, forced tokens: 12 bytes)."""
     sizes = []
     for length in (1024, 2048):
         cfg = cache_lib.decode_config(config).replace(max_len=length, axial_shape=None, axial_dims=None)
         cfg = cfg.replace(n_buckets=config.n_buckets) if config.uses("lsh") else cfg
-        p = init_params(cfg, jax.random.key(0))
-        g = generation.Generation(cfg, p, [np.array([5, 6, 7])], rng=jax.random.key(0))
-        g.set_sampling(greedy=True, temperature=1.0, top_k=None, top_p=None)
-        compiled = generation._decode_steps_jit.lower(cfg, p, g.state, jnp.int32(1), g._sampling).compile()
-        sizes.append(compiled.memory_analysis().argument_size_in_bytes - sum(
-            leaf.nbytes for leaf in jax.tree.leaves(p)))
-    growing = sum(kind != "local" for kind in config.layer_types)
-    return ((sizes[1] - sizes[0]) / 1024 - 12) / growing
-
-
-def hf_cache_bytes_per_position(config: ModelConfig) -> Dict[str, float]:
-    """Hugging Face's cache per position and layer: the layer-normed hidden state (d float32) in every layer,
-    plus the LSH layers' bucket ids (h x n_hashes int64)."""
-    states = 4 * config.d_model
-    return {"local": states, "lsh": states + 8 * config.n_heads * config.n_hashes}
+        g = _generation(cfg, init_params(cfg, jax.random.key(0)), np.array([5, 6, 7]))
+        sizes.append(sum(leaf.nbytes for leaf in jax.tree.leaves(g.state)))
+    return ((sizes[1] - sizes[0]) / 1024 - 12) / sum(kind != "local" for kind in config.layer_types)
 
 
 def run(contexts: List[int]) -> List[Dict[str, Any]]:
-    max_len = _max_len(contexts)
+    max_len = -(-(max(contexts) + FLAGS.new_tokens) // 1024) * 1024
     reformer = reformer_config(max_len)
     hf = hf_model(reformer)
     if hf is not None:
         from reformer_jax.model.hf_convert import from_hf
+
         reformer, params = from_hf(hf.state_dict(), hf.config.to_dict())
     else:
         params = init_params(reformer, jax.random.key(0))
-    transformer = transformer_config(max_len)
+    transformer = ModelConfig.preset("transformer", **{k: SIZES[k] for k in ("vocab_size", "d_model", "n_heads",
+                                                                              "d_ff", "n_layers")},
+                                     max_len=max_len, dropout=0.0)
     transformer_params = init_params(transformer, jax.random.key(0))
     text = np.random.default_rng(0).integers(3, 259, max(contexts)).astype(np.int32)
     rows = []
@@ -187,54 +165,45 @@ def run(contexts: List[int]) -> List[Dict[str, Any]]:
                                "sampler_tokens": FLAGS.sampler_tokens}
         best: Dict[str, float] = {}
         for _ in range(FLAGS.repeats):
-            measured = {}
             ours = ours_per_token(reformer, params, prompt, FLAGS.new_tokens)
-            measured.update(ours_s=ours["per_token_s"], ours_prefill_s=ours["prefill_s"])
+            measured = {"ours_s": ours["per_token_s"], "ours_prefill_s": ours["prefill_s"]}
             if context <= FLAGS.sampler_max_context:
                 measured["sampler_s"] = sampler_per_token(reformer, params, prompt, FLAGS.sampler_tokens)
             if hf is not None:
                 theirs = hf_per_token(hf, prompt, hf_tokens)
                 measured.update(hf_s=theirs["per_token_s"], hf_prefill_s=theirs["prefill_s"])
             if context <= FLAGS.transformer_max_context:
-                transformer_ours = ours_per_token(transformer, transformer_params, prompt, FLAGS.transformer_tokens)
-                measured["transformer_s"] = transformer_ours["per_token_s"]
+                measured["transformer_s"] = ours_per_token(transformer, transformer_params, prompt,
+                                                           FLAGS.transformer_tokens)["per_token_s"]
             if context <= FLAGS.transformer_sampler_max_context:
                 measured["transformer_sampler_s"] = sampler_per_token(transformer, transformer_params, prompt,
                                                                       FLAGS.sampler_tokens)
-            for key, value in measured.items():
-                best[key] = min(best.get(key, math.inf), value)
+            best.update({key: min(best.get(key, math.inf), value) for key, value in measured.items()})
             print(f"context {context}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in measured.items()),
                   flush=True)
-        row.update(best)
-        row["ours_tokens_per_s"] = 1.0 / row["ours_s"]
+        row.update(best, ours_tokens_per_s=1.0 / best["ours_s"])
         if "sampler_s" in row:
             row["speedup_vs_sampler"] = row["sampler_s"] / row["ours_s"]
         if "hf_s" in row:
             row["speedup_vs_hf"] = row["hf_s"] / row["ours_s"]
         rows.append(row)
     base = next((r for r in rows if r["context"] == 4096), rows[0])
-    for row in rows:
-        row["per_token_vs_4k"] = row["ours_s"] / base["ours_s"]
-    cache = {"ours_lsh_bytes_per_position_xla": xla_cache_bytes_per_position(reformer, params),
+    states = 4 * reformer.d_model  # Hugging Face caches each layer's layer-normed hidden state (float32) ...
+    cache = {"ours_lsh_bytes_per_position_xla": cache_bytes_per_position(reformer),
              "ours_lsh_bytes_per_position_layout": cache_lib.bytes_per_token(cache_lib.decode_config(reformer), "lsh"),
-             "ours_local_bytes_per_position": 0,
-             **{f"hf_{kind}_bytes_per_position": value
-                for kind, value in hf_cache_bytes_per_position(reformer).items()}}
-    for row in rows:
-        row.update(cache)
-        row.update(machine=measure.machine(), max_len=max_len, sizes=SIZES, model=list(reformer.layer_types),
-                   peers=_peer_versions(), cpu_shared=True, command=_command())
-    return rows
-
-
-def _peer_versions() -> Dict[str, str]:
+             "ours_local_bytes_per_position": 0, "hf_local_bytes_per_position": states,
+             "hf_lsh_bytes_per_position": states + 8 * reformer.n_heads * reformer.n_hashes}  # ... and int64 buckets
     versions = {}
     for name in ("torch", "transformers", "flax"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = "not installed"
-    return versions
+    for row in rows:
+        row.update(per_token_vs_4k=row["ours_s"] / base["ours_s"], **cache, machine=measure.machine(),
+                   max_len=max_len, sizes=SIZES, model=list(reformer.layer_types), peers=versions, cpu_shared=True,
+                   command=cli.command("benchmarks.generate", sys.argv))
+    return rows
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
@@ -246,56 +215,50 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
                (ms("ours_prefill_s"), "ours prefill ms", ".0f"), (ms("hf_prefill_s"), "HF prefill ms", ".0f"),
                (ms("transformer_s"), "Transformer ours ms/token", ".2f"),
                (ms("transformer_sampler_s"), "Transformer sampler ms/token", ".1f")]
-    first = rows[0]
-    lines = ["# Generation speed: cached decoding vs the window re-reading sampler vs Hugging Face", "",
-             f"Model: {first['model']} (reversible), d_model {SIZES['d_model']}, {SIZES['n_heads']} heads of "
-             f"{SIZES['d_head']}, d_ff {SIZES['d_ff']}, {SIZES['n_hashes']} hash rounds, chunks of "
-             f"{SIZES['chunk_len']}, max_len {first['max_len']}; batch 1, greedy. Ours generates "
-             f"{first['new_tokens']} tokens per measurement (the Transformer {FLAGS.transformer_tokens}), Hugging "
-             f"Face {first['hf_tokens']} (30% of that above 4k), the sampler {first['sampler_tokens']}; best of "
-             f"{FLAGS.repeats} alternating runs, compilation and prefill excluded. Machine: "
-             f"{first['machine']['platform']}, {first['machine']['cpu_count']} CPUs (shared with other jobs), jax "
-             f"{first['machine']['jax_version']}, {first['peers']}.", "",
-             output.markdown_table(rows, columns)]
-    lines += targets.generation_target_lines(rows)
-    lines += ["", f"Cache bytes per position and layer: ours {first['ours_lsh_bytes_per_position_xla']:.0f} per LSH "
-              f"layer (XLA's analysis of the decode loop; layout {first['ours_lsh_bytes_per_position_layout']}: "
-              f"keys and values {8 * SIZES['d_model']}, bucket ids and the two links of the bucket index), 0 per "
-              f"local layer (a ring buffer of {2 * SIZES['chunk_len']} positions); Hugging Face "
-              f"{first['hf_lsh_bytes_per_position']:.0f} per LSH layer (hidden state and int64 bucket ids) and "
-              f"{first['hf_local_bytes_per_position']:.0f} per local layer (hidden state).", ""]
-    return "\n".join(lines)
+    first, machine = rows[0], rows[0]["machine"]
+    return "\n".join([
+        "# Generation speed: cached decoding vs the window re-reading sampler vs Hugging Face", "",
+        f"Model: {first['model']} (reversible), d_model {SIZES['d_model']}, {SIZES['n_heads']} heads of "
+        f"{SIZES['d_head']}, d_ff {SIZES['d_ff']}, {SIZES['n_hashes']} hash rounds, chunks of {SIZES['chunk_len']}, "
+        f"max_len {first['max_len']}; batch 1, greedy. Ours generates {first['new_tokens']} tokens per measurement "
+        f"(the Transformer {FLAGS.transformer_tokens}), Hugging Face {first['hf_tokens']} (30% of that above 4k), "
+        f"the sampler {first['sampler_tokens']}; best of {FLAGS.repeats} alternating runs, compilation and prefill "
+        f"excluded. Machine: {machine['platform']}, {machine['cpu_count']} CPUs (shared with other jobs), jax "
+        f"{machine['jax_version']}, {first['peers']}.", "", output.markdown_table(rows, columns),
+        *targets.generation_target_lines(rows), "",
+        f"Cache bytes per position and layer: ours {first['ours_lsh_bytes_per_position_xla']:.0f} per LSH layer "
+        f"(the decode loop's state; layout {first['ours_lsh_bytes_per_position_layout']}: keys and values "
+        f"{8 * SIZES['d_model']}, bucket ids and the two links of the bucket index), 0 per local layer (a ring "
+        f"buffer of {2 * SIZES['chunk_len']} positions); Hugging Face {first['hf_lsh_bytes_per_position']:.0f} per "
+        f"LSH layer (hidden state and int64 bucket ids) and {first['hf_local_bytes_per_position']:.0f} per local "
+        "layer (hidden state).", ""])
 
 
-def plot(rows: List[Dict[str, Any]]):
-    def draw(path):
-        fig, ax = output.new_figure(7.0, 4.2)
-        x = [r["context"] for r in rows]
-        for key, label in (("ours_s", "ours (cached)"), ("hf_s", "Hugging Face (cached)"),
-                           ("sampler_s", "today's sampler (re-reads the context)"),
-                           ("transformer_s", "Transformer, ours (cached)")):
-            points = [(r["context"], 1e3 * r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(x, [f"{c // 1024}k" for c in x])
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("ms per generated token")
-        ax.legend()
-        output.save_figure(path, fig)
-    return draw
+def plot(rows: List[Dict[str, Any]], path: str) -> None:
+    fig, ax = output.new_figure(7.0, 4.2)
+    for key, label in (("ours_s", "ours (cached)"), ("hf_s", "Hugging Face (cached)"),
+                       ("sampler_s", "today's sampler (re-reads the context)"),
+                       ("transformer_s", "Transformer, ours (cached)")):
+        points = [(r["context"], 1e3 * r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks([r["context"] for r in rows], [f"{r['context'] // 1024}k" for r in rows])
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("ms per generated token")
+    ax.legend()
+    output.save_figure(path, fig)
 
 
 def score_run(workdir: str) -> List[Dict[str, Any]]:
     """Bits per character of the same validation sequences of a main.py run: its training forward pass (as its
     evaluation computes it) and cached decoding (prefill of the first token, then every token fed in turn)."""
-    from reformer_jax.training import data
-    from reformer_jax.training import saved_run
+    from reformer_jax.training import data, saved_run
     from reformer_jax.training.evaluation import token_scores
 
     model = saved_run.open_run(workdir)
-    config, params, source, settings = model.config, saved_run.restore_params(model), model.describe(), model.settings
+    config, params, settings = model.config, saved_run.restore_params(model), model.settings
     seq_len = settings["seq_len"]
     dataset = (data.load_dataset(settings["dataset"], seq_len=seq_len, data_path=FLAGS.data_path) if FLAGS.data_path
                else data.reopen(model.data, seq_len=seq_len, tokenizer=model.tokenizer, flag="--score_workdir"))
@@ -306,40 +269,32 @@ def score_run(workdir: str) -> List[Dict[str, Any]]:
                                     jax.random.key(10_000 + i))
         forward.append(np.asarray(log_probs)[:, :-1])  # the last position's target is not a decoded token
         decoded.append(generation.score(config, params, batch["inputs"], rng=jax.random.key(i)))
-    forward_bpc = -float(np.mean(np.concatenate(forward))) / math.log(2)
-    decoded_bpc = -float(np.mean(np.concatenate(decoded))) / math.log(2)
-    return [{"run": source, "model": list(config.layer_types), "n_hashes": config.n_hashes,
+    forward_bpc, decoded_bpc = (-float(np.mean(np.concatenate(x))) / math.log(2) for x in (forward, decoded))
+    return [{"run": model.describe(), "model": list(config.layer_types), "n_hashes": config.n_hashes,
              "chunk_len": config.chunk_len, "seq_len": seq_len, "sequences": 4 * (FLAGS.score_sequences // 4),
              "forward_bpc": forward_bpc, "cached_decoding_bpc": decoded_bpc,
              "relative_difference": decoded_bpc / forward_bpc - 1, "machine": measure.machine(),
-             "command": _command()}]
-
-
-def _command() -> str:
-    return "python -m benchmarks.generate " + " ".join(sys.argv[1:])
+             "command": cli.command("benchmarks.generate", sys.argv)}]
 
 
 def main(argv):
     del argv
     if FLAGS.score_workdir:
         rows = score_run(FLAGS.score_workdir)
-        row = rows[0]
         text = ("# Scoring a trained model by cached decoding\n\n" + output.markdown_table(rows, [
             ("run", "run", ""), ("sequences", "sequences", "d"), ("seq_len", "tokens each", "d"),
             ("forward_bpc", "forward pass bpc", ".4f"), ("cached_decoding_bpc", "cached decoding bpc", ".4f"),
-            ("relative_difference", "difference", "+.2%")]) + f"\nWithin 2%: "
-            f"{output.met(abs(row['relative_difference']) < 0.02)}.\n")
-        print(text)
-        for path in output.write_outputs(FLAGS.out_dir, "generate_bpc", rows, text):
-            print("wrote", path)
-        return
-    contexts = [int(c) for c in FLAGS.contexts]
-    rows = run(contexts)
-    text = markdown(rows)
+            ("relative_difference", "difference", "+.2%")])
+            + f"\nWithin 2%: {output.met(abs(rows[0]['relative_difference']) < 0.02)}.\n")
+        name, draw = "generate_bpc", None
+    else:
+        rows = run([int(c) for c in FLAGS.contexts])
+        text, name, draw = markdown(rows), "generate", lambda path: plot(rows, path)
     print(text)
-    for path in output.write_outputs(FLAGS.out_dir, "generate", rows, text, plot(rows)):
+    for path in output.write_outputs(FLAGS.out_dir, name, rows, text, draw):
         print("wrote", path)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

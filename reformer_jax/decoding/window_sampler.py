@@ -21,7 +21,7 @@ def sampling_window(config: ModelConfig, seq_len: int, limit: int = 512) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _next_token(config: ModelConfig, params, buffer: jax.Array, position: jax.Array, rng: jax.Array,
+def next_token(config: ModelConfig, params, buffer: jax.Array, position: jax.Array, rng: jax.Array,
                 temperature: jax.Array) -> jax.Array:
     """Sample the token at `position` from the logits at position - 1. buffer [1, window] int32."""
     hash_rng, draw_rng = jax.random.split(rng)
@@ -48,7 +48,7 @@ def sample(config: ModelConfig, params, prompt: np.ndarray, *, length: int, wind
             buffer[0, :window // 2] = buffer[0, window // 2:]
             buffer[0, window // 2:] = 0
             position = window // 2
-        token = int(_next_token(config, params, jnp.asarray(buffer), jnp.int32(position),
+        token = int(next_token(config, params, jnp.asarray(buffer), jnp.int32(position),
                                 jax.random.fold_in(rng, i), jnp.float32(temperature)))
         buffer[0, position] = token
         position += 1
