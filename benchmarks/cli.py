@@ -87,14 +87,16 @@ def cache_dir(path: str) -> str:
 
 def define_flags(cls: type, flag_values: flags.FlagValues) -> None:
     """One flag per field of the Settings dataclass `cls` (but `command`), typed by its default: a tuple is a
-    comma-separated list."""
+    comma-separated list. They belong to the caller's module in --help, as if it had defined them."""
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    module_name = sys.argv[0] if caller == "__main__" else caller
     docs = {**field_docs(ModelConfig), **field_docs(cls)}
     kinds = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float, tuple: flags.DEFINE_list}
     for field in dataclasses.fields(cls):
         if field.name != "command":
             default = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
             kinds.get(type(field.default), flags.DEFINE_string)(field.name, default, docs.get(field.name, field.name),
-                                                                flag_values=flag_values)
+                                                                flag_values=flag_values, module_name=module_name)
 
 
 def settings_from_flags(cls: type, fv: flags.FlagValues, module: str, argv: Optional[Sequence[str]], *,
