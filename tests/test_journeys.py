@@ -219,7 +219,9 @@ def check_hf(argv, result, scratch, torch, models):
     if argv[1:3] == ["-m", "reformer_jax.generate"]:
         prompt = next(a.split("=", 1)[1] for a in argv if a.startswith("--prompt="))
         n_new = 200  # generate's default --max_new_tokens
-        with torch.no_grad():  # Hugging Face's own greedy decoding, cached, to its end-of-sequence id
+        # Hugging Face's greedy generate to its end-of-sequence id, cached as by default (and as reformer_jax
+        # decodes): uncached, it hashes the whole sequence at each step and parts from it after ~80 tokens here.
+        with torch.no_grad():
             ids = model.generate(torch.tensor([encode(prompt)]), max_new_tokens=n_new, do_sample=False,
                                  use_cache=True, pad_token_id=0)
         assert ids.shape[1] - len(encode(prompt)) >= 64, ids  # a continuation long enough to cross chunks
