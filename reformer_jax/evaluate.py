@@ -118,7 +118,8 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
         source = str(Path(data_path).absolute())
         tokens = data_lib.read_text_tokens(Path(data_path), model.tokenizer)
         pad_id = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
-        source_batches = data_lib.consecutive_batches(tokens, batch_size, seq_len, batches, pad_id=pad_id)
+        source_batches = data_lib.consecutive_batches(tokens, batch_size, seq_len, batches, pad_id=pad_id,
+                                                      padded_length=config.padded_length)
     else:
         dataset = data_lib.reopen(model.data, seq_len=seq_len, tokenizer=model.tokenizer, flag=flag)
         batches = batches or int(read_record(workdir).get("eval_batches", 4))

@@ -16,7 +16,7 @@ import hashlib
 import importlib.resources
 import lzma
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -197,24 +197,30 @@ class CopyTask:
 
 
 def consecutive_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: Optional[int] = None,
-                        pad_id: int = 0):
+                        pad_id: int = 0, padded_length: Optional[Callable[[int], int]] = None):
     """The whole token stream as consecutive, non-overlapping windows of seq_len targets, `batch_size` per batch
     (the last batch's missing rows have weight 0); at most `max_batches` batches. Yields Batch dicts.
 
     Every target is scored once: a text that does not fill its last window (or is shorter than one) ends in a
     window padded with `pad_id`, weight 0 and, in that batch only, an "attention_mask" [b, l] (True = real token)
-    that keeps the padding out of attention, as Hugging Face pads in evaluation."""
+    that keeps the padding out of attention, as Hugging Face pads in evaluation. With `padded_length` (the model's
+    `ModelConfig.padded_length`), a batch holding only that short window is as wide as the model needs for it
+    rather than seq_len, as Hugging Face pads a short text: where LSH chunks look back across the wrap-around, the
+    width changes the scores."""
     n_targets = len(tokens) - 1
     if n_targets < 1:
         raise DataError(f"{len(tokens)} tokens are too few to score: a text needs at least two.")
     n_windows = -(-n_targets // seq_len)
     n_batches = -(-n_windows // batch_size)
     for b in range(n_batches if max_batches is None else min(n_batches, max_batches)):
-        inputs = np.full((batch_size, seq_len), pad_id, np.int32)
-        targets = np.full((batch_size, seq_len), pad_id, np.int32)
-        weights = np.zeros((batch_size, seq_len), np.float32)
-        mask = np.ones((batch_size, seq_len), bool)  # rows left empty stay unmasked zeros of weight 0
-        for row, w in enumerate(range(b * batch_size, min((b + 1) * batch_size, n_windows))):
+        windows = range(b * batch_size, min((b + 1) * batch_size, n_windows))
+        longest = max(min(seq_len, n_targets - w * seq_len) for w in windows)
+        width = padded_length(longest) if padded_length is not None and longest < seq_len else seq_len
+        inputs = np.full((batch_size, width), pad_id, np.int32)
+        targets = np.full((batch_size, width), pad_id, np.int32)
+        weights = np.zeros((batch_size, width), np.float32)
+        mask = np.ones((batch_size, width), bool)  # rows left empty stay unmasked zeros of weight 0
+        for row, w in enumerate(windows):
             window = tokens[w * seq_len:w * seq_len + seq_len + 1]
             n = len(window) - 1
             inputs[row, :n], targets[row, :n], weights[row, :n] = window[:-1], window[1:], 1.0
