@@ -7,14 +7,14 @@ Parts (--tpu_parts), each its own results file, rows merged by key so a part rer
   seed     tpu.*: the variants at the seed's setup on one chip of each --topologies generation, for each
            --tpu_dtypes compute dtype, beside XLA:CPU's figure of the same step and the seed's GPU figure
   longest  tpu_longest.*: the longest power-of-two sequence each variant fits, then the longest multiple of the
-           chunk length (benchmarks.longest_fit), on one chip (--topologies) and with fsdp over the slices of
+           search step (reformer_jax.xla.longest_fit), on one chip (--topologies) and with fsdp over the slices of
            --tpu_fsdp_slices (one sequence per chip: batch = chips x --batch_size)
-  long     tpu_long.*: the Reformer at --floor_long_len tokens per sequence on --tpu_long_slice with fsdp over
-           all its chips
+  long     tpu_long.*: the Reformer at --floor_long_len tokens per sequence on --tpu_long_slice, fsdp over its chips
 
 A row fits when the TPU compiler accepts the program and the compiled peak is within the HBM the compiler lets a
 program use (`reformer_jax.xla.tpu.usable_hbm_bytes`, libtpu's own figure: 15.75 GiB of a v5e chip's 16). The
 compiler alone is not the judge: it accepts some programs whose own memory analysis exceeds that figure.
+`settings` below is a `benchmarks.memory.Settings`.
 """
 
 from __future__ import annotations
@@ -24,38 +24,56 @@ import math
 import os
 import shlex
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks import output, seed
-from benchmarks.cli import log
-from benchmarks.longest_fit import LongestFit, Probe, longest_fitting_length
+from benchmarks.cli import FlagError, log
+from reformer_jax.xla.longest_fit import LongestFit, Probe, longest_fitting_length
 from benchmarks.output import MIB, Row
 
 PARTS = ("seed", "longest", "long")
 GENERATIONS = ("v4", "v5e", "v5p", "v6e")  # table order
 COLORS = {"v4": "#4c72b0", "v5e": "#dd8452", "v5p": "#55a868", "v6e": "#c44e52"}
-SEED_COLUMNS = [("model", "variant", "s"), ("topology", "topology", "s"), ("tpu_device_kind", "device kind", "s"),
-                ("dtype", "compute", "s"), ("usable_hbm_mib", "usable HBM MiB", ",.0f"), ("tpu_peak_mib", "TPU peak MiB", ",.1f"),
-                ("cpu_peak_mib", "XLA:CPU peak MiB", ",.1f"), ("seed_gpu_mb", "seed GPU MB", ""),
-                ("fits", "fits", ""), ("tpu_compile_s", "compile s", ".1f"), ("row_command", "command", "code")]
-LONGEST_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
-                   ("batch_size", "batch", "d"), ("tpu_device_kind", "device kind", "s"),
-                   ("usable_hbm_mib", "usable HBM MiB", ",.0f"), ("power_of_two", "longest 2^k", ",d"),
-                   ("power_of_two_peak_mib", "its peak MiB", ",.1f"), ("longest", "longest (chunk steps)", ",d"),
-                   ("longest_peak_mib", "its peak MiB", ",.1f"), ("first_refused", "next refused", ",d"),
-                   ("step", "step", ",d"), ("probes", "compiles", "d"), ("search_s", "search s", ".0f"), ("row_command", "command", "code")]
-LONG_COLUMNS = [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
-                ("batch_size", "batch", "d"), ("seq_len", "tokens per sequence", ",d"),
-                ("tpu_device_kind", "device kind", "s"), ("usable_hbm_mib", "usable HBM MiB", ",.0f"),
-                ("tpu_peak_mib", "peak per chip MiB", ",.1f"),
-                ("tpu_required_mib", "refused: temporaries MiB", ",.1f"), ("fits", "fits", ""),
-                ("tpu_compile_s", "compile s", ".1f"), ("row_command", "command", "code")]
-
-
+HBM = ("usable_hbm_mib", "usable HBM MiB", ",.0f")
+COMMAND = ("row_command", "command", "code")
+COLUMNS = {
+    "tpu": [("model", "variant", "s"), ("topology", "topology", "s"), ("tpu_device_kind", "device kind", "s"),
+            ("dtype", "compute", "s"), HBM, ("tpu_peak_mib", "TPU peak MiB", ",.1f"),
+            ("cpu_peak_mib", "XLA:CPU peak MiB", ",.1f"), ("seed_gpu_mb", "seed GPU MB", ""), ("fits", "fits", ""),
+            ("tpu_compile_s", "compile s", ".1f"), COMMAND],
+    "tpu_longest": [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
+                    ("batch_size", "batch", "d"), ("tpu_device_kind", "device kind", "s"), HBM,
+                    ("power_of_two", "longest 2^k", ",d"), ("power_of_two_peak_mib", "its peak MiB", ",.1f"),
+                    ("longest", "longest (chunk steps)", ",d"), ("longest_peak_mib", "its peak MiB", ",.1f"),
+                    ("first_refused", "next refused", ",d"), ("step", "step", ",d"), ("probes", "compiles", "d"),
+                    ("search_s", "search s", ".0f"), COMMAND],
+    "tpu_long": [("model", "variant", "s"), ("topology", "slice", "s"), ("mesh", "mesh", "s"),
+                 ("batch_size", "batch", "d"), ("seq_len", "tokens per sequence", ",d"),
+                 ("tpu_device_kind", "device kind", "s"), HBM, ("tpu_peak_mib", "peak per chip MiB", ",.1f"),
+                 ("tpu_required_mib", "refused: temporaries MiB", ",.1f"), ("fits", "fits", ""),
+                 ("tpu_compile_s", "compile s", ".1f"), COMMAND],
+}
+TITLES = {"tpu": "The variants at the seed's setup, compiled for one TPU chip",
+          "tpu_longest": "The longest sequence per chip", "tpu_long": "A very long sequence on a TPU slice with fsdp"}
 # The flags each part ignores, left out of its rows' commands.
 IGNORED = {"seed": ("tpu_fsdp_slices", "tpu_long_slice", "floor_long_len", "tpu_max_length"),
            "longest": ("tpu_dtypes", "tpu_long_slice", "floor_long_len"),
            "long": ("topologies", "tpu_fsdp_slices", "tpu_max_length", "tpu_dtypes", "models")}
+
+
+def check_topologies(flag: str, values: Sequence[str], *, one_chip: bool) -> Tuple[str, ...]:
+    """The TPU slice names of a flag; FlagError for an unknown one (or, `one_chip`, one of several chips)."""
+    from reformer_jax.xla import tpu
+
+    try:
+        names = tuple(tpu.parse_topology(v, flag=f"--{flag}") and v for v in values if v)
+    except tpu.TopologyError as err:
+        raise FlagError(str(err)) from None
+    for name in names:
+        if one_chip and tpu.chips(name) != 1:
+            raise FlagError(f"--{flag}={name} has {tpu.chips(name)} chips; its part compiles for one chip: e.g. "
+                            f"{name.split(':')[0]}:{'1x1' if name.count('x') == 1 else '1x1x1'}.")
+    return names
 
 
 def row_command(settings, **flag_values: Any) -> str:
@@ -69,8 +87,8 @@ def _compile(settings, model: str, topology: str, *, seq_len: int, batch_size: i
              mesh: Optional[str]) -> Tuple[Any, Optional[str], Probe, float]:
     """(MemoryStats or None, the refusal's first line or None, the Probe, compile seconds) of one TPU compile. A
     compile error other than the compiler's out-of-memory refusal is raised: it is a bug, not a measurement."""
-    from reformer_jax.xla import tpu
     from reformer_jax.memory import compile_train_step
+    from reformer_jax.xla import tpu
 
     config = settings.config(model, max_len=seq_len, dtype=dtype)
     start = time.perf_counter()
@@ -83,61 +101,53 @@ def _compile(settings, model: str, topology: str, *, seq_len: int, batch_size: i
         refusal = tpu.hbm_refusal(error)
         if refusal is None and "RESOURCE_EXHAUSTED" not in str(error):
             raise
-        seconds = time.perf_counter() - start
-        reason = str(error).strip().splitlines()[0][:300]
+        seconds, reason = time.perf_counter() - start, str(error).strip().splitlines()[0][:300]
         if refusal is None:  # out of memory in a wording without figures
             return None, reason, Probe(seq_len, False), seconds
         return None, reason, Probe(seq_len, False, refusal.required_bytes, refusal.available_bytes), seconds
-    seconds = time.perf_counter() - start
-    return stats, None, Probe(seq_len, stats.fits, stats.peak_bytes), seconds
+    return stats, None, Probe(seq_len, stats.fits, stats.peak_bytes), time.perf_counter() - start
 
 
 def _base_row(settings, model: str, topology: str, dtype: str, stats) -> Row:
+    from importlib import metadata
+
     from benchmarks.measure import machine
     from reformer_jax.xla import tpu
 
     generation = tpu.parse_topology(topology)[0]
+    try:
+        libtpu = metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        libtpu = None
     row: Row = {"model": model, "topology": topology, "generation": generation, "chips": tpu.chips(topology),
                 "dtype": dtype, "tpu_device_kind": stats.device_kind if stats else None,
                 "hbm_bytes": tpu.hbm_bytes(topology), "hbm_mib": tpu.hbm_bytes(topology) / MIB,
                 "usable_hbm_bytes": tpu.usable_hbm_bytes(topology),
                 "usable_hbm_mib": tpu.usable_hbm_bytes(topology) / MIB,
-                "hbm_source": tpu.HBM_PER_CHIP[generation][1], "d_model": settings.d_model,
-                "n_heads": settings.n_heads, "d_ff": settings.d_ff, "n_layers": settings.n_layers,
-                "n_hashes": settings.n_hashes, "chunk_len": settings.chunk_len, "vocab_size": settings.vocab_size,
-                "optimizer": settings.optimizer, "libtpu_version": _libtpu_version()}
+                "hbm_source": tpu.HBM_PER_CHIP[generation][1],
+                **{k: getattr(settings, k) for k in ("d_model", "n_heads", "d_ff", "n_layers", "n_hashes", "chunk_len",
+                                                     "vocab_size", "optimizer")}, "libtpu_version": libtpu}
     row.update({k: v for k, v in machine().items() if k not in row})
     row["command"] = settings.command
     return row
 
 
-def _libtpu_version() -> Optional[str]:
-    from importlib import metadata
-
-    try:
-        return metadata.version("libtpu")
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def seed_rows(settings) -> List[Row]:
-    """The variants at --seq_len x --batch_size on one chip of each --topologies slice, per --tpu_dtypes."""
-    from benchmarks.memory import at_seed_setup, measure
-
+def seed_rows(settings, cpu_stats: Callable[[Any], Any], seed_sizes: bool) -> List[Row]:
+    """The variants at --seq_len x --batch_size on one chip of each --topologies slice, per --tpu_dtypes;
+    `cpu_stats(config)`: XLA:CPU's MemoryStats of the same step; `seed_sizes`: the sizes are the seed's."""
     rows = []
     for topology in settings.topologies:
         for dtype in settings.tpu_dtypes:
             for model in settings.models:
                 stats, refused, _, seconds = _compile(settings, model, topology, seq_len=settings.seq_len,
                                                       batch_size=settings.batch_size, dtype=dtype, mesh=None)
-                cpu_stats, _ = measure(settings, settings.config(model, dtype=dtype), seq_len=settings.seq_len,
-                                       optimizer=settings.optimizer_arg())
+                cpu = cpu_stats(settings.config(model, dtype=dtype))
                 row = _base_row(settings, model, topology, dtype, stats)
                 row.update({"seq_len": settings.seq_len, "batch_size": settings.batch_size,
                             "tpu_peak_bytes": stats.peak_bytes if stats else None,
                             "tpu_peak_mib": round(stats.peak_bytes / MIB, 1) if stats else None,
-                            "cpu_peak_mib": round(cpu_stats.peak_bytes / MIB, 1),
-                            "seed_gpu_mb": seed.VARIANTS_MB.get(model) if at_seed_setup(settings) else None,
+                            "cpu_peak_mib": round(cpu.peak_bytes / MIB, 1),
+                            "seed_gpu_mb": seed.VARIANTS_MB.get(model) if seed_sizes else None,
                             "fits": bool(stats and stats.fits), "tpu_refused": refused,
                             "tpu_compile_s": round(seconds, 1),
                             "row_command": row_command(settings, experiment="tpu", tpu_parts="seed",
@@ -147,41 +157,6 @@ def seed_rows(settings) -> List[Row]:
                     + f" (XLA:CPU {row['cpu_peak_mib']:,.1f} MiB; compiled in {seconds:.0f} s)")
                 rows.append(row)
                 write(settings, "tpu", [row])
-    return rows
-
-
-def longest_rows(settings) -> List[Row]:
-    """For each variant: the longest sequence one chip of each --topologies slice fits, and each
-    --tpu_fsdp_slices slice with fsdp over all its chips (one sequence per chip)."""
-    from reformer_jax.xla import tpu
-
-    rows = []
-    layouts = [(t, None) for t in settings.topologies] + [(t, f"fsdp:{tpu.chips(t)}") for t in settings.fsdp_slices]
-    for topology, mesh in layouts:
-        batch = settings.batch_size * tpu.chips(topology)
-        for model in settings.models:
-            kinds: Dict[str, str] = {}
-            start = time.perf_counter()
-
-            def probe(length: int) -> Probe:
-                stats, _, result, seconds = _compile(settings, model, topology, seq_len=length, batch_size=batch,
-                                                     dtype=settings.dtype, mesh=mesh)
-                if stats:
-                    kinds["device_kind"] = stats.device_kind
-                log(f"  [tpu longest] {model} on {topology} ({mesh or 'one chip'}) at {length:,}: "
-                    + ("fits" if result.fits else "does not fit")
-                    + (f", {result.peak_bytes / MIB:,.1f} MiB" if result.peak_bytes else "")
-                    + f" ({seconds:.0f} s)")
-                return result
-
-            step = search_step(settings, model)
-            found = longest_fitting_length(probe, start=max(_power_at_most(settings.seq_len), step), step=step,
-                                           capacity=tpu.usable_hbm_bytes(topology),
-                                           max_length=settings.tpu_max_length)
-            rows.append(_longest_row(settings, model, topology, mesh, batch, found, kinds.get("device_kind"),
-                                     time.perf_counter() - start))
-            rows[-1]["step"] = step
-            write(settings, "tpu_longest", rows[-1:])  # a search takes minutes: keep each as it ends
     return rows
 
 
@@ -199,8 +174,39 @@ def search_step(settings, model: str) -> int:
     return settings.chunk_len * (LSH_STEP_CHUNKS if settings.config(model).uses("lsh") else 1)
 
 
-def _power_at_most(n: int) -> int:
-    return 2 ** int(math.floor(math.log2(n)))
+def longest_rows(settings) -> List[Row]:
+    """For each variant: the longest sequence one chip of each --topologies slice fits, and each
+    --tpu_fsdp_slices slice with fsdp over all its chips (one sequence per chip)."""
+    from reformer_jax.xla import tpu
+
+    rows = []
+    layouts = [(t, None) for t in settings.topologies] + [(t, f"fsdp:{tpu.chips(t)}")
+                                                           for t in settings.tpu_fsdp_slices]
+    for topology, mesh in layouts:
+        batch = settings.batch_size * tpu.chips(topology)
+        for model in settings.models:
+            kinds: Dict[str, str] = {}
+            start = time.perf_counter()
+
+            def probe(length: int) -> Probe:
+                stats, _, result, seconds = _compile(settings, model, topology, seq_len=length, batch_size=batch,
+                                                     dtype=settings.dtype, mesh=mesh)
+                if stats:
+                    kinds["device_kind"] = stats.device_kind
+                log(f"  [tpu longest] {model} on {topology} ({mesh or 'one chip'}) at {length:,}: "
+                    + ("fits" if result.fits else "does not fit")
+                    + (f", {result.peak_bytes / MIB:,.1f} MiB" if result.peak_bytes else "") + f" ({seconds:.0f} s)")
+                return result
+
+            step = search_step(settings, model)
+            found = longest_fitting_length(probe, start=max(2 ** int(math.floor(math.log2(settings.seq_len))), step),
+                                           step=step, capacity=tpu.usable_hbm_bytes(topology),
+                                           max_length=settings.tpu_max_length)
+            rows.append(_longest_row(settings, model, topology, mesh, batch, found, kinds.get("device_kind"),
+                                     time.perf_counter() - start))
+            rows[-1]["step"] = step
+            write(settings, "tpu_longest", rows[-1:])  # a search takes minutes: keep each as it ends
+    return rows
 
 
 def _longest_row(settings, model, topology, mesh, batch, found: LongestFit, kind, seconds) -> Row:
@@ -227,8 +233,7 @@ def long_rows(settings) -> List[Row]:
     from reformer_jax.xla import tpu
 
     topology = settings.tpu_long_slice
-    mesh = f"fsdp:{tpu.chips(topology)}"
-    batch = settings.batch_size * tpu.chips(topology)
+    mesh, batch = f"fsdp:{tpu.chips(topology)}", settings.batch_size * tpu.chips(topology)
     stats, refused, probe, seconds = _compile(settings, "reformer", topology, seq_len=settings.floor_long_len,
                                               batch_size=batch, dtype=settings.dtype, mesh=mesh)
     row = _base_row(settings, "reformer", topology, settings.dtype, stats)
@@ -260,18 +265,6 @@ def merge(old: Sequence[Row], new: Sequence[Row]) -> List[Row]:
     key = lambda r: (r["model"], r["topology"], r.get("mesh"), r.get("dtype"))  # noqa: E731
     replaced = {key(r) for r in new}
     return sorted([r for r in old if key(r) not in replaced] + list(new), key=_order)
-
-
-def seed_markdown(rows: Sequence[Row]) -> str:
-    return output.markdown_table(rows, SEED_COLUMNS)
-
-
-def longest_markdown(rows: Sequence[Row]) -> str:
-    return output.markdown_table(rows, LONGEST_COLUMNS)
-
-
-def long_markdown(rows: Sequence[Row]) -> str:
-    return output.markdown_table(rows, LONG_COLUMNS)
 
 
 def _plot_seed(rows: Sequence[Row], path: str) -> None:
@@ -313,8 +306,8 @@ def _plot_longest(rows: Sequence[Row], path: str) -> None:
     for i, (sharded, gen, topology) in enumerate(layouts):
         by_model = {r["model"]: r for r in rows if r["topology"] == topology}
         xs = [j + (i - (len(layouts) - 1) / 2) * width for j in range(len(models))]
-        values = [by_model.get(m, {}).get("longest") or 0 for m in models]
-        ax.bar(xs, values, width, color=COLORS[gen], hatch="//" if sharded else None, edgecolor="white",
+        ax.bar(xs, [by_model.get(m, {}).get("longest") or 0 for m in models], width, color=COLORS[gen],
+               hatch="//" if sharded else None, edgecolor="white",
                label=f"{topology}" + (" (fsdp over all its chips)" if sharded else " (one chip)"))
     ax.set_yscale("log", base=2)
     ax.set_xticks(range(len(models)))
@@ -333,18 +326,11 @@ def write(settings, name: str, new_rows: List[Row]) -> List[Row]:
     with open(os.path.join(settings.out_dir, f".{name}.lock"), "w") as lock:  # parts may run in parallel processes
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = merge(output.read_json(path) if os.path.exists(path) else [], new_rows)
-        _write_files(settings, name, rows)
+        plot = {"tpu": _plot_seed, "tpu_longest": _plot_longest}.get(name)
+        md = (f"# {TITLES[name]} (libtpu's compiler, on a CPU-only machine)\n\n{intro(rows)}\n\n"
+              f"{output.markdown_table(rows, COLUMNS[name])}\n")
+        output.write_outputs(settings.out_dir, name, rows, md, (lambda p: plot(rows, p)) if plot else None)
     return rows
-
-
-def _write_files(settings, name: str, rows: List[Row]) -> None:
-    title, table, plot = {
-        "tpu": ("The variants at the seed's setup, compiled for one TPU chip", seed_markdown, _plot_seed),
-        "tpu_longest": ("The longest sequence per chip", longest_markdown, _plot_longest),
-        "tpu_long": ("A very long sequence on a TPU slice with fsdp", long_markdown, None),
-    }[name]
-    md = (f"# {title} (libtpu's compiler, on a CPU-only machine)\n\n{intro(rows)}\n\n{table(rows)}\n")
-    output.write_outputs(settings.out_dir, name, rows, md, (lambda p: plot(rows, p)) if plot else None)
 
 
 def intro(rows: Sequence[Row]) -> str:
@@ -359,14 +345,14 @@ def intro(rows: Sequence[Row]) -> str:
             "with sources, is `HBM_PER_CHIP`). Each row's command reproduces it.")
 
 
-def run_tpu(settings) -> List[Row]:
-    """The --tpu_parts of the TPU experiment; returns the rows measured in this run."""
+def run_tpu(settings, *, cpu_stats: Callable[[Any], Any], seed_sizes: bool) -> List[Row]:
+    """The --tpu_parts of the TPU experiment; returns the rows measured in this run (see `seed_rows`)."""
     from reformer_jax.xla import tpu
 
     tpu.topology_devices(settings.topologies[0] if settings.topologies else settings.tpu_long_slice,
                          flag="--topologies")  # no libtpu: one line, before anything compiles
+    runners = {"seed": lambda s: seed_rows(s, cpu_stats, seed_sizes), "longest": longest_rows, "long": long_rows}
     measured: List[Row] = []
-    for part, runner in (("seed", seed_rows), ("longest", longest_rows), ("long", long_rows)):
-        if part in settings.tpu_parts:
-            measured.extend(runner(settings))  # each row is written to its part's files as it is measured
+    for part in (p for p in PARTS if p in settings.tpu_parts):
+        measured.extend(runners[part](settings))  # each row is written to its part's files as it is measured
     return measured

@@ -1,10 +1,10 @@
-"""The longest-fit search (benchmarks/longest_fit.py) against brute force on synthetic memory curves."""
+"""The longest-fit search (reformer_jax/xla/longest_fit.py) against brute force on synthetic memory curves."""
 
 import math
 
 import pytest
 
-from benchmarks.longest_fit import Probe, longest_fitting_length
+from reformer_jax.xla.longest_fit import Probe, longest_fitting_length
 
 GIB = 2**30
 STEP = 64

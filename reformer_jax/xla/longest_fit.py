@@ -10,7 +10,8 @@ crosses the capacity from the probes it has (a straight line through two of them
 in length for the linear-memory variants) and probes there (the Illinois variant of regula falsi, so a curved peak converges
 from both sides), with a bisection after three guesses in a row that fail to halve the bracket: it stays within a
 few times a plain bisection's probes and usually takes 2-5 per phase. The
-answer is only ever a probed pair: a length that fit and the next one up that did not.
+answer is only ever a probed pair: a length that fit and the next one up that did not. `python -m benchmarks.memory
+--experiment=tpu --tpu_parts=longest` runs it with TPU compiles (`reformer_jax.memory.compile_train_step`).
 """
 
 from __future__ import annotations
