@@ -7,6 +7,7 @@ import pytest
 
 from reformer_jax import ModelConfig
 from reformer_jax.training import step as train
+from reformer_jax.training.step_builder import build_train_step
 
 
 def pattern_batch(batch_size=4, seq_len=64, period=5, offset=3):
@@ -22,8 +23,8 @@ def test_tiny_model_learns_a_repeated_pattern(name):
     cfg = ModelConfig.preset(name, vocab_size=16, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=64,
                              chunk_len=16, n_hashes=2, dropout=0.0)
     tx = train.make_optimizer("adamw", 3e-3, schedule_steps=40, warmup_steps=5)
-    state = train.create_train_state(jax.random.key(0), cfg, tx)
-    step = train.jit_train_step(cfg)
+    built = build_train_step(cfg, optimizer=tx)
+    state, step = built.init(jax.random.key(0)), built.step
     batch, rng = pattern_batch(), jax.random.key(1)
     losses = []
     for _ in range(40):

@@ -103,7 +103,7 @@ def loss_and_grads(params: Any, batch: Batch, rng: jax.Array, step: jax.Array, *
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, config: ModelConfig) -> Tuple[TrainState, Metrics]:
-    """One optimizer update. Pure; jit it with `donate_argnums=0` (see `jit_train_step`)."""
+    """One optimizer update. Pure; jitted (state donated) by `step_builder.build_train_step`."""
     (_, metrics), grads = loss_and_grads(state.params, batch, rng, state.step, config=config)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return state.apply_gradients(grads=grads), metrics
@@ -114,11 +114,6 @@ def eval_step(params: Any, batch: Batch, rng: jax.Array, *, config: ModelConfig,
     `lsh_rotations` [LSH layers, h, k, n_hashes, f / 2] of a converted seeded checkpoint)."""
     _, metrics = loss_fn(params, batch, {"lsh": rng}, config=config, deterministic=True, lsh_rotations=lsh_rotations)
     return metrics
-
-
-def jit_train_step(config: ModelConfig):
-    """The jitted training step with the state donated, as main.py and the memory analysis use it."""
-    return jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
 
 
 def batch_spec(batch_size: int, seq_len: int) -> Batch:
