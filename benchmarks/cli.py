@@ -65,14 +65,6 @@ def one_of(flag: str, value: str, valid: Sequence[str]) -> str:
     return value
 
 
-def in_flags(error: Exception, rename: Optional[Dict[str, str]] = None) -> str:
-    """A library error's message in the driver's flag names (`SettingError.as_flags`: ModelConfig.n_heads ->
-    --n_heads, or the flag `rename` maps a field to)."""
-    from reformer_jax.errors import SettingError
-
-    return error.as_flags(rename) if isinstance(error, SettingError) else str(error)
-
-
 def cache_dir(path: str) -> str:
     """--compilation_cache_dir checked (created if missing), or '' when not given."""
     if not path:

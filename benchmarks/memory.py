@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
+from reformer_jax import errors
 from benchmarks import cli, output, seed, targets, tpu_memory
 from benchmarks.cli import DEFAULT_OUT_DIR, FlagError, log
 from benchmarks.output import MIB, Row
@@ -182,7 +183,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         for model in PRESETS:
             s.config(model)
     except ValueError as err:
-        raise FlagError(f"the size flags give an invalid model: {cli.in_flags(err)}") from None
+        raise FlagError(f"the size flags give an invalid model: {errors.in_flags(err)}") from None
     return s
 
 

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
+from reformer_jax import errors
 from benchmarks import cli, output
 from benchmarks.cli import DEFAULT_OUT_DIR, FlagError
 from benchmarks.output import Row
@@ -214,7 +215,7 @@ def check_flags(fv) -> List[TaskPlan]:
                 variant.config().check_seq_len(plan.seq_len)
             except ValueError as error:  # e.g. a length the LSH chunks do not divide
                 raise FlagError(f"--{'synthetic_' if plan.task == 'synthetic' else ''}seq_len={plan.seq_len} "
-                                f"({variant.name}): " + cli.in_flags(error)) from None
+                                f"({variant.name}): " + errors.in_flags(error)) from None
     return plans
 
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
+from reformer_jax import errors
 from benchmarks import cli, output
 from benchmarks.cli import FlagError
 from benchmarks.measure import machine
@@ -85,7 +86,7 @@ def settings_from_flags(fv: flags.FlagValues, argv: Optional[Sequence[str]] = No
     try:
         drift_config(stream_grid_bits=s.grid_bits, chunk_len=1)
     except ValueError as error:
-        raise FlagError(cli.in_flags(error, {"stream_grid_bits": "grid_bits"})) from None
+        raise FlagError(errors.in_flags(error, {"stream_grid_bits": "grid_bits"})) from None
     if s.grid_bits == 0:
         raise FlagError("--grid_bits=0 is invalid: the grid is measured against plain streams (0); pick k >= 1, "
                         f"e.g. {RECOMMENDED_STREAM_GRID_BITS}.")
@@ -95,7 +96,8 @@ def settings_from_flags(fv: flags.FlagValues, argv: Optional[Sequence[str]] = No
         for dtype in s.dtypes:
             drift_config(dtype, **sizes).check_seq_len(s.seq_len)
     except ValueError as error:
-        raise FlagError(f"the size flags give an invalid model: {cli.in_flags(error, {'max_len': 'seq_len'})}") from None
+        message = errors.in_flags(error, {"max_len": "seq_len"})
+        raise FlagError(f"the size flags give an invalid model: {message}") from None
     return {"depths": sorted(set(s.depths)), "dtypes": list(s.dtypes), "grids": [0, s.grid_bits], "sizes": sizes,
             "sample": dict(seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed), "out_dir": s.out_dir,
             "command": s.command}

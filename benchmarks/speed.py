@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
+from reformer_jax import errors
 from benchmarks import cli, output, peers, seed
 from benchmarks.cli import DEFAULT_OUT_DIR, FlagError, log
 from benchmarks.output import MIB, Row
@@ -184,7 +185,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
                 for setting in s.ours:
                     s.config(model, length, setting).check_seq_len(length)
         except ValueError as err:
-            raise FlagError(f"the size flags give an invalid model: {cli.in_flags(err)}") from None
+            raise FlagError(f"the size flags give an invalid model: {errors.in_flags(err)}") from None
     if s.compare == "peers" and s.d_ff % s.d_model:
         raise FlagError(f"--d_ff={s.d_ff} must be a multiple of --d_model={s.d_model} for reformer_pytorch "
                         f"(its ff_mult); e.g. --d_ff={4 * s.d_model}.")

@@ -39,6 +39,12 @@ class SettingError(ValueError):
         return f"{flag(self.field)}={self.shown if value is None else repr(value)} {text}"
 
 
+def in_flags(error: Exception, rename: Optional[Mapping[str, str]] = None) -> str:
+    """An error's one-line message in a command line's flag names: a SettingError's `as_flags(rename)`, any other
+    error's own text."""
+    return error.as_flags(rename) if isinstance(error, SettingError) else str(error)
+
+
 # --- how a message names a setting ---------------------------------------------------------------------------------
 
 _RUN_SETTINGS = frozenset({"workdir", "steps", "schedule_steps", "warmup_steps", "learning_rate", "optimizer",

@@ -36,7 +36,7 @@ from typing import Any, Dict, Optional
 
 from absl import flags, logging
 
-from reformer_jax import cli
+from reformer_jax import cli, errors
 
 FLAGS = flags.FLAGS
 SPLITS = ("validation", "train")
@@ -95,7 +95,7 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
         try:
             config = config.replace(n_hashes=n_hashes)
         except ValueError as error:
-            raise saved_run.SavedRunError(_as_flags(error)) from None
+            raise saved_run.SavedRunError(errors.in_flags(error)) from None
     if model.is_run:
         settings = model.settings
         batch_size, seed = settings["batch_size"], settings["seed"]
@@ -106,7 +106,7 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
         try:
             config.check_seq_len(seq_len)
         except ValueError as error:
-            raise saved_run.SavedRunError(_as_flags(error)) from None
+            raise saved_run.SavedRunError(errors.in_flags(error)) from None
         if data_path is None:
             raise data_lib.DataError(f"{flag}={workdir} is a converted checkpoint, which has no data of its own; pass "
                                      "--data_path=FILE to score a text file.")
@@ -221,13 +221,6 @@ def describe_memory(entry: Dict[str, Any]) -> str:
     return (f"memory: evaluation step peak {mib(memory['eval_step_peak_bytes'])} at compile time ({parts}; "
             f"{memory['backend']}); process peak RSS {mib(memory['peak_rss_bytes'])}; compiled in "
             f"{seconds['compile']:.1f} s, scored in {seconds['score']:.1f} s")
-
-
-def _as_flags(error: ValueError) -> str:
-    """A setting's error in this command's flag names."""
-    from reformer_jax.errors import SettingError
-
-    return error.as_flags() if isinstance(error, SettingError) else str(error)
 
 
 def describe(entry: Dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Dict, Tuple
 
 from absl import app, flags
 
+from reformer_jax import errors
 from reformer_jax.errors import SettingError
 from reformer_jax.model import sizes
 from reformer_jax.model.config import PRESETS, ModelConfig
@@ -163,19 +164,17 @@ def _given(name: str) -> bool:
 
 def _blame_given_flag(error: ValueError) -> str:
     """A setting's error (`SettingError`) in the flags the user gave: a derived field is blamed on its source."""
-    if not isinstance(error, SettingError):
-        return str(error)
-    if error.field == "d_head" and error.value is None:  # d_head derives from d_model // n_heads
+    if isinstance(error, SettingError) and error.field == "d_head" and error.value is None:  # d_head derives from d_model // n_heads
         blamed = "d_model" if _given("d_model") or not _given("n_heads") else "n_heads"
         divisors = [h for h in range(1, min(FLAGS.d_model, 64) + 1) if FLAGS.d_model % h == 0][-4:]
         return (f"--{blamed}={FLAGS[blamed].value} is invalid: --d_model={FLAGS.d_model} is not divisible by "
                 f"--n_heads={FLAGS.n_heads}; use --n_heads dividing it (e.g. {', '.join(map(str, divisors))}) or "
                 "give --d_head.")
-    if error.field == "tie_embeddings" and not _given("tie_embeddings"):
+    if isinstance(error, SettingError) and error.field == "tie_embeddings" and not _given("tie_embeddings"):
         return ("--output_head=concat is invalid with tied embeddings (the default): the 'concat' head has width "
                 "2 * d_model and cannot be tied to the embedding; add --notie_embeddings or use --output_head=mean.")
     # max_len is --seq_len's value unless given: name the flag the user gave
-    return error.as_flags({} if FLAGS.max_len is not None else {"max_len": "seq_len"})
+    return errors.in_flags(error, {} if FLAGS.max_len is not None else {"max_len": "seq_len"})
 
 
 def validate_run_flags() -> None:
