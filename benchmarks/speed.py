@@ -57,13 +57,14 @@ MESH_SETTINGS = {"tensor2": ("tensor:2", 2)}  # (main.py's --mesh, --host_device
 SPEED_COLUMNS = [
     ("label", "implementation", "s"), ("median_step_s", "s / step", ".3f"), ("tokens_per_s", "tokens / s", ",.0f"),
     ("hf_over_this_step", "speed-up over HF", ".2f"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
-    ("rss_over_hf", "RSS / HF", ".2f"), ("compile_s", "compile s", ".1f"),
+    ("rss_over_hf", "RSS / HF", ".2f"), ("step_gflop", "GFLOP / step", ",.1f"), ("gflops_per_s", "GFLOP/s", ".1f"),
+    ("roofline_fraction", "of matmul rate", ".2f"), ("compile_s", "compile s", ".1f"),
     (lambda r: r["warmup_s"][0] if r.get("warmup_s") else None, "first step s", ".2f"),
     ("timed_steps", "timed steps", "")]
 LENGTH_COLUMNS = [
     ("label", "variant", "s"), ("seq_len", "length", ""), ("median_step_s", "s / step", ".3f"),
     (lambda r: r["s_per_token"] * 1e6 if r["s_per_token"] else None, "µs / token", ",.1f"),
-    ("s_per_token_over_shortest", "per-token cost / shortest", ".2f"),
+    ("s_per_token_over_shortest", "per-token cost / shortest", ".2f"), ("gflops_per_s", "GFLOP/s", ".1f"),
     ("compile_peak_bytes", "compile-time peak MiB", "mib"), ("peak_rss_bytes", "peak RSS MiB", "mib"),
     ("compile_s", "compile s", ".1f"), ("skipped", "skipped", "")]
 
@@ -320,8 +321,11 @@ def peer_spec(settings: Settings, peer: str, seq_len: int) -> Dict[str, Any]:
 
 
 def make_row(settings: Settings, experiment: str, worker: Worker, *, implementation: str, label: str,
-             model: str, seq_len: int, load: Tuple[float, float]) -> Row:
+             model: str, seq_len: int, load: Tuple[float, float], probes: Sequence[Row] = ()) -> Row:
     from benchmarks.measure import machine
+    from reformer_jax.model import flops
+    from reformer_jax.model.hf_convert import config_from_fields
+    from reformer_jax.xla import matmul_rate
 
     median = statistics.median(worker.step_s) if worker.step_s else None
     tokens, rss = settings.batch_size * seq_len, worker.facts.get("ru_maxrss_bytes")
@@ -336,6 +340,11 @@ def make_row(settings: Settings, experiment: str, worker: Worker, *, implementat
         "timed_steps": len(worker.step_s), "skipped": worker.skipped, "peak_rss_bytes": rss,
         "peak_rss_mib": round(rss / MIB, 1) if rss else None, "loadavg_before": load[0], "loadavg_after": load[1]}
     row.update({k: v for k, v in worker.facts.items() if k not in ("ru_maxrss_bytes", "pid")})
+    # The model's FLOPs (the peers run the same model): with the run's dense matmul rate, where it measured one.
+    config = config_from_fields(worker.spec["config"]) if "config" in worker.spec else settings.config(model, seq_len)
+    row.update(flops.achieved(flops.train_step_flops(config, settings.batch_size, seq_len), median,
+                              matmul_rate.attainable_rate([p for p in probes if p["dtype"] == config.dtype])),
+               matmul_probes=list(probes) or None)
     row.update({k: v for k, v in machine().items() if k not in row})
     row["command"] = settings.command
     return row
@@ -372,6 +381,34 @@ def _plot(path: str, draw, width: float, height: float, ncols: int = 1) -> None:
 # Runs
 
 
+def matmul_probes(settings: Settings) -> List[Row]:
+    """This machine's dense matmul rate at the step's shapes (`flops.dense_matmul_shapes`), in each compute dtype
+    of --ours, compiled with the steps' options and with XLA's own; measured after the timing rounds."""
+    import jax
+
+    from reformer_jax.model import flops
+    from reformer_jax.xla import matmul_rate
+    from reformer_jax.xla.compiler_options import step_compiler_options
+
+    configs = {c.dtype: c for c in (settings.config(settings.model, settings.seq_len, o) for o in settings.ours)}
+    log(f"== dense matmul rate at the step's shapes ({', '.join(configs)}) ==")
+    return [p for dtype, c in configs.items() for p in matmul_rate.probe_matmuls(
+        flops.dense_matmul_shapes(c, settings.batch_size, settings.seq_len), dtype,
+        {"step": step_compiler_options(jax.default_backend()), "xla": {}})]
+
+
+def roofline_text(probes: Sequence[Row]) -> str:
+    """How the FLOP/s columns are made, with the dense matmul rates measured."""
+    best = {}
+    for p in probes:
+        best[p["dtype"]] = max(best.get(p["dtype"], p), p, key=lambda q: q["flops_per_s"])
+    rates = "; ".join(f"{d} {p['flops_per_s'] / 1e9:.1f} GFLOP/s ([{p['m']} x {p['k']}] x [{p['k']} x {p['n']}], "
+                      f"{p['options']} options)" for d, p in best.items())
+    return ("\nGFLOP / step: the model's matrix products, forward, backward (2 x forward) and the reversible "
+            "stack's recomputation (`reformer_jax.model.flops`; the peers run the same model). Of matmul rate: "
+            f"GFLOP/s over the best dense matmul rate measured in this run at the step's shapes: {rates}.\n")
+
+
 def available_peers() -> Tuple[List[str], List[str]]:
     """(the peers installed here, a message for each one skipped)."""
     available, notes = [], []
@@ -402,9 +439,10 @@ def run_speed(settings: Settings) -> List[Row]:
     log(f"== {experiment}: {', '.join(n for n, _ in entries)} at length {settings.seq_len}, {settings.rounds} "
         f"rounds ==")
     time_group(workers, settings, settings.rounds)
+    probes = matmul_probes(settings)
     load = (load_before, os.getloadavg()[0])
     rows = [make_row(settings, experiment, w, implementation=name, label=label, model=settings.model,
-                     seq_len=settings.seq_len, load=load) for (name, label), w in zip(entries, workers)]
+                     seq_len=settings.seq_len, load=load, probes=probes) for (name, label), w in zip(entries, workers)]
     reference = next((r for r in rows if r["implementation"] == "hf" and r["median_step_s"]), None)
     for row in rows:
         row["hf_over_this_step"] = (reference["median_step_s"] / row["median_step_s"]
@@ -418,7 +456,7 @@ def run_speed(settings: Settings) -> List[Row]:
             f"layers, length {s.seq_len}, batch {s.batch_size}, {s.n_hashes} hash rounds, chunk {s.chunk_len}, "
             f"dropout {s.dropout}, float32 parameters, Adafactor.\n\n"
           + "Our settings: " + "; ".join(f"{setting}: {SETTING_NOTES[setting]}" for setting in s.ours) + ".\n\n"
-          + output.markdown_table(rows, SPEED_COLUMNS) + "".join(f"\n{n}\n" for n in notes))
+          + output.markdown_table(rows, SPEED_COLUMNS) + "".join(f"\n{n}\n" for n in notes) + roofline_text(probes))
 
     def draw(fig, axes):
         ax1, ax2 = axes

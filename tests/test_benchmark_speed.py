@@ -18,6 +18,7 @@ import pytest
 from absl import flags
 
 from benchmarks import peers, speed, speed_worker, targets
+from reformer_jax.model import flops
 
 TINY = speed.Settings(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=1, seq_len=32, n_hashes=2,
                       chunk_len=16, ours=("default",), warmup_steps=0, rounds=2, sweep_rounds=1, fast_compile=True,
@@ -102,10 +103,19 @@ def test_side_by_side_run_writes_rows_and_files(tmp_path, monkeypatch, peer):
         assert rows[0]["hf_over_this_step"] == pytest.approx(hf["median_step_s"] / rows[0]["median_step_s"])
     if "reformer_pytorch" in names:
         assert rows[names.index("reformer_pytorch")]["reformer_pytorch_version"]
+    # The roofline: the model's FLOPs (the same for the peer), and a dense matmul rate measured in this run.
+    step_flops = flops.train_step_flops(settings.config("reformer", settings.seq_len), 1, settings.seq_len).total
+    rate = max(p["flops_per_s"] for p in rows[0]["matmul_probes"])
+    assert {(p["m"], p["options"]) for p in rows[0]["matmul_probes"]} == {(32, "step"), (32, "xla")}
+    for row in rows:
+        assert row["step_gflop"] == step_flops / 1e9 and row["matmul_gflops_per_s"] == rate / 1e9 > 0
+        assert row["gflops_per_s"] == pytest.approx(step_flops / 1e9 / row["median_step_s"])
+        assert row["roofline_fraction"] == pytest.approx(step_flops / row["median_step_s"] / rate)
     with open(tmp_path / "speed_peers.json") as f:
         assert json.load(f) == json.loads(json.dumps(rows))
     markdown = (tmp_path / "speed_peers.md").read_text()
     assert "| reformer_jax (reformer) |" in markdown and "skipped: (left out) not installed" in markdown
+    assert f"in this run at the step's shapes: float32 {rate / 1e9:.1f} GFLOP/s" in markdown
     assert (tmp_path / "speed_peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "speed_peers.csv").exists()
 

@@ -31,7 +31,7 @@ implementation of it, so FLOP/s from it compare implementations fairly and under
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from reformer_jax.model.config import ModelConfig
 
@@ -170,3 +170,14 @@ def dense_matmul_shapes(config: ModelConfig, batch: int, seq_len: int) -> List[T
     hk = config.n_heads * config.d_head
     shapes = [(rows, config.d_model, hk), (rows, config.d_model, config.d_ff), (rows, config.d_ff, config.d_model)]
     return shapes + ([(rows, width, config.vocab_size)] if getattr(config, "head", "lm") == "lm" else [])
+
+
+def achieved(step: StepFlops, step_s: Optional[float], matmul_flops_per_s: Optional[float]) -> Dict[str, object]:
+    """A timed step against the roofline: {"step_gflop", "gflops_per_s", "matmul_gflops_per_s",
+    "roofline_fraction", "flops": step.to_dict()}; the rates are None without a time, the fraction without a
+    measured dense matmul rate (FLOP/s, `reformer_jax.xla.matmul_rate`)."""
+    rate = step.total / step_s if step_s else None
+    return {"step_gflop": step.total / 1e9, "gflops_per_s": rate / 1e9 if rate else None,
+            "matmul_gflops_per_s": matmul_flops_per_s / 1e9 if matmul_flops_per_s else None,
+            "roofline_fraction": rate / matmul_flops_per_s if rate and matmul_flops_per_s else None,
+            "flops": step.to_dict()}
