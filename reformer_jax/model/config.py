@@ -29,6 +29,7 @@ from reformer_jax.errors import SettingError
 ATTENTION_TYPES = ("full", "lsh", "local")
 POS_EMBEDDINGS = ("absolute", "axial")
 OUTPUT_HEADS = ("mean", "concat")
+HEADS = ("lm", "classification", "question_answering")
 FF_ACTIVATIONS = ("relu", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
 PRESETS = ("transformer", "lsh", "reversible", "reformer")
@@ -103,6 +104,7 @@ class ModelConfig:
       n_buckets: buckets per round: an even int, a tuple (f1, f2) of even ints for factorised buckets
         (f1 * f2 buckets), or None for trax's default 2 * max(1, seq_len // chunk_len), factorised above 128.
       n_chunks_before: chunks each LSH chunk looks back to (0 allowed).
+      n_chunks_after: chunks each LSH chunk looks ahead to (bidirectional models only: causal=False).
       sequential_rounds: compute LSH attention one hash round at a time (forward and backward), so its memory
         does not grow with n_hashes; the same result up to float rounding. False: all rounds at once.
       sequential_heads: compute the attention block one head at a time under its own custom_vjp (projections,
@@ -111,8 +113,14 @@ class ModelConfig:
         attention layers always run all heads at once (their separate q, k, v have no per-head path).
       local_chunk_len: chunk length of local attention layers.
       local_n_chunks_before: chunks each local chunk looks back to (0 allowed).
+      local_n_chunks_after: chunks each local chunk looks ahead to (bidirectional models only: causal=False).
       local_attention_dropout: dropout rate on the attention weights of local layers.
-      causal: causal (language-model) masking.
+      causal: causal (language-model) masking; False for a bidirectional encoder (`reformer_jax.model.heads`).
+      head: what the model predicts from the final hidden states: "lm" (a token at every position: next-token with
+        causal=True, masked tokens with causal=False), "classification" (num_labels classes from the first
+        position, Hugging Face's ReformerForSequenceClassification) or "question_answering" (start / end logits
+        at every position). The last two need causal=False.
+      num_labels: classes of the "classification" head.
       ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once; a
         length it does not divide gets a zero-padded last chunk).
       output_chunk_len: compute the output projection and the loss over chunks of this many positions, so the
@@ -153,10 +161,12 @@ class ModelConfig:
     chunk_len: int = 64
     n_buckets: Union[int, Tuple[int, int], None] = None
     n_chunks_before: int = 1
+    n_chunks_after: int = 0
     sequential_rounds: bool = True
     sequential_heads: bool = True
     local_chunk_len: int = 64
     local_n_chunks_before: int = 1
+    local_n_chunks_after: int = 0
     local_attention_dropout: float = 0.0
     causal: bool = True
     ff_chunk_len: int = 0
@@ -174,6 +184,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     stream_grid_bits: int = 0
+    head: str = "lm"
+    num_labels: int = 2
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -187,7 +199,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "expected a positive integer")
-        for name in ("n_chunks_before", "ff_chunk_len", "output_chunk_len", "local_n_chunks_before"):
+        for name in ("n_chunks_before", "n_chunks_after", "ff_chunk_len", "output_chunk_len", "local_n_chunks_before",
+                     "local_n_chunks_after", "num_labels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 _fail(name, value, "expected an integer >= 0")
@@ -209,6 +222,7 @@ class ModelConfig:
         self._check_choice("output_head", OUTPUT_HEADS)
         self._check_choice("ff_activation", FF_ACTIVATIONS)
         self._check_choice("dtype", DTYPES)
+        self._check_choice("head", HEADS)
         self._check_choice("param_dtype", DTYPES)
         for name in ("reversible", "causal", "tie_embeddings", "scan_layers", "sequential_rounds",
                      "sequential_heads"):
@@ -222,6 +236,7 @@ class ModelConfig:
                 or not self.layer_norm_eps > 0:
             _fail("layer_norm_eps", self.layer_norm_eps, "expected a positive float such as 1e-6")
         self._check_buckets()
+        self._check_direction()
         self._check_lengths()
         self._check_positions()
         if self.output_head == "concat":
@@ -248,6 +263,18 @@ class ModelConfig:
             _fail("attn_layers", layers, f"{unknown[0]!r} is not an attention type; expected each of "
                   f"{', '.join(map(repr, ATTENTION_TYPES))}")
 
+    def _check_direction(self) -> None:
+        if self.causal:
+            for name in ("n_chunks_after", "local_n_chunks_after"):
+                if getattr(self, name):
+                    _fail(name, getattr(self, name), "a causal model never looks ahead: use 0, or causal=False for "
+                          "a bidirectional encoder")
+            if self.head != "lm":
+                _fail("head", self.head, "the classification and question-answering heads read the whole "
+                      "sequence: set causal=False")
+        if self.head == "classification" and self.num_labels < 1:
+            _fail("num_labels", self.num_labels, "expected a positive number of classes")
+
     def _check_buckets(self) -> None:
         nb = self.n_buckets
         if nb is None:
@@ -265,10 +292,11 @@ class ModelConfig:
         if self.uses("lsh") and self.max_len % self.chunk_len:
             _fail("max_len", self.max_len, f"LSH attention needs a multiple of chunk_len={self.chunk_len}, "
                   f"e.g. {self.chunk_len * max(1, self.max_len // self.chunk_len)}")
-        if self.uses("lsh") and self.sequential_rounds and self.n_chunks_before > self.max_len // self.chunk_len:
-            _fail("n_chunks_before", self.n_chunks_before, f"sequential_rounds needs at most max_len // chunk_len = "
-                  f"{self.max_len // self.chunk_len} chunks of look-back (max_len={self.max_len}, "
-                  f"chunk_len={self.chunk_len})")
+        for name, way in (("n_chunks_before", "look-back"), ("n_chunks_after", "look-ahead")):
+            if self.uses("lsh") and self.sequential_rounds and getattr(self, name) > self.max_len // self.chunk_len:
+                _fail(name, getattr(self, name), f"sequential_rounds needs at most max_len // chunk_len = "
+                      f"{self.max_len // self.chunk_len} chunks of {way} (max_len={self.max_len}, "
+                      f"chunk_len={self.chunk_len})")
 
     def _check_positions(self) -> None:
         if self.pos_embedding != "axial":

@@ -1,4 +1,5 @@
-"""Hugging Face Reformer checkpoints (ReformerModelWithLMHead, converted from trax) -> (ModelConfig, params).
+"""Hugging Face Reformer checkpoints -> (ModelConfig, params): ReformerModelWithLMHead (converted from trax) and
+the encoders ReformerForMaskedLM, ReformerForSequenceClassification and ReformerForQuestionAnswering.
 
     python -m reformer_jax.convert --hf_dir=DIR --out=OUT    # DIR: config.json + model.safetensors or
                                                              #      pytorch_model.bin, downloaded by the user
@@ -17,8 +18,13 @@ Mapping (Hugging Face Linear weights are [out, in]; ours are [in, ...]):
   ...feed_forward.layer_norm, dense.dense, output.dense            -> layers/feed_forward/{norm,wi,bi,wo,bo}[i]
   reformer.encoder.layer_norm.{weight,bias} [2d]                   -> final_norm_{scale,bias}
   lm_head.decoder.{weight,bias} [V, 2d]                            -> head_kernel [2d, V], head_bias
+  classifier.dense.{weight [d, 2d], bias}                          -> classifier/dense/{kernel [2d, d], bias}
+  classifier.out_proj.{weight [C, d], bias}                        -> classifier/out_proj/{kernel [d, C], bias}
+  qa_outputs.{weight [2, 2d], bias}                                -> qa_outputs/{kernel [2d, 2], bias}
 where j counts the layers of layer i's type. `lm_head.bias` is accepted and not used: Hugging Face's forward
-adds `lm_head.decoder.bias` (older checkpoints tie the two).
+adds `lm_head.decoder.bias` (older checkpoints tie the two). The head (ModelConfig.head) is read from the state
+dict's head tensors, or without a state dict from the config's `architectures`; `is_decoder` False makes the model
+bidirectional (causal=False), with `lsh_num_chunks_after` / `local_num_chunks_after` chunks of look-ahead.
 
 Hash rotations: Hugging Face's LSH layers draw random rotations at every call. With `hash_seed` set in its config,
 every draw is torch.manual_seed(hash_seed) then torch.randn([h, k, num_hashes, sum(num_buckets factors) / 2]) in
@@ -59,16 +65,47 @@ def _get(hf_config: Mapping[str, Any], name: str, default: Any = None) -> Any:
     return hf_config.get(name, default) if isinstance(hf_config, Mapping) else getattr(hf_config, name, default)
 
 
-def config_from_hf(hf_config: Any) -> ModelConfig:
-    """Our ModelConfig for a Hugging Face ReformerConfig (object or dict); unsupported settings raise."""
+HEAD_OF_ARCHITECTURE = {"ReformerModelWithLMHead": "lm", "ReformerForMaskedLM": "lm",
+                        "ReformerForSequenceClassification": "classification",
+                        "ReformerForQuestionAnswering": "question_answering"}
+
+
+def _head_of_config(hf_config: Any) -> str:
+    """ModelConfig.head from the config's `architectures` (the language-model head when it names none we know)."""
+    names = [HEAD_OF_ARCHITECTURE[a] for a in (_get(hf_config, "architectures") or []) if a in HEAD_OF_ARCHITECTURE]
+    return names[0] if names else "lm"
+
+
+def _head_of_state_dict(state_dict: Mapping[str, Any]) -> str:
+    """ModelConfig.head from the head tensors a state dict holds."""
+    if any(name.startswith("classifier.") for name in state_dict):
+        return "classification"
+    if any(name.startswith("qa_outputs.") for name in state_dict):
+        return "question_answering"
+    return "lm"
+
+
+def _num_labels(hf_config: Any) -> int:
+    labels = _get(hf_config, "num_labels")
+    if labels is None:
+        labels = len(_get(hf_config, "id2label") or {}) or 2
+    return int(labels)
+
+
+def config_from_hf(hf_config: Any, head: Optional[str] = None) -> ModelConfig:
+    """Our ModelConfig for a Hugging Face ReformerConfig (object or dict); unsupported settings raise. `head`
+    ("lm", "classification", "question_answering"; default: from the config's `architectures`) is the model's head,
+    which `from_hf` reads from the state dict."""
     attn_layers = tuple(_get(hf_config, "attn_layers"))
     if not attn_layers or any(t not in ("lsh", "local") for t in attn_layers):
         raise ConversionError(f"attn_layers={list(attn_layers)} is not supported: expected a non-empty list of "
                               "'lsh' and 'local'.")
-    for name in ("lsh_num_chunks_after", "local_num_chunks_after"):
-        if _get(hf_config, name, 0):
-            raise ConversionError(f"{name}={_get(hf_config, name)} is not supported: only look-back (0 chunks "
-                                  "after), as in every causal checkpoint.")
+    head = head or _head_of_config(hf_config)
+    if _get(hf_config, "is_decoder", True):
+        for name in ("lsh_num_chunks_after", "local_num_chunks_after"):
+            if _get(hf_config, name, 0):
+                raise ConversionError(f"{name}={_get(hf_config, name)} with is_decoder=True is not supported: a causal "
+                                      "model never looks ahead (0), or set is_decoder=False for a bidirectional one.")
     n_buckets = _get(hf_config, "num_buckets")
     if "lsh" in attn_layers and n_buckets is None:
         raise ConversionError("num_buckets=None: Hugging Face picks it from the first input's length; set it in "
@@ -94,8 +131,10 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
             attn_layers=attn_layers if len(kinds) > 1 else None, reversible=True,
             n_hashes=int(_get(hf_config, "num_hashes", 1)), chunk_len=int(_get(hf_config, "lsh_attn_chunk_length")),
             n_buckets=n_buckets, n_chunks_before=int(_get(hf_config, "lsh_num_chunks_before")),
+            n_chunks_after=int(_get(hf_config, "lsh_num_chunks_after", 0)),
             local_chunk_len=int(_get(hf_config, "local_attn_chunk_length")),
             local_n_chunks_before=int(_get(hf_config, "local_num_chunks_before")),
+            local_n_chunks_after=int(_get(hf_config, "local_num_chunks_after", 0)),
             local_attention_dropout=float(_get(hf_config, "local_attention_probs_dropout_prob", 0.0)),
             sequential_rounds=False, causal=bool(_get(hf_config, "is_decoder", True)),
             ff_chunk_len=int(_get(hf_config, "chunk_size_feed_forward", 0) or 0),
@@ -104,7 +143,8 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
             pos_embedding="axial" if axial else "absolute", axial_shape=axial_shape,
             axial_dims=tuple(int(d) for d in _get(hf_config, "axial_pos_embds_dim")) if axial else None,
             output_head="concat", tie_embeddings=False, ff_activation=HF_ACTIVATIONS[activation],
-            layer_norm_eps=float(_get(hf_config, "layer_norm_eps", 1e-12)))
+            layer_norm_eps=float(_get(hf_config, "layer_norm_eps", 1e-12)), head=head,
+            num_labels=_num_labels(hf_config) if head == "classification" else 2)
     except ValueError as error:
         raise ConversionError(f"the Hugging Face config maps to an invalid ModelConfig: {error}") from error
 
@@ -117,9 +157,19 @@ def _expected_tensors(config: ModelConfig) -> Dict[str, Tuple[Tuple[int, ...], T
         "reformer.embeddings.word_embeddings.weight": ((v, d), ("embed",), "same"),
         "reformer.encoder.layer_norm.weight": ((2 * d,), ("final_norm_scale",), "same"),
         "reformer.encoder.layer_norm.bias": ((2 * d,), ("final_norm_bias",), "same"),
-        "lm_head.decoder.weight": ((v, 2 * d), ("head_kernel",), "T"),
-        "lm_head.decoder.bias": ((v,), ("head_bias",), "same"),
     }
+    if config.head == "lm":
+        table["lm_head.decoder.weight"] = ((v, 2 * d), ("head_kernel",), "T")
+        table["lm_head.decoder.bias"] = ((v,), ("head_bias",), "same")
+    elif config.head == "classification":
+        c = config.num_labels
+        table["classifier.dense.weight"] = ((d, 2 * d), ("classifier", "dense", "kernel"), "T")
+        table["classifier.dense.bias"] = ((d,), ("classifier", "dense", "bias"), "same")
+        table["classifier.out_proj.weight"] = ((c, d), ("classifier", "out_proj", "kernel"), "T")
+        table["classifier.out_proj.bias"] = ((c,), ("classifier", "out_proj", "bias"), "same")
+    else:
+        table["qa_outputs.weight"] = ((2, 2 * d), ("qa_outputs", "kernel"), "T")
+        table["qa_outputs.bias"] = ((2,), ("qa_outputs", "bias"), "same")
     if config.pos_embedding == "axial":
         (l1, l2), (d1, d2) = config.axial_shape, config.axial_dims
         pos = "reformer.embeddings.position_embeddings.weights."
@@ -152,7 +202,9 @@ IGNORED = {"lm_head.bias"}  # not used by Hugging Face's forward (see the module
 
 
 def from_hf(state_dict: Mapping[str, Any], hf_config: Any) -> Tuple[ModelConfig, Dict[str, Any]]:
-    """(ModelConfig, params) of a Hugging Face ReformerModelWithLMHead state dict; params as from `init_params`.
+    """(ModelConfig, params) of a Hugging Face Reformer state dict (ReformerModelWithLMHead, ReformerForMaskedLM,
+    ReformerForSequenceClassification or ReformerForQuestionAnswering: the head is read from the state dict);
+    params as from `init_params`.
 
     Every tensor is mapped with a shape check; an unknown, missing or misshapen tensor raises ConversionError
     naming it.
@@ -162,12 +214,13 @@ def from_hf(state_dict: Mapping[str, Any], hf_config: Any) -> Tuple[ModelConfig,
 
     from reformer_jax.model.reformer_lm import init_params
 
-    config = config_from_hf(hf_config)
+    config = config_from_hf(hf_config, head=_head_of_state_dict(state_dict))
     table = _expected_tensors(config)
     unknown = sorted(set(state_dict) - set(table) - IGNORED)
     if unknown:
         raise ConversionError(f"unknown tensor(s) in the checkpoint: {', '.join(unknown[:5])}"
-                              f"{' ...' if len(unknown) > 5 else ''}; expected a ReformerModelWithLMHead state dict.")
+                              f"{' ...' if len(unknown) > 5 else ''}; expected the state dict of a Reformer with one "
+                              "head (language model, classification or question answering).")
     missing = sorted(set(table) - set(state_dict))
     if missing:
         raise ConversionError(f"missing tensor(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}.")

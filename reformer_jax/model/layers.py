@@ -66,7 +66,7 @@ def attention_core_spec(config: ModelConfig, seq_len: int, deterministic: bool, 
     return per_head.HeadSpec(
         lsh=(attention_type or config.attention) == "lsh", n_hashes=config.n_hashes, n_buckets=config.resolved_n_buckets(seq_len),
         chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before, causal=config.causal,
-        sequential_rounds=config.sequential_rounds,
+        n_chunks_after=config.n_chunks_after, sequential_rounds=config.sequential_rounds,
         dropout_rate=0.0 if deterministic else float(config.attention_dropout),
         layer_norm_eps=float(config.layer_norm_eps), dtype=config.compute_dtype, grid_bits=grid_bits)
 
@@ -83,6 +83,7 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
     `attention_type` ("full", "lsh", "local"; default config.attention) picks the attention, `rotations`
     [h, k, r, sum(f_i) / 2] replaces the random hash projections, and `attention_mask` [b, l] bool (False =
     padding) masks padded keys (see `reformer_jax.kernels.padding`; padded LSH positions get an extra bucket).
+    A bidirectional model (config.causal False) hands the mask to the attention core as its key mask.
 
     With `config.sequential_heads` the core of full and LSH layers runs one head at a time
     (`reformer_jax.kernels.per_head`). Local layers (separate q, k, v) have no per-head path: they always run
@@ -95,6 +96,9 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
     value on the grid, which `attention_block_reverse` with the same grid subtracts exactly; the all-heads and
     local paths leave the rounding to the stack.
     """
+    # Causal layers mask padding by moving it after every real position (then the causal mask hides it); a
+    # bidirectional core masks padded keys itself.
+    key_mask = None if config.causal else attention_mask
     kind = attention_type or config.attention
     weights_rng = jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS)
     # On a reversible stack's grid the per-head core applies the output dropout and rounds each head's share
@@ -107,10 +111,7 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
                                  attention_mask=attention_mask)
         else:
             inverse = None
-            if attention_mask is not None:
-                if not config.causal:
-                    raise ValueError(f"an attention_mask with {kind} attention needs causal=True (padded keys are "
-                                     "masked by moving them after every real position).")
+            if attention_mask is not None and config.causal:
                 # LayerNorm is position-wise, so reordering its input reorders its output.
                 order, inverse = padding.real_first_order(attention_mask)
                 x = padding.take_positions(x, order, axis=1)
@@ -121,7 +122,7 @@ def attention_block(params: Params, x: jax.Array, *, config: ModelConfig, lsh_rn
                     if config.sequential_heads else _attention_all_heads)
             y, buckets = core(params, x, config=config, kind=kind, lsh_rng=lsh_rng, weights_rng=weights_rng,
                               deterministic=deterministic, buckets=buckets, rotations=rotations,
-                              attention_mask=attention_mask)
+                              attention_mask=attention_mask, key_mask=key_mask)
             if inverse is not None:
                 y = padding.take_positions(y, inverse, axis=1)
         if not per_head_output:
@@ -139,16 +140,20 @@ def _output_keep(config: ModelConfig, dropout_rng: jax.Array, shape: Tuple[int, 
 def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.Array, dx: jax.Array, *,
                             config: ModelConfig, dropout_rng: jax.Array, deterministic: bool,
                             buckets: Optional[jax.Array],
-                            attention_type: Optional[str] = None,
+                            attention_type: Optional[str] = None, attention_mask: Optional[jax.Array] = None,
                             grid_bits: int = 0) -> Tuple[jax.Array, Params, jax.Array]:
     """A reversible layer's attention step backwards (config.sequential_heads): y = x_prev + F(x), F =
     `attention_block` with the same `grid_bits`.
 
     Returns (x_prev = y - F(x), dF/dparams . dy, dx + dF/dx . dy): each head computed once, y's and dx's
     buffers updated in place; `buckets` are the forward pass's ids. Equal to jax.vjp of `attention_block` up
-    to rounding. Full and LSH layers without a padding mask only (`attention_type` default config.attention);
-    a stack differentiates other layers by jax.vjp of `attention_block`.
+    to rounding. Full and LSH layers (`attention_type` default config.attention) without a padding mask, or a
+    bidirectional model's with one (`attention_mask` [b, l] bool: its key mask); a stack differentiates other
+    layers by jax.vjp of `attention_block`.
     """
+    if attention_mask is not None and config.causal:
+        raise ValueError("attention_block_reverse: a causal layer's padding reorders its positions; differentiate "
+                         "attention_block by jax.vjp.")
     if (attention_type or config.attention) == "local":
         raise ValueError("attention_block_reverse: local attention has no per-head path; differentiate "
                          "attention_block by jax.vjp.")
@@ -156,13 +161,15 @@ def attention_block_reverse(params: Params, x: jax.Array, y: jax.Array, dy: jax.
     keep, rate = _output_keep(config, dropout_rng, x.shape, deterministic)
     with jax.named_scope("attention_block_reverse"):
         return head_parallel.reverse_by_heads(spec, params, x, y, dy, dx, buckets,
-                                         jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS), keep=keep, rate=rate)
+                                         jax.random.fold_in(dropout_rng, _ATTN_WEIGHTS), keep=keep, rate=rate,
+                                         key_mask=attention_mask)
 
 
 def _attention_per_head(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
-                        attention_mask, keep=None, rate=0.0, grid_bits=0):
-    """One head at a time (`reformer_jax.kernels.per_head`); attention_mask (already real-first) only sets the pad bucket;
-    keep, rate: the block's output dropout, applied per head (on a stream grid)."""
+                        attention_mask, key_mask=None, keep=None, rate=0.0, grid_bits=0):
+    """One head at a time (`reformer_jax.kernels.per_head`); attention_mask (causal: already real-first) sets the
+    pad bucket, key_mask (bidirectional: the same mask) masks padded keys; keep, rate: the block's output dropout,
+    applied per head (on a stream grid)."""
     spec = attention_core_spec(config, x.shape[1], deterministic, kind, grid_bits)
     if spec.lsh and buckets is None:
         if rotations is None:
@@ -171,11 +178,11 @@ def _attention_per_head(params, x, *, config, kind, lsh_rng, weights_rng, determ
         buckets = head_parallel.hash_by_heads(spec, params, x, rotations)
         if attention_mask is not None:
             buckets = padding.with_pad_bucket(buckets, attention_mask, spec.n_buckets)
-    return head_parallel.attention_by_heads(spec, params, x, buckets, weights_rng, keep, rate), buckets
+    return head_parallel.attention_by_heads(spec, params, x, buckets, weights_rng, keep, rate, key_mask), buckets
 
 
 def _attention_all_heads(params, x, *, config, kind, lsh_rng, weights_rng, deterministic, buckets, rotations,
-                         attention_mask):
+                         attention_mask, key_mask=None):
     """All heads at once: [b, h, l, k] projections, attention under plain autodiff (LSH: its own custom_vjp)."""
     dtype = config.compute_dtype
     h = layer_norm(x, params["norm"], config.layer_norm_eps).astype(dtype)
@@ -192,9 +199,11 @@ def _attention_all_heads(params, x, *, config, kind, lsh_rng, weights_rng, deter
         o = lsh.lsh_attention(qk, v, None, n_hashes=config.n_hashes, n_buckets=n_buckets,
                                chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
                                causal=config.causal, buckets=buckets, dropout_rate=rate,
-                               dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds)
+                               dropout_rng=weights_rng, sequential_rounds=config.sequential_rounds,
+                               n_chunks_after=config.n_chunks_after, key_mask=key_mask)
     else:
-        o = full.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng)
+        o = full.shared_qk_attention(qk, v, causal=config.causal, dropout_rate=rate, dropout_rng=weights_rng,
+                                     key_mask=key_mask)
     y = jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)
     return y, buckets
 
@@ -206,6 +215,7 @@ def _local_attention(params, x, *, config, weights_rng, deterministic, attention
     project = lambda name: jnp.einsum("bld,dhk->bhlk", h, params[name].astype(dtype))  # noqa: E731
     o = local_attention(project("q"), project("k"), project("v"), chunk_len=config.local_chunk_len,
                         n_chunks_before=config.local_n_chunks_before, causal=config.causal,
+                        n_chunks_after=config.local_n_chunks_after,
                         key_mask=attention_mask, dropout_rng=weights_rng,
                         dropout_rate=0.0 if deterministic else config.local_attention_dropout)
     return jnp.einsum("bhlk,hkd->bld", o.astype(dtype), params["out"].astype(dtype)).astype(jnp.float32)

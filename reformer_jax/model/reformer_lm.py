@@ -1,11 +1,16 @@
-"""ReformerLM: the Flax module that owns the parameters and wires the pure blocks together.
+"""The Flax modules that own the parameters and wire the pure blocks together: the trunk and its heads.
 
-tokens [b, l] -> embedding + positions -> layer stack (ordinary or reversible) -> final LayerNorm -> logits [b, l, V]
+ReformerTrunk:  tokens [b, l] -> embedding + positions -> layer stack (ordinary or reversible) -> final LayerNorm
+                -> hidden states [b, l, w]
+ReformerLM:     the trunk -> token logits [b, l, V] (next token; ReformerForMaskedLM: masked tokens, bidirectional)
+ReformerForSequenceClassification / ReformerForQuestionAnswering: the trunk -> `heads`' class / span logits.
+`model_for(config)` picks the module of config.head; every one has `batch_loss_terms`, what training calls.
 
 Parameters ("params" collection, nothing else):
   embed [V, d]; pos_embed [max_len, d] or axial_0 [l1, 1, d1], axial_1 [1, l2, d2];
   layers {attention, feed_forward} stacked on a leading layer axis (see `reformer_jax.model.layers`);
-  final_norm {scale, bias} [w]; head {kernel [w, V] (untied only), bias [V]}, w = d (or 2d for "concat").
+  final_norm {scale, bias} [w], w = d (or 2d for "concat"); then the head's own: head {kernel [w, V] (untied
+  only), bias [V]} for the token head, classifier {...} or qa_outputs {...} (`reformer_jax.model.heads`).
 RNG streams: "params" (init), "lsh" (hash rotations, LSH models), "dropout" (when deterministic=False).
 Every parameter declares its logical axes where it is created (`nn.with_logical_partitioning` here, boxed leaves
 from `layers`' initialisers); `param_logical_axes(config)` reads them back, and `init_params` returns plain arrays.
@@ -19,9 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from reformer_jax.model import layers
+from reformer_jax.model import heads, layers
 
 from reformer_jax.kernels import output_head
+from reformer_jax.kernels.norm import layer_norm
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.kernels.reversible import residual_stack, reversible_stack, to_grid
 from reformer_jax import sharding
@@ -76,8 +82,8 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
     (`reformer_jax.kernels.reversible`): F(p, x, inputs, buckets), G(p, x, inputs, chunk_index),
     reverse(p, x2, y1, dy1, dy2, inputs, buckets); `inputs` is the layer's key array or {"rng", "rotations"}.
 
-    The fused per-head reverse step covers full and LSH layers without a padding mask; other layers (local
-    attention, masked layers) are differentiated by the stack's generic jax.vjp of F. F and the reverse step are
+    The fused per-head reverse step covers full and LSH layers without a padding mask (or with one in a
+    bidirectional model); other layers (local attention, causal masked layers) are differentiated by the stack's generic jax.vjp of F. F and the reverse step are
     those of a stack on config.grid_bits's grid (`reformer_jax.kernels.reversible`); pass that grid to the stack.
     """
 
@@ -102,10 +108,11 @@ def block_functions(cfg: ModelConfig, kind: str, *, deterministic: bool, attenti
         x_prev, grads, dx = layers.attention_block_reverse(
             sharding.gather_layer_params(p, attention_axes), sharding.constrain_batch(x), y, dy, dx, config=cfg,
             dropout_rng=_key_of(inputs)[1], deterministic=deterministic, buckets=buckets, attention_type=kind,
-            grid_bits=cfg.grid_bits)
+            attention_mask=attention_mask, grid_bits=cfg.grid_bits)
         return x_prev, sharding.shard_layer_grads(grads, attention_axes), dx
 
-    fused = cfg.sequential_heads and kind != "local" and attention_mask is None
+    # A causal layer's padding reorders positions, which the fused step does not replay.
+    fused = cfg.sequential_heads and kind != "local" and (attention_mask is None or not cfg.causal)
     return attention_fn, feed_forward_fn, attention_reverse_fn if fused else None
 
 
@@ -165,12 +172,15 @@ class LayerStack(nn.Module):
         return residual_stack(attention_fn, feed_forward_fn, params, streams, layer_inputs, scan=cfg.scan_layers)
 
 
-class ReformerLM(nn.Module):
-    """Causal language model for all four presets of `ModelConfig`.
+class ReformerTrunk(nn.Module):
+    """The shared trunk of every Reformer model: tokens [b, l] -> hidden states [b, l, w] float32.
 
-    __call__(tokens [b, l] int, *, deterministic=True) -> logits [b, l, vocab_size] float32.
-    loss_terms(tokens, targets, weights, *, deterministic=True) -> weighted sums of the next-token loss, computed
-      `config.output_chunk_len` positions at a time (what training uses: the logits are never alive whole).
+    Token embedding + positions -> the layer stack (ordinary or reversible) -> the streams combined (mean, or
+    concatenated for the "concat" head: w = 2d) -> the final LayerNorm, which is Hugging Face's ReformerModel's
+    `last_hidden_state`. The heads (`ReformerLM` here, the encoder heads in `reformer_jax.model.heads`) add their
+    own parameters on top; bring your own head by applying the trunk and reading `__call__`'s hidden states.
+
+    Parameters: embed [V, d], positions, layers, final_norm_scale / final_norm_bias [w].
     """
 
     config: ModelConfig
@@ -182,34 +192,27 @@ class ReformerLM(nn.Module):
                                 (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
         self.positions = PositionalEmbedding(cfg)
         self.layers = LayerStack(cfg)
-        width = 2 * cfg.d_model if cfg.output_head == "concat" else cfg.d_model
         along = nn.with_logical_partitioning  # an initialiser whose parameter names its axes
-        self.final_norm_scale = self.param("final_norm_scale", along(nn.initializers.ones, ("embed",)), (width,),
-                                           cfg.params_dtype)
-        self.final_norm_bias = self.param("final_norm_bias", along(nn.initializers.zeros, ("embed",)), (width,),
-                                          cfg.params_dtype)
-        if not cfg.tie_embeddings:
-            self.head_kernel = self.param("head_kernel", along(nn.initializers.xavier_uniform(), ("embed", "vocab")),
-                                          (width, cfg.vocab_size), cfg.params_dtype)
-        self.head_bias = self.param("head_bias", along(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
-                                    cfg.params_dtype)
+        self.final_norm_scale = self.param("final_norm_scale", along(nn.initializers.ones, ("embed",)),
+                                           (hidden_width(cfg),), cfg.params_dtype)
+        self.final_norm_bias = self.param("final_norm_bias", along(nn.initializers.zeros, ("embed",)),
+                                          (hidden_width(cfg),), cfg.params_dtype)
 
     def _stream_keys(self, deterministic: bool, draws_rotations: bool):
         """Per-layer [n_layers, 2] keys (hashing, dropout) and the embedding's dropout key."""
         cfg = self.config
+        name = type(self).__name__
         placeholder = jax.random.key(0)  # stands in for a stream the configuration never draws from
         if draws_rotations:
             if not self.has_rng("lsh"):
-                raise ValueError("ReformerLM with attention='lsh' needs an 'lsh' RNG stream for the hash rotations: "
+                raise ValueError(f"{name} with LSH attention needs an 'lsh' RNG stream for the hash rotations: "
                                  "pass rngs={'lsh': jax.random.key(seed)} to init/apply.")
             lsh_key = _as_typed_key(self.make_rng("lsh"))
         else:
             lsh_key = placeholder
-        uses_dropout = not deterministic and (cfg.dropout > 0 or cfg.attention_dropout > 0
-                                              or (cfg.uses("local") and cfg.local_attention_dropout > 0))
-        if uses_dropout:
+        if uses_dropout(cfg, deterministic):
             if not self.has_rng("dropout"):
-                raise ValueError("ReformerLM(deterministic=False) with dropout > 0 needs a 'dropout' RNG stream: "
+                raise ValueError(f"{name}(deterministic=False) with dropout > 0 needs a 'dropout' RNG stream: "
                                  "pass rngs={'dropout': key, ...} or set deterministic=True.")
             dropout_key = _as_typed_key(self.make_rng("dropout"))
         else:
@@ -228,25 +231,27 @@ class ReformerLM(nn.Module):
         columns = sum(f // 2 for f in (cfg.n_buckets if isinstance(cfg.n_buckets, tuple) else (cfg.n_buckets,)))
         expected = (len(lsh_layers), cfg.n_heads, cfg.d_head, cfg.n_hashes, columns)
         if tuple(lsh_rotations.shape) != expected:
-            raise ValueError(f"ReformerLM: lsh_rotations have shape {tuple(lsh_rotations.shape)}; expected "
-                             f"{expected} ([LSH layers, heads, d_head, n_hashes, sum(n_buckets factors) / 2]).")
+            raise ValueError(f"{type(self).__name__}: lsh_rotations have shape {tuple(lsh_rotations.shape)}; "
+                             f"expected {expected} ([LSH layers, heads, d_head, n_hashes, sum(n_buckets factors) / 2]).")
         spread = jnp.zeros((cfg.n_layers,) + expected[1:], jnp.float32).at[jnp.array(lsh_layers)].set(lsh_rotations)
         return {"rng": layer_keys, "rotations": spread}
 
     def streams(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None, lsh_rotations=None):
-        """The layer stack's output: x [b, l, d], or the reversible (y1, y2). Arguments as for `__call__`."""
+        """The layer stack's output: x [b, l, d], or the reversible (y1, y2), for a length the layers run on.
+        Arguments as for `__call__`."""
         cfg = self.config
+        name = type(self).__name__
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"ReformerLM expects integer tokens of shape [batch, length]; got {tokens.dtype} "
+            raise ValueError(f"{name} expects integer tokens of shape [batch, length]; got {tokens.dtype} "
                              f"{tokens.shape}.")
         cfg.check_seq_len(tokens.shape[1])
         if attention_mask is not None:
             if tuple(attention_mask.shape) != tuple(tokens.shape):
-                raise ValueError(f"ReformerLM: attention_mask has shape {tuple(attention_mask.shape)}; expected the "
+                raise ValueError(f"{name}: attention_mask has shape {tuple(attention_mask.shape)}; expected the "
                                  f"tokens' shape {tuple(tokens.shape)} (1 = real token, 0 = padding).")
             attention_mask = attention_mask.astype(bool)
         if lsh_rotations is not None and cfg.n_buckets is None:
-            raise ValueError("ReformerLM: lsh_rotations need an explicit ModelConfig.n_buckets (their width is "
+            raise ValueError(f"{name}: lsh_rotations need an explicit ModelConfig.n_buckets (their width is "
                              "sum(n_buckets factors) / 2).")
         layer_keys, embed_dropout_key = self._stream_keys(deterministic, cfg.uses("lsh") and lsh_rotations is None)
         layer_inputs = self._layer_inputs(layer_keys, lsh_rotations)
@@ -261,8 +266,60 @@ class ReformerLM(nn.Module):
                                      attention_mask=attention_mask))
         return self.layers(x, layer_inputs, deterministic=deterministic, attention_mask=attention_mask)
 
+    def padded_streams(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
+                       lsh_rotations=None):
+        """`streams` for any length l up to max_len: a length the attention layers cannot run on (not a multiple of
+        the chunk lengths) is padded at the end to `config.padded_length(l)` and the padding masked, as Hugging
+        Face pads in evaluation. Returns (streams over the padded length, l)."""
+        length = tokens.shape[-1] if tokens.ndim == 2 else None
+        padded = self.config.padded_length(length) if length else length
+        if padded != length:
+            mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+            attention_mask = jnp.pad(mask, ((0, 0), (0, padded - length)))
+            tokens = jnp.pad(tokens, ((0, 0), (0, padded - length)))
+        return self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                            lsh_rotations=lsh_rotations), length
+
+    def final_norm(self) -> dict:
+        return {"scale": self.final_norm_scale, "bias": self.final_norm_bias}
+
+    def hidden(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
+               lsh_rotations=None) -> jax.Array:
+        """tokens [b, l] -> the final hidden states [b, l, w] float32 (w = 2 d_model for the "concat" head)."""
+        streams, length = self.padded_streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                                              lsh_rotations=lsh_rotations)
+        combined = output_head.combine_streams(streams, self.config.output_head)
+        return layer_norm(combined, self.final_norm(), self.config.layer_norm_eps)[:, :length]
+
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
+                 lsh_rotations=None) -> jax.Array:
+        """`hidden`: tokens [b, l] -> [b, l, w]; arguments as for `ReformerLM.__call__`."""
+        return self.hidden(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                           lsh_rotations=lsh_rotations)
+
+
+class ReformerLM(ReformerTrunk):
+    """The language model for all four presets of `ModelConfig`: the trunk and a token head at every position
+    (next-token with causal=True; `reformer_jax.model.heads.ReformerForMaskedLM` is its bidirectional twin).
+
+    __call__(tokens [b, l] int, *, deterministic=True) -> logits [b, l, vocab_size] float32.
+    loss_terms(tokens, targets, weights, *, deterministic=True) -> weighted sums of the token loss, computed
+      `config.output_chunk_len` positions at a time (what training uses: the logits are never alive whole).
+    batch_loss_terms(batch, ...) -> the same sums from a training batch {inputs, targets, weights[, attention_mask]}.
+    """
+
+    def setup(self):
+        super().setup()
+        cfg = self.config
+        along = nn.with_logical_partitioning
+        if not cfg.tie_embeddings:
+            self.head_kernel = self.param("head_kernel", along(nn.initializers.xavier_uniform(), ("embed", "vocab")),
+                                          (hidden_width(cfg), cfg.vocab_size), cfg.params_dtype)
+        self.head_bias = self.param("head_bias", along(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+                                    cfg.params_dtype)
+
     def head_params(self) -> output_head.HeadParams:
-        return {"norm": {"scale": self.final_norm_scale, "bias": self.final_norm_bias},
+        return {"norm": self.final_norm(),
                 "kernel": self.embed.T if self.config.tie_embeddings else self.head_kernel, "bias": self.head_bias}
 
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
@@ -278,25 +335,102 @@ class ReformerLM(nn.Module):
         lsh_rotations: optional explicit hash projections [LSH layers, h, k, n_hashes, sum(n_buckets factors) / 2]
           instead of random ones (needs an explicit `n_buckets`); then no 'lsh' RNG stream is needed.
         """
-        length = tokens.shape[-1] if tokens.ndim == 2 else None
-        padded = self.config.padded_length(length) if length else length
-        if padded != length:
-            mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-            attention_mask = jnp.pad(mask, ((0, 0), (0, padded - length)))
-            tokens = jnp.pad(tokens, ((0, 0), (0, padded - length)))
-        streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
-                               lsh_rotations=lsh_rotations)
+        streams, length = self.padded_streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                                              lsh_rotations=lsh_rotations)
         return output_head.head_logits(self.head_params(), streams, output_head_spec(self.config))[:, :length]
 
     def loss_terms(self, tokens: jax.Array, targets: jax.Array, weights: jax.Array, *,
                    deterministic: bool = True, attention_mask=None, lsh_rotations=None):
-        """{"loss_sum", "correct_sum", "weight_sum"}: weighted next-token cross-entropy (nats), correct argmax
-        predictions and total weight over the batch; targets int [b, l], weights [b, l]; attention_mask and
-        lsh_rotations as for `__call__`."""
+        """{"loss_sum", "correct_sum", "weight_sum"}: weighted cross-entropy (nats) of each position's target,
+        correct argmax predictions and total weight over the batch; targets int [b, l], weights [b, l];
+        attention_mask and lsh_rotations as for `__call__`."""
         streams = self.streams(tokens, deterministic=deterministic, attention_mask=attention_mask,
                                lsh_rotations=lsh_rotations)
-        return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights, spec=output_head_spec(self.config),
+        return output_head.chunked_loss_terms(self.head_params(), streams, targets, weights,
+                                              spec=output_head_spec(self.config),
                                               chunk_len=self.config.output_chunk_len)
+
+    def batch_loss_terms(self, batch, *, deterministic: bool = True, lsh_rotations=None):
+        """`loss_terms` of a training batch {inputs, targets, weights [b, l], optional attention_mask [b, l]}."""
+        return self.loss_terms(batch["inputs"], batch["targets"], batch["weights"], deterministic=deterministic,
+                               attention_mask=batch.get("attention_mask"), lsh_rotations=lsh_rotations)
+
+
+class ReformerForMaskedLM(ReformerLM):
+    """`ReformerLM` with bidirectional attention (config.causal False), trained to predict masked tokens: the same
+    parameters and token head (Hugging Face's ReformerForMaskedLM). Its batches mark the masked positions with
+    weights 1 and carry the original tokens as targets (`reformer_jax.training.data.mask_tokens`)."""
+
+    def setup(self):
+        if self.config.causal:
+            raise ValueError("ReformerForMaskedLM needs a bidirectional config (causal=False); a causal model is "
+                             "ReformerLM.")
+        super().setup()
+
+
+class ReformerForSequenceClassification(ReformerTrunk):
+    """The trunk and a classification head on its first position (`heads.ClassificationHead`).
+
+    __call__(tokens [b, l], *, deterministic=True, attention_mask=None) -> logits [b, config.num_labels].
+    batch_loss_terms({inputs, attention_mask, labels [b]}) -> the loss sums of the training step.
+    """
+
+    def setup(self):
+        super().setup()
+        self.classifier = heads.ClassificationHead(self.config)
+
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
+                 lsh_rotations=None) -> jax.Array:
+        return self.classifier(self.hidden(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                                           lsh_rotations=lsh_rotations), deterministic=deterministic)
+
+    def batch_loss_terms(self, batch, *, deterministic: bool = True, lsh_rotations=None):
+        logits = self(batch["inputs"], deterministic=deterministic, attention_mask=batch["attention_mask"],
+                      lsh_rotations=lsh_rotations)
+        return heads.classification_loss_terms(logits, batch["labels"])
+
+
+class ReformerForQuestionAnswering(ReformerTrunk):
+    """The trunk and a span head (`heads.QuestionAnsweringHead`).
+
+    __call__(tokens [b, l], *, attention_mask=None) -> (start logits [b, l], end logits [b, l]).
+    batch_loss_terms({inputs, attention_mask, start_positions, end_positions [b]}) -> the loss sums.
+    """
+
+    def setup(self):
+        super().setup()
+        self.qa_outputs = heads.QuestionAnsweringHead(self.config)
+
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, attention_mask=None,
+                 lsh_rotations=None):
+        return self.qa_outputs(self.hidden(tokens, deterministic=deterministic, attention_mask=attention_mask,
+                                           lsh_rotations=lsh_rotations))
+
+    def batch_loss_terms(self, batch, *, deterministic: bool = True, lsh_rotations=None):
+        start, end = self(batch["inputs"], deterministic=deterministic, attention_mask=batch["attention_mask"],
+                          lsh_rotations=lsh_rotations)
+        return heads.span_loss_terms(start, end, batch["start_positions"], batch["end_positions"])
+
+
+def model_for(config: ModelConfig) -> ReformerTrunk:
+    """The Flax module of `config`: its head (config.head) on the trunk; a bidirectional "lm" head is the
+    masked-LM model. Every module has `batch_loss_terms(batch, ...)`, what the training step calls."""
+    if config.head == "classification":
+        return ReformerForSequenceClassification(config)
+    if config.head == "question_answering":
+        return ReformerForQuestionAnswering(config)
+    return ReformerLM(config) if config.causal else ReformerForMaskedLM(config)
+
+
+def hidden_width(config: ModelConfig) -> int:
+    """w, the width of the final hidden states: 2 d_model for the "concat" head (both streams), else d_model."""
+    return 2 * config.d_model if config.output_head == "concat" else config.d_model
+
+
+def uses_dropout(config: ModelConfig, deterministic: bool) -> bool:
+    """Whether a forward pass draws dropout masks (and so needs a 'dropout' RNG stream)."""
+    return not deterministic and (config.dropout > 0 or config.attention_dropout > 0
+                                  or (config.uses("local") and config.local_attention_dropout > 0))
 
 
 def output_head_spec(config: ModelConfig) -> output_head.HeadSpec:
@@ -315,7 +449,7 @@ def _init_with_axes(config: ModelConfig, rng: jax.Array):
     traced on the shortest valid input."""
     tokens = jnp.zeros((1, init_length(config)), jnp.int32)
     params_rng, lsh_rng = jax.random.split(rng)
-    return ReformerLM(config).init({"params": params_rng, "lsh": lsh_rng}, tokens)["params"]
+    return model_for(config).init({"params": params_rng, "lsh": lsh_rng}, tokens)["params"]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

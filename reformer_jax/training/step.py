@@ -3,12 +3,13 @@
 This is the function main.py trains with and the one `reformer_jax.xla.memory_analysis.analyze_train_step` compiles, so the
 memory figures describe the real step.
 
-A batch is a dict of [b, l] arrays:
+A batch is a dict of arrays; a language model's ([b, l] each):
   inputs  int32   tokens fed to the model
-  targets int32   the next token at each position
-  weights float32 1 where the position counts in the loss (0 for padding, or for the unscored half of the
-                  synthetic copy task)
+  targets int32   the token each position predicts (the next one; a masked-LM: the original masked token)
+  weights float32 1 where the position counts in the loss (0 for padding, for unmasked positions of a masked-LM
+                  batch, or for the unscored half of the synthetic copy task)
   attention_mask  optional bool, True = a real token (a text's last, padded window in evaluation)
+The classification and question-answering heads' batches: `reformer_jax.model.heads.batch_shapes`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from jax.sharding import Mesh
 
 from reformer_jax import sharding
 from reformer_jax.model.config import ModelConfig
-from reformer_jax.model.reformer_lm import ReformerLM, init_params, param_logical_axes
+from reformer_jax.model.heads import batch_shapes
+from reformer_jax.model.reformer_lm import init_params, model_for, param_logical_axes
 
 OPTIMIZERS = ("adafactor", "adamw")
 Batch = Dict[str, jax.Array]
@@ -60,9 +62,9 @@ def make_optimizer(name: str = "adafactor", learning_rate: float = 1e-3, *, sche
 
 @functools.lru_cache(maxsize=32)
 def _apply_fn(config: ModelConfig):
-    """One ReformerLM(config).apply per config: TrainStates of one config and optimizer then have equal static
+    """One model_for(config).apply per config: TrainStates of one config and optimizer then have equal static
     fields, so a tree of their shardings (`reformer_jax.sharding.state_shardings`) fits any of them."""
-    return ReformerLM(config).apply
+    return model_for(config).apply
 
 
 def create_train_state(rng: jax.Array, config: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
@@ -78,7 +80,8 @@ def _step_rngs(rng: jax.Array, step: jax.Array) -> Dict[str, jax.Array]:
 
 
 def metrics_from_sums(sums: Dict[str, jax.Array]) -> Tuple[jax.Array, Metrics]:
-    """Mean loss (nats per scored token) and accuracy from `ReformerLM.loss_terms`'s weighted sums."""
+    """Mean loss (nats per scored token, or per example for a classifier) and accuracy from a model's weighted
+    loss sums (`batch_loss_terms`)."""
     total = jnp.maximum(sums["weight_sum"], 1.0)
     loss = sums["loss_sum"] / total
     return loss, {"loss": loss, "accuracy": sums["correct_sum"] / total, "tokens": sums["weight_sum"]}
@@ -86,12 +89,13 @@ def metrics_from_sums(sums: Dict[str, jax.Array]) -> Tuple[jax.Array, Metrics]:
 
 def loss_fn(params: Any, batch: Batch, rngs: Dict[str, jax.Array], *, config: ModelConfig,
             deterministic: bool = False, lsh_rotations=None) -> Tuple[jax.Array, Metrics]:
-    """Weighted mean next-token cross-entropy and metrics; the logits are formed `output_chunk_len` at a time. A
-    batch may carry an "attention_mask" [b, l] (True = real token) that keeps padding out of attention.
-    lsh_rotations: optional fixed hash rotations [LSH layers, h, k, n_hashes, f / 2] instead of drawn ones."""
-    sums = ReformerLM(config).apply({"params": params}, batch["inputs"], batch["targets"], batch["weights"],
-                                    deterministic=deterministic, attention_mask=batch.get("attention_mask"),
-                                    lsh_rotations=lsh_rotations, rngs=rngs, method=ReformerLM.loss_terms)
+    """The mean loss of config's head and its metrics (a language model: weighted token cross-entropy, the logits
+    formed `output_chunk_len` at a time). An LM batch may carry an "attention_mask" [b, l] (True = real token)
+    that keeps padding out of attention. lsh_rotations: optional fixed hash rotations [LSH layers, h, k,
+    n_hashes, f / 2] instead of drawn ones."""
+    model = model_for(config)
+    sums = model.apply({"params": params}, batch, deterministic=deterministic, lsh_rotations=lsh_rotations,
+                       rngs=rngs, method=type(model).batch_loss_terms)
     return metrics_from_sums(sums)
 
 
@@ -116,11 +120,6 @@ def eval_step(params: Any, batch: Batch, rng: jax.Array, *, config: ModelConfig,
     return metrics
 
 
-def batch_spec(batch_size: int, seq_len: int) -> Batch:
-    """Abstract batch of the given shape (for ahead-of-time compilation)."""
-    return {"inputs": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-            "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-            "weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
 
 
 def abstract_train_state(config, tx, mesh: Optional[Mesh] = None):
@@ -135,9 +134,9 @@ def abstract_train_state(config, tx, mesh: Optional[Mesh] = None):
     return abstract, shardings
 
 
-def abstract_batch(batch_size: int, seq_len: int, mesh: Optional[Mesh] = None):
-    """The step's abstract batch [batch_size, seq_len] (split over data x fsdp with a mesh)."""
-    batch = batch_spec(batch_size, seq_len)
+def abstract_batch(config: ModelConfig, batch_size: int, seq_len: int, mesh: Optional[Mesh] = None):
+    """The step's abstract batch for config's head (`heads.batch_shapes`; split over data x fsdp with a mesh)."""
+    batch = batch_shapes(config, batch_size, seq_len)
     if mesh is None:
         return batch
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh)) for k, v in batch.items()}

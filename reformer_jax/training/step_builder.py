@@ -79,8 +79,8 @@ class TrainStep:
     _compiled: Dict[Tuple[int, int], Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def abstract_batch(self, batch_size: int, seq_len: int):
-        """The step's abstract batch [batch_size, seq_len] (over a mesh: split over data x fsdp)."""
-        return train.abstract_batch(batch_size, seq_len, self.mesh)
+        """The step's abstract batch for the config's head (over a mesh: split over data x fsdp)."""
+        return train.abstract_batch(self.config, batch_size, seq_len, self.mesh)
 
     def abstract_inputs(self, batch_size: int, seq_len: int) -> tuple:
         """The abstract arguments `step` is lowered for."""
