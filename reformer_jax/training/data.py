@@ -1,5 +1,6 @@
 """Data: the tiny Shakespeare corpus, any text file, and the paper's synthetic copy task; where a run's data came
-from (`DataSource`, recorded in run_settings.json so evaluate and generate reopen it).
+from (`DataSource`, recorded in run_settings.json so evaluate and generate reopen it); BERT's masking of a text for
+masked-LM training (`mask_tokens`, `MaskedText`).
 
 Text is turned into ids by the run's tokenizer (`reformer_jax.tokenizers`; this project's runs: byte b is id b + 3;
 pad 0, eos 1, bos 2; vocabulary 259).
@@ -26,6 +27,9 @@ from reformer_jax.errors import setting
 PAD_ID, EOS_ID, BOS_ID = tokenizers.BYTES.pad_id, tokenizers.BYTES.eos_id, tokenizers.BYTES.bos_id
 BYTE_OFFSET = tokenizers.BYTES.offset
 BYTE_VOCAB_SIZE = tokenizers.BYTES.vocab_size
+MASK_ID = BYTE_VOCAB_SIZE  # 259, one past the byte ids: masked-LM models need MLM_VOCAB_SIZE ids
+MLM_VOCAB_SIZE = BYTE_VOCAB_SIZE + 1
+MLM_RATE = 0.15  # BERT's share of positions to predict
 
 TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -194,6 +198,61 @@ class CopyTask:
         weights[:, half:seq_len - 1] = 1.0  # targets = the second w
         return {"inputs": sequence[:, :-1].astype(np.int32), "targets": sequence[:, 1:].astype(np.int32),
                 "weights": weights}
+
+
+def mask_tokens(tokens: np.ndarray, rng, rate: float = MLM_RATE) -> Batch:
+    """BERT's corruption of byte ids [b, l] for masked-LM training, a pure function of `rng`'s seed.
+
+    Each text position (id >= BYTE_OFFSET: never pad, eos or bos) is chosen with probability `rate`; a chosen
+    position's input becomes MASK_ID (80%), a random byte id (10%; it may draw the original) or stays as it was
+    (10%), so the model cannot tell which unmasked positions it is scored on. `rng`: a np.random.Generator or a seed.
+    Returns {inputs: int32 [b, l], targets: int32 [b, l] (the original ids), weights: float32 [b, l] (1 where
+    chosen, else 0)}.
+    """
+    tokens = np.asarray(tokens)
+    if not 0 < rate <= 1:
+        raise DataError(f"rate={rate} is not a masking rate; use a fraction in (0, 1] (BERT: {MLM_RATE}).")
+    if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+        raise DataError(f"tokens of shape {tokens.shape} and dtype {tokens.dtype} are not a batch of ids; expected "
+                        f"integers [batch, length].")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= BYTE_VOCAB_SIZE):
+        raise DataError(f"tokens hold ids from {tokens.min()} to {tokens.max()}; masking expects byte-tokenizer ids "
+                        f"in [0, {BYTE_VOCAB_SIZE}).")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    chosen = (rng.random(tokens.shape) < rate) & (tokens >= BYTE_OFFSET)
+    action = rng.random(tokens.shape)  # below 0.8: MASK_ID; 0.8 to 0.9: a random byte; above: unchanged
+    random_bytes = rng.integers(BYTE_OFFSET, BYTE_VOCAB_SIZE, tokens.shape)
+    inputs = np.where(chosen & (action < 0.8), MASK_ID, tokens)
+    inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_bytes, inputs)
+    return {"inputs": inputs.astype(np.int32), "targets": tokens.astype(np.int32),
+            "weights": chosen.astype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedText:
+    """Masked-LM batches of a text: TextData's random windows (seq_len tokens each) corrupted by `mask_tokens`,
+    a pure function of (seed, split, step) like every batch here. Models read them with vocab_size MLM_VOCAB_SIZE.
+    A batch is {inputs, targets: int32 [b, l], weights: float32 [b, l]}, targets[i] = the original token at i."""
+
+    text: TextData
+    rate: float = MLM_RATE
+
+    def __post_init__(self):
+        if not 0 < self.rate <= 1:
+            raise DataError(f"rate={self.rate} is not a masking rate; use a fraction in (0, 1] (BERT: {MLM_RATE}).")
+
+    @property
+    def source(self) -> str:
+        return self.text.source
+
+    @property
+    def origin(self) -> Optional[DataSource]:
+        return self.text.origin
+
+    def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int) -> Batch:
+        windows = self.text.batch(split, seed, step, batch_size, seq_len)["inputs"]  # [b, seq_len]
+        # the masks draw from their own stream: not the windows' (0, 1) or the copy task's (2, 3)
+        return mask_tokens(windows, np.random.default_rng([seed, 4 if split == "train" else 5, step]), self.rate)
 
 
 def consecutive_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: Optional[int] = None,
