@@ -118,15 +118,22 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence_loss(head):
 # The one-head-at-a-time reverse step of LSH layers
 
 
-def test_reversible_lsh_stack_with_the_per_head_reverse_step_equals_plain_autodiff():
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional-padded"])
+def test_reversible_lsh_stack_with_the_per_head_reverse_step_equals_plain_autodiff(bidirectional):
     """A reversible stack of 2 LSH layers, 3 heads, output and feed-forward dropout on: the stack's backward
     recovers each layer's input and gradients head by head (layers.attention_block_reverse); the reference
-    computes all heads at once in a Python loop that jax differentiates by storing everything."""
+    computes all heads at once in a Python loop that jax differentiates by storing everything. Also for a
+    bidirectional encoder's layers (a chunk after) with a padded batch, whose mask the reverse step replays."""
     cfg = ModelConfig.preset("reformer", d_model=24, n_heads=3, d_ff=32, n_layers=2, max_len=64, chunk_len=8,
                              n_hashes=2, dropout=0.1, attention_dropout=0.0, ff_chunk_len=16)
+    mask = None
+    if bidirectional:
+        cfg = cfg.replace(causal=False, n_chunks_after=1)
+        mask = jnp.arange(64)[None, :] < jnp.array([[64], [37]])
     all_heads = cfg.replace(sequential_heads=False)
-    attention_fn, feed_forward_fn, reverse_fn = block_functions(cfg, "lsh", deterministic=False)
-    plain_attention_fn, plain_feed_forward_fn, no_reverse = block_functions(all_heads, "lsh", deterministic=False)
+    attention_fn, feed_forward_fn, reverse_fn = block_functions(cfg, "lsh", deterministic=False, attention_mask=mask)
+    plain_attention_fn, plain_feed_forward_fn, no_reverse = block_functions(all_heads, "lsh", deterministic=False,
+                                                                            attention_mask=mask)
     assert reverse_fn is not None and no_reverse is None
     params = {"attention": layers.init_attention_params(jax.random.key(1), cfg),
               "feed_forward": layers.init_feed_forward_params(jax.random.key(2), cfg)}
