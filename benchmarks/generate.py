@@ -3,6 +3,7 @@
     python -m benchmarks.generate                      # prompts of 1k, 4k, 16k and 64k tokens
     python -m benchmarks.generate --contexts=1024,4096 --new_tokens=200
     python -m benchmarks.generate --score_workdir=RUN --data_path=FILE   # bpc of a run: cached decoding vs forward
+    python -m benchmarks.generate --full_cache_lens=8192,65536   # full attention: per-token time by cache size
 
 One model, built at random in Hugging Face (LSH and local layers alternating, as its checkpoints) and converted, so
 all three run the same weights: ours (`reformer_jax.decoding`), the window sampler (`decoding.window_sampler`, one
@@ -16,6 +17,7 @@ compiled loop) between two cache lengths. Writes generate.{json,csv,md,png} in -
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any, Dict, List
@@ -53,6 +55,10 @@ def define_flags() -> None:
     flags.DEFINE_string("score_workdir", None, "Instead of the speed runs: score validation text of this main.py run "
                         "by cached decoding and by the forward pass (generate_bpc.{json,md}).")
     flags.DEFINE_string("data_path", None, "For --score_workdir: a text file to score (default: the run's data).")
+    flags.DEFINE_list("full_cache_lens", [], "Instead of the speed runs: the Transformer's cached decoding at a "
+                      "--full_context-token prompt with each of these cache lengths (max_len), alternating, "
+                      "--transformer_tokens per measurement (generate_full.{json,md}).")
+    flags.DEFINE_integer("full_context", 4096, "Prompt tokens of --full_cache_lens.")
 
 
 def reformer_config(max_len: int) -> ModelConfig:
@@ -152,9 +158,7 @@ def run(contexts: List[int]) -> List[Dict[str, Any]]:
         reformer, params = from_hf(hf.state_dict(), hf.config.to_dict())
     else:
         params = init_params(reformer, jax.random.key(0))
-    transformer = ModelConfig.preset("transformer", **{k: SIZES[k] for k in ("vocab_size", "d_model", "n_heads",
-                                                                              "d_ff", "n_layers")},
-                                     max_len=max_len, dropout=0.0)
+    transformer = transformer_config(max_len)
     transformer_params = init_params(transformer, jax.random.key(0))
     text = np.random.default_rng(0).integers(3, 259, max(contexts)).astype(np.int32)
     rows = []
@@ -204,6 +208,43 @@ def run(contexts: List[int]) -> List[Dict[str, Any]]:
                    max_len=max_len, sizes=SIZES, model=list(reformer.layer_types), peers=versions, cpu_shared=True,
                    command=cli.command("benchmarks.generate", sys.argv))
     return rows
+
+
+def transformer_config(max_len: int) -> ModelConfig:
+    return ModelConfig.preset("transformer", **{k: SIZES[k] for k in ("vocab_size", "d_model", "n_heads", "d_ff",
+                                                                      "n_layers")}, max_len=max_len, dropout=0.0)
+
+
+def full_cache_rows(context: int, cache_lens: List[int]) -> List[Dict[str, Any]]:
+    """Full-attention cached decoding at one context with caches of each length (best of --repeats, alternating):
+    a step reads the cache up to its position, so the per-token time should not follow the cache's length."""
+    prompt = np.random.default_rng(0).integers(3, 259, context).astype(np.int32)
+    models = [(n, transformer_config(n)) for n in cache_lens]
+    models = [(n, config, init_params(config, jax.random.key(0))) for n, config in models]
+    best: Dict[int, float] = {}
+    for _ in range(FLAGS.repeats):
+        for n, config, params in models:
+            per_token = ours_per_token(config, params, prompt, FLAGS.transformer_tokens)["per_token_s"]
+            best[n] = min(best.get(n, math.inf), per_token)
+            print(f"max_len {n}: {per_token * 1e3:.2f} ms / token", flush=True)
+    return [{"context": context, "max_len": n, "per_token_s": best[n], "new_tokens": FLAGS.transformer_tokens,
+             "repeats": FLAGS.repeats, "sizes": SIZES, "machine": measure.machine(), "loadavg": os.getloadavg(),
+             "command": cli.command("benchmarks.generate", sys.argv)} for n in cache_lens]
+
+
+def full_cache_markdown(rows: List[Dict[str, Any]]) -> str:
+    first, machine = rows[0], rows[0]["machine"]
+    return "\n".join([
+        "# Full-attention cached decoding: per-token time by cache length", "",
+        f"Command: `{first['command']}`. Transformer (full attention), d_model {SIZES['d_model']}, {SIZES['n_heads']} "
+        f"heads of {SIZES['d_head']}, d_ff {SIZES['d_ff']}, {SIZES['n_layers']} layers; a {first['context']}-token "
+        f"prompt, batch 1, greedy, {first['new_tokens']} tokens per measurement, best of {first['repeats']} "
+        f"alternating runs, compilation and prefill excluded. Machine: {machine['platform']}, {machine['cpu_count']} "
+        f"CPUs (shared with other jobs; 1-minute load average at the end {first['loadavg'][0]:.1f}), jax "
+        f"{machine['jax_version']}.", "",
+        output.markdown_table(rows, [("max_len", "cache positions (max_len)", "d"),
+                                     (lambda r: 1e3 * r["per_token_s"], "ms / token", ".2f")]),
+        *targets.full_cache_target_lines(rows), ""])
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
@@ -287,6 +328,9 @@ def main(argv):
             ("relative_difference", "difference", "+.2%")])
             + f"\nWithin 2%: {output.met(abs(rows[0]['relative_difference']) < 0.02)}.\n")
         name, draw = "generate_bpc", None
+    elif FLAGS.full_cache_lens:
+        rows = full_cache_rows(FLAGS.full_context, sorted(int(n) for n in FLAGS.full_cache_lens))
+        text, name, draw = full_cache_markdown(rows), "generate_full", None
     else:
         rows = run([int(c) for c in FLAGS.contexts])
         text, name, draw = markdown(rows), "generate", lambda path: plot(rows, path)

@@ -263,3 +263,36 @@ def test_cached_decoding_scores_a_trained_lsh_model_within_two_percent_of_the_fo
     decoded_bpc = -float(np.mean(decoded)) / math.log(2)
     assert forward_bpc < 6.0  # trained past uniform over bytes (8 bits)
     assert abs(decoded_bpc / forward_bpc - 1) < 0.02, (forward_bpc, decoded_bpc)
+
+
+def test_full_attention_reads_its_cache_block_by_block_as_it_reads_all_of_it():
+    """A step's full attention over the cache up to its position, a block at a time, against one softmax over the
+    whole cache with the later positions masked: every position of a 10-position cache, blocks of 4 (the last
+    block, positions 6 .. 9, shares 6 and 7 with the one before it) and of 16 (one block)."""
+    from reformer_jax.decoding import decode
+
+    keys_rng, values_rng, query_rng = jax.random.split(jax.random.key(3), 3)
+    keys = jax.random.normal(keys_rng, (2, 10, 8))
+    values = jax.random.normal(values_rng, (2, 10, 8))
+    qk = jax.random.normal(query_rng, (2, 8))
+    for block in (4, 16):
+        blocked = jax.jit(functools.partial(decode._attend_prefix, block=block))
+        for position in range(10):
+            got, expected = blocked(qk, keys, values, position), decode._attend_all(qk, keys, values, position)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"block {block}, position {position}")
+
+
+def test_cached_full_attention_in_blocks_equals_the_forward_pass(monkeypatch):
+    """Blocks of 48 positions over a 200-position cache (the last block clamped), two rows decoding together: the
+    logits at every position are the forward pass's."""
+    from reformer_jax.decoding import decode
+
+    monkeypatch.setattr(decode, "FULL_BLOCK", 48)
+    config = ModelConfig(attention="full", reversible=False, sequential_heads=False,
+                         **{**SMALL, "max_len": 200, "d_ff": 40})  # sizes of their own: a decode loop of its own
+    params = init_params(config, jax.random.key(4))
+    tokens = np.random.default_rng(5).integers(3, config.vocab_size, (2, 200)).astype(np.int32)
+    expected = np.asarray(ReformerLM(config).apply({"params": params}, jnp.asarray(tokens)))
+    got = _decoded_logits(config, params, tokens, prefix=50)
+    assert _rel_err(got, expected[:, 49:]) < 1e-5

@@ -5,9 +5,9 @@ prefill: the prompts [b, P] (right-padded; row i holds lengths[i] real tokens) r
   layer; each layer's cache (`reformer_jax.decoding.cache`) is filled from its input, and the next-token logits at
   each row's last real position come back.
 step: one token per row at its own position -> that position's next-token logits, each layer reading and
-  writing its cache: full attention over the cached keys, local attention over the ring buffer of its look-back
-  window, LSH attention over the positions of the newest token's chunk in every hash round (`cache.chunk_positions`,
-  Hugging Face's cached LSH attention). A reversible stack runs forward only: y1 = x1 + F(x2), y2 = x2 + G(y1).
+  writing its cache: full attention over the cached keys up to its position (a block at a time), local attention
+  over the ring buffer of its look-back window, LSH attention over the positions of the newest token's chunk in
+  every hash round (`cache.chunk_positions`, Hugging Face's cached LSH attention). A reversible stack runs forward only: y1 = x1 + F(x2), y2 = x2 + G(y1).
   `step` handles one sequence; `generation` maps it over the batch with jax.vmap.
 
 Both take the config from `cache.decode_config` (bucket counts fixed, no dropout).
@@ -33,6 +33,9 @@ from reformer_jax.model.reformer_lm import PositionalEmbedding, layer_period, ou
 
 Params = Dict[str, Any]
 Caches = List[cache_lib.Cache]
+# Cached positions a full-attention step reads at a time (`_attend_prefix`): per token it reads the blocks up to its
+# position, so at most this many positions past it.
+FULL_BLOCK = 512
 
 
 def layer_params(config: ModelConfig, params: Params, i: int):
@@ -183,11 +186,43 @@ def _attend_all(qk, keys, values, position):
     return _softmax_attend(dots, values, "hl,hlk->hk")
 
 
+def _attend_prefix(qk, keys, values, position, block: Optional[int] = None):
+    """`_attend_all` reading only the cached positions up to `position`, `block` (default FULL_BLOCK) at a time:
+    qk [h, k], keys, values [h, L, k] -> [h, k].
+
+    A loop over the blocks up to the one holding `position` (a softmax carried across blocks by its running
+    maximum and sum), so a step's cost follows the context, not the cache's length L. Positions after `position`
+    score MASK_VALUE, which adds exactly 0 as in `_attend_all`. Where block does not divide L the last block starts
+    at L - block instead, and the positions it shares with the block before it are left out of it.
+    """
+    length = keys.shape[1]
+    block = min(FULL_BLOCK if block is None else block, length)
+
+    def add_block(i, carry):
+        top, total, acc = carry
+        start = jnp.minimum(i * block, length - block)
+        seen = start + jnp.arange(block)
+        dots = jnp.einsum("hk,hbk->hb", qk, lax.dynamic_slice_in_dim(keys, start, block, axis=1))
+        dots = jnp.where(seen > position, MASK_VALUE, jnp.where(seen == position, SELF_MASK_VALUE, dots))
+        dots = jnp.where(seen < i * block, -jnp.inf, dots)  # already read by the block before
+        new_top = jnp.maximum(top, jnp.max(dots, axis=-1))
+        scale, weights = jnp.exp(top - new_top), jnp.exp(dots - new_top[:, None])
+        acc = acc * scale[:, None] + jnp.einsum("hb,hbk->hk", weights,
+                                                lax.dynamic_slice_in_dim(values, start, block, axis=1))
+        return new_top, total * scale + jnp.sum(weights, axis=-1), acc
+
+    heads = qk.shape[0]
+    init = (jnp.full((heads,), -jnp.inf, jnp.float32), jnp.zeros((heads,), jnp.float32),
+            jnp.zeros((heads, values.shape[-1]), jnp.float32))
+    _, total, acc = lax.fori_loop(0, position // block + 1, add_block, init)
+    return acc / total[:, None]
+
+
 def _full_step(config, attn_params, cache, h, position):
-    """Shared-QK attention of the newest position to every cached one. h [d] -> ([h, k], cache)."""
+    """Shared-QK attention of the newest position to every cached one up to it. h [d] -> ([h, k], cache)."""
     qk, v = _project(config, h, attn_params["qk"]), _project(config, h, attn_params["v"])
     keys, values = _write(cache["keys"], position, normalize_keys(qk)), _write(cache["values"], position, v)
-    return _attend_all(qk, keys, values, position), {"keys": keys, "values": values}
+    return _attend_prefix(qk, keys, values, position), {"keys": keys, "values": values}
 
 
 def _local_step(config, attn_params, cache, h, position):
