@@ -39,7 +39,7 @@ from absl import flags, logging
 from reformer_jax import cli, errors
 
 FLAGS = flags.FLAGS
-SPLITS = ("validation", "train")
+SPLITS = ("validation", "train", "test")  # test: ListOps' held-out split
 
 
 def _define_flags() -> None:
@@ -48,7 +48,8 @@ def _define_flags() -> None:
                         "score instead of a run: needs --data_path.")
     flags.DEFINE_string("data_path", None, "Score every window of this text file (instead of --split).")
     flags.DEFINE_enum("split", None, list(SPLITS), "Score the run's own data: the batches of this split that "
-                      "training evaluated on (default: validation).")
+                      "training evaluated on (default: validation); a ListOps run: every example of the split "
+                      "(test: the held-out one).")
     flags.DEFINE_integer("n_hashes", None, "LSH hash rounds at evaluation (default: the model's).")
     flags.DEFINE_integer("step", None, "The checkpoint to evaluate (default: the latest).")
     flags.DEFINE_integer("batches", None, "Batches to score (default: as many as training's validation used; all "
@@ -110,11 +111,11 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
         if data_path is None:
             raise data_lib.DataError(f"{flag}={workdir} is a converted checkpoint, which has no data of its own; pass "
                                      "--data_path=FILE to score a text file.")
-    copy_task = model.tokenizer is None
+    copy_task = model.tokenizer is None  # scored by accuracy: the copy task, or a classifier (ListOps)
     if data_path is not None:
         if copy_task:
-            raise data_lib.DataError(f"--data_path={data_path}: the run was trained on the copy task, not on text; "
-                                     "use --split.")
+            raise data_lib.DataError(f"--data_path={data_path}: the run was not trained on text "
+                                     f"({data_lib.DataSource.from_dict(model.data).label}); use --split.")
         source = str(Path(data_path).absolute())
         tokens = data_lib.read_text_tokens(Path(data_path), model.tokenizer)
         pad_id = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
@@ -122,9 +123,17 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
                                                       padded_length=config.padded_length)
     else:
         dataset = data_lib.reopen(model.data, seq_len=seq_len, tokenizer=model.tokenizer, flag=flag)
-        batches = batches or int(read_record(workdir).get("eval_batches", 4))
-        source = f"{split} split of {dataset.source}"
-        source_batches = (dataset.batch(split, seed, i, batch_size, seq_len) for i in range(batches))
+        if split == "test":  # a held-out set of examples (ListOps): each scored once, in order
+            if not hasattr(dataset, "eval_batches"):
+                raise data_lib.DataError(f"--split=test: the run's data ({dataset.source}) has no test split; use "
+                                         "--split=validation or --split=train.")
+            source = f"{'the first ' + str(batches) + ' batches' if batches else 'every example'} of the test " \
+                     f"split of {dataset.source}"
+            source_batches = itertools.islice(dataset.eval_batches(split, batch_size, seq_len), batches)
+        else:
+            batches = batches or int(read_record(workdir).get("eval_batches", 4))
+            source = f"{split} split of {dataset.source}"
+            source_batches = (dataset.batch(split, seed, i, batch_size, seq_len) for i in range(batches))
 
     first = next(iter(source_batches))  # its shapes (and mask, if any) are those the step is compiled for
     source_batches = itertools.chain([first], source_batches)
@@ -226,6 +235,9 @@ def describe_memory(entry: Dict[str, Any]) -> str:
 def describe(entry: Dict[str, Any]) -> str:
     """One line: what was scored and how well."""
     rounds = f", {entry['n_hashes']} hash rounds" if entry["n_hashes"] else ""
+    if entry["copy_task"] and "ListOps" in entry["data"]:
+        figures = f"accuracy {entry['accuracy']:.4f} (loss {entry['loss']:.4f} nats per example)"
+        return f"step {entry['step']}, {entry['data']} ({entry['tokens']:,} examples): {figures}"
     if entry["copy_task"]:
         figures = f"accuracy {entry['accuracy']:.4f} of the copied symbols (loss {entry['loss']:.4f} nats)"
     else:

@@ -78,6 +78,7 @@ def run() -> int:
     try:
         model = (saved_run.open_run(FLAGS.workdir) if FLAGS.workdir else
                  saved_run.open_model(FLAGS.init_from, flag="--init_from"))
+        generation.check_decoder(model.config, f"{model.flag}={model.path}")
         if model.tokenizer is None:
             raise LoadError(f"{model.flag}={model.path} is a model of symbols, not text (the copy task): a text "
                             "--prompt cannot be encoded for it; use reformer_jax.decoding.generate with token ids.")

@@ -20,6 +20,7 @@ from reformer_jax.model.config import PRESETS, ModelConfig
 from reformer_jax.model_flags import define_model_flags, parse_value
 from reformer_jax.training import data as data_lib
 from reformer_jax.training import devices
+from reformer_jax.training import tasks
 from reformer_jax.training.step import OPTIMIZERS
 
 FLAGS = flags.FLAGS
@@ -42,8 +43,14 @@ flags.DEFINE_integer("warmup_steps", None, "Linear warm-up steps (default: 10% o
 flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
 flags.DEFINE_enum("optimizer", "adafactor", list(OPTIMIZERS), "adafactor (the seed's choice) or adamw.")
 flags.DEFINE_float("clip_norm", 1.0, "Clip gradients to this global norm.")
-flags.DEFINE_enum("dataset", "tiny_shakespeare", list(data_lib.DATASETS), "tiny_shakespeare (byte-level), "
-                  "synthetic (the paper's copy task 0 w 0 w, runs offline) or text (any file at --data_path).")
+flags.DEFINE_enum("task", "lm", list(tasks.TASKS), "lm (next-token language model), mlm (masked bytes, a "
+                  "bidirectional encoder) or classify (sequence classification with a bidirectional encoder, on "
+                  "--dataset=listops). Sets the model fields the task needs (model flags given still win).")
+flags.DEFINE_float("mask_rate", data_lib.MLM_RATE, "--task=mlm: the share of positions masked (BERT's 80/10/10).")
+flags.DEFINE_enum("dataset", None, list(data_lib.DATASETS), "tiny_shakespeare (byte-level), synthetic (the paper's "
+                  "copy task 0 w 0 w, runs offline), text (any file at --data_path) or listops (ListOps, generated: "
+                  "--task=classify, lengths up to min(--seq_len, 2000)). Default: listops for --task=classify, else "
+                  "tiny_shakespeare.")
 flags.DEFINE_string("data_path", None, "Path of the text file (tiny_shakespeare: default the copy packaged with "
                     "reformer_jax, checked by sha256).")
 flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics.jsonl and summary.json.")
@@ -148,7 +155,7 @@ def model_config_from_flags() -> ModelConfig:
     """The ModelConfig the flags describe; a bad value raises UsageError naming the flag."""
     if FLAGS.init_from:
         return _config_from_init_from()
-    overrides = _model_overrides(MODEL_FLAGS)
+    overrides = {**tasks.model_fields(FLAGS.task), **_model_overrides(MODEL_FLAGS)}
     overrides.setdefault("max_len", FLAGS.seq_len)
     try:
         config = ModelConfig.preset(FLAGS.model, **overrides)
@@ -181,12 +188,12 @@ def validate_run_flags() -> None:
     """Range checks of the run's flags (the model's are ModelConfig's), before anything is compiled."""
     apply_named_sizes()
     run_options()  # the run's own values, checked by TrainOptions
-    vocab = FLAGS.vocab_size
-    if vocab is not None and FLAGS.dataset == "synthetic" and vocab < 2:
+    vocab, dataset = FLAGS.vocab_size, dataset_flag()
+    if vocab is not None and dataset == "synthetic" and vocab < 2:
         raise app.UsageError(f"--vocab_size={vocab} is invalid for --dataset=synthetic: the copy task needs at least "
                              "one symbol besides 0 (--vocab_size >= 2).")
-    if vocab is not None and FLAGS.dataset != "synthetic" and vocab < data_lib.BYTE_VOCAB_SIZE:
-        raise app.UsageError(f"--vocab_size={vocab} is too small for byte-level --dataset={FLAGS.dataset}; use "
+    if vocab is not None and dataset in ("tiny_shakespeare", "text") and vocab < data_lib.BYTE_VOCAB_SIZE:
+        raise app.UsageError(f"--vocab_size={vocab} is too small for byte-level --dataset={dataset}; use "
                              f"{data_lib.BYTE_VOCAB_SIZE} (or leave it unset).")
     if FLAGS.compilation_cache_dir is not None:
         from reformer_jax.xla.compilation_cache import check_cache_dir
@@ -195,7 +202,10 @@ def validate_run_flags() -> None:
             check_cache_dir(FLAGS.compilation_cache_dir)
         except ValueError as error:
             raise app.UsageError(str(error)) from None
-    if FLAGS.dataset == "text" and not FLAGS.data_path:
+    if FLAGS.task != "lm" and FLAGS.causal:
+        raise app.UsageError(f"--causal is invalid with --task={FLAGS.task}: the task trains a bidirectional encoder; "
+                             "leave --causal out, or use --task=lm for a causal language model.")
+    if dataset == "text" and not FLAGS.data_path:
         raise app.UsageError("--dataset=text needs --data_path=FILE.")
     if (FLAGS.num_processes is None) != (FLAGS.process_id is None) or (
             FLAGS.num_processes is not None and not FLAGS.coordinator_address):
@@ -300,6 +310,11 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def dataset_flag() -> str:
+    """--dataset, or the task's default: listops for --task=classify, tiny_shakespeare otherwise."""
+    return FLAGS.dataset or ("listops" if FLAGS.task == "classify" else "tiny_shakespeare")
+
+
 def run_options(**resolved):
     """TrainOptions from the flags (`resolved`: the values main fills in once jax has started); a value
     TrainOptions refuses is a one-line UsageError naming its flag."""
@@ -307,9 +322,10 @@ def run_options(**resolved):
 
     names = ("workdir", "steps", "schedule_steps", "warmup_steps", "learning_rate", "optimizer", "clip_norm",
              "batch_size", "seq_len", "dataset", "data_path", "seed", "eval_every", "eval_batches", "checkpoint_every",
-             "sample_len", "analyze_memory", "skip_nonfinite", "init_from", "time_limit_minutes", "lean_compile")
+             "sample_len", "analyze_memory", "skip_nonfinite", "init_from", "time_limit_minutes", "lean_compile",
+             "task", "mask_rate")
     try:
-        return TrainOptions(**{**{name: FLAGS[name].value for name in names}, **resolved})
+        return TrainOptions(**{**{name: FLAGS[name].value for name in names}, "dataset": dataset_flag(), **resolved})
     except SettingError as error:
         raise app.UsageError(error.as_flags()) from None
 

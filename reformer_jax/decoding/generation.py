@@ -120,9 +120,19 @@ def _as_prompt_rows(prompts: Prompts) -> List[np.ndarray]:
     return rows
 
 
+def check_decoder(config: ModelConfig, what: str = "the model") -> None:
+    """GenerateError unless `config` is a causal language model: an encoder (`reformer_jax.model.heads`) sees the
+    tokens after each position, so it has no next-token distribution to decode from."""
+    if config.head != "lm" or not config.causal:
+        kind = "a masked-LM encoder" if config.head == "lm" else f"a bidirectional {config.head.replace('_', '-')} model"
+        raise GenerateError(f"{what} is {kind}, not a causal language model: it cannot generate text (evaluate it "
+                            "instead).")
+
+
 def check_arguments(config: ModelConfig, prompts: Prompts, max_new_tokens: int, temperature: float,
                     top_k: Optional[int], top_p: Optional[float], greedy: bool) -> List[np.ndarray]:
     """The prompts as int arrays; GenerateError (one line) for anything that cannot be generated."""
+    check_decoder(config)
     rows = _as_prompt_rows(prompts)
     for i, row in enumerate(rows):
         if row.size == 0:

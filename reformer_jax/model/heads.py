@@ -65,12 +65,14 @@ class QuestionAnsweringHead(nn.Module):
         return logits[..., 0].astype(jnp.float32), logits[..., 1].astype(jnp.float32)
 
 
-def classification_loss_terms(logits: jax.Array, labels: jax.Array) -> Sums:
-    """Sums over the batch of cross-entropy, correct predictions and examples: logits [b, C], labels int [b]."""
+def classification_loss_terms(logits: jax.Array, labels: jax.Array, weights=None) -> Sums:
+    """Sums over the batch of cross-entropy, correct predictions and examples: logits [b, C], labels int [b];
+    weights [b] (default 1) leave out the rows that only fill a last evaluation batch."""
+    weights = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(losses), "correct_sum": jnp.sum(correct),
-            "weight_sum": jnp.asarray(labels.shape[0], jnp.float32)}
+    return {"loss_sum": jnp.sum(losses * weights), "correct_sum": jnp.sum(correct * weights),
+            "weight_sum": jnp.sum(weights)}
 
 
 def span_loss_terms(start_logits: jax.Array, end_logits: jax.Array, start_positions: jax.Array,

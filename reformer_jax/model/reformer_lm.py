@@ -372,7 +372,7 @@ class ReformerForSequenceClassification(ReformerTrunk):
     """The trunk and a classification head on its first position (`heads.ClassificationHead`).
 
     __call__(tokens [b, l], *, deterministic=True, attention_mask=None) -> logits [b, config.num_labels].
-    batch_loss_terms({inputs, attention_mask, labels [b]}) -> the loss sums of the training step.
+    batch_loss_terms({inputs, attention_mask, labels [b], optional weights [b]}) -> the loss sums of the step.
     """
 
     def setup(self):
@@ -387,7 +387,7 @@ class ReformerForSequenceClassification(ReformerTrunk):
     def batch_loss_terms(self, batch, *, deterministic: bool = True, lsh_rotations=None):
         logits = self(batch["inputs"], deterministic=deterministic, attention_mask=batch["attention_mask"],
                       lsh_rotations=lsh_rotations)
-        return heads.classification_loss_terms(logits, batch["labels"])
+        return heads.classification_loss_terms(logits, batch["labels"], batch.get("weights"))
 
 
 class ReformerForQuestionAnswering(ReformerTrunk):

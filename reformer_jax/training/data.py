@@ -22,6 +22,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 from reformer_jax import tokenizers
+from reformer_jax.training import listops
 from reformer_jax.errors import setting
 
 PAD_ID, EOS_ID, BOS_ID = tokenizers.BYTES.pad_id, tokenizers.BYTES.eos_id, tokenizers.BYTES.bos_id
@@ -34,7 +35,7 @@ MLM_RATE = 0.15  # BERT's share of positions to predict
 TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 PACKAGED_TINY_SHAKESPEARE = "assets/tinyshakespeare.txt.xz"  # inside this package (public-domain text)
-DATASETS = ("tiny_shakespeare", "synthetic", "text")
+DATASETS = ("tiny_shakespeare", "synthetic", "text", "listops")
 VALIDATION_FRACTION = 0.1
 
 Batch = Dict[str, np.ndarray]
@@ -112,7 +113,9 @@ class DataSource:
 
     kind "packaged": the tiny Shakespeare copy shipped with reformer_jax, by name and sha256;
     kind "file": a file by absolute path and sha256 (--data_path);
-    kind "synthetic": the copy task, by its vocabulary.
+    kind "synthetic": the copy task, by its vocabulary;
+    kind "listops": the ListOps task, by its generator's settings (`listops.ListOps.to_dict`).
+    `mask_rate` (text kinds): the text is read as masked-LM batches at that rate (`MaskedText`).
     """
 
     kind: str
@@ -120,9 +123,13 @@ class DataSource:
     sha256: Optional[str] = None
     path: Optional[str] = None
     vocab_size: Optional[int] = None
+    mask_rate: Optional[float] = None
+    listops: Optional[Dict[str, int]] = None
 
     @property
     def label(self) -> str:
+        if self.kind == "listops":
+            return listops.ListOps(**self.listops).source
         return {"packaged": PACKAGED_LABEL, "synthetic": COPY_TASK_LABEL}.get(self.kind, self.path or "")
 
     def to_dict(self) -> Dict[str, object]:
@@ -134,7 +141,7 @@ class DataSource:
             source = cls(**record)
         except TypeError as error:
             raise DataError(f"the recorded data source {record!r} is not one this version reads ({error}).") from None
-        if source.kind not in ("packaged", "file", "synthetic"):
+        if source.kind not in ("packaged", "file", "synthetic", "listops"):
             raise DataError(f"the recorded data source {record!r} has an unknown kind {source.kind!r}.")
         return source
 
@@ -247,7 +254,7 @@ class MaskedText:
 
     @property
     def origin(self) -> Optional[DataSource]:
-        return self.text.origin
+        return None if self.text.origin is None else dataclasses.replace(self.text.origin, mask_rate=self.rate)
 
     def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int) -> Batch:
         windows = self.text.batch(split, seed, step, batch_size, seq_len)["inputs"]  # [b, seq_len]
@@ -288,12 +295,34 @@ def consecutive_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_b
         yield {**batch, "attention_mask": mask} if not mask.all() else batch
 
 
+LISTOPS_LONGEST = 2000  # Long Range Arena's longest ListOps sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class ListOpsData(listops.ListOps):
+    """`listops.ListOps` with the DataSource that reopens it."""
+
+    @property
+    def origin(self) -> DataSource:
+        return DataSource(kind="listops", dataset="listops", listops=self.to_dict())
+
+
+def listops_task(seq_len: int) -> ListOpsData:
+    """The ListOps task of a run at seq_len: lengths from a quarter of the longest to the longest, which is seq_len
+    up to Long Range Arena's 2,000 (LRA: 500-2,000); LRA's depth, arguments and split sizes."""
+    longest = min(seq_len, LISTOPS_LONGEST)
+    return ListOpsData(min_length=max(listops.SHORTEST, longest // 4), max_length=longest)
+
+
 def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vocab_size: int = BYTE_VOCAB_SIZE,
-                 tokenizer: tokenizers.Tokenizer = tokenizers.BYTES):
+                 tokenizer: tokenizers.Tokenizer = tokenizers.BYTES, mask_rate: Optional[float] = None):
     """The dataset behind --dataset: an object with .batch(split, seed, step, batch_size, seq_len), .source (a label)
-    and .origin (the DataSource that reopens it), its text encoded by `tokenizer`."""
+    and .origin (the DataSource that reopens it), its text encoded by `tokenizer`; with `mask_rate`, a text's
+    masked-LM batches (`MaskedText`)."""
     if name == "synthetic":
         return CopyTask(vocab_size=vocab_size)
+    if name == "listops":
+        return listops_task(seq_len)
     if name not in DATASETS:
         raise DataError(f"{setting('dataset')}={name!r} is unknown; expected one of {', '.join(DATASETS)}.")
     if vocab_size < tokenizer.vocab_size:
@@ -308,7 +337,8 @@ def load_dataset(name: str, *, seq_len: int, data_path: Optional[str] = None, vo
     sha256 = hashlib.sha256(raw).hexdigest()
     origin = (DataSource(kind="packaged", dataset=name, sha256=sha256) if not data_path else
               DataSource(kind="file", dataset=name, sha256=sha256, path=str(Path(source).absolute())))
-    return TextData.from_tokens(tokenizer.encode_bytes(raw), seq_len, source=source, origin=origin)
+    text = TextData.from_tokens(tokenizer.encode_bytes(raw), seq_len, source=source, origin=origin)
+    return text if mask_rate is None else MaskedText(text, mask_rate)
 
 
 def reopen(record: Dict[str, object], *, seq_len: int, tokenizer: Optional[tokenizers.Tokenizer] = tokenizers.BYTES,
@@ -319,6 +349,8 @@ def reopen(record: Dict[str, object], *, seq_len: int, tokenizer: Optional[token
     source = DataSource.from_dict(record)
     if source.kind == "synthetic":
         return CopyTask(vocab_size=int(source.vocab_size))
+    if source.kind == "listops":
+        return ListOpsData(**source.listops)
     if source.kind == "packaged":
         raw = packaged_tiny_shakespeare()
     else:
@@ -330,5 +362,6 @@ def reopen(record: Dict[str, object], *, seq_len: int, tokenizer: Optional[token
     if actual != source.sha256:
         raise DataError(f"{flag}: the run's data {source.label} has sha256 {actual}, not the {source.sha256} it was "
                         f"trained on (the file changed); pass {setting('data_path')}=FILE to score it as a new file.")
-    return TextData.from_tokens(tokenizer.encode_bytes(raw), seq_len, source=source.label if source.kind == "packaged"
-                                else source.path, origin=source)
+    text = TextData.from_tokens(tokenizer.encode_bytes(raw), seq_len, source=source.label if source.kind == "packaged"
+                                else source.path, origin=dataclasses.replace(source, mask_rate=None))
+    return text if source.mask_rate is None else MaskedText(text, source.mask_rate)

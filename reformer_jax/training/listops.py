@@ -401,12 +401,16 @@ class ListOps:
         if seq_len < self.max_length:
             raise SettingError("", "seq_len", seq_len, f"is shorter than ListOps.max_length={self.max_length}; use "
                                f"seq_len >= {self.max_length} or a smaller max_length.")
-        tokens, lengths, labels = _split_examples(split, self.size(split), self.data_seed, self.min_length,
-                                                  self.max_length, self.max_depth, self.max_args)
+        # Only the rows asked for are generated (each a pure function of its index): a run starts at once, and
+        # a short one never pays for the whole split.
         inputs = np.full((len(rows), seq_len), PAD_ID, np.int32)
-        inputs[:, :self.max_length] = tokens[rows]
-        return {"inputs": inputs, "attention_mask": np.arange(seq_len)[None, :] < lengths[rows][:, None],
-                "labels": labels[rows]}
+        lengths = np.zeros(len(rows), np.int32)
+        labels = np.zeros(len(rows), np.int32)
+        for i, row in enumerate(rows):
+            ids, labels[i] = _example(split, int(row), self.data_seed, self.min_length, self.max_length,
+                                      self.max_depth, self.max_args)
+            inputs[i, :len(ids)], lengths[i] = ids, len(ids)
+        return {"inputs": inputs, "attention_mask": np.arange(seq_len)[None, :] < lengths[:, None], "labels": labels}
 
     def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: Optional[int] = None) -> Batch:
         """Batch `step`: rows step * b .. (step + 1) * b of an endless sequence of epochs, each a permutation of

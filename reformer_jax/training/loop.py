@@ -30,6 +30,7 @@ from reformer_jax.training import evaluation
 from reformer_jax.training import saved_run
 from reformer_jax.training import step as train
 from reformer_jax.training import step_builder
+from reformer_jax.training import tasks
 from reformer_jax.training.checkpoint import (RUN_SETTINGS_FILE, Checkpointer, WorkdirError, check_run_settings,
                                      ensure_writable_workdir, refuse_to_overwrite_a_run, write_json_atomic)
 from reformer_jax.model.config import ModelConfig
@@ -60,6 +61,8 @@ class TrainOptions:
     seq_len: int = 1024
     dataset: str = "tiny_shakespeare"
     data_path: Optional[str] = None
+    task: str = "lm"  # lm, mlm or classify (`reformer_jax.training.tasks`); the model must fit it
+    mask_rate: float = data_lib.MLM_RATE  # the share of positions an mlm batch masks
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 4
@@ -105,6 +108,7 @@ class TrainOptions:
             fail("optimizer", f"is invalid: expected one of {', '.join(train.OPTIMIZERS)}.")
         if self.dataset not in data_lib.DATASETS:
             fail("dataset", f"is invalid: expected one of {', '.join(data_lib.DATASETS)}.")
+        tasks.check_options(self.task, self.dataset, self.mask_rate)
         if self.dataset == "synthetic" and (self.seq_len % 2 or self.seq_len < 4):
             fail("seq_len", "is invalid for TrainOptions.dataset=synthetic: the copy task needs an even length >= 4.")
 
@@ -132,7 +136,7 @@ class TrainOptions:
         """The run's tokenizer: --init_from's model's, else bytes + 3 for text (none for the copy task)."""
         if self.init_from:
             return saved_run.open_model(self.init_from).tokenizer
-        return None if self.dataset == "synthetic" else tokenizers.BYTES
+        return None if self.dataset in ("synthetic", "listops") else tokenizers.BYTES
 
 
 @functools.lru_cache(maxsize=8)
@@ -257,9 +261,11 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
     workdir = Path(options.workdir)
     ensure_writable_workdir(workdir)
     tokenizer = options.tokenizer()
+    tasks.check_model(config, options.task)
     if dataset is None:
         dataset = data_lib.load_dataset(options.dataset, seq_len=options.seq_len, data_path=options.data_path,
-                                        vocab_size=config.vocab_size, tokenizer=tokenizer or tokenizers.BYTES)
+                                        vocab_size=config.vocab_size, tokenizer=tokenizer or tokenizers.BYTES,
+                                        mask_rate=options.mask_rate if options.task == "mlm" else None)
     settings = options.run_settings(config, tokenizer, getattr(dataset, "origin", None))
     check_run_settings(workdir, settings)
     devices = options.devices()
@@ -346,8 +352,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
                 row.update(evaluate(eval_fn, state.params, dataset, options, data_sharding))
                 val = {k: row[k] for k in VALIDATION_KEYS[:-1]}
                 val["val_step"] = done
-                progress.message(f"step {done}: validation loss {val['val_loss']:.4f}, bpc {val['val_bpc']:.3f}, "
-                                 f"accuracy {val['val_accuracy']:.3f}")
+                progress.message(f"step {done}: validation " + _scores(val["val_loss"], val["val_accuracy"], config))
             if done in skipped:
                 row["skipped"] = True
             if step == start_step:
@@ -357,7 +362,7 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
             if board:
                 board.write(row)
             last_metrics = row
-            progress.update(done, metrics["loss"], row["tokens_per_sec"])
+            progress.update(done, metrics["loss"], row["tokens_per_sec"], bpc=config.head == "lm")
             stopped_by_time_limit = out_of_time
             if (options.checkpoint_every and done % options.checkpoint_every == 0) or final_step:
                 checkpointer.save(done, state)
@@ -385,13 +390,15 @@ def train_and_evaluate(config: ModelConfig, options: TrainOptions, *, dataset=No
         if board:
             board.close()
 
-    sample_text = _sample_text(config, state.params, dataset, options, tokenizer) if options.sample_len else None
+    # An encoder predicts no next token: nothing to sample.
+    sample_text = (_sample_text(config, state.params, dataset, options, tokenizer)
+                   if options.sample_len and config.causal else None)
     summary = record(int(state.step))
     if sample_text is not None:
         summary["sample"] = sample_text
     if _is_main_process():
         summary = update_record(workdir, summary)
-        _print_summary(summary, invocation_steps=(start_step, int(state.step)),
+        _print_summary(summary, config, invocation_steps=(start_step, int(state.step)),
                        invocation_seconds=time.perf_counter() - invocation_started)
     summary["state"] = state
     return summary
@@ -436,17 +443,27 @@ def _sample_text(config: ModelConfig, params, dataset, options: TrainOptions, to
     return format_sample(tokenizer.decode(prompt), tokenizer.decode(tokens))
 
 
-def _print_summary(summary: Dict[str, Any], invocation_steps: Tuple[int, int], invocation_seconds: float) -> None:
+def _scores(loss: float, accuracy: float, config: ModelConfig) -> str:
+    """A loss as a line says it: in bits per character for a language model's tokens, per example otherwise."""
+    if config.head == "lm":
+        return f"loss {loss:.4f} ({loss / math.log(2):.3f} bpc), accuracy {accuracy:.3f}"
+    return f"loss {loss:.4f}, accuracy {accuracy:.3f}"
+
+
+def _print_summary(summary: Dict[str, Any], config: ModelConfig, invocation_steps: Tuple[int, int],
+                   invocation_seconds: float) -> None:
     first, last = invocation_steps
     lines = [f"done: steps {first + 1}-{last} in {format_duration(invocation_seconds)} (this invocation); the run: "
              f"{summary['steps']} "
              f"steps, {summary['tokens']:,} tokens, {format_duration(summary['wall_seconds'])} over "
              f"{summary['invocations']} invocation{'s' if summary['invocations'] > 1 else ''}"]
     if summary.get("train_loss") is not None:
-        lines.append(f"  train loss {summary['train_loss']:.4f} ({summary['train_bpc']:.3f} bpc)")
+        train_loss = summary["train_loss"]
+        lines.append(f"  train loss {train_loss:.4f}" + (f" ({summary['train_bpc']:.3f} bpc)" if config.head == "lm"
+                                                         else ""))
     if "val_loss" in summary:
-        lines.append(f"  validation loss {summary['val_loss']:.4f} ({summary['val_bpc']:.3f} bpc), accuracy "
-                     f"{summary['val_accuracy']:.3f} at step {summary['val_step']}")
+        lines.append(f"  validation {_scores(summary['val_loss'], summary['val_accuracy'], config)} at step "
+                     f"{summary['val_step']}")
     lines.append(f"  checkpoints: {summary['checkpoint']}")
     if "sample" in summary:
         lines.append("  sample:\n" + "\n".join("    | " + line for line in summary["sample"].splitlines()))

@@ -50,13 +50,16 @@ class Progress:
         self._first_done = time.perf_counter()
         self.message(f"compilation and first step: {seconds:.1f} s{note}")
 
-    def update(self, step: int, loss: float, tokens_per_sec: float, extra: str = "") -> None:
+    def update(self, step: int, loss: float, tokens_per_sec: float, extra: str = "", bpc: bool = True) -> None:
+        """One step's line: its loss (and bits per character, unless `bpc` is False: a classifier's loss is per
+        example), throughput and the time left."""
         if self._first_done is None:
             self._first_done = time.perf_counter()
         done = step - self.start
         width = len(str(self.total))
         eta = self.eta_seconds(step)
-        figures = (f"loss {loss:.4f} | bpc {loss / math.log(2):.3f} | {tokens_per_sec:,.0f} tok/s | "
+        figures = (f"loss {loss:.4f} | " + (f"bpc {loss / math.log(2):.3f} | " if bpc else "")
+                   + f"{tokens_per_sec:,.0f} tok/s | "
                    f"ETA {format_duration(eta) if math.isfinite(eta) else '...'}{extra}")
         if self.interactive:
             filled = int(self.BAR_WIDTH * step / max(self.total, 1))
