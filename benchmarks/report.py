@@ -20,9 +20,9 @@ from benchmarks import targets
 from benchmarks.output import atomic_write_text, read_json
 
 MEMORY = ("variants", "hashes", "layers", "seqlen", "timeline", "floor", "runtime")
-ORDER = MEMORY + ("mesh_memory", "tpu", "tpu_longest", "tpu_long", "speed_peers", "speed_length", "speed_linearity",
-                  "speed_profile", "hf_enwik8_65536", "generate", "generate_bpc", "reversible_drift",
-                  "quality_shakespeare", "quality_synthetic")
+ORDER = MEMORY + ("mesh_memory", "tpu", "tpu_longest", "tpu_long", "speed_peers", "speed", "speed_length",
+                  "speed_linearity", "speed_profile", "hf_enwik8_65536", "generate", "generate_full", "generate_bpc",
+                  "reversible_drift", "quality_shakespeare", "quality_synthetic")
 TITLES = {"mesh_memory": "On a device mesh: per-device memory"}  # results whose Markdown has no title of its own
 TARGETS = {"mesh_memory": targets.mesh_target_lines, "speed_peers": targets.peer_target_lines,
            "speed_length": targets.length_target_lines, "speed_linearity": targets.linearity_target_lines}
