@@ -74,16 +74,32 @@ def test_a_length_the_model_refuses_is_refused():
         flops.train_step_flops(TINY, 1, 18)
 
 
-def test_the_matrix_products_of_a_compiled_unrolled_step_are_the_count():
+def test_a_bidirectional_encoder_with_a_classification_head():
+    # Local chunks of 8 seeing 1 before and 1 after (s = 24), LSH chunks of 4 seeing 1 before and 2 after (s = 16,
+    # 2 rounds); the head reads the first position only: dense [d, d] and out_proj [d, 3].
+    config = ModelConfig(vocab_size=11, d_model=8, n_heads=2, d_ff=5, n_layers=2, max_len=32,
+                         attn_layers=("local", "lsh"), causal=False, n_hashes=2, chunk_len=4, n_buckets=4, n_chunks_before=1, n_chunks_after=2,
+                         local_chunk_len=8, local_n_chunks_before=1, local_n_chunks_after=1, head="classification",
+                         num_labels=3, pos_embedding="absolute")
+    counted = flops.train_step_flops(config, 2, 32)
+    assert counted.parts["attention"].forward == 2 * (2 * 2 * 2 * 32 * 24 * 4) + 2 * 2 * (2 * 2 * 2 * 32 * 16 * 4)
+    assert counted.parts["output_head"].forward == 2 * 2 * (8 * 8 + 8 * 3)
+
+
+@pytest.mark.parametrize("head", ["lm", "classification"])
+def test_the_matrix_products_of_a_compiled_unrolled_step_are_the_count(head):
     """A step with no loop in it (layers unrolled, no chunked loss, heads at once, no LSH: its hash and rounds
     loop): the products in XLA's compiled program (2 x output size x contracted size of each dot) add up to the count
-    exactly. XLA's cost_analysis counts elementwise work too, so it is above it."""
+    exactly. XLA's cost_analysis counts elementwise work too, so it is above it. The token head's causal stack
+    looks 2 local chunks back; the classification head's bidirectional one 1 back and 1 ahead."""
     from reformer_jax.training.step_builder import build_train_step
     from reformer_jax.xla import profile
 
+    window = (dict(local_n_chunks_before=2) if head == "lm" else
+              dict(local_n_chunks_before=1, local_n_chunks_after=1, causal=False, head=head, num_labels=3))
     config = ModelConfig.preset("transformer", vocab_size=37, d_model=16, n_heads=2, d_ff=24, n_layers=2, max_len=32,
-                                attn_layers=("local", "full"), local_chunk_len=8, local_n_chunks_before=2,
-                                dropout=0.0, scan_layers=False, output_chunk_len=0, pos_embedding="absolute")
+                                attn_layers=("local", "full"), local_chunk_len=8, dropout=0.0, scan_layers=False,
+                                output_chunk_len=0, pos_embedding="absolute", **window)
     compiled = build_train_step(config).compile(2, 32)
     ops = profile.parse_hlo(compiled.as_text())
     assert not [op for op in ops.values() if op.opcode == "while"], "the step has a loop: its body counts once"

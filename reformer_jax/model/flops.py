@@ -121,13 +121,12 @@ def layer_forward_flops(config: ModelConfig, kind: str, batch: int, seq_len: int
     """{part: forward FLOPs} of one layer whose attention is `kind`, for PARTS but the output head."""
     b, l, d, h, k = batch, seq_len, config.d_model, config.n_heads, config.d_head
     projections = (4 if kind == "local" else 3) * 2 * b * l * d * h * k  # q, k, v (or qk, v) and out
-    # Look-ahead chunks: 0 where the config has no such field (causal models look back only).
     if kind == "local":
         window = dict(chunk_len=config.local_chunk_len, n_chunks_before=config.local_n_chunks_before,
-                      n_chunks_after=getattr(config, "local_n_chunks_after", 0))
+                      n_chunks_after=config.local_n_chunks_after)
     else:
         window = dict(chunk_len=config.chunk_len, n_chunks_before=config.n_chunks_before,
-                      n_chunks_after=getattr(config, "n_chunks_after", 0))
+                      n_chunks_after=config.n_chunks_after)
     attention = attention_product_flops(kind, batch=b, heads=h, length=l, d_head=k, n_hashes=config.n_hashes,
                                         **window)
     hashing = 2 * b * h * l * k * config.n_hashes * hash_columns(config.resolved_n_buckets(l)) if kind == "lsh" else 0
@@ -143,10 +142,9 @@ def forward_flops(config: ModelConfig, batch: int, seq_len: int) -> Dict[str, in
         for part, value in layer_forward_flops(config, kind, batch, seq_len).items():
             totals[part] += value
     width = 2 * config.d_model if config.output_head == "concat" else config.d_model
-    head = getattr(config, "head", "lm")
-    if head == "classification":  # dense [w, d] and out_proj [d, labels] on the first position
+    if config.head == "classification":  # dense [w, d] and out_proj [d, labels] on the first position
         totals["output_head"] = 2 * batch * (width * config.d_model + config.d_model * config.num_labels)
-    elif head == "question_answering":  # start and end logits at every position
+    elif config.head == "question_answering":  # start and end logits at every position
         totals["output_head"] = 2 * batch * seq_len * width * 2
     else:  # a token's logits at every position
         totals["output_head"] = 2 * batch * seq_len * width * config.vocab_size
@@ -169,7 +167,7 @@ def dense_matmul_shapes(config: ModelConfig, batch: int, seq_len: int) -> List[T
     width = 2 * config.d_model if config.output_head == "concat" else config.d_model
     hk = config.n_heads * config.d_head
     shapes = [(rows, config.d_model, hk), (rows, config.d_model, config.d_ff), (rows, config.d_ff, config.d_model)]
-    return shapes + ([(rows, width, config.vocab_size)] if getattr(config, "head", "lm") == "lm" else [])
+    return shapes + ([(rows, width, config.vocab_size)] if config.head == "lm" else [])
 
 
 def achieved(step: StepFlops, step_s: Optional[float], matmul_flops_per_s: Optional[float]) -> Dict[str, object]:
