@@ -9,7 +9,8 @@ the seed's experiment 1), hashes (the Reformer at each --hash_sweep, experiment 
 Transformer at each --layer_sweep, experiment 3), seqlen (the presets at --lengths: the growth exponent of
 activation memory beside Table 5's), timeline (live bytes across one step's schedule, from XLA's buffer dumps, and
 the peak by named scope), runtime (real steps per variant in their own processes: device peak or process RSS),
-floor (the memory-floor targets, judged by benchmarks.targets), all (all of these) and tpu (the step compiled for
+floor (the memory-floor targets, judged by benchmarks.targets), encoder (the presets as bidirectional ListOps
+classifiers beside the causal models, and the Reformer classifier at --floor_hashes rounds), all (all of these) and tpu (the step compiled for
 TPU chips by libtpu on this machine: benchmarks/tpu_memory.py; not in all).
 
 Every figure is the compile-time analysis of the training step `reformer_jax.memory` builds (the step main.py
@@ -39,7 +40,7 @@ from benchmarks.output import MIB, Row
 from reformer_jax.model.config import DTYPES, PRESETS
 from reformer_jax.model.sizes import SEED
 
-EXPERIMENTS = ("variants", "hashes", "layers", "seqlen", "timeline", "floor", "runtime")
+EXPERIMENTS = ("variants", "hashes", "layers", "seqlen", "timeline", "floor", "runtime", "encoder")
 EXPERIMENT_CHOICES = EXPERIMENTS + ("tpu", "all")  # "tpu" compiles for TPU slices (needs libtpu), so "all" leaves it out
 OPTIMIZER_CHOICES = ("adafactor", "adamw", "none")
 FLOOR_PEAK_LIMIT_BYTES = 16 * 2**30
@@ -264,7 +265,7 @@ def _write(settings: Settings, name: str, rows: List[Row], markdown: str, plot: 
 
 
 FIGURE_SIZES = {"variants": (8.5, 5), "hashes": (7.5, 4.8), "layers": (7.5, 4.8), "seqlen": (7.5, 5),
-                "timeline": (9, 5), "runtime": (7.5, 4.8), "floor": (8, 4.2)}
+                "timeline": (9, 5), "runtime": (7.5, 4.8), "floor": (8, 4.2), "encoder": (8.5, 5)}
 
 
 def _finish(ax, title: str, legend: bool = True, **grid: Any) -> None:
@@ -689,10 +690,56 @@ def run_floor(settings: Settings) -> List[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The encoder: each preset as a bidirectional classifier (a chunk ahead as one behind, a padded batch, ListOps'
+# 10 classes), the training step of `main.py --task=classify`, beside the causal language model.
+
+ENCODER = dict(causal=False, n_chunks_after=1, head="classification", num_labels=10)
+
+
+def run_encoder(settings: Settings) -> List[Row]:
+    cells = ([(m, {}) for m in settings.models] + [(m, ENCODER) for m in settings.models]
+             + [("reformer", {**ENCODER, "n_hashes": n}) for n in settings.floor_hashes if n != settings.n_hashes])
+    rows = []
+    for i, (model, overrides) in enumerate(cells):
+        row = measure_row(settings, "encoder", model, progress=f"{i + 1}/{len(cells)}", **overrides)
+        row["head"] = "classifier (bidirectional)" if overrides else "language model (causal)"
+        rows.append(row)
+    classifiers = [r for r in rows if r["head"].startswith("classifier")]
+    transformer = next((r["peak_bytes"] for r in classifiers if r["model"] == "transformer"), None)
+    for row in rows:
+        row["over_transformer_classifier"] = row["peak_bytes"] / transformer if transformer else None
+    by_rounds = {r["n_hashes"]: r["peak_bytes"] for r in classifiers if r["model"] == "reformer"}
+    low, high = settings.floor_hashes
+    lines = ["# The encoder: bidirectional classifiers beside the causal language models\n",
+             output.markdown_table(rows, [
+                 (lambda r: _label(r).replace(" LM", ""), "model", "s"), ("head", "head", "s"),
+                 ("n_hashes", "hash rounds", ""),
+                 ("peak_bytes", "peak MiB", "mib"), ("activation_bytes", "activations + temporaries MiB", "mib"),
+                 ("over_transformer_classifier", "/ Transformer classifier", ".3f")])]
+    if low in by_rounds and high in by_rounds:
+        lines.append(f"\nReformer classifier: {high} hash rounds / {low}: {by_rounds[high] / by_rounds[low]:.3f} "
+                     "(peak bytes).\n")
+
+    def plot(ax):
+        names = [f"{_label(r).replace(' LM', '')}\n{'classifier' if r['head'].startswith('classifier') else 'LM'}"
+                 + (f" r={r['n_hashes']}" if r["n_hashes"] and r["n_hashes"] != settings.n_hashes else "")
+                 for r in rows]
+        ax.bar(range(len(rows)), [r["peak_bytes"] / MIB for r in rows],
+               color=["#c44e52" if r["head"].startswith("classifier") else "#4c72b0" for r in rows])
+        ax.set_xticks(range(len(rows)), names, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("peak MiB (compile time, log scale)")
+        _finish(ax, f"Training-step peak, causal LM (blue) and bidirectional classifier (red), l={settings.seq_len}",
+                legend=False, axis="y", which="both")
+
+    return _write(settings, "encoder", rows, "\n".join(lines), plot)
+
+
 RUNNERS: Dict[str, Callable[[Settings], List[Row]]] = {
     "variants": lambda s: run_sweep(s, "variants"), "hashes": lambda s: run_sweep(s, "hashes"),
     "layers": lambda s: run_sweep(s, "layers"), "seqlen": run_seqlen, "timeline": run_timeline, "floor": run_floor,
-    "runtime": run_runtime,
+    "runtime": run_runtime, "encoder": run_encoder,
     "tpu": lambda s: tpu_memory.run_tpu(s, cpu_stats=lambda config: measure(s, config, seq_len=s.seq_len,
                                                                             optimizer=s.optimizer_arg())[0],
                                         seed_sizes=at_seed_setup(s)),

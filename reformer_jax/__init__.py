@@ -6,7 +6,7 @@
 """
 
 from reformer_jax.model.config import ModelConfig
-from reformer_jax.model.reformer_lm import ReformerLM, init_params
+from reformer_jax.model.reformer_lm import ReformerLM, ReformerTrunk, init_params, model_for
 
-__all__ = ["ModelConfig", "ReformerLM", "init_params"]
+__all__ = ["ModelConfig", "ReformerLM", "ReformerTrunk", "init_params", "model_for"]
 __version__ = "0.1.0"

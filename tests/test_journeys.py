@@ -46,6 +46,8 @@ def chain_of(command: str) -> str:
         return "mesh"
     if "--dataset=synthetic" in command:
         return "copy"
+    if "--task=" in command or "runs/listops" in command or "runs/mlm" in command:
+        return "encoders"
     return "train"
 
 
@@ -149,6 +151,26 @@ def check_train(argv, result, scratch):
         assert (scratch / "runs/default/metrics.jsonl").read_text().count("\n") == STEPS
 
 
+def check_encoders(argv, result, scratch):
+    text = " ".join(argv)
+    if argv[1:3] == ["-m", "reformer_jax.evaluate"] and "runs/listops" in text:  # held-out examples, by accuracy
+        evaluation = json.loads((scratch / "runs/listops/summary.json").read_text())["evaluations"][-1]
+        assert evaluation["data"].startswith("the first 25 batches of the test split of ListOps"), evaluation
+        assert evaluation["tokens"] == 200 and "accuracy" in result.stdout, (evaluation, result.stdout)
+    elif argv[1:3] == ["-m", "reformer_jax.evaluate"]:  # the masked-LM run's validation, as training scored it
+        evaluation = json.loads((scratch / "runs/mlm/summary.json").read_text())["evaluations"][-1]
+        logged = [json.loads(line) for line in (scratch / "runs/mlm/metrics.jsonl").read_text().splitlines()]
+        at_step = [row["val_loss"] for row in logged if row["step"] == evaluation["step"] and "val_loss" in row]
+        assert at_step and math.isclose(evaluation["loss"], at_step[0], rel_tol=1e-6), (evaluation, at_step)
+    else:  # training: a bidirectional model, its validation by accuracy, no text sample
+        assert "validation loss" in result.stdout and "accuracy" in result.stdout, result.stdout
+        assert "sample:" not in result.stdout, result.stdout
+        workdir = "runs/listops" if "--task=classify" in text else "runs/mlm"
+        model = json.loads((scratch / workdir / "run_settings.json").read_text())["model"]
+        assert model["causal"] is False and model["n_chunks_after"] == 1, model
+        assert model["head"] == ("classification" if "--task=classify" in text else "lm"), model
+
+
 def check_mesh(argv, result, scratch):
     if "--host_devices=8" in argv:
         assert "devices: 8 (cpu), mesh data:2,fsdp:2,tensor:2" in result.stdout, result.stdout
@@ -249,7 +271,8 @@ def check_hf(argv, result, scratch, torch, models):
         assert (scratch / "converted" / name / "lsh_rotations.npy").is_file(), result.stdout  # hash_seed: recorded
 
 
-CHAINS = {"train": check_train, "copy": check_copy, "mesh": check_mesh, "tpu": check_tpu, "hf": check_hf}
+CHAINS = {"train": check_train, "copy": check_copy, "mesh": check_mesh, "tpu": check_tpu, "hf": check_hf,
+          "encoders": check_encoders}
 
 
 @pytest.mark.parametrize("chain", list(CHAINS))
