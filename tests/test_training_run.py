@@ -179,3 +179,35 @@ def test_eight_device_step_equals_one_device_step():
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                             cwd=REPO)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("task", ["classify"])  # masked-LM batches: tests/test_mlm_data.py
+def test_encoder_tasks_resume_to_the_same_parameters(tmp_path, text_data, task):
+    """A bidirectional classifier on ListOps (its batches pure functions of seed and step, as the language model's)
+    resumes from a checkpoint to exactly the parameters of a straight run."""
+    from reformer_jax.training import tasks
+
+    cfg = tiny_config(dropout=0.1, **tasks.model_fields(task))
+    dataset = data.listops_task(64) if task == "classify" else data.MaskedText(text_data, 0.15)
+    run = dict(task=task, dataset="listops" if task == "classify" else "text", eval_every=3)
+    straight = train_and_evaluate(cfg, options(tmp_path / "straight", **run), dataset=dataset)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(cfg, options(tmp_path / "resumed", **run), dataset=CrashAt(dataset, 4))
+    resumed = train_and_evaluate(cfg, options(tmp_path / "resumed", **run), dataset=dataset)
+    for a, b in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])):
+        np.testing.assert_array_equal(a, b)
+    rows = _rows(tmp_path / "straight")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _rows(tmp_path / "resumed")]
+    assert "val_accuracy" in rows[-1] and "sample" not in straight
+
+
+def test_a_task_refuses_a_model_or_dataset_that_does_not_fit(tmp_path):
+    from reformer_jax.errors import SettingError
+
+    with pytest.raises(SettingError, match="dataset='tiny_shakespeare' is not a classify dataset"):
+        options(tmp_path, task="classify", dataset="tiny_shakespeare")
+    with pytest.raises(SettingError, match=r"mask_rate=1\.5 is invalid"):
+        options(tmp_path, task="mlm", mask_rate=1.5)
+    with pytest.raises(SettingError, match="causal=True does not fit the mlm task"):
+        train_and_evaluate(tiny_config(), options(tmp_path / "run", task="mlm"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
