@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -85,6 +84,7 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
     from reformer_jax.training import step_builder
     from reformer_jax.training import loop as trainer
     from reformer_jax.training.run_record import read_record, update_record, with_evaluation
+    from reformer_jax.training.runtime_memory import peak_rss_bytes
 
     model = saved_run.open_run(workdir) if flag == "--workdir" else saved_run.open_model(workdir, flag=flag)
     step = model.checkpoint_step(step)
@@ -111,6 +111,10 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
         if data_path is None:
             raise data_lib.DataError(f"{flag}={workdir} is a converted checkpoint, which has no data of its own; pass "
                                      "--data_path=FILE to score a text file.")
+    if config.head != "lm" and (data_path is not None or not model.is_run):
+        raise data_lib.DataError(f"{flag}={workdir} is a {config.head.replace('_', '-')} model: it scores labelled "
+                                 "examples, not a text file; evaluate a main.py run of it with --split, or apply it "
+                                 "from Python (reformer_jax.model_for).")
     copy_task = model.tokenizer is None  # scored by accuracy: the copy task, or a classifier (ListOps)
     if data_path is not None:
         if copy_task:
@@ -165,7 +169,7 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
     started = time.perf_counter()
     scores = evaluation.evaluate_batches(run_step, params, source_batches, trainer.validation_key(seed, mesh),
                                          data_sharding)
-    memory["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    memory["peak_rss_bytes"] = peak_rss_bytes()
     entry = {**described, "tokens": int(scores["tokens"]), "loss": scores["loss"],
              "bpc": scores["bpc"], "accuracy": scores["accuracy"], "copy_task": copy_task,
              "memory": memory, "seconds": {"compile": compile_seconds, "score": time.perf_counter() - started}}
