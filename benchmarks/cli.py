@@ -14,12 +14,14 @@ import subprocess
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from absl import flags
+from absl import app, flags
 
+from reformer_jax import errors
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.model_flags import field_docs
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class FlagError(ValueError):
@@ -63,6 +65,23 @@ def one_of(flag: str, value: str, valid: Sequence[str]) -> str:
     if value not in valid:
         raise FlagError(f"--{flag}={value!r} is unknown; expected one of {', '.join(valid)}.")
     return value
+
+
+def check_lengths(chunk_len: int, **lengths: Sequence[int]) -> None:
+    """Every length given to these flags a multiple of --chunk_len, as LSH attention needs."""
+    for flag, values in lengths.items():
+        for length in values:
+            if length % chunk_len:
+                raise FlagError(f"--{flag}: length {length} is not a multiple of --chunk_len={chunk_len}, which LSH "
+                                f"attention needs; e.g. {max(1, length // chunk_len) * chunk_len}.")
+
+
+def check_model(build: Callable[[], Any]) -> None:
+    """`build()` makes every configuration the run will use, so a bad combination fails before any compilation."""
+    try:
+        build()
+    except ValueError as err:
+        raise FlagError(f"the size flags give an invalid model: {errors.in_flags(err)}") from None
 
 
 def cache_dir(path: str) -> str:
@@ -118,6 +137,29 @@ def settings_from_flags(cls: type, fv: flags.FlagValues, module: str, argv: Opti
     return cls(**values, command=command(module, argv))
 
 
+def main(settings_from_flags: Callable[..., Any], run: Callable[[Any], Any]) -> None:
+    """absl's app.run of a driver whose flags are defined: `run(settings_from_flags(flags.FLAGS, sys.argv))`, a bad
+    flag one line (absl's usage error) before anything compiles."""
+    def checked(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
+        try:
+            settings = settings_from_flags(flags.FLAGS, sys.argv)
+        except FlagError as err:
+            raise app.UsageError(str(err)) from None
+        run(settings)
+
+    app.run(checked)
+
+
+def worker_env() -> Dict[str, str]:
+    """The environment of a worker process started with `python -m benchmarks.NAME` from the repository root: this
+    checkout first on its path, device memory allocated as used (no preallocation)."""
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def command(module: str, argv: Optional[Sequence[str]]) -> str:
     """The command line that reproduces this run, as every result row records it."""
     return " ".join([f"python -m {module}"] + list((argv or [])[1:]))
@@ -126,8 +168,8 @@ def command(module: str, argv: Optional[Sequence[str]]) -> str:
 def git_commit() -> Optional[str]:
     """The checkout's commit when the driver started (None outside a git clone): which code made the figures."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 

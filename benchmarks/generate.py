@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks import cli, measure, output, targets
+from benchmarks import cli, output, targets
 from reformer_jax.decoding import cache as cache_lib
 from reformer_jax.decoding import generation
 from reformer_jax.model.config import ModelConfig
@@ -204,7 +204,7 @@ def run(contexts: List[int]) -> List[Dict[str, Any]]:
         except ImportError:
             versions[name] = "not installed"
     for row in rows:
-        row.update(per_token_vs_4k=row["ours_s"] / base["ours_s"], **cache, machine=measure.machine(),
+        row.update(per_token_vs_4k=row["ours_s"] / base["ours_s"], **cache, machine=output.machine(),
                    max_len=max_len, sizes=SIZES, model=list(reformer.layer_types), peers=versions, cpu_shared=True,
                    command=cli.command("benchmarks.generate", sys.argv))
     return rows
@@ -228,7 +228,7 @@ def full_cache_rows(context: int, cache_lens: List[int]) -> List[Dict[str, Any]]
             best[n] = min(best.get(n, math.inf), per_token)
             print(f"max_len {n}: {per_token * 1e3:.2f} ms / token", flush=True)
     return [{"context": context, "max_len": n, "per_token_s": best[n], "new_tokens": FLAGS.transformer_tokens,
-             "repeats": FLAGS.repeats, "sizes": SIZES, "machine": measure.machine(), "loadavg": os.getloadavg(),
+             "repeats": FLAGS.repeats, "sizes": SIZES, "machine": output.machine(), "loadavg": os.getloadavg(),
              "command": cli.command("benchmarks.generate", sys.argv)} for n in cache_lens]
 
 
@@ -275,8 +275,7 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
         "layer (hidden state).", ""])
 
 
-def plot(rows: List[Dict[str, Any]], path: str) -> None:
-    fig, ax = output.new_figure(7.0, 4.2)
+def plot(rows: List[Dict[str, Any]], ax) -> None:
     for key, label in (("ours_s", "ours (cached)"), ("hf_s", "Hugging Face (cached)"),
                        ("sampler_s", "today's sampler (re-reads the context)"),
                        ("transformer_s", "Transformer, ours (cached)")):
@@ -289,7 +288,6 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("ms per generated token")
     ax.legend()
-    output.save_figure(path, fig)
 
 
 def score_run(workdir: str) -> List[Dict[str, Any]]:
@@ -314,7 +312,7 @@ def score_run(workdir: str) -> List[Dict[str, Any]]:
     return [{"run": model.describe(), "model": list(config.layer_types), "n_hashes": config.n_hashes,
              "chunk_len": config.chunk_len, "seq_len": seq_len, "sequences": 4 * (FLAGS.score_sequences // 4),
              "forward_bpc": forward_bpc, "cached_decoding_bpc": decoded_bpc,
-             "relative_difference": decoded_bpc / forward_bpc - 1, "machine": measure.machine(),
+             "relative_difference": decoded_bpc / forward_bpc - 1, "machine": output.machine(),
              "command": cli.command("benchmarks.generate", sys.argv)}]
 
 
@@ -333,9 +331,9 @@ def main(argv):
         text, name, draw = full_cache_markdown(rows), "generate_full", None
     else:
         rows = run([int(c) for c in FLAGS.contexts])
-        text, name, draw = markdown(rows), "generate", lambda path: plot(rows, path)
+        text, name, draw = markdown(rows), "generate", lambda ax: plot(rows, ax)
     print(text)
-    for path in output.write_outputs(FLAGS.out_dir, name, rows, text, draw):
+    for path in output.write_outputs(FLAGS.out_dir, name, rows, text, draw, (7.0, 4.2)):
         print("wrote", path)
 
 

@@ -146,7 +146,6 @@ def main(argv) -> None:
     from reformer_jax.cli import quiet_absent_tpu
 
     quiet_absent_tpu()  # the CPU backend here and in the workers, where libtpu is installed without chips
-    from benchmarks.measure import machine
     from reformer_jax.model.sizes import hf_enwik8_config
     from reformer_jax.training import data
 
@@ -179,7 +178,7 @@ def main(argv) -> None:
             row["bpc"] = row["loss"] / math.log(2)
     result = {"seq_len": FLAGS.seq_len, "rows": [hf, convert, ours],
               "tpu": {t: chips.get(t, chips.get("error")) for t in FLAGS.topologies},
-              "machine": machine(),
+              "machine": output.machine(),
               "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
               "versions": {name: metadata.version(name) if importlib.util.find_spec(name) else None
                            for name in ("jax", "jaxlib", "libtpu", "torch", "transformers")},

@@ -31,9 +31,8 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from absl import app, flags
+from absl import flags
 
-from reformer_jax import errors
 from benchmarks import cli, output, seed, targets, tpu_memory
 from benchmarks.cli import DEFAULT_OUT_DIR, FlagError, log
 from benchmarks.output import MIB, Row
@@ -173,18 +172,9 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         if len(getattr(s, flag)) != 2:
             raise FlagError(f"--{flag}={','.join(map(str, getattr(s, flag)))}: expected exactly two values (small, "
                             f"large), e.g. --{flag}={','.join(map(str, getattr(Settings(), flag)))}.")
-    for flag, lengths in (("seq_len", (s.seq_len,)), ("lengths", s.lengths), ("floor_lengths", s.floor_lengths),
-                          ("floor_long_len", (s.floor_long_len,)),
-                          ("floor_real_len", (s.floor_real_len,) if s.floor_real_len else ())):
-        for length in lengths:
-            if length % s.chunk_len:
-                raise FlagError(f"--{flag}: length {length} is not a multiple of --chunk_len={s.chunk_len}, which "
-                                f"LSH attention needs; e.g. {max(1, length // s.chunk_len) * s.chunk_len}.")
-    try:  # every configuration now, so a bad combination fails before the first compilation
-        for model in PRESETS:
-            s.config(model)
-    except ValueError as err:
-        raise FlagError(f"the size flags give an invalid model: {errors.in_flags(err)}") from None
+    cli.check_lengths(s.chunk_len, seq_len=(s.seq_len,), lengths=s.lengths, floor_lengths=s.floor_lengths,
+                      floor_long_len=(s.floor_long_len,), floor_real_len=(s.floor_real_len,) * bool(s.floor_real_len))
+    cli.check_model(lambda: [s.config(model) for model in PRESETS])
     return s
 
 
@@ -210,8 +200,6 @@ def measure(settings: Settings, config, *, seq_len: int, optimizer: Optional[str
 
 def make_row(settings: Settings, experiment: str, model: str, config, seq_len: int, optimizer: Optional[str],
              stats, compile_s: float, **extra: Any) -> Row:
-    from benchmarks.measure import machine
-
     fields = lambda *names: {k: getattr(config, k) for k in names}  # noqa: E731
     row: Row = {"experiment": experiment, "model": model, "seq_len": seq_len, "n_layers": config.n_layers,
                 "n_hashes": config.n_hashes if config.attention == "lsh" else None, "batch_size": settings.batch_size,
@@ -223,9 +211,7 @@ def make_row(settings: Settings, experiment: str, model: str, config, seq_len: i
                 "activation_mib": round(stats.activation_bytes / MIB, 3), "floor_mib": round(stats.floor_bytes / MIB, 3),
                 "peak_over_floor": round(stats.peak_bytes / stats.floor_bytes, 4), "compile_s": round(compile_s, 2),
                 **extra}
-    row.update({k: v for k, v in machine().items() if k not in row})
-    row["command"] = settings.command
-    return row
+    return output.stamp(row, settings.command)
 
 
 def measure_row(settings: Settings, experiment: str, model: str, *, progress: str, seq_len: Optional[int] = None,
@@ -255,12 +241,7 @@ def _label(row: Row) -> str:
 
 def _write(settings: Settings, name: str, rows: List[Row], markdown: str, plot: Callable[[Any], None]) -> List[Row]:
     """NAME.* in out_dir; `plot(ax)` draws on a new figure's axes (the figure size by NAME)."""
-    def draw(path):
-        fig, ax = output.new_figure(*FIGURE_SIZES[name])
-        plot(ax)
-        output.save_figure(path, fig)
-
-    output.write_outputs(settings.out_dir, output.backend_name(name), rows, markdown, draw)
+    output.write_outputs(settings.out_dir, output.backend_name(name), rows, markdown, plot, FIGURE_SIZES[name])
     return rows
 
 
@@ -581,11 +562,8 @@ def real_steps(settings: Settings, config, seq_len: int, steps: int, what: str,
     spec = {"config": config.to_dict(), "batch_size": settings.batch_size, "seq_len": seq_len,
             "optimizer": settings.optimizer_arg(), "steps": steps, "extra_options": settings.extra_options(),
             "profile_path": profile_path}
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.runtime", json.dumps(spec)], cwd=repo_root, env=env,
-                          capture_output=True, text=True, timeout=settings.runtime_timeout_s)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.runtime", json.dumps(spec)], cwd=cli.REPO_ROOT,
+                          env=cli.worker_env(), capture_output=True, text=True, timeout=settings.runtime_timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return parse_result(proc.stdout)
@@ -748,6 +726,10 @@ RUNNERS: Dict[str, Callable[[Settings], List[Row]]] = {
 
 def run(settings: Settings) -> Dict[str, List[Row]]:
     """Run the chosen experiment(s); returns {experiment: rows}."""
+    if settings.compilation_cache_dir:
+        from reformer_jax.xla.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache(settings.compilation_cache_dir)
     names = EXPERIMENTS if settings.experiment == "all" else (settings.experiment,)
     os.makedirs(settings.out_dir, exist_ok=True)
     results = {}
@@ -760,20 +742,6 @@ def run(settings: Settings) -> Dict[str, List[Row]]:
     return results
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
-    try:
-        settings = settings_from_flags(flags.FLAGS, sys.argv)
-    except FlagError as err:
-        raise app.UsageError(str(err)) from None
-    if settings.compilation_cache_dir:
-        from reformer_jax.xla.compilation_cache import enable_compilation_cache
-
-        enable_compilation_cache(settings.compilation_cache_dir)
-    run(settings)
-
-
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.main(settings_from_flags, run)

@@ -20,7 +20,7 @@ import time
 from absl import app, flags
 
 from benchmarks import cli
-from benchmarks.output import MIB, markdown_table, write_outputs
+from benchmarks.output import MIB, markdown_table, stamp, write_outputs
 from reformer_jax.model.sizes import SEED
 
 FLAGS = flags.FLAGS
@@ -48,15 +48,11 @@ def _measure(model: str, mesh_text: str, devices: int, batch_size: int, **overri
 
 
 def _row(check: str, model: str, mesh: str, batch_size: int, stats, compile_s: float, **extra):
-    from benchmarks.measure import machine
-
     row = {"check": check, "model": model, "mesh": mesh, "global_batch": batch_size, "seq_len": SEQ_LEN,
            **stats.to_dict(), "peak_mib": stats.peak_bytes / MIB, "activation_mib": stats.activation_bytes / MIB,
            "state_mib": (2 * stats.param_bytes + stats.optimizer_state_bytes) / MIB, "compile_s": compile_s,
            **extra}
-    row.update({k: v for k, v in machine().items() if k not in row})
-    row["command"] = cli.command("benchmarks.mesh_memory", sys.argv)
-    return row
+    return stamp(row, cli.command("benchmarks.mesh_memory", sys.argv))
 
 
 def run_fsdp(n: int):

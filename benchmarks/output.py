@@ -7,7 +7,8 @@ import csv
 import io
 import json
 import os
-import tempfile
+import platform
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 MIB = 2**20
@@ -17,21 +18,9 @@ Row = Dict[str, Any]
 Column = Tuple[Any, str, str]
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_write_text(path: str, text: str) -> None:
+    from reformer_jax.training.checkpoint import atomic_write  # jax: imported when a result is written
+
     atomic_write(path, text.encode("utf-8"))
 
 
@@ -82,23 +71,23 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[Column]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def new_figure(width: float = 8.0, height: float = 4.8, ncols: int = 1):
-    import matplotlib
+def machine() -> Dict[str, Any]:
+    """Where a number was measured: platform, CPU count, Python, jax and jaxlib versions, backend and devices."""
+    import jax
+    import jaxlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    devices = jax.devices()
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+            "python_version": sys.version.split()[0], "jax_version": jax.__version__,
+            "jaxlib_version": jaxlib.__version__, "backend": jax.default_backend(),
+            "device_kind": devices[0].device_kind if devices else "none", "device_count": len(devices)}
 
-    return plt.subplots(1, ncols, figsize=(width, height), squeeze=True)
 
-
-def save_figure(path: str, fig) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+def stamp(row: Row, command: str) -> Row:
+    """`row` with the machine's fields it lacks (`machine`), then the command that made it."""
+    row.update({k: v for k, v in machine().items() if k not in row})
+    row["command"] = command
+    return row
 
 
 def backend_name(name: str) -> str:
@@ -108,13 +97,27 @@ def backend_name(name: str) -> str:
     return name if jax.default_backend() == "cpu" else f"{name}_{jax.default_backend()}"
 
 
-def write_outputs(out_dir: str, name: str, rows: List[Row], markdown: str,
-                  plot: Optional[Callable[[str], None]] = None) -> List[str]:
-    """NAME.json, NAME.csv, NAME.md and (with `plot(path)`) NAME.png in out_dir; returns the paths written."""
+def write_outputs(out_dir: str, name: str, rows: List[Row], markdown: str, plot: Optional[Callable[[Any], None]] = None,
+                  figure: Tuple[float, ...] = (8.0, 4.8)) -> List[str]:
+    """NAME.json, NAME.csv, NAME.md and, with `plot(axes)`, NAME.png in out_dir; returns the paths written. `plot`
+    draws on the axes of a new figure of size `figure`: (width, height) or (width, height, columns of axes)."""
     base = os.path.join(out_dir, name)
     write_json(base + ".json", rows)
     write_csv(base + ".csv", rows)
     atomic_write_text(base + ".md", markdown)
     if plot is not None:
-        plot(base + ".png")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from reformer_jax.training.checkpoint import atomic_write
+
+        width, height, ncols = (*figure, 1)[:3]
+        fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=True)
+        plot(axes)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write(base + ".png", buffer.getvalue())
     return [base + ext for ext in (".json", ".csv", ".md") + ((".png",) if plot is not None else ())]

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from absl import app, flags
+from absl import flags
 
 from reformer_jax import errors
 from benchmarks import cli, output
@@ -406,9 +406,8 @@ def seed_spread(runs: Sequence[Sequence[Row]]) -> str:
             + "\n".join(lines) + "\n")
 
 
-def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:
+def plot_curves(axes, task: str, rows: Sequence[Row]) -> None:
     """Validation (and training) curves against step and against wall minutes."""
-    fig, axes = output.new_figure(12.0, 4.6, ncols=2)
     metric = "val_bpc" if task == "shakespeare" else "val_accuracy"
     label = "validation bits per character" if task == "shakespeare" else "validation copied-half accuracy"
     for row in rows:
@@ -428,32 +427,24 @@ def plot_curves(path: str, task: str, rows: Sequence[Row]) -> None:
         axes[1].set_ylim(axes[0].get_ylim())
     axes[0].legend()
     axes[0].set_title(f"{task}: faint lines = training batches" if task == "shakespeare" else task)
-    output.save_figure(path, fig)
 
 
 def run_task(fv, plan: TaskPlan, command: str, git_commit: Optional[str]) -> List[Row]:
-    from benchmarks.measure import machine
     from reformer_jax.training import data as data_lib
 
     dataset = data_lib.load_dataset(plan.dataset, seq_len=plan.seq_len, data_path=plan.data_path,
                                     vocab_size=plan.vocab_size)
     rows = [run_variant(fv, plan, variant, dataset) for variant in plan.variants]
-    info = {**machine(), "git_commit": git_commit}
+    info = {**output.machine(), "git_commit": git_commit}
     for row in rows:
         row.update(command=command, **info)
     for path in output.write_outputs(fv.out_dir, f"quality_{plan.task}", rows, markdown(plan.task, rows, info, command),
-                                     plot=lambda path: plot_curves(path, plan.task, rows)):
+                                     lambda axes: plot_curves(axes, plan.task, rows), (12.0, 4.6, 2)):
         print(f"wrote {path}")
     return rows
 
 
-def main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
-    try:
-        plans = check_flags(flags.FLAGS)
-    except FlagError as error:
-        raise app.UsageError(str(error)) from None
+def run(plans: Sequence[TaskPlan]) -> None:
     from absl import logging
 
     from reformer_jax.training import data as data_lib
@@ -465,11 +456,9 @@ def main(argv: Sequence[str]) -> int:
         for plan in plans:
             run_task(flags.FLAGS, plan, command, git_commit)
     except (data_lib.DataError, CheckpointMismatch, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.main(lambda fv, argv: check_flags(fv), run)

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from absl import app, flags
+from absl import flags
 
 from reformer_jax import errors
 from benchmarks import cli, output
 from benchmarks.cli import FlagError
-from benchmarks.measure import machine
 from reformer_jax import ModelConfig
 from reformer_jax.model.config import RECOMMENDED_STREAM_GRID_BITS
 from reformer_jax.model.reversible_drift import measure_drift, output_change
@@ -139,13 +137,7 @@ def _markdown(rows: List[Dict[str, Any]], changes: List[Dict[str, Any]], sizes: 
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
-    try:
-        settings = settings_from_flags(flags.FLAGS, sys.argv)
-    except FlagError as error:
-        raise app.UsageError(str(error)) from None
+def run(settings: Dict[str, Any]) -> None:
     sample = settings["sample"]
     rows, changes = [], []
     for dtype in settings["dtypes"]:
@@ -161,7 +153,7 @@ def main(argv: Sequence[str]) -> None:
         changes.append(output_change(drift_config(dtype, **settings["sizes"]), settings["grids"][-1], **sample))
         print(f"{dtype}: grid on changes the logits by {changes[-1]['logits_relative_change']:.2e} (relative), "
               f"the loss {changes[-1]['loss_grid_off']:.6f} -> {changes[-1]['loss_grid_on']:.6f}", flush=True)
-    env, command, base = machine(), settings["command"], f"{settings['out_dir']}/{NAME}"
+    env, command, base = output.machine(), settings["command"], f"{settings['out_dir']}/{NAME}"
     payload = {"rows": rows, "output_change": changes, "sizes": {**settings["sizes"], **sample}, "machine": env,
                "command": command}
     output.atomic_write_text(base + ".json", json.dumps(payload, indent=2) + "\n")
@@ -171,4 +163,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.main(settings_from_flags, run)

@@ -4,11 +4,9 @@
                                   "optimizer": "adafactor", "steps": 2, "profile_path": null}'
 
 prints one line `RUNTIME_RESULT {json}`. `benchmarks.memory --experiment=runtime` starts one such process per
-variant, because a device's peak counter cannot be reset and a process's RSS high-water mark only rises.
-GPU / TPU: `memory_stats()["peak_bytes_in_use"]` after the steps (the parent turns preallocation off), and a device
-memory profile (pprof) saved with `jax.profiler.save_device_memory_profile`. CPU (memory_stats() is None): the
-process's RSS sampled every few milliseconds while the compiled step runs, minus the RSS just before the state was
-created; `ru_maxrss` before and after is recorded too (it also holds compilation's high-water mark).
+variant (a device's peak counter cannot be reset, a process's RSS high-water mark only rises); the figure is
+`reformer_jax.training.runtime_memory.runtime_fields` (the parent turns preallocation off), on CPU the RSS above
+what it was just before the state was created.
 """
 
 from __future__ import annotations
@@ -16,48 +14,12 @@ from __future__ import annotations
 import gc
 import json
 import sys
-import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
-from benchmarks.measure import ru_maxrss_bytes
+from reformer_jax.training.runtime_memory import RSSSampler, peak_rss_bytes, runtime_fields
 
 RESULT_PREFIX = "RUNTIME_RESULT "
-
-
-def summarize_device_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Runtime fields from a device's `memory_stats()` dict (GPU/TPU). Raises ValueError without a peak."""
-    if not stats or "peak_bytes_in_use" not in stats:
-        raise ValueError(f"memory_stats() gave no 'peak_bytes_in_use' (got {sorted(stats or {})}); this backend "
-                         "reports no device peak: use the CPU (RSS) path.")
-    return {"runtime_source": "memory_stats.peak_bytes_in_use", "runtime_peak_bytes": int(stats["peak_bytes_in_use"]),
-            "device_bytes_in_use": int(stats.get("bytes_in_use", 0)),
-            "device_bytes_limit": int(stats.get("bytes_limit", 0))}
-
-
-class RSSSampler:
-    """Max resident set size of this process, sampled in a background thread."""
-
-    def __init__(self, interval_s: float = 0.002):
-        import psutil
-
-        self._process, self._interval, self._stop = psutil.Process(), interval_s, threading.Event()
-        self.max_rss = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.max_rss = max(self.max_rss, self._process.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.max_rss = max(self.max_rss, self._process.memory_info().rss)
 
 
 def run_worker(spec: Dict[str, Any], *,
@@ -83,7 +45,7 @@ def run_worker(spec: Dict[str, Any], *,
 
     tokens = np.random.default_rng(0).integers(3, config.vocab_size, size=(batch_size, seq_len + 1), dtype=np.int32)
     gc.collect()
-    rss_base, ru_before = int(psutil.Process().memory_info().rss), ru_maxrss_bytes()
+    rss_base, ru_before = int(psutil.Process().memory_info().rss), peak_rss_bytes()
     step_times, losses = [], []
     with RSSSampler() as sampler:
         state = init(jax.random.key(0))
@@ -99,29 +61,10 @@ def run_worker(spec: Dict[str, Any], *,
     result: Dict[str, Any] = {**stats.to_dict(), "steps": steps, "compile_s": round(compile_s, 2),
                               "step_s": [round(s, 3) for s in step_times], "losses": losses,
                               "rss_base_bytes": rss_base, "rss_max_bytes": sampler.max_rss,
-                              "ru_maxrss_before_bytes": ru_before, "ru_maxrss_after_bytes": ru_maxrss_bytes()}
+                              "ru_maxrss_before_bytes": ru_before, "ru_maxrss_after_bytes": peak_rss_bytes()}
     result.update(runtime_fields(stats_source, compile_peak_bytes=stats.peak_bytes, rss_base=rss_base,
                                  rss_max=sampler.max_rss, profile_path=spec.get("profile_path")))
     return result
-
-
-def runtime_fields(stats_source: Callable[[], Optional[Dict[str, Any]]], *, compile_peak_bytes: int, rss_base: int,
-                   rss_max: int, profile_path: Optional[str]) -> Dict[str, Any]:
-    """The runtime figure after the steps: the device's peak (and a saved device memory profile) where the
-    backend reports one, else the sampled RSS above the baseline; with its ratio to the compile-time peak."""
-    device_stats = stats_source()
-    if device_stats is not None:
-        fields = summarize_device_stats(device_stats)
-        if profile_path:
-            import jax
-
-            jax.profiler.save_device_memory_profile(profile_path)
-            fields["device_memory_profile"] = profile_path
-    else:
-        fields = {"runtime_source": "process RSS (sampled) above the pre-state baseline",
-                  "runtime_peak_bytes": rss_max - rss_base}
-    fields["runtime_over_compile"] = fields["runtime_peak_bytes"] / max(1, compile_peak_bytes)
-    return fields
 
 
 def parse_result(stdout: str) -> Dict[str, Any]:

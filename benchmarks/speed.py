@@ -27,9 +27,8 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from absl import app, flags
+from absl import flags
 
-from reformer_jax import errors
 from benchmarks import cli, output, peers, seed
 from benchmarks.cli import DEFAULT_OUT_DIR, FlagError, log
 from benchmarks.output import MIB, Row
@@ -177,16 +176,10 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
     if s.profile and (s.compare != "none" or s.sweep != "none"):
         raise FlagError(f"--profile profiles our step alone; drop --compare={s.compare} / --sweep={s.sweep} (the "
                         "peers' steps are not XLA programs).")
-    for length in s.lengths if s.sweep != "none" else (s.seq_len,):  # every configuration the run will build
-        if length % s.chunk_len:
-            raise FlagError(f"length {length} is not a multiple of --chunk_len={s.chunk_len}, which LSH attention "
-                            f"needs; e.g. {max(1, length // s.chunk_len) * s.chunk_len}.")
-        try:
-            for model in s.models if s.sweep != "none" else (s.model,):
-                for setting in s.ours:
-                    s.config(model, length, setting).check_seq_len(length)
-        except ValueError as err:
-            raise FlagError(f"the size flags give an invalid model: {errors.in_flags(err)}") from None
+    lengths, models = (s.lengths, s.models) if s.sweep != "none" else ((s.seq_len,), (s.model,))
+    cli.check_lengths(s.chunk_len, **{"lengths" if s.sweep != "none" else "seq_len": lengths})
+    cli.check_model(lambda: [s.config(model, length, setting).check_seq_len(length)  # every configuration run
+                             for length in lengths for model in models for setting in s.ours])
     if s.compare == "peers" and s.d_ff % s.d_model:
         raise FlagError(f"--d_ff={s.d_ff} must be a multiple of --d_model={s.d_model} for reformer_pytorch "
                         f"(its ff_mult); e.g. --d_ff={4 * s.d_model}.")
@@ -208,13 +201,10 @@ class Worker:
 
     def start(self) -> None:
         """Launch the process (it compiles and warms up at once)."""
-        repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.speed_worker", json.dumps(self.spec)],
-                                     cwd=repo_root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True)
+                                     cwd=cli.REPO_ROOT, env=cli.worker_env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True)
 
     def read(self, *kinds: str) -> Tuple[str, Dict[str, Any]]:
         """The next message of one of these kinds (other lines on stdout, e.g. library warnings, are skipped)."""
@@ -322,7 +312,6 @@ def peer_spec(settings: Settings, peer: str, seq_len: int) -> Dict[str, Any]:
 
 def make_row(settings: Settings, experiment: str, worker: Worker, *, implementation: str, label: str,
              model: str, seq_len: int, load: Tuple[float, float], probes: Sequence[Row] = ()) -> Row:
-    from benchmarks.measure import machine
     from reformer_jax.model import flops
     from reformer_jax.model.hf_convert import config_from_fields
     from reformer_jax.xla import matmul_rate
@@ -345,9 +334,7 @@ def make_row(settings: Settings, experiment: str, worker: Worker, *, implementat
     row.update(flops.achieved(flops.train_step_flops(config, settings.batch_size, seq_len), median,
                               matmul_rate.attainable_rate([p for p in probes if p["dtype"] == config.dtype])),
                matmul_probes=list(probes) or None)
-    row.update({k: v for k, v in machine().items() if k not in row})
-    row["command"] = settings.command
-    return row
+    return output.stamp(row, settings.command)
 
 
 def command_text(rows: Sequence[Row]) -> str:
@@ -369,12 +356,6 @@ def _header(rows: List[Row], title: str) -> str:
             f"average during the run {min(loads, default=0):.1f} to {max(loads, default=0):.1f} (a loaded shared "
             f"machine makes the figures noisy). Median of the timed steps, compile and warm-up excluded; peak RSS "
             f"is each implementation's own process (ru_maxrss, compilation included).\n\n")
-
-
-def _plot(path: str, draw, width: float, height: float, ncols: int = 1) -> None:
-    fig, axes = output.new_figure(width, height, ncols=ncols)
-    draw(fig, axes)
-    output.save_figure(path, fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,7 +439,7 @@ def run_speed(settings: Settings) -> List[Row]:
           + "Our settings: " + "; ".join(f"{setting}: {SETTING_NOTES[setting]}" for setting in s.ours) + ".\n\n"
           + output.markdown_table(rows, SPEED_COLUMNS) + "".join(f"\n{n}\n" for n in notes) + roofline_text(probes))
 
-    def draw(fig, axes):
+    def draw(axes):
         ax1, ax2 = axes
         names = [r["label"].replace(" (", "\n(") for r in rows]
         ax1.barh(names, [r["median_step_s"] or 0 for r in rows], color="tab:blue")
@@ -469,10 +450,10 @@ def run_speed(settings: Settings) -> List[Row]:
         for ax in (ax1, ax2):
             ax.grid(axis="x", alpha=0.3)
             ax.invert_yaxis()
-        fig.suptitle(f"Training step at length {s.seq_len} ({rows[0]['backend'] if rows else ''})", fontsize=10)
+        ax1.figure.suptitle(f"Training step at length {s.seq_len} ({rows[0]['backend'] if rows else ''})", fontsize=10)
 
     output.write_outputs(s.out_dir, output.backend_name("speed_peers" if experiment == "peers" else "speed"), rows, md,
-                         lambda path: _plot(path, draw, 11, 4.2, ncols=2))
+                         draw, (11, 4.2, 2))
     return rows
 
 
@@ -549,7 +530,7 @@ def write_length_sweep(settings: Settings, rows: List[Row], name: str = "speed_l
             f"{Settings.memory_fraction:.0%}; the commands say where another was given), smallest step first.\n\n"
           + output.markdown_table(rows, LENGTH_COLUMNS))
 
-    def draw(fig, ax):
+    def draw(ax):
         for model in PRESETS:  # every preset with rows, also those a --merge run kept
             points = [(r["seq_len"], r["s_per_token"] * 1e6) for r in timed if r["model"] == model]
             if points:
@@ -562,14 +543,13 @@ def write_length_sweep(settings: Settings, rows: List[Row], name: str = "speed_l
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
 
-    output.write_outputs(s.out_dir, output.backend_name(name), rows, md, lambda path: _plot(path, draw, 7.5, 4.8))
+    output.write_outputs(s.out_dir, output.backend_name(name), rows, md, draw, (7.5, 4.8))
     return rows
 
 
 def run_profile(settings: Settings) -> List[Row]:
     """Each --ours setting's step, profiled in its own worker one after the other (benchmarks.step_profile)."""
     from benchmarks import step_profile
-    from benchmarks.measure import machine
 
     rows = []
     for setting in settings.ours:
@@ -589,9 +569,7 @@ def run_profile(settings: Settings) -> List[Row]:
                                                          "chunk_len")},
                     "config": spec["config"], "compiler_options": spec["compiler_options"],
                     "compile_s": worker.facts.get("compile_s"), "xla_flops": worker.facts.get("flops"), **profile}
-        row.update({k: v for k, v in machine().items() if k not in row})
-        row["command"] = settings.command
-        rows.append(row)
+        rows.append(output.stamp(row, settings.command))
         log(f"  {setting}: {profile['untraced_step_s']:.3f} s per step, {profile['busy_cores']:.2f} cores busy")
     first, config = rows[0], rows[0]["config"]
     md = (f"# Where the training step's time goes\n\n{command_text(rows)}. Machine: {first['platform']}, "
@@ -603,7 +581,8 @@ def run_profile(settings: Settings) -> List[Row]:
           + "; ".join(f"{r['setting']}: {SETTING_NOTES[r['setting']]}" for r in rows) + ". The settings are "
           "profiled one after another, not in alternating rounds: compare their breakdowns, not their step times "
           "(speed_peers.md times them side by side).\n\n" + step_profile.markdown(rows))
-    output.write_outputs(settings.out_dir, output.backend_name("speed_profile"), rows, md, lambda path: step_profile.plot(rows, path))
+    output.write_outputs(settings.out_dir, output.backend_name("speed_profile"), rows, md,
+                         lambda ax: step_profile.plot(rows, ax), (10, 1.6 + 0.6 * len(rows)))
     return rows
 
 
@@ -616,16 +595,6 @@ def run(settings: Settings) -> List[Row]:
     return rows
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
-    try:
-        settings = settings_from_flags(flags.FLAGS, sys.argv)
-    except FlagError as err:
-        raise app.UsageError(str(err)) from None
-    run(settings)
-
-
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.main(settings_from_flags, run)

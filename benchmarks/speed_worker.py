@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, Tuple
 
-from benchmarks.measure import ru_maxrss_bytes
+from reformer_jax.training.runtime_memory import peak_rss_bytes
 
 PREFIX = "SPEED_"
 
@@ -123,7 +123,7 @@ def serve(spec: Dict[str, Any], commands=sys.stdin) -> int:
     step, facts = (build_ours if spec["impl"] == "ours" else build_peer)(spec)
     if step is None:
         emit("SKIP", {**facts, "reason": f"compile-time peak {facts['compile_peak_bytes'] / 2**30:.2f} GiB exceeds "
-                      f"the limit {spec['memory_limit_bytes'] / 2**30:.2f} GiB", "ru_maxrss_bytes": ru_maxrss_bytes()})
+                      f"the limit {spec['memory_limit_bytes'] / 2**30:.2f} GiB", "ru_maxrss_bytes": peak_rss_bytes()})
         return 0
     warmup = []
     for _ in range(spec.get("warmup_steps", 1)):
@@ -154,7 +154,7 @@ def serve(spec: Dict[str, Any], commands=sys.stdin) -> int:
             emit("ERROR", {"message": f"unknown command {line.strip()!r}; expected 'run N', 'profile N' (our step "
                            "only) or 'quit'"})
             return 2
-    emit("DONE", {"ru_maxrss_bytes": ru_maxrss_bytes()})
+    emit("DONE", {"ru_maxrss_bytes": peak_rss_bytes()})
     return 0
 
 

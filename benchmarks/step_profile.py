@@ -12,45 +12,24 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks import output
 from benchmarks.output import markdown_table
 from reformer_jax.xla import profile
 
 
 def probe_matmuls(config, seq_len: int, batch_size: int, compiler_options: Optional[Dict[str, Any]],
                   repeats: int = 30) -> List[Dict[str, Any]]:
-    """The step's two matmul shapes on their own: the chunk product of one head and round of LSH attention
-    ([l / c] x [c, k] x [k, (n_before + 1) c], float32 as attention computes it) and one feed-forward chunk
-    ([f, d] x [d, d_ff], in the compute dtype); wall time per call, process CPU time / wall time, GFLOP/s."""
-    import jax
-    import jax.numpy as jnp
-
+    """The step's two matmul shapes on their own (`profile.probe_einsum`): the chunk product of one head and round
+    of LSH attention ([l / c] x [c, k] x [k, (n_before + 1) c], float32 as attention computes it) and one
+    feed-forward chunk ([f, d] x [d, d_ff], in the compute dtype)."""
     c = config.chunk_len
     seen = (config.n_chunks_before + 1) * c
     ff_rows = min(config.ff_chunk_len or seq_len, seq_len) * batch_size
-    cases = [("chunk product (one head, one round)", "nqk,nsk->nqs", jnp.float32,
+    cases = [("chunk product (one head, one round)", "nqk,nsk->nqs", "float32",
               ((seq_len // c * batch_size, c, config.d_head), (seq_len // c * batch_size, seen, config.d_head))),
              ("feed-forward matmul (one chunk)", "qd,df->qf", config.compute_dtype,
               ((ff_rows, config.d_model), (config.d_model, config.d_ff)))]
-    rows = []
-    for what, spec, dtype, shapes in cases:
-        keys = jax.random.split(jax.random.key(0), 2)
-        a, b = (jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes))
-        compiled = jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y)).lower(a, b).compile(compiler_options)
-        jax.block_until_ready(compiled(a, b))
-
-        def calls(compiled=compiled, a=a, b=b):
-            for _ in range(repeats - 1):
-                compiled(a, b)
-            return jax.block_until_ready(compiled(a, b))
-
-        wall, cpu, out = profile.wall_and_cpu(calls)
-        wall, cpu = wall / repeats, cpu / repeats
-        flops = 2 * out.size * shapes[0][-1]
-        rows.append({"what": what, "einsum": spec, "dtype": jnp.dtype(dtype).name, "shapes": [list(s) for s in shapes],
-                     "us_per_call": wall * 1e6,
-                     "busy_cores": cpu / wall, "gflops_per_s": flops / wall / 1e9})
-    return rows
+    return [{"what": what, **profile.probe_einsum(spec, shapes, dtype, compiler_options, repeats)}
+            for what, spec, dtype, shapes in cases]
 
 
 def _kind_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -133,9 +112,8 @@ def findings(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
+def plot(rows: Sequence[Dict[str, Any]], ax) -> None:
     """Seconds per step by kind of op, one stacked bar per setting."""
-    fig, ax = output.new_figure(10, 1.6 + 0.6 * len(rows))
     colors = dict(zip((k for k, _ in profile.KINDS), ("tab:red", "tab:orange", "tab:pink", "tab:purple", "tab:brown",
                                               "tab:olive", "tab:cyan", "tab:green", "tab:gray", "black")))
     names = [r["setting"] for r in rows]
@@ -149,4 +127,3 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    output.save_figure(path, fig)

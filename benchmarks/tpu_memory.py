@@ -111,7 +111,6 @@ def _compile(settings, model: str, topology: str, *, seq_len: int, batch_size: i
 def _base_row(settings, model: str, topology: str, dtype: str, stats) -> Row:
     from importlib import metadata
 
-    from benchmarks.measure import machine
     from reformer_jax.xla import tpu
 
     generation = tpu.parse_topology(topology)[0]
@@ -127,9 +126,7 @@ def _base_row(settings, model: str, topology: str, dtype: str, stats) -> Row:
                 "hbm_source": tpu.HBM_PER_CHIP[generation][1],
                 **{k: getattr(settings, k) for k in ("d_model", "n_heads", "d_ff", "n_layers", "n_hashes", "chunk_len",
                                                      "vocab_size", "optimizer")}, "libtpu_version": libtpu}
-    row.update({k: v for k, v in machine().items() if k not in row})
-    row["command"] = settings.command
-    return row
+    return output.stamp(row, settings.command)
 
 
 def seed_rows(settings, cpu_stats: Callable[[Any], Any], seed_sizes: bool) -> List[Row]:
@@ -267,9 +264,8 @@ def merge(old: Sequence[Row], new: Sequence[Row]) -> List[Row]:
     return sorted([r for r in old if key(r) not in replaced] + list(new), key=_order)
 
 
-def _plot_seed(rows: Sequence[Row], path: str) -> None:
+def _plot_seed(rows: Sequence[Row], axes) -> None:
     dtypes = sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32")
-    fig, axes = output.new_figure(6.5 * len(dtypes), 4.8, ncols=len(dtypes))
     axes = axes if isinstance(axes, (list, tuple)) or hasattr(axes, "__len__") else [axes]
     models = [m for m in seed.LABELS if any(r["model"] == m for r in rows)]
     for ax, dtype in zip(axes, dtypes):
@@ -294,11 +290,9 @@ def _plot_seed(rows: Sequence[Row], path: str) -> None:
         ax.set_ylabel("compiled peak per chip (MiB, log scale)")
         ax.set_title(f"One TPU chip, the seed's setup, {dtype} compute", fontsize=10)
         ax.legend(fontsize=7)
-    output.save_figure(path, fig)
 
 
-def _plot_longest(rows: Sequence[Row], path: str) -> None:
-    fig, ax = output.new_figure(10, 5)
+def _plot_longest(rows: Sequence[Row], ax) -> None:
     models = [m for m in seed.LABELS if any(r["model"] == m for r in rows)]
     layouts = sorted({(r["chips"] > 1, r["generation"], r["topology"]) for r in rows},
                      key=lambda k: (k[0], GENERATIONS.index(k[1])))
@@ -316,7 +310,6 @@ def _plot_longest(rows: Sequence[Row], path: str) -> None:
     ax.set_title("The longest sequence each variant's training step fits on a TPU chip (compiled by libtpu)",
                  fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    output.save_figure(path, fig)
 
 
 def write(settings, name: str, new_rows: List[Row]) -> List[Row]:
@@ -326,10 +319,12 @@ def write(settings, name: str, new_rows: List[Row]) -> List[Row]:
     with open(os.path.join(settings.out_dir, f".{name}.lock"), "w") as lock:  # parts may run in parallel processes
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = merge(output.read_json(path) if os.path.exists(path) else [], new_rows)
-        plot = {"tpu": _plot_seed, "tpu_longest": _plot_longest}.get(name)
+        dtypes = len({r.get("dtype") for r in rows})  # the seed part's plot: one column of axes per dtype
+        plot, figure = {"tpu": (_plot_seed, (6.5 * dtypes, 4.8, dtypes)),
+                        "tpu_longest": (_plot_longest, (10, 5))}.get(name, (None, ()))
         md = (f"# {TITLES[name]} (libtpu's compiler, on a CPU-only machine)\n\n{intro(rows)}\n\n"
               f"{output.markdown_table(rows, COLUMNS[name])}\n")
-        output.write_outputs(settings.out_dir, name, rows, md, (lambda p: plot(rows, p)) if plot else None)
+        output.write_outputs(settings.out_dir, name, rows, md, (lambda ax: plot(rows, ax)) if plot else None, figure)
     return rows
 
 

@@ -14,9 +14,7 @@ TRANSFORMS = {"jit", "grad", "value_and_grad", "pjit"}
 # The step's pieces in reformer_jax.training.step and sharding: a benchmark naming one is building a step by hand.
 STEP_PIECES = {"train_step", "jit_train_step", "create_train_state", "loss_fn", "loss_and_grads", "make_optimizer",
                "abstract_train_state", "jit_sharded_step", "eval_step", "guarded_train_step"}
-ALLOWED = {
-    ("step_profile", "probe_matmuls"): "one einsum of the step's matmul shapes, timed on its own: no loss, no step",
-}
+ALLOWED: dict = {}  # (module, function): why its jit or grad is not a step; none today
 # The drivers that run or compile a training step, and the builder's entry each calls.
 BUILDS = {"memory": "build_train_step", "runtime": "build_train_step", "speed_worker": "build_train_step",
           "tpu_memory": "compile_train_step", "mesh_memory": "analyze_train_step"}

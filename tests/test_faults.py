@@ -22,7 +22,7 @@ from reformer_jax import ModelConfig
 from reformer_jax.training import data
 
 from reformer_jax.training import loop as trainer
-from reformer_jax.training.checkpoint import CheckpointError, WorkdirError
+from reformer_jax.training.checkpoint import CheckpointError, WorkdirError, atomic_write
 from reformer_jax.training.run_log import MetricsLog
 from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and_evaluate
 
@@ -190,6 +190,21 @@ def test_workdir_under_a_regular_file_is_refused_before_compiling(tmp_path, monk
     monkeypatch.setattr(trainer, "_compiled_steps", lambda *a: pytest.fail("compiled before checking the workdir"))
     with pytest.raises(WorkdirError, match=r"TrainOptions.workdir=.*file/run cannot be written \(Not a directory"):
         train_and_evaluate(tiny_config(), options(tmp_path / "file" / "run"), dataset=TASK)
+
+
+def test_an_atomic_write_failing_at_the_rename_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "out" / "rows.json"
+    atomic_write(path, b"old")
+    assert path.read_bytes() == b"old"
+
+    def refuse(src, dst):
+        assert Path(src).read_bytes() == b"new"  # written in full beside the target first
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, b"new")
+    assert path.read_bytes() == b"old" and os.listdir(path.parent) == ["rows.json"]
 
 
 def test_checkpoint_writer_failing_part_way_leaves_the_previous_checkpoint_restorable(tmp_path, monkeypatch,

@@ -54,6 +54,17 @@ def test_instruction_lines_with_tuple_types_and_fusions():
     assert step_profile.parse_instruction("ENTRY %main (p: f32[2]) -> f32[2] {") is None
 
 
+def test_an_einsum_probe_reports_its_rate_from_its_own_shapes(monkeypatch):
+    # 10 calls in 0.5 s of wall time and 0.25 s of process CPU time
+    monkeypatch.setattr(step_profile, "wall_and_cpu", lambda fn: (0.5, 0.25, fn()))
+    probe = step_profile.probe_einsum("nqk,nsk->nqs", [(3, 8, 4), (3, 16, 4)], "bfloat16", repeats=10)
+    assert {k: probe[k] for k in ("einsum", "dtype", "shapes")} == {
+        "einsum": "nqk,nsk->nqs", "dtype": "bfloat16", "shapes": [[3, 8, 4], [3, 16, 4]]}
+    assert probe["us_per_call"] == pytest.approx(0.05e6)
+    assert probe["gflops_per_s"] == pytest.approx(2 * 3 * 8 * 16 * 4 / 0.05 / 1e9)  # 2 x output x contracted
+    assert probe["busy_cores"] == pytest.approx(0.5)
+
+
 def test_exclusive_times_subtract_nested_ops_on_the_same_thread():
     events = [
         {"ph": "X", "name": "while.1", "ts": 0, "dur": 100, "pid": 1, "tid": 1},

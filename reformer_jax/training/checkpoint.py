@@ -23,18 +23,23 @@ class CheckpointMismatch(ValueError):
     """The workdir holds a run with different settings."""
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file in the same directory, then rename: never a half-written file."""
+def atomic_write(path: Any, data: bytes) -> None:
+    """Write `data` to a temporary file in the same directory, then rename: never a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """`payload` as JSON (indented, keys sorted), written atomically."""
+    atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _flatten(settings: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

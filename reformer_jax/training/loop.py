@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import io
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from reformer_jax.training.checkpoint import (RUN_SETTINGS_FILE, Checkpointer, W
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.training.run_log import MetricsLog, Progress, TensorBoardLog, format_duration, format_sample
 from reformer_jax.training.run_record import read_record, update_record
+from reformer_jax.training.runtime_memory import peak_rss_bytes
 
 
 def _is_int(value) -> bool:
@@ -167,15 +167,11 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _runtime_memory_line() -> str:
     stats = jax.local_devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return f"runtime peak on {jax.local_devices()[0].device_kind}: {stats['peak_bytes_in_use'] / 2**20:,.1f} MiB"
-    return f"runtime: process peak RSS {_peak_rss_bytes() / 2**20:,.1f} MiB (CPU: no device memory statistics)"
+    return f"runtime: process peak RSS {peak_rss_bytes() / 2**20:,.1f} MiB (CPU: no device memory statistics)"
 
 
 def evaluate(eval_fn, params, dataset, options: TrainOptions, sharding: NamedSharding,

@@ -26,7 +26,7 @@ import re
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 # Kinds of ops, in the order the tables list them: (key, label).
 KINDS = (
@@ -236,6 +236,31 @@ def wall_and_cpu(fn: Callable[[], Any]) -> Tuple[float, float, Any]:
     t, c = time.perf_counter(), time.process_time()
     result = fn()
     return time.perf_counter() - t, time.process_time() - c, result
+
+
+def probe_einsum(spec: str, shapes: Sequence[Sequence[int]], dtype: Any = "float32",
+                 compiler_options: Optional[Dict[str, Any]] = None, repeats: int = 30) -> Dict[str, Any]:
+    """One einsum of two random operands of `shapes` in `dtype`, compiled on its own (with `compiler_options`) and
+    called `repeats` times: {"einsum", "dtype", "shapes", "us_per_call", "busy_cores" (process CPU time / wall
+    time), "gflops_per_s" (2 x output size x the first operand's last dimension, contracted, per second)}."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(0), 2)
+    a, b = (jax.random.normal(k, tuple(s), jnp.float32).astype(dtype) for k, s in zip(keys, shapes))
+    compiled = jax.jit(lambda x, y: jnp.einsum(spec, x, y)).lower(a, b).compile(compiler_options)
+    jax.block_until_ready(compiled(a, b))
+
+    def calls():
+        for _ in range(repeats - 1):
+            compiled(a, b)
+        return jax.block_until_ready(compiled(a, b))
+
+    wall, cpu, out = wall_and_cpu(calls)
+    wall, cpu = wall / repeats, cpu / repeats
+    return {"einsum": spec, "dtype": jnp.dtype(dtype).name, "shapes": [list(s) for s in shapes],
+            "us_per_call": wall * 1e6, "busy_cores": cpu / wall,
+            "gflops_per_s": 2 * out.size * shapes[0][-1] / wall / 1e9}
 
 
 def busy_cores(step: Callable[[], Any], n: int) -> Tuple[float, float]:
