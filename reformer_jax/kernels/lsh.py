@@ -27,7 +27,7 @@ from jax import lax
 from reformer_jax.kernels.full import (at_least_f32, attention_dropout, as_key_mask, check_qkv, mask_scores, masked,
                                       normalize_keys)
 
-BLOCK_ROWS = 4096  # query rows per block of LSH chunk attention (`_attend_extended_chunks`)
+BLOCK_ROWS = 4096  # query rows per block of LSH chunk attention (`_over_blocks`)
 
 Buckets = Union[int, Tuple[int, ...]]
 
@@ -250,77 +250,6 @@ def _own(x: jax.Array, n_before: int, n_after: int) -> jax.Array:
     return x[:, :, n_before:x.shape[2] - n_after]
 
 
-def _to_blocks(x: jax.Array, per_block: int) -> jax.Array:
-    """[b, h, m, ...] -> [m / per_block, b, h, per_block, ...]: scan's leading axis over blocks of chunks."""
-    return jnp.moveaxis(x.reshape(x.shape[:2] + (x.shape[2] // per_block, per_block) + x.shape[3:]), 2, 0)
-
-
-def _from_blocks(x: jax.Array) -> jax.Array:
-    """The inverse of `_to_blocks`: [n_blocks, b, h, B, ...] -> [b, h, n_blocks * B, ...]."""
-    return jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (x.shape[0] * x.shape[3],) + x.shape[4:])
-
-
-def _concat_chunks(*parts):
-    """Row arrays [b, h, n_i, ...] (pytrees of them, None leaves allowed) joined along the chunk axis."""
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=2), *parts)
-
-
-def _block_look_ahead(rows, blocks, n_before: int, n_after: int):
-    """The n_after chunks after each block: the first ones of the next block, and for the last block the
-    n_after chunks after all m. rows: extended rows [b, h, n_before + m + n_after, ...]; blocks: their middle m
-    chunks as `_to_blocks` gives them [m / B, b, h, B, ...]. Returns [m / B, b, h, n_after, ...] (pytrees)."""
-    return jax.tree.map(lambda x, blk: jnp.concatenate(
-        [blk[1:, :, :, :n_after], x[:, :, x.shape[2] - n_after:][None]], axis=0), rows, blocks)
-
-
-def _attend_extended_chunks(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, spec: _LSHSpec,
-                            dropout_rng: jax.Array,
-                            ext_valid: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
-    """`_attend_chunks` of m chunks between n_before look-back and n_after look-ahead chunks, one block of
-    chunks at a time.
-
-    ext_q / ext_v [b, h, n_before + m + n_after, c, k] sorted query/key and value rows, ext_pos
-    [b, h, n_before + m + n_after, c] their original positions, ext_valid (same shape, bool, or None) False at
-    padded positions; chunk n_before + j attends to itself, the n_before chunks before it and the n_after after.
-    Returns (out [b, h, m, c, k_v], row_max, row_sum [b, h, m, c, 1]) as `_attend_chunks`.
-
-    Why blocks: every buffer of a block ([B, c, s] scores, the look-back copies of keys and values) has the
-    same size at any length, so at long lengths they stay in cache as they do at short ones (at 65536 tokens
-    a whole round's [64 x 64] x [64 x 128] chunk products ran 24% slower per chunk than at 4096). A `lax.scan`
-    over the blocks carries the last n_before chunks of one block into the next as its look-back, so no rows
-    are sliced twice; a block's look-ahead (the first n_after chunks of the next block) is sliced in advance;
-    `_extended_chunks_backward` walks the same blocks backwards. One block (every length up to BLOCK_ROWS) is
-    the plain whole-round computation.
-    """
-    n_before, n_after, c = spec.n_chunks_before, spec.n_chunks_after, spec.chunk_len
-    m = ext_q.shape[2] - n_before - n_after
-    per_block = chunks_per_block(m, c, n_before, n_after=n_after)
-
-    def attend(ext_q, ext_v, ext_pos, ext_valid, rng):  # [b, h, n_before + B + n_after, c, ...] -> B chunks'
-        seen = functools.partial(_seen, n_before=n_before, n_after=n_after)
-        own = functools.partial(_own, n_before=n_before, n_after=n_after)
-        return _attend_chunks(own(ext_q), own(ext_pos), seen(normalize_keys(ext_q)), seen(ext_v), seen(ext_pos),
-                              spec, rng, None if ext_valid is None else seen(ext_valid))
-
-    rows = (ext_q, ext_v, ext_pos, ext_valid)
-    if per_block == m:
-        return attend(*rows, dropout_rng)
-
-    def attend_block(look_back, block):
-        own, ahead, j = block
-        ext = _concat_chunks(look_back, own)
-        next_look_back = jax.tree.map(lambda x: x[:, :, per_block:], ext)
-        if n_after:
-            ext = _concat_chunks(ext, ahead)
-        return next_look_back, attend(*ext, jax.random.fold_in(dropout_rng, j))
-
-    head = jax.tree.map(lambda x: x[:, :, :n_before], rows)
-    blocks = jax.tree.map(lambda x: _to_blocks(x[:, :, n_before:n_before + m], per_block), rows)
-    aheads = _block_look_ahead(rows, blocks, n_before, n_after) if n_after else None
-    _, per_row = lax.scan(attend_block, head, (blocks, aheads, jnp.arange(m // per_block)))
-    return tuple(_from_blocks(x) for x in per_row)
-
-
 def _sorted_valid(key_mask: Optional[jax.Array], positions: jax.Array) -> Optional[jax.Array]:
     """key_mask [b, l] bool at sorted original positions [b, h, ...] -> [b, h, ...] bool (None: no mask)."""
     if key_mask is None:
@@ -394,8 +323,8 @@ _lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
 #
 # Forward: round r gives out_r and its logsumexp lse_r per query row; the rounds combine as
 #   out = sum_r w_r out_r,  w_r = exp(lse_r) / sum_s exp(lse_s),
-# accumulated online (like a streaming softmax) from each round's row maximum and row sum, so only one round's
-# sorted rows are alive at a time (`_rounds_forward`). The look-back of a round's first chunk reaches the
+# accumulated online (like a streaming softmax) from each round's row maximum and row sum, one block of a
+# round's chunks at a time, so only one block's sorted rows are alive at a time (`_rounds_forward`). The look-back of a round's first chunk reaches the
 # previous round's last chunk, as in the all-rounds path, through the carried sort order (`_RoundRows.tail`);
 # the look-ahead of its last chunk reaches the next round's first chunk (`_RoundRows.front`, from the next
 # round's sort, made one step early and carried: `_scan_rounds`).
@@ -458,39 +387,92 @@ def _scan_rounds(spec: _LSHSpec, buckets: jax.Array, step, init):
     return lax.scan(body, (init, init_sorts), jnp.arange(n_hashes))[0][0]
 
 
-def _gather_extended(x: jax.Array, rows: _RoundRows) -> jax.Array:
-    """x [b, h, l, k] -> its extended rows [b, h, n_before + m + n_after, c, k] (at least float32): the
-    look-back tail and the look-ahead front by a plain gather, this round's rows (a permutation) by
-    `_permute_rows`."""
-    x = at_least_f32(x)
-    parts = [jnp.take_along_axis(x, rows.tail[..., None], axis=2), _permute_rows(x, rows.order, rows.inverse)]
-    if rows.front is not None:
-        parts.append(jnp.take_along_axis(x, rows.front[..., None], axis=2))
-    return jnp.concatenate(parts, axis=2).reshape(rows.positions.shape + (x.shape[-1],))
-
-
 def _last_round_order(buckets: jax.Array) -> jax.Array:
     """The sorted order [b, h, l] of the last round: the look-back of round 0."""
     return _sort_by_bucket(buckets[:, :, -1])[0]
 
 
+def _rows_at(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """The rows of x [b, h, l, ...] at original positions [b, h, n, c] -> [b, h, n, c, ...] (at least float32)."""
+    b, h = positions.shape[:2]
+    flat = positions.reshape(b, h, -1)
+    index = flat.reshape(flat.shape + (1,) * (x.ndim - 3))
+    return jnp.take_along_axis(at_least_f32(x), index, axis=2).reshape(positions.shape + x.shape[3:])
+
+
+def _put_rows(x: jax.Array, positions: jax.Array, rows: jax.Array, add: bool = False) -> jax.Array:
+    """x [b, h, l, ...] with rows [b, h, n, c, ...] written at original positions [b, h, n, c], a scatter into
+    x's buffer: set (positions distinct), or with `add` added (a position given twice gets both: the adjoint of
+    `_rows_at`)."""
+    b, h = positions.shape[:2]
+    flat = positions.reshape(b, h, -1)
+    rows = rows.reshape(flat.shape + rows.shape[4:]).astype(x.dtype)
+    put = (lambda a, i, r: a.at[i].add(r)) if add else (lambda a, i, r: a.at[i].set(r))
+    return jax.vmap(jax.vmap(put))(x, flat, rows)
+
+
+def _over_blocks(spec: _LSHSpec, rows: _RoundRows, length: int, dropout_rng: jax.Array, r: jax.Array, step,
+                 carry):
+    """carry = step(carry, ext_pos, own_pos, rng) for each block of chunks of round r in turn (a `lax.scan`).
+
+    A block is the largest run of B chunks of the round with at most BLOCK_ROWS query rows (`chunks_per_block`);
+    ext_pos [b, h, n_before + B + n_after, c] are the original positions of its extended rows: the n_before chunks
+    before its own (the previous block's last, or for the first block the previous round's last chunks), its own
+    B chunks (own_pos [b, h, B, c]) and the n_after after (the next block's first, or the next round's first
+    chunks). rng: the block's attention-dropout key (round r's, folded with the block index when there are
+    several blocks), the same in both passes.
+
+    Why blocks: every buffer of a block ([B, c, s] scores, its gathered rows) has the same size at any length,
+    so at long lengths they stay in cache as they do at short ones (at 65536 tokens a whole round's
+    [64 x 64] x [64 x 128] chunk products ran 24% slower per chunk than at 4096), and a block gathers its rows from
+    the unsorted arrays and writes its results back at their positions, so no whole-round sorted copy of any
+    [b, h, l, k] array is ever formed. One block (every length up to BLOCK_ROWS) is the whole round at once.
+    """
+    n_before, n_after, c = spec.n_chunks_before, spec.n_chunks_after, spec.chunk_len
+    m = length // c
+    per_block = chunks_per_block(m, c, n_before, n_after=n_after)
+    rng = jax.random.fold_in(dropout_rng, r)
+
+    def block(carry, j):
+        ext_pos = lax.dynamic_slice_in_dim(rows.positions, j * per_block, n_before + per_block + n_after, axis=2)
+        own_pos = ext_pos[:, :, n_before:n_before + per_block]
+        return step(carry, ext_pos, own_pos, rng if per_block == m else jax.random.fold_in(rng, j)), None
+
+    return lax.scan(block, carry, jnp.arange(m // per_block))[0]
+
+
 def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
-                  dropout_rng: jax.Array,
+                  dropout_rng: jax.Array, combined: Tuple[jax.Array, jax.Array, jax.Array],
                   key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """Round r of LSH attention alone, on its `_round_rows`: (out_r [b, h, l, k_v], row_max_r, row_sum_r
-    [b, h, l]) as `_attend_chunks` gives them, unsorted.
+    """Round r of LSH attention on its `_round_rows`, combined into the running (acc [b, h, l, k_v], top,
+    total [b, h, l]) of `_rounds_forward` one block of chunks at a time (`_over_blocks`): at each of a block's
+    query rows, top' = max(top, m_r), acc' = acc exp(top - top') + out_r s_r exp(m_r - top'), total' =
+    total exp(top - top') + s_r exp(m_r - top'), with out_r, m_r (row max) and s_r (row sum) as `_attend_chunks`
+    gives them. A position is a query row once per round, so the update is the same at every position as for
+    the whole round at once.
 
     The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1, and
     after its last chunk the first `n_chunks_after` chunks of round r + 1. key_mask [b, l] bool or None.
     Not differentiated: `_round_backward` is its gradient.
     """
-    b, h, length, _ = qk.shape
-    ext_q, ext_v = _gather_extended(qk, rows), _gather_extended(v, rows)
-    out, row_max, row_sum = _attend_extended_chunks(ext_q, ext_v, rows.positions, spec,
-                                                    jax.random.fold_in(dropout_rng, r),
-                                                    _sorted_valid(key_mask, rows.positions))
-    unsort = lambda x: _permute_rows(x.reshape(b, h, length, -1), rows.inverse, rows.order)  # noqa: E731
-    return unsort(out), unsort(row_max)[..., 0], unsort(row_sum)[..., 0]
+    seen = functools.partial(_seen, n_before=spec.n_chunks_before, n_after=spec.n_chunks_after)
+
+    def block(combined, ext_pos, own_pos, rng):
+        acc, top, total = combined
+        ext_q, ext_v = _rows_at(qk, ext_pos), _rows_at(v, ext_pos)
+        valid = _sorted_valid(key_mask, ext_pos)
+        out, row_max, row_sum = _attend_chunks(_own(ext_q, spec.n_chunks_before, spec.n_chunks_after), own_pos,
+                                               seen(normalize_keys(ext_q)), seen(ext_v), seen(ext_pos), spec, rng,
+                                               None if valid is None else seen(valid))
+        row_max, row_sum = row_max[..., 0], row_sum[..., 0]
+        old_top = _rows_at(top, own_pos)
+        new_top = jnp.maximum(old_top, row_max)
+        scale, weight = jnp.exp(old_top - new_top), row_sum * jnp.exp(row_max - new_top)
+        new_acc = _rows_at(acc, own_pos) * scale[..., None] + out * weight[..., None]
+        return (_put_rows(acc, own_pos, new_acc), _put_rows(top, own_pos, new_top),
+                _put_rows(total, own_pos, _rows_at(total, own_pos) * scale + weight))
+
+    return _over_blocks(spec, rows, qk.shape[2], dropout_rng, r, block, combined)
 
 
 def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.Array, g_dot_out: jax.Array,
@@ -498,8 +480,9 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
                  ext_valid: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
     """Gradient of the rounds-combined output with respect to one block's extended rows, flash-style.
 
-    ext_q / ext_v [b, h, n_before + B + n_after, c, k], ext_pos and ext_valid as in `_attend_extended_chunks`;
-    for the B chunks' query rows: g [b, h, B, c, k_v] the output cotangent, g_dot_out [b, h, B, c] = g . out
+    ext_q / ext_v [b, h, n_before + B + n_after, c, k], ext_pos [b, h, n_before + B + n_after, c] their original
+    positions (`_over_blocks`), ext_valid (same shape, bool, or None) False at padded positions; for the B chunks'
+    query rows: g [b, h, B, c, k_v] the output cotangent, g_dot_out [b, h, B, c] = g . out
     (the combined output), and top / total [b, h, B, c] the forward's largest score over all rounds and its normaliser
     sum_r row_sum_r exp(row_max_r - top) (`_rounds_forward`).
     Returns (d ext_q, d ext_v), shaped like ext_q and ext_v.
@@ -541,60 +524,23 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
     return d_ext_q, unseen(d_seen_v)
 
 
-def _extended_chunks_backward(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec: _LSHSpec,
-                              rng: jax.Array, ext_valid: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
-    """`_chunk_grads` over the blocks of `_attend_extended_chunks` (same blocks, same dropout keys).
-
-    A reversed `lax.scan` carries each block's gradient for its look-back chunks into the block before it; a
-    block's gradient for its look-ahead chunks (the next block's first ones, already visited) comes out of the
-    scan and is added afterwards.
-    """
-    n_before, n_after, c = spec.n_chunks_before, spec.n_chunks_after, spec.chunk_len
-    m = ext_q.shape[2] - n_before - n_after
-    per_block = chunks_per_block(m, c, n_before, n_after=n_after)
-    if per_block == m:
-        return _chunk_grads(ext_q, ext_v, ext_pos, g, g_dot_out, top, total, spec, rng, ext_valid)
-    extended = (ext_q, ext_v, ext_pos, ext_valid)
-    # The n_before chunks before each block (the last ones of the block before it, or the head).
-    look_backs = jax.tree.map(lambda x: _to_blocks(x[:, :, :m], per_block)[:, :, :, :n_before], extended)
-    rows = jax.tree.map(lambda x: _to_blocks(x[:, :, n_before:n_before + m], per_block), extended)
-    aheads = _block_look_ahead(extended, rows, n_before, n_after) if n_after else None
-
-    def block_grads(d_next, xs):  # d_next: block j + 1's gradient for our last n_before chunks
-        look_back, own, ahead, query_rows, j = xs
-        ext = _concat_chunks(look_back, own, ahead) if n_after else _concat_chunks(look_back, own)
-        ext_q, ext_v, ext_pos, ext_valid = ext
-        d_q, d_v = _chunk_grads(ext_q, ext_v, ext_pos, *query_rows, spec, jax.random.fold_in(rng, j), ext_valid)
-        d_own = tuple(d[:, :, n_before:n_before + per_block].at[:, :, per_block - n_before:].add(nxt)
-                      for d, nxt in zip((d_q, d_v), d_next))
-        d_ahead = tuple(d[:, :, n_before + per_block:] for d in (d_q, d_v)) if n_after else None
-        return (d_q[:, :, :n_before], d_v[:, :, :n_before]), (d_own, d_ahead)
-
-    zeros = (jnp.zeros_like(ext_q[:, :, :n_before]), jnp.zeros_like(ext_v[:, :, :n_before]))
-    query_rows = tuple(_to_blocks(x, per_block) for x in (g, g_dot_out, top, total))
-    d_head, (d_rows, d_aheads) = lax.scan(
-        block_grads, zeros, (look_backs, rows, aheads, query_rows, jnp.arange(m // per_block)), reverse=True)
-    if not n_after:
-        return tuple(jnp.concatenate([head, _from_blocks(d)], axis=2) for head, d in zip(d_head, d_rows))
-    # Block j's look-ahead is block j + 1's first n_after chunks; the last block's, the rows after all m.
-    d_rows = tuple(d.at[1:, :, :, :n_after].add(a[:-1]) for d, a in zip(d_rows, d_aheads))
-    return tuple(jnp.concatenate([head, _from_blocks(d), a[-1]], axis=2)
-                 for head, d, a in zip(d_head, d_rows, d_aheads))
-
-
 def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
-                    dropout_rng: jax.Array, g: jax.Array, g_dot_out: jax.Array, top: jax.Array,
-                    total: jax.Array, key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
-    """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`)."""
-    b, h, length, _ = qk.shape
-    m, c = length // spec.chunk_len, spec.chunk_len
-    (ext_q, ext_v), gather_vjp = jax.vjp(lambda q, w: (_gather_extended(q, rows), _gather_extended(w, rows)), qk, v)
-    # The query rows' quantities in this round's sorted order, as chunks (nothing differentiates them).
-    by_chunk = lambda x: _permute_rows(x, rows.order, rows.inverse).reshape((b, h, m, c) + x.shape[3:])  # noqa: E731
-    d_ext_q, d_ext_v = _extended_chunks_backward(
-        ext_q, ext_v, rows.positions, by_chunk(g), by_chunk(g_dot_out), by_chunk(top), by_chunk(total), spec,
-        jax.random.fold_in(dropout_rng, r), _sorted_valid(key_mask, rows.positions))
-    return gather_vjp((d_ext_q, d_ext_v))
+                    dropout_rng: jax.Array, g: jax.Array, g_dot_out: jax.Array, top: jax.Array, total: jax.Array,
+                    grads: Tuple[jax.Array, jax.Array],
+                    key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+    """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`), added to
+    grads = (d qk, d v) [b, h, l, k] (float32 accumulators) one block of chunks at a time (`_over_blocks`, the
+    forward's blocks and dropout keys): a block gathers its extended rows of qk and v and its query rows of g,
+    g . out, top and total from the unsorted arrays, and scatter-adds its gradients back at their positions (its
+    look-back and look-ahead rows' shares included)."""
+
+    def block(grads, ext_pos, own_pos, rng):
+        query_rows = [_rows_at(x, own_pos) for x in (g, g_dot_out, top, total)]
+        d_q, d_v = _chunk_grads(_rows_at(qk, ext_pos), _rows_at(v, ext_pos), ext_pos, *query_rows, spec, rng,
+                                _sorted_valid(key_mask, ext_pos))
+        return _put_rows(grads[0], ext_pos, d_q, add=True), _put_rows(grads[1], ext_pos, d_v, add=True)
+
+    return _over_blocks(spec, rows, qk.shape[2], dropout_rng, r, block, grads)
 
 
 def _rounds_forward(spec, qk, v, buckets, dropout_rng, key_mask=None):
@@ -608,11 +554,7 @@ def _rounds_forward(spec, qk, v, buckets, dropout_rng, key_mask=None):
     b, h, length, _ = qk.shape
 
     def add_round(carry, rows, r):
-        acc, top, total = carry
-        out_r, max_r, sum_r = _round_attend(spec, qk, v, rows, r, dropout_rng, key_mask)
-        new_top = jnp.maximum(top, max_r)
-        scale, weight = jnp.exp(top - new_top), sum_r * jnp.exp(max_r - new_top)
-        return acc * scale[..., None] + out_r * weight[..., None], new_top, total * scale + weight
+        return _round_attend(spec, qk, v, rows, r, dropout_rng, carry, key_mask)
 
     f32 = jnp.promote_types(qk.dtype, jnp.float32)
     init = (jnp.zeros((b, h, length, v.shape[-1]), jnp.promote_types(v.dtype, jnp.float32)),
@@ -638,14 +580,13 @@ def _by_rounds_bwd(spec, residuals, g):
     qk, v, buckets, dropout_rng, key_mask, out, top, total = residuals
     g_dot_out = jnp.sum(g * out, axis=-1)
 
-    def round_grads(carry, rows, r):
-        dqk, dv = carry
-        dq_r, dv_r = _round_backward(spec, qk, v, rows, r, dropout_rng, g, g_dot_out, top, total, key_mask)
-        return dqk + dq_r, dv + dv_r
+    def round_grads(grads, rows, r):
+        return _round_backward(spec, qk, v, rows, r, dropout_rng, g, g_dot_out, top, total, grads, key_mask)
 
+    zeros = tuple(jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)) for x in (qk, v))
     with jax.named_scope("lsh_rounds_backward"):
-        dqk, dv = _scan_rounds(spec, buckets, round_grads, (jnp.zeros_like(qk), jnp.zeros_like(v)))
-    return dqk, dv, None, None, None
+        dqk, dv = _scan_rounds(spec, buckets, round_grads, zeros)
+    return dqk.astype(qk.dtype), dv.astype(v.dtype), None, None, None
 
 
 _lsh_attention_by_rounds.defvjp(_by_rounds_fwd, _by_rounds_bwd)

@@ -66,6 +66,35 @@ class HeadSpec(NamedTuple):
     n_chunks_after: int = 0  # LSH chunks after each chunk it attends to (bidirectional attention)
 
 
+_MASK_BITS = 32  # positions per word of a `_PackedMask`
+
+
+class _PackedMask(NamedTuple):
+    """A [b, l, d] bool mask as bits: words [b, l / 32, d] uint32 whose bit j at [:, w, :] is the mask at position
+    32 w + j. A block's dropout keep mask is read in every head's loops, so it stays alive through them: packed it
+    takes an eighth of the bool mask's bytes (64 MiB instead of 512 at 2^20 x 512), with d, not a 32-wide axis,
+    minor (TPU tiles would pad a minor axis of 32 to 128 lanes)."""
+
+    words: jax.Array
+
+
+def _pack_mask(mask: Optional[jax.Array]):
+    """mask [b, l, d] bool as a `_PackedMask` (bit for bit the same mask); None, or a length that is not a multiple
+    of 32, as it is."""
+    if mask is None or mask.ndim != 3 or mask.shape[1] % _MASK_BITS:
+        return mask
+    b, length, d = mask.shape
+    blocks = _Blocks(length)
+
+    def pack(i):  # one row block at a time: the whole mask as uint32 would be four times its bytes
+        bits = blocks.get(mask, i).reshape(b, blocks.rows // _MASK_BITS, _MASK_BITS, d).astype(jnp.uint32)
+        shifted = bits << jnp.arange(_MASK_BITS, dtype=jnp.uint32)[:, None]
+        return jnp.sum(shifted, axis=2, dtype=jnp.uint32)  # distinct bits: their sum is their OR
+
+    words = lax.map(pack, jnp.arange(blocks.count))  # [n, b, rows / 32, d]
+    return _PackedMask(jnp.moveaxis(words, 0, 1).reshape(b, length // _MASK_BITS, d))
+
+
 class _Blocks:
     """Row blocks of positions [i r, (i + 1) r) of [b, l, ...] arrays, for loops that update buffers in place."""
 
@@ -74,7 +103,11 @@ class _Blocks:
         self.count = length // self.rows
 
     def get(self, x: Optional[jax.Array], i: jax.Array) -> Optional[jax.Array]:
-        """Block i of x (None, e.g. an absent dropout mask: None)."""
+        """Block i of x (None, e.g. an absent dropout mask: None; a `_PackedMask`: its block as bool)."""
+        if isinstance(x, _PackedMask):
+            words = lax.dynamic_slice_in_dim(x.words, i * self.rows // _MASK_BITS, self.rows // _MASK_BITS, axis=1)
+            bits = (words[:, :, None, :] >> jnp.arange(_MASK_BITS, dtype=jnp.uint32)[:, None]) & jnp.uint32(1)
+            return bits.reshape((words.shape[0], self.rows) + words.shape[2:]).astype(bool)
         return None if x is None else lax.dynamic_slice_in_dim(x, i * self.rows, self.rows, axis=1)
 
     def set(self, x: jax.Array, i: jax.Array, value: jax.Array) -> jax.Array:
@@ -194,7 +227,7 @@ def _forward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optional[jax
             y = jnp.einsum("hblk,hkd->bld", o, w_out.astype(spec.dtype)).astype(jnp.float32)
             return _dropped(y, keep, rate)
         # On the grid: each head's rounded share is added into the output buffer, row block by row block.
-        blocks = _Blocks(x.shape[1])
+        blocks, keep = _Blocks(x.shape[1]), _pack_mask(keep)
 
         def add_head(y, inputs):
             w_qk, w_v, w_out, head_buckets, key = inputs
@@ -218,6 +251,7 @@ def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optio
     Returns (dx + dF/dx . dy, parameter gradients, y - F(x) or None).
     """
     blocks, norm_of, norm = _Blocks(x.shape[1]), _norm_fn(spec), params["norm"]
+    keep = _pack_mask(keep)
     dropped = lambda value, i: _dropped(value, blocks.get(keep, i), rate)  # noqa: E731
 
     def head_grads(carry, inputs):

@@ -59,6 +59,31 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic:
     return jnp.where(dropout_mask(rate, rng, salt, x.shape), x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def replayed_dropout(x: jax.Array, rate: float, rng: jax.Array, salt: int, deterministic: bool) -> jax.Array:
+    """`dropout` whose backward pass draws the mask again from (rng, salt) instead of keeping it: outside the
+    reversible stack (the embedding's dropout) autodiff would keep a [b, l, d] bool from the forward pass to the
+    backward pass. The same values and gradients."""
+    if deterministic or rate == 0.0:
+        return x
+    return _replayed_dropout(x, rng, float(rate), salt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _replayed_dropout(x, rng, rate, salt):
+    return dropout(x, rate, rng, salt, False)
+
+
+def _replayed_dropout_bwd(rate, salt, rng, g):
+    # Drawn from a key that only exists once g does: XLA would otherwise merge this draw with the forward's
+    # identical one and keep that mask after all.
+    g, rng = lax.optimization_barrier((g, rng))
+    return dropout(g, rate, rng, salt, False), None
+
+
+_replayed_dropout.defvjp(lambda x, rng, rate, salt: (dropout(x, rate, rng, salt, False), rng),
+                         _replayed_dropout_bwd)
+
+
 def attention_core_spec(config: ModelConfig, seq_len: int, deterministic: bool, attention_type: Optional[str] = None,
                         grid_bits: int = 0) -> per_head.HeadSpec:
     """The static settings of the one-head-at-a-time attention core for this config, length, layer type

@@ -258,7 +258,7 @@ class ReformerTrunk(nn.Module):
         with jax.named_scope("embedding"):
             x = jnp.take(self.embed, tokens, axis=0).astype(jnp.float32)
             x = x + self.positions(tokens.shape[1]).astype(jnp.float32)
-            x = layers.dropout(x, cfg.dropout, embed_dropout_key, 0, deterministic)
+            x = layers.replayed_dropout(x, cfg.dropout, embed_dropout_key, 0, deterministic)
         if cfg.reversible:
             x = to_grid(x, cfg.grid_bits)  # the stack's inputs on its exact-reversal grid (0: unchanged)
             # trax: both streams start as x
