@@ -4,7 +4,7 @@
     python -m reformer_jax.plot --workdir=runs/a runs/b runs/c --out=compare.png
 
 Four panels against the optimizer step: training loss (bits per token, smoothed over --smooth steps), validation
-bits per token (validation accuracy for copy-task runs), training throughput (tokens/s, smoothed) and the learning
+bits per token (validation accuracy for runs of symbols: the copy task, ListOps), training throughput (tokens/s, smoothed) and the learning
 rate. One curve per run in each panel, labelled with the workdir's name. The throughput leaves out the first step
 of each invocation (it includes compilation).
 """
@@ -40,6 +40,12 @@ def read_metrics(workdir: str) -> List[Dict[str, float]]:
     return rows
 
 
+def _scored_by_accuracy(workdir: str) -> bool:
+    """A run of symbols, not text (the copy task, ListOps: no tokenizer recorded), is judged by its accuracy."""
+    settings = Path(workdir) / "run_settings.json"
+    return settings.is_file() and json.loads(settings.read_text()).get("tokenizer", "text") is None
+
+
 def _smoothed(values: Sequence[float], window: int) -> List[float]:
     """Trailing mean over `window` values (non-finite values skipped)."""
     out, kept = [], []
@@ -61,7 +67,7 @@ def plot_runs(workdirs: Sequence[str], out: str, smooth: int = 10) -> Dict[str, 
     runs = [(Path(w).name or str(w), read_metrics(w)) for w in workdirs]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     drawn = {}
-    copy_task = all(rows and "val_bpc" not in rows[-1] and any("val_accuracy" in r for r in rows) for _, rows in runs)
+    copy_task = all(_scored_by_accuracy(w) for w in workdirs)
     for ax, (key, title, smoothed) in zip(axes.flat, PANELS):
         count = 0
         for label, rows in runs:
