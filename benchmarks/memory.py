@@ -79,11 +79,13 @@ class Settings:
       fast_compile: LLVM -O0 (the same memory figures, faster compiles; for tests).
       topologies: One-chip TPU slices of 'tpu' (its seed and longest parts).
       tpu_parts: Parts of 'tpu': seed (the variants at the seed's setup), longest (the longest sequence per chip),
-        long (--floor_long_len tokens on --tpu_long_slice).
+        long (--floor_long_len tokens on --tpu_long_slice), breakdown (the Reformer's peak part by part).
       tpu_dtypes: Compute dtypes of the 'tpu' seed part.
       tpu_fsdp_slices: TPU slices of the 'tpu' longest part with fsdp over all their chips (a sequence per chip).
       tpu_long_slice: TPU slice of the 'tpu' long part (fsdp over its chips).
       tpu_max_length: Longest sequence the 'tpu' longest part compiles (a power of two).
+      tpu_breakdown_topology: One-chip TPU slice of the 'tpu' breakdown part.
+      tpu_breakdown_lengths: Sequence lengths of the 'tpu' breakdown part (the Reformer, beside XLA:CPU's step).
     """
 
     experiment: str = "all"
@@ -125,6 +127,8 @@ class Settings:
     tpu_fsdp_slices: Tuple[str, ...] = ("v4:2x2x4", "v5e:4x4", "v5p:2x2x4", "v6e:4x4")
     tpu_long_slice: str = "v5e:2x2"
     tpu_max_length: int = 2**24
+    tpu_breakdown_topology: str = "v5e:1x1"
+    tpu_breakdown_lengths: Tuple[int, ...] = (4096, 524288)
     command: str = "python -m benchmarks.memory"
 
     def optimizer_arg(self, name: Optional[str] = None) -> Optional[str]:
@@ -161,6 +165,7 @@ def settings_from_flags(fv: flags.FlagValues = flags.FLAGS, argv: Optional[Seque
         parse={"topologies": lambda v: topologies("topologies", v, one_chip=True),
                "tpu_fsdp_slices": lambda v: topologies("tpu_fsdp_slices", v, one_chip=False),
                "tpu_long_slice": lambda v: topologies("tpu_long_slice", [v], one_chip=False)[0],
+               "tpu_breakdown_topology": lambda v: topologies("tpu_breakdown_topology", [v], one_chip=True)[0],
                "compilation_cache_dir": cli.cache_dir})
     if s.d_model % s.n_heads:
         raise FlagError(f"--d_model={s.d_model} is not divisible by --n_heads={s.n_heads}; e.g. --n_heads="

@@ -10,6 +10,10 @@ Parts (--tpu_parts), each its own results file, rows merged by key so a part rer
            search step (reformer_jax.xla.longest_fit), on one chip (--topologies) and with fsdp over the slices of
            --tpu_fsdp_slices (one sequence per chip: batch = chips x --batch_size)
   long     tpu_long.*: the Reformer at --floor_long_len tokens per sequence on --tpu_long_slice, fsdp over its chips
+  breakdown  tpu_breakdown.*: the Reformer's step at each --tpu_breakdown_lengths on one --tpu_breakdown_topology
+           chip and on XLA:CPU, each peak split into parts from the compiler's own buffer assignment
+           (reformer_jax.training.step_builder.step_breakdown), side by side, with the heap's live bytes across
+           the schedule
 
 A row fits when the TPU compiler accepts the program and the compiled peak is within the HBM the compiler lets a
 program use (`reformer_jax.xla.tpu.usable_hbm_bytes`, libtpu's own figure: 15.75 GiB of a v5e chip's 16). The
@@ -28,10 +32,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks import output, seed
 from benchmarks.cli import FlagError, log
+from reformer_jax.xla import buffers
 from reformer_jax.xla.longest_fit import LongestFit, Probe, longest_fitting_length
 from benchmarks.output import MIB, Row
 
-PARTS = ("seed", "longest", "long")
+PARTS = ("seed", "longest", "long", "breakdown")
 GENERATIONS = ("v4", "v5e", "v5p", "v6e")  # table order
 COLORS = {"v4": "#4c72b0", "v5e": "#dd8452", "v5p": "#55a868", "v6e": "#c44e52"}
 HBM = ("usable_hbm_mib", "usable HBM MiB", ",.0f")
@@ -58,7 +63,9 @@ TITLES = {"tpu": "The variants at the seed's setup, compiled for one TPU chip",
 # The flags each part ignores, left out of its rows' commands.
 IGNORED = {"seed": ("tpu_fsdp_slices", "tpu_long_slice", "floor_long_len", "tpu_max_length"),
            "longest": ("tpu_dtypes", "tpu_long_slice", "floor_long_len"),
-           "long": ("topologies", "tpu_fsdp_slices", "tpu_max_length", "tpu_dtypes", "models")}
+           "long": ("topologies", "tpu_fsdp_slices", "tpu_max_length", "tpu_dtypes", "models"),
+           "breakdown": ("topologies", "tpu_fsdp_slices", "tpu_max_length", "tpu_dtypes", "models",
+                         "tpu_long_slice", "floor_long_len")}
 
 
 def check_topologies(flag: str, values: Sequence[str], *, one_chip: bool) -> Tuple[str, ...]:
@@ -247,6 +254,88 @@ def long_rows(settings) -> List[Row]:
     return [row]
 
 
+def breakdown_rows(settings) -> List[Row]:
+    """The Reformer at each --tpu_breakdown_lengths, on one --tpu_breakdown_topology chip and on XLA:CPU: each
+    compiled peak in parts (`step_breakdown`), a row per (length, backend)."""
+    from reformer_jax.training.step_builder import step_breakdown
+
+    rows = []
+    for length in settings.tpu_breakdown_lengths:
+        for topology in (None, settings.tpu_breakdown_topology):
+            start = time.perf_counter()
+            stats, parts = step_breakdown(settings.config("reformer", max_len=length), batch_size=settings.batch_size,
+                                          seq_len=length, optimizer=settings.optimizer_arg(), topology=topology)
+            row = output.stamp({"model": "reformer", "seq_len": length, "topology": topology or "XLA:CPU",
+                                "device_kind": stats.device_kind or "cpu", "peak_bytes": stats.peak_bytes,
+                                "heap_bytes": parts.heap_bytes, "heap_in_use_bytes": parts.heap_in_use_bytes,
+                                "heap_peak_step": parts.heap_peak_step, "schedule_len": parts.schedule_len,
+                                "parts": [{"part": n, "bytes": b} for n, b in parts.parts],
+                                "largest": parts.largest, "curve_x": parts.curve_x, "curve_bytes": parts.curve_bytes,
+                                "compile_s": round(time.perf_counter() - start, 1)}, settings.command)
+            row["row_command"] = row_command(settings, experiment="tpu", tpu_parts="breakdown",
+                                             tpu_breakdown_lengths=length)
+            log(f"  [tpu breakdown] reformer x {length:,} on {row['topology']}: {stats.peak_bytes / MIB:,.1f} MiB, "
+                f"heap {parts.heap_bytes / MIB:,.1f} MiB ({row['compile_s']:.0f} s)")
+            rows.append(row)
+    path = os.path.join(settings.out_dir, "tpu_breakdown.json")
+    done = {(r["seq_len"], r["topology"]) for r in rows}
+    kept = [r for r in (output.read_json(path) if os.path.exists(path) else [])
+            if (r["seq_len"], r["topology"]) not in done]  # a rerun for some lengths keeps the others
+    write_breakdown(settings.out_dir, sorted(kept + rows, key=lambda r: (r["seq_len"], r["topology"] != "XLA:CPU")))
+    return rows
+
+
+def breakdown_markdown(rows: Sequence[Row]) -> str:
+    """Per length: the parts of XLA:CPU's peak and the TPU's side by side, and the TPU heap's largest values."""
+    md = ["# The Reformer's training step part by part: XLA:CPU and one TPU chip\n\n",
+          "Each compiled peak (memory_analysis: arguments + outputs - aliased + temporaries) split into parts from "
+          "the compiler's own buffer assignment (`reformer_jax.xla.buffers`): the arguments, then what the heap of "
+          "temporaries holds at the step where most of it is in use (tile padding apart), the heap's bytes not in "
+          "use then, and what memory_analysis counts beyond the heap. The parts sum to the peak.\n"]
+    for length in sorted({r["seq_len"] for r in rows}):
+        pair = [r for r in rows if r["seq_len"] == length]
+        cpu = next((r for r in pair if r["topology"] == "XLA:CPU"), None)
+        tpus = [r for r in pair if r is not cpu]
+        sizes = {r["topology"]: {p["part"]: p["bytes"] / MIB for p in r["parts"]} for r in pair}
+        table = [{"part": n, **{k: v.get(n, 0.0) for k, v in sizes.items()}}
+                 for n in buffers.ordered_parts([list(v.items()) for v in sizes.values()])
+                 if max(abs(v.get(n, 0.0)) for v in sizes.values()) >= 0.05]  # none rounds to 0.0 MiB
+        table.append({"part": "**peak**", **{r["topology"]: r["peak_bytes"] / MIB for r in pair}})
+        for t in table:
+            t.update({f"{r['topology']} - XLA:CPU": t[r["topology"]] - t["XLA:CPU"] for r in tpus if cpu})
+        columns = [("part", "part", "s")] + [(k, f"{k} MiB", ",.1f") for k in sizes]
+        columns += [(f"{r['topology']} - XLA:CPU", f"{r['topology']} - XLA:CPU", ",.1f") for r in tpus if cpu]
+        md += [f"\n## {length:,} tokens\n\n", output.markdown_table(table, columns),
+               f"\nCommand: `{pair[0]['row_command']}`. Heap of temporaries: "
+               + "; ".join(f"{r['topology']} {r['heap_bytes'] / MIB:,.1f} MiB, {r['heap_in_use_bytes'] / MIB:,.1f} in "
+                           f"use at its peak (step {r['heap_peak_step']:,} of {r['schedule_len']:,})" for r in pair)
+               + ".\n"]
+        for r in tpus:
+            md += [f"\nThe largest values in the {r['topology']} heap at its peak:\n\n",
+                   output.markdown_table(r["largest"][:12], [
+                       ("shape", "value", "code"), ("bytes", "MiB", "mib"), ("padding", "of it tile padding", "mib"),
+                       ("part", "part", "s"),
+                       (lambda v: "/".join(v["op_name"].replace("\\'", "'").split("/")[-3:]), "op (its name's end)",
+                        "s")])]
+    return "".join(md)
+
+
+def write_breakdown(out_dir: str, rows: List[Row]) -> None:
+    def plot(axes):
+        lengths = sorted({r["seq_len"] for r in rows})
+        for ax, length in zip(axes if len(lengths) > 1 else [axes], lengths):
+            for r in (r for r in rows if r["seq_len"] == length):
+                ax.plot(r["curve_x"], [b / MIB for b in r["curve_bytes"]], lw=1.2, label=(
+                    f"{r['topology']} (heap {r['heap_bytes'] / MIB:,.0f} MiB, peak {r['peak_bytes'] / MIB:,.0f})"))
+            ax.set_xlabel("position in the step's schedule")
+            ax.set_ylabel("heap bytes in use (MiB)")
+            ax.set_title(f"The Reformer's step at {length:,} tokens", fontsize=10)
+            ax.legend(fontsize=7)
+
+    n = len({r["seq_len"] for r in rows})
+    output.write_outputs(out_dir, "tpu_breakdown", rows, breakdown_markdown(rows), plot, (6.5 * n, 4.5, n))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tables, plots and the results files
 
@@ -346,7 +435,8 @@ def run_tpu(settings, *, cpu_stats: Callable[[Any], Any], seed_sizes: bool) -> L
 
     tpu.topology_devices(settings.topologies[0] if settings.topologies else settings.tpu_long_slice,
                          flag="--topologies")  # no libtpu: one line, before anything compiles
-    runners = {"seed": lambda s: seed_rows(s, cpu_stats, seed_sizes), "longest": longest_rows, "long": long_rows}
+    runners = {"seed": lambda s: seed_rows(s, cpu_stats, seed_sizes), "longest": longest_rows, "long": long_rows,
+               "breakdown": breakdown_rows}
     measured: List[Row] = []
     for part in (p for p in PARTS if p in settings.tpu_parts):
         measured.extend(runners[part](settings))  # each row is written to its part's files as it is measured

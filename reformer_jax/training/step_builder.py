@@ -226,6 +226,41 @@ def compile_train_step(config: ModelConfig, *, batch_size: int, seq_len: int, op
     return compiled, stats
 
 
+def step_breakdown(config: ModelConfig, *, batch_size: int, seq_len: int, optimizer: Optional[str] = "adafactor",
+                   topology: Optional[str] = None, dump_dir: Optional[str] = None):
+    """(MemoryStats, `reformer_jax.xla.buffers.Breakdown`): one device's step compiled as `compile_train_step`
+    compiles it (for the chips of a TPU slice with `topology`, the batch split over them), its memory_analysis
+    peak split into parts from the compiler's own buffer assignment: parameters, optimizer state, batch, and what
+    the temporaries' heap holds at its fullest (gradients, parameter copies, residual streams, masks, bucket ids,
+    each named scope's activations, tile padding), its unused bytes then, and what memory_analysis counts beyond
+    the heap. XLA's dump goes to `dump_dir` (kept) or a temporary directory (removed)."""
+    import shutil
+    import tempfile
+
+    from reformer_jax.xla import buffers
+
+    where = dump_dir or tempfile.mkdtemp(prefix="xla_buffers_")
+    try:
+        compiled, stats = compile_train_step(config, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
+                                             extra_options=buffers.dump_options(where), topology=topology)
+        assignment = buffers.read_dump(where)
+    finally:
+        if dump_dir is None:
+            shutil.rmtree(where, ignore_errors=True)
+    analysis = compiled.memory_analysis()
+    params = jax.eval_shape(lambda k: train.create_train_state(k, config, train.make_optimizer()).params,
+                            _abstract_key())
+    shapes = buffers.Shapes(tuple(tuple(leaf.shape) for leaf in jax.tree.leaves(params)),
+                            stream_elements=batch_size // stats.device_count * seq_len * config.d_model)
+    argument = int(analysis.argument_size_in_bytes)
+    parts = [("parameters", stats.param_bytes), ("optimizer state", stats.optimizer_state_bytes),
+             ("batch, step and key", argument - stats.param_bytes - stats.optimizer_state_bytes)]
+    return stats, buffers.breakdown(assignment, shapes, argument_parts=parts,
+                                    output_bytes=int(analysis.output_size_in_bytes),
+                                    alias_bytes=int(analysis.alias_size_in_bytes),
+                                    temp_bytes=int(analysis.temp_size_in_bytes))
+
+
 class DoesNotFit(RuntimeError):
     """The TPU compiler refused to compile the step for a slice (e.g. RESOURCE_EXHAUSTED): it does not fit."""
 
@@ -274,4 +309,4 @@ def analyze_train_step(config: ModelConfig, *, batch_size: int, seq_len: int,
 
 
 __all__ = ["TrainStep", "build_train_step", "compile_train_step", "analyze_train_step", "compile_for_topology",
-           "topology_mesh", "guarded_train_step", "StepBuildError", "DoesNotFit"]
+           "step_breakdown", "topology_mesh", "guarded_train_step", "StepBuildError", "DoesNotFit"]
