@@ -84,6 +84,8 @@ def plot_runs(workdirs: Sequence[str], out: str, smooth: int = 10) -> Dict[str, 
             if points:
                 ax.plot([r["step"] for r in points], ys, style, label=label, markersize=3)
                 count += 1
+        if key == "bpc" and copy_task:  # a classifier's loss is per example, a copy task's per symbol
+            title = "training loss (bits)"
         ax.set_title(title + (" accuracy" if key == "val" and copy_task else
                               " (bits per token)" if key == "val" else "")
                      + (f", mean of {smooth} steps" if smoothed and smooth > 1 else ""), fontsize=10)
