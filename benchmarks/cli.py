@@ -33,10 +33,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def int_list(flag: str, values: Sequence[str], example: str, minimum: int = 1) -> Tuple[int, ...]:
-    """A comma-separated list flag as integers >= minimum; `example` is a value that would work."""
-    out = []
+def int_list(flag: str, values: Sequence[str], example: str, minimum: int = 1, words: Sequence[str] = ()) -> tuple:
+    """A comma-separated list flag as integers >= minimum (and any of `words`, kept as they are); `example` is a
+    value that would work."""
+    out: list = []
     for v in values:
+        if str(v).strip() in words:
+            out.append(str(v).strip())
+            continue
         try:
             n = int(str(v).strip())
         except ValueError:

@@ -125,23 +125,6 @@ class TaskPlan:
     vocab_size: int
 
 
-def _int_values(name: str, values: Sequence[str], allowed_words: Tuple[str, ...] = ()) -> Tuple[Any, ...]:
-    out: List[Any] = []
-    for text in (str(v).strip() for v in values):
-        try:
-            number = int(text)
-        except ValueError:
-            number = 0
-        if text not in allowed_words and number < 1:
-            words = "".join(f"'{w}' or " for w in allowed_words)
-            raise FlagError(f"--{name}={','.join(map(str, values))}: {text!r} is invalid; expected {words}positive "
-                            f"integers separated by commas, e.g. --{name}={','.join(allowed_words + ('4',))}.")
-        out.append(text if text in allowed_words else number)
-    if not out:
-        raise FlagError(f"--{name} is empty; give at least one value.")
-    return tuple(out)
-
-
 def head_overrides(head: str, reversible: bool) -> Dict[str, Any]:
     """ModelConfig fields of a --head choice for one model."""
     if head == "tied":
@@ -151,7 +134,7 @@ def head_overrides(head: str, reversible: bool) -> Dict[str, Any]:
 
 def shakespeare_plan(fv) -> TaskPlan:
     """The four variants at the shakespeare sizes, the Reformer once per --train_hashes value."""
-    hashes = _int_values("train_hashes", fv.train_hashes)
+    hashes = cli.int_list("train_hashes", fv.train_hashes, "4,8")
     sizes = {"d_model": fv.d_model, "n_heads": fv.n_heads, "d_ff": fv.d_ff, "chunk_len": fv.chunk_len,
              "max_len": fv.seq_len, "dropout": 0.0, "n_layers": fv.n_layers}
     plain, reversible = ({**sizes, **head_overrides(fv.head, r)} for r in (False, True))
@@ -183,9 +166,9 @@ def synthetic_plan(fv) -> TaskPlan:
              "chunk_len": fv.chunk_len, "max_len": fv.synthetic_seq_len, "dropout": 0.0,
              "n_layers": QUALITY_COPY.n_layers, "vocab_size": fv.synthetic_vocab_size,
              "pos_embedding": fv.synthetic_pos_embedding}
+    trained = cli.int_list("synthetic_train_hashes", fv.synthetic_train_hashes, "full,1,2,4", words=("full",))
     variants = [Variant("full", "transformer", tuple(sizes.items())) if h == "full" else
-                Variant(f"lsh-{h}", "lsh", tuple({**sizes, "n_hashes": h}.items()))
-                for h in _int_values("synthetic_train_hashes", fv.synthetic_train_hashes, ("full",))]
+                Variant(f"lsh-{h}", "lsh", tuple({**sizes, "n_hashes": h}.items())) for h in trained]
     return TaskPlan("synthetic", tuple(variants), fv.synthetic_steps, fv.synthetic_seq_len, fv.synthetic_batch_size,
                     fv.synthetic_eval_every, "synthetic", None, fv.synthetic_vocab_size)
 
@@ -199,7 +182,7 @@ def check_flags(fv) -> List[TaskPlan]:
         value = fv[name].value
         if value is None or not value > 0 or not math.isfinite(value):
             raise FlagError(f"--{name}={value} is invalid: expected a positive number.")
-    _int_values("eval_hashes", fv.eval_hashes)
+    cli.int_list("eval_hashes", fv.eval_hashes, "1,2,4,8")  # checked here, before anything compiles
     if fv.honest_positions > fv.seq_len:
         raise FlagError(f"--honest_positions={fv.honest_positions} is more than --seq_len={fv.seq_len}.")
     if fv.synthetic_seq_len % 2 or fv.synthetic_vocab_size < 2:
@@ -243,13 +226,14 @@ def _options(fv, plan: TaskPlan, variant: Variant):
 def learning_curve(workdir: str) -> List[Dict[str, float]]:
     """metrics.jsonl as curve points: step, training wall minutes (sum of step times, compilation included), train
     loss and bits, and the validation scores where an evaluation ran."""
+    from reformer_jax.plot import read_metrics
+
     points, minutes = [], 0.0
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            minutes += row["step_seconds"] / 60
-            points.append({"step": row["step"], "minutes": minutes, "loss": row["loss"], "bpc": row["bpc"],
-                           "accuracy": row.get("accuracy"),
-                           **{k: row[k] for k in ("val_loss", "val_bpc", "val_accuracy") if k in row}})
+    for row in read_metrics(workdir):
+        minutes += row["step_seconds"] / 60
+        points.append({"step": row["step"], "minutes": minutes, "loss": row["loss"], "bpc": row["bpc"],
+                       "accuracy": row.get("accuracy"),
+                       **{k: row[k] for k in ("val_loss", "val_bpc", "val_accuracy") if k in row}})
     return points
 
 
@@ -273,8 +257,8 @@ def _eval_params(config, params):
 
 def _eval_configs(fv, config) -> List[Tuple[str, Any]]:
     """(column name, config) of every evaluation setting: full attention, then LSH at each --eval_hashes."""
-    return [("full", _with_attention(config, "full"))] + [
-        (f"lsh-{h}", _with_attention(config, "lsh", n_hashes=h)) for h in _int_values("eval_hashes", fv.eval_hashes)]
+    return [("full", _with_attention(config, "full"))] + [(f"lsh-{h}", _with_attention(config, "lsh", n_hashes=h))
+                                                            for h in cli.int_list("eval_hashes", fv.eval_hashes, "1")]
 
 
 def score_model(fv, plan: TaskPlan, variant: Variant, params, dataset) -> Dict[str, Any]:

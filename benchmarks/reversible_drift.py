@@ -116,19 +116,18 @@ def _markdown(rows: List[Dict[str, Any]], changes: List[Dict[str, Any]], sizes: 
              "plain float32 streams and streams on the exact-reversal grid (ModelConfig.stream_grid_bits = k: "
              "multiples of 2^-k, exact while |stream| < 2^(24 - k)). Last column: the largest |stream| at the "
              "n layers' output (the largest over the settings).", "",
-             "| layers | " + " | ".join(_setting(*s) for s in settings) + " | max abs stream |",
-             "| ---: |" + " ---: |" * (len(settings) + 1)]
-    for depth in depths:
-        largest = max(by_key[s + (depth,)]["max_abs_stream"] for s in settings)
-        lines.append(f"| {depth} | " + " | ".join(f"{by_key[s + (depth,)]['relative_error']:.2e}" for s in settings)
-                     + f" | {largest:.1f} |")
-    lines += ["", "What the grid changes in the model's output at initialisation (same parameters and tokens, "
-              f"{max(depths)} layers, grid on against off):", "",
-              "| compute | relative change of the logits | largest logit change | loss off | loss on |",
-              "| --- | ---: | ---: | ---: | ---: |"]
-    for c in changes:
-        lines.append(f"| {c['dtype']}, grid 2^-{c['grid_bits']} | {c['logits_relative_change']:.2e} | "
-                     f"{c['logits_max_abs_change']:.2e} | {c['loss_grid_off']:.6f} | {c['loss_grid_on']:.6f} |")
+             output.markdown_table(
+                 [{s: by_key[s + (depth,)] for s in settings} | {"n_layers": depth} for depth in depths],
+                 [("n_layers", "layers", "d")] + [(lambda r, s=s: r[s]["relative_error"], _setting(*s), ".2e")
+                                                  for s in settings]
+                 + [(lambda r: max(r[s]["max_abs_stream"] for s in settings), "max abs stream", ".1f")]),
+             "What the grid changes in the model's output at initialisation (same parameters and tokens, "
+             f"{max(depths)} layers, grid on against off):", "",
+             output.markdown_table(changes, [
+                 (lambda c: f"{c['dtype']}, grid 2^-{c['grid_bits']}", "compute", "s"),
+                 ("logits_relative_change", "relative change of the logits", ".2e"),
+                 ("logits_max_abs_change", "largest logit change", ".2e"), ("loss_grid_off", "loss off", ".6f"),
+                 ("loss_grid_on", "loss on", ".6f")]).rstrip("\n")]
     lines += ["", "Sizes: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "; residual streams float32.",
               f"float32 target at {max(depths)} layers: < {FLOAT32_TARGET:g}.",
               f"Machine: {env['platform']}, {env['cpu_count']} CPUs, backend {env['backend']} "

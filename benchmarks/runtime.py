@@ -31,6 +31,7 @@ def run_worker(spec: Dict[str, Any], *,
     import psutil
 
     from reformer_jax.model.hf_convert import config_from_fields
+    from reformer_jax.training.data import lm_batch
     from reformer_jax.training.step_builder import build_train_step
 
     config = config_from_fields(spec["config"])
@@ -49,9 +50,7 @@ def run_worker(spec: Dict[str, Any], *,
     step_times, losses = [], []
     with RSSSampler() as sampler:
         state = init(jax.random.key(0))
-        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch_size, seq_len),
-                                                                                        np.float32)}
-        batch = jax.device_put(batch)
+        batch = jax.device_put(lm_batch(tokens))
         for _ in range(steps):
             t = time.perf_counter()
             state, metrics = compiled(state, batch, jax.random.key(1))

@@ -6,13 +6,10 @@
     python -m benchmarks.speed --profile --ours=default          # where our step's time goes (one trace)
     python -m benchmarks.speed --compilation_cache_dir=~/.cache/reformer_jax/xla   # reuse compiled steps
 
-Every implementation runs in its own worker process (`benchmarks.speed_worker`; ours is `build_train_step`'s
-step), so its peak RSS (ru_maxrss, compilation included) is its own. Workers are started one after the other
-(compilations never overlap), run --warmup_steps untimed steps, and then stay alive while the driver alternates
-timing rounds between them (each round a different one goes first), so drift of a shared machine hits all of them
-alike. A step is timed to completion; the figure is the median step. The default sizes are configuration P
-(`reformer_jax.model.sizes.SPEED_P`), dropout 0 and absolute positions, as the peers run. Outputs in --out_dir:
-speed.*, speed_peers.*, speed_length.*, speed_linearity.* or speed_profile.*; a non-CPU backend adds its name.
+Each implementation is a worker process of its own (`benchmarks.speed_worker`: its peak RSS is its own), started
+one after the other (compilations never overlap) and kept alive while the driver alternates timing rounds between
+them, so drift of a shared machine hits all alike; the figure is the median step. Sizes: configuration P
+(`reformer_jax.model.sizes.SPEED_P`), dropout 0, absolute positions, as the peers run.
 """
 
 from __future__ import annotations

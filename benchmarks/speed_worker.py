@@ -49,10 +49,10 @@ def tokens_for(spec: Dict[str, Any]):
 def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any]]:
     """Compile reformer_jax's training step; (step function, facts: compile_s, compile-time peak, cache hits)."""
     import jax
-    import numpy as np
 
     from reformer_jax import sharding
     from reformer_jax.model.hf_convert import config_from_fields
+    from reformer_jax.training.data import lm_batch
     from reformer_jax.training.step_builder import build_train_step
     from reformer_jax.xla.compilation_cache import CacheHits, enable_compilation_cache
 
@@ -80,9 +80,7 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
     limit = spec.get("memory_limit_bytes")
     if limit is not None and stats.peak_bytes > limit:
         return None, facts
-    tokens = tokens_for(spec)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch_size, seq_len), np.float32)}
-    batch = jax.device_put(batch, abstract_batch["inputs"].sharding)
+    batch = jax.device_put(lm_batch(tokens_for(spec)), abstract_batch["inputs"].sharding)
     key = jax.device_put(jax.random.key(1), abstract_key.sharding)
     box = {"state": init(jax.device_put(jax.random.key(0), abstract_key.sharding))}
 

@@ -33,7 +33,7 @@ TINY = memory.Settings(
 # Per experiment: the models it runs at these sizes (variants needs all four for the ordering checks).
 PLAN = [("variants", memory.PRESETS), ("hashes", memory.PRESETS), ("layers", memory.PRESETS),
         ("seqlen", ("transformer", "reformer")), ("timeline", ("transformer",)),
-        ("floor", memory.PRESETS), ("runtime", memory.PRESETS)]
+        ("floor", memory.PRESETS), ("runtime", memory.PRESETS), ("encoder", ("transformer", "reformer"))]
 ROW_FIELDS = {f.name for f in dataclasses.fields(MemoryStats)} | {
     "model", "seq_len", "n_layers", "n_hashes", "batch_size", "d_model", "dtype", "optimizer", "backend",
     "jax_version", "jaxlib_version", "platform", "cpu_count", "command"}

@@ -66,8 +66,9 @@ def _flag_error(*args) -> str:
 @pytest.mark.parametrize("args, expected", [
     (["--budget_minutes=0"], "--budget_minutes=0.0 is invalid"),
     (["--variants=reformer-3"], "reformer-3 unknown; the shakespeare models with these --train_hashes are"),
-    (["--train_hashes=0"], "--train_hashes=0: '0' is invalid"),
-    (["--synthetic_train_hashes=fast"], "'fast' is invalid; expected 'full' or positive integers"),
+    (["--train_hashes=0"], "--train_hashes=0: 0 is below 1; expected e.g. --train_hashes=4,8"),
+    (["--synthetic_train_hashes=fast"], "'fast' is not an integer; expected a comma-separated list such as "
+                                        "--synthetic_train_hashes=full,1,2,4"),
     (["--seq_len=100"], "--seq_len=100 (lsh-4)"),
     (["--synthetic_seq_len=33"], "--synthetic_seq_len=33"),
     (["--dataset=text"], "--dataset=text needs --data_path"),

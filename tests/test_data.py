@@ -110,3 +110,10 @@ def test_copy_task_sequences_and_weights():
     # Scored: the targets that are symbols of the second w.
     np.testing.assert_array_equal(batch["weights"][0], [0] * 6 + [1] * 5 + [0])
     np.testing.assert_array_equal(batch["targets"][batch["weights"] == 1].reshape(2, 5), w)
+
+
+def test_lm_batch_shifts_windows_into_inputs_and_next_token_targets():
+    batch = data.lm_batch(np.array([[1, 2, 3], [4, 5, 6]], np.int64))
+    assert batch["inputs"].tolist() == [[1, 2], [4, 5]] and batch["targets"].tolist() == [[2, 3], [5, 6]]
+    assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
+    assert batch["weights"].dtype == np.float32 and batch["weights"].tolist() == [[1.0, 1.0], [1.0, 1.0]]

@@ -45,6 +45,13 @@ class DataError(ValueError):
     """A data file that cannot be used, with what to do about it."""
 
 
+def lm_batch(windows: np.ndarray) -> Batch:
+    """A language model's batch of token windows [b, l + 1]: inputs and next-token targets [b, l] (int32), every
+    target weighted 1."""
+    return {"inputs": windows[:, :-1].astype(np.int32), "targets": windows[:, 1:].astype(np.int32),
+            "weights": np.ones((windows.shape[0], windows.shape[1] - 1), np.float32)}
+
+
 encode, encode_bytes, decode = tokenizers.BYTES.encode, tokenizers.BYTES.encode_bytes, tokenizers.BYTES.decode
 
 
@@ -173,9 +180,7 @@ class TextData:
         tokens = self.train if split == "train" else self.validation
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, step])
         starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
-        windows = np.stack([tokens[s:s + seq_len + 1] for s in starts])
-        return {"inputs": windows[:, :-1].astype(np.int32), "targets": windows[:, 1:].astype(np.int32),
-                "weights": np.ones((batch_size, seq_len), np.float32)}
+        return lm_batch(np.stack([tokens[s:s + seq_len + 1] for s in starts]))
 
 
 @dataclasses.dataclass(frozen=True)
