@@ -4,18 +4,14 @@
     python -m benchmarks.memory --experiment=hashes --hash_sweep=2,4,8
     python -m benchmarks.memory --experiment=variants --dtype=bfloat16 --out_dir=/tmp/bf16
 
-Experiments (each writes NAME.json, NAME.csv, NAME.md and NAME.png in --out_dir): variants (the four presets,
-the seed's experiment 1), hashes (the Reformer at each --hash_sweep, experiment 2), layers (the Reformer and the
-Transformer at each --layer_sweep, experiment 3), seqlen (the presets at --lengths: the growth exponent of
-activation memory beside Table 5's), timeline (live bytes across one step's schedule, from XLA's buffer dumps, and
-the peak by named scope), runtime (real steps per variant in their own processes: device peak or process RSS),
-floor (the memory-floor targets, judged by benchmarks.targets), encoder (the presets as bidirectional ListOps
-classifiers beside the causal models, and the Reformer classifier at --floor_hashes rounds), all (all of these) and tpu (the step compiled for
-TPU chips by libtpu on this machine: benchmarks/tpu_memory.py; not in all).
-
-Every figure is the compile-time analysis of the training step `reformer_jax.memory` builds (the step main.py
-runs: donated state, Adafactor unless --optimizer) for abstract inputs: peak = argument + output - alias + temp,
-in MiB (2^20 bytes).
+Experiments (each writes NAME.json, .csv, .md and .png in --out_dir): variants (the four presets, the seed's
+experiment 1), hashes (the Reformer at each --hash_sweep, experiment 2), layers (the Reformer and the Transformer
+at each --layer_sweep, experiment 3), seqlen (the presets at --lengths: activation memory's growth exponent beside
+Table 5's), timeline (live bytes across one step's schedule, from XLA's buffer dumps), runtime (real steps per
+variant in their own processes), floor (the memory-floor targets), encoder (the presets as bidirectional ListOps
+classifiers beside the causal models, the Reformer classifier at --floor_hashes rounds), all (all of these) and tpu
+(the step compiled for TPU chips by libtpu on this machine, `tpu_memory`; not in all). Every figure is XLA's
+compile-time analysis of the step main.py runs, for abstract inputs: peak = argument + output - alias + temp.
 """
 
 from __future__ import annotations
@@ -50,7 +46,7 @@ class Settings:
     """One run of the driver: its sizes (the seed's by default) and each experiment's sweep; a flag per field.
 
     Attributes:
-      experiment: One of variants, hashes, layers, seqlen, timeline, floor, runtime, tpu, all.
+      experiment: One of variants, hashes, layers, seqlen, timeline, floor, runtime, encoder, tpu, all.
       out_dir: Where NAME.json/.csv/.md/.png are written.
       n_layers: Layers (experiments other than 'layers').
       seq_len: Sequence length (experiments other than 'seqlen').
@@ -541,14 +537,15 @@ def run_runtime(settings: Settings) -> List[Row]:
 def time_train_steps(config, *, batch_size: int, seq_len: int, steps: int) -> float:
     """Median seconds of `steps` real training steps (after one warm-up step; compilation excluded)."""
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
+    from reformer_jax.training.data import lm_batch
     from reformer_jax.training.step_builder import build_train_step
 
     built = build_train_step(config)
     state = built.init(jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (batch_size, seq_len + 1), 3, config.vocab_size)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((batch_size, seq_len))}
+    batch = jax.device_put(lm_batch(np.asarray(tokens)))
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
