@@ -55,6 +55,7 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
     from reformer_jax.training.data import lm_batch
     from reformer_jax.training.step_builder import build_train_step
     from reformer_jax.xla.compilation_cache import CacheHits, enable_compilation_cache
+    from reformer_jax.xla.profile import xla_flops
 
     if spec.get("compilation_cache_dir"):
         enable_compilation_cache(spec["compilation_cache_dir"])
@@ -76,7 +77,7 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
     stats = built.memory_of(compiled, batch_size, seq_len)
     facts = {"compile_s": round(compile_s, 3), "compile_peak_bytes": stats.peak_bytes, "cache_hits": hits.count,
              "param_count": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
-             "flops": _flops(compiled)}
+             "flops": xla_flops(compiled)}
     limit = spec.get("memory_limit_bytes")
     if limit is not None and stats.peak_bytes > limit:
         return None, facts
@@ -91,17 +92,6 @@ def build_ours(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any
 
     step.compiled, step.config = compiled, config  # for the profile command
     return step, facts
-
-
-def _flops(compiled) -> Any:
-    """XLA's flop estimate of the step (cost_analysis), or None where the backend gives none."""
-    try:
-        analysis = compiled.cost_analysis()
-        if isinstance(analysis, (list, tuple)):
-            analysis = analysis[0] if analysis else {}
-        return float(analysis.get("flops")) if analysis and "flops" in analysis else None
-    except Exception:  # noqa: BLE001 - an estimate only; some backends do not implement it
-        return None
 
 
 def build_peer(spec: Dict[str, Any]) -> Tuple[Callable[[], float], Dict[str, Any]]:

@@ -230,6 +230,18 @@ def traced_steps(step: Callable[[], Any], n: int) -> Tuple[List[Dict[str, Any]],
         return read_trace_events(log_dir), walls
 
 
+def xla_flops(compiled) -> Optional[float]:
+    """XLA's own flop count of a compiled program (`cost_analysis`: elementwise work included), or None where the
+    backend gives none."""
+    try:
+        analysis = compiled.cost_analysis()
+        if isinstance(analysis, (list, tuple)):
+            analysis = analysis[0] if analysis else {}
+        return float(analysis["flops"]) if analysis and "flops" in analysis else None
+    except Exception:  # noqa: BLE001 - an estimate only; some backends do not implement it
+        return None
+
+
 def wall_and_cpu(fn: Callable[[], Any]) -> Tuple[float, float, Any]:
     """(wall seconds, process CPU seconds, result) of one call. CPU time counts every thread of the process,
     including a thread pool's workers spinning while they wait."""
