@@ -33,6 +33,13 @@ def read_json(path: str) -> List[Row]:
         return json.load(f)
 
 
+def merged(path: str, new: Sequence[Row], key: Callable[[Row], Any]) -> List[Row]:
+    """The rows of the results file `path` (if any) that no row of `new` replaces (by `key`), then `new`: a rerun
+    for some settings keeps the others' rows, each with its own command."""
+    replaced = {key(r) for r in new}
+    return [r for r in (read_json(path) if os.path.exists(path) else []) if key(r) not in replaced] + list(new)
+
+
 def write_csv(path: str, rows: List[Row]) -> None:
     """Scalar fields of every row (lists such as timeline curves stay in the JSON only)."""
     columns: List[str] = []

@@ -255,11 +255,11 @@ class Worker:
 
 
 def time_group(workers: List[Worker], settings: Settings, rounds: int,
-               memory_budget: Optional[int] = None) -> None:
-    """Start each worker in turn (compiles never overlap), then alternate timing rounds, then collect RSS.
-
-    With `memory_budget`, each worker may use what the compile-time peaks of the workers already alive leave of it.
-    """
+               memory_budget: Optional[int] = None) -> Tuple[float, float]:
+    """Start each worker in turn (compiles never overlap), then alternate timing rounds, then collect RSS; returns
+    the 1-minute load average before and after. With `memory_budget`, each worker may use what the compile-time
+    peaks of the workers already alive leave of it."""
+    load_before = os.getloadavg()[0]
     try:
         alive = []
         for worker in workers:
@@ -283,6 +283,7 @@ def time_group(workers: List[Worker], settings: Settings, rounds: int,
     finally:
         for worker in workers:
             worker.kill()
+    return load_before, os.getloadavg()[0]
 
 
 def ours_spec(settings: Settings, model: str, seq_len: int, setting: str,
@@ -410,15 +411,14 @@ def run_speed(settings: Settings) -> List[Row]:
     if settings.compare == "peers":
         available, notes = available_peers()
         entries.extend((peer, peers.PEER_LABELS[peer]) for peer in available)
-    load_before = os.getloadavg()[0]
     workers = [Worker(name, ours_spec(settings, settings.model, settings.seq_len, name[5:] or "default")
                       if name.startswith("ours") else peer_spec(settings, name, settings.seq_len))
                for name, _ in entries]
     log(f"== {experiment}: {', '.join(n for n, _ in entries)} at length {settings.seq_len}, {settings.rounds} "
         f"rounds ==")
-    time_group(workers, settings, settings.rounds)
+    load_before, _ = time_group(workers, settings, settings.rounds)
     probes = matmul_probes(settings)
-    load = (load_before, os.getloadavg()[0])
+    load = (load_before, os.getloadavg()[0])  # the probes included: the load over the whole run
     rows = [make_row(settings, experiment, w, implementation=name, label=label, model=settings.model,
                      seq_len=settings.seq_len, load=load, probes=probes) for (name, label), w in zip(entries, workers)]
     reference = next((r for r in rows if r["implementation"] == "hf" and r["median_step_s"]), None)
@@ -469,23 +469,18 @@ def run_length_sweep(settings: Settings) -> List[Row]:
             break
         log(f"== length {length}: {', '.join(models)} (compile-time peaks together at most {budget / 2**30:.1f} "
             "GiB) ==")
-        load_before = os.getloadavg()[0]
         workers = [Worker(m, ours_spec(settings, m, length, settings.ours[0])) for m in models]
-        time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
-        load = (load_before, os.getloadavg()[0])
+        load = time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
         for model, worker in zip(models, workers):
             last_peak[model] = worker.facts.get("compile_peak_bytes", 0)
             if worker.skipped:
                 stopped[model] = f"stopped at length {length}: {worker.skipped}"
             rows.append(make_row(settings, "length", worker, implementation="ours", label=seed.LABELS[model],
                                  model=model, seq_len=length, load=load))
-    path = os.path.join(settings.out_dir, output.backend_name("speed_length") + ".json")
-    if settings.merge and os.path.exists(path):  # keep the (preset, length) pairs this run did not time
-        old_rows = output.read_json(path)
-        fresh = {(r["model"], r["seq_len"]) for r in rows}
-        kept = [r for r in old_rows if (r["model"], r["seq_len"]) not in fresh]
-        log(f"--merge: kept {len(kept)} of the {len(old_rows)} rows in {path}")
-        rows = kept + rows
+    if settings.merge:  # keep the (preset, length) pairs this run did not time
+        path, fresh = os.path.join(settings.out_dir, output.backend_name("speed_length") + ".json"), len(rows)
+        rows = output.merged(path, rows, lambda r: (r["model"], r["seq_len"]))
+        log(f"--merge: kept {len(rows) - fresh} rows of {path}")
     return write_length_sweep(settings, rows)
 
 
@@ -500,10 +495,8 @@ def run_linearity(settings: Settings) -> List[Row]:
     cells = [(model, length) for length in sorted(settings.lengths) for model in settings.models]
     log(f"== {', '.join(settings.models)} at {', '.join(map(str, sorted(settings.lengths)))} in the same rounds "
         f"(compile-time peaks together at most {budget / 2**30:.1f} GiB) ==")
-    load_before = os.getloadavg()[0]
     workers = [Worker(f"{m} {n}", ours_spec(settings, m, n, settings.ours[0])) for m, n in cells]
-    time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
-    load = (load_before, os.getloadavg()[0])
+    load = time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
     rows = [make_row(settings, "linearity", worker, implementation="ours", label=seed.LABELS[model], model=model,
                      seq_len=length, load=load) for (model, length), worker in zip(cells, workers)]
     return write_length_sweep(settings, rows, name="speed_linearity",

@@ -277,11 +277,9 @@ def breakdown_rows(settings) -> List[Row]:
             log(f"  [tpu breakdown] reformer x {length:,} on {row['topology']}: {stats.peak_bytes / MIB:,.1f} MiB, "
                 f"heap {parts.heap_bytes / MIB:,.1f} MiB ({row['compile_s']:.0f} s)")
             rows.append(row)
-    path = os.path.join(settings.out_dir, "tpu_breakdown.json")
-    done = {(r["seq_len"], r["topology"]) for r in rows}
-    kept = [r for r in (output.read_json(path) if os.path.exists(path) else [])
-            if (r["seq_len"], r["topology"]) not in done]  # a rerun for some lengths keeps the others
-    write_breakdown(settings.out_dir, sorted(kept + rows, key=lambda r: (r["seq_len"], r["topology"] != "XLA:CPU")))
+    every = output.merged(os.path.join(settings.out_dir, "tpu_breakdown.json"), rows,
+                          lambda r: (r["seq_len"], r["topology"]))
+    write_breakdown(settings.out_dir, sorted(every, key=lambda r: (r["seq_len"], r["topology"] != "XLA:CPU")))
     return rows
 
 
@@ -346,13 +344,6 @@ def _order(row: Row) -> tuple:
             else 9, row.get("dtype") != "float32", models.index(row["model"]) if row["model"] in models else 9)
 
 
-def merge(old: Sequence[Row], new: Sequence[Row]) -> List[Row]:
-    """`new` replaces the rows of `old` with the same (variant, slice, mesh, dtype); the others are kept."""
-    key = lambda r: (r["model"], r["topology"], r.get("mesh"), r.get("dtype"))  # noqa: E731
-    replaced = {key(r) for r in new}
-    return sorted([r for r in old if key(r) not in replaced] + list(new), key=_order)
-
-
 def _plot_seed(rows: Sequence[Row], axes) -> None:
     dtypes = sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32")
     axes = axes if isinstance(axes, (list, tuple)) or hasattr(axes, "__len__") else [axes]
@@ -407,7 +398,8 @@ def write(settings, name: str, new_rows: List[Row]) -> List[Row]:
     os.makedirs(settings.out_dir, exist_ok=True)
     with open(os.path.join(settings.out_dir, f".{name}.lock"), "w") as lock:  # parts may run in parallel processes
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = merge(output.read_json(path) if os.path.exists(path) else [], new_rows)
+        rows = sorted(output.merged(path, new_rows, lambda r: (r["model"], r["topology"], r.get("mesh"),
+                                                               r.get("dtype"))), key=_order)
         dtypes = len({r.get("dtype") for r in rows})  # the seed part's plot: one column of axes per dtype
         plot, figure = {"tpu": (_plot_seed, (6.5 * dtypes, 4.8, dtypes)),
                         "tpu_longest": (_plot_longest, (10, 5))}.get(name, (None, ()))
