@@ -324,8 +324,9 @@ _lsh_attention_recomputed.defvjp(_lsh_forward, _lsh_backward)
 # Forward: round r gives out_r and its logsumexp lse_r per query row; the rounds combine as
 #   out = sum_r w_r out_r,  w_r = exp(lse_r) / sum_s exp(lse_s),
 # accumulated online (like a streaming softmax) from each round's row maximum and row sum, one block of a
-# round's chunks at a time, so only one block's sorted rows are alive at a time (`_rounds_forward`). The look-back of a round's first chunk reaches the
-# previous round's last chunk, as in the all-rounds path, through the carried sort order (`_RoundRows.tail`);
+# round's chunks at a time, so only one block's sorted rows are alive at a time (`_rounds_forward`). The
+# look-back of a round's first chunk reaches the previous round's last chunk, as in the all-rounds path,
+# through the carried sort order (`_RoundRows.tail`);
 # the look-ahead of its last chunk reaches the next round's first chunk (`_RoundRows.front`, from the next
 # round's sort, made one step early and carried: `_scan_rounds`).
 # Backward: with p the round's attention weights, ds = w_r p * (g . v - g . out) is the gradient of the scores
@@ -392,12 +393,60 @@ def _last_round_order(buckets: jax.Array) -> jax.Array:
     return _sort_by_bucket(buckets[:, :, -1])[0]
 
 
-def _rows_at(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """The rows of x [b, h, l, ...] at original positions [b, h, n, c] -> [b, h, n, c, ...] (at least float32)."""
+_LANES = 128  # a TPU tile's minor width: an f32 [l, 64] array in (8, 128) tiles takes twice its bytes
+
+
+class _Grouped(NamedTuple):
+    """x [b, h, l, k] stored as `data` [b, h, l / p, p k]: p consecutive rows side by side (`_group_rows`)."""
+
+    data: jax.Array
+    per_row: int
+
+
+_Rows = Union[jax.Array, _Grouped]  # [b, h, l, k] rows as `_rows_at` reads them
+
+
+def for_tpu_tiles() -> bool:
+    """Whether the program being traced is for TPU chips, whose (8, 128) tiles pad a narrow minor axis: the
+    devices of the mesh in context (`jax.set_mesh`; a TPU slice compiled for on any machine), else the default
+    backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return (device.platform if device is not None else jax.default_backend()) == "tpu"
+
+
+def _group_rows(x: jax.Array) -> _Rows:
+    """x [b, h, l, k] (at least float32) for `_rows_at`; for TPU chips (`for_tpu_tiles`), with k < 128 dividing
+    128 (and l divisible), as `_Grouped` p = 128 / k rows to a 128-wide row. The same values, but in a shape whose
+    minor axis fills a TPU tile, so the compiler need not lay the array out [l, k] with k padded to 128 lanes
+    (twice the bytes at k = 64) while the rounds' loops hold it: 1 GiB less at the peak of the seed Reformer's
+    step at 2^20 tokens on a v5e chip. XLA:CPU pads nothing, and reading rows p at a time cost it about 40% more
+    time in LSH attention's backward pass, so elsewhere x stays as it is. Grouped once, before the loops that
+    read it."""
+    x = at_least_f32(x)
+    if (for_tpu_tiles() and x.ndim == 4 and x.shape[3] < _LANES and _LANES % x.shape[3] == 0
+            and x.shape[2] % (_LANES // x.shape[3]) == 0):
+        per_row = _LANES // x.shape[3]
+        return _Grouped(x.reshape(x.shape[:2] + (x.shape[2] // per_row, per_row * x.shape[3])), per_row)
+    return x
+
+
+def _rows_at(x: _Rows, positions: jax.Array) -> jax.Array:
+    """The rows of x [b, h, l, ...] (or of a `_Grouped` x) at original positions [b, h, n, c] ->
+    [b, h, n, c, ...] (at least float32)."""
     b, h = positions.shape[:2]
     flat = positions.reshape(b, h, -1)
+    if isinstance(x, _Grouped):  # the 128-wide rows holding them, then each one's place in its row
+        rows = jnp.take_along_axis(x.data, (flat // x.per_row)[..., None], axis=2)
+        rows = rows.reshape(rows.shape[:3] + (x.per_row, -1))
+        place = (flat % x.per_row)[..., None]
+        # Of two, by a select rather than a second gather.
+        rows = (jnp.where(place == 0, rows[:, :, :, 0], rows[:, :, :, 1]) if x.per_row == 2 else
+                jnp.take_along_axis(rows, place[..., None], axis=3)[:, :, :, 0])
+        return rows.reshape(positions.shape + rows.shape[3:])
+    x = at_least_f32(x)
     index = flat.reshape(flat.shape + (1,) * (x.ndim - 3))
-    return jnp.take_along_axis(at_least_f32(x), index, axis=2).reshape(positions.shape + x.shape[3:])
+    return jnp.take_along_axis(x, index, axis=2).reshape(positions.shape + x.shape[3:])
 
 
 def _put_rows(x: jax.Array, positions: jax.Array, rows: jax.Array, add: bool = False) -> jax.Array:
@@ -411,8 +460,7 @@ def _put_rows(x: jax.Array, positions: jax.Array, rows: jax.Array, add: bool = F
     return jax.vmap(jax.vmap(put))(x, flat, rows)
 
 
-def _over_blocks(spec: _LSHSpec, rows: _RoundRows, length: int, dropout_rng: jax.Array, r: jax.Array, step,
-                 carry):
+def _over_blocks(spec: _LSHSpec, rows: _RoundRows, dropout_rng: jax.Array, r: jax.Array, step, carry):
     """carry = step(carry, ext_pos, own_pos, rng) for each block of chunks of round r in turn (a `lax.scan`).
 
     A block is the largest run of B chunks of the round with at most BLOCK_ROWS query rows (`chunks_per_block`);
@@ -429,7 +477,7 @@ def _over_blocks(spec: _LSHSpec, rows: _RoundRows, length: int, dropout_rng: jax
     [b, h, l, k] array is ever formed. One block (every length up to BLOCK_ROWS) is the whole round at once.
     """
     n_before, n_after, c = spec.n_chunks_before, spec.n_chunks_after, spec.chunk_len
-    m = length // c
+    m = rows.order.shape[-1] // c
     per_block = chunks_per_block(m, c, n_before, n_after=n_after)
     rng = jax.random.fold_in(dropout_rng, r)
 
@@ -441,7 +489,7 @@ def _over_blocks(spec: _LSHSpec, rows: _RoundRows, length: int, dropout_rng: jax
     return lax.scan(block, carry, jnp.arange(m // per_block))[0]
 
 
-def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
+def _round_attend(spec: _LSHSpec, qk: _Rows, v: _Rows, rows: _RoundRows, r: jax.Array,
                   dropout_rng: jax.Array, combined: Tuple[jax.Array, jax.Array, jax.Array],
                   key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Round r of LSH attention on its `_round_rows`, combined into the running (acc [b, h, l, k_v], top,
@@ -452,8 +500,8 @@ def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows,
     the whole round at once.
 
     The chunks of round r see, before its first chunk, the last `n_chunks_before` chunks of round r - 1, and
-    after its last chunk the first `n_chunks_after` chunks of round r + 1. key_mask [b, l] bool or None.
-    Not differentiated: `_round_backward` is its gradient.
+    after its last chunk the first `n_chunks_after` chunks of round r + 1. qk, v: [b, h, l, k] rows, grouped
+    or not (`_group_rows`); key_mask [b, l] bool or None. Not differentiated: `_round_backward` is its gradient.
     """
     seen = functools.partial(_seen, n_before=spec.n_chunks_before, n_after=spec.n_chunks_after)
 
@@ -472,7 +520,7 @@ def _round_attend(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows,
         return (_put_rows(acc, own_pos, new_acc), _put_rows(top, own_pos, new_top),
                 _put_rows(total, own_pos, _rows_at(total, own_pos) * scale + weight))
 
-    return _over_blocks(spec, rows, qk.shape[2], dropout_rng, r, block, combined)
+    return _over_blocks(spec, rows, dropout_rng, r, block, combined)
 
 
 def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.Array, g_dot_out: jax.Array,
@@ -524,15 +572,15 @@ def _chunk_grads(ext_q: jax.Array, ext_v: jax.Array, ext_pos: jax.Array, g: jax.
     return d_ext_q, unseen(d_seen_v)
 
 
-def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRows, r: jax.Array,
-                    dropout_rng: jax.Array, g: jax.Array, g_dot_out: jax.Array, top: jax.Array, total: jax.Array,
+def _round_backward(spec: _LSHSpec, qk: _Rows, v: _Rows, rows: _RoundRows, r: jax.Array,
+                    dropout_rng: jax.Array, g: _Rows, g_dot_out: jax.Array, top: jax.Array, total: jax.Array,
                     grads: Tuple[jax.Array, jax.Array],
                     key_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
-    """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`), added to
-    grads = (d qk, d v) [b, h, l, k] (float32 accumulators) one block of chunks at a time (`_over_blocks`, the
-    forward's blocks and dropout keys): a block gathers its extended rows of qk and v and its query rows of g,
-    g . out, top and total from the unsorted arrays, and scatter-adds its gradients back at their positions (its
-    look-back and look-ahead rows' shares included)."""
+    """Round r's share of (d qk, d v) for the output cotangent g [b, h, l, k_v] (see `_chunk_grads`; qk, v and
+    g as `_group_rows` gives them), added to grads = (d qk, d v) [b, h, l, k] (float32 accumulators) one block
+    of chunks at a time (`_over_blocks`, the forward's blocks and dropout keys): a block gathers its extended
+    rows of qk and v and its query rows of g, g . out, top and total from the unsorted arrays, and scatter-adds
+    its gradients back at their positions (its look-back and look-ahead rows' shares included)."""
 
     def block(grads, ext_pos, own_pos, rng):
         query_rows = [_rows_at(x, own_pos) for x in (g, g_dot_out, top, total)]
@@ -540,7 +588,7 @@ def _round_backward(spec: _LSHSpec, qk: jax.Array, v: jax.Array, rows: _RoundRow
                                 _sorted_valid(key_mask, ext_pos))
         return _put_rows(grads[0], ext_pos, d_q, add=True), _put_rows(grads[1], ext_pos, d_v, add=True)
 
-    return _over_blocks(spec, rows, qk.shape[2], dropout_rng, r, block, grads)
+    return _over_blocks(spec, rows, dropout_rng, r, block, grads)
 
 
 def _rounds_forward(spec, qk, v, buckets, dropout_rng, key_mask=None):
@@ -552,9 +600,10 @@ def _rounds_forward(spec, qk, v, buckets, dropout_rng, key_mask=None):
     maxima of scores, never from a logsumexp: near SELF_MASK_VALUE a rounded one would be off by up to 0.4%.
     """
     b, h, length, _ = qk.shape
+    grouped = _group_rows(qk), _group_rows(v)
 
     def add_round(carry, rows, r):
-        return _round_attend(spec, qk, v, rows, r, dropout_rng, carry, key_mask)
+        return _round_attend(spec, *grouped, rows, r, dropout_rng, carry, key_mask)
 
     f32 = jnp.promote_types(qk.dtype, jnp.float32)
     init = (jnp.zeros((b, h, length, v.shape[-1]), jnp.promote_types(v.dtype, jnp.float32)),
@@ -580,8 +629,11 @@ def _by_rounds_bwd(spec, residuals, g):
     qk, v, buckets, dropout_rng, key_mask, out, top, total = residuals
     g_dot_out = jnp.sum(g * out, axis=-1)
 
+    qk_rows, v_rows, g_rows = _group_rows(qk), _group_rows(v), _group_rows(g)
+
     def round_grads(grads, rows, r):
-        return _round_backward(spec, qk, v, rows, r, dropout_rng, g, g_dot_out, top, total, grads, key_mask)
+        return _round_backward(spec, qk_rows, v_rows, rows, r, dropout_rng, g_rows, g_dot_out, top, total, grads,
+                               key_mask)
 
     zeros = tuple(jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)) for x in (qk, v))
     with jax.named_scope("lsh_rounds_backward"):
