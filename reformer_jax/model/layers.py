@@ -75,7 +75,7 @@ def _replayed_dropout(x, rng, rate, salt):
 
 def _replayed_dropout_bwd(rate, salt, rng, g):
     # Drawn from a key that only exists once g does: XLA would otherwise merge this draw with the forward's
-    # identical one and keep that mask after all.
+    # identical one and keep that mask after all (XLA:CPU drops the barrier and does; libtpu keeps it).
     g, rng = lax.optimization_barrier((g, rng))
     return dropout(g, rate, rng, salt, False), None
 
