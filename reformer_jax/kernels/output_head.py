@@ -111,8 +111,11 @@ def chunked_loss_terms(params: HeadParams, streams: Streams, targets: jax.Array,
     b, length = targets.shape
     if not chunk_len or chunk_len >= length or length % chunk_len:
         return loss_terms(head_logits(params, streams, spec), targets, weights)
-    # Rows of chunk_len positions: reshaping [b, l, ...] to [b * l / c, 1, c, ...] and back is free. The streams
-    # are combined first: the loops over rows then read a buffer of their own, not the reversible stack's outputs,
-    # which its backward pass overwrites in place (XLA would copy them for these loops).
-    as_rows = lambda x: x.reshape((b * length // chunk_len, 1, chunk_len) + x.shape[2:])  # noqa: E731
+    # Rows of chunk_len positions, [l / c, b, c, ...]: a row holds chunk i of every sequence, so with the batch
+    # split over devices each device's share of a row is its own (rows of one sequence each, [b l / c, 1, c, ...],
+    # made XLA move the whole streams between devices for these loops). For b = 1 the reshape is free; otherwise
+    # the transpose is made where the streams are combined. They are combined first: the loops over rows then read
+    # a buffer of their own, not the reversible stack's outputs, which its backward pass overwrites in place (XLA
+    # would copy them for these loops).
+    as_rows = lambda x: jnp.moveaxis(x.reshape((b, length // chunk_len, chunk_len) + x.shape[2:]), 1, 0)  # noqa: E731
     return _chunked(spec, params, as_rows(combine_streams(streams, spec.combine)), as_rows(targets), as_rows(weights))
