@@ -282,12 +282,8 @@ def plot(rows: List[Dict[str, Any]], ax) -> None:
         points = [(r["context"], 1e3 * r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    output.finish(ax, xlog=2, ylog=10, xlabel="prompt tokens", ylabel="ms per generated token", legend={})
     ax.set_xticks([r["context"] for r in rows], [f"{r['context'] // 1024}k" for r in rows])
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("ms per generated token")
-    ax.legend()
 
 
 def score_run(workdir: str) -> List[Dict[str, Any]]:

@@ -248,13 +248,7 @@ def _write(settings: Settings, name: str, rows: List[Row], markdown: str, plot: 
 
 FIGURE_SIZES = {"variants": (8.5, 5), "hashes": (7.5, 4.8), "layers": (7.5, 4.8), "seqlen": (7.5, 5),
                 "timeline": (9, 5), "runtime": (7.5, 4.8), "floor": (8, 4.2), "encoder": (8.5, 5)}
-
-
-def _finish(ax, title: str, legend: bool = True, **grid: Any) -> None:
-    ax.set_title(title, fontsize=10)
-    if legend:
-        ax.legend(fontsize=8)
-    ax.grid(**{"alpha": 0.3, **grid})
+LEGEND = {"fontsize": 8}  # the plots' legends
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,9 +317,9 @@ def _plot_variants(ax, settings: Settings, rows: List[Row]) -> None:
     if seed_x:
         ax.scatter(seed_x, [rows[x]["seed_mb"] for x in seed_x], marker="_", s=900, color="black", linewidths=2.5,
                    zorder=5, label="seed (PyTorch hooks, fp16)")
-    ax.set_ylabel("peak memory of one training step (MiB)")
-    _finish(ax, f"Experiment 1: peak memory, length {settings.seq_len}, batch {settings.batch_size}, "
-                f"{settings.n_layers} layers, {settings.n_hashes} hashes ({settings.dtype}, XLA compile-time)", axis="y")
+    output.finish(ax, f"Experiment 1: peak memory, length {settings.seq_len}, batch {settings.batch_size}, "
+                      f"{settings.n_layers} layers, {settings.n_hashes} hashes ({settings.dtype}, XLA compile-time)",
+                  ylabel="peak memory of one training step (MiB)", legend=LEGEND, grid={"axis": "y"})
 
 
 def _plot_hashes(ax, settings: Settings, rows: List[Row]) -> None:
@@ -337,10 +331,9 @@ def _plot_hashes(ax, settings: Settings, rows: List[Row]) -> None:
         ax.plot(sx, [seed.HASHES_MB[n] for n in sx], "k^:", label="seed peak (PyTorch, fp16)")
     ax.set_xticks(sorted(set(xs) | set(sx)), [str(x) for x in sorted(set(xs) | set(sx))])
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("hash rounds (n_hashes)")
-    ax.set_ylabel("memory (MiB)")
-    _finish(ax, f"Experiment 2: Reformer LM against hash rounds (length {settings.seq_len}, {settings.n_layers} "
-                "layers)")
+    output.finish(ax, f"Experiment 2: Reformer LM against hash rounds (length {settings.seq_len}, "
+                      f"{settings.n_layers} layers)", xlabel="hash rounds (n_hashes)", ylabel="memory (MiB)",
+                  legend=LEGEND, grid={})
 
 
 def _plot_layers(ax, settings: Settings, rows: List[Row]) -> None:
@@ -352,12 +345,11 @@ def _plot_layers(ax, settings: Settings, rows: List[Row]) -> None:
         if ref:
             ax.plot(sorted(ref), [ref[n] for n in sorted(ref)], "^:", color=color, markeredgecolor="black",
                     label=f"{seed.LABELS[model]} (seed, fp16)")
-    ax.set_xlabel("layers (n_layers)")
-    ax.set_ylabel("peak memory (MiB)")
     ax.set_xticks(sorted(settings.layer_sweep))
     ax.set_ylim(bottom=0)
-    _finish(ax, f"Experiment 3: peak memory against depth (length {settings.seq_len}, {settings.n_hashes} hashes)",
-            which="both")
+    output.finish(ax, f"Experiment 3: peak memory against depth (length {settings.seq_len}, {settings.n_hashes} "
+                      "hashes)", xlabel="layers (n_layers)", ylabel="peak memory (MiB)", legend=LEGEND,
+                  grid={"which": "both"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,12 +408,10 @@ def run_seqlen(settings: Settings) -> List[Row]:
             ax.plot([r["seq_len"] for r in mine], [r["activation_mib"] for r in mine], "o-",
                     label=f"{seed.LABELS[model]}: p = {mine[0]['fitted_exponent']:.2f} "
                           f"(Table 5: {mine[0]['table5_exponent']})")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel("activation memory (MiB)")
-        _finish(ax, f"Table 5: activation memory against length ({settings.n_layers} layers, {settings.n_hashes} "
-                    f"hashes, batch {settings.batch_size})", which="both")
+        output.finish(ax, f"Table 5: activation memory against length ({settings.n_layers} layers, "
+                          f"{settings.n_hashes} hashes, batch {settings.batch_size})", xlog=2, ylog=10,
+                      xlabel="sequence length (tokens)", ylabel="activation memory (MiB)", legend=LEGEND,
+                      grid={"which": "both"})
 
     return _write(settings, "seqlen", rows, "\n".join(md), plot)
 
@@ -477,10 +467,9 @@ def run_timeline(settings: Settings) -> List[Row]:
         for r in rows:
             ax.plot(r["curve_x"], [b / MIB for b in r["curve_bytes"]], lw=1.3,
                     label=f"{_label(r)} (peak {r['peak_mib']:,.0f} MiB)")
-        ax.set_xlabel("position in the step's schedule (0 = start of forward, 1 = end of update)")
-        ax.set_ylabel("live bytes (MiB)")
-        _finish(ax, f"Live memory across one training step (XLA schedule, length {settings.seq_len}, "
-                    f"{settings.n_layers} layers)")
+        output.finish(ax, f"Live memory across one training step (XLA schedule, length {settings.seq_len}, "
+                          f"{settings.n_layers} layers)", legend=LEGEND, grid={}, ylabel="live bytes (MiB)",
+                      xlabel="position in the step's schedule (0 = start of forward, 1 = end of update)")
 
     return _write(settings, "timeline", rows, "\n".join(md), plot)
 
@@ -528,8 +517,8 @@ def run_runtime(settings: Settings) -> List[Row]:
         ax.bar([x + 0.2 for x in xs], [r["runtime_peak_mib"] for r in rows], width=0.4,
                label=f"runtime ({'process RSS' if backend == 'cpu' else 'peak_bytes_in_use'})")
         ax.set_xticks(xs, [_label(r) for r in rows])
-        ax.set_ylabel("memory (MiB)")
-        _finish(ax, f"Compile-time prediction against runtime ({backend}, length {settings.seq_len})", axis="y")
+        output.finish(ax, f"Compile-time prediction against runtime ({backend}, length {settings.seq_len})",
+                      ylabel="memory (MiB)", legend=LEGEND, grid={"axis": "y"})
 
     return _write(settings, "runtime", rows, "\n".join(md), plot)
 
@@ -660,10 +649,9 @@ def run_floor(settings: Settings) -> List[Row]:
                color=["#55a868" if r["status"] == "pass" else "#c44e52" for r in limited])
         ax.set_xticks(xs, [f"target {r['target']}" for r in limited])
         ax.axhline(1.0, color="black", lw=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("target (green: pass, red: short)")
-        ax.set_ylabel("measured / limit (log; <= 1 passes)")
-        _finish(ax, "Memory-floor targets: measured value over its limit", legend=False, axis="y", which="both")
+        output.finish(ax, "Memory-floor targets: measured value over its limit", ylog=10,
+                      xlabel="target (green: pass, red: short)", ylabel="measured / limit (log; <= 1 passes)",
+                      grid={"axis": "y", "which": "both"})
 
     _write(settings, "floor", rows, "\n".join(md), plot)
     print(output.markdown_table(rows, columns + [("status", "pass/short", "s")]), flush=True)
@@ -708,10 +696,9 @@ def run_encoder(settings: Settings) -> List[Row]:
         ax.bar(range(len(rows)), [r["peak_bytes"] / MIB for r in rows],
                color=["#c44e52" if r["head"].startswith("classifier") else "#4c72b0" for r in rows])
         ax.set_xticks(range(len(rows)), names, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("peak MiB (compile time, log scale)")
-        _finish(ax, f"Training-step peak, causal LM (blue) and bidirectional classifier (red), l={settings.seq_len}",
-                legend=False, axis="y", which="both")
+        output.finish(ax, f"Training-step peak, causal LM (blue) and bidirectional classifier (red), "
+                          f"l={settings.seq_len}", ylog=10, ylabel="peak MiB (compile time, log scale)",
+                      grid={"axis": "y", "which": "both"})
 
     return _write(settings, "encoder", rows, "\n".join(lines), plot)
 

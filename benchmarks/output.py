@@ -104,6 +104,26 @@ def backend_name(name: str) -> str:
     return name if jax.default_backend() == "cpu" else f"{name}_{jax.default_backend()}"
 
 
+def finish(ax, title: Optional[str] = None, *, xlabel: Optional[str] = None, ylabel: Optional[str] = None,
+           xlog: Optional[int] = None, ylog: Optional[int] = None, legend: Optional[Dict[str, Any]] = None,
+           grid: Optional[Dict[str, Any]] = None) -> None:
+    """The results' axes, drawn one way: log scales of base `xlog` / `ylog`, the labels, a 10-point title, a
+    legend (`legend`: its keyword arguments) and a faint grid (`grid`: its keyword arguments); None leaves one out.
+    It sets the scales, so ticks set by hand come after it."""
+    for log_base, set_scale in ((xlog, ax.set_xscale), (ylog, ax.set_yscale)):
+        if log_base:
+            set_scale("log", base=log_base)
+    for text, set_text in ((xlabel, ax.set_xlabel), (ylabel, ax.set_ylabel)):
+        if text:
+            set_text(text)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if legend is not None:
+        ax.legend(**legend)
+    if grid is not None:
+        ax.grid(**{"alpha": 0.3, **grid})
+
+
 def write_outputs(out_dir: str, name: str, rows: List[Row], markdown: str, plot: Optional[Callable[[Any], None]] = None,
                   figure: Tuple[float, ...] = (8.0, 4.8)) -> List[str]:
     """NAME.json, NAME.csv, NAME.md and, with `plot(axes)`, NAME.png in out_dir; returns the paths written. `plot`

@@ -403,9 +403,7 @@ def plot_curves(axes, task: str, rows: Sequence[Row]) -> None:
                 ax.plot([p[x] for p in row["curve"]], [p["bpc"] for p in row["curve"]], color=line.get_color(),
                         alpha=0.25, linewidth=0.8)
     for ax, x in zip(axes, ("optimizer step", "training wall time (min, compilation included)")):
-        ax.set_xlabel(x)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        output.finish(ax, xlabel=x, ylabel=label, grid={})
     if task == "shakespeare":
         axes[0].set_ylim(top=min(8.5, axes[0].get_ylim()[1]))
         axes[1].set_ylim(axes[0].get_ylim())

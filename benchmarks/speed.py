@@ -525,13 +525,9 @@ def write_length_sweep(settings: Settings, rows: List[Row], name: str = "speed_l
             points = [(r["seq_len"], r["s_per_token"] * 1e6) for r in timed if r["model"] == model]
             if points:
                 ax.plot(*zip(*points), marker="o", label=seed.LABELS[model])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("µs per token (training step)")
-        ax.set_title(f"Seconds per token against length ({rows[0]['backend'] if rows else ''})", fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
+        output.finish(ax, f"Seconds per token against length ({rows[0]['backend'] if rows else ''})", xlog=2, ylog=10,
+                      xlabel="sequence length", ylabel="µs per token (training step)", legend={"fontsize": 8},
+                      grid={"which": "both"})
 
     output.write_outputs(s.out_dir, output.backend_name(name), rows, md, draw, (7.5, 4.8))
     return rows

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks.output import markdown_table
+from benchmarks.output import finish, markdown_table
 from reformer_jax.xla import profile
 
 
@@ -123,7 +123,6 @@ def plot(rows: Sequence[Dict[str, Any]], ax) -> None:
         if any(widths):
             ax.barh(names, widths, left=left, color=colors[key], label=label)
             left = [a + b for a, b in zip(left, widths)]
-    ax.set_xlabel("op time per training step (s, from the trace)")
     ax.invert_yaxis()
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    finish(ax, xlabel="op time per training step (s, from the trace)", grid={"axis": "x"},
+           legend={"fontsize": 7, "loc": "center left", "bbox_to_anchor": (1.01, 0.5)})

@@ -325,10 +325,8 @@ def write_breakdown(out_dir: str, rows: List[Row]) -> None:
             for r in (r for r in rows if r["seq_len"] == length):
                 ax.plot(r["curve_x"], [b / MIB for b in r["curve_bytes"]], lw=1.2, label=(
                     f"{r['topology']} (heap {r['heap_bytes'] / MIB:,.0f} MiB, peak {r['peak_bytes'] / MIB:,.0f})"))
-            ax.set_xlabel("position in the step's schedule")
-            ax.set_ylabel("heap bytes in use (MiB)")
-            ax.set_title(f"The Reformer's step at {length:,} tokens", fontsize=10)
-            ax.legend(fontsize=7)
+            output.finish(ax, f"The Reformer's step at {length:,} tokens", xlabel="position in the step's schedule",
+                          ylabel="heap bytes in use (MiB)", legend={"fontsize": 7})
 
     n = len({r["seq_len"] for r in rows})
     output.write_outputs(out_dir, "tpu_breakdown", rows, breakdown_markdown(rows), plot, (6.5 * n, 4.5, n))
@@ -364,12 +362,10 @@ def _plot_seed(rows: Sequence[Row], axes) -> None:
         if any(gpu.values()):
             ax.scatter(range(len(models)), [gpu.get(m) or math.nan for m in models], marker="x", color="black",
                        s=60, zorder=3, label="seed's GPU figure (MB)")
-        ax.set_yscale("log")
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels([seed.LABELS[m] for m in models], fontsize=8)
-        ax.set_ylabel("compiled peak per chip (MiB, log scale)")
-        ax.set_title(f"One TPU chip, the seed's setup, {dtype} compute", fontsize=10)
-        ax.legend(fontsize=7)
+        output.finish(ax, f"One TPU chip, the seed's setup, {dtype} compute", ylog=10, legend={"fontsize": 7},
+                      ylabel="compiled peak per chip (MiB, log scale)")
 
 
 def _plot_longest(rows: Sequence[Row], ax) -> None:
@@ -383,13 +379,10 @@ def _plot_longest(rows: Sequence[Row], ax) -> None:
         ax.bar(xs, [by_model.get(m, {}).get("longest") or 0 for m in models], width, color=COLORS[gen],
                hatch="//" if sharded else None, edgecolor="white",
                label=f"{topology}" + (" (fsdp over all its chips)" if sharded else " (one chip)"))
-    ax.set_yscale("log", base=2)
     ax.set_xticks(range(len(models)))
     ax.set_xticklabels([seed.LABELS[m] for m in models])
-    ax.set_ylabel("longest sequence per chip (tokens, log2 scale)")
-    ax.set_title("The longest sequence each variant's training step fits on a TPU chip (compiled by libtpu)",
-                 fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    output.finish(ax, "The longest sequence each variant's training step fits on a TPU chip (compiled by libtpu)",
+                  ylog=2, ylabel="longest sequence per chip (tokens, log2 scale)", legend={"fontsize": 7, "ncol": 2})
 
 
 def write(settings, name: str, new_rows: List[Row]) -> List[Row]:
