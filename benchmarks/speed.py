@@ -455,52 +455,45 @@ def run_speed(settings: Settings) -> List[Row]:
 
 
 def run_length_sweep(settings: Settings) -> List[Row]:
-    """The presets in --models at each length (alternating rounds), until a preset no longer fits in memory."""
+    """--sweep=length: the presets in --models at each length in turn (alternating rounds), each until it no longer
+    fits in memory. --sweep=linearity: each preset at every --lengths, all workers alive and timed in the same
+    alternating rounds, so a ratio between lengths is free of the machine's drift over the minutes between them
+    (target 3, `targets.linearity_target_lines`)."""
     import psutil
 
     budget = int(psutil.virtual_memory().total * settings.memory_fraction)
+    linearity = settings.sweep == "linearity"
+    # Shortest first in one group (linearity): the long steps' compile-time peaks are checked against what the
+    # short ones leave.
+    groups = [sorted(settings.lengths)] if linearity else [[length] for length in settings.lengths]
     stopped: Dict[str, str] = {}
     last_peak: Dict[str, int] = {}
     rows: List[Row] = []
-    for length in settings.lengths:
+    for lengths in groups:
         # The smallest step (at the previous length) starts first, so a large one cannot crowd the others out.
         models = sorted((m for m in settings.models if m not in stopped), key=lambda m: last_peak.get(m, 0))
         if not models:
             break
-        log(f"== length {length}: {', '.join(models)} (compile-time peaks together at most {budget / 2**30:.1f} "
-            "GiB) ==")
-        workers = [Worker(m, ours_spec(settings, m, length, settings.ours[0])) for m in models]
+        cells = [(model, length) for length in lengths for model in models]
+        log(f"== {', '.join(models)} at {', '.join(map(str, lengths))}{' in the same rounds' * linearity} "
+            f"(compile-time peaks together at most {budget / 2**30:.1f} GiB) ==")
+        workers = [Worker(f"{m} {n}" if linearity else m, ours_spec(settings, m, n, settings.ours[0]))
+                   for m, n in cells]
         load = time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
-        for model, worker in zip(models, workers):
+        for (model, length), worker in zip(cells, workers):
             last_peak[model] = worker.facts.get("compile_peak_bytes", 0)
             if worker.skipped:
                 stopped[model] = f"stopped at length {length}: {worker.skipped}"
-            rows.append(make_row(settings, "length", worker, implementation="ours", label=seed.LABELS[model],
+            rows.append(make_row(settings, settings.sweep, worker, implementation="ours", label=seed.LABELS[model],
                                  model=model, seq_len=length, load=load))
+    if linearity:
+        return write_length_sweep(settings, rows, name="speed_linearity",
+                                  title="Training speed against length, every length in the same timing rounds")
     if settings.merge:  # keep the (preset, length) pairs this run did not time
         path, fresh = os.path.join(settings.out_dir, output.backend_name("speed_length") + ".json"), len(rows)
         rows = output.merged(path, rows, lambda r: (r["model"], r["seq_len"]))
         log(f"--merge: kept {len(rows) - fresh} rows of {path}")
     return write_length_sweep(settings, rows)
-
-
-def run_linearity(settings: Settings) -> List[Row]:
-    """Each preset in --models at every --lengths, all workers alive and timed in the same alternating rounds, so a
-    ratio between lengths is free of the machine's drift over the minutes between them (target 3,
-    `targets.linearity_target_lines`)."""
-    import psutil
-
-    budget = int(psutil.virtual_memory().total * settings.memory_fraction)
-    # Shortest first: the long steps' compile-time peaks are checked against what the short ones leave.
-    cells = [(model, length) for length in sorted(settings.lengths) for model in settings.models]
-    log(f"== {', '.join(settings.models)} at {', '.join(map(str, sorted(settings.lengths)))} in the same rounds "
-        f"(compile-time peaks together at most {budget / 2**30:.1f} GiB) ==")
-    workers = [Worker(f"{m} {n}", ours_spec(settings, m, n, settings.ours[0])) for m, n in cells]
-    load = time_group(workers, settings, settings.sweep_rounds, memory_budget=budget)
-    rows = [make_row(settings, "linearity", worker, implementation="ours", label=seed.LABELS[model], model=model,
-                     seq_len=length, load=load) for (model, length), worker in zip(cells, workers)]
-    return write_length_sweep(settings, rows, name="speed_linearity",
-                              title="Training speed against length, every length in the same timing rounds")
 
 
 def write_length_sweep(settings: Settings, rows: List[Row], name: str = "speed_length",
@@ -575,8 +568,7 @@ def run_profile(settings: Settings) -> List[Row]:
 def run(settings: Settings) -> List[Row]:
     os.makedirs(settings.out_dir, exist_ok=True)
     t = time.perf_counter()
-    runs = {"length": run_length_sweep, "linearity": run_linearity}
-    rows = run_profile(settings) if settings.profile else runs.get(settings.sweep, run_speed)(settings)
+    rows = (run_profile if settings.profile else run_speed if settings.sweep == "none" else run_length_sweep)(settings)
     log(f"== {len(rows)} rows in {time.perf_counter() - t:.0f} s, written to {settings.out_dir} ==")
     return rows
 
