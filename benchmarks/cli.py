@@ -18,6 +18,7 @@ from absl import app, flags
 
 from reformer_jax import errors
 from reformer_jax.model.config import ModelConfig
+from reformer_jax.model.sizes import Sizes
 from reformer_jax.model_flags import field_docs
 
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
@@ -98,6 +99,13 @@ def cache_dir(path: str) -> str:
         return check_cache_dir(path)
     except ValueError as err:
         raise FlagError(str(err)) from None
+
+
+def sized(sizes: Sizes) -> type:
+    """The base of a driver's Settings: `Sizes`' fields (d_model .. chunk_len) with `sizes`' values as their
+    defaults, so a driver declares its size flags once, by naming its sizes (`model.sizes.SEED`, ...)."""
+    fields = [(f.name, int, dataclasses.field(default=getattr(sizes, f.name))) for f in dataclasses.fields(Sizes)]
+    return dataclasses.make_dataclass("Sized", fields, bases=(Sizes,), frozen=True)
 
 
 def define_flags(cls: type, flag_values: flags.FlagValues) -> None:

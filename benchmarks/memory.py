@@ -42,7 +42,7 @@ FLOOR_PEAK_LIMIT_BYTES = 16 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(cli.sized(SEED)):
     """One run of the driver: its sizes (the seed's by default) and each experiment's sweep; a flag per field.
 
     Attributes:
@@ -86,15 +86,6 @@ class Settings:
 
     experiment: str = "all"
     out_dir: str = DEFAULT_OUT_DIR
-    vocab_size: int = SEED.vocab_size
-    d_model: int = SEED.d_model
-    n_heads: int = SEED.n_heads
-    d_ff: int = SEED.d_ff
-    n_layers: int = SEED.n_layers
-    seq_len: int = SEED.seq_len
-    n_hashes: int = SEED.n_hashes
-    chunk_len: int = SEED.chunk_len
-    batch_size: int = SEED.batch_size
     dropout: float = 0.1
     dtype: str = "float32"
     optimizer: str = "adafactor"
@@ -135,9 +126,8 @@ class Settings:
         """The preset at these sizes; max_len is the row's sequence length."""
         from reformer_jax import ModelConfig
 
-        fields = {k: getattr(self, k) for k in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "n_hashes",
-                                                "chunk_len", "dropout", "dtype")}
-        return ModelConfig.preset(model, **{**fields, "max_len": self.seq_len, **overrides})
+        return ModelConfig.preset(model, **{**self.model_fields(), "dropout": self.dropout, "dtype": self.dtype,
+                                            **overrides})
 
     def extra_options(self) -> Dict[str, Any]:
         # LLVM's optimisation level changes code speed, not HLO buffer assignment: used by the tests to compile

@@ -66,7 +66,7 @@ LENGTH_COLUMNS = [
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(cli.sized(SPEED_P)):
     """One run of the driver: what it times and how; a flag per field.
 
     Attributes:
@@ -104,15 +104,6 @@ class Settings:
     sweep: str = "none"
     model: str = "reformer"
     ours: Tuple[str, ...] = ("default", "all_at_once", "lean_compile", "bfloat16", "xla_defaults")
-    vocab_size: int = SPEED_P.vocab_size
-    d_model: int = SPEED_P.d_model
-    n_heads: int = SPEED_P.n_heads
-    d_ff: int = SPEED_P.d_ff
-    n_layers: int = SPEED_P.n_layers
-    seq_len: int = SPEED_P.seq_len
-    batch_size: int = SPEED_P.batch_size
-    n_hashes: int = SPEED_P.n_hashes
-    chunk_len: int = SPEED_P.chunk_len
     dropout: float = 0.0
     pos_embedding: str = "absolute"
     models: Tuple[str, ...] = PRESETS
@@ -134,9 +125,8 @@ class Settings:
         """Our preset at these sizes (max_len = the row's length), with one of OURS_SETTINGS applied."""
         from reformer_jax import ModelConfig
 
-        fields = {k: getattr(self, k) for k in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "n_hashes",
-                                                "chunk_len", "dropout", "pos_embedding")}
-        return ModelConfig.preset(model, **fields, max_len=seq_len, **OURS_SETTINGS[setting][0])
+        return ModelConfig.preset(model, **{**self.model_fields(), "max_len": seq_len}, dropout=self.dropout,
+                                  pos_embedding=self.pos_embedding, **OURS_SETTINGS[setting][0])
 
     def peer_sizes(self, seq_len: int) -> Dict[str, Any]:
         """The sizes a peer builds (benchmarks.peers), from our reformer preset at this length. The feed-forward
