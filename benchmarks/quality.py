@@ -38,12 +38,31 @@ from reformer_jax.model.sizes import QUALITY_COPY, QUALITY_SHAKESPEARE
 
 TASKS = ("shakespeare", "synthetic")
 BUDGET_SPENT = "budget_spent.json"  # in a run's workdir: it stopped at --budget_minutes (a rerun does not extend it)
+S, C = QUALITY_SHAKESPEARE, QUALITY_COPY  # the two tasks' default sizes
+COUNTS = [  # the integer flags, each checked positive: (name, default, help)
+    ("steps", 2300, "shakespeare: optimizer steps per variant."),
+    ("seq_len", S.seq_len, "shakespeare: tokens per sequence (a multiple of --chunk_len)."),
+    ("batch_size", S.batch_size, "shakespeare: sequences per step."),
+    ("d_model", S.d_model, "shakespeare: width of the residual streams."),
+    ("n_heads", S.n_heads, "Attention heads (both tasks)."), ("d_ff", S.d_ff, "shakespeare: feed-forward width."),
+    ("n_layers", S.n_layers, "shakespeare: layers."), ("chunk_len", S.chunk_len, "LSH chunk length (both tasks)."),
+    ("eval_every", 100, "shakespeare: validation points on the learning curve every this many steps."),
+    ("eval_batches", 8, "Validation batches of the final scores (the curve uses 2)."),
+    ("influence_sequences", 4, "shakespeare: validation sequences of the future-influence and future-masked "
+                               "measurements."),
+    ("honest_positions", 32, "shakespeare: positions scored with the future masked, per sequence."),
+    ("synthetic_steps", 1500, "synthetic: optimizer steps per model."),
+    ("synthetic_d_model", C.d_model, "synthetic: width of the residual streams."),
+    ("synthetic_d_ff", C.d_ff, "synthetic: feed-forward width."),
+    ("synthetic_seq_len", C.seq_len, "synthetic: sequence length (0 w 0 w; even, a multiple of --chunk_len)."),
+    ("synthetic_batch_size", C.batch_size, "synthetic: sequences per step."),
+    ("synthetic_vocab_size", C.vocab_size, "synthetic: symbols (w is drawn from 1..vocab-1)."),
+    ("synthetic_eval_every", 100, "synthetic: validation points on the learning curve.")]
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """The driver's flags, on `fv` (tests pass their own FlagValues)."""
     on = dict(flag_values=fv)
-    s, c = QUALITY_SHAKESPEARE, QUALITY_COPY
     flags.DEFINE_enum("task", "all", TASKS + ("all",), "Which task to run (all: shakespeare, then synthetic).", **on)
     flags.DEFINE_float("budget_minutes", 15.0, "Wall-time limit of each variant's training, compilation included; a "
                        "variant still short of --steps then stops and reports the step it reached.", **on)
@@ -54,25 +73,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "Shakespeare (checked by sha256) or any file (--dataset=text --data_path=FILE).", **on)
     flags.DEFINE_string("data_path", None, "Path of the text (tiny_shakespeare: default the packaged copy).", **on)
     flags.DEFINE_integer("seed", 0, "Seed of parameters, data order, hashing and dropout (every variant's).", **on)
-    for name, default, help_ in [
-            ("steps", 2300, "shakespeare: optimizer steps per variant."),
-            ("seq_len", s.seq_len, "shakespeare: tokens per sequence (a multiple of --chunk_len)."),
-            ("batch_size", s.batch_size, "shakespeare: sequences per step."),
-            ("d_model", s.d_model, "shakespeare: width of the residual streams."),
-            ("n_heads", s.n_heads, "Attention heads (both tasks)."), ("d_ff", s.d_ff, "shakespeare: feed-forward width."),
-            ("n_layers", s.n_layers, "shakespeare: layers."), ("chunk_len", s.chunk_len, "LSH chunk length (both tasks)."),
-            ("eval_every", 100, "shakespeare: validation points on the learning curve every this many steps."),
-            ("eval_batches", 8, "Validation batches of the final scores (the curve uses 2)."),
-            ("influence_sequences", 4, "shakespeare: validation sequences of the future-influence and future-masked "
-                                       "measurements."),
-            ("honest_positions", 32, "shakespeare: positions scored with the future masked, per sequence."),
-            ("synthetic_steps", 1500, "synthetic: optimizer steps per model."),
-            ("synthetic_d_model", c.d_model, "synthetic: width of the residual streams."),
-            ("synthetic_d_ff", c.d_ff, "synthetic: feed-forward width."),
-            ("synthetic_seq_len", c.seq_len, "synthetic: sequence length (0 w 0 w; even, a multiple of --chunk_len)."),
-            ("synthetic_batch_size", c.batch_size, "synthetic: sequences per step."),
-            ("synthetic_vocab_size", c.vocab_size, "synthetic: symbols (w is drawn from 1..vocab-1)."),
-            ("synthetic_eval_every", 100, "synthetic: validation points on the learning curve.")]:
+    for name, default, help_ in COUNTS:
         flags.DEFINE_integer(name, default, help_, **on)
     flags.DEFINE_list("train_hashes", ["4", "8"], "shakespeare: hash rounds of the Reformer runs; the LSH LM uses the "
                       "first.", **on)
@@ -175,10 +176,7 @@ def synthetic_plan(fv) -> TaskPlan:
 
 def check_flags(fv) -> List[TaskPlan]:
     """The tasks' plans; raises FlagError naming the flag for any bad value (no compilation happens here)."""
-    for name in ("budget_minutes", "steps", "seq_len", "batch_size", "d_model", "n_heads", "d_ff", "n_layers",
-                 "chunk_len", "eval_every", "eval_batches", "influence_sequences", "honest_positions",
-                 "synthetic_steps", "synthetic_d_model", "synthetic_d_ff", "synthetic_seq_len",
-                 "synthetic_batch_size", "synthetic_eval_every", "learning_rate"):
+    for name in ["budget_minutes"] + [name for name, _, _ in COUNTS] + ["learning_rate"]:
         value = fv[name].value
         if value is None or not value > 0 or not math.isfinite(value):
             raise FlagError(f"--{name}={value} is invalid: expected a positive number.")
