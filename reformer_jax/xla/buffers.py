@@ -33,16 +33,17 @@ import glob
 import math
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
+
+from reformer_jax.xla import timeline
 
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+), (.*)$")
 _VALUE = re.compile(r"^\s*value: <\d+ (?P<name>[^\s{>]+)(?P<index>\{[\d,]*\})?(?: \(phi\))? @[^>]*> "
                     r"\(size=(?P<size>\d+),offset=(?P<offset>\d+)\): (?P<shape>.*)$")
-_RANGE = re.compile(r"^\s+(?P<name>[^\s{]+)(?P<index>\{[\d,]*\}):(?P<start>\d+)-(?P<end>\d+)\s*$")
 _ARRAY = re.compile(r"^(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?(?P<name>[\w.\-]+) [(].*[{]\s*$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?(?P<name>[\w.\-]+) = .*?[\]})] (?P<op>[\w-]+)\((?P<operands>[^)]*)\)")
@@ -159,21 +160,8 @@ def read_dump(dump_dir: str, module: str = "jit_train_step") -> Assignment:
         live = f.read()
     with open(_find(dump_dir, "after_optimizations.txt", module)) as f:
         op_names = parse_op_names(f.read())
-    ranges: Dict[str, Tuple[int, int]] = {}
-    in_ranges = False
-    for line in live.splitlines():
-        if "BufferLiveRange:" in line:
-            in_ranges = True
-        elif "Live ranges at" in line:
-            break
-        elif in_ranges:
-            match = _RANGE.match(line)
-            if match:
-                ranges[match.group("name") + match.group("index")] = (int(match.group("start")),
-                                                                      int(match.group("end")))
-    schedule = re.search(r"HloLiveRange \(max (\d+)\)", live)
-    if not schedule:
-        raise ValueError("no 'HloLiveRange (max N)' header in the live-range dump.")
+    live_ranges = timeline.parse_live_ranges(live)  # the same dump format the timeline reads
+    ranges = live_ranges.ranges
     values: List[Value] = []
     heap, base, in_heap = 0, 0, False
     for line in assignment.splitlines():
@@ -191,7 +179,7 @@ def read_dump(dump_dir: str, module: str = "jit_train_step") -> Assignment:
                                     match.group("shape").strip(), *ranges[key]))
     if not heap:
         raise ValueError(f"no preallocated-temp allocation in the buffer assignment of {module}.")
-    return Assignment(heap, int(schedule.group(1)) + 1, values, op_names, module)
+    return Assignment(heap, live_ranges.schedule_len, values, op_names, module)
 
 
 def _union(intervals: Iterable[Tuple[int, int]]) -> int:
@@ -347,7 +335,7 @@ def breakdown(assignment: Assignment, shapes: Shapes, *, argument_parts: Sequenc
     peak = sum(b for _, b in parts)
     largest = [{"op": h.value.key, "shape": h.value.shape.split("{")[0], "bytes": h.bytes, "padding": h.padding,
                 "part": part_of(h, shapes), "op_name": h.op_name[-160:]} for h in held[:top]]
-    xs, ys = _downsample(curve)
+    xs, ys = timeline.downsample_max(curve)
     return Breakdown(parts, peak, assignment.heap_bytes, step, int(curve[step]), assignment.schedule_len, largest,
                      xs, ys)
 
@@ -368,11 +356,3 @@ def ordered_parts(programs: Sequence[Sequence[Tuple[str, float]]]) -> List[str]:
             largest[name] = max(largest.get(name, 0.0), size)
     middle = sorted((n for n in largest if n not in LEADING_PARTS + TRAILING_PARTS), key=lambda n: -largest[n])
     return [n for n in LEADING_PARTS if n in largest] + middle + [n for n in TRAILING_PARTS if n in largest]
-
-
-def _downsample(curve: np.ndarray, points: int = 400) -> Tuple[List[float], List[int]]:
-    """At most `points` (fraction of the schedule, max bytes in the bin) pairs."""
-    edges = np.linspace(0, len(curve), min(points, len(curve)) + 1).astype(int)
-    pairs = [((lo + hi - 1) / 2 / max(1, len(curve) - 1), int(curve[lo:hi].max()))
-             for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
-    return [x for x, _ in pairs], [y for _, y in pairs]
