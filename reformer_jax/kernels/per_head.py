@@ -78,9 +78,10 @@ class _PackedMask(NamedTuple):
     words: jax.Array
 
 
-def _pack_mask(mask: Optional[jax.Array]):
+def _pack_mask(mask: Optional[jax.Array], after: Optional[jax.Array] = None):
     """mask [b, l, d] bool as a `_PackedMask` (bit for bit the same mask); None, or a length that is not a multiple
-    of 32, as it is."""
+    of 32, as it is. `after` (any array): the packed words are made only once it exists (XLA:CPU drops
+    optimization barriers before scheduling; a data dependency it keeps)."""
     if mask is None or mask.ndim != 3 or mask.shape[1] % _MASK_BITS:
         return mask
     b, length, d = mask.shape
@@ -91,7 +92,14 @@ def _pack_mask(mask: Optional[jax.Array]):
         shifted = bits << jnp.arange(_MASK_BITS, dtype=jnp.uint32)[:, None]
         return jnp.sum(shifted, axis=2, dtype=jnp.uint32)  # distinct bits: their sum is their OR
 
-    words = lax.map(pack, jnp.arange(blocks.count))  # [n, b, rows / 32, d]
+    indices = jnp.arange(blocks.count)
+    if after is None:
+        words = lax.map(pack, indices)  # [n, b, rows / 32, d]
+    else:  # the words' buffer plus a zero computed from after's bits: XLA makes it once `after` is, not earlier
+        bits = lax.bitcast_convert_type(after.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+        zero = lax.shift_right_logical(lax.shift_right_logical(bits, jnp.uint32(31)), jnp.uint32(1))
+        init = jnp.zeros((blocks.count, b, blocks.rows // _MASK_BITS, d), jnp.uint32) + zero
+        words = lax.scan(lambda w, i: (lax.dynamic_update_index_in_dim(w, pack(i), i, 0), None), init, indices)[0]
     return _PackedMask(jnp.moveaxis(words, 0, 1).reshape(b, length // _MASK_BITS, d))
 
 
@@ -251,7 +259,9 @@ def _heads_backward(spec: HeadSpec, params: Params, x: jax.Array, buckets: Optio
     Returns (dx + dF/dx . dy, parameter gradients, y - F(x) or None).
     """
     blocks, norm_of, norm = _Blocks(x.shape[1]), _norm_fn(spec), params["norm"]
-    keep = _pack_mask(keep)
+    # A reverse step's mask made only once x is (the feed-forward's reverse step makes it): made early, the mask
+    # would be held through that step's backward pass, a reversible stack's fullest moment.
+    keep = _pack_mask(keep, after=x if y is not None else None)
     dropped = lambda value, i: _dropped(value, blocks.get(keep, i), rate)  # noqa: E731
 
     def head_grads(carry, inputs):
