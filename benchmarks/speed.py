@@ -36,8 +36,8 @@ from reformer_jax.model.sizes import SPEED_P
 # the steps' own options unless "lean" (main.py --lean_compile) or "xla" (no options: XLA's defaults); "tensor2"
 # runs over two host devices with the heads split (main.py --host_devices=2 --mesh=tensor:2).
 OURS_SETTINGS = {
-    "default": ({}, "", "hash rounds and heads one at a time, compiled with the steps' options (on CPU: YNNPACK "
-                "fusions off)"),
+    "default": ({}, "", "one device, hash rounds and heads one at a time, compiled with the steps' options (on "
+                "CPU: YNNPACK fusions off)"),
     "all_at_once": ({"sequential_rounds": False, "sequential_heads": False}, "",
                     "all hash rounds and heads at once (sequential_rounds and sequential_heads off)"),
     "rounds_only": ({"sequential_heads": False}, "", "hash rounds one at a time, heads all at once"),
@@ -76,7 +76,8 @@ class Settings(cli.sized(SPEED_P)):
       sweep: length: the presets in --models at --lengths, one length after the other, seconds per token;
         linearity: each preset in --models at every --lengths in the same timing rounds (all alive at once).
       model: Our preset timed without --sweep.
-      ours: Settings of our step timed side by side (benchmarks.speed.OURS_SETTINGS).
+      ours: Settings of our step timed side by side (benchmarks.speed.OURS_SETTINGS; tensor2 is main.py's default
+        on a CPU host with two or more cores). The sweeps time the first.
       seq_len: Sequence length.
       batch_size: Batch size.
       dropout: Dropout of our blocks (0, as the peers are run).
@@ -103,7 +104,7 @@ class Settings(cli.sized(SPEED_P)):
     compare: str = "none"
     sweep: str = "none"
     model: str = "reformer"
-    ours: Tuple[str, ...] = ("default", "all_at_once", "lean_compile", "bfloat16", "xla_defaults")
+    ours: Tuple[str, ...] = ("default", "tensor2", "all_at_once", "lean_compile", "bfloat16", "xla_defaults")
     dropout: float = 0.0
     pos_embedding: str = "absolute"
     models: Tuple[str, ...] = PRESETS
