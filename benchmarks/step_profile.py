@@ -20,16 +20,24 @@ def probe_matmuls(config, seq_len: int, batch_size: int, compiler_options: Optio
                   repeats: int = 30) -> List[Dict[str, Any]]:
     """The step's two matmul shapes on their own (`profile.probe_einsum`): the chunk product of one head and round
     of LSH attention ([l / c] x [c, k] x [k, (n_before + 1) c], float32 as attention computes it) and one
-    feed-forward chunk ([f, d] x [d, d_ff], in the compute dtype)."""
-    c = config.chunk_len
-    seen = (config.n_chunks_before + 1) * c
+    feed-forward chunk ([f, d] x [d, d_ff], in the compute dtype); and the same chunk product computed over blocks
+    of 2 and 4 chunks as one larger matmul each (a block's queries against its keys and the look-back, the scores
+    outside each chunk's band wasted: "used" is the fraction of its FLOPs the attention needs)."""
+    c, n_before = config.chunk_len, config.n_chunks_before
+    rows = seq_len * batch_size
     ff_rows = min(config.ff_chunk_len or seq_len, seq_len) * batch_size
-    cases = [("chunk product (one head, one round)", "nqk,nsk->nqs", "float32",
-              ((seq_len // c * batch_size, c, config.d_head), (seq_len // c * batch_size, seen, config.d_head))),
+
+    def chunk_product(block):  # blocks of `block` chunks: [rows / (block c), block c, k] x [.., (block + n_before) c, k]
+        return ((rows // (block * c), block * c, config.d_head), (rows // (block * c), (block + n_before) * c,
+                                                                  config.d_head))
+
+    cases = [("chunk product (one head, one round)", "nqk,nsk->nqs", "float32", chunk_product(1), 1.0),
              ("feed-forward matmul (one chunk)", "qd,df->qf", config.compute_dtype,
-              ((ff_rows, config.d_model), (config.d_model, config.d_ff)))]
-    return [{"what": what, **profile.probe_einsum(spec, shapes, dtype, compiler_options, repeats)}
-            for what, spec, dtype, shapes in cases]
+              ((ff_rows, config.d_model), (config.d_model, config.d_ff)), 1.0)]
+    cases += [(f"chunk product over blocks of {block} chunks", "nqk,nsk->nqs", "float32", chunk_product(block),
+               (n_before + 1) / (block + n_before)) for block in (2, 4) if rows % (block * c) == 0]
+    return [{"what": what, "used": used, **profile.probe_einsum(spec, shapes, dtype, compiler_options, repeats)}
+            for what, spec, dtype, shapes, used in cases]
 
 
 def _kind_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -81,7 +89,8 @@ def markdown(rows: Sequence[Dict[str, Any]]) -> str:
         ("setting", "setting", "s"), ("what", "matmul", "s"),
         (lambda p: " x ".join(str(tuple(s)) for s in p["shapes"]), "operands", "s"), ("dtype", "dtype", "s"),
         ("us_per_call", "µs / call", ",.0f"), ("busy_cores", "cores busy", ".2f"),
-        ("gflops_per_s", "GFLOP/s", ".0f")]))
+        ("gflops_per_s", "GFLOP/s", ".0f"), (lambda p: p.get("used", 1.0), "used", ".2f"),
+        (lambda p: p["gflops_per_s"] * p.get("used", 1.0), "used GFLOP/s", ".0f")]))
     out.extend("\n" + line for line in findings(rows))
     return "\n".join(out) + "\n"
 
@@ -104,6 +113,12 @@ def findings(rows: Sequence[Dict[str, Any]]) -> List[str]:
         lines.append(f"On its own, one round's chunk product keeps {probe['busy_cores']:.2f} cores busy "
                      f"({probe['gflops_per_s']:.0f} GFLOP/s), the feed-forward matmul "
                      f"{dense_probe['busy_cores']:.2f} ({dense_probe['gflops_per_s']:.0f} GFLOP/s).")
+    blocks = [p for p in r.get("probes", []) if p["what"].startswith("chunk product over")]
+    if probe and blocks:
+        lines.append("As one larger matmul per block of chunks, the product runs at " + ", ".join(
+            f"{p['gflops_per_s']:.0f} GFLOP/s over blocks of {p['shapes'][0][1] // r['chunk_len']} chunks "
+            f"({p['gflops_per_s'] * p['used']:.0f} of it used)" for p in blocks)
+            + f", against {probe['gflops_per_s']:.0f} chunk by chunk.")
     cores = r.get("cpu_count") or 1
     if chunk and probe and probe["busy_cores"] < 1.5 and cores > 1:
         saved = chunk["s_per_step"] * (1 - 1 / cores)
