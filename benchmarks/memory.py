@@ -681,7 +681,7 @@ def run_encoder(settings: Settings) -> List[Row]:
 
     def plot(ax):
         names = [f"{_label(r).replace(' LM', '')}\n{'classifier' if r['head'].startswith('classifier') else 'LM'}"
-                 + (f" r={r['n_hashes']}" if r["n_hashes"] and r["n_hashes"] != settings.n_hashes else "")
+                 + (f"\nr={r['n_hashes']}" if r["n_hashes"] and r["n_hashes"] != settings.n_hashes else "")
                  for r in rows]
         ax.bar(range(len(rows)), [r["peak_bytes"] / MIB for r in rows],
                color=["#c44e52" if r["head"].startswith("classifier") else "#4c72b0" for r in rows])
