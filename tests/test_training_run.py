@@ -14,7 +14,7 @@ import pytest
 from corpus import CrashAt, corpus_path
 from reformer_jax import ModelConfig
 from reformer_jax.training import data
-from reformer_jax.training.checkpoint import CheckpointMismatch
+from reformer_jax.training.checkpoint import RUN_SETTINGS_FILE, CheckpointMismatch, check_run_settings
 from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +95,21 @@ def test_resuming_with_other_settings_is_refused(tmp_path, text_data):
     train_and_evaluate(tiny_config(), options(tmp_path, steps=3, schedule_steps=6), dataset=text_data)
     with pytest.raises(CheckpointMismatch, match=r"\(model.n_hashes: saved 2, now 4\)"):
         train_and_evaluate(tiny_config(n_hashes=4), options(tmp_path, steps=6, schedule_steps=6), dataset=text_data)
+
+
+def test_a_run_saved_before_a_model_field_existed_resumes_with_its_default(tmp_path):
+    # run_settings.json of a run saved before ModelConfig had these fields: the run used what are now their
+    # defaults, so resuming it with them is no difference; a value other than the default still is one.
+    settings = options(tmp_path).run_settings(tiny_config())
+    saved = json.loads(json.dumps(settings))
+    added = ("n_chunks_after", "local_n_chunks_after", "head", "num_labels")
+    for name in added:
+        del saved["model"][name]
+    (tmp_path / RUN_SETTINGS_FILE).write_text(json.dumps(saved))
+    assert check_run_settings(tmp_path, settings) == saved
+    refused = r"model.causal: saved True, now False; model.n_chunks_after: saved 0, now 1\)"
+    with pytest.raises(CheckpointMismatch, match=refused):
+        check_run_settings(tmp_path, options(tmp_path).run_settings(tiny_config(n_chunks_after=1, causal=False)))
 
 
 class _PoisonAt:

@@ -76,7 +76,7 @@ def check_run_settings(workdir: Path, settings: Dict[str, Any]) -> Optional[Dict
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointMismatch(f"{path} is unreadable ({error}); move the workdir away or pass another "
                                  f"{setting('workdir')}.") from error
-    saved_flat, now_flat = _flatten(saved), _flatten(settings)
+    saved_flat, now_flat = _flatten(_with_model_defaults(saved)), _flatten(settings)
     differences = [f"{key}: saved {saved_flat.get(key)!r}, now {now_flat.get(key)!r}"
                    for key in sorted(set(saved_flat) | set(now_flat)) if saved_flat.get(key) != now_flat.get(key)]
     if differences:
@@ -85,6 +85,20 @@ def check_run_settings(workdir: Path, settings: Dict[str, Any]) -> Optional[Dict
                                  "settings to "
                                  "resume it.")
     return saved
+
+
+def _with_model_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """The saved settings with their model read as generate and evaluate read it: a ModelConfig field added after
+    the run was saved takes its default (what the run used), so it is not a difference."""
+    from reformer_jax.model.hf_convert import config_from_fields
+
+    if not isinstance(saved.get("model"), dict):
+        return saved
+    try:
+        model = config_from_fields(saved["model"]).to_dict()
+    except (TypeError, ValueError):  # a field removed since, or a value no longer valid: compared as saved
+        return saved
+    return {**saved, "model": json.loads(json.dumps(model))}
 
 
 class CheckpointError(RuntimeError):
