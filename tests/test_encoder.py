@@ -80,6 +80,22 @@ def test_model_for_picks_the_head_and_the_trunk_stands_alone():
             {"params": jax.random.key(0), "lsh": jax.random.key(1)}, _tokens())
 
 
+def test_the_classification_head_drops_out_at_its_own_rate():
+    # classifier_dropout=0 leaves the head deterministic in training whatever `dropout` is; None takes `dropout`.
+    config = ModelConfig.preset("reformer", **{**SMALL, "dropout": 0.5}, n_chunks_after=1, head="classification")
+    head_of = lambda cfg: heads.ClassificationHead(cfg)  # noqa: E731
+    hidden = jax.random.normal(jax.random.key(1), (2, 64, 16))
+    params = head_of(config).init(jax.random.key(0), hidden)
+    plain = head_of(config).apply(params, hidden)
+    train = lambda cfg: head_of(cfg).apply(params, hidden, deterministic=False,  # noqa: E731
+                                           rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(train(config.replace(classifier_dropout=0.0)), plain)
+    assert float(jnp.max(jnp.abs(train(config) - plain))) > 1e-3
+    np.testing.assert_array_equal(train(config), train(config.replace(classifier_dropout=0.5)))
+    with pytest.raises(ValueError, match="classifier_dropout=1.5 is invalid"):
+        config.replace(classifier_dropout=1.5)
+
+
 def test_head_losses_by_hand():
     logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     sums = heads.classification_loss_terms(logits, jnp.array([0, 2]))

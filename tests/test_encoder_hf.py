@@ -123,6 +123,9 @@ def test_head_is_read_from_the_state_dict():
     state = {name: tensor.detach().numpy() for name, tensor in hf.state_dict().items()}
     config, params = from_hf(state, {**hf.config.to_dict(), "architectures": ["ReformerForMaskedLM"]})
     assert config.head == "classification" and config.num_labels == 3
+    assert config.classifier_dropout is None  # Hugging Face's default: the head takes hidden_dropout_prob
+    config, _ = from_hf(state, {**hf.config.to_dict(), "classifier_dropout": 0.3, "hidden_dropout_prob": 0.1})
+    assert (config.classifier_dropout, config.dropout) == (0.3, 0.1)
     assert params["classifier"]["out_proj"]["kernel"].shape == (16, 3)
     with pytest.raises(ValueError, match="qa_outputs.weight"):
         from_hf({**state, "qa_outputs.weight": np.zeros((2, 32))}, hf.config.to_dict())

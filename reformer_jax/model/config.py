@@ -121,6 +121,8 @@ class ModelConfig:
         position, Hugging Face's ReformerForSequenceClassification) or "question_answering" (start / end logits
         at every position). The last two need causal=False.
       num_labels: classes of the "classification" head.
+      classifier_dropout: dropout rate of the "classification" head; None takes `dropout` (Hugging Face's
+        classifier_dropout, which falls back to hidden_dropout_prob).
       ff_chunk_len: process the feed-forward block over chunks of this many positions (0 = all at once; a
         length it does not divide gets a zero-padded last chunk).
       output_chunk_len: compute the output projection and the loss over chunks of this many positions, so the
@@ -186,6 +188,7 @@ class ModelConfig:
     stream_grid_bits: int = 0
     head: str = "lm"
     num_labels: int = 2
+    classifier_dropout: Optional[float] = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -228,8 +231,10 @@ class ModelConfig:
                      "sequential_heads"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
-        for name in ("dropout", "attention_dropout", "local_attention_dropout"):
+        for name in ("dropout", "attention_dropout", "local_attention_dropout", "classifier_dropout"):
             rate = getattr(self, name)
+            if name == "classifier_dropout" and rate is None:
+                continue
             if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
                 _fail(name, rate, "expected a rate in [0, 1)")
         if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \

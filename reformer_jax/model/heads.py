@@ -42,7 +42,8 @@ class ClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array, *, deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
+        rate = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+        dropout = nn.Dropout(rate, deterministic=deterministic)
         x = dropout(hidden[:, 0])
         x = jnp.tanh(_dense(cfg.d_model, ("embed", "mlp"), cfg, "dense")(x))
         x = dropout(x)

@@ -92,6 +92,12 @@ def _num_labels(hf_config: Any) -> int:
     return int(labels)
 
 
+def _classifier_dropout(hf_config: Any) -> Optional[float]:
+    """Hugging Face's classifier_dropout (None: the head takes hidden_dropout_prob, as our `dropout`)."""
+    rate = _get(hf_config, "classifier_dropout")
+    return None if rate is None else float(rate)
+
+
 def config_from_hf(hf_config: Any, head: Optional[str] = None) -> ModelConfig:
     """Our ModelConfig for a Hugging Face ReformerConfig (object or dict); unsupported settings raise. `head`
     ("lm", "classification", "question_answering"; default: from the config's `architectures`) is the model's head,
@@ -144,7 +150,8 @@ def config_from_hf(hf_config: Any, head: Optional[str] = None) -> ModelConfig:
             axial_dims=tuple(int(d) for d in _get(hf_config, "axial_pos_embds_dim")) if axial else None,
             output_head="concat", tie_embeddings=False, ff_activation=HF_ACTIVATIONS[activation],
             layer_norm_eps=float(_get(hf_config, "layer_norm_eps", 1e-12)), head=head,
-            num_labels=_num_labels(hf_config) if head == "classification" else 2)
+            num_labels=_num_labels(hf_config) if head == "classification" else 2,
+            classifier_dropout=_classifier_dropout(hf_config) if head == "classification" else None)
     except ValueError as error:
         raise ConversionError(f"the Hugging Face config maps to an invalid ModelConfig: {error}") from error
 
