@@ -142,7 +142,7 @@ def evaluate_run(workdir: str, *, data_path: Optional[str] = None, split: str = 
     first = next(iter(source_batches))  # its shapes (and mask, if any) are those the step is compiled for
     source_batches = itertools.chain([first], source_batches)
     described = {"step": step, "data": source, "n_hashes": config.n_hashes if config.uses("lsh") else None,
-                 "batches": batches}
+                 "batches": batches, "head": config.head}
     if topology is not None:
         from reformer_jax.xla import tpu
 
@@ -239,7 +239,7 @@ def describe_memory(entry: Dict[str, Any]) -> str:
 def describe(entry: Dict[str, Any]) -> str:
     """One line: what was scored and how well."""
     rounds = f", {entry['n_hashes']} hash rounds" if entry["n_hashes"] else ""
-    if entry["copy_task"] and "ListOps" in entry["data"]:
+    if entry.get("head") == "classification":  # one label per example
         figures = f"accuracy {entry['accuracy']:.4f} (loss {entry['loss']:.4f} nats per example)"
         return f"step {entry['step']}, {entry['data']} ({entry['tokens']:,} examples): {figures}"
     if entry["copy_task"]:

@@ -154,3 +154,12 @@ def test_bad_positions_are_refused(models):
         evaluation.future_influence(config, params, tokens, targets, tokens, split=LENGTH - 1, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="per_sequence=0"):
         evaluation.sample_positions(LENGTH, 0, 1, seed=0)
+
+
+def test_evaluate_describes_an_entry_by_its_models_head():
+    from reformer_jax.evaluate import describe
+
+    entry = {"step": 3, "data": "the test split of my labelled file", "n_hashes": 2, "tokens": 200, "loss": 1.5,
+             "accuracy": 0.25, "bpc": None, "copy_task": True}
+    assert "(200 examples): accuracy 0.2500" in describe({**entry, "head": "classification"})
+    assert "of the copied symbols" in describe({**entry, "head": "lm"})
