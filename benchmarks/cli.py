@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from absl import app, flags
 
+from reformer_jax import cli as job_cli
 from reformer_jax import errors
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.model.sizes import Sizes
@@ -151,7 +152,11 @@ def settings_from_flags(cls: type, fv: flags.FlagValues, module: str, argv: Opti
 
 def main(settings_from_flags: Callable[..., Any], run: Callable[[Any], Any]) -> None:
     """absl's app.run of a driver whose flags are defined: `run(settings_from_flags(flags.FLAGS, sys.argv))`, a bad
-    flag one line (absl's usage error) before anything compiles."""
+    flag one line (absl's usage error) before anything compiles. On a machine without TPU chips, jax is kept from
+    probing for them (and printing the probe's failure), as for main.py; the TPU experiments compile for a
+    topology all the same."""
+    job_cli.quiet_absent_tpu()
+
     def checked(argv: Sequence[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")

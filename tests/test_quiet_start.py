@@ -67,3 +67,12 @@ def test_generate_and_evaluate_start_without_a_tpu_line(tmp_path, converted):
         assert code == 0 and out, (args, err)
         assert _probe_lines(err) == [], (args, err)
         assert _probe_lines(_start(args, tmp_path, quiet=False)[2]), f"{args[1]} no longer reaches jax's backends"
+
+
+def test_a_benchmark_driver_starts_without_a_tpu_line(tmp_path):
+    args = ["-m", "benchmarks.memory", "--experiment=variants", "--models=transformer", "--seq_len=64",
+            "--n_layers=1", "--d_model=16", "--d_ff=32", "--n_heads=2", f"--out_dir={tmp_path}"]
+    code, out, err = _start(args, tmp_path)
+    assert code == 0 and "1 rows" in out + err, err
+    assert _probe_lines(err) == [], err
+    assert _probe_lines(_start(args, tmp_path, quiet=False)[2]), "the driver no longer reaches jax's backends"
