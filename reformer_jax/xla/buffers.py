@@ -42,8 +42,6 @@ from reformer_jax.xla import timeline
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+), (.*)$")
-_VALUE = re.compile(r"^\s*value: <\d+ (?P<name>[^\s{>]+)(?P<index>\{[\d,]*\})?(?: \(phi\))? @[^>]*> "
-                    r"\(size=(?P<size>\d+),offset=(?P<offset>\d+)\): (?P<shape>.*)$")
 _ARRAY = re.compile(r"^(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?(?P<name>[\w.\-]+) [(].*[{]\s*$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?(?P<name>[\w.\-]+) = .*?[\]})] (?P<op>[\w-]+)\((?P<operands>[^)]*)\)")
@@ -171,8 +169,8 @@ def read_dump(dump_dir: str, module: str = "jit_train_step") -> Assignment:
             if in_heap:
                 base, heap = heap, heap + int(header.group(2))
             continue
-        match = _VALUE.match(line) if in_heap else None
-        if match:
+        match = timeline.VALUE_LINE.match(line) if in_heap else None
+        if match and match.group("shape") is not None:
             key = match.group("name") + (match.group("index") or "{}")
             if key in ranges:
                 values.append(Value(key, int(match.group("size")), base + int(match.group("offset")),

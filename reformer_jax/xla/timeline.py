@@ -31,8 +31,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-_VALUE_RE = re.compile(r"^\s*value: <\d+ (?P<name>[^\s{>]+)(?P<index>\{[\d,]*\})?(?: \(phi\))? @[^>]*> "
-                       r"\(size=(?P<size>\d+),offset=\d+\)")
+# A value line of a `*-buffer-assignment.txt` dump (its size, its offset in its allocation, its shape); the one
+# reader of that line, here and in `buffers`.
+VALUE_LINE = re.compile(r"^\s*value: <\d+ (?P<name>[^\s{>]+)(?P<index>\{[\d,]*\})?(?: \(phi\))? @[^>]*> "
+                        r"\(size=(?P<size>\d+),offset=(?P<offset>\d+)\)(?:: (?P<shape>.*))?")
 _RANGE_RE = re.compile(r"^\s+(?P<name>[^\s{]+)(?P<index>\{[\d,]*\}):(?P<start>\d+)-(?P<end>\d+)\s*$")
 _MAX_RE = re.compile(r"HloLiveRange \(max (\d+)\)")
 _PEAK_STEP_RE = re.compile(r"Live ranges at (\d+) \(peak\):")
@@ -67,7 +69,7 @@ def parse_value_sizes(text: str) -> Dict[str, int]:
     """Sizes of the HLO values of a `*-buffer-assignment.txt` dump: {"name{index}": bytes}."""
     sizes: Dict[str, int] = {}
     for line in text.splitlines():
-        m = _VALUE_RE.match(line)
+        m = VALUE_LINE.match(line)
         if m:
             key = _key(m.group("name"), m.group("index"))
             sizes[key] = max(sizes.get(key, 0), int(m.group("size")))
