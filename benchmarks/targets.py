@@ -34,8 +34,15 @@ def paired_speedups(row: Row, reference: Row) -> List[float]:
     return [t / m for m, t in zip(mine, theirs)]
 
 
+PEER_SPEEDUP = 5.0  # x Hugging Face's step, by the ratio of medians and by the median of same-round ratios
+ROOFLINE = 0.7  # of the best dense matmul rate measured in the same run
+PEER_RSS = 0.5  # x Hugging Face's peak RSS
+
+
 def peer_target_lines(rows: Sequence[Row]) -> List[str]:
-    """Speed targets 1 and 2 (>= 3 x Hugging Face's step, peak RSS <= 0.5 x its) for each of our settings, from a --compare=peers run's rows."""
+    """The speed targets (PEER_SPEEDUP x Hugging Face's step and faster than reformer-pytorch, ROOFLINE of the
+    matmul rate, peak RSS at most PEER_RSS x Hugging Face's) for each of our settings, from a --compare=peers run's
+    rows."""
     by_impl = {r["implementation"]: r for r in rows}
     hf, lucid = by_impl.get("hf"), by_impl.get("reformer_pytorch")
     if not (hf and hf.get("median_step_s")):
@@ -49,16 +56,20 @@ def peer_target_lines(rows: Sequence[Row]) -> List[str]:
                   if lucid and lucid.get("median_step_s") else "")
         beats_lucid = not lucid or not lucid.get("median_step_s") or r["median_step_s"] < lucid["median_step_s"]
         paired = paired_speedups(r, hf)
-        # Both measures must reach 3 x: the ratio of medians, and the median of same-round ratios (machine drift
-        # over the run moves both implementations of one round together, so that one is the steadier).
-        fast_enough = speedup >= 3 and (not paired or statistics.median(paired) >= 3)
+        # Both measures must reach the target: the ratio of medians, and the median of same-round ratios (machine
+        # drift over the run moves both implementations of one round together, so that one is the steadier).
+        fast_enough = speedup >= PEER_SPEEDUP and (not paired or statistics.median(paired) >= PEER_SPEEDUP)
         paired_text = (f"; round by round {statistics.median(paired):.2f} x (median of {len(paired)} same-round "
                        f"ratios, {min(paired):.2f} to {max(paired):.2f})" if paired else "")
         rss = r["peak_rss_bytes"] / hf["peak_rss_bytes"]
+        fraction = r.get("roofline_fraction")
+        roofline = ("" if fraction is None else f"; {fraction:.2f} of the matmul rate (target >= {ROOFLINE:g}: "
+                    f"{output.met(fraction >= ROOFLINE)})")
         lines.append(f"{r['label']}: step {r['median_step_s']:.2f} s, {speedup:.2f} x faster than Hugging Face's"
-                     f"{faster}{paired_text} (target >= 3 x HF and faster than reformer-pytorch: "
-                     f"{output.met(fast_enough and beats_lucid)}); peak RSS {r['peak_rss_bytes'] / MIB:,.1f} MiB = "
-                     f"{rss:.2f} x HF's (target <= 0.5: {output.met(rss <= 0.5)}).")
+                     f"{faster}{paired_text} (target >= {PEER_SPEEDUP:g} x HF and faster than reformer-pytorch: "
+                     f"{output.met(fast_enough and beats_lucid)}){roofline}; peak RSS "
+                     f"{r['peak_rss_bytes'] / MIB:,.1f} MiB = {rss:.2f} x HF's (target <= {PEER_RSS:g}: "
+                     f"{output.met(rss <= PEER_RSS)}).")
     plain, low = by_impl.get("ours"), by_impl.get("ours_bfloat16")
     if plain and low and plain.get("last_loss") and low.get("last_loss") and low.get("median_step_s"):
         lines.append(f"bfloat16 compute (float32 parameters and residual streams): step {low['median_step_s']:.2f} s "

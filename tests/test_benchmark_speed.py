@@ -265,25 +265,28 @@ def _speed_row(impl, step_s, rss_mib, label=None):
 
 
 def test_peer_targets_are_judged_from_the_rows():
-    rows = [_speed_row("ours", 4.0, 600.0, "reformer_jax (reformer)"),
+    rows = [{**_speed_row("ours", 4.0, 600.0, "reformer_jax (reformer)"), "roofline_fraction": 0.72},
             _speed_row("ours_lean_compile", 3.0, 400.0, "reformer_jax (reformer, lean_compile)"),
-            _speed_row("hf", 12.0, 1000.0), _speed_row("reformer_pytorch", 13.0, 1100.0)]
+            _speed_row("hf", 20.0, 1000.0), _speed_row("reformer_pytorch", 22.0, 1100.0)]
     default, lean = targets.peer_target_lines(rows)
-    assert default.startswith("reformer_jax (reformer): step 4.00 s, 3.00 x faster than Hugging Face's, 3.25 x")
-    assert "reformer-pytorch: met); peak RSS 600.0 MiB = 0.60 x HF's (target <= 0.5: NOT met)" in default
-    assert "4.00 x faster" in lean and "0.40 x HF's (target <= 0.5: met)" in lean
+    assert default.startswith("reformer_jax (reformer): step 4.00 s, 5.00 x faster than Hugging Face's, 5.50 x")
+    assert ("reformer-pytorch: met); 0.72 of the matmul rate (target >= 0.7: met); peak RSS 600.0 MiB = 0.60 x "
+            "HF's (target <= 0.5: NOT met)") in default
+    assert "6.67 x faster" in lean and "0.40 x HF's (target <= 0.5: met)" in lean and "matmul rate" not in lean
+    assert "(target >= 0.7: NOT met)" in targets.peer_target_lines([{**rows[0], "roofline_fraction": 0.69},
+                                                                    rows[2]])[0]
     assert targets.peer_target_lines(rows[:2]) == ["Hugging Face was not timed in this run: targets 1 and 2 cannot "
                                                  "be judged."]
-    # The same medians, but round by round HF is only 2 x: drift, not speed; the target is not met.
-    drift = [{**rows[0], "step_s": [4.0, 4.0, 4.0]}, {**rows[2], "step_s": [8.0, 12.0, 16.0]}, rows[3]]
+    # HF's rounds drift (15, 20, 25 s): same-round ratios 3.75, 5 and 6.25, median 5: met on both measures.
+    drift = [{**rows[0], "step_s": [4.0, 4.0, 4.0]}, {**rows[2], "step_s": [15.0, 20.0, 25.0]}, rows[3]]
     line = targets.peer_target_lines(drift)[0]
-    assert "3.00 x faster than Hugging Face's, 3.25 x reformer-pytorch's; round by round 3.00 x" in line
-    assert "(target >= 3 x HF and faster than reformer-pytorch: met)" in line
-    drift[0]["step_s"] = [6.0, 4.0, 3.0]  # median 4 s, but each round only 1.33, 3.0 and 5.33 x: median 3.0
-    assert "round by round 3.00 x (median of 3 same-round ratios, 1.33 to 5.33)" in targets.peer_target_lines(drift)[0]
-    drift[0]["step_s"] = [4.0, 6.0, 3.0]  # median 4 s again; same-round ratios 2, 2 and 5.33: median 2
+    assert "5.00 x faster than Hugging Face's, 5.50 x reformer-pytorch's; round by round 5.00 x" in line
+    assert "(target >= 5 x HF and faster than reformer-pytorch: met)" in line
+    drift[0]["step_s"] = [6.0, 4.0, 3.0]  # median 4 s, but each round only 2.5, 5.0 and 8.33 x: median 5.0
+    assert "round by round 5.00 x (median of 3 same-round ratios, 2.50 to 8.33)" in targets.peer_target_lines(drift)[0]
+    drift[0]["step_s"] = [4.0, 6.0, 3.0]  # median 4 s again; same-round ratios 3.75, 3.33 and 8.33: median 3.75
     line = targets.peer_target_lines(drift)[0]
-    assert "round by round 2.00 x" in line and "reformer-pytorch: NOT met" in line
+    assert "round by round 3.75 x" in line and "reformer-pytorch: NOT met" in line
     assert targets.paired_speedups({"step_s": [1.0]}, {"step_s": [1.0, 2.0]}) == []  # unpaired counts: no ratios
     low = {**_speed_row("ours_bfloat16", 3.5, 550.0), "last_loss": 5.05}
     lines = targets.peer_target_lines([{**rows[0], "last_loss": 5.0}, low, rows[2]])

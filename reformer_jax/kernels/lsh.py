@@ -177,28 +177,6 @@ def _sort_by_bucket(buckets: jax.Array) -> Tuple[jax.Array, jax.Array]:
     return order, inverse
 
 
-@jax.custom_vjp
-def _permute_rows(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
-    """x [b, h, l, ...] with its rows (axis 2) in `order`, a permutation per (b, h); `inverse` is its inverse.
-
-    The same as take_along_axis, but differentiated by gathering the cotangent with `inverse`: autodiff of a
-    gather is a scatter-add, which cannot know the indices are a permutation and is several times slower on CPU.
-    """
-    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - order.ndim)), axis=2)
-
-
-def _permute_rows_fwd(x, order, inverse):
-    return _permute_rows(x, order, inverse), (order, inverse)
-
-
-def _permute_rows_bwd(residuals, g):
-    order, inverse = residuals  # y[i] = x[order[i]], so dx[j] = g[inverse[j]]
-    return _permute_rows(g, inverse, order), None, None
-
-
-_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
-
-
 def _attend_chunks(sq: jax.Array, q_pos: jax.Array, seen_k: jax.Array, seen_v: jax.Array, seen_pos: jax.Array,
                    spec: _LSHSpec, dropout_rng: jax.Array,
                    seen_valid: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
