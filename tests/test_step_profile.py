@@ -104,8 +104,15 @@ def test_profile_of_a_tiny_reformer_step_writes_its_files(tmp_path):
     assert sum(k["share"] for k in row["by_kind"]) == pytest.approx(1.0)
     assert sum(k["s_per_step"] for k in row["by_kind"]) == pytest.approx(row["op_s_per_step"])
     assert 0 < row["op_s_per_step"] and row["busy_cores"] > 0 and row["traced_step_s"] > 0
-    assert [p["what"].split()[0] for p in row["probes"]] == ["chunk", "feed-forward"]
+    assert [p["what"] for p in row["probes"]] == ["chunk product (one head, one round)",
+                                                  "feed-forward matmul (one chunk)",
+                                                  "chunk product over blocks of 2 chunks",
+                                                  "chunk product over blocks of 4 chunks"]
     assert row["probes"][0]["shapes"] == [[4, 16, 16], [4, 32, 16]]  # length 64 / chunk 16, d_head 16
+    # Blocks of 2 and 4 chunks: their queries against their keys and one look-back chunk, 2/3 and 2/5 of it used.
+    assert [(p["shapes"], p["used"]) for p in row["probes"][2:]] == [
+        ([[2, 32, 16], [2, 48, 16]], pytest.approx(2 / 3)), ([[1, 64, 16], [1, 80, 16]], pytest.approx(2 / 5))]
+    assert "As one larger matmul per block of chunks" in (tmp_path / "speed_profile.md").read_text()
     with open(tmp_path / "speed_profile.json") as f:
         assert json.load(f) == json.loads(json.dumps([row]))
     markdown = (tmp_path / "speed_profile.md").read_text()
