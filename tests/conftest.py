@@ -35,17 +35,7 @@ FAST_TIER_MODULES = {
 }
 
 
-def _start_order(item) -> int:
-    """The longest work first, so two pytest-xdist workers end together rather than one finishing a long test
-    alone: the README journeys (minutes each), then the module groups kept on one worker (their fixtures compile
-    or train once for the whole group), then everything else in collection order."""
-    if item.module.__name__ == "test_journeys":
-        return 0
-    return 1 if item.get_closest_marker("xdist_group") else 2
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__ not in FAST_TIER_MODULES or item.get_closest_marker("long"):
             item.add_marker(pytest.mark.slow)
-    items[:] = sorted(items, key=_start_order)  # stable: collection order within each class
