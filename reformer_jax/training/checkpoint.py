@@ -90,12 +90,12 @@ def check_run_settings(workdir: Path, settings: Dict[str, Any]) -> Optional[Dict
 def _with_model_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
     """The saved settings with their model read as generate and evaluate read it: a ModelConfig field added after
     the run was saved takes its default (what the run used), so it is not a difference."""
-    from reformer_jax.training.saved_run import model_config  # saved_run imports this module
+    from reformer_jax.model.hf_convert import config_from_fields
 
     if not isinstance(saved.get("model"), dict):
         return saved
     try:
-        model = model_config(saved["model"]).to_dict()
+        model = config_from_fields(saved["model"]).to_dict()
     except (TypeError, ValueError):  # a field removed since, or a value no longer valid: compared as saved
         return saved
     return {**saved, "model": json.loads(json.dumps(model))}
