@@ -42,6 +42,7 @@ def _train(argv):
         if FLAGS.compile_only:
             return job_flags.compile_only(config)
         host_was_split = job_flags.apply_device_flags(config)
+        job_flags.check_init_from_shapes(config)
     except app.UsageError as error:  # one line, no usage text (that is --help's)
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -105,8 +105,9 @@ SIZE_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size")
 
 
 def _config_from_init_from() -> ModelConfig:
-    """The model of --init_from: a main.py workdir's (model flags given override its fields; a model whose
-    parameter shapes differ is refused) or a converted checkpoint's (no model flags), checked against --seq_len."""
+    """The model of --init_from: a main.py workdir's (model flags given override its fields; parameter shapes are
+    checked by `check_init_from_shapes`) or a converted checkpoint's (no model flags), checked against --seq_len.
+    Read from the files alone: jax's backends stay unstarted, so the devices can still be chosen."""
     from reformer_jax.training import saved_run
 
     given = [name for name in MODEL_FLAGS if FLAGS[name].present]
@@ -117,7 +118,6 @@ def _config_from_init_from() -> ModelConfig:
                 raise app.UsageError(f"--init_from={FLAGS.init_from} fixes the model; drop --model (model flags such "
                                      "as --dropout or --n_hashes may still change what keeps the shapes).")
             config = saved_run.model_config(source.settings["model"], **_model_overrides(given))
-            saved_run.check_same_shapes(source, config)
         else:
             if given or FLAGS["model"].present:
                 names = ", ".join(f"--{name}" for name in given) or "--model"
@@ -131,6 +131,22 @@ def _config_from_init_from() -> ModelConfig:
     except ValueError as error:
         raise app.UsageError(f"--init_from={FLAGS.init_from}: {_blame_given_flag(error)}")
     return config
+
+
+def check_init_from_shapes(config: ModelConfig) -> None:
+    """UsageError if the --init_from run's parameters differ in shape from `config`'s (model flags that change
+    shapes). Computed abstractly (nothing compiles), but it traces the model, which starts jax's backends: called
+    once the devices are set (`apply_device_flags`)."""
+    if not FLAGS.init_from:
+        return
+    from reformer_jax.training import saved_run
+
+    try:
+        source = saved_run.open_model(FLAGS.init_from, flag="--init_from")
+        if source.is_run:
+            saved_run.check_same_shapes(source, config)
+    except saved_run.SavedRunError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def _model_overrides(names) -> Dict[str, Any]:
@@ -226,15 +242,15 @@ def validate_run_flags() -> None:
 
 def apply_device_flags(config: ModelConfig) -> bool:
     """--host_devices, or the CPU default's two host devices where it applies (`training.devices`); whether the
-    host was split for the default. A --host_devices that cannot be applied (jax has started: --init_from read a
-    checkpoint) is refused; the default then stays on one device."""
+    host was split for the default. A --host_devices that cannot be applied (jax has already started its
+    backends) is refused; the default then stays on one device."""
     multi_process = FLAGS.num_processes is not None or FLAGS.distributed
     if devices.cpu_default_applies(config, mesh_given=FLAGS.mesh is not None,
                                    host_devices_given=FLAGS.host_devices is not None, multi_process=multi_process):
         return devices.split_host(devices.CPU_DEFAULT_DEVICES)
     if FLAGS.host_devices is not None and not devices.split_host(FLAGS.host_devices):
-        raise app.UsageError(f"--host_devices={FLAGS.host_devices} cannot be applied once jax has started (with "
-                             "--init_from); drop it to train on one device.")
+        raise app.UsageError(f"--host_devices={FLAGS.host_devices} cannot be applied once jax has started its "
+                             "backends; drop it to train on one device.")
     return False
 
 

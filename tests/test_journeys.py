@@ -140,6 +140,8 @@ def check_train(argv, result, scratch):
         assert settings["data"]["kind"] == "file" and settings["data"]["path"] == str(scratch / "README.md")
         assert settings["tokenizer"]["offset"] == 3
         assert "parameters from" in result.stdout and "runs/default/checkpoints" in result.stdout
+        # Reading the source run leaves the device choice open: fine-tuning gets main.py's CPU default too.
+        assert "devices: 2 (cpu), mesh data:1,fsdp:1,tensor:2" in result.stdout, result.stdout
     elif text == "python main.py --model=reformer --n_hashes=4":  # typed twice: the second time, nothing to do
         out = result.stdout
         if "nothing to train" in out:

@@ -188,6 +188,15 @@ def _is_layout_error(error: Exception) -> bool:
     return any(words in text for words in ("topology mismatch", "addressable devices"))
 
 
+def complete_steps(workdir: Path) -> List[int]:
+    """The steps of workdir/checkpoints whose save completed (orbax's finalized step directories), ascending.
+
+    Read from the directory alone: jax's backends stay unstarted, so a run that reads another run's steps
+    (main.py --init_from) can still split the host into devices afterwards.
+    """
+    return sorted(ocp.path.step.checkpoint_steps(Path(workdir).absolute() / "checkpoints"))
+
+
 class Checkpointer:
     """Latest-k orbax checkpoints of a TrainState under workdir/checkpoints.
 
@@ -211,7 +220,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> List[int]:
-        return sorted(self._manager.all_steps())
+        return complete_steps(self.directory.parent)
 
     def save(self, step: int, state: Any) -> None:
         """Start saving (asynchronously); the previous save is finished first (its errors surface here)."""

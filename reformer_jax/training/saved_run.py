@@ -32,7 +32,7 @@ from reformer_jax import tokenizers
 from reformer_jax.model import hf_convert
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.training import step as train
-from reformer_jax.training.checkpoint import RUN_SETTINGS_FILE, Checkpointer, leaf_shapes, shape_differences
+from reformer_jax.training.checkpoint import RUN_SETTINGS_FILE, Checkpointer, complete_steps, leaf_shapes, shape_differences
 
 
 class SavedRunError(ValueError):
@@ -116,11 +116,7 @@ def open_run(workdir: str, flag: Optional[str] = None) -> SavedModel:
         tokenizer = tokenizers.from_dict(settings.get("tokenizer"))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise SavedRunError(f"{flag}={workdir}: {path / RUN_SETTINGS_FILE} is unreadable ({error}).") from error
-    checkpointer = Checkpointer(path, read_only=True)
-    try:
-        steps = checkpointer.all_steps()
-    finally:
-        checkpointer.close()
+    steps = complete_steps(path)
     if not steps:
         raise SavedRunError(f"{flag}={workdir} holds no complete checkpoint yet; train it first (python main.py "
                             f"{setting('workdir')}={workdir}).")
