@@ -5,6 +5,7 @@ import pytest
 
 from reformer_jax import ModelConfig
 from reformer_jax.model import flops
+from conftest import USER_CODEGEN
 
 # A tiny reversible stack with one layer of each attention type: b 2, l 16, d 8, h 2 heads of k 3, d_ff 5,
 # vocabulary 11; LSH: chunks of 4 seeing 2 chunks before, 3 rounds, buckets (4, 2) -> 4 / 2 + 2 / 2 = 3 hash
@@ -93,6 +94,7 @@ def test_the_matrix_products_of_a_compiled_unrolled_step_are_the_count(head):
     exactly. XLA's cost_analysis counts elementwise work too, so it is above it. The token head's causal stack
     looks 2 local chunks back; the classification head's bidirectional one 1 back and 1 ahead."""
     from reformer_jax.training.step_builder import build_train_step
+    from reformer_jax.xla.compiler_options import step_compiler_options
     from reformer_jax.xla import profile
 
     window = (dict(local_n_chunks_before=2) if head == "lm" else
@@ -100,7 +102,7 @@ def test_the_matrix_products_of_a_compiled_unrolled_step_are_the_count(head):
     config = ModelConfig.preset("transformer", vocab_size=37, d_model=16, n_heads=2, d_ff=24, n_layers=2, max_len=32,
                                 attn_layers=("local", "full"), local_chunk_len=8, dropout=0.0, scan_layers=False,
                                 output_chunk_len=0, pos_embedding="absolute", **window)
-    compiled = build_train_step(config).compile(2, 32)
+    compiled = build_train_step(config, compiler_options={**step_compiler_options(), **USER_CODEGEN}).compile(2, 32)
     ops = profile.parse_hlo(compiled.as_text())
     assert not [op for op in ops.values() if op.opcode == "while"], "the step has a loop: its body counts once"
     dots = [profile.dot_flops(op, ops) for op in ops.values() if op.opcode == "dot"]

@@ -10,6 +10,7 @@ from reformer_jax.training import step as train
 from reformer_jax import sharding
 from reformer_jax.training.step_builder import build_train_step
 from reformer_jax.xla.compiler_options import CPU_STEP_OPTIONS, LEAN_CPU_OPTIONS, step_compiler_options
+from conftest import USER_CODEGEN
 
 
 def test_cpu_steps_get_options_and_other_backends_none():
@@ -42,7 +43,10 @@ def test_lean_step_computes_what_the_default_step_computes():
     results = []
     for lean in (False, True):
         mesh = sharding.make_mesh(sharding.MeshShape(), jax.devices()[:1])
-        built = build_train_step(config, optimizer=tx, mesh=mesh, guarded=True, lean_compile=lean)
+        # The default step as a user's run compiles it (the suite's own flags turn the fusion emitters off).
+        options = None if lean else {**step_compiler_options(), **USER_CODEGEN}
+        built = build_train_step(config, optimizer=tx, mesh=mesh, guarded=True, lean_compile=lean,
+                                 compiler_options=options)
         init_fn, step_fn = built.init, built.step
         state = init_fn(jax.random.key(0))
         losses = []
