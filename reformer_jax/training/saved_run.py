@@ -32,7 +32,8 @@ from reformer_jax import tokenizers
 from reformer_jax.model import hf_convert
 from reformer_jax.model.config import ModelConfig
 from reformer_jax.training import step as train
-from reformer_jax.training.checkpoint import RUN_SETTINGS_FILE, Checkpointer, complete_steps, leaf_shapes, shape_differences
+from reformer_jax.training.checkpoint import (RUN_SETTINGS_FILE, Checkpointer, complete_steps, leaf_shapes,
+                                              shape_differences)
 
 
 class SavedRunError(ValueError):
