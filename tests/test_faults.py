@@ -22,6 +22,7 @@ from reformer_jax import ModelConfig
 from reformer_jax.training import data
 
 from reformer_jax.training import loop as trainer
+from reformer_jax.training import saved_run
 from reformer_jax.training.checkpoint import CheckpointError, WorkdirError, atomic_write
 from reformer_jax.training.run_log import MetricsLog
 from reformer_jax.training.loop import TrainingDiverged, TrainOptions, train_and_evaluate
@@ -324,8 +325,6 @@ def test_skip_nonfinite_skips_the_bad_batch_and_changes_nothing(tmp_path):
                                  dataset=_PoisonAt(4))
     assert skipped["skipped_steps"] == [5] and int(skipped["state"].step) == 5
     # The NaN batch changed no parameter: the final ones are the step-4 checkpoint's, bit for bit.
-    from reformer_jax.training import saved_run
-
     at_four = jax.tree.leaves(jax.device_get(saved_run.restore_params(saved_run.open_run(str(tmp_path / "five")), 4)))
     assert len(at_four) > 5
     for final, saved in zip(_params(skipped), at_four, strict=True):

@@ -28,6 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 STEPS = 1  # appended to every training command: a checkpoint, a validation and a sample at step 1
+CPU_DEFAULT_DEVICES = "devices: 2 (cpu), mesh data:1,fsdp:1,tensor:2"  # main.py's header line on a 2-core CPU
 
 # Commands not run here, by their leading words, with the reason.
 NOT_RUN = {
@@ -141,13 +142,13 @@ def check_train(argv, result, scratch):
         assert settings["tokenizer"]["offset"] == 3
         assert "parameters from" in result.stdout and "runs/default/checkpoints" in result.stdout
         # Reading the source run leaves the device choice open: fine-tuning gets main.py's CPU default too.
-        assert "devices: 2 (cpu), mesh data:1,fsdp:1,tensor:2" in result.stdout, result.stdout
+        assert CPU_DEFAULT_DEVICES in result.stdout, result.stdout
     elif text == "python main.py --model=reformer --n_hashes=4":  # typed twice: the second time, nothing to do
         out = result.stdout
         if "nothing to train" in out:
             assert out.strip().count("\n") == 0 and f"is at step {STEPS}" in out, out
             return
-        assert "devices: 2 (cpu), mesh data:1,fsdp:1,tensor:2" in out and "the CPU default" in out, out
+        assert CPU_DEFAULT_DEVICES in out and "the CPU default" in out, out
         assert "memory (compile-time, per device): peak" in out and "validation loss" in out, out
         assert f"done: steps 1-{STEPS} in" in out and "sample:" in out, out
         assert (scratch / "runs/default/metrics.jsonl").read_text().count("\n") == STEPS
